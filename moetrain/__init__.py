@@ -1,0 +1,23 @@
+"""moetrain: full fine-tuning of Mixture-of-Experts language models on one GPU or a few.
+
+The router runs on the GPU; only the routed experts' weights, gradients and Adam states are paged
+in from pinned CPU memory or NVMe. See README.md.
+"""
+
+from moetrain.config import ConfigError, ModelConfig
+from moetrain.models.decoder import MoEForCausalLM, MoEOutput
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, **kwargs):
+    """Load a Hugging Face model directory of a supported family, or a moetrain checkpoint.
+
+    See :func:`moetrain.models.hf.from_pretrained`.
+    """
+    from moetrain.models.hf import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, **kwargs)
+
+
+__all__ = ["ConfigError", "ModelConfig", "MoEForCausalLM", "MoEOutput", "from_pretrained", "__version__"]

@@ -1,0 +1,1 @@
+"""Model parts: attention, router, experts, MoE block, decoder, Hugging Face conversion."""

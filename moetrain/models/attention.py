@@ -1,0 +1,162 @@
+"""Causal self-attention with rotary embeddings, grouped-query heads, optional q/k RMSNorm
+(per head for qwen3_moe, over the full projection for olmoe), qkv bias (qwen2_moe), a sliding
+window (mixtral), padding and packed-document masks, and an optional KV cache for generation.
+
+Shapes: ``B`` batch, ``L`` query length, ``S`` key length, ``nh`` query heads, ``nkv`` kv heads,
+``hd`` head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as the Hugging Face families do."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; ``inv_freq`` is recomputed, never loaded from checkpoints."""
+
+    def __init__(self, dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: (B, L) -> cos, sin of shape (B, 1, L, hd)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def build_attention_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device,
+    key_valid: Optional[torch.Tensor] = None,
+    document_ids: Optional[torch.Tensor] = None,
+    sliding_window: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """A (B, 1, L, S) bool mask (True = attend), or None when plain causal attention suffices.
+
+    Queries are the last ``q_len`` of ``kv_len`` positions. ``key_valid`` (B, S) marks real tokens;
+    ``document_ids`` (B, S) keeps attention inside each packed document. A query row with nothing
+    to attend to (a padding position) attends to itself so that no NaN appears.
+    """
+    if key_valid is None and document_ids is None and sliding_window is None and q_len == kv_len:
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)  # (L,)
+    k_pos = torch.arange(kv_len, device=device)  # (S,)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, L, S)
+    if sliding_window is not None:
+        mask = mask & (k_pos[None, :] > q_pos[:, None] - sliding_window)[None, None]
+    mask = mask.expand(batch, 1, q_len, kv_len)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].bool()
+    if document_ids is not None:
+        q_doc = document_ids[:, kv_len - q_len:]
+        mask = mask & (q_doc[:, None, :, None] == document_ids[:, None, None, :])
+    diag = (k_pos[None, :] == q_pos[:, None])[None, None]
+    return mask | (diag & ~mask.any(-1, keepdim=True))
+
+
+class KVCache:
+    """Per-layer key/value tensors of shape (B, nkv, S, hd), grown by concatenation."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with HF parameter names (q_proj, k_proj, v_proj, o_proj)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.kv_heads
+        self.head_dim = config.attn_head_dim
+        self.qk_norm = config.qk_norm
+        h, hd = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, h, bias=False)
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * hd, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """x: (B, L, H) -> (B, L, H)."""
+        b, l, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, l, self.num_heads, self.head_dim)
+        k = k.view(b, l, self.num_kv_heads, self.head_dim)
+        v = v.view(b, l, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)  # (B, L, nh*hd)
+        return self.o_proj(out)

@@ -1,0 +1,181 @@
+"""The decoder-only MoE language model shared by every family.
+
+Parameter names equal Hugging Face's for the common layout (``model.layers.{i}.self_attn.q_proj``,
+``model.layers.{i}.mlp.gate``, ``model.layers.{i}.mlp.experts.{e}.gate_proj``, ...); per-family
+differences (Mixtral's ``block_sparse_moe.experts.{e}.w1``, Qwen2's ``shared_expert``) are handled
+by the key maps in :mod:`moetrain.models.hf`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetrain.config import ModelConfig
+from moetrain.models.attention import Attention, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask
+from moetrain.models.experts import SwiGLU
+from moetrain.models.moe import MoEBlock, RoutingObserver
+from moetrain.models.router import Routing
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoEOutput:
+    """What the model returns.
+
+    Attributes:
+        logits: (B, L, V), fp32.
+        aux_loss: scalar, the sum of every MoE layer's (already weighted) auxiliary loss.
+        loss: scalar cross-entropy over shifted labels plus ``aux_loss`` when labels were given.
+        ce_loss: the cross-entropy part alone.
+        layer_aux_losses: one scalar per MoE layer, in layer order.
+        routings: {layer index: Routing} of this forward pass.
+    """
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    ce_loss: Optional[torch.Tensor] = None
+    layer_aux_losses: list[torch.Tensor] = field(default_factory=list)
+    routings: dict[int, Routing] = field(default_factory=dict)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then an MoE block (or a dense SwiGLU MLP on non-MoE layers)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, aux_scale: float) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp: nn.Module = (
+            MoEBlock(config, layer_idx, aux_scale) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(self, x, cos, sin, mask, valid, cache=None) -> tuple[torch.Tensor, Optional[Routing]]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, routing = self.mlp(h, valid)
+            return x + out, routing
+        return x + self.mlp(h), None
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and the final norm (Hugging Face's ``model.``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        moe_layers = config.moe_layers
+        # switch-style losses are averaged over MoE layers (the coefficient keeps its HF scale);
+        # DeepSeek adds each layer's loss with the full alpha, as its own code does.
+        aux_scale = 1.0 / max(len(moe_layers), 1) if config.aux_loss == "switch" else 1.0
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, aux_scale) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
+
+
+class MoEForCausalLM(nn.Module):
+    """Decoder-only MoE language model. ``forward(input_ids)`` returns :class:`MoEOutput`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, zero biases, unit norms: the initialisation of the HF families."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.moe_blocks():
+            nn.init.normal_(block.gate.weight, std=std)
+
+    # ------------------------------------------------------------------ structure
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def set_routing_observer(self, observer: Optional[RoutingObserver]) -> None:
+        """Install ``observer(layer_idx, routing)`` on every MoE block (the offload engine's hook)."""
+        for block in self.moe_blocks():
+            block.observer = observer
+
+    def set_expert_impl(self, impl: str) -> None:
+        """Choose the expert compute path: ``auto``, ``grouped`` or ``loop``."""
+        for block in self.moe_blocks():
+            block.experts.impl = impl
+
+    def expert_parameter_names(self) -> set[str]:
+        """Names of the routed experts' parameters (the part the offload engine owns)."""
+        return {n for n, _ in self.named_parameters() if ".mlp.experts." in n}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> MoEOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, L) token ids.
+            attention_mask: (B, S) 1 for real tokens, 0 for padding (S = cached + L).
+            labels: (B, L) targets aligned with ``input_ids`` (shifted inside), -100 to ignore.
+            position_ids: (B, L); defaults to positions after the cache (packing passes its own).
+            document_ids: (B, L) packed-document ids; attention stays inside each document.
+            cache: a :class:`KVCache` for incremental decoding.
+        """
+        b, l = input_ids.shape
+        past = cache.length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + l, device=input_ids.device)[None].expand(b, -1)
+        x = self.model.embed_tokens(input_ids)  # (B, L, H)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        key_valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask.bool()
+        mask = build_attention_mask(b, l, past + l, input_ids.device, key_valid, document_ids, self.config.sliding_window)
+        valid = None if key_valid is None else key_valid[:, past:]  # (B, L) real query tokens
+        layer_aux: list[torch.Tensor] = []
+        routings: dict[int, Routing] = {}
+        for layer in self.model.layers:
+            x, routing = layer(x, cos, sin, mask, valid, cache)
+            if routing is not None:
+                layer_aux.append(routing.aux_loss)
+                routings[layer.layer_idx] = routing
+        x = self.model.norm(x)
+        logits = self.lm_head(x).float()  # (B, L, V)
+        aux = torch.stack(layer_aux).sum() if layer_aux else logits.new_zeros(())
+        out = MoEOutput(logits=logits, aux_loss=aux, layer_aux_losses=layer_aux, routings=routings)
+        if labels is not None:
+            ce = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            out.ce_loss = ce
+            out.loss = ce + aux
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,58 @@
+"""The MoE block: router, routed experts, and the family's shared expert(s)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from moetrain.config import ModelConfig
+from moetrain.models.experts import RoutedExperts, SwiGLU
+from moetrain.models.router import TopKRouter, Routing
+
+RoutingObserver = Callable[[int, Routing], None]
+
+
+class MoEBlock(nn.Module):
+    """Routes each token to k of E experts and adds the shared expert(s).
+
+    * deepseek_moe: ``shared_experts`` is one SwiGLU of width moe_intermediate_size * n_shared.
+    * qwen2_moe: ``shared_expert`` scaled by sigmoid(``shared_expert_gate``(x)).
+
+    ``observer``, when set (by the offload engine), sees every routing decision of this layer
+    before the experts run, so it can page the experts in.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, aux_scale: float = 1.0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = TopKRouter(config, aux_scale=aux_scale)
+        self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts: Optional[nn.Module] = None
+        self.shared_expert: Optional[nn.Module] = None
+        self.shared_expert_gate: Optional[nn.Linear] = None
+        if config.family == "deepseek_moe" and config.num_shared_experts > 0:
+            self.shared_experts = SwiGLU(config.hidden_size, config.shared_width)
+        elif config.shared_expert_intermediate_size > 0:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.observer: Optional[RoutingObserver] = None
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+        """x: (B, L, H); valid: (B, L) bool or None. Returns ((B, L, H), routing)."""
+        b, l, h = x.shape
+        flat = x.reshape(b * l, h)  # (T, H)
+        routing = self.gate(flat, batch_size=b, valid=None if valid is None else valid.reshape(-1))
+        if self.observer is not None:
+            self.observer(self.layer_idx, routing)
+        out = self.experts(flat, routing)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        return out.reshape(b, l, h), routing

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, data, optimizer schedule, callbacks and checkpoints."""
