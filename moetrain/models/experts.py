@@ -66,8 +66,8 @@ def dispatch(routing: Routing) -> Dispatch:
     )
 
 
-def grouped_mm_supported(x: torch.Tensor, hidden: int, width: int) -> bool:
-    """Whether ``torch._grouped_mm`` can run this shape here (CUDA, bf16, 16-byte aligned dims)."""
+def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
+    """Whether ``torch._grouped_mm`` is the fast path here (CUDA sm90+, bf16, 16-byte aligned dims)."""
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
@@ -76,6 +76,53 @@ def grouped_mm_supported(x: torch.Tensor, hidden: int, width: int) -> bool:
         and width % 8 == 0
         and torch.cuda.get_device_capability(x.device)[0] >= 9
     )
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """All experts' SwiGLU over expert-sorted rows with three grouped GEMMs, forward and backward.
+
+    The per-expert parameters are inputs (so each gets its own ``.grad``), but the math runs on the
+    packed (E, ...) tensors they are views of: no per-call ``torch.stack`` copy of the weights.
+
+    forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, w_gate (E, I, H), w_up (E, I, H),
+    w_down (E, H, I), *expert_params) -> (N, H)
+    """
+
+    @staticmethod
+    def forward(ctx, x, offsets, has_rows, w_gate, w_up, w_down, *expert_params):
+        dt = x.dtype
+        wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
+        g = torch._grouped_mm(x, wg.transpose(1, 2), offs=offsets)  # (N, I)
+        u = torch._grouped_mm(x, wu.transpose(1, 2), offs=offsets)  # (N, I)
+        h = F.silu(g) * u
+        y = torch._grouped_mm(h, wd.transpose(1, 2), offs=offsets)  # (N, H)
+        ctx.save_for_backward(x, offsets, has_rows, g, u, wg, wu, wd)
+        ctx.param_dtype = w_gate.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, has_rows, g, u, wg, wu, wd = ctx.saved_tensors
+        dy = dy.to(x.dtype).contiguous()
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        h = silu * u
+        dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
+        dg = dh * u * (sig * (1 + g * (1 - sig)))
+        du = dh * silu
+        dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
+        # Weight grads: groups along the token dimension; an expert with no rows must read as zero,
+        # which the kernel does not promise for empty groups, hence the mask.
+        keep = has_rows[:, None, None]
+        d_wd = torch.where(keep, torch._grouped_mm(dy.t(), h, offs=offsets), 0)  # (E, H, I)
+        d_wg = torch.where(keep, torch._grouped_mm(dg.t(), x, offs=offsets), 0)  # (E, I, H)
+        d_wu = torch.where(keep, torch._grouped_mm(du.t(), x, offs=offsets), 0)  # (E, I, H)
+        pd = ctx.param_dtype
+        d_wg, d_wu, d_wd = d_wg.to(pd), d_wu.to(pd), d_wd.to(pd)
+        per_expert = []
+        for e in range(d_wg.shape[0]):
+            per_expert += [d_wg[e], d_wu[e], d_wd[e]]
+        return (dx, None, None, None, None, None, *per_expert)
 
 
 class RoutedExperts(nn.ModuleList):
@@ -94,20 +141,47 @@ class RoutedExperts(nn.ModuleList):
         self.impl = impl
 
     def use_grouped(self, x: torch.Tensor) -> bool:
+        """``auto`` takes the grouped path where it is fast; ``grouped`` forces it (CPU too, for tests)."""
         if self.impl == "loop":
             return False
-        ok = grouped_mm_supported(x, self.hidden_size, self.intermediate_size)
-        if self.impl == "grouped" and not ok:
-            raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm on a CUDA device of compute "
-                               "capability >= 9.0 with bf16 activations; use impl 'auto' or 'loop'")
-        return ok
+        if self.impl == "grouped":
+            if not hasattr(torch, "_grouped_mm"):
+                raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm (torch >= 2.8); use 'auto' or 'loop'")
+            return True
+        return grouped_mm_available(x, self.hidden_size, self.intermediate_size)
+
+    def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E, I, H), (E, I, H), (E, H, I) tensors whose slices ARE the experts' parameters.
+
+        Packing happens once (and again only if something replaced a parameter's storage, e.g.
+        ``module.to()``); afterwards in-place optimizer updates keep the views valid.
+        """
+        packed = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            params = [getattr(e, name).weight for e in self]
+            first = params[0]
+            step = first.numel()
+            base = first.data_ptr()
+            is_packed = all(
+                p.data_ptr() == base + i * step * p.element_size() and p.is_contiguous()
+                and p.dtype == first.dtype and p.device == first.device
+                for i, p in enumerate(params)
+            ) and first.untyped_storage().nbytes() >= step * len(params) * first.element_size()
+            if is_packed:
+                stacked = first.detach().as_strided((len(params), *first.shape), (step, *first.stride()))
+            else:
+                stacked = torch.stack([p.detach() for p in params])
+                for i, p in enumerate(params):
+                    p.data = stacked[i]
+            packed.append(stacked)
+        return packed[0], packed[1], packed[2]
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x)."""
         d = dispatch(routing)
         x_sorted = x[d.token_of]  # (N, H)
         if self.use_grouped(x):
-            y = self._grouped(x_sorted, d.offsets)
+            y = self._grouped(x_sorted, d.counts, d.offsets)
         else:
             y = self._loop(x_sorted, d.counts)
         y = y * d.weight[:, None].to(y.dtype)  # (N, H)
@@ -115,15 +189,10 @@ class RoutedExperts(nn.ModuleList):
         out.index_add_(0, d.token_of, y.to(x.dtype))
         return out
 
-    def _grouped(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        # (E, H, I) views of the stacked weights; grouped_mm takes the transposed layout as is.
-        w_gate = torch.stack([e.gate_proj.weight for e in self]).transpose(1, 2)
-        w_up = torch.stack([e.up_proj.weight for e in self]).transpose(1, 2)
-        w_down = torch.stack([e.down_proj.weight for e in self]).transpose(1, 2)  # (E, I, H)
-        dt = x_sorted.dtype
-        g = torch._grouped_mm(x_sorted, w_gate.to(dt), offs=offsets)  # (N, I)
-        u = torch._grouped_mm(x_sorted, w_up.to(dt), offs=offsets)
-        return torch._grouped_mm(F.silu(g) * u, w_down.to(dt), offs=offsets)  # (N, H)
+    def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        w_gate, w_up, w_down = self.packed_weights()
+        params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        return GroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, w_gate, w_up, w_down, *params)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # One host read of the counts; fine on the CPU, and the fallback on GPUs without grouped GEMM.
