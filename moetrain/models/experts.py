@@ -180,7 +180,10 @@ class RoutedExperts(nn.ModuleList):
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x)."""
         d = dispatch(routing)
         x_sorted = x[d.token_of]  # (N, H)
-        if self.use_grouped(x):
+        if torch.is_autocast_enabled(x.device.type):
+            # The grouped kernel is outside autocast's op list: cast the rows to the autocast dtype here.
+            x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
+        if self.use_grouped(x_sorted):
             y = self._grouped(x_sorted, d.counts, d.offsets)
         else:
             y = self._loop(x_sorted, d.counts)
