@@ -1,0 +1,255 @@
+"""Load Hugging Face checkpoints of the supported MoE families into :class:`MoEForCausalLM`, and export back.
+
+Loading streams: the model is built on the meta device, materialised empty in the target dtype, and
+each tensor is copied into its parameter as its shard is read, so no full state dict is ever held.
+Both on-disk expert layouts are accepted:
+
+* per expert (what every published checkpoint and transformers' ``save_pretrained`` write):
+  ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight`` (I, H) ... (Mixtral: ``block_sparse_moe``
+  and ``w1``/``w3``/``w2``);
+* fused (transformers-5's in-memory layout, e.g. a raw ``save_file(model.state_dict())``):
+  ``model.layers.{i}.mlp.experts.gate_up_proj`` (E, 2I, H) with gate rows first, and
+  ``model.layers.{i}.mlp.experts.down_proj`` (E, H, I).
+
+Export writes the family's per-expert layout with ``config.json`` (see :mod:`moetrain.models.hf_configs`)
+and ``moetrain_config.json``, which keeps the fields no config.json can hold (the router z-loss, the name).
+A moetrain checkpoint directory has the same layout, so :func:`from_pretrained` loads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+
+from moetrain.config import ConfigError, ModelConfig
+from moetrain.models import keymap
+from moetrain.models.attention import RotaryEmbedding
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.hf_configs import config_from_hf, config_to_hf
+from moetrain.shards import ShardError, read_weight_map, write_sharded
+
+MOETRAIN_CONFIG = "moetrain_config.json"
+HF_CONFIG = "config.json"
+
+# transformers-5 fused experts; older exports may still say block_sparse_moe (Mixtral).
+_FUSED_RE = re.compile(
+    r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$"
+)
+# Tensors some checkpoints carry that are recomputed here, never loaded.
+_IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
+
+DType = Union[torch.dtype, str]
+
+
+def _as_dtype(dtype: DType) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return resolved
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The model config of a model directory: ``moetrain_config.json`` when present, else ``config.json``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a directory; pass a Hugging Face model directory or a moetrain checkpoint")
+    if (path / MOETRAIN_CONFIG).exists():
+        return ModelConfig.load(path / MOETRAIN_CONFIG)
+    if (path / HF_CONFIG).exists():
+        return config_from_hf(_read_json(path / HF_CONFIG), source=str(path / HF_CONFIG), name=path.name)
+    raise ConfigError(f"{path}: neither {MOETRAIN_CONFIG} nor {HF_CONFIG} found; is this a model directory?")
+
+
+# ---------------------------------------------------------------------------------------------- model skeleton
+def empty_model(
+    config: ModelConfig, dtype: DType = torch.float32, device: str | torch.device = "cpu"
+) -> MoEForCausalLM:
+    """A model with uninitialised weights of ``dtype`` on ``device``, built without a first fp32 allocation.
+
+    Non-persistent buffers (the rotary ``inv_freq``) are recomputed in fp32, as the HF families keep them.
+    """
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    model = model.to(dtype=_as_dtype(dtype)).to_empty(device=device)
+    if config.tie_word_embeddings:
+        # to_empty gives each module its own tensor; re-tie.
+        model.lm_head.weight = model.model.embed_tokens.weight
+    fresh = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
+    model.model.rotary.register_buffer("inv_freq", fresh.inv_freq.to(device), persistent=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _open_shard(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file is missing; the checkpoint is incomplete") from None
+    except Exception as err:  # safetensors raises its own error types for truncated headers
+        raise ShardError(f"{path}: cannot read safetensors header ({err}); the file is truncated or "
+                         "corrupted") from None
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield ``(shard path, on-disk name, tensor)`` for every tensor, one shard open at a time."""
+    model_dir = Path(model_dir)
+    by_file: dict[str, list[str]] = {}
+    for name, fname in read_weight_map(model_dir).items():
+        by_file.setdefault(fname, []).append(name)
+    for fname in sorted(by_file):
+        path = model_dir / fname
+        with _open_shard(path) as f:
+            present = set(f.keys())
+            for name in by_file[fname]:
+                if name not in present:
+                    raise ShardError(f"{path}: the index names tensor {name!r} but the shard does not hold it")
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as err:
+                    raise ShardError(f"{path}: tensor {name!r} cannot be read ({err}); the shard is truncated "
+                                     "or corrupted") from None
+                yield path, name, tensor
+
+
+def _internal_tensors(family: str, name: str, tensor: torch.Tensor, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map one on-disk tensor to the internal ``(name, tensor)`` pairs it holds (several for fused experts)."""
+    m = _FUSED_RE.match(name)
+    if m is None:
+        yield keymap.from_hf_name(family, name), tensor
+        return
+    prefix, kind = m.group(1), m.group(2)
+    if tensor.dim() != 3:
+        raise ShardError(f"{path}: fused expert tensor {name!r} has shape {tuple(tensor.shape)}; expected 3 dims "
+                         "(experts, out, in)")
+    for e in range(tensor.shape[0]):
+        base = f"{prefix}.mlp.experts.{e}"
+        if kind == "gate_up_proj":  # (E, 2I, H): gate rows then up rows, as transformers' chunk(2) reads them
+            gate, up = tensor[e].chunk(2, dim=0)
+            yield f"{base}.gate_proj.weight", gate
+            yield f"{base}.up_proj.weight", up
+        else:  # (E, H, I)
+            yield f"{base}.down_proj.weight", tensor[e]
+
+
+@torch.no_grad()
+def load_weights(model: MoEForCausalLM, model_dir: str | Path) -> None:
+    """Copy a checkpoint's tensors into ``model`` shard by shard (casting to each parameter's dtype).
+
+    Raises:
+        ShardError: an unexpected tensor, a shape mismatch (both name the shard and tensor), or tensors the
+            model needs that no shard holds.
+    """
+    model_dir = Path(model_dir)
+    family = model.config.family
+    targets = model.state_dict(keep_vars=True)
+    tied = model.config.tie_word_embeddings
+    loaded: set[str] = set()
+    for path, disk_name, tensor in iter_checkpoint(model_dir):
+        if _IGNORED_RE.search(disk_name):
+            continue
+        for name, value in _internal_tensors(family, disk_name, tensor, path):
+            if tied and name == "lm_head.weight":
+                continue  # tied to embed_tokens, which is authoritative (as in transformers)
+            target = targets.get(name)
+            if target is None:
+                raise ShardError(f"{path}: unexpected tensor {disk_name!r} (maps to {name!r}); the checkpoint does "
+                                 f"not match the {family} config in {model_dir}")
+            if tuple(target.shape) != tuple(value.shape):
+                raise ShardError(f"{path}: tensor {disk_name!r} has shape {tuple(value.shape)} but the config in "
+                                 f"{model_dir} needs {tuple(target.shape)} for {name!r}")
+            if name in loaded:
+                raise ShardError(f"{path}: tensor {disk_name!r} provides {name!r} a second time")
+            target.copy_(value)
+            loaded.add(name)
+    missing = sorted(set(targets) - loaded - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        shown = ", ".join(keymap.to_hf_name(family, n) for n in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ShardError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{more}")
+
+
+def from_pretrained(
+    path: str | Path, dtype: DType = torch.float32, device: str | torch.device = "cpu"
+) -> MoEForCausalLM:
+    """Load a Hugging Face model directory of a supported family, or a moetrain checkpoint directory.
+
+    Args:
+        path: directory with ``config.json`` (and/or ``moetrain_config.json``, preferred) and
+            ``model.safetensors`` or ``model.safetensors.index.json`` with its shards.
+        dtype: parameter dtype of the returned model.
+        device: where the parameters live.
+
+    Raises:
+        ConfigError: missing/unsupported config (names the key).
+        ShardError: missing, unexpected or mis-shaped tensors (names the file and tensor).
+    """
+    config = load_config(path)
+    model = empty_model(config, dtype=dtype, device=device)
+    load_weights(model, path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def hf_named_tensors(model: MoEForCausalLM, dtype: Optional[DType] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(Hugging Face name, CPU tensor)`` in the family's per-expert layout, one tensor at a time.
+
+    A tied ``lm_head.weight`` is left out, as transformers' ``save_pretrained`` does.
+    """
+    family = model.config.family
+    cast = None if dtype is None else _as_dtype(dtype)
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        out = tensor.detach()
+        if cast is not None:
+            out = out.to(cast)
+        yield keymap.to_hf_name(family, name), out.cpu()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_hf(
+    model: MoEForCausalLM,
+    out_dir: str | Path,
+    dtype: Optional[DType] = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> dict[str, str]:
+    """Write ``model`` as a Hugging Face directory of its family (sharded safetensors, index, config.json).
+
+    Also writes ``moetrain_config.json`` so that :func:`from_pretrained` restores the exact config.
+    Returns the weight map {tensor name: shard file}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    torch_dtype = str(_as_dtype(dtype)).removeprefix("torch.")
+    hf_config = config_to_hf(config, torch_dtype=torch_dtype)  # refuse an unexportable config before writing
+    weight_map = write_sharded(hf_named_tensors(model, dtype), out_dir, max_shard_bytes=max_shard_bytes)
+    _write_json(out_dir / HF_CONFIG, hf_config)
+    _write_json(out_dir / MOETRAIN_CONFIG, config.to_dict())
+    return weight_map

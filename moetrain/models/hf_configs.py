@@ -1,0 +1,419 @@
+"""Hugging Face ``config.json`` <-> :class:`~moetrain.config.ModelConfig`, one converter pair per family.
+
+Reading accepts both the transformers-4 spelling (``rope_theta``, ``rope_scaling``) and the
+transformers-5 spelling (``rope_parameters``, ``num_local_experts`` for Qwen3-MoE). Options that
+moetrain does not implement (rope scaling, non-softmax scoring, qkv clipping, Qwen's per-layer
+sliding window, router jitter, ...) are refused with a :class:`ConfigError` naming the key, rather
+than silently producing a different model.
+
+Writing produces the key set of the family's published checkpoints (for ``deepseek_moe``: exactly
+the keys, ``model_type``, ``architectures`` and ``auto_map`` of deepseek-ai/deepseek-moe-16b-base),
+so an exported directory loads in transformers (or, for DeepSeek, in DeepSeek's remote code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+from moetrain.config import ConfigError, ModelConfig
+
+# model_type in config.json -> moetrain family
+HF_MODEL_TYPES: dict[str, str] = {
+    "deepseek": "deepseek_moe",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
+    "olmoe": "olmoe",
+}
+
+_ARCHITECTURES = {
+    "deepseek_moe": "DeepseekForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+# deepseek-moe-16b-base ships its modelling code with the checkpoint.
+DEEPSEEK_AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: key {key!r}"
+
+
+def _get(cfg: dict[str, Any], key: str, source: str, default: Any = ...) -> Any:
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    if default is ...:
+        raise ConfigError(f"{_where(source, key)} is missing; a {cfg.get('model_type')} config.json needs it")
+    return default
+
+
+def _experts(cfg: dict[str, Any], source: str, *keys: str) -> int:
+    """The routed expert count, under whichever of ``keys`` this config spells it."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise ConfigError(f"{source}: none of the keys {', '.join(map(repr, keys))} is set; cannot tell the expert count")
+
+
+def _rope_theta(cfg: dict[str, Any], source: str) -> float:
+    """rope_theta from either spelling; any rope scaling is refused."""
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        raise ConfigError(f"{_where(source, 'rope_scaling')} = {scaling!r}: rope scaling is not supported; only "
+                          "plain rotary embeddings (rope_scaling null) load")
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{_where(source, 'rope_parameters.rope_type')} = {rope_type!r}: only 'default' "
+                              "rotary embeddings are supported")
+        if params.get("rope_theta") is not None:
+            return float(params["rope_theta"])
+    return float(cfg.get("rope_theta", 10000.0))
+
+
+def _refuse(cfg: dict[str, Any], source: str, key: str, allowed: Callable[[Any], bool], why: str) -> None:
+    if key in cfg and not allowed(cfg[key]):
+        raise ConfigError(f"{_where(source, key)} = {cfg[key]!r}: {why}")
+
+
+def _check_common(cfg: dict[str, Any], source: str) -> None:
+    _refuse(cfg, source, "hidden_act", lambda v: v == "silu", "only SwiGLU experts (hidden_act 'silu') are supported")
+    _refuse(cfg, source, "attention_dropout", lambda v: not v, "attention dropout is not implemented; set it to 0.0")
+    _refuse(cfg, source, "mlp_bias", lambda v: not v, "MLP biases are not supported")
+    _refuse(cfg, source, "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of projections is not "
+            "supported; set it to 1")
+    if cfg.get("quantization_config"):
+        raise ConfigError(f"{_where(source, 'quantization_config')}: quantized checkpoints are not supported; load a "
+                          "bf16/fp32 checkpoint")
+
+
+def _common(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fields every family spells the same way."""
+    _check_common(cfg, source)
+    return dict(
+        vocab_size=int(_get(cfg, "vocab_size", source)),
+        hidden_size=int(_get(cfg, "hidden_size", source)),
+        num_hidden_layers=int(_get(cfg, "num_hidden_layers", source)),
+        num_attention_heads=int(_get(cfg, "num_attention_heads", source)),
+        num_key_value_heads=cfg.get("num_key_value_heads"),
+        head_dim=cfg.get("head_dim"),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rope_theta=_rope_theta(cfg, source),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_experts_per_tok=int(_get(cfg, "num_experts_per_tok", source)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def _deepseek_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "scoring_func", lambda v: v == "softmax", "only softmax router scoring is supported")
+    _refuse(cfg, source, "attention_bias", lambda v: not v, "DeepSeek-MoE attention has no bias")
+    _refuse(cfg, source, "topk_method", lambda v: v in (None, "greedy"), "only greedy top-k routing is supported")
+    seq_aux = bool(cfg.get("seq_aux", True))
+    return dict(
+        _common(cfg, source),
+        family="deepseek_moe",
+        intermediate_size=int(_get(cfg, "intermediate_size", source)),
+        num_experts=_experts(cfg, source, "n_routed_experts"),
+        moe_intermediate_size=int(_get(cfg, "moe_intermediate_size", source)),
+        num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)),
+        moe_layer_freq=int(cfg.get("moe_layer_freq", 1)),
+        aux_loss="seq" if seq_aux else "token",
+        aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.001)),
+    )
+
+
+def _qwen_common(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "use_sliding_window", lambda v: not v, "Qwen's per-layer sliding window is not supported")
+    return dict(
+        _common(cfg, source),
+        intermediate_size=int(_get(cfg, "intermediate_size", source)),
+        num_experts=_experts(cfg, source, "num_experts", "num_local_experts"),
+        moe_intermediate_size=int(_get(cfg, "moe_intermediate_size", source)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+        mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
+        aux_loss="switch",
+        aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+def _qwen2_moe_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    # transformers-4 Qwen2-MoE always had q/k/v biases; transformers-5 spells the switch qkv_bias.
+    return dict(
+        _qwen_common(cfg, source),
+        family="qwen2_moe",
+        attention_bias=bool(cfg.get("qkv_bias", True)),
+        shared_expert_intermediate_size=int(_get(cfg, "shared_expert_intermediate_size", source)),
+        shared_expert_gate=True,
+    )
+
+
+def _qwen3_moe_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    return dict(
+        _qwen_common(cfg, source),
+        family="qwen3_moe",
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm="head",
+    )
+
+
+def _mixtral_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "router_jitter_noise", lambda v: not v, "router jitter is not implemented; set it to 0.0")
+    width = int(_get(cfg, "intermediate_size", source))
+    return dict(
+        _common(cfg, source),
+        family="mixtral",
+        intermediate_size=width,  # Mixtral has no dense MLP; keep the field meaningful anyway
+        num_experts=_experts(cfg, source, "num_local_experts", "num_experts"),
+        moe_intermediate_size=width,
+        norm_topk_prob=True,  # MixtralTopKRouter always renormalises the top-k weights
+        sliding_window=cfg.get("sliding_window"),
+        aux_loss="switch",
+        aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.02)),
+    )
+
+
+def _olmoe_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "clip_qkv", lambda v: v is None, "clipping q/k/v activations is not implemented")
+    _refuse(cfg, source, "attention_bias", lambda v: not v, "OLMoE attention biases are not supported")
+    width = int(_get(cfg, "intermediate_size", source))
+    return dict(
+        _common(cfg, source),
+        family="olmoe",
+        intermediate_size=width,
+        num_experts=_experts(cfg, source, "num_experts", "num_local_experts"),
+        moe_intermediate_size=width,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        qk_norm="full",
+        aux_loss="switch",
+        aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.01)),
+    )
+
+
+_READERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "deepseek_moe": _deepseek_from_hf,
+    "qwen2_moe": _qwen2_moe_from_hf,
+    "qwen3_moe": _qwen3_moe_from_hf,
+    "mixtral": _mixtral_from_hf,
+    "olmoe": _olmoe_from_hf,
+}
+
+
+def config_from_hf(hf_config: dict[str, Any], source: str = "config.json", name: Optional[str] = None) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a Hugging Face ``config.json`` dict.
+
+    Args:
+        hf_config: the parsed config.json.
+        source: where it came from, for error messages.
+        name: label for the config (defaults to ``_name_or_path`` or the model type).
+
+    Raises:
+        ConfigError: unknown ``model_type`` or an option moetrain does not implement (names the key).
+    """
+    model_type = hf_config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ConfigError(f"{_where(source, 'model_type')} = {model_type!r} is not supported; supported model "
+                          f"types: {', '.join(sorted(HF_MODEL_TYPES))}")
+    family = HF_MODEL_TYPES[model_type]
+    fields = _READERS[family](hf_config, source)
+    fields["name"] = name or str(hf_config.get("_name_or_path") or model_type)
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- writers
+def _rope_and_common(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    return {
+        "architectures": [_ARCHITECTURES[c.family]],
+        "attention_dropout": 0.0,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": c.hidden_size,
+        "initializer_range": 0.02,
+        "max_position_embeddings": c.max_position_embeddings,
+        "num_attention_heads": c.num_attention_heads,
+        "num_experts_per_tok": c.num_experts_per_tok,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_key_value_heads": c.kv_heads,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def _require(c: ModelConfig, ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"model.{key}={getattr(c, key)!r} cannot be written as a {c.family} config.json: {why}")
+
+
+def _deepseek_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.aux_loss in ("seq", "token", "none"), "aux_loss", "DeepSeek has seq_aux true/false only")
+    _require(c, c.qk_norm == "none", "qk_norm", "DeepSeek-MoE has no q/k norm")
+    _require(c, not c.attention_bias, "attention_bias", "DeepSeek-MoE attention has no bias")
+    _require(c, c.routed_scaling_factor == 1.0, "routed_scaling_factor", "DeepSeek-MoE (v1) has no routed scaling")
+    _require(c, c.sliding_window is None, "sliding_window", "DeepSeek-MoE has no sliding window")
+    _require(c, c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
+             "DeepSeek shared experts are sized by num_shared_experts")
+    out = _rope_and_common(c, torch_dtype)
+    out.update({
+        "attention_bias": False,
+        "auto_map": dict(DEEPSEEK_AUTO_MAP),
+        "aux_loss_alpha": c.aux_loss_coef if c.aux_loss != "none" else 0.0,
+        "first_k_dense_replace": c.first_k_dense_replace,
+        "intermediate_size": c.intermediate_size,
+        "model_type": "deepseek",
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "moe_layer_freq": c.moe_layer_freq,
+        "n_routed_experts": c.num_experts,
+        "n_shared_experts": c.num_shared_experts or None,
+        "norm_topk_prob": c.norm_topk_prob,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "scoring_func": "softmax",
+        "seq_aux": c.aux_loss != "token",
+        "transformers_version": "4.36.0",
+    })
+    return out
+
+
+def _switch_coef(c: ModelConfig) -> float:
+    _require(c, c.aux_loss in ("switch", "none"), "aux_loss", "this family uses the switch balance loss")
+    return c.aux_loss_coef if c.aux_loss == "switch" else 0.0
+
+
+def _qwen_common_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.num_shared_experts == 0, "num_shared_experts", "use shared_expert_intermediate_size")
+    _require(c, c.routed_scaling_factor == 1.0, "routed_scaling_factor", "Qwen has no routed scaling")
+    _require(c, c.sliding_window is None, "sliding_window", "Qwen's per-layer sliding window is not supported")
+    out = _rope_and_common(c, torch_dtype)
+    out.update({
+        "decoder_sparse_step": c.decoder_sparse_step,
+        "intermediate_size": c.intermediate_size,
+        "max_window_layers": c.num_hidden_layers,
+        "mlp_only_layers": list(c.mlp_only_layers),
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "norm_topk_prob": c.norm_topk_prob,
+        "num_experts": c.num_experts,
+        "output_router_logits": False,
+        "router_aux_loss_coef": _switch_coef(c),
+        "sliding_window": None,
+        "use_sliding_window": False,
+    })
+    return out
+
+
+def _qwen2_moe_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.qk_norm == "none", "qk_norm", "Qwen2-MoE has no q/k norm")
+    _require(c, c.attention_bias, "attention_bias", "Qwen2-MoE always has q/k/v biases")
+    _require(c, c.shared_expert_intermediate_size > 0 and c.shared_expert_gate, "shared_expert_gate",
+             "Qwen2-MoE always has a gated shared expert")
+    out = _qwen_common_to_hf(c, torch_dtype)
+    out.update({"model_type": "qwen2_moe", "qkv_bias": True,
+                "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
+                "transformers_version": "4.40.0"})
+    return out
+
+
+def _qwen3_moe_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.qk_norm == "head", "qk_norm", "Qwen3-MoE normalises q and k per head")
+    _require(c, c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
+             "Qwen3-MoE has no shared expert")
+    out = _qwen_common_to_hf(c, torch_dtype)
+    out.update({"model_type": "qwen3_moe", "attention_bias": c.attention_bias, "head_dim": c.attn_head_dim,
+                "rope_scaling": None, "transformers_version": "4.51.0"})
+    return out
+
+
+def _no_shared(c: ModelConfig) -> None:
+    _require(c, c.num_shared_experts == 0, "num_shared_experts", "the family has no shared experts")
+    _require(c, c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
+             "the family has no shared experts")
+    _require(c, c.routed_scaling_factor == 1.0, "routed_scaling_factor", "the family has no routed scaling")
+    _require(c, not c.attention_bias, "attention_bias", "the family has no attention bias")
+    _require(c, not c.mlp_only_layers and c.first_k_dense_replace == 0 and c.decoder_sparse_step == 1
+             and c.moe_layer_freq == 1, "first_k_dense_replace", "every layer of this family is an MoE layer")
+
+
+def _mixtral_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _no_shared(c)
+    _require(c, c.qk_norm == "none", "qk_norm", "Mixtral has no q/k norm")
+    _require(c, c.norm_topk_prob, "norm_topk_prob", "Mixtral always renormalises the top-k weights")
+    out = _rope_and_common(c, torch_dtype)
+    out.update({
+        "head_dim": c.head_dim,
+        "intermediate_size": c.moe_intermediate_size,
+        "model_type": "mixtral",
+        "num_local_experts": c.num_experts,
+        "output_router_logits": False,
+        "router_aux_loss_coef": _switch_coef(c),
+        "router_jitter_noise": 0.0,
+        "sliding_window": c.sliding_window,
+        "transformers_version": "4.36.0",
+    })
+    if c.head_dim is None:
+        del out["head_dim"]
+    return out
+
+
+def _olmoe_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _no_shared(c)
+    _require(c, c.qk_norm == "full", "qk_norm", "OLMoE normalises the full q and k projections")
+    _require(c, c.sliding_window is None, "sliding_window", "OLMoE has no sliding window")
+    _require(c, c.head_dim is None, "head_dim", "OLMoE's head dim is hidden_size / num_attention_heads")
+    out = _rope_and_common(c, torch_dtype)
+    out.update({
+        "attention_bias": False,
+        "clip_qkv": None,
+        "intermediate_size": c.moe_intermediate_size,
+        "model_type": "olmoe",
+        "norm_topk_prob": c.norm_topk_prob,
+        "num_experts": c.num_experts,
+        "output_router_logits": False,
+        "pad_token_id": c.pad_token_id,
+        "rope_scaling": None,
+        "router_aux_loss_coef": _switch_coef(c),
+        "transformers_version": "4.43.0",
+    })
+    return out
+
+
+_WRITERS: dict[str, Callable[[ModelConfig, str], dict[str, Any]]] = {
+    "deepseek_moe": _deepseek_to_hf,
+    "qwen2_moe": _qwen2_moe_to_hf,
+    "qwen3_moe": _qwen3_moe_to_hf,
+    "mixtral": _mixtral_to_hf,
+    "olmoe": _olmoe_to_hf,
+}
+
+
+def config_to_hf(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """The family's ``config.json`` for ``config`` (keys sorted, as transformers writes them).
+
+    Raises:
+        ConfigError: the config uses a feature the family's format cannot express (names the key).
+    """
+    # Fields no family's config.json can hold (router_z_loss_coef, name) travel in moetrain_config.json.
+    return dict(sorted(_WRITERS[config.family](config, torch_dtype).items()))
