@@ -209,7 +209,8 @@ class ModelConfig:
     def from_preset(cls, name_or_path: str | Path, **overrides: Any) -> "ModelConfig":
         """Load ``configs/models/<name>.yaml`` (or a YAML path) and apply keyword overrides."""
         path = Path(name_or_path)
-        if not path.suffix:
+        # a preset name may contain dots (qwen2-moe-a2.7b): only a .yaml/.yml suffix or a folder makes a path
+        if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
             path = CONFIGS_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
