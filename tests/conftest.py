@@ -1,9 +1,15 @@
-"""Shared fixtures: deterministic seeds and tiny random Hugging Face models saved as sharded checkpoints."""
+"""Shared fixtures: deterministic seeds, parameter re-drawing, and tiny random Hugging Face models of each
+family (saved as sharded checkpoints by ``save_hf``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+TINY_HF_VOCAB = 128
+_BASE = dict(vocab_size=TINY_HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+TINY_HF_CASES = ("mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe")
 
 
 @pytest.fixture(autouse=True)
@@ -13,7 +19,7 @@ def _seed() -> None:
 
 def _randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     """Re-draw every parameter so that no test passes on an initialisation symmetry: matrices N(0, std),
-    vectors (norm weights, biases) 1 + N(0, std) or N(0, std). Routers get decisive, untied logits."""
+    norm weights 1 + N(0, std), other vectors (biases) N(0, std). Routers get decisive, untied logits."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -25,10 +31,46 @@ def _randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     return model
 
 
+def _tiny_hf(case: str):
+    """A tiny random transformers model of ``case`` (one of TINY_HF_CASES) exercising the family's features."""
+    import transformers
+
+    if case in ("mixtral", "mixtral_sliding"):
+        window = 4 if case == "mixtral_sliding" else None
+        cfg = transformers.MixtralConfig(**_BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=window)
+        cls = transformers.MixtralForCausalLM
+    elif case == "qwen2_moe":  # gated shared expert, qkv bias, layer 1 dense via mlp_only_layers
+        cfg = transformers.Qwen2MoeConfig(**{**_BASE, "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                          mlp_only_layers=[1], norm_topk_prob=False)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif case == "qwen2_moe_sparse_step":  # decoder_sparse_step 2: layers 1 and 3 MoE, 0 and 2 dense
+        cfg = transformers.Qwen2MoeConfig(**{**_BASE, "num_hidden_layers": 4}, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                          decoder_sparse_step=2, norm_topk_prob=True)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif case == "qwen3_moe":  # head_dim 16 != 32 / 4, per-head q/k norm, renormalised top-k
+        cfg = transformers.Qwen3MoeConfig(**_BASE, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif case == "olmoe":  # RMSNorm over the full q/k projections
+        cfg = transformers.OlmoeConfig(**_BASE, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1)
+        cls = transformers.OlmoeForCausalLM
+    else:
+        raise ValueError(f"unknown tiny model case {case!r}; choose one of {TINY_HF_CASES}")
+    return _randomize(cls(cfg)).eval()
+
+
 @pytest.fixture
 def randomize():
     """``randomize(model, std=0.1)``: re-draw all parameters in place; returns the model."""
     return _randomize
+
+
+@pytest.fixture
+def tiny_hf():
+    """``tiny_hf(case)``: a tiny random transformers MoE model in eval mode (see TINY_HF_CASES)."""
+    return _tiny_hf
 
 
 @pytest.fixture

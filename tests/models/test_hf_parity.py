@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moetrain
@@ -17,42 +16,8 @@ from moetrain.models.hf import export_hf
 from moetrain.shards import read_weight_map
 
 ATOL = 1e-4
-VOCAB = 128
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-6)
-
-
-def _hf_model(case: str, randomize) -> transformers.PreTrainedModel:
-    """A tiny random transformers model exercising the family's distinguishing features."""
-    if case == "mixtral":
-        cfg = transformers.MixtralConfig(**BASE, num_local_experts=4, num_experts_per_tok=2)
-        cls = transformers.MixtralForCausalLM
-    elif case == "mixtral_sliding":
-        cfg = transformers.MixtralConfig(**BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=4)
-        cls = transformers.MixtralForCausalLM
-    elif case == "qwen2_moe":  # shared expert with gate, qkv bias, layer 1 dense via mlp_only_layers
-        cfg = transformers.Qwen2MoeConfig(**{**BASE, "num_hidden_layers": 3}, num_experts=8, num_experts_per_tok=2,
-                                          moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                          mlp_only_layers=[1], norm_topk_prob=False)
-        cls = transformers.Qwen2MoeForCausalLM
-    elif case == "qwen2_moe_sparse_step":  # decoder_sparse_step 2: layers 1 and 3 MoE, 0 and 2 dense
-        cfg = transformers.Qwen2MoeConfig(**{**BASE, "num_hidden_layers": 4}, num_experts=4, num_experts_per_tok=2,
-                                          moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                          decoder_sparse_step=2, norm_topk_prob=True)
-        cls = transformers.Qwen2MoeForCausalLM
-    elif case == "qwen3_moe":  # head_dim 16 != 32 / 4, per-head q/k norm, renormalised top-k
-        cfg = transformers.Qwen3MoeConfig(**BASE, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                                          moe_intermediate_size=16, norm_topk_prob=True)
-        cls = transformers.Qwen3MoeForCausalLM
-    elif case == "olmoe":  # RMSNorm over the full q/k projections
-        cfg = transformers.OlmoeConfig(**BASE, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1)
-        cls = transformers.OlmoeForCausalLM
-    else:
-        raise ValueError(case)
-    return randomize(cls(cfg)).eval()
-
-
-CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe"]
+VOCAB = 128  # the vocabulary of the tiny models in conftest (TINY_HF_VOCAB)
+CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe"]  # see conftest
 
 
 def _batch(seq: int = 12) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -74,8 +39,8 @@ def _assert_close_at_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor |
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(case, randomize, save_hf):
-    hf = _hf_model(case, randomize)
+def test_logits_match_transformers(case, tiny_hf, save_hf):
+    hf = tiny_hf(case)
     path = save_hf(hf)
     assert len(list(path.glob("*.safetensors"))) > 1, "the checkpoint should be sharded"
     model = moetrain.from_pretrained(path)
@@ -87,9 +52,9 @@ def test_logits_match_transformers(case, randomize, save_hf):
         _assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
 
 
-def test_sliding_window_changes_the_result(randomize, save_hf):
+def test_sliding_window_changes_the_result(tiny_hf, save_hf):
     """Guards the sliding-window case above against a window too wide to matter."""
-    hf = _hf_model("mixtral_sliding", randomize)
+    hf = tiny_hf("mixtral_sliding")
     model = moetrain.from_pretrained(save_hf(hf))
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
@@ -101,8 +66,8 @@ def test_sliding_window_changes_the_result(randomize, save_hf):
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
-def test_export_round_trip_loads_in_transformers(case, randomize, save_hf, tmp_path):
-    hf = _hf_model(case, randomize)
+def test_export_round_trip_loads_in_transformers(case, tiny_hf, save_hf, tmp_path):
+    hf = tiny_hf(case)
     model = moetrain.from_pretrained(save_hf(hf))
     out_dir = tmp_path / "export"
     weight_map = export_hf(model, out_dir, max_shard_bytes=64 * 1024)
@@ -121,10 +86,10 @@ def test_export_round_trip_loads_in_transformers(case, randomize, save_hf, tmp_p
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "olmoe"])
-def test_switch_aux_loss_per_layer_matches_transformers(case, randomize, save_hf):
+def test_switch_aux_loss_per_layer_matches_transformers(case, tiny_hf, save_hf):
     """moetrain averages per-layer losses (transformers pools the layers' statistics), so compare layer by layer:
     each layer's unweighted loss must equal ``load_balancing_loss_func`` on that layer's router logits alone."""
-    hf = _hf_model(case, randomize)
+    hf = tiny_hf(case)
     model = moetrain.from_pretrained(save_hf(hf))
     cfg = model.config
     layer_weight = cfg.aux_loss_coef / len(cfg.moe_layers)
@@ -140,9 +105,9 @@ def test_switch_aux_loss_per_layer_matches_transformers(case, randomize, save_hf
         torch.testing.assert_close(out.aux_loss, torch.stack(out.layer_aux_losses).sum())
 
 
-def test_aux_loss_mask_is_not_a_no_op(randomize):
+def test_aux_loss_mask_is_not_a_no_op(tiny_hf):
     """Guards the masked comparison above: with padding, the reference differs from the unmasked loss."""
-    hf = _hf_model("mixtral", randomize)
+    hf = tiny_hf("mixtral")
     ids, masks = _batch()
     with torch.no_grad():
         logits = hf(input_ids=ids, attention_mask=masks["left"], output_router_logits=True).router_logits[0]
