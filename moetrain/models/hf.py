@@ -147,41 +147,56 @@ def _internal_tensors(family: str, name: str, tensor: torch.Tensor, path: Path) 
             yield f"{base}.down_proj.weight", tensor[e]
 
 
-@torch.no_grad()
-def load_weights(model: MoEForCausalLM, model_dir: str | Path) -> None:
-    """Copy a checkpoint's tensors into ``model`` shard by shard (casting to each parameter's dtype).
+def checked_tensors(
+    model_dir: str | Path, config: ModelConfig, shapes: dict[str, tuple[int, ...]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream a checkpoint as ``(internal name, tensor)``, checked against the model's ``shapes``.
+
+    ``shapes`` maps every internal state-dict name to its shape. A tied ``lm_head.weight`` on disk is skipped
+    (``embed_tokens`` is authoritative, as in transformers).
 
     Raises:
-        ShardError: an unexpected tensor, a shape mismatch (both name the shard and tensor), or tensors the
-            model needs that no shard holds.
+        ShardError: an unexpected tensor or a shape mismatch (both name the shard and tensor), a tensor given
+            twice, or, once the stream is exhausted, tensors the model needs that no shard holds.
     """
     model_dir = Path(model_dir)
-    family = model.config.family
-    targets = model.state_dict(keep_vars=True)
-    tied = model.config.tie_word_embeddings
-    loaded: set[str] = set()
+    family, tied = config.family, config.tie_word_embeddings
+    seen: set[str] = set()
     for path, disk_name, tensor in iter_checkpoint(model_dir):
         if _IGNORED_RE.search(disk_name):
             continue
         for name, value in _internal_tensors(family, disk_name, tensor, path):
             if tied and name == "lm_head.weight":
-                continue  # tied to embed_tokens, which is authoritative (as in transformers)
-            target = targets.get(name)
-            if target is None:
+                continue
+            shape = shapes.get(name)
+            if shape is None:
                 raise ShardError(f"{path}: unexpected tensor {disk_name!r} (maps to {name!r}); the checkpoint does "
                                  f"not match the {family} config in {model_dir}")
-            if tuple(target.shape) != tuple(value.shape):
+            if tuple(shape) != tuple(value.shape):
                 raise ShardError(f"{path}: tensor {disk_name!r} has shape {tuple(value.shape)} but the config in "
-                                 f"{model_dir} needs {tuple(target.shape)} for {name!r}")
-            if name in loaded:
+                                 f"{model_dir} needs {tuple(shape)} for {name!r}")
+            if name in seen:
                 raise ShardError(f"{path}: tensor {disk_name!r} provides {name!r} a second time")
-            target.copy_(value)
-            loaded.add(name)
-    missing = sorted(set(targets) - loaded - ({"lm_head.weight"} if tied else set()))
+            seen.add(name)
+            yield name, value
+    missing = sorted(set(shapes) - seen - ({"lm_head.weight"} if tied else set()))
     if missing:
         shown = ", ".join(keymap.to_hf_name(family, n) for n in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ShardError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}{more}")
+
+
+@torch.no_grad()
+def load_weights(model: MoEForCausalLM, model_dir: str | Path) -> None:
+    """Copy a checkpoint's tensors into ``model`` shard by shard (casting to each parameter's dtype).
+
+    Raises:
+        ShardError: see :func:`checked_tensors`.
+    """
+    targets = model.state_dict(keep_vars=True)
+    shapes = {name: tuple(t.shape) for name, t in targets.items()}
+    for name, value in checked_tensors(model_dir, model.config, shapes):
+        targets[name].copy_(value)
 
 
 def from_pretrained(
@@ -253,3 +268,81 @@ def export_hf(
     _write_json(out_dir / HF_CONFIG, hf_config)
     _write_json(out_dir / MOETRAIN_CONFIG, config.to_dict())
     return weight_map
+
+
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{internal state-dict name: shape} of ``config``'s model, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def convert_checkpoint(
+    src: str | Path, out_dir: str | Path, dtype: Optional[DType] = None, max_shard_bytes: int = 5 * 2**30
+) -> dict[str, str]:
+    """Re-write a model directory (Hugging Face or moetrain checkpoint, either expert layout) as a Hugging Face
+    directory of its family, streaming tensor by tensor: the model is never built in memory.
+
+    ``config.json`` and ``moetrain_config.json`` are written last, so an export that fails midway (a missing
+    tensor, a full disk) leaves no directory that looks loadable.
+    """
+    src, out_dir = Path(src), Path(out_dir)
+    config = load_config(src)
+    shapes = state_shapes(config)
+    cast = None if dtype is None else _as_dtype(dtype)
+    hf_config = config_to_hf(config)  # refuse an unexportable config before writing anything
+
+    stored: list[torch.dtype] = []
+
+    def renamed() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in checked_tensors(src, config, shapes):
+            if not stored:
+                stored.append(tensor.dtype)
+            yield keymap.to_hf_name(config.family, name), tensor if cast is None else tensor.to(cast)
+
+    weight_map = write_sharded(renamed(), out_dir, max_shard_bytes=max_shard_bytes)
+    hf_config["torch_dtype"] = str(cast or stored[0]).removeprefix("torch.")
+    _write_json(out_dir / HF_CONFIG, hf_config)
+    _write_json(out_dir / MOETRAIN_CONFIG, config.to_dict())
+    return weight_map
+
+
+def _resolve_source(path: Path) -> Path:
+    """A model directory, a run directory (uses its ``checkpoints/last``), or a ``last`` pointer file."""
+    if path.is_dir() and (path / "checkpoints" / "last").is_file():
+        path = path / "checkpoints" / "last"
+    if path.is_file() and path.name == "last":
+        target = path.parent / path.read_text().strip()
+        if not target.is_dir():
+            raise ConfigError(f"{path} names {target.name!r}, which is not a directory; the run has no complete "
+                              "checkpoint")
+        return target
+    return path
+
+
+def export_main(argv: list[str]) -> int:
+    """``moetrain export SOURCE OUT_DIR [--dtype D] [--max-shard-mb N]``; returns the exit status."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="moetrain export",
+        description="Write a moetrain checkpoint (or any supported model directory) as a Hugging Face model "
+                    "directory of its family: per-expert safetensors shards, index and config.json.")
+    parser.add_argument("source", type=Path, help="checkpoint directory, run directory (uses checkpoints/last), "
+                        "or Hugging Face model directory")
+    parser.add_argument("out_dir", type=Path, help="new directory to write (must not exist or be empty)")
+    parser.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep the stored dtype)")
+    parser.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest shard size in MiB")
+    args = parser.parse_args(argv)
+    try:
+        source = _resolve_source(args.source)
+        if args.out_dir.exists() and any(args.out_dir.iterdir()):
+            raise ConfigError(f"{args.out_dir} exists and is not empty; choose a new output directory")
+        weight_map = convert_checkpoint(source, args.out_dir, dtype=args.dtype,
+                                        max_shard_bytes=args.max_shard_mb * 2**20)
+    except (ConfigError, ShardError, OSError) as err:
+        print(f"moetrain export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(weight_map)} tensors in {len(set(weight_map.values()))} shard(s) to {args.out_dir}")
+    return 0
