@@ -9,7 +9,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moetrain.cli import main as cli_main
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import export_hf, export_main, from_pretrained
@@ -29,7 +28,7 @@ def test_export_of_a_run_directory_loads_in_transformers(tiny_hf, tmp_path):
     export_hf(model, step)
     (step.parent / "last").write_text("step-3\n")
     out = tmp_path / "out"
-    assert cli_main(["export", str(tmp_path / "run"), str(out), "--dtype", "bfloat16", "--max-shard-mb", "1"]) == 0
+    assert export_main([str(tmp_path / "run"), str(out), "--dtype", "bfloat16", "--max-shard-mb", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     weight_map = read_weight_map(out)
     assert sorted(weight_map) == sorted(read_weight_map(step))
