@@ -37,12 +37,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.theta = dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(torch.device("cpu")), persistent=False)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, L) -> cos, sin of shape (B, 1, L, hd)."""
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, L, hd/2)
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32 or inv_freq.device != position_ids.device:
+            # ``module.to(bfloat16)`` casts buffers too; the frequencies must stay fp32.
+            inv_freq = self._inv_freq(position_ids.device)
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
