@@ -6,8 +6,9 @@ the offload engine provides another implementation of :class:`TrainOptimizer`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,17 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
 
 
 class TrainOptimizer(Protocol):
-    """What the training module needs from an optimizer, whatever the tiers behind it."""
+    """What the training module needs from an optimizer, whatever the tiers behind it.
+
+    Two optional methods, looked up with ``getattr`` by the training code (DenseAdamW has neither):
+
+    * ``named_master_tensors() -> Iterator[tuple[str, torch.Tensor]]``: yields ``(internal parameter
+      name, fp32 tensor)`` for every parameter whose master copy lives in the optimizer (for example
+      offloaded experts whose compute weights are bf16). Checkpoints prefer these tensors over the
+      model's own, so a saved model holds the exact master weights.
+    * ``telemetry() -> dict[str, float | int]``: counters of the last optimizer step (bytes paged,
+      stall time, cache hits, ...); every key is added to that step's line of ``metrics.jsonl``.
+    """
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm over all parameters (before clipping); scales grads if above max_norm > 0."""

@@ -1,0 +1,244 @@
+"""The ``moetrain`` command: ``fit``, ``validate``, ``plan``, ``export``, ``bench``.
+
+``fit`` and ``validate`` are a :class:`~lightning.pytorch.cli.LightningCLI`: a recipe YAML
+(``--config recipes/NAME.yaml``) plus dotted overrides (``--trainer.max_steps=20``), checked against
+the signatures of :class:`~moetrain.training.module.MoETrainingModule` (``model:``),
+:class:`~moetrain.training.data.TextDataModule` (``data:``), the Trainer (``trainer:``),
+:class:`~moetrain.training.checkpoint.CheckpointCallback` (``checkpoint:``) and
+:class:`~moetrain.training.callbacks.MetricsLogger` (``metrics:``).
+
+Bad input (a malformed recipe, an unknown key, a missing file, a broken data line) ends with one
+paragraph naming the file, line or key and what to do, exit status 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+PROG = "moetrain"
+TOOLS = {
+    # subcommand: (module, function taking argv and returning an exit status)
+    "plan": ("moetrain.offload.plan", "main"),
+    "export": ("moetrain.models.hf", "export_main"),
+    "bench": ("moetrain.bench", "main"),
+}
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """Bad user input found by the CLI itself (the message is the whole explanation)."""
+
+
+def _fail(message: str) -> int:
+    """Print one paragraph to stderr and return the bad-input exit status."""
+    text = " ".join(str(message).split())
+    print(textwrap.fill(f"{PROG}: error: {text}", width=100), file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# ---------------------------------------------------------------------------------------------- recipe checks
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_recipe_file(path: str) -> None:
+    """Fail early, with the file and line, on a missing or syntactically broken recipe.
+
+    jsonargparse reports YAML problems without the line; checking here gives the user the place.
+    """
+    import yaml
+
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise InputError(f"recipe file {path} not found; pass an existing YAML file to --config "
+                         "(the shipped ones are under recipes/)")
+    try:
+        data = yaml.safe_load(recipe.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err)
+        raise InputError(f"{where}: the recipe is not valid YAML ({problem}); fix the syntax there "
+                         "(indentation and 'key: value' pairs)") from None
+    if data is not None and not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe must be a YAML mapping of sections (trainer:, model:, data:, ...), "
+                         f"got a {type(data).__name__}")
+
+
+def _parser_error_message(err: BaseException, argv: list[str]) -> str:
+    """Turn jsonargparse's (often nested, multi-line) message into one paragraph naming key and file."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # the innermost reasons are the most specific; keep the first line and the distinct last ones
+    keep = lines[:1] + [ln for ln in lines[1:] if "Given value type" not in ln][-3:]
+    detail = " ".join(keep) if keep else type(err).__name__
+    recipes = _config_paths(argv)
+    source = f" in {', '.join(recipes)} or the command line" if recipes else ""
+    return (f"invalid configuration{source}: {detail}. Check the key's spelling and type against "
+            f"'{PROG} fit --help' (a recipe's sections are trainer, model, data, checkpoint, metrics).")
+
+
+# ---------------------------------------------------------------------------------------------- LightningCLI
+def _build_cli_class():
+    """Import Lightning lazily: ``moetrain plan`` and ``--help`` of the tools should not pay for it."""
+    import torch
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from moetrain.training.callbacks import MetricsLogger
+    from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
+    from moetrain.training.module import MoETrainingModule
+
+    class MoeTrainCLI(LightningCLI):
+        """LightningCLI with moetrain's sections, defaults and checkpoint resolution."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                    "validate": {"model", "dataloaders", "datamodule"}}
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_lightning_class_args(CheckpointCallback, "checkpoint")
+            parser.add_lightning_class_args(MetricsLogger, "metrics")
+            parser.add_argument(
+                "--cpu_threads", type=Optional[int], default=None,
+                help="torch intra-op threads (null: torch's default, one per core). Small models run faster on "
+                     "one thread, and far faster when other work shares the cores.",
+            )
+
+        def before_instantiate_classes(self) -> None:
+            threads = self.config[self.subcommand].get("cpu_threads")
+            if threads is not None:
+                if threads < 1:
+                    raise InputError(f"cpu_threads must be at least 1, got {threads}")
+                torch.set_num_threads(threads)
+            trainer = self.config[self.subcommand]["trainer"]
+            if trainer.get("precision") is None:
+                # bf16 autocast with fp32 master weights on a GPU; plain fp32 on the CPU
+                trainer["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+            if trainer.get("enable_progress_bar") is None:
+                trainer["enable_progress_bar"] = sys.stderr.isatty()
+            if trainer.get("accumulate_grad_batches", 1) != 1:
+                raise InputError("trainer.accumulate_grad_batches must stay 1: moetrain accumulates inside the "
+                                 "module; set model.accumulate_grad_batches instead")
+            if trainer.get("gradient_clip_val"):
+                raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
+                                 "(the optimizer clips the global norm itself)")
+
+        def after_instantiate_classes(self) -> None:
+            parser = self._parser(self.subcommand)
+            self.model.resolved_recipe = parser.dump(self.config[self.subcommand], skip_none=False)
+
+        def fit(self, model: MoETrainingModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
+                **kwargs: Any) -> None:
+            if ckpt_path is not None:
+                ckpt = resolve_checkpoint(ckpt_path, self.trainer.default_root_dir)
+                model.resume_from(ckpt)
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+
+        def validate(self, model: MoETrainingModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
+                     **kwargs: Any) -> None:
+            if ckpt_path is not None:
+                model.load_weights_from(resolve_checkpoint(ckpt_path, self.trainer.default_root_dir))
+            self.trainer.validate(model, datamodule=datamodule, **kwargs)
+
+    return MoeTrainCLI
+
+
+def _quiet_lightning() -> None:
+    # Lightning's start-up banners (GPU available, TPU cores, ...) say nothing a recipe user needs
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
+    from jsonargparse import ArgumentError
+
+    from moetrain.config import ConfigError
+    from moetrain.shards import ShardError
+    from moetrain.training.data import DataError, TextDataModule
+    from moetrain.training.module import MoETrainingModule
+
+    for path in _config_paths(argv):
+        check_recipe_file(path)
+    _quiet_lightning()
+    # Lightning's own use of a deprecated torch pytree check warns on every run; it is not actionable here
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    cli_class = _build_cli_class()
+    try:
+        cli_class(
+            MoETrainingModule, TextDataModule, args=None if from_sys_argv else argv, seed_everything_default=0,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": PROG, "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+        )
+    except ArgumentError as err:
+        return _fail(_parser_error_message(err, argv))
+    except (ConfigError, DataError, ShardError, InputError) as err:
+        return _fail(str(err))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- tools
+def run_tool(name: str, argv: list[str]) -> int:
+    module_name, func_name = TOOLS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"{PROG} {name}: not yet available in this version", file=sys.stderr)
+        return 1
+    func: Optional[Callable[[list[str]], int]] = getattr(module, func_name, None)
+    if func is None:
+        print(f"{PROG} {name}: not yet available in this version", file=sys.stderr)
+        return 1
+    return int(func(argv) or 0)
+
+
+USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench}} ...
+
+  fit       train a model from a recipe: {PROG} fit --config recipes/tiny.yaml [--key.sub=value ...]
+  validate  evaluate a model on a recipe's validation data
+  plan      print the memory plan of a recipe on this machine
+  export    write a checkpoint as a Hugging Face model directory
+  bench     measure a training step
+
+'{PROG} SUBCOMMAND --help' lists a subcommand's options.
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``moetrain`` console script; returns the exit status."""
+    from_sys_argv = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else EXIT_BAD_INPUT
+    if argv[0] in TOOLS:
+        try:
+            return run_tool(argv[0], argv[1:])
+        except InputError as err:
+            return _fail(str(err))
+    if argv[0] not in ("fit", "validate"):
+        return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench")
+    try:
+        return run_lightning(argv, from_sys_argv)
+    except InputError as err:
+        return _fail(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

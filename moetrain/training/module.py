@@ -1,0 +1,258 @@
+"""The LightningModule that trains an MoE language model with manual optimization.
+
+Why manual optimization: the optimizer (plain AdamW, or the offload engine that pages expert state
+in and out) must decide itself when and how each parameter group is stepped, and it needs the
+global gradient norm and the learning rate from us, not a ``torch.optim`` scheduler.
+
+Gradient accumulation happens here, not in the Trainer: each ``training_step`` is one micro-batch;
+its loss is divided by ``accumulate_grad_batches`` before backward, and the last micro-batch of a
+group clips, steps and zeroes the optimizer.
+
+Counting steps: Lightning's ``trainer.global_step`` counts ``step()`` calls of the optimizers it
+knows about. The module hands Lightning an :class:`OptimizerStepAdapter` that wraps the real
+:class:`~moetrain.training.optim.TrainOptimizer`, so every accumulated optimizer step is one
+``global_step`` and ``--trainer.max_steps=20`` means 20 optimizer steps (not micro-batches); the
+Trainer's own ``accumulate_grad_batches`` must stay 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from moetrain.config import ConfigError, ModelConfig
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.offload import build_optimizer
+from moetrain.offload.config import OffloadConfig
+from moetrain.training.checkpoint import TRAINER_STATE, load_model, load_optimizer_state
+from moetrain.training.optim import OptimizerConfig, TrainOptimizer, lr_at
+
+
+class OptimizerStepAdapter(torch.optim.Optimizer):
+    """Presents a :class:`TrainOptimizer` to Lightning as a ``torch.optim.Optimizer``.
+
+    Lightning counts its ``step`` calls (that is ``trainer.global_step``) and runs its precision
+    plugin and hooks around them. The parameter groups are the model's trainable parameters so that
+    tools reading ``param_groups[i]["lr"]`` see the learning rate; the optimizer state itself lives in
+    the wrapped optimizer (``state`` here stays empty).
+    """
+
+    def __init__(self, inner: TrainOptimizer, params: list[torch.nn.Parameter]) -> None:
+        super().__init__(params, {"lr": 0.0})
+        self.inner = inner
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, lr: float = 0.0) -> Any:  # type: ignore[override]
+        # Lightning's closure runs its on_before_optimizer_step hooks; the loss was already backpropagated
+        result = closure() if closure is not None else None
+        for group in self.param_groups:
+            group["lr"] = lr
+        self.inner.step(lr)
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did (tensors stay on the device until a logger reads them).
+
+    Attributes:
+        step: optimizer steps completed, this one included (1-based).
+        loss: mean over the step's micro-batches of cross-entropy + aux loss.
+        ce_loss: mean cross-entropy.
+        aux_loss: mean auxiliary (load-balancing) loss.
+        grad_norm: global gradient norm before clipping.
+        lr: learning rate used by this step.
+        tokens: input tokens in this step (all micro-batches).
+        should_log: whether this step is one of the logged ones (``log_every_n_steps``, and the last).
+    """
+
+    step: int
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    tokens: int
+    should_log: bool
+
+
+class MoETrainingModule(L.LightningModule):
+    """Full fine-tuning of a :class:`~moetrain.models.decoder.MoEForCausalLM` (the ``model:`` section of a recipe)."""
+
+    def __init__(
+        self,
+        preset: str = "tiny-deepseek-moe",
+        config: Optional[dict[str, Any]] = None,
+        init_from: Optional[str] = None,
+        optimizer: Optional[OptimizerConfig] = None,
+        offload: Optional[OffloadConfig] = None,
+        accumulate_grad_batches: int = 1,
+        log_every_n_steps: int = 1,
+        expert_impl: str = "auto",
+    ) -> None:
+        """
+        Args:
+            preset: model shape, a name under ``configs/models/`` (or a YAML path); ignored with ``init_from``.
+            config: overrides of the preset's fields, e.g. ``{num_hidden_layers: 2}``.
+            init_from: a Hugging Face model directory (or moetrain checkpoint) to fine-tune; None trains from
+                a random initialisation of ``preset``.
+            optimizer: AdamW, schedule and clipping settings.
+            offload: where the routed experts' optimizer state lives (``tier: none|cpu|nvme``).
+            accumulate_grad_batches: micro-batches per optimizer step.
+            log_every_n_steps: write a ``metrics.jsonl`` line every this many optimizer steps (and at the last).
+            expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
+        """
+        super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ConfigError(f"model.accumulate_grad_batches must be at least 1, got {accumulate_grad_batches}")
+        if log_every_n_steps < 1:
+            raise ConfigError(f"model.log_every_n_steps must be at least 1, got {log_every_n_steps}")
+        if expert_impl not in ("auto", "grouped", "loop"):
+            raise ConfigError(f"model.expert_impl={expert_impl!r}: choose auto, grouped or loop")
+        self.automatic_optimization = False
+        self.optim_cfg = optimizer or OptimizerConfig()
+        self.offload_cfg = offload or OffloadConfig()
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.log_every_n_steps = log_every_n_steps
+        self.model = self._build_model(preset, config, init_from)
+        self.model.set_expert_impl(expert_impl)
+        self.train_optimizer: Optional[TrainOptimizer] = None
+        self.last_step: Optional[StepStats] = None
+        self.total_steps = 0
+        self.resolved_recipe: Optional[str] = None
+        """The resolved recipe as YAML; the CLI sets it, checkpoints store it."""
+        self._resume_dir: Optional[Path] = None
+        self._micro = 0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens = 0
+
+    @staticmethod
+    def _build_model(preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str]) -> MoEForCausalLM:
+        if init_from is None:
+            return MoEForCausalLM(ModelConfig.from_preset(preset, **(overrides or {})))
+        if overrides:
+            raise ConfigError("model.config overrides cannot be combined with model.init_from (the checkpoint fixes "
+                              "the shape); remove model.config")
+        import moetrain  # lazily: the Hugging Face loader pulls in more than random initialisation needs
+
+        return moetrain.from_pretrained(init_from).train()
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """Check the tokenizer against the model's vocabulary before any step runs."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "load_tokenizer"):
+            return
+        tokenizer = datamodule.load_tokenizer()
+        if tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocab_size is {self.model_config.vocab_size}; use a matching tokenizer or set "
+                              f"model.config.vocab_size >= {tokenizer.vocab_size}")
+        if self.model_config.eos_token_id is None:
+            self.model_config.eos_token_id = tokenizer.eos_id
+
+    def configure_optimizers(self) -> OptimizerStepAdapter:
+        self.train_optimizer = build_optimizer(self.model, self.optim_cfg, self.offload_cfg)
+        self.total_steps = self._schedule_steps()
+        if self._resume_dir is not None:
+            self.train_optimizer.load_state_dict(load_optimizer_state(self._resume_dir))
+        return OptimizerStepAdapter(self.train_optimizer, [p for p in self.model.parameters() if p.requires_grad])
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_weights_from(self, ckpt_dir: str | Path) -> None:
+        """Copy the model weights of a moetrain checkpoint into this module's model (shapes must match)."""
+        saved = load_model(ckpt_dir)
+        if saved.config.to_dict() | {"eos_token_id": None} != self.model_config.to_dict() | {"eos_token_id": None}:
+            raise ConfigError(f"{ckpt_dir}: the checkpoint's model config differs from the recipe's model section; "
+                              "resume with the recipe the checkpoint was trained with (its recipe.yaml)")
+        self.model.load_state_dict(saved.state_dict())
+
+    def resume_from(self, ckpt_dir: str | Path) -> None:
+        """Continue training from a checkpoint: weights now, optimizer state and step count when training starts.
+
+        This restores the model, the optimizer and the step (so the schedule and ``max_steps`` continue);
+        the data order restarts at the beginning of an epoch.
+        """
+        self.load_weights_from(ckpt_dir)
+        self._resume_dir = Path(ckpt_dir)
+
+    def on_train_start(self) -> None:
+        if self._resume_dir is None:
+            return
+        state = json.loads((self._resume_dir / TRAINER_STATE).read_text())
+        # Lightning has no public setter for global_step; under manual optimization it is this counter
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+        progress.ready = progress.completed = int(state["step"])
+
+    def _schedule_steps(self) -> int:
+        """Length of the cosine schedule in optimizer steps."""
+        if self.optim_cfg.max_steps:
+            return self.optim_cfg.max_steps
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        # no step budget: the epochs decide; estimated_stepping_batches counts micro-batches here
+        return max(int(self.trainer.estimated_stepping_batches) // self.accumulate_grad_batches, 1)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.model(
+            batch["input_ids"], labels=batch.get("labels"), position_ids=batch.get("position_ids"),
+            document_ids=batch.get("document_ids"), attention_mask=batch.get("attention_mask"),
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        self.manual_backward(out.loss / self.accumulate_grad_batches)
+        for key, value in (("loss", out.loss), ("ce_loss", out.ce_loss), ("aux_loss", out.aux_loss)):
+            value = value.detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._tokens += batch["input_ids"].numel()
+        self._micro += 1
+        if self._micro == self.accumulate_grad_batches:
+            self._optimizer_step()
+        return out.loss.detach()
+
+    def _optimizer_step(self) -> None:
+        assert self.train_optimizer is not None
+        opt = self.optimizers()
+        step = self.trainer.global_step  # steps completed before this one
+        lr = lr_at(self.optim_cfg, step, self.total_steps)
+        grad_norm = self.train_optimizer.clip_grad_norm_(self.optim_cfg.max_grad_norm)
+        opt.step(lr=lr)
+        opt.zero_grad()
+        n = self._micro
+        done = step + 1
+        last = done >= self.total_steps or (self.trainer.max_steps > 0 and done >= self.trainer.max_steps)
+        self.last_step = StepStats(
+            step=done, loss=self._sums["loss"] / n, ce_loss=self._sums["ce_loss"] / n,
+            aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=self._tokens,
+            should_log=done % self.log_every_n_steps == 0 or last,
+        )
+        self._micro, self._sums, self._tokens = 0, {}, 0
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        n = batch["input_ids"].shape[0]
+        self.log("val_loss", out.loss, batch_size=n, prog_bar=True)
+        self.log("val_ce_loss", out.ce_loss, batch_size=n)
+        self.log("val_aux_loss", out.aux_loss, batch_size=n)
+        return out.loss
