@@ -12,4 +12,5 @@ def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadCo
     """The optimizer for ``model`` under ``offload``: ``tier: none`` is plain AdamW over every parameter."""
     if offload.tier == "none":
         return DenseAdamW(model, optim)
-    raise NotImplementedError(f"model.offload.tier={offload.tier!r} is being built")  # replaced by the offload engine
+    from moetrain.offload.optim import ExpertOffloadOptimizer
+    return ExpertOffloadOptimizer(model, optim, offload)

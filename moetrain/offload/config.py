@@ -8,35 +8,55 @@ from typing import Optional
 
 @dataclass
 class OffloadConfig:
-    """Placement of expert state.
-
-    Attributes:
-        tier: ``none`` keeps every expert's state on the compute device (the reference); ``cpu`` keeps
-            master weights and Adam moments in pinned host memory; ``nvme`` keeps them in swap files.
-        nvme_path: folder for swap files (tier ``nvme``, or overflow past ``cpu_budget_gb``).
-        gpu_budget_gb: bytes of expert state the store may hold on the compute device (cache slots).
-        cpu_budget_gb: host memory for expert state; what exceeds it overflows to NVMe (None: no limit).
-        resident_weights: keep experts' compute weights on the device (``auto``: when they fit).
-        step_on: where offloaded experts are stepped: ``gpu``, ``cpu`` (DeepSpeedCPUAdam) or ``auto``.
-        idle_experts: ``skip`` (as torch AdamW with grad None) or ``dense`` (exact lazy catch-up of the
-            zero-gradient steps a dense AdamW would have applied).
-        prefetch: page state in ahead of need (look-ahead and backward trace).
-    """
+    """Placement of expert state; every field is a recipe key under ``model.offload``."""
 
     tier: str = "none"
+    """``none`` keeps every expert's state on the compute device (the reference); ``cpu`` keeps master
+    weights and Adam moments in pinned host memory; ``nvme`` keeps them in swap files under ``nvme_path``."""
     nvme_path: Optional[str] = None
+    """Folder for swap files (tier ``nvme``, or overflow past ``cpu_budget_gb``). Must exist and be writable."""
     gpu_budget_gb: float = 4.0
+    """Bytes of expert state the store may hold on the compute device (its slots of master+moments).
+    The slot count comes from this budget alone, so it does not grow with the number of experts."""
     cpu_budget_gb: Optional[float] = None
+    """Host memory for expert state under tier ``cpu``; records past it overflow to NVMe (None: no limit)."""
     resident_weights: str = "auto"
+    """Keep experts' compute weights on the device (``auto``/``yes``). ``no`` (page compute weights per
+    active expert) is not implemented yet and is refused with a clear error."""
     step_on: str = "gpu"
+    """Where offloaded experts are stepped: ``gpu`` (state paged in, fused AdamW), ``cpu``
+    (DeepSpeedCPUAdam in host memory, gradients down and weights up) or ``auto`` (both at once, split
+    by a cost model fed with rates measured at start-up)."""
     idle_experts: str = "skip"
+    """``skip``: an expert that got no tokens is untouched (torch AdamW with grad None). ``dense``: the
+    zero-gradient steps a dense AdamW would have applied are caught up exactly when the expert is next
+    routed, or at checkpoint time."""
     prefetch: bool = True
+    """Page state in ahead of need: routing trace of the forward drives backward-time page-ins."""
+    lookahead: bool = True
+    """Apply the next MoE layer's router to the current layer's input to predict its experts; the
+    predictions feed prefetch, and their precision and recall are reported in telemetry."""
+    gpu_slots: Optional[int] = None
+    """Cap on device state slots (None: as many as ``gpu_budget_gb`` holds, at most the number of experts)."""
+    nvme_backend: str = "auto"
+    """``auto`` (DeepSpeed async I/O when libaio is there, else threads with a warning), ``aio``, ``threads``."""
+    nvme_block_size: int = 1 << 20
+    """Bytes per async I/O request (DeepSpeed's default block size)."""
+    nvme_queue_depth: int = 8
+    """Outstanding async I/O requests per handle."""
+    nvme_threads: int = 4
+    """Worker threads of the pread/pwrite fallback."""
 
     def __post_init__(self) -> None:
         choices = {"tier": ("none", "cpu", "nvme"), "resident_weights": ("auto", "yes", "no"),
-                   "step_on": ("gpu", "cpu", "auto"), "idle_experts": ("skip", "dense")}
+                   "step_on": ("gpu", "cpu", "auto"), "idle_experts": ("skip", "dense"),
+                   "nvme_backend": ("auto", "aio", "threads")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.offload.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
         if self.tier == "nvme" and not self.nvme_path:
             raise ValueError("model.offload.tier=nvme needs model.offload.nvme_path=DIR (a folder on a fast disk)")
+        if self.gpu_budget_gb <= 0:
+            raise ValueError(f"model.offload.gpu_budget_gb={self.gpu_budget_gb}: must be > 0")
+        if self.gpu_slots is not None and self.gpu_slots < 1:
+            raise ValueError(f"model.offload.gpu_slots={self.gpu_slots}: must be >= 1 (or null)")

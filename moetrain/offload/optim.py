@@ -1,0 +1,443 @@
+"""The sparse expert optimizer: dense parameters with torch AdamW, routed experts paged and stepped.
+
+One optimizer step, in order (GPU; on the CPU the streams collapse into one and the logic is the same)::
+
+    forward   observer(layer, routing): counts[layer] += routing.counts     (device, no sync)
+              trace.record(): counts -> pinned host, non_blocking + event
+              look-ahead: next router on this input -> predicted set         (device counters)
+    backward  router grad of layer i accumulated -> trace.poll(i) -> swapper.prefetch(active of i)
+              (page-ins ride in_stream under the backward of layers i-1..0)
+    clip      global norm over every .grad (dense + experts), coef stays a device tensor;
+              dense grads *= coef, experts get grad_scale = 1/coef inside the fused kernel
+    step      host reads the union of counts once  ─────────── the one sync of the step
+              dense: torch AdamW (fused on CUDA)
+              for layer L..0, chunks of num_slots/2 experts:
+                  acquire(chunk)  (hits, or H2D on in_stream; compute waits on per-slot events)
+                  prefetch(next chunk)                      ← overlaps the fused step below
+                  _fused_adamw_ over the chunk; new weights -> model params (bf16 cast on GPU)
+                  release(chunk): D2H on out_stream after an event  ← runs under the next chunk,
+                                                                       and under the next forward
+              step_on cpu/auto: the CPU share is stepped by DeepSpeed CPU Adam in host memory
+              (gradients down, weights up), in a thread beside the GPU share.
+
+Why steps wait for the end of backward (the design notes hoped to step each layer under the backward
+of earlier layers): clipping by the global norm over all parameters needs every gradient before any
+update, so with ``max_grad_norm > 0`` an exact step cannot start earlier. What hides under backward is
+the page-in of state (unchanged until its step) and, under the next forward, the page-out.
+
+Semantics: ``idle_experts: skip`` is torch AdamW with ``grad = None`` for experts that got no tokens.
+``idle_experts: dense`` keeps the learning rate of every step; when an idle expert is next routed (the
+observer sees it before the experts run) or when state is exported, the zero-gradient AdamW steps it
+missed are replayed with the same kernel and each step's learning rate, so it equals a dense AdamW
+stepping zero gradients. The replay needs the routed set on the host, so that mode reads the counts
+once per MoE layer and micro-batch: the price of its exactness.
+
+Compute weights stay resident (the model's own expert parameters); paging them per active expert
+(``resident_weights: no``) is not implemented.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from moetrain.offload.adam import CpuAdam, adamw
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.lookahead import Lookahead, RoutingTrace
+from moetrain.offload.nvme import aligned_empty
+from moetrain.offload.rates import Rates, measure, split
+from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
+from moetrain.offload.swapper import Swapper
+from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
+
+PARTS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class ExpertOffloadOptimizer:
+    """:class:`~moetrain.training.optim.TrainOptimizer` with routed experts' state in host memory or on NVMe.
+
+    Args:
+        model: a :class:`~moetrain.models.decoder.MoEForCausalLM` on its compute device.
+        cfg: AdamW hyperparameters (shared by dense parameters and experts).
+        offload: tiers, budgets and step path.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig) -> None:
+        if offload.resident_weights == "no":
+            raise ValueError("model.offload.resident_weights=no (paging compute weights per expert) is not "
+                             "implemented yet: use auto or yes")
+        self.model, self.cfg, self.offload = model, cfg, offload
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        cuda = self.device.type == "cuda"
+        expert_names = model.expert_parameter_names()
+        dense_named = [(n, p) for n, p in model.named_parameters() if n not in expert_names]
+        self.dense_params = [p for _, p in dense_named if p.requires_grad]
+        self.dense = torch.optim.AdamW(param_groups(dense_named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                       eps=cfg.eps, fused=True if cuda else None)
+        self.store = ExpertStore(model, offload, pin=cuda)
+        for rec in self.store:
+            if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
+                raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")
+        self.by_name = {name: (rec, i) for rec in self.store for i, name in enumerate(rec.names)}
+        self.swapper = Swapper(self.store, self.device, self._num_slots())
+        self.counts = {layer: torch.zeros(self.store.num_experts[layer], dtype=torch.int64, device=self.device)
+                       for layer in self.store.layers}
+        self.trace = RoutingTrace(self.device)
+        self.lookahead = Lookahead(model, self.device) if offload.lookahead else None
+        self.cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
+        self.rates: Rates = measure(self.device, self.cpu_adam) if offload.step_on == "auto" else Rates()
+        # on CUDA the CPU share runs in a thread beside the GPU share, whose launches are asynchronous
+        both = cuda and self.cpu_adam is not None
+        self.cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam") if both else None
+        self.cpu_staging: Optional[torch.Tensor] = None
+        self.lr_history: list[float] = []
+        self.step_index = 0
+        self._grad_scale: Optional[torch.Tensor] = None
+        self._clip_coef: Optional[torch.Tensor] = None
+        self._telemetry: dict[str, float] = {}
+        self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_prefetch_hook(b.layer_idx))
+                       for b in model.moe_blocks()] if offload.prefetch else []
+        model.set_routing_observer(self._observe)
+
+    def _num_slots(self) -> int:
+        slot_bytes = self.store.max_padded * 4
+        n = int(self.offload.gpu_budget_gb * 2**30) // slot_bytes
+        if n < 1:
+            raise ValueError(f"model.offload.gpu_budget_gb={self.offload.gpu_budget_gb} holds no expert: one expert's "
+                             f"state takes {slot_bytes / 2**20:.1f} MiB; raise the budget")
+        if self.offload.gpu_slots is not None:
+            n = min(n, self.offload.gpu_slots)
+        return min(n, len(self.store.records))
+
+    # ------------------------------------------------------------------ hooks on the model
+    def _observe(self, layer: int, routing) -> None:
+        counts = routing.counts
+        if self.offload.idle_experts == "dense" and self.step_index > 0:
+            routed = torch.nonzero(counts).flatten().tolist()  # host read: the price of exact catch-up
+            self._catch_up([self.store.records[(layer, e)] for e in routed])
+        if not torch.is_grad_enabled():
+            return  # evaluation: nothing will be stepped
+        self.counts[layer] += counts
+        if self.offload.prefetch:
+            self.trace.record(layer, counts)
+        if self.lookahead is not None:
+            self.lookahead.observe(layer, counts)
+
+    def _make_prefetch_hook(self, layer: int):
+        def hook(_param: torch.Tensor) -> None:
+            seen = self.trace.poll(layer)
+            if seen is not None:
+                self.swapper.prefetch([r for r in self.store.layer_records(layer) if seen[r.expert]])
+        return hook
+
+    # ------------------------------------------------------------------ TrainOptimizer
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global norm over every gradient (no state is paged); dense grads scaled now, experts in-kernel."""
+        if self.offload.idle_experts == "dense":
+            norm = self._dense_view_norm()
+        else:
+            norm = global_grad_norm(self.params)
+        self._grad_scale = self._clip_coef = None
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in self.dense_params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            self._clip_coef = coef
+            self._grad_scale = (1.0 / coef).to(self.device, torch.float32)
+        return norm
+
+    def _dense_view_norm(self) -> torch.Tensor:
+        """The global norm as a dense AdamW sees it: idle experts contribute zero-gradient entries.
+
+        Equal in value to :func:`global_grad_norm`, and also in rounding to the reference that keeps
+        zero gradients (the reduction's length is the same).
+        """
+        zero = torch.zeros((), device=self.device)
+        expert_params = {id(p) for rec in self.store for p in rec.params}
+        norms = [torch.linalg.vector_norm(p.grad.float()) if p.grad is not None else zero
+                 for p in self.params if p.grad is not None or id(p) in expert_params]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else zero
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        t0 = time.perf_counter()
+        self.swapper.reset_stats()
+        nvme0 = self._nvme_bytes()
+        counts = torch.stack([self.counts[layer] for layer in self.store.layers]).cpu()  # the step's one sync
+        for group in self.dense.param_groups:
+            group["lr"] = lr
+        self.dense.step()
+        self.lr_history.append(lr)
+        on_gpu = on_cpu = 0
+        for i in reversed(range(len(self.store.layers))):
+            layer = self.store.layers[i]
+            recs = [r for r in self.store.layer_records(layer)
+                    if counts[i, r.expert] > 0 and any(p.grad is not None for p in r.params)]
+            for rec in self.store.layer_records(layer):
+                rec.frequency = 0.5 * rec.frequency + float(counts[i, rec.expert])
+            self._catch_up(recs)
+            gpu_recs, cpu_recs = self._split(recs)
+            pending = self.cpu_pool.submit(self._step_cpu, cpu_recs, lr) if self.cpu_pool else None
+            self._step_gpu(gpu_recs, lr)
+            if pending is not None:
+                pending.result()
+            else:
+                self._step_cpu(cpu_recs, lr)
+            for rec in recs:
+                rec.step += 1
+                rec.synced_to = self.step_index + 1
+            on_gpu += len(gpu_recs)
+            on_cpu += len(cpu_recs)
+        self.swapper.unreserve()
+        self.swapper.drain_writes()
+        self.step_index += 1
+        for c in self.counts.values():
+            c.zero_()
+        self.trace.reset()
+        self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, nvme0)
+
+    def zero_grad(self) -> None:
+        self.dense.zero_grad(set_to_none=True)
+        for rec in self.store:
+            for p in rec.params:
+                p.grad = None
+
+    # ------------------------------------------------------------------ the two step paths
+    def _split(self, recs: list[ExpertRecord]) -> tuple[list[ExpertRecord], list[ExpertRecord]]:
+        if self.offload.step_on == "gpu" or not recs:
+            return recs, []
+        if self.offload.step_on == "cpu":
+            return [], recs
+        weight_bytes = recs[0].params[0].element_size()
+        gpu_idx, cpu_idx = split([r.numel for r in recs], self.rates, weight_bytes, weight_bytes)
+        return [recs[i] for i in gpu_idx], [recs[i] for i in cpu_idx]
+
+    def _chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
+        size = max(1, self.swapper.num_slots // 2)  # half the slots compute while the other half fills
+        return [recs[i:i + size] for i in range(0, len(recs), size)]
+
+    def _step_gpu(self, recs: list[ExpertRecord], lr: float) -> None:
+        chunks = self._chunks(recs)
+        for c, chunk in enumerate(chunks):
+            flats = self.swapper.acquire(chunk)
+            if c + 1 < len(chunks):
+                self.swapper.prefetch(chunks[c + 1])
+            ps, gs, ms, vs, steps = [], [], [], [], []
+            for rec, flat in zip(chunk, flats, strict=True):
+                master, exp_avg, exp_avg_sq = rec.parts(flat)
+                views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
+                for p, w, m, v in views:
+                    ps.append(w)
+                    gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
+                    ms.append(m)
+                    vs.append(v)
+                    steps.append(rec.step + 1)
+            adamw(ps, gs, ms, vs, steps, lr, self.cfg.weight_decay, self.cfg, clip_coef=self._clip_coef,
+                  grad_scale=self._grad_scale)
+            for rec, flat in zip(chunk, flats, strict=True):
+                self._write_weights(rec, rec.parts(flat)[0])
+            self.swapper.release(chunk)
+
+    def _host_state(self, rec: ExpertRecord) -> torch.Tensor:
+        """The record's flat state in host memory (NVMe records are read into a staging buffer)."""
+        if rec.tier is Tier.CPU:
+            return self.store.host_view(rec)
+        if self.cpu_staging is None:
+            self.cpu_staging = aligned_empty(self.store.max_padded, self.store.pin)
+        buf = self.cpu_staging[:rec.padded]
+        self.store.swap.submit_read(buf, rec.offset)
+        self.store.swap.wait_reads()
+        return buf
+
+    def _put_host_state(self, rec: ExpertRecord, flat: torch.Tensor) -> None:
+        if rec.tier is Tier.NVME:
+            self.store.swap.submit_write(flat, rec.offset)
+            self.store.swap.wait_writes()
+
+    def _step_cpu(self, recs: list[ExpertRecord], lr: float) -> None:
+        if not recs:
+            return
+        self._make_host_authoritative(recs)
+        coef = None if self._clip_coef is None else self._clip_coef.cpu()
+        for rec in recs:
+            flat = self._host_state(rec)
+            master, exp_avg, exp_avg_sq = rec.parts(flat)
+            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in rec.params]).to("cpu", torch.float32)  # gradients down
+            if coef is not None:
+                grad.mul_(coef)
+            self.cpu_adam.step(master, grad, exp_avg, exp_avg_sq, rec.step + 1, lr, self.cfg.weight_decay)
+            self._write_weights(rec, master)  # weights up
+            self._put_host_state(rec, flat)
+
+    def _make_host_authoritative(self, recs: Iterable[ExpertRecord]) -> None:
+        """Before state is touched in its tier: page-outs have landed and no slot keeps a stale copy."""
+        self.swapper.flush()
+        for rec in recs:
+            self.swapper.invalidate(rec)
+
+    def _write_weights(self, rec: ExpertRecord, master: torch.Tensor) -> None:
+        for p, w in zip(rec.params, rec.split(master), strict=True):
+            p.data.copy_(w, non_blocking=True)
+
+    # ------------------------------------------------------------------ idle_experts: dense
+    @torch.no_grad()
+    def _catch_up(self, recs: list[ExpertRecord]) -> None:
+        """Replay the zero-gradient AdamW steps that ``recs`` missed (``idle_experts: dense`` only)."""
+        if self.offload.idle_experts != "dense":
+            return
+        late = [r for r in recs if r.synced_to < self.step_index]
+        for chunk in self._chunks(late):
+            flats = self.swapper.acquire(chunk)
+            for s in range(min(r.synced_to for r in chunk), self.step_index):
+                ps, ms, vs, steps = [], [], [], []
+                for rec, flat in zip(chunk, flats, strict=True):
+                    if rec.synced_to > s:
+                        continue
+                    master, exp_avg, exp_avg_sq = rec.parts(flat)
+                    ps += rec.split(master)
+                    ms += rec.split(exp_avg)
+                    vs += rec.split(exp_avg_sq)
+                    steps += [rec.step + 1] * len(rec.params)
+                    rec.step += 1
+                    rec.synced_to = s + 1
+                gs = [torch.zeros_like(p) for p in ps]
+                adamw(ps, gs, ms, vs, steps, self.lr_history[s], self.cfg.weight_decay, self.cfg)
+            for rec, flat in zip(chunk, flats, strict=True):
+                self._write_weights(rec, rec.parts(flat)[0])
+            self.swapper.release(chunk)
+
+    def finalize(self) -> None:
+        """Apply every deferred catch-up and land every page-out: the model and the store are current."""
+        self._catch_up(list(self.store))
+        self.swapper.flush()
+
+    # ------------------------------------------------------------------ telemetry
+    def _nvme_bytes(self) -> tuple[int, int]:
+        swap = self.store.swap
+        return (0, 0) if swap is None else (swap.bytes_read, swap.bytes_written)
+
+    def _record_telemetry(self, counts: torch.Tensor, on_gpu: int, on_cpu: int, seconds: float,
+                          nvme0: tuple[int, int]) -> None:
+        st = self.swapper.stats
+        nvme1 = self._nvme_bytes()
+        moved = st.h2d_bytes + st.d2h_bytes
+        t: dict[str, float] = {
+            "offload/h2d_bytes": float(st.h2d_bytes), "offload/d2h_bytes": float(st.d2h_bytes),
+            "offload/nvme_read_bytes": float(nvme1[0] - nvme0[0]),
+            "offload/nvme_write_bytes": float(nvme1[1] - nvme0[1]),
+            "offload/link_gbps": moved / seconds / 1e9 if seconds > 0 else 0.0,
+            "offload/step_s": seconds, "offload/stall_s": st.stall_s,
+            "offload/cache_hit_rate": st.hits / (st.hits + st.misses) if st.hits + st.misses else 0.0,
+            "offload/prefetched": float(st.prefetched),
+            "offload/experts_stepped_gpu": float(on_gpu), "offload/experts_stepped_cpu": float(on_cpu),
+            "offload/gpu_state_bytes": float(self.swapper.device_bytes),
+            "offload/rate_h2d_gbps": self.rates.h2d_gbps, "offload/rate_d2h_gbps": self.rates.d2h_gbps,
+            "offload/rate_cpu_adam_gparams": self.rates.cpu_adam_gparams,
+        }
+        if self.lookahead is not None:
+            t["offload/lookahead_precision"], t["offload/lookahead_recall"] = self.lookahead.read()
+        active = counts > 0
+        for i, layer in enumerate(self.store.layers):
+            t[f"offload/active_experts/layer{layer}"] = float(active[i].sum())
+        used = counts[active].float()
+        t["offload/tokens_per_expert_mean"] = float(used.mean()) if used.numel() else 0.0
+        t["offload/tokens_per_expert_max"] = float(used.max()) if used.numel() else 0.0
+        self._telemetry = t
+
+    def telemetry(self) -> dict[str, float]:
+        """Figures of the last optimizer step (flat; the training loop writes them to metrics.jsonl)."""
+        return dict(self._telemetry)
+
+    # ------------------------------------------------------------------ state export / import
+    def _each_state(self) -> Iterator[tuple[ExpertRecord, torch.Tensor]]:
+        """Every record's current flat state in host memory, one record at a time (NVMe paged through)."""
+        self.finalize()
+        for rec in self.store:
+            yield rec, self._host_state(rec)
+
+    def named_master_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(parameter name, fp32 master weight) of every expert parameter; tensors are fresh copies."""
+        for rec, flat in self._each_state():
+            for name, w in zip(rec.names, rec.split(rec.parts(flat)[0]), strict=True):
+                yield name, w.clone()
+
+    def named_optimizer_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(``{name}.exp_avg`` / ``{name}.exp_avg_sq``, fp32 tensor) of every expert parameter."""
+        for rec, flat in self._each_state():
+            _, exp_avg, exp_avg_sq = rec.parts(flat)
+            for name, m, v in zip(rec.names, rec.split(exp_avg), rec.split(exp_avg_sq), strict=True):
+                yield f"{name}.exp_avg", m.clone()
+                yield f"{name}.exp_avg_sq", v.clone()
+
+    def expert_steps(self) -> dict[str, int]:
+        """AdamW step count per expert parameter name (torch's per-parameter ``state['step']``)."""
+        self.finalize()
+        return {name: rec.step for rec in self.store for name in rec.names}
+
+    @torch.no_grad()
+    def load_expert_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load tensors named as :meth:`named_master_tensors` / :meth:`named_optimizer_tensors` yield them.
+
+        A master tensor also becomes the model's compute weight. Any order; NVMe records are
+        read-modified-written one tensor at a time.
+        """
+        self.swapper.flush()
+        for name, tensor in named:
+            part = 0
+            for i, suffix in enumerate(PARTS[1:], start=1):
+                if name.endswith("." + suffix):
+                    name, part = name[: -len(suffix) - 1], i
+            if name not in self.by_name:
+                raise KeyError(f"{name!r} is not an expert parameter of this model")
+            rec, idx = self.by_name[name]
+            self.swapper.invalidate(rec)
+            flat = self._host_state(rec)
+            view = rec.split(rec.parts(flat)[part])[idx]
+            if view.shape != tensor.shape:
+                raise ValueError(f"{name}.{PARTS[part]}: shape {tuple(tensor.shape)} != {tuple(view.shape)}")
+            view.copy_(tensor)
+            if part == 0:
+                rec.params[idx].data.copy_(view)
+            self._put_host_state(rec, flat)
+
+    def state_dict(self, include_expert_tensors: bool = True) -> dict[str, Any]:
+        """Dense AdamW state and the experts' step counters; with ``include_expert_tensors`` also every
+        expert's master weights and moments (checkpoint writers stream those through the named_* methods)."""
+        state: dict[str, Any] = {
+            "dense": self.dense.state_dict(),
+            "expert_steps": self.expert_steps(),
+            "lr_history": list(self.lr_history),
+            "step_index": self.step_index,
+        }
+        if include_expert_tensors:
+            state["expert_tensors"] = dict(self.named_master_tensors()) | dict(self.named_optimizer_tensors())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dense.load_state_dict(state["dense"])
+        self.lr_history = list(state["lr_history"])
+        self.step_index = int(state["step_index"])
+        for name, step in state["expert_steps"].items():
+            rec, _ = self.by_name[name]
+            rec.step = int(step)
+            rec.synced_to = self.step_index  # exported state was caught up to its step
+        if "expert_tensors" in state:
+            self.load_expert_tensors(state["expert_tensors"].items())
+
+    def close(self) -> None:
+        """Remove hooks and the swap file."""
+        self.model.set_routing_observer(None)
+        for h in self._hooks:
+            h.remove()
+        if self.lookahead is not None:
+            self.lookahead.remove()
+        self.swapper.flush()
+        self.store.close()

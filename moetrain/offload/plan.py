@@ -1,0 +1,174 @@
+"""The memory planner behind ``moetrain plan``: bytes per tier, whether they fit, and the floor of a step.
+
+Per parameter (see the design notes): dense parameters keep fp32 weights, grads and two moments on the
+GPU (16 B). Routed experts keep compute weights on the GPU (2 B bf16) and, with the grouped GEMM path,
+a gradient for every expert (2 B); their master weights and moments (12 B) live in the device slots
+(``gpu_budget_gb``), in host memory up to ``cpu_budget_gb``, and on NVMe past it. Activations are not
+counted (they depend on checkpointing and sequence length).
+
+The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state goes
+up and comes back (24 B/param, both directions at once), compute is ``6 * active params * tokens``
+FLOPs at an assumed sustained rate. The expected number of active experts of a layer is
+``E * (1 - (1 - 1/E) ** (tokens * k))`` (uniform routing; balanced routers are close to it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from moetrain.config import ModelConfig
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
+
+GiB = 2**30
+DEFAULT_COMPUTE_TFLOPS = 400.0
+"""Sustained bf16 training throughput assumed for the compute estimate (about 40% of an H100's peak)."""
+
+
+@dataclass
+class Plan:
+    """Bytes per tier and the step floor of one model under one offload config.
+
+    Attributes:
+        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier.
+        gpu_capacity / host_capacity / disk_free: what this machine has (None: unknown here).
+        expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
+        moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
+        breakdown: (tier, what, bytes) lines.
+    """
+
+    tier: str
+    gpu_bytes: int
+    host_bytes: int
+    nvme_bytes: int
+    gpu_capacity: Optional[int]
+    host_capacity: Optional[int]
+    disk_free: Optional[int]
+    expert_params: int
+    dense_params: int
+    active_experts: float
+    total_experts: int
+    moved_bytes: float
+    link_gbps: float
+    compute_s: float
+    transfer_s: float
+    breakdown: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def floor_s(self) -> float:
+        return max(self.compute_s, self.transfer_s)
+
+    def fits(self) -> dict[str, Optional[bool]]:
+        """Per tier: True / False, or None when the capacity is unknown on this machine."""
+        def ok(used: int, cap: Optional[int]) -> Optional[bool]:
+            return None if cap is None else used <= cap
+        return {"gpu": ok(self.gpu_bytes, self.gpu_capacity), "host": ok(self.host_bytes, self.host_capacity),
+                "nvme": ok(self.nvme_bytes, self.disk_free) if self.nvme_bytes else True}
+
+    def format(self) -> str:
+        """A human-readable report (what ``moetrain plan`` prints)."""
+        def gib(n: Optional[float]) -> str:
+            return "unknown" if n is None else f"{n / GiB:8.2f} GiB"
+
+        lines = [f"offload tier: {self.tier}   parameters: {self.dense_params / 1e9:.3f} B dense + "
+                 f"{self.expert_params / 1e9:.3f} B in routed experts", ""]
+        lines += [f"  {tier:<5} {what:<44} {gib(n)}" for tier, what, n in self.breakdown]
+        lines.append("")
+        verdict = self.fits()
+        for tier, used, cap in (("gpu", self.gpu_bytes, self.gpu_capacity), ("host", self.host_bytes,
+                                self.host_capacity), ("nvme", self.nvme_bytes, self.disk_free)):
+            state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict[tier]]
+            lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}")
+        bound = "link" if self.transfer_s > self.compute_s else "compute"
+        lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}",
+                  f"  link: {self.moved_bytes / GiB:.2f} GiB per step at {self.link_gbps:.0f} GB/s -> "
+                  f"{self.transfer_s:.3f} s;  compute: {self.compute_s:.3f} s",
+                  f"  floor of a step: {self.floor_s:.3f} s ({bound}-bound)"]
+        return "\n".join(lines)
+
+
+def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
+    """(dense params, routed-expert params, params of one expert), counted on the meta device."""
+    from moetrain.models.decoder import MoEForCausalLM
+    with torch.device("meta"):
+        model = MoEForCausalLM(model_config)
+    experts = model.expert_parameter_names()
+    total = expert = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if name in experts:
+            expert += p.numel()
+    per_expert = 3 * model_config.hidden_size * model_config.moe_intermediate_size
+    return total - expert, expert, per_expert
+
+
+def _machine() -> tuple[Optional[int], Optional[int]]:
+    gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        host = None
+    return gpu, host
+
+
+def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_per_step: int,
+              gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
+              disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
+              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: int = 2) -> Plan:
+    """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
+
+    Capacities default to this machine's (GPU memory, physical host memory, free space at nvme_path);
+    ``link_gbps`` defaults to the measured both-directions rate of the GPU machines (93 GB/s).
+    """
+    dense, expert, per_expert = count_parameters(model_config)
+    n_moe = len(model_config.moe_layers)
+    e, k = model_config.num_experts, model_config.num_experts_per_tok
+    total_experts = n_moe * e
+    gpu_cap, host_cap = _machine()
+    gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
+    host_capacity = host_capacity if host_capacity is not None else host_cap
+    state = 12 * expert
+    rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense)]
+    if offload_config.tier == "none":
+        rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
+        host = nvme = 0
+    else:
+        record = 12 * per_expert
+        slots = max(1, min(int(offload_config.gpu_budget_gb * GiB) // record, total_experts,
+                           offload_config.gpu_slots or total_experts))
+        rows += [("gpu", f"experts: compute weights ({weight_bytes} B/param)", weight_bytes * expert),
+                 ("gpu", "experts: gradients (grouped GEMM: every expert)", weight_bytes * expert),
+                 ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
+        if offload_config.tier == "cpu":
+            budget = None if offload_config.cpu_budget_gb is None else int(offload_config.cpu_budget_gb * GiB)
+            host = state if budget is None else min(state, budget // record * record)
+        else:
+            host = 0
+        nvme = state - host
+        rows.append(("host", "expert master + exp_avg + exp_avg_sq (pinned)", host))
+        if nvme:
+            rows += [("host", "NVMe staging buffers (pinned)", slots * record),
+                     ("nvme", "expert master + exp_avg + exp_avg_sq (swap)", nvme)]
+            host += slots * record
+    gpu = sum(n for tier, _, n in rows if tier == "gpu")
+    if disk_free is None and nvme and offload_config.nvme_path and os.path.isdir(offload_config.nvme_path):
+        disk_free = shutil.disk_usage(offload_config.nvme_path).free
+    active_per_layer = e * (1.0 - (1.0 - 1.0 / e) ** (tokens_per_step * k))
+    active = n_moe * active_per_layer
+    moved = 0.0 if offload_config.tier == "none" else 24.0 * per_expert * active
+    link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
+    active_params_per_token = dense + n_moe * k * per_expert
+    compute_s = 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
+    return Plan(tier=offload_config.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
+                host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
+                active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
+                compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows)

@@ -1,0 +1,188 @@
+"""Expert records and the tiers that hold them.
+
+Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimizer state is one flat
+fp32 buffer laid out ``[master | exp_avg | exp_avg_sq]`` (3 * n floats, n = the expert's parameter
+count, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes), so that paging a record in or out is a
+single large transfer (one ``copy_`` or one aio request), never 9 small ones. Inside each third the
+expert's parameters follow in a fixed order (gate_proj, up_proj, down_proj), so a third splits into
+views shaped like the parameters without copying.
+
+Tiers:
+
+* ``Tier.CPU``: a slice of one host slab (``torch.empty(..., pin_memory=True)`` when CUDA exists; plain
+  memory on a CPU-only machine, where nothing can be pinned). Records are placed in layer order until
+  ``cpu_budget_gb`` is used up.
+* ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every
+  record under ``tier: nvme``).
+
+The compute weights stay the model's own expert parameters (resident on the device); the store holds
+master weights and moments. The device-side slots are owned by :class:`~moetrain.offload.swapper.Swapper`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
+
+STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class Tier(enum.Enum):
+    """Where a record's master weights and moments live between steps."""
+
+    CPU = "cpu"
+    NVME = "nvme"
+
+
+@dataclass
+class ExpertRecord:
+    """One routed expert's optimizer state.
+
+    Attributes:
+        layer: decoder layer index; expert: expert index in the layer.
+        prefix: parameter name prefix, e.g. ``model.layers.1.mlp.experts.3``.
+        params: the model's compute-weight parameters, in layout order.
+        names: their full names (``prefix + ".gate_proj.weight"``, ...).
+        numel: n, parameters of the expert; ``padded``: floats of the flat state buffer (>= 3n).
+        tier: where the state lives; ``offset``: float offset in the CPU slab or byte offset in the swap file.
+        step: AdamW steps applied to this expert (torch's per-parameter ``state["step"]``).
+        synced_to: optimizer steps reflected in the state (``idle_experts: dense`` catches up to the current one).
+        frequency: decayed count of tokens routed to it (the cache's eviction key).
+    """
+
+    layer: int
+    expert: int
+    prefix: str
+    params: list[nn.Parameter]
+    names: list[str]
+    numel: int
+    padded: int
+    tier: Tier = Tier.CPU
+    offset: int = 0
+    step: int = 0
+    synced_to: int = 0
+    frequency: float = 0.0
+    shapes: list[torch.Size] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.expert)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.padded * 4
+
+    def parts(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(master, exp_avg, exp_avg_sq), each (n,), as views of a flat state buffer."""
+        n = self.numel
+        return flat[:n], flat[n:2 * n], flat[2 * n:3 * n]
+
+    def split(self, part: torch.Tensor) -> list[torch.Tensor]:
+        """Views of an (n,) part shaped like the expert's parameters."""
+        out, start = [], 0
+        for shape in self.shapes:
+            size = shape.numel()
+            out.append(part[start:start + size].view(shape))
+            start += size
+        return out
+
+
+class ExpertStore:
+    """All expert records, their host slab and their swap file.
+
+    Args:
+        model: a :class:`~moetrain.models.decoder.MoEForCausalLM`.
+        cfg: the offload config (tier, budgets, nvme settings).
+        pin: pin the host slab (True when CUDA is the compute device).
+    """
+
+    def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False) -> None:
+        self.cfg = cfg
+        self.pin = pin
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.records: dict[tuple[int, int], ExpertRecord] = {}
+        self.layers: list[int] = []
+        for block in model.moe_blocks():
+            self.layers.append(block.layer_idx)
+            for e, expert in enumerate(block.experts):
+                params = [expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight]
+                full = [names[id(p)] for p in params]
+                numel = sum(p.numel() for p in params)
+                rec = ExpertRecord(layer=block.layer_idx, expert=e, prefix=full[0].rsplit(".", 2)[0], params=params,
+                                   names=full, numel=numel, padded=align_up(3 * numel * 4) // 4,
+                                   shapes=[p.shape for p in params])
+                self.records[rec.key] = rec
+        self.num_experts = {layer: sum(1 for k in self.records if k[0] == layer) for layer in self.layers}
+        self._place()
+        self._initialise()
+
+    # ------------------------------------------------------------------ placement
+    def _place(self) -> None:
+        """Records in layer order fill the CPU budget, the rest go to NVMe (all of them under tier nvme)."""
+        budget = None if self.cfg.cpu_budget_gb is None else int(self.cfg.cpu_budget_gb * 2**30)
+        cpu_used = nvme_used = 0
+        for rec in self.records.values():
+            fits = self.cfg.tier == "cpu" and (budget is None or cpu_used + rec.state_bytes <= budget)
+            if fits:
+                rec.tier, rec.offset = Tier.CPU, cpu_used // 4
+                cpu_used += rec.state_bytes
+            else:
+                rec.tier, rec.offset = Tier.NVME, nvme_used
+                nvme_used += rec.state_bytes
+        self.cpu_bytes, self.nvme_bytes = cpu_used, nvme_used
+        self.slab = torch.empty(cpu_used // 4, dtype=torch.float32, pin_memory=self.pin)
+        c = self.cfg
+        self.swap: Optional[SwapFile] = open_swap(c.nvme_path, nvme_used, backend=c.nvme_backend,
+                                                  block_size=c.nvme_block_size, queue_depth=c.nvme_queue_depth,
+                                                  threads=c.nvme_threads)
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """master = the model's weights in fp32, moments = 0; NVMe records are written through one buffer."""
+        staging = aligned_empty(max((r.padded for r in self.records.values()), default=1), self.pin)
+        for rec in self.records.values():
+            flat = self.host_view(rec) if rec.tier is Tier.CPU else staging[:rec.padded]
+            self.load_master(rec, flat, [p.detach() for p in rec.params])
+            if rec.tier is Tier.NVME:
+                self.swap.submit_write(flat, rec.offset)
+                self.swap.wait_writes()
+
+    @staticmethod
+    def load_master(rec: ExpertRecord, flat: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        """Fill a flat state buffer: master from ``weights`` (fp32), moments zero, padding zero."""
+        flat.zero_()
+        for view, w in zip(rec.split(rec.parts(flat)[0]), weights, strict=True):
+            view.copy_(w)
+
+    # ------------------------------------------------------------------ access
+    def host_view(self, rec: ExpertRecord) -> torch.Tensor:
+        """The (padded,) host slab slice of a CPU-tier record."""
+        assert rec.tier is Tier.CPU
+        return self.slab[rec.offset:rec.offset + rec.padded]
+
+    def layer_records(self, layer: int) -> list[ExpertRecord]:
+        return [self.records[(layer, e)] for e in range(self.num_experts[layer])]
+
+    def __iter__(self) -> Iterator[ExpertRecord]:
+        return iter(self.records.values())
+
+    @property
+    def max_padded(self) -> int:
+        return max((r.padded for r in self.records.values()), default=ALIGN // 4)
+
+    @property
+    def nvme_backend(self) -> Optional[str]:
+        return None if self.swap is None else self.swap.backend
+
+    def close(self) -> None:
+        if self.swap is not None:
+            self.swap.close()
+            self.swap = None

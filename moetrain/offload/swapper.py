@@ -1,0 +1,270 @@
+"""Device slots for expert state, and the streams, events and host buffers that fill and drain them.
+
+A bounded pool of ``num_slots`` device slots (each one record's flat ``[master | exp_avg | exp_avg_sq]``)
+is the only device memory the engine adds; its size comes from ``gpu_budget_gb`` and does not grow
+with the number of experts. A slot keeps its record after the step (write-through), so an expert that
+is stepped again soon is a cache hit; when a slot is needed, the record with the lowest routing
+frequency that is not in use or reserved by a prefetch is evicted.
+
+Streams and events (CUDA; on the CPU every stream is the current one and events are no-ops, so the
+same bookkeeping runs in CI)::
+
+    compute  ──fwd L0..Ln──bwd Ln........................L0──| step Ln | step Ln-1 | ... | fwd L0 ...
+    page-in      (trace known async) ─ H2D Ln ─ H2D Ln-1 ─ ... (slot s ready: event_in[s])
+    page-out                                                   ─ D2H Ln ─ D2H Ln-1 ─ ... (event_out[s])
+    NVMe         aio reads into staging[s] ahead of H2D;  aio writes from staging[s] after D2H
+
+* page-in: ``copy_(non_blocking=True)`` from pinned host memory on ``in_stream``, one event per slot;
+  the compute stream waits on that event only (``wait_event``: no host sync) right before the expert's
+  fused step, so experts already present are stepped while the others arrive.
+* page-out: after the step, ``out_stream`` waits on an event recorded on the compute stream, copies
+  the slot back, and records ``event_out[s]``; the slot is reused only after the in-stream waits on it.
+* NVMe: reads into a pinned, aligned staging buffer paired with the slot, then H2D; write-back is
+  D2H into that staging buffer, then an aio write issued when the D2H event has completed (the host
+  waits on that event only when it drains writes, at the end of the step, off the compute path).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moetrain.offload.nvme import aligned_empty
+from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
+
+
+class SlotState(enum.Enum):
+    """Life of a device slot."""
+
+    EMPTY = "empty"
+    READING = "reading"  # NVMe read into the slot's staging buffer in flight; H2D not yet issued
+    READY = "ready"  # page-in issued (arrival marked by the slot's in-event) or data already there
+    IN_USE = "in_use"  # being stepped
+
+
+@dataclass
+class TransferStats:
+    """Counters of one optimizer step (reset by :meth:`Swapper.reset_stats`)."""
+
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0
+    stall_s: float = 0.0  # host time blocked on NVMe reads or on a slot becoming free
+
+
+def _event(device: torch.device) -> Optional[torch.cuda.Event]:
+    return torch.cuda.Event() if device.type == "cuda" else None
+
+
+class Swapper:
+    """Bounded device slots for expert state, filled on ``in_stream`` and drained on ``out_stream``.
+
+    Args:
+        store: the expert records and their host/NVMe tiers.
+        device: the compute device (``cpu`` stands in for a GPU in tests).
+        num_slots: slots of ``store.max_padded`` floats each.
+    """
+
+    def __init__(self, store: ExpertStore, device: torch.device, num_slots: int) -> None:
+        self.store = store
+        self.device = device
+        self.num_slots = num_slots
+        self.slot_numel = store.max_padded
+        self.slots = torch.zeros(num_slots, self.slot_numel, dtype=torch.float32, device=device)
+        cuda = device.type == "cuda"
+        self.in_stream = torch.cuda.Stream(device) if cuda else None
+        self.out_stream = torch.cuda.Stream(device) if cuda else None
+        self.key_of: list[Optional[tuple[int, int]]] = [None] * num_slots
+        self.state = [SlotState.EMPTY] * num_slots
+        self.reserved = [False] * num_slots  # prefetched, not yet used: not evictable
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.in_event = [_event(device) for _ in range(num_slots)]
+        self.out_event = [_event(device) for _ in range(num_slots)]
+        has_nvme = any(r.tier is Tier.NVME for r in store)
+        self.staging = [aligned_empty(self.slot_numel, store.pin) for _ in range(num_slots)] if has_nvme else []
+        self.pending_writes: list[tuple[Optional[torch.cuda.Event], int, ExpertRecord]] = []
+        self.stats = TransferStats()
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by the slots."""
+        return self.slots.numel() * self.slots.element_size()
+
+    def reset_stats(self) -> TransferStats:
+        done, self.stats = self.stats, TransferStats()
+        return done
+
+    def _stream(self, s):
+        return torch.cuda.stream(s) if s is not None else nullcontext()
+
+    # ------------------------------------------------------------------ slot choice
+    def _victim(self, protect: set[int]) -> Optional[int]:
+        """An empty slot, else the evictable slot whose record has the lowest routing frequency."""
+        best, best_freq = None, float("inf")
+        for s in range(self.num_slots):
+            if s in protect or self.reserved[s] or self.state[s] in (SlotState.IN_USE, SlotState.READING):
+                continue
+            if self.key_of[s] is None:
+                return s
+            freq = self.store.records[self.key_of[s]].frequency
+            if freq < best_freq:
+                best, best_freq = s, freq
+        return best
+
+    def _assign(self, rec: ExpertRecord, slot: int) -> None:
+        old = self.key_of[slot]
+        if old is not None:
+            del self.slot_of[old]
+        self.key_of[slot] = rec.key
+        self.slot_of[rec.key] = slot
+
+    # ------------------------------------------------------------------ page-in
+    def _page_in(self, recs: list[ExpertRecord], protect: set[int], reserve: bool) -> list[ExpertRecord]:
+        """Issue page-ins for ``recs`` (not present); returns those that got a slot."""
+        placed: list[tuple[ExpertRecord, int]] = []
+        for rec in recs:
+            slot = self._victim(protect)
+            if slot is None and not reserve:
+                self.unreserve()  # a prefetch is a hint: a record needed now may take its slot
+                slot = self._victim(protect)
+            if slot is None:
+                break
+            self._assign(rec, slot)
+            protect.add(slot)
+            self.reserved[slot] = reserve
+            placed.append((rec, slot))
+        disk = [(r, s) for r, s in placed if r.tier is Tier.NVME]
+        if disk:
+            self.drain_writes(wait=True)  # a record being written back must land before it is read again
+            for rec, slot in disk:
+                self.store.swap.submit_read(self.staging[slot][:rec.padded], rec.offset)
+                self.state[slot] = SlotState.READING
+        for rec, slot in placed:
+            if rec.tier is Tier.CPU:
+                self._h2d(rec, slot, self.store.host_view(rec))
+        return [r for r, _ in placed]
+
+    def _h2d(self, rec: ExpertRecord, slot: int, src: torch.Tensor) -> None:
+        with self._stream(self.in_stream):
+            if self.in_stream is not None:
+                self.in_stream.wait_event(self.out_event[slot])  # the slot's previous page-out has left
+            self.slots[slot, :rec.padded].copy_(src, non_blocking=True)
+            if self.in_event[slot] is not None:
+                self.in_event[slot].record(self.in_stream)
+        self.state[slot] = SlotState.READY
+        self.stats.h2d_bytes += rec.state_bytes
+
+    def _finish_disk_reads(self) -> None:
+        """Wait for outstanding NVMe reads and push their staging buffers to the device."""
+        reading = [s for s in range(self.num_slots) if self.state[s] is SlotState.READING]
+        if not reading:
+            return
+        t0 = time.perf_counter()
+        self.store.swap.wait_reads()
+        self.stats.stall_s += time.perf_counter() - t0
+        for s in reading:
+            rec = self.store.records[self.key_of[s]]
+            self._h2d(rec, s, self.staging[s][:rec.padded])
+
+    def prefetch(self, recs: list[ExpertRecord]) -> int:
+        """Start page-ins of ``recs`` that are absent, as far as free or evictable slots allow (no wait)."""
+        missing = [r for r in recs if r.key not in self.slot_of]
+        protect = {self.slot_of[r.key] for r in recs if r.key in self.slot_of}
+        for s in protect:
+            self.reserved[s] = True
+        placed = self._page_in(missing, protect, reserve=True)
+        self.stats.prefetched += len(placed)
+        return len(placed)
+
+    def acquire(self, recs: list[ExpertRecord]) -> list[torch.Tensor]:
+        """Make ``recs`` (at most ``num_slots``) present; the current stream waits for their arrival.
+
+        Returns one (padded,) device view per record: its flat ``[master | exp_avg | exp_avg_sq]``.
+        """
+        assert len(recs) <= self.num_slots, "acquire at most num_slots records at once"
+        protect = set()
+        missing = []
+        for rec in recs:
+            slot = self.slot_of.get(rec.key)
+            if slot is None:
+                missing.append(rec)
+                self.stats.misses += 1
+            else:
+                protect.add(slot)
+                self.stats.hits += 1
+        placed = self._page_in(missing, protect, reserve=False)
+        assert len(placed) == len(missing), "no evictable slot: release slots before acquiring more"
+        self._finish_disk_reads()
+        views = []
+        for rec in recs:
+            slot = self.slot_of[rec.key]
+            self.reserved[slot] = False
+            self.state[slot] = SlotState.IN_USE
+            if self.in_event[slot] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.in_event[slot])
+            views.append(self.slots[slot, :rec.padded])
+        return views
+
+    # ------------------------------------------------------------------ page-out
+    def release(self, recs: list[ExpertRecord], dirty: bool = True) -> None:
+        """Done stepping ``recs``: write their slots back (lazily, on ``out_stream``) and keep them cached."""
+        done = _event(self.device)
+        if done is not None:
+            done.record(torch.cuda.current_stream(self.device))
+        for rec in recs:
+            slot = self.slot_of[rec.key]
+            self.state[slot] = SlotState.READY
+            if not dirty:
+                continue
+            with self._stream(self.out_stream):
+                if done is not None:
+                    self.out_stream.wait_event(done)
+                src = self.slots[slot, :rec.padded]
+                if rec.tier is Tier.CPU:
+                    self.store.host_view(rec).copy_(src, non_blocking=True)
+                else:
+                    self.staging[slot][:rec.padded].copy_(src, non_blocking=True)
+                if self.out_event[slot] is not None:
+                    self.out_event[slot].record(self.out_stream)
+            self.stats.d2h_bytes += rec.state_bytes
+            if rec.tier is Tier.NVME:
+                self.pending_writes.append((self.out_event[slot], slot, rec))
+
+    def drain_writes(self, wait: bool = False) -> None:
+        """Issue the NVMe writes whose D2H copies are done; with ``wait``, block until they are on disk."""
+        if not self.pending_writes and not wait:
+            return
+        t0 = time.perf_counter()
+        for event, slot, rec in self.pending_writes:
+            if event is not None:
+                event.synchronize()
+            self.store.swap.submit_write(self.staging[slot][:rec.padded], rec.offset)
+        self.pending_writes.clear()
+        if wait and self.store.swap is not None:
+            self.store.swap.wait_writes()
+        self.stats.stall_s += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Every page-out has reached its tier (host memory or disk): the store is authoritative."""
+        if self.out_stream is not None:
+            self.out_stream.synchronize()
+        self.drain_writes(wait=True)
+
+    def unreserve(self) -> None:
+        """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
+        self.reserved = [False] * self.num_slots
+
+    def invalidate(self, rec: ExpertRecord) -> None:
+        """Forget a cached copy (the tier was written directly, e.g. by a state load or the CPU path)."""
+        slot = self.slot_of.pop(rec.key, None)
+        if slot is not None:
+            self.key_of[slot] = None
+            self.state[slot] = SlotState.EMPTY
+            self.reserved[slot] = False
