@@ -90,14 +90,31 @@ def _parser_error_message(err: BaseException, argv: list[str]) -> str:
             f"'{PROG} fit --help' (a recipe's sections are trainer, model, data, checkpoint, metrics).")
 
 
+def _instantiation_error_message(err: BaseException) -> str:
+    """The user-facing reason inside jsonargparse's "Does not validate against any of the Union subtypes"."""
+    reasons = []
+    for cause in (err.__cause__, err):
+        if cause is None:
+            continue
+        for line in str(cause).splitlines():
+            line = line.strip().removeprefix("- ").strip()
+            if line and not line.startswith(("Expected a <class 'NoneType'>", "Given value", "Subtypes:", "Errors:",
+                                             "Does not validate")):
+                reasons.append(line)
+    reason = "; ".join(dict.fromkeys(reasons)) or str(err)
+    return f"invalid configuration: {reason}. Fix that key in the recipe or on the command line."
+
+
 # ---------------------------------------------------------------------------------------------- LightningCLI
 def _build_cli_class():
     """Import Lightning lazily: ``moetrain plan`` and ``--help`` of the tools should not pay for it."""
     import torch
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from moetrain.config import ConfigError
     from moetrain.training.callbacks import MetricsLogger
     from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
+    from moetrain.training.data import DataError
     from moetrain.training.module import MoETrainingModule
 
     class MoeTrainCLI(LightningCLI):
@@ -135,6 +152,16 @@ def _build_cli_class():
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as err:
+                # a section's constructor refused its values (OffloadConfig and friends validate in
+                # __post_init__); jsonargparse wraps that message in its own, so unwrap it
+                if isinstance(err, (ConfigError, DataError)):
+                    raise
+                raise InputError(_instantiation_error_message(err)) from None
 
         def after_instantiate_classes(self) -> None:
             parser = self._parser(self.subcommand)

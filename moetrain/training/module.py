@@ -17,6 +17,7 @@ Trainer's own ``accumulate_grad_batches`` must stay 1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,8 +99,8 @@ class MoETrainingModule(L.LightningModule):
         preset: str = "tiny-deepseek-moe",
         config: Optional[dict[str, Any]] = None,
         init_from: Optional[str] = None,
-        optimizer: Optional[OptimizerConfig] = None,
-        offload: Optional[OffloadConfig] = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008  (a frozen-by-convention default)
+        offload: OffloadConfig = OffloadConfig(),  # noqa: B008
         accumulate_grad_batches: int = 1,
         log_every_n_steps: int = 1,
         expert_impl: str = "auto",
@@ -124,8 +125,9 @@ class MoETrainingModule(L.LightningModule):
         if expert_impl not in ("auto", "grouped", "loop"):
             raise ConfigError(f"model.expert_impl={expert_impl!r}: choose auto, grouped or loop")
         self.automatic_optimization = False
-        self.optim_cfg = optimizer or OptimizerConfig()
-        self.offload_cfg = offload or OffloadConfig()
+        # copies: the defaults in the signature are shared between instances
+        self.optim_cfg = dataclasses.replace(optimizer)
+        self.offload_cfg = dataclasses.replace(offload)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps
         self.model = self._build_model(preset, config, init_from)
