@@ -189,6 +189,7 @@ class Swapper:
         Returns one (padded,) device view per record: its flat ``[master | exp_avg | exp_avg_sq]``.
         """
         assert len(recs) <= self.num_slots, "acquire at most num_slots records at once"
+        self._finish_disk_reads()  # prefetched reads become ordinary (evictable) entries
         protect = set()
         missing = []
         for rec in recs:
