@@ -9,7 +9,13 @@ import torch
 TINY_HF_VOCAB = 128
 _BASE = dict(vocab_size=TINY_HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
-TINY_HF_CASES = ("mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe")
+TINY_HF_CASES = ("mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe",
+                 "deepseek_v2", "deepseek_v2_group", "deepseek_v3")
+# DeepSeek-V2/V3: multi-head latent attention shapes (qk 8 nope + 8 rotary, v 12), YaRN with both mscales set
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_shared_experts=1,
+            moe_intermediate_size=16, first_k_dense_replace=1, max_position_embeddings=256)
+TINY_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+             "mscale": 0.9, "mscale_all_dim": 0.8}
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +62,30 @@ def _tiny_hf(case: str):
     elif case == "olmoe":  # RMSNorm over the full q/k projections
         cfg = transformers.OlmoeConfig(**_BASE, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1)
         cls = transformers.OlmoeForCausalLM
+    elif case == "deepseek_v2":  # DeepSeek-V2-Lite's layout: no query latent, softmax greedy top-k, plain rope
+        cfg = transformers.DeepseekV2Config(**{**_BASE, "num_hidden_layers": 3, "num_key_value_heads": 4}, **_MLA,
+                                            n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=None,
+                                            topk_method="greedy")
+        cls = transformers.DeepseekV2ForCausalLM
+    elif case == "deepseek_v2_group":  # query latent, group-limited top-2 (1 of 2 groups), routed scaling, YaRN
+        cfg = transformers.DeepseekV2Config(**{**_BASE, "num_hidden_layers": 3, "num_key_value_heads": 4}, **_MLA,
+                                            n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24,
+                                            topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                                            routed_scaling_factor=1.5, rope_scaling=dict(TINY_YARN))
+        cls = transformers.DeepseekV2ForCausalLM
+    elif case == "deepseek_v3":  # sigmoid noaux_tc routing with a non-zero correction bias, YaRN
+        cfg = transformers.DeepseekV3Config(**{**_BASE, "num_hidden_layers": 3, "num_key_value_heads": 4}, **_MLA,
+                                            n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24, n_group=4,
+                                            topk_group=2, routed_scaling_factor=2.5, rope_scaling=dict(TINY_YARN))
+        cls = transformers.DeepseekV3ForCausalLM
     else:
         raise ValueError(f"unknown tiny model case {case!r}; choose one of {TINY_HF_CASES}")
-    return _randomize(cls(cfg)).eval()
+    model = _randomize(cls(cfg)).eval()
+    if case == "deepseek_v3":  # a bias of the size of the sigmoid scores' spread, so that it changes choices
+        with torch.no_grad():
+            for layer in model.model.layers[cfg.first_k_dense_replace:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.3)
+    return model
 
 
 @pytest.fixture

@@ -16,9 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
-from moetrain.models.attention import Attention, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask
+from moetrain.models.attention import Attention, KVCache, RMSNorm, build_attention_mask
 from moetrain.models.experts import SwiGLU
+from moetrain.models.mla import MultiHeadLatentAttention
 from moetrain.models.moe import MoEBlock, RoutingObserver
+from moetrain.models.rope import rotary_for
 from moetrain.models.router import Routing
 
 IGNORE_INDEX = -100
@@ -46,13 +48,16 @@ class MoEOutput:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention then an MoE block (or a dense SwiGLU MLP on non-MoE layers)."""
+    """Pre-norm attention (multi-head latent attention for deepseek_v2/v3) then an MoE block (or a dense SwiGLU
+    MLP on non-MoE layers)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, aux_scale: float) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn: nn.Module = (
+            MultiHeadLatentAttention(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp: nn.Module = (
@@ -80,7 +85,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, aux_scale) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
+        self.rotary = rotary_for(config)
 
 
 class MoEForCausalLM(nn.Module):

@@ -30,9 +30,9 @@ from safetensors import safe_open
 
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
-from moetrain.models.attention import RotaryEmbedding
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf_configs import config_from_hf, config_to_hf
+from moetrain.models.rope import rotary_for
 from moetrain.shards import ShardError, read_weight_map, write_sharded
 
 MOETRAIN_CONFIG = "moetrain_config.json"
@@ -44,6 +44,14 @@ _FUSED_RE = re.compile(
 )
 # Tensors some checkpoints carry that are recomputed here, never loaded.
 _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _is_mtp_tensor(config: ModelConfig, name: str) -> bool:
+    """DeepSeek-V3 checkpoints append multi-token-prediction modules as layers past ``num_hidden_layers``; the
+    causal LM does not use them (transformers skips them too)."""
+    m = _LAYER_RE.match(name) if config.family == "deepseek_v3" else None
+    return m is not None and int(m.group(1)) >= config.num_hidden_layers
 
 DType = Union[torch.dtype, str]
 
@@ -90,7 +98,7 @@ def empty_model(
     if config.tie_word_embeddings:
         # to_empty gives each module its own tensor; re-tie.
         model.lm_head.weight = model.model.embed_tokens.weight
-    fresh = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
+    fresh = rotary_for(config)
     model.model.rotary.register_buffer("inv_freq", fresh.inv_freq.to(device), persistent=False)
     return model
 
@@ -163,7 +171,7 @@ def checked_tensors(
     family, tied = config.family, config.tie_word_embeddings
     seen: set[str] = set()
     for path, disk_name, tensor in iter_checkpoint(model_dir):
-        if _IGNORED_RE.search(disk_name):
+        if _IGNORED_RE.search(disk_name) or _is_mtp_tensor(config, disk_name):
             continue
         for name, value in _internal_tensors(family, disk_name, tensor, path):
             if tied and name == "lm_head.weight":

@@ -1,10 +1,11 @@
 """Hugging Face ``config.json`` <-> :class:`~moetrain.config.ModelConfig`, one converter pair per family.
 
 Reading accepts both the transformers-4 spelling (``rope_theta``, ``rope_scaling``) and the
-transformers-5 spelling (``rope_parameters``, ``num_local_experts`` for Qwen3-MoE). Options that
-moetrain does not implement (rope scaling, non-softmax scoring, qkv clipping, Qwen's per-layer
-sliding window, router jitter, ...) are refused with a :class:`ConfigError` naming the key, rather
-than silently producing a different model.
+transformers-5 spelling (``rope_parameters``, ``num_local_experts`` for Qwen3-MoE). DeepSeek-V2/V3
+(``deepseek_v2``/``deepseek_v3``) bring YaRN rope scaling, MLA shapes and their routers. Options that
+moetrain does not implement (rope scaling outside DeepSeek-V2/V3, non-softmax scoring in the others,
+qkv clipping, Qwen's per-layer sliding window, router jitter, ...) are refused with a
+:class:`ConfigError` naming the key, rather than silently producing a different model.
 
 Writing produces the key set of the family's published checkpoints (for ``deepseek_moe``: exactly
 the keys, ``model_type``, ``architectures`` and ``auto_map`` of deepseek-ai/deepseek-moe-16b-base),
@@ -21,6 +22,8 @@ from moetrain.config import ConfigError, ModelConfig
 # model_type in config.json -> moetrain family
 HF_MODEL_TYPES: dict[str, str] = {
     "deepseek": "deepseek_moe",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
     "mixtral": "mixtral",
@@ -29,6 +32,8 @@ HF_MODEL_TYPES: dict[str, str] = {
 
 _ARCHITECTURES = {
     "deepseek_moe": "DeepseekForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
@@ -139,6 +144,79 @@ def _deepseek_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     )
 
 
+_ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta")
+
+
+def _mla_rope(cfg: dict[str, Any], source: str) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, YaRN scaling or None) from ``rope_scaling`` (DeepSeek's and transformers-4's spelling) or
+    ``rope_parameters`` (transformers-5's). The scaling is kept in DeepSeek's spelling: ``type: yarn``."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    kind = scaling.get("type", scaling.get("rope_type", "default")) if scaling else "default"
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        raise ConfigError(f"{_where(source, key)}: rope type {kind!r} is not supported; DeepSeek models use 'yarn'")
+    out = {"type": "yarn"}
+    out.update({k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta") and v is not None})
+    return theta, out
+
+
+def _mla_from_hf(cfg: dict[str, Any], source: str, family: str) -> dict[str, Any]:
+    """Fields shared by deepseek_v2 and deepseek_v3: MLA shapes, YaRN, DeepSeek's MoE layout and balance loss."""
+    _refuse(cfg, source, "attention_bias", lambda v: not v, "DeepSeek MLA projections have no bias")
+    heads = int(_get(cfg, "num_attention_heads", source))
+    _refuse(cfg, source, "num_key_value_heads", lambda v: v in (None, heads), "multi-head latent attention expands "
+            "the latent into every head; num_key_value_heads must equal num_attention_heads")
+    theta, scaling = _mla_rope(cfg, source)
+    # config.json's head_dim is transformers' alias for qk_rope_head_dim; MLA sizes heads by the three dims below
+    plain = {k: v for k, v in cfg.items() if k not in _ROPE_KEYS and k != "head_dim"}
+    seq_aux = bool(cfg.get("seq_aux", True))
+    return dict(
+        _common({**plain, "rope_theta": theta}, source),
+        family=family,
+        intermediate_size=int(_get(cfg, "intermediate_size", source)),
+        num_experts=_experts(cfg, source, "n_routed_experts", "num_local_experts"),
+        moe_intermediate_size=int(_get(cfg, "moe_intermediate_size", source)),
+        num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)),
+        moe_layer_freq=int(cfg.get("moe_layer_freq", 1)),
+        n_group=int(cfg.get("n_group") or 1),
+        topk_group=int(cfg.get("topk_group") or 1),
+        kv_lora_rank=int(_get(cfg, "kv_lora_rank", source)),
+        q_lora_rank=None if cfg.get("q_lora_rank") is None else int(cfg["q_lora_rank"]),
+        qk_nope_head_dim=int(_get(cfg, "qk_nope_head_dim", source)),
+        qk_rope_head_dim=int(_get(cfg, "qk_rope_head_dim", source)),
+        v_head_dim=int(_get(cfg, "v_head_dim", source)),
+        rope_scaling=scaling,
+        aux_loss="seq" if seq_aux else "token",
+        aux_loss_coef=float(cfg.get("aux_loss_alpha", 0.001)),
+    )
+
+
+def _deepseek_v2_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "scoring_func", lambda v: v == "softmax", "DeepSeek-V2 scores experts with softmax")
+    _refuse(cfg, source, "topk_method", lambda v: v in (None, "greedy", "group_limited_greedy"),
+            "DeepSeek-V2 routes with greedy or group_limited_greedy")
+    # DeepSeek's V2 code skips routed_scaling_factor when it renormalises; transformers ignores the flag: the two
+    # disagree, and no published V2 sets it.
+    _refuse(cfg, source, "norm_topk_prob", lambda v: not v, "renormalised DeepSeek-V2 routing is not supported")
+    _refuse(cfg, source, "rope_interleave", lambda v: v in (None, True), "DeepSeek-V2 rotary dims are interleaved")
+    return dict(_mla_from_hf(cfg, source, "deepseek_v2"), topk_method=cfg.get("topk_method") or "greedy",
+                norm_topk_prob=False, rope_interleave=True)
+
+
+def _deepseek_v3_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    _refuse(cfg, source, "scoring_func", lambda v: v == "sigmoid", "DeepSeek-V3 scores experts with sigmoid")
+    _refuse(cfg, source, "topk_method", lambda v: v in (None, "noaux_tc"), "DeepSeek-V3 routes with noaux_tc")
+    return dict(_mla_from_hf(cfg, source, "deepseek_v3"), scoring_func="sigmoid", topk_method="noaux_tc",
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                rope_interleave=bool(cfg.get("rope_interleave", True)))
+
+
 def _qwen_common(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     _refuse(cfg, source, "use_sliding_window", lambda v: not v, "Qwen's per-layer sliding window is not supported")
     return dict(
@@ -209,6 +287,8 @@ def _olmoe_from_hf(cfg: dict[str, Any], source: str) -> dict[str, Any]:
 
 _READERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "deepseek_moe": _deepseek_from_hf,
+    "deepseek_v2": _deepseek_v2_from_hf,
+    "deepseek_v3": _deepseek_v3_from_hf,
     "qwen2_moe": _qwen2_moe_from_hf,
     "qwen3_moe": _qwen3_moe_from_hf,
     "mixtral": _mixtral_from_hf,
@@ -296,6 +376,61 @@ def _deepseek_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
         "seq_aux": c.aux_loss != "token",
         "transformers_version": "4.36.0",
     })
+    return out
+
+
+def _mla_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.aux_loss in ("seq", "token", "none"), "aux_loss", "DeepSeek has seq_aux true/false only")
+    _require(c, not c.attention_bias, "attention_bias", "DeepSeek MLA projections have no bias")
+    _require(c, c.shared_expert_intermediate_size == 0, "shared_expert_intermediate_size",
+             "DeepSeek shared experts are sized by num_shared_experts")
+    # transformers' DeepSeek-V2/V3 make every layer from first_k_dense_replace on an MoE layer
+    _require(c, c.moe_layer_freq == 1, "moe_layer_freq", "transformers' DeepSeek-V2/V3 have no MoE layer stride")
+    out = _rope_and_common(c, torch_dtype)
+    out.update({
+        "attention_bias": False,
+        "aux_loss_alpha": c.aux_loss_coef if c.aux_loss != "none" else 0.0,
+        "first_k_dense_replace": c.first_k_dense_replace,
+        "intermediate_size": c.intermediate_size,
+        "kv_lora_rank": c.kv_lora_rank,
+        "moe_intermediate_size": c.moe_intermediate_size,
+        "moe_layer_freq": c.moe_layer_freq,
+        "n_group": c.n_group,
+        "n_routed_experts": c.num_experts,
+        "n_shared_experts": c.num_shared_experts,
+        "norm_topk_prob": c.norm_topk_prob,
+        "q_lora_rank": c.q_lora_rank,
+        "qk_nope_head_dim": c.qk_nope_head_dim,
+        "qk_rope_head_dim": c.qk_rope_head_dim,
+        "rope_scaling": None if c.rope_scaling is None else dict(c.rope_scaling),
+        "routed_scaling_factor": c.routed_scaling_factor,
+        "scoring_func": c.scoring_func,
+        "seq_aux": c.aux_loss != "token",
+        "topk_group": c.topk_group,
+        "topk_method": c.topk_method,
+        "v_head_dim": c.v_head_dim,
+    })
+    return out
+
+
+def _deepseek_v2_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.scoring_func == "softmax", "scoring_func", "DeepSeek-V2 scores experts with softmax")
+    _require(c, c.topk_method in ("greedy", "group_limited_greedy"), "topk_method",
+             "DeepSeek-V2 routes with greedy or group_limited_greedy")
+    _require(c, not c.norm_topk_prob, "norm_topk_prob", "transformers' DeepSeek-V2 never renormalises")
+    _require(c, c.rope_interleave, "rope_interleave", "DeepSeek-V2 rotary dims are interleaved")
+    out = _mla_to_hf(c, torch_dtype)
+    out.update({"model_type": "deepseek_v2", "transformers_version": "4.39.3"})
+    return out
+
+
+def _deepseek_v3_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    _require(c, c.scoring_func == "sigmoid", "scoring_func", "DeepSeek-V3 scores experts with sigmoid")
+    _require(c, c.topk_method == "noaux_tc", "topk_method", "DeepSeek-V3 routes with noaux_tc")
+    out = _mla_to_hf(c, torch_dtype)
+    # no multi-token-prediction modules are trained or written
+    out.update({"model_type": "deepseek_v3", "num_nextn_predict_layers": 0, "rope_interleave": c.rope_interleave,
+                "transformers_version": "4.33.1"})
     return out
 
 
@@ -402,6 +537,8 @@ def _olmoe_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 
 _WRITERS: dict[str, Callable[[ModelConfig, str], dict[str, Any]]] = {
     "deepseek_moe": _deepseek_to_hf,
+    "deepseek_v2": _deepseek_v2_to_hf,
+    "deepseek_v3": _deepseek_v3_to_hf,
     "qwen2_moe": _qwen2_moe_to_hf,
     "qwen3_moe": _qwen3_moe_to_hf,
     "mixtral": _mixtral_to_hf,

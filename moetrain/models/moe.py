@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from moetrain.config import ModelConfig
+from moetrain.config import DEEPSEEK_FAMILIES, ModelConfig
 from moetrain.models.experts import RoutedExperts, SwiGLU
 from moetrain.models.router import TopKRouter, Routing
 
@@ -17,7 +17,7 @@ RoutingObserver = Callable[[int, Routing], None]
 class MoEBlock(nn.Module):
     """Routes each token to k of E experts and adds the shared expert(s).
 
-    * deepseek_moe: ``shared_experts`` is one SwiGLU of width moe_intermediate_size * n_shared.
+    * deepseek_moe, deepseek_v2, deepseek_v3: ``shared_experts`` is one SwiGLU of width moe_intermediate_size * n_shared.
     * qwen2_moe: ``shared_expert`` scaled by sigmoid(``shared_expert_gate``(x)).
 
     ``observer``, when set (by the offload engine), sees every routing decision of this layer
@@ -32,7 +32,7 @@ class MoEBlock(nn.Module):
         self.shared_experts: Optional[nn.Module] = None
         self.shared_expert: Optional[nn.Module] = None
         self.shared_expert_gate: Optional[nn.Linear] = None
-        if config.family == "deepseek_moe" and config.num_shared_experts > 0:
+        if config.family in DEEPSEEK_FAMILIES and config.num_shared_experts > 0:
             self.shared_experts = SwiGLU(config.hidden_size, config.shared_width)
         elif config.shared_expert_intermediate_size > 0:
             self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
