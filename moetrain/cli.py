@@ -39,7 +39,9 @@ class InputError(Exception):
 def _fail(message: str) -> int:
     """Print one paragraph to stderr and return the bad-input exit status."""
     text = " ".join(str(message).split())
-    print(textwrap.fill(f"{PROG}: error: {text}", width=100), file=sys.stderr)
+    # no breaks inside paths or keys (they stay copy-pastable)
+    print(textwrap.fill(f"{PROG}: error: {text}", width=100, break_on_hyphens=False, break_long_words=False),
+          file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -183,6 +185,35 @@ def _build_cli_class():
     return MoeTrainCLI
 
 
+class _ParsedOnly(Exception):
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+def parse_config(argv: list[str]) -> Any:
+    """Parse and type-check ``fit``/``validate`` arguments (a recipe and overrides) without building anything.
+
+    Returns the subcommand's jsonargparse Namespace. Raises ``jsonargparse.ArgumentError`` on bad input.
+    """
+
+    class ParseOnly(_build_cli_class()):
+        def before_instantiate_classes(self) -> None:
+            raise _ParsedOnly(self.config[self.subcommand])
+
+    from moetrain.training.data import TextDataModule
+    from moetrain.training.module import MoETrainingModule
+
+    for path in _config_paths(argv):
+        check_recipe_file(path)
+    try:
+        ParseOnly(MoETrainingModule, TextDataModule, args=argv, seed_everything_default=0,
+                  auto_configure_optimizers=False, parser_kwargs={"prog": PROG, "exit_on_error": False})
+    except _ParsedOnly as parsed:
+        return parsed.config
+    raise AssertionError("unreachable: LightningCLI returned before instantiating classes")
+
+
 def _quiet_lightning() -> None:
     # Lightning's start-up banners (GPU available, TPU cores, ...) say nothing a recipe user needs
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
@@ -203,6 +234,8 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
     _quiet_lightning()
     # Lightning's own use of a deprecated torch pytree check warns on every run; it is not actionable here
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # main(argv) called from Python (tests, notebooks) while sys.argv holds the host program's arguments
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     cli_class = _build_cli_class()
     try:
         cli_class(

@@ -1,0 +1,214 @@
+"""``moetrain fit`` end to end: the tiny recipe as the README runs it, its run directory, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moetrain.cli import main
+from moetrain.config import ModelConfig
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.keymap import to_hf_name
+from moetrain.training.checkpoint import load_model
+from moetrain.training.data import TextDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+
+
+def moetrain_command() -> list[str]:
+    """The installed console script when present (what users run), else the same entry point via -m."""
+    script = Path(sys.executable).parent / "moetrain"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "moetrain.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*moetrain_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The full tiny recipe, as in the README, with a checkpoint every 30 steps; returns (run dir, seconds, result)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    start = time.perf_counter()
+    result = run_cli("fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={run_dir}",
+                     "--checkpoint.every_n_steps=30")
+    return run_dir, time.perf_counter() - start, result
+
+
+@pytest.mark.slow
+def test_tiny_recipe_trains_in_two_minutes_with_falling_loss(tiny_run):
+    run_dir, seconds, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert seconds < 120, f"moetrain fit --config recipes/tiny.yaml took {seconds:.0f} s"
+    records = read_metrics(run_dir)
+    max_steps = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())["trainer"]["max_steps"]
+    assert [r["step"] for r in records] == list(range(1, max_steps + 1))
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.7 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+
+
+@pytest.mark.slow
+def test_metrics_lines_hold_the_contract_fields(tiny_run):
+    run_dir, _, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(run_dir)
+    for r in records:
+        assert METRIC_KEYS <= r.keys()
+        assert all(math.isfinite(r[k]) for k in METRIC_KEYS)
+        assert abs(r["loss"] - r["ce_loss"] - r["aux_loss"]) < 1e-4 and r["aux_loss"] > 0
+        assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    assert [r["tokens"] for r in records] == [r["step"] * 8 * 128 for r in records]  # micro-batch 8 x seq 128
+    assert max(r["lr"] for r in records) == pytest.approx(0.003)
+
+
+@pytest.mark.slow
+def test_checkpoint_layout(tiny_run):
+    run_dir, _, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["last", "step-30", "step-60"]
+    assert (root / "last").read_text().strip() == "step-60"
+    ckpt = root / "step-60"
+    for name in ("model.safetensors.index.json", "config.json", "moetrain_config.json", "recipe.yaml",
+                 "optimizer.json", "optimizer.safetensors.index.json", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    config = ModelConfig.load(ckpt / "moetrain_config.json")
+    assert config == ModelConfig.from_preset("tiny-deepseek-moe", vocab_size=768, eos_token_id=config.eos_token_id)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    expected_names = {to_hf_name(config.family, n) for n in MoEForCausalLM(config).state_dict()}
+    assert set(index["weight_map"]) == expected_names
+    assert all((ckpt / shard).is_file() for shard in set(index["weight_map"].values()))
+    hf_config = json.loads((ckpt / "config.json").read_text())
+    assert hf_config["vocab_size"] == 768 and hf_config["num_hidden_layers"] == config.num_hidden_layers
+    recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    assert recipe["trainer"]["max_steps"] == 60 and recipe["checkpoint"]["every_n_steps"] == 30
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 60
+
+
+@pytest.mark.slow
+def test_checkpoint_model_reproduces_the_logged_loss(tiny_run):
+    """The saved weights are the trained ones: evaluating step-60 reproduces training's loss level, step-30 is worse."""
+    run_dir, _, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = TextDataModule(str(REPO / "data/tiny/train.jsonl"), str(REPO / "data/tiny/tokenizer"), seq_len=128,
+                          micro_batch_size=8, shuffle=False)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+
+    def loss_of(step: int) -> float:
+        model = load_model(run_dir / "checkpoints" / f"step-{step}").eval()
+        with torch.no_grad():
+            return model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                         document_ids=batch["document_ids"]).loss.item()
+
+    records = read_metrics(run_dir)
+    final = loss_of(60)
+    assert final < loss_of(30)
+    assert final < 1.5 * records[-1]["loss"]  # a random model would sit near ln(768) = 6.6
+    assert load_model(run_dir / "checkpoints" / "step-60").num_parameters() == MoEForCausalLM(
+        ModelConfig.load(run_dir / "checkpoints" / "step-60" / "moetrain_config.json")).num_parameters()
+
+
+@pytest.mark.slow
+def test_resume_from_last(tiny_run):
+    run_dir, _, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = run_cli("fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={run_dir}",
+                      "--trainer.max_steps=62", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)][-3:] == [60, 61, 62]
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step-62"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """Run ``moetrain`` in-process from the repository root; returns (exit status, stderr)."""
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+
+    def _run(*args: str) -> tuple[int, str]:
+        try:
+            code = main(list(args))
+        finally:
+            torch.set_num_threads(threads)  # the recipe's cpu_threads must not leak into other tests
+        return code, capsys.readouterr().err
+
+    return _run
+
+
+def assert_one_paragraph(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    text = err.strip()
+    assert text.startswith("moetrain: error:") and "\n\n" not in text
+    flat = " ".join(text.split())
+    for needle in needles:
+        assert needle in flat, f"{needle!r} not in: {flat}"
+
+
+def test_unknown_key_in_recipe(run_main, tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((REPO / "recipes" / "tiny.yaml").read_text().replace("  seq_len: 128", "  seq_length: 128"))
+    code, err = run_main("fit", "--config", str(recipe))
+    assert code == 2
+    assert_one_paragraph(err, "data.seq_length", str(recipe))
+
+
+def test_unknown_key_on_command_line(run_main):
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--model.optimizer.learning_rate=1")
+    assert code == 2
+    assert_one_paragraph(err, "--model.optimizer.learning_rate")
+
+
+def test_malformed_yaml_names_line(run_main, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("trainer:\n  max_steps: 3\n model:\n  preset: x\n")
+    code, err = run_main("fit", "--config", str(recipe))
+    assert code == 2
+    assert_one_paragraph(err, f"{recipe}, line 3", "not valid YAML")
+
+
+def test_missing_files(run_main):
+    code, err = run_main("fit", "--config", "recipes/nope.yaml")
+    assert code == 2
+    assert_one_paragraph(err, "recipes/nope.yaml not found")
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--data.path=data/tiny/missing.jsonl")
+    assert code == 2
+    assert_one_paragraph(err, "data.path", "data/tiny/missing.jsonl not found")
+
+
+def test_broken_data_line_names_file_and_line(run_main, tmp_path):
+    data = tmp_path / "broken.jsonl"
+    lines = (REPO / "data" / "tiny" / "val.jsonl").read_text().splitlines()[:20]
+    lines[11] = lines[11][:-3]  # cut the closing quote and brace of line 12
+    data.write_text("\n".join(lines) + "\n")
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", f"--data.path={data}",
+                         f"--trainer.default_root_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert_one_paragraph(err, f"{data}, line 12", "not valid JSON")
+
+
+def test_invalid_section_value(run_main):
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--model.offload.tier=gpu")
+    assert code == 2
+    assert_one_paragraph(err, "model.offload.tier='gpu'", "none, cpu, nvme")
+
+
+def test_console_script_exit_status_and_no_traceback():
+    result = run_cli("fit", "--config", "recipes/tiny.yaml", "--trainer.max_stepz=3", timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "trainer.max_stepz" in " ".join(result.stderr.split())
