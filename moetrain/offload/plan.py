@@ -23,6 +23,7 @@ import torch
 
 from moetrain.config import ModelConfig
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.nvme import align_up
 from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
 
 GiB = 2**30
@@ -136,13 +137,13 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     gpu_cap, host_cap = _machine()
     gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
     host_capacity = host_capacity if host_capacity is not None else host_cap
-    state = 12 * expert
+    record = align_up(12 * per_expert)  # one expert's [master | exp_avg | exp_avg_sq], aligned as the store lays it
+    state = record * total_experts
     rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense)]
     if offload_config.tier == "none":
         rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
         host = nvme = 0
     else:
-        record = 12 * per_expert
         slots = max(1, min(int(offload_config.gpu_budget_gb * GiB) // record, total_experts,
                            offload_config.gpu_slots or total_experts))
         rows += [("gpu", f"experts: compute weights ({weight_bytes} B/param)", weight_bytes * expert),

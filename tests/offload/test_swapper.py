@@ -1,0 +1,90 @@
+"""Device slots: page-in/out correctness, eviction by routing frequency, prefetch, look-ahead accounting."""
+
+from __future__ import annotations
+
+import torch
+from offload_harness import OPTIM, tiny_model
+
+from moetrain.offload import build_optimizer
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.store import ExpertStore
+from moetrain.offload.swapper import SlotState, Swapper
+
+
+def _store_and_swapper(slots: int):
+    store = ExpertStore(tiny_model(num_experts=4), OffloadConfig(tier="cpu"))
+    return store, Swapper(store, torch.device("cpu"), slots)
+
+
+def test_page_in_and_write_back():
+    store, swapper = _store_and_swapper(2)
+    rec = store.records[(0, 1)]
+    (flat,) = swapper.acquire([rec])
+    assert torch.equal(flat, store.host_view(rec)) and flat.data_ptr() != store.host_view(rec).data_ptr()
+    assert swapper.state[swapper.slot_of[rec.key]] is SlotState.IN_USE
+    flat.add_(1.0)
+    swapper.release([rec])
+    swapper.flush()
+    assert torch.equal(store.host_view(rec), flat)
+    assert swapper.stats.h2d_bytes == swapper.stats.d2h_bytes == rec.state_bytes
+
+
+def test_eviction_by_routing_frequency():
+    store, swapper = _store_and_swapper(2)
+    hot, cold, new = store.records[(0, 0)], store.records[(0, 1)], store.records[(1, 0)]
+    hot.frequency, cold.frequency = 5.0, 1.0
+    swapper.acquire([hot, cold])
+    swapper.release([hot, cold])
+    swapper.acquire([new])
+    assert hot.key in swapper.slot_of and cold.key not in swapper.slot_of
+    swapper.release([new])
+    swapper.acquire([hot])
+    assert swapper.stats.hits == 1 and swapper.stats.misses == 3
+
+
+def test_prefetch_reserves_and_acquire_hits():
+    store, swapper = _store_and_swapper(2)
+    a, b, c = store.records[(0, 0)], store.records[(0, 1)], store.records[(0, 2)]
+    assert swapper.prefetch([a, b]) == 2
+    assert swapper.prefetch([c]) == 0  # both slots are reserved for records about to be stepped
+    swapper.acquire([a, b])
+    assert swapper.stats.hits == 2 and swapper.stats.misses == 0
+
+
+def test_slots_do_not_hold_in_use_records_hostage():
+    store, swapper = _store_and_swapper(2)
+    a, b, c = store.records[(0, 0)], store.records[(0, 1)], store.records[(0, 2)]
+    swapper.prefetch([a, b])
+    swapper.acquire([c])  # a needed record may take a merely prefetched slot
+    assert c.key in swapper.slot_of
+
+
+def test_lookahead_precision_recall_and_backward_prefetch():
+    model = tiny_model(num_experts=16, layers=3)
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", gpu_slots=4))
+    inputs: dict[int, torch.Tensor] = {}
+    blocks = model.moe_blocks()
+    for b in blocks:
+        b.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.layer_idx, args[0].detach()))
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids, labels=ids)
+    hits = predicted = actual = 0
+    for prev, nxt in zip(blocks[:-1], blocks[1:], strict=True):  # naive recomputation of the look-ahead
+        x = inputs[prev.layer_idx].reshape(-1, 32)
+        pred = set((x @ nxt.gate.weight.t()).topk(2, dim=-1).indices.flatten().tolist())
+        used = set(out.routings[nxt.layer_idx].topk_idx.flatten().tolist())
+        hits, predicted, actual = hits + len(pred & used), predicted + len(pred), actual + len(used)
+    out.loss.backward()
+    last = blocks[-1].layer_idx
+    used_last = set(out.routings[last].topk_idx.flatten().tolist())
+    cached = {k for k in opt.swapper.slot_of}
+    assert opt.swapper.stats.prefetched > 0  # backward pages in from the forward's routing trace
+    assert {e for (layer, e) in cached if layer == last} <= used_last
+    assert all(key[1] in set(out.routings[key[0]].topk_idx.flatten().tolist()) for key in cached)
+    opt.clip_grad_norm_(1.0)
+    opt.step(1e-3)
+    t = opt.telemetry()
+    assert t["offload/lookahead_precision"] == hits / predicted
+    assert t["offload/lookahead_recall"] == hits / actual
+    assert t["offload/cache_hit_rate"] > 0
+    opt.close()
