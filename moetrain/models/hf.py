@@ -45,6 +45,9 @@ _FUSED_RE = re.compile(
 # Tensors some checkpoints carry that are recomputed here, never loaded.
 _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Tensors written in fp32 whatever the export dtype (transformers keeps them fp32 too): DeepSeek-V3's routing
+# bias moves by ~1e-3 per step, which bf16 would round away.
+_KEEP_FP32_RE = re.compile(r"\.e_score_correction_bias$")
 
 
 def _is_mtp_tensor(config: ModelConfig, name: str) -> bool:
@@ -240,7 +243,7 @@ def hf_named_tensors(model: MoEForCausalLM, dtype: Optional[DType] = None) -> It
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
         out = tensor.detach()
-        if cast is not None:
+        if cast is not None and not _KEEP_FP32_RE.search(name):
             out = out.to(cast)
         yield keymap.to_hf_name(family, name), out.cpu()
 
@@ -306,7 +309,8 @@ def convert_checkpoint(
         for name, tensor in checked_tensors(src, config, shapes):
             if not stored:
                 stored.append(tensor.dtype)
-            yield keymap.to_hf_name(config.family, name), tensor if cast is None else tensor.to(cast)
+            keep = cast is None or _KEEP_FP32_RE.search(name)
+            yield keymap.to_hf_name(config.family, name), tensor if keep else tensor.to(cast)
 
     weight_map = write_sharded(renamed(), out_dir, max_shard_bytes=max_shard_bytes)
     hf_config["torch_dtype"] = str(cast or stored[0]).removeprefix("torch.")

@@ -266,3 +266,29 @@ def test_v2_config_json_refuses_what_transformers_and_deepseek_disagree_on(tiny_
         config_from_hf({**cfg, "norm_topk_prob": True})
     with pytest.raises(ConfigError, match="scoring_func"):
         config_from_hf({**cfg, "scoring_func": "sigmoid"})
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def test_expert_parallel_plan_of_deepseek_v3():
+    """Dense part replicated at 16 B/param on every GPU; experts split over ranks, so that the ranks together hold
+    each expert once; the offload columns move exactly the 12 B/param of expert state from GPU to host."""
+    from moetrain.offload.plan_parallel import GiB, expert_parallel_plan, plan_expert_parallel
+
+    cfg = ModelConfig.from_preset("deepseek-v3")
+    counts = cfg.param_counts()
+    for ws in (1, 8, 64):
+        p = expert_parallel_plan(cfg, ws)
+        assert p.experts_per_rank == 256 // ws
+        assert p.expert_params_per_rank * ws == counts["expert"]
+        assert p.gpu_no_offload == 16 * counts["dense"] + 16 * counts["expert"] // ws
+        assert p.gpu_no_offload - p.gpu_offload == p.host_offload == 12 * counts["expert"] // ws
+    one = expert_parallel_plan(cfg, 1)
+    assert one.gpu_no_offload == 16 * counts["total"]  # about 10 TB: why V3 needs many GPUs
+    # V3's replicated dense part alone (17 B params) outgrows an 80 GiB GPU: the report must say so
+    assert 16 * counts["dense"] > 80 * GiB
+    assert "dense part alone" in plan_expert_parallel(cfg)
+    assert "dense part alone" not in plan_expert_parallel(ModelConfig.from_preset("deepseek-v2-lite"))
+    report = plan_expert_parallel(cfg)
+    for ws in (1, 8, 64):
+        p = expert_parallel_plan(cfg, ws)
+        assert f"{p.gpu_no_offload / GiB:.1f} GiB" in report and f"{p.host_offload / GiB:.1f} GiB" in report
