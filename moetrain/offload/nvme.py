@@ -186,14 +186,20 @@ def open_backend(file: Path, backend: str, block_size: int, queue_depth: int,
 
 
 class SwapFile:
-    """One preallocated swap file with aligned slots addressed by byte offset."""
+    """One preallocated swap file with aligned slots addressed by byte offset.
+
+    Its default I/O channel serves the swapper; :meth:`channel` opens another one on the same file
+    (its own aio handles or thread pool) for a second user in another thread, such as the CPU step path.
+    """
 
     def __init__(self, folder: str, size: int, backend: str = "auto", block_size: int = 1 << 20,
                  queue_depth: int = 8, threads: int = 4, name: str = "moetrain-experts.swp") -> None:
         base = preflight(folder, size)
         self.path = create_swap_file(base, name, size)
         self.size = size
-        self.io = open_backend(self.path, backend, block_size, queue_depth, threads)
+        self._open = lambda: open_backend(self.path, backend, block_size, queue_depth, threads)
+        self.io = self._open()
+        self.channels: list[SwapFile] = []
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -201,16 +207,31 @@ class SwapFile:
     def backend(self) -> str:
         return self.io.name
 
+    def channel(self) -> SwapFile:
+        """Another I/O channel on this file, counting its bytes into this file's counters."""
+        other = object.__new__(SwapFile)
+        other.path, other.size, other._open, other.channels = self.path, self.size, self._open, []
+        other.io = self._open()
+        other.bytes_read = other.bytes_written = 0
+        other._parent = self
+        self.channels.append(other)
+        return other
+
+    def _count(self, read: int, written: int) -> None:
+        target = getattr(self, "_parent", self)
+        target.bytes_read += read
+        target.bytes_written += written
+
     def submit_read(self, buf: torch.Tensor, offset: int) -> None:
         """Start reading ``buf.nbytes`` bytes at ``offset`` into ``buf`` (aligned, contiguous)."""
         assert offset % ALIGN == 0 and buf.nbytes % ALIGN == 0, "swap I/O must be aligned"
         self.io.submit_read(buf, offset)
-        self.bytes_read += buf.nbytes
+        self._count(buf.nbytes, 0)
 
     def submit_write(self, buf: torch.Tensor, offset: int) -> None:
         assert offset % ALIGN == 0 and buf.nbytes % ALIGN == 0, "swap I/O must be aligned"
         self.io.submit_write(buf, offset)
-        self.bytes_written += buf.nbytes
+        self._count(0, buf.nbytes)
 
     def wait_reads(self) -> None:
         self.io.wait_reads()
@@ -219,6 +240,8 @@ class SwapFile:
         self.io.wait_writes()
 
     def close(self, remove: bool = True) -> None:
+        for ch in self.channels:
+            ch.close(remove=False)
         self.wait_reads()
         self.wait_writes()
         if isinstance(self.io, ThreadBackend):

@@ -96,6 +96,7 @@ class ExpertOffloadOptimizer:
         both = cuda and self.cpu_adam is not None
         self.cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam") if both else None
         self.cpu_staging: Optional[torch.Tensor] = None
+        self.cpu_io = None  # the CPU path's own NVMe channel, opened on first use
         self.lr_history: list[float] = []
         self.step_index = 0
         self._grad_scale: Optional[torch.Tensor] = None
@@ -184,6 +185,8 @@ class ExpertOffloadOptimizer:
                 rec.frequency = 0.5 * rec.frequency + float(counts[i, rec.expert])
             self._catch_up(recs)
             gpu_recs, cpu_recs = self._split(recs)
+            if cpu_recs:
+                self._make_host_authoritative(cpu_recs)  # here, not in the CPU thread: the swapper is not shared
             pending = self.cpu_pool.submit(self._step_cpu, cpu_recs, lr) if self.cpu_pool else None
             self._step_gpu(gpu_recs, lr)
             if pending is not None:
@@ -246,25 +249,26 @@ class ExpertOffloadOptimizer:
             self.swapper.release(chunk)
 
     def _host_state(self, rec: ExpertRecord) -> torch.Tensor:
-        """The record's flat state in host memory (NVMe records are read into a staging buffer)."""
+        """The record's flat state in host memory (NVMe records are read into a staging buffer through
+        the CPU path's own I/O channel, so that it may run in a thread beside the swapper)."""
         if rec.tier is Tier.CPU:
             return self.store.host_view(rec)
         if self.cpu_staging is None:
             self.cpu_staging = aligned_empty(self.store.max_padded, self.store.pin)
+            self.cpu_io = self.store.swap.channel()
         buf = self.cpu_staging[:rec.padded]
-        self.store.swap.submit_read(buf, rec.offset)
-        self.store.swap.wait_reads()
+        self.cpu_io.submit_read(buf, rec.offset)
+        self.cpu_io.wait_reads()
         return buf
 
     def _put_host_state(self, rec: ExpertRecord, flat: torch.Tensor) -> None:
         if rec.tier is Tier.NVME:
-            self.store.swap.submit_write(flat, rec.offset)
-            self.store.swap.wait_writes()
+            self.cpu_io.submit_write(flat, rec.offset)
+            self.cpu_io.wait_writes()
 
     def _step_cpu(self, recs: list[ExpertRecord], lr: float) -> None:
         if not recs:
             return
-        self._make_host_authoritative(recs)
         coef = None if self._clip_coef is None else self._clip_coef.cpu()
         for rec in recs:
             flat = self._host_state(rec)
@@ -274,7 +278,7 @@ class ExpertOffloadOptimizer:
             if coef is not None:
                 grad.mul_(coef)
             self.cpu_adam.step(master, grad, exp_avg, exp_avg_sq, rec.step + 1, lr, self.cfg.weight_decay)
-            self._write_weights(rec, master)  # weights up
+            self._write_weights(rec, master, non_blocking=False)  # weights up; the staging buffer is reused next
             self._put_host_state(rec, flat)
 
     def _make_host_authoritative(self, recs: Iterable[ExpertRecord]) -> None:
@@ -283,9 +287,9 @@ class ExpertOffloadOptimizer:
         for rec in recs:
             self.swapper.invalidate(rec)
 
-    def _write_weights(self, rec: ExpertRecord, master: torch.Tensor) -> None:
+    def _write_weights(self, rec: ExpertRecord, master: torch.Tensor, non_blocking: bool = True) -> None:
         for p, w in zip(rec.params, rec.split(master), strict=True):
-            p.data.copy_(w, non_blocking=True)
+            p.data.copy_(w, non_blocking=non_blocking)
 
     # ------------------------------------------------------------------ idle_experts: dense
     @torch.no_grad()

@@ -90,6 +90,9 @@ class Swapper:
         has_nvme = any(r.tier is Tier.NVME for r in store)
         self.staging = [aligned_empty(self.slot_numel, store.pin) for _ in range(num_slots)] if has_nvme else []
         self.pending_writes: list[tuple[Optional[torch.cuda.Event], int, ExpertRecord]] = []
+        # slot whose page-out last wrote a CPU-tier record: its next page-in (maybe into another slot)
+        # must wait for that write to land in host memory
+        self.written_from: dict[tuple[int, int], int] = {}
         self.stats = TransferStats()
 
     @property
@@ -155,6 +158,9 @@ class Swapper:
         with self._stream(self.in_stream):
             if self.in_stream is not None:
                 self.in_stream.wait_event(self.out_event[slot])  # the slot's previous page-out has left
+                source = self.written_from.get(rec.key)
+                if source is not None and source != slot:
+                    self.in_stream.wait_event(self.out_event[source])  # the record's last write-back landed
             self.slots[slot, :rec.padded].copy_(src, non_blocking=True)
             if self.in_event[slot] is not None:
                 self.in_event[slot].record(self.in_stream)
@@ -230,6 +236,7 @@ class Swapper:
                 src = self.slots[slot, :rec.padded]
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec).copy_(src, non_blocking=True)
+                    self.written_from[rec.key] = slot
                 else:
                     self.staging[slot][:rec.padded].copy_(src, non_blocking=True)
                 if self.out_event[slot] is not None:
