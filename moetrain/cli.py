@@ -146,6 +146,8 @@ def _build_cli_class():
             if trainer.get("precision") is None:
                 # bf16 autocast with fp32 master weights on a GPU; plain fp32 on the CPU
                 trainer["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+            if self.subcommand == "validate" and trainer.get("limit_val_batches") == 0:
+                trainer["limit_val_batches"] = None  # recipes switch validation off during fit, not here
             if trainer.get("enable_progress_bar") is None:
                 trainer["enable_progress_bar"] = sys.stderr.isatty()
             if trainer.get("accumulate_grad_batches", 1) != 1:

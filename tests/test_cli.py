@@ -212,3 +212,20 @@ def test_console_script_exit_status_and_no_traceback():
     result = run_cli("fit", "--config", "recipes/tiny.yaml", "--trainer.max_stepz=3", timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "trainer.max_stepz" in " ".join(result.stderr.split())
+
+
+@pytest.mark.slow
+def test_validate_the_last_checkpoint(tiny_run, capsys, monkeypatch):
+    run_dir, _, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+    try:
+        code = main(["validate", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={run_dir}",
+                     "--ckpt_path=last"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0
+    val_loss = float(next(line for line in out.splitlines() if "val_loss" in line).split("│")[2])
+    assert val_loss < 0.5 * math.log(768)  # held-out documents: far below a random model's ln(vocab)
