@@ -79,10 +79,11 @@ class MetricsLogger(L.Callback):
             "tokens_per_s": round(self._window_tokens / max(now - self._window_start, 1e-9), 1),
             "elapsed_s": round(now - self._start, 3),
         }
-        telemetry = getattr(getattr(pl_module, "train_optimizer", None), "telemetry", None)
-        if callable(telemetry):
-            for key, value in telemetry().items():
-                record.setdefault(key, _number(value))
+        for source in (getattr(getattr(pl_module, "train_optimizer", None), "telemetry", None),
+                       getattr(pl_module, "step_metrics", None)):
+            if callable(source):
+                for key, value in source().items():
+                    record.setdefault(key, _number(value))
         self._window_start, self._window_tokens = now, 0
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 
 from moetrain.config import ConfigError, ModelConfig
+from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
@@ -132,6 +133,8 @@ class MoETrainingModule(L.LightningModule):
         self.log_every_n_steps = log_every_n_steps
         self.model = self._build_model(preset, config, init_from)
         self.model.set_expert_impl(expert_impl)
+        # DeepSeek-V3's auxiliary-loss-free balancing (inactive for other routers, or at speed 0)
+        self.balancer = BiasBalancer(self.model)
         self.train_optimizer: Optional[TrainOptimizer] = None
         self.last_step: Optional[StepStats] = None
         self.total_steps = 0
@@ -222,6 +225,8 @@ class MoETrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch)
+        if self.balancer.active:
+            self.balancer.observe(out.routings)
         self.manual_backward(out.loss / self.accumulate_grad_batches)
         for key, value in (("loss", out.loss), ("ce_loss", out.ce_loss), ("aux_loss", out.aux_loss)):
             value = value.detach().float()
@@ -240,6 +245,8 @@ class MoETrainingModule(L.LightningModule):
         grad_norm = self.train_optimizer.clip_grad_norm_(self.optim_cfg.max_grad_norm)
         opt.step(lr=lr)
         opt.zero_grad()
+        if self.balancer.active:
+            self.balancer.step()  # after the step, from the load of the whole step, as DeepSeek-V3 does
         n = self._micro
         done = step + 1
         last = done >= self.total_steps or (self.trainer.max_steps > 0 and done >= self.trainer.max_steps)
@@ -249,6 +256,10 @@ class MoETrainingModule(L.LightningModule):
             should_log=done % self.log_every_n_steps == 0 or last,
         )
         self._micro, self._sums, self._tokens = 0, {}, 0
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra numbers for the step's metrics line (read from the device only when a line is written)."""
+        return {f"balance/{k}": v for k, v in self.balancer.stats().items()} if self.balancer.active else {}
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
