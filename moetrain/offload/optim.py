@@ -102,6 +102,7 @@ class ExpertOffloadOptimizer:
         self._grad_scale: Optional[torch.Tensor] = None
         self._clip_coef: Optional[torch.Tensor] = None
         self._telemetry: dict[str, float] = {}
+        self._nvme_mark = self._nvme_bytes()  # swap-file byte counters at the end of the last step
         self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_prefetch_hook(b.layer_idx))
                        for b in model.moe_blocks()] if offload.prefetch else []
         model.set_routing_observer(self._observe)
@@ -169,8 +170,6 @@ class ExpertOffloadOptimizer:
     @torch.no_grad()
     def step(self, lr: float) -> None:
         t0 = time.perf_counter()
-        self.swapper.reset_stats()
-        nvme0 = self._nvme_bytes()
         counts = torch.stack([self.counts[layer] for layer in self.store.layers]).cpu()  # the step's one sync
         for group in self.dense.param_groups:
             group["lr"] = lr
@@ -204,7 +203,9 @@ class ExpertOffloadOptimizer:
         for c in self.counts.values():
             c.zero_()
         self.trace.reset()
-        self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, nvme0)
+        self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, self._nvme_mark)
+        self._nvme_mark = self._nvme_bytes()
+        self.swapper.reset_stats()  # the next step's counters include the page-ins its backward starts
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
@@ -325,6 +326,7 @@ class ExpertOffloadOptimizer:
 
     # ------------------------------------------------------------------ telemetry
     def _nvme_bytes(self) -> tuple[int, int]:
+        """Bytes read/written on the swap file so far (all channels)."""
         swap = self.store.swap
         return (0, 0) if swap is None else (swap.bytes_read, swap.bytes_written)
 

@@ -93,6 +93,7 @@ class Swapper:
         # slot whose page-out last wrote a CPU-tier record: its next page-in (maybe into another slot)
         # must wait for that write to land in host memory
         self.written_from: dict[tuple[int, int], int] = {}
+        self.inflight_writes: set[tuple[tuple[int, int], int]] = set()  # (record, slot) written, not waited for
         self.stats = TransferStats()
 
     @property
@@ -144,11 +145,17 @@ class Swapper:
             self.reserved[slot] = reserve
             placed.append((rec, slot))
         disk = [(r, s) for r, s in placed if r.tier is Tier.NVME]
-        if disk:
-            self.drain_writes(wait=True)  # a record being written back must land before it is read again
-            for rec, slot in disk:
-                self.store.swap.submit_read(self.staging[slot][:rec.padded], rec.offset)
-                self.state[slot] = SlotState.READING
+        writing = {rec.key for _, _, rec in self.pending_writes} | {k for k, _ in self.inflight_writes}
+        busy = {slot for _, slot, _ in self.pending_writes} | {s for _, s in self.inflight_writes}
+        if any(r.key in writing or s in busy for r, s in disk):
+            # a record being written back must land before it is read again, and a staging buffer
+            # must be written out before it is refilled
+            self.drain_writes(wait=True)
+        for rec, slot in disk:
+            if self.in_event[slot] is not None:
+                self.in_event[slot].synchronize()  # the staging buffer's last H2D has left (copy engine only)
+            self.store.swap.submit_read(self.staging[slot][:rec.padded], rec.offset)
+            self.state[slot] = SlotState.READING
         for rec, slot in placed:
             if rec.tier is Tier.CPU:
                 self._h2d(rec, slot, self.store.host_view(rec))
@@ -254,9 +261,11 @@ class Swapper:
             if event is not None:
                 event.synchronize()
             self.store.swap.submit_write(self.staging[slot][:rec.padded], rec.offset)
+            self.inflight_writes.add((rec.key, slot))
         self.pending_writes.clear()
         if wait and self.store.swap is not None:
             self.store.swap.wait_writes()
+            self.inflight_writes.clear()
         self.stats.stall_s += time.perf_counter() - t0
 
     def flush(self) -> None:
