@@ -1,9 +1,10 @@
 """The memory planner behind ``moetrain plan``: bytes per tier, whether they fit, and the floor of a step.
 
 Per parameter (see the design notes): dense parameters keep fp32 weights, grads and two moments on the
-GPU (16 B). Routed experts keep compute weights on the GPU (2 B bf16) and, with the grouped GEMM path,
-a gradient for every expert (2 B); their master weights and moments (12 B) live in the device slots
-(``gpu_budget_gb``), in host memory up to ``cpu_budget_gb``, and on NVMe past it. Activations are not
+GPU (16 B). Routed experts keep compute weights on the GPU (4 B under bf16-mixed, 2 B for a bf16
+model) and, with the grouped GEMM path, a gradient for every expert (same size); their master weights
+and moments (12 B) live in the device slots (``gpu_budget_gb``), in host memory up to ``cpu_budget_gb``,
+and on NVMe past it. Activations are not
 counted (they depend on checkpointing and sequence length).
 
 The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state goes
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -76,20 +79,28 @@ class Plan:
         def gib(n: Optional[float]) -> str:
             return "unknown" if n is None else f"{n / GiB:8.2f} GiB"
 
-        lines = [f"offload tier: {self.tier}   parameters: {self.dense_params / 1e9:.3f} B dense + "
-                 f"{self.expert_params / 1e9:.3f} B in routed experts", ""]
-        lines += [f"  {tier:<5} {what:<44} {gib(n)}" for tier, what, n in self.breakdown]
+        def count(n: int) -> str:
+            return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+        def secs(t: float) -> str:
+            return f"{t:.3f} s" if t >= 0.1 else f"{t * 1e3:.3f} ms"
+
+        lines = [f"offload tier: {self.tier}   parameters: {count(self.dense_params)} dense + "
+                 f"{count(self.expert_params)} in routed experts", ""]
+        lines += [f"  {tier:<5} {what:<52} {gib(n)}" for tier, what, n in self.breakdown]
         lines.append("")
         verdict = self.fits()
-        for tier, used, cap in (("gpu", self.gpu_bytes, self.gpu_capacity), ("host", self.host_bytes,
-                                self.host_capacity), ("nvme", self.nvme_bytes, self.disk_free)):
+        tiers = [("gpu", self.gpu_bytes, self.gpu_capacity), ("host", self.host_bytes, self.host_capacity)]
+        if self.nvme_bytes:
+            tiers.append(("nvme", self.nvme_bytes, self.disk_free))
+        for tier, used, cap in tiers:
             state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict[tier]]
             lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}")
         bound = "link" if self.transfer_s > self.compute_s else "compute"
         lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}",
-                  f"  link: {self.moved_bytes / GiB:.2f} GiB per step at {self.link_gbps:.0f} GB/s -> "
-                  f"{self.transfer_s:.3f} s;  compute: {self.compute_s:.3f} s",
-                  f"  floor of a step: {self.floor_s:.3f} s ({bound}-bound)"]
+                  f"  link: {self.moved_bytes / GiB:.3f} GiB per step at {self.link_gbps:.0f} GB/s -> "
+                  f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}",
+                  f"  floor of a step: {secs(self.floor_s)} ({bound}-bound)"]
         return "\n".join(lines)
 
 
@@ -124,11 +135,13 @@ def _machine() -> tuple[Optional[int], Optional[int]]:
 def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_per_step: int,
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
-              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: int = 2) -> Plan:
+              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: int = 4) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Capacities default to this machine's (GPU memory, physical host memory, free space at nvme_path);
     ``link_gbps`` defaults to the measured both-directions rate of the GPU machines (93 GB/s).
+    ``weight_bytes`` is the size of a resident compute weight and of its gradient: 4 under
+    ``bf16-mixed`` (fp32 parameters, bf16 autocast: how ``moetrain fit`` trains on a GPU), 2 for a bf16 model.
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
@@ -146,8 +159,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     else:
         slots = max(1, min(int(offload_config.gpu_budget_gb * GiB) // record, total_experts,
                            offload_config.gpu_slots or total_experts))
-        rows += [("gpu", f"experts: compute weights ({weight_bytes} B/param)", weight_bytes * expert),
-                 ("gpu", "experts: gradients (grouped GEMM: every expert)", weight_bytes * expert),
+        rows += [("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert),
+                 ("gpu", f"experts: gradients of every expert ({weight_bytes} B/param)", weight_bytes * expert),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
         if offload_config.tier == "cpu":
             budget = None if offload_config.cpu_budget_gb is None else int(offload_config.cpu_budget_gb * GiB)
@@ -173,3 +186,68 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
                 compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows)
+
+
+# ---------------------------------------------------------------------------------------------- moetrain plan
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {}) or {}
+    node[parts[-1]] = value
+
+
+def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
+    """The plan of a recipe (the parsed YAML with overrides applied)."""
+    from moetrain.config import ConfigError
+
+    model = recipe.get("model") or {}
+    init_from = model.get("init_from")
+    if init_from:
+        from moetrain.models.hf import load_config
+        model_config = load_config(init_from)
+    elif model.get("preset"):
+        model_config = ModelConfig.from_preset(model["preset"], **(model.get("config") or {}))
+    else:
+        raise ConfigError("the recipe names no model: set model.preset (or model.init_from)")
+    offload = OffloadConfig(**(model.get("offload") or {}))
+    data = recipe.get("data") or {}
+    tokens = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048)) * int(
+        model.get("accumulate_grad_batches", 1))
+    return make_plan(model_config, offload, tokens, **machine)
+
+
+def main(argv: list[str]) -> int:
+    """``moetrain plan --config RECIPE [--model.offload.tier=cpu ...] [--link_gbps=N]``: print the plan."""
+    import yaml
+
+    config_path, overrides, machine = None, {}, {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-c", "--config") and args:
+            config_path = args.pop(0)
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--link_gbps="):
+            machine["link_gbps"] = float(arg.split("=", 1)[1])
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            overrides[key] = yaml.safe_load(value)
+        else:
+            print(f"moetrain plan: error: unexpected argument {arg!r}; usage: moetrain plan --config RECIPE "
+                  "[--section.key=value ...] [--link_gbps=GBPS]", file=sys.stderr)
+            return 2
+    if config_path is None:
+        print("moetrain plan: error: give the recipe with --config RECIPE", file=sys.stderr)
+        return 2
+    try:
+        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        for key, value in overrides.items():
+            _set_dotted(recipe, key, value)
+        plan = plan_from_recipe(recipe, **machine)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
+        print(f"moetrain plan: error: {config_path}: {err}", file=sys.stderr)
+        return 2
+    print(plan.format())
+    return 0
