@@ -59,3 +59,17 @@ def test_expected_active_experts_follow_the_token_count():
     model = tiny_model(num_experts=16)
     few = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=1)
     assert abs(few.active_experts - 2 * 16 * (1 - (15 / 16) ** 2)) < 1e-9  # 2 layers, 1 token, top-2
+
+
+def test_plan_command_prints_the_recipe_plan(tmp_path, capsys):
+    from moetrain.offload.plan import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: tiny-deepseek-moe\n  offload:\n    tier: cpu\n"
+                      "data:\n  seq_len: 64\n  micro_batch_size: 2\n")
+    assert main(["--config", str(recipe), "--model.offload.cpu_budget_gb=0", f"--model.offload.nvme_path={tmp_path}",
+                 "--link_gbps=10"]) == 0
+    text = capsys.readouterr().out
+    assert "nvme  expert master + exp_avg + exp_avg_sq (swap)" in text and "at 10 GB/s" in text
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
