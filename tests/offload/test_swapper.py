@@ -88,3 +88,25 @@ def test_lookahead_precision_recall_and_backward_prefetch():
     assert t["offload/lookahead_recall"] == hits / actual
     assert t["offload/cache_hit_rate"] > 0
     opt.close()
+
+
+def test_telemetry_bytes_follow_the_paging():
+    """Bytes up = (misses + prefetches) x record, bytes down = stepped experts x record (write-through)."""
+    from offload_harness import batches, train
+
+    model = tiny_model(num_experts=16)
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", gpu_slots=2, prefetch=False))
+    record = opt.store.max_padded * 4
+    seen = []
+    stats = []
+    original = opt.swapper.reset_stats
+    opt.swapper.reset_stats = lambda: stats.append(original()) or stats[-1]  # keep each step's counters
+    train(model, opt, batches(steps=3), total=3, on_step=lambda _: seen.append(opt.telemetry()))
+    for t, st in zip(seen, stats, strict=True):
+        stepped = t["offload/experts_stepped_gpu"]
+        assert st.misses > 0
+        assert t["offload/d2h_bytes"] == stepped * record
+        assert t["offload/h2d_bytes"] == (st.misses + st.prefetched) * record
+        assert t["offload/cache_hit_rate"] == st.hits / (st.hits + st.misses)
+        assert stepped == sum(t[f"offload/active_experts/layer{i}"] for i in (0, 1))
+    opt.close()
