@@ -80,6 +80,7 @@ class StepStats:
         lr: learning rate used by this step.
         tokens: input tokens in this step (all micro-batches).
         should_log: whether this step is one of the logged ones (``log_every_n_steps``, and the last).
+        layer_aux_loss: (M,) mean auxiliary loss of each of the M MoE layers, or None for a model without any.
     """
 
     step: int
@@ -90,6 +91,7 @@ class StepStats:
     lr: float
     tokens: int
     should_log: bool
+    layer_aux_loss: Optional[torch.Tensor] = None
 
 
 class MoETrainingModule(L.LightningModule):
@@ -144,6 +146,8 @@ class MoETrainingModule(L.LightningModule):
         self._micro = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens = 0
+        self._expert_load: Optional[torch.Tensor] = None  # (M, E) tokens routed per MoE layer and expert
+        self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
 
     @staticmethod
     def _build_model(preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str]) -> MoEForCausalLM:
@@ -231,6 +235,7 @@ class MoETrainingModule(L.LightningModule):
         for key, value in (("loss", out.loss), ("ce_loss", out.ce_loss), ("aux_loss", out.aux_loss)):
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._accumulate_routing(out)
         self._tokens += batch["input_ids"].numel()
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
@@ -253,9 +258,28 @@ class MoETrainingModule(L.LightningModule):
         self.last_step = StepStats(
             step=done, loss=self._sums["loss"] / n, ce_loss=self._sums["ce_loss"] / n,
             aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=self._tokens,
+            layer_aux_loss=self._sums["layer_aux_loss"] / n if "layer_aux_loss" in self._sums else None,
             should_log=done % self.log_every_n_steps == 0 or last,
         )
         self._micro, self._sums, self._tokens = 0, {}, 0
+
+    def _accumulate_routing(self, out: Any) -> None:
+        """Per-layer aux losses and expert loads, summed on the device (read only when a logger asks)."""
+        if not out.routings:
+            return
+        layer_aux = torch.stack([a.detach().float() for a in out.layer_aux_losses])  # (M,)
+        self._sums["layer_aux_loss"] = self._sums["layer_aux_loss"] + layer_aux if "layer_aux_loss" in self._sums \
+            else layer_aux
+        counts = torch.stack([r.counts for r in out.routings.values()])  # (M, E)
+        self._expert_load = counts if self._expert_load is None else self._expert_load + counts
+
+    def take_expert_load(self) -> Optional[torch.Tensor]:
+        """(M, E) tokens routed to each expert of each MoE layer since the previous call (then reset); None if none.
+
+        Summed over micro-batches and top-k slots; read by the metrics logger for load heatmaps and entropy.
+        """
+        load, self._expert_load = self._expert_load, None
+        return load
 
     def step_metrics(self) -> dict[str, float]:
         """Extra numbers for the step's metrics line (read from the device only when a line is written)."""
@@ -268,4 +292,15 @@ class MoETrainingModule(L.LightningModule):
         self.log("val_loss", out.loss, batch_size=n, prog_bar=True)
         self.log("val_ce_loss", out.ce_loss, batch_size=n)
         self.log("val_aux_loss", out.aux_loss, batch_size=n)
+        if "labels" in batch:
+            targets = (batch["labels"][:, 1:] != -100).sum()
+            ce_sum = torch.where(targets > 0, out.ce_loss.detach().float() * targets, 0.0)  # no targets: ce is NaN
+            self._val_ce = self._val_ce.to(ce_sum.device) + torch.stack([ce_sum, targets.float()])
         return out.loss
+
+    def on_validation_epoch_end(self) -> None:
+        # perplexity of the whole validation set: exp of the token-weighted mean cross-entropy
+        total, targets = self._val_ce
+        if targets > 0:
+            self.log("val_ppl", torch.exp(total / targets))
+        self._val_ce = torch.zeros(2)

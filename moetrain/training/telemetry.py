@@ -1,0 +1,100 @@
+"""Numbers and pictures derived from a training step: MFU, GPU memory, routing entropy, expert-load heatmaps.
+
+MFU (model FLOPs utilisation) counts the matrix-multiply FLOPs that a token needs, ``6 x active
+parameters`` (forward 2, backward 4; attention's score FLOPs are left out, as in the PaLM
+definition at short context), against the device's peak dense bf16 rate. Routed experts count
+only the ``k`` a token visits. The CPU has no peak in the table, so MFU is reported on GPUs only
+(or where ``metrics.peak_tflops`` is set).
+
+Routing entropy is the entropy of each MoE layer's expert load (tokens per expert, over the logged
+window) divided by ``log E``: 1.0 is a perfectly balanced layer, 0.0 one that sends every token to
+one expert.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from moetrain.config import ModelConfig
+
+# peak dense bf16 tensor-core rates, FLOP/s (vendor data sheets, without sparsity)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
+
+
+def training_flops_per_token(config: ModelConfig) -> float:
+    """``6 x`` the parameters one token passes through: dense ones plus ``k`` routed experts per MoE layer."""
+    from moetrain.offload.plan import count_parameters
+
+    dense, _, per_expert = count_parameters(config)
+    return 6.0 * (dense + len(config.moe_layers) * config.num_experts_per_tok * per_expert)
+
+
+def peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU, or a GPU not in the table)."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
+    """Allocated, peak-allocated and reserved GPU memory in GiB (empty on the CPU)."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return {}
+    gib = float(2**30)
+    return {"gpu/mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "gpu/mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "gpu/mem_reserved_gib": torch.cuda.memory_reserved(device) / gib}
+
+
+def load_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of each layer's expert load.
+
+    Args:
+        load: (M, E) tokens per expert for M MoE layers.
+
+    Returns:
+        (M,) values in [0, 1]; 1 is uniform load.
+    """
+    load = load.double()
+    p = load / load.sum(dim=1, keepdim=True).clamp_min(1)  # (M, E)
+    h = -(p * torch.log(p.clamp_min(1e-300))).sum(dim=1)  # (M,), 0 log 0 = 0
+    return (h / torch.log(torch.tensor(float(load.shape[1])))).float()
+
+
+def load_heatmap(load: torch.Tensor, layer_ids: list[int], title: str = "") -> Any:
+    """A matplotlib Figure: MoE layers (rows) by experts (columns), colour = share of the layer's tokens.
+
+    Args:
+        load: (M, E) tokens per expert.
+        layer_ids: the model layer index of each of the M rows.
+    """
+    from matplotlib.figure import Figure  # not pyplot: no backend switch, safe in notebooks and headless runs
+
+    share = (load.double() / load.sum(dim=1, keepdim=True).clamp_min(1)).cpu().numpy()  # (M, E)
+    m, e = share.shape
+    fig = Figure(figsize=(min(2 + e * 0.12, 14), min(1.5 + m * 0.25, 10)))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(m), [str(i) for i in layer_ids])
+    ax.set_title(title or "expert load (share of each layer's tokens)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """A matplotlib Figure as PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
