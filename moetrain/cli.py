@@ -28,6 +28,7 @@ TOOLS = {
     "plan": ("moetrain.offload.plan", "main"),
     "export": ("moetrain.models.hf", "export_main"),
     "bench": ("moetrain.bench", "main"),
+    "generate": ("moetrain.generate", "main"),
 }
 EXIT_BAD_INPUT = 2
 
@@ -270,13 +271,14 @@ def run_tool(name: str, argv: list[str]) -> int:
     return int(func(argv) or 0)
 
 
-USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench}} ...
+USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate}} ...
 
   fit       train a model from a recipe: {PROG} fit --config recipes/tiny.yaml [--key.sub=value ...]
   validate  evaluate a model on a recipe's validation data
   plan      print the memory plan of a recipe on this machine
   export    write a checkpoint as a Hugging Face model directory
   bench     measure a training step
+  generate  continue a prompt with a checkpoint: {PROG} generate --ckpt runs/tiny --prompt "Once"
 
 '{PROG} SUBCOMMAND --help' lists a subcommand's options.
 """
@@ -295,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except InputError as err:
             return _fail(str(err))
     if argv[0] not in ("fit", "validate"):
-        return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench")
+        return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench, generate")
     try:
         return run_lightning(argv, from_sys_argv)
     except InputError as err:

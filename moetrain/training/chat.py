@@ -149,6 +149,18 @@ class ChatTemplate:
             raise ChatError(f"the chat template ({self.source}) is not prefix-stable; set data.chat_template: default")
         return full, spans
 
+    def end_of_turn(self) -> Optional[str]:
+        """What the template writes after an assistant message's content (``<|im_end|>`` for ChatML), or None.
+
+        Generation stops there.
+        """
+        marker = "\x1f"  # a control character no template writes itself
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
+        text, spans = self.render_with_spans(probe)
+        start, end = spans[0]
+        tail = text[start:end].split(marker, 1)[-1].strip()
+        return tail or None
+
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """Validate a conversation: a non-empty list of objects with string ``role`` and ``content``."""

@@ -1,0 +1,185 @@
+"""Text generation from a fine-tuned model: ``moetrain generate --ckpt DIR --prompt TEXT``.
+
+Greedy decoding (``--temperature 0``, the default) or sampling with a temperature and nucleus
+(top-p) filtering, with a key/value cache: the prompt runs once, then each new token runs alone
+against the cached keys and values of the tokens before it.
+
+``--ckpt`` takes a moetrain checkpoint (``checkpoints/step-<N>``), a run directory (its
+``checkpoints/last`` is followed) or a Hugging Face model directory. The tokenizer is the one the
+checkpoint holds, else the recipe's ``data.tokenizer``, else ``--tokenizer``. ``--chat`` wraps the
+prompt as a user message with the tokenizer's chat template (:mod:`moetrain.training.chat`) and stops
+at the end of the assistant's turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moetrain.models.attention import KVCache
+from moetrain.models.decoder import MoEForCausalLM
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least ``top_p``.
+
+    Args:
+        logits: (B, V).
+        top_p: in (0, 1]; 1 keeps every token.
+
+    Returns:
+        (B, V) logits with -inf outside the nucleus (the most likely token is always kept).
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) probability of the tokens ranked above
+    drop_sorted = mass_before >= top_p  # the nucleus already holds top_p without this token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The next token of each row of (B, V) logits: argmax at temperature 0, else a top-p sample. Returns (B,)."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(top_p_filter(logits.float() / temperature, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: MoEForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids: tuple[int, ...] = (),
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue ``input_ids`` (1, L) by up to ``max_new_tokens`` tokens; returns the new ids (n,).
+
+    Stops after emitting any of ``stop_ids``. Without the cache every step re-runs the whole sequence (the
+    reference that the cached path must equal).
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError("generate() takes one prompt: input_ids of shape (1, L)")
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.config.num_hidden_layers) if use_cache else None
+    sequence = input_ids
+    step_input = input_ids
+    new: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits = model(step_input if use_cache else sequence, cache=cache).logits[:, -1]  # (1, V)
+        token = next_token(logits, temperature, top_p, generator)  # (1,)
+        new.append(token)
+        if int(token) in stop_ids:
+            break
+        step_input = token[:, None]  # (1, 1)
+        sequence = torch.cat([sequence, step_input], dim=1)
+    model.train(was_training)
+    return torch.cat(new) if new else input_ids.new_zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint or model directory: a run directory's ``checkpoints/last`` is followed."""
+    path = Path(path)
+    last = path / "checkpoints" / "last"
+    if last.is_file():
+        return path / "checkpoints" / last.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--ckpt {path}: no such directory; pass a checkpoint (runs/NAME/checkpoints/step-N), "
+                                "a run directory or a Hugging Face model directory")
+    return path
+
+
+def find_tokenizer(model_dir: Path, explicit: Optional[str]) -> Path:
+    """``--tokenizer``, else the checkpoint's own tokenizer, else the recipe's ``data.tokenizer``."""
+    if explicit:
+        return Path(explicit)
+    if (model_dir / "tokenizer.json").is_file():
+        return model_dir
+    recipe = model_dir / "recipe.yaml"
+    if recipe.is_file():
+        import yaml
+
+        tokenizer = ((yaml.safe_load(recipe.read_text()) or {}).get("data") or {}).get("tokenizer")
+        if tokenizer and Path(tokenizer, "tokenizer.json").is_file():
+            return Path(tokenizer)
+    raise FileNotFoundError(f"{model_dir}: no tokenizer.json there and no usable data.tokenizer in its recipe.yaml; "
+                            "pass --tokenizer DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moetrain generate", description="Generate text from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint, run directory or Hugging Face model directory")
+    parser.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    parser.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    parser.add_argument("--system", default=None, help="a system message (with --chat)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no_cache", action="store_true", help="re-run the whole sequence every step (slow)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``moetrain generate``: print the prompt's continuation; returns the exit status (2 on bad input)."""
+    from moetrain.config import ConfigError
+    from moetrain.shards import ShardError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, ConfigError, ShardError) as err:
+        print(f"moetrain generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import moetrain
+    from moetrain.training.chat import ChatTemplate
+    from moetrain.training.tokenizer import load_tokenizer
+
+    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or args.max_new_tokens < 1:
+        raise ValueError("need 0 < --top_p <= 1, --temperature >= 0 and --max_new_tokens >= 1")
+    model_dir = resolve_model_dir(args.ckpt)
+    tokenizer = load_tokenizer(find_tokenizer(model_dir, args.tokenizer))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = moetrain.from_pretrained(model_dir, dtype=dtype, device=device)
+    stop_ids = {tokenizer.eos_id}
+    stop_text: Optional[str] = None
+    prompt = args.prompt
+    if args.chat:
+        template = ChatTemplate.from_tokenizer_dir(tokenizer.path)
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = template.render(messages, add_generation_prompt=True)
+        stop_text = template.end_of_turn()
+        end_id = tokenizer.tokenizer.token_to_id(stop_text) if stop_text else None
+        if end_id is not None:
+            stop_ids.add(end_id)
+    ids = tokenizer.encode_batch([prompt])[0]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_p,
+                   tuple(stop_ids), generator, use_cache=not args.no_cache)
+    text = tokenizer.decode(out.tolist())
+    if stop_text and stop_text in text:
+        text = text[: text.index(stop_text)]
+    elif text.endswith(tokenizer.tokenizer.id_to_token(tokenizer.eos_id) or "\0"):
+        text = text[: -len(tokenizer.tokenizer.id_to_token(tokenizer.eos_id))]
+    print(text)
+    sys.stdout.flush()
+    return 0

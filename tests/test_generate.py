@@ -1,0 +1,102 @@
+"""Generation: the KV-cached loop equals re-running the whole sequence, greedy equals transformers' generate on
+the same Hugging Face weights, top-p keeps exactly the nucleus, and ``moetrain generate`` on a fine-tuned chat
+checkpoint prints what the library decodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moetrain
+from moetrain.cli import main
+from moetrain.config import ModelConfig
+from moetrain.generate import generate, next_token, top_p_filter
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.training.chat import ChatTemplate
+from moetrain.training.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "data" / "examples"
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-moe", "tiny-mixtral", "tiny-deepseek-v2", "tiny-qwen3-moe"])
+def test_cached_greedy_equals_full_recompute(preset, randomize):
+    model = randomize(MoEForCausalLM(ModelConfig.from_preset(preset)))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7))
+    cached = generate(model, prompt, max_new_tokens=12)
+    full = generate(model, prompt, max_new_tokens=12, use_cache=False)
+    assert cached.tolist() == full.tolist() and len(cached) == 12
+
+
+def test_cached_sampling_equals_full_recompute_with_the_same_seed(randomize):
+    model = randomize(MoEForCausalLM(ModelConfig.from_preset("tiny-olmoe")))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    runs = [generate(model, prompt, 10, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3),
+                     use_cache=cache) for cache in (True, False)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_greedy_equals_transformers_generate(case, tiny_hf, save_hf):
+    hf = tiny_hf(case)
+    path = save_hf(hf)
+    ours = moetrain.from_pretrained(path)
+    prompt = torch.randint(0, hf.config.vocab_size, (1, 6))
+    # eos None and min_length: transformers must not stop early where we would not
+    expected = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           attention_mask=torch.ones_like(prompt))[0, 6:]
+    assert generate(ours, prompt, max_new_tokens=10).tolist() == expected.tolist()
+
+
+def naive_nucleus(probs: list[float], top_p: float) -> set[int]:
+    """Reference: add tokens from most to least likely until their mass reaches top_p."""
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda j: -probs[j]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i]
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_nucleus(top_p):
+    logits = torch.randn(4, 50) * 2
+    filtered = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    for row in range(4):
+        kept = set(torch.nonzero(torch.isfinite(filtered[row])).flatten().tolist())
+        assert kept == naive_nucleus(probs[row].tolist(), top_p)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+    # a tiny nucleus is the argmax, so sampling from it is greedy
+    assert torch.equal(next_token(logits, temperature=1.0, top_p=1e-6), logits.argmax(-1))
+
+
+def test_generate_command_on_a_chat_fine_tune(tmp_path, capsys):
+    run_dir = tmp_path / "chat-run"
+    code = main(["fit", "--config", str(REPO / "recipes" / "tiny.yaml"), f"--trainer.default_root_dir={run_dir}",
+                 f"--data.path={EXAMPLES / 'chat.jsonl'}", f"--data.tokenizer={EXAMPLES / 'tokenizer'}",
+                 "--data.val_path=null", "--data.seq_len=64", "--trainer.max_steps=2"])
+    assert code == 0
+    capsys.readouterr()
+    question = "What is two plus three?"
+    assert main(["generate", "--ckpt", str(run_dir), "--prompt", question, "--chat", "--max_new_tokens", "12"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+
+    # the same decode through the library: the checkpoint's weights, the chat template, greedy
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "last").read_text().strip()
+    tokenizer = load_tokenizer(EXAMPLES / "tokenizer")
+    template = ChatTemplate.from_tokenizer_dir(EXAMPLES / "tokenizer")
+    prompt = template.render([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode_batch([prompt])[0]])
+    end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+    new = generate(moetrain.from_pretrained(ckpt), ids, 12, stop_ids=(tokenizer.eos_id, end), use_cache=False)
+    expected = tokenizer.decode(new.tolist()).split("<|im_end|>")[0]
+    assert printed == expected.removesuffix("<|endoftext|>")
+
+
+def test_generate_command_bad_input(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "no such directory" in capsys.readouterr().err
