@@ -29,11 +29,12 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from moetrain.models.decoder import IGNORE_INDEX
 from moetrain.training.chat import ChatTemplate
 from moetrain.training.records import DataError, DataReport, Document, encode_file, iter_lines
+from moetrain.training.sampler import ResumableSampler
 from moetrain.training.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = ["DataError", "DataReport", "TextDataModule", "encode_records", "pack_documents", "pad_documents"]
@@ -205,29 +206,7 @@ def split_validation(docs: list[Document], fraction: float, seed: int) -> tuple[
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of the rows that depends only on ``seed`` and the epoch (Lightning calls ``set_epoch``).
-
-    Shuffling does not touch the global RNG, so model initialisation and data order are independent.
-    """
-
-    def __init__(self, num_rows: int, seed: int, shuffle: bool = True) -> None:
-        self.num_rows = num_rows
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_rows))
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_rows, generator=gen).tolist())
+EpochShuffleSampler = ResumableSampler  # the earlier name; the sampler lives in its own module now
 
 
 class TextDataModule(L.LightningDataModule):
