@@ -240,6 +240,9 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
     # main(argv) called from Python (tests, notebooks) while sys.argv holds the host program's arguments
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     cli_class = _build_cli_class()
+    from moetrain.training import signals
+
+    signals.clear()
     try:
         cli_class(
             MoETrainingModule, TextDataModule, args=None if from_sys_argv else argv, seed_everything_default=0,
@@ -251,7 +254,7 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         return _fail(_parser_error_message(err, argv))
     except (ConfigError, DataError, ShardError, InputError) as err:
         return _fail(str(err))
-    return 0
+    return signals.exit_status()  # 128 + signal when SIGTERM/Ctrl-C stopped training (after its checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- tools

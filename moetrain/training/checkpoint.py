@@ -3,27 +3,36 @@
 Layout of a run directory's ``checkpoints/``::
 
     step-<N>/
-        model-0000i-of-0000n.safetensors     Hugging Face names (the family's layout), streamed shard by shard
+        model-0000i-of-0000n.safetensors     Hugging Face names (the family's layout), fp32 master values
         model.safetensors.index.json
         config.json                          the family's Hugging Face config (when the family can express it)
         moetrain_config.json                 the exact ModelConfig
         recipe.yaml                          the resolved recipe of the run (when run from the CLI)
-        optimizer-0000i-of-0000n.safetensors optimizer tensors, named by their path in the state dict
+        optimizer-0000i-of-0000n.safetensors AdamW moments by parameter name (see optimizer_state)
         optimizer.safetensors.index.json
-        optimizer.json                       the optimizer state's structure (non-tensor values inline)
-        trainer_state.json                   step, epoch, tokens and Lightning's loop counters
+        optimizer.json                       per-parameter step counts, the offload engine's lr history
+        trainer_state.json                   step, data position, RNG, callback states (see trainer_state)
+        tokenizer files                      copied from data.tokenizer, so that an export is complete
     last                                     a text file holding the newest complete ``step-<N>`` name
 
-A checkpoint is written as ``step-<N>.tmp/`` and renamed when complete; ``last`` is replaced by a
-rename too. A crash at any moment leaves either the previous checkpoint or the new one, never a
-half-written directory behind ``last``.
+Saving streams: model tensors are taken where they live (GPU, pinned host, NVMe through the offload
+engine's ``named_master_tensors``) and a shard is written as soon as it is full, so a save adds about
+two shards to host memory (the shard's tensors and safetensors' serialisation of them).
+
+A checkpoint is written as ``step-<N>.tmp/``, every file fsynced, the directory renamed to ``step-<N>``
+and fsynced; only then is ``last`` replaced (by a rename too), and older checkpoints beyond
+``keep_last`` are deleted. A process killed at any moment leaves ``last`` naming a complete checkpoint.
+
+Loading checks first (:func:`verify_checkpoint`): every shard's safetensors header is read and its
+length compared with the file, every tensor named in an index must be in its shard, the model config
+must match. A failure names the file or tensor and says what to do; nothing is written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -34,56 +43,53 @@ import torch
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.shards import iter_sharded, write_sharded
+from moetrain.shards import ShardError, read_weight_map, write_sharded
+from moetrain.training import signals, trainer_state
+from moetrain.training.atomic import fsync_dir, write_text
+from moetrain.training.optimizer_state import OPTIMIZER_PREFIX, save_optimizer
 
 CHECKPOINTS_DIR = "checkpoints"
 LAST_FILE = "last"
 MOETRAIN_CONFIG = "moetrain_config.json"
 HF_CONFIG = "config.json"
 RECIPE_FILE = "recipe.yaml"
-OPTIMIZER_PREFIX = "optimizer"
-OPTIMIZER_STRUCTURE = "optimizer.json"
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = trainer_state.TRAINER_STATE
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json")
+
+_write_text = write_text  # the earlier private name
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step}"
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
 
 
 # ---------------------------------------------------------------------------------------------- model
 def model_tensors(model: MoEForCausalLM, optimizer: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(Hugging Face name, tensor)`` for every saved tensor of ``model``.
+    """Yield ``(Hugging Face name, tensor)`` for every saved tensor of ``model``, one at a time.
 
-    Parameters whose fp32 master copy lives in the optimizer (``optimizer.named_master_tensors()``)
-    are taken from there; a tied ``lm_head.weight`` is left out, as transformers does.
+    Parameters whose fp32 master copy lives in the optimizer (``optimizer.named_master_tensors()``,
+    streamed record by record) come from there; the rest from the model, where they live. A tied
+    ``lm_head.weight`` is left out, as transformers does.
     """
-    masters: dict[str, torch.Tensor] = {}
+    family = model.config.family
+    done: set[str] = set()
     named_masters = getattr(optimizer, "named_master_tensors", None)
     if callable(named_masters):
-        masters = dict(named_masters())
-    family = model.config.family
+        for name, tensor in named_masters():
+            done.add(name)
+            yield keymap.to_hf_name(family, name), tensor
     for name, tensor in model.state_dict().items():
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
+        if name in done or (model.config.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        yield keymap.to_hf_name(family, name), masters.get(name, tensor).detach()
+        yield keymap.to_hf_name(family, name), tensor.detach()
 
 
 def _hf_config(config: ModelConfig, dtype: torch.dtype) -> Optional[dict[str, Any]]:
@@ -98,69 +104,140 @@ def _hf_config(config: ModelConfig, dtype: torch.dtype) -> Optional[dict[str, An
         return None  # e.g. a moetrain-only knob; moetrain_config.json still rebuilds the model
 
 
+# ---------------------------------------------------------------------------------------------- checks
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def shard_header(path: Path) -> dict[str, Any]:
+    """The safetensors header of ``path``, checked against the file's length (catches truncation).
+
+    Raises:
+        ShardError: missing, truncated, or a header that does not describe the file.
+    """
+    what = "resume from an earlier checkpoint (checkpoints/step-<N>) or re-save this one"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ShardError(f"{path}: {size} bytes, too short for a safetensors file; the shard is truncated. "
+                                 f"{what}")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise ShardError(f"{path}: header of {n} bytes runs past the end of the {size}-byte file; the shard "
+                                 f"is truncated or corrupted. {what}")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file is missing; the checkpoint is incomplete. {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ShardError(f"{path}: the safetensors header is not valid JSON; the shard is corrupted. {what}") from None
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: the safetensors header is not a JSON object; the shard is corrupted. {what}")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            nbytes = numel * _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(f"{path}: tensor {name!r} has a malformed header entry; the shard is corrupted. "
+                             f"{what}") from None
+        if stop - begin != nbytes:
+            raise ShardError(f"{path}: tensor {name!r} spans {stop - begin} bytes but its shape needs {nbytes}; the "
+                             f"shard is corrupted. {what}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise ShardError(f"{path}: the header describes {8 + n + end} bytes but the file has {size}; the shard is "
+                         f"truncated or corrupted. {what}")
+    return header
+
+
+def verify_shards(ckpt_dir: Path, prefix: str) -> dict[str, str]:
+    """Check every shard of ``prefix`` in ``ckpt_dir`` (headers, lengths, names in the index); returns the map."""
+    weight_map = read_weight_map(ckpt_dir, prefix)
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    for fname, names in sorted(by_file.items()):
+        header = shard_header(ckpt_dir / fname)
+        absent = [n for n in names if n not in header]
+        if absent:
+            raise ShardError(f"{ckpt_dir / fname}: {prefix}.safetensors.index.json names tensor {absent[0]!r} but the "
+                             f"shard does not hold it ({len(absent)} missing); the checkpoint is corrupted, resume "
+                             "from an earlier one")
+    return weight_map
+
+
+def verify_checkpoint(ckpt_dir: str | Path, optimizer: bool = True) -> ModelConfig:
+    """Check a checkpoint before anything is loaded from it; returns its model config.
+
+    Raises:
+        ShardError: a missing, truncated or corrupted file, or an index naming an absent tensor.
+        ConfigError: no or an unreadable ``moetrain_config.json``; tensors of the wrong shape.
+    """
+    from moetrain.models.hf import state_shapes
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        config = ModelConfig.load(ckpt_dir / MOETRAIN_CONFIG)
+    except FileNotFoundError:
+        raise ConfigError(f"{ckpt_dir}: no {MOETRAIN_CONFIG}; not a complete moetrain checkpoint (pass a "
+                          "checkpoints/step-<N> directory or 'last')") from None
+    weight_map = verify_shards(ckpt_dir, "model")
+    shapes = state_shapes(config)
+    expected = {keymap.to_hf_name(config.family, n) for n in shapes
+                if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    missing = sorted(expected - set(weight_map))
+    if missing:
+        raise ShardError(f"{ckpt_dir / 'model.safetensors.index.json'}: lacks {len(missing)} tensor(s) the model of "
+                         f"{MOETRAIN_CONFIG} needs ({', '.join(missing[:3])}); the checkpoint is incomplete, resume "
+                         "from an earlier one")
+    if optimizer:
+        verify_shards(ckpt_dir, OPTIMIZER_PREFIX)
+        from moetrain.training.optimizer_state import read_meta
+
+        read_meta(ckpt_dir)
+        trainer_state.read(ckpt_dir)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- load
+@torch.no_grad()
+def load_weights_into(model: MoEForCausalLM, ckpt_dir: str | Path) -> None:
+    """Stream a checkpoint's weights into ``model`` shard by shard (shapes checked; casts to each parameter)."""
+    from moetrain.models.hf import load_weights
+
+    load_weights(model, ckpt_dir)
+
+
 def load_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:
     """Rebuild the model saved in checkpoint directory ``ckpt_dir`` (strict: every tensor must be present)."""
+    from moetrain.models.hf import empty_model
+
     ckpt_dir = Path(ckpt_dir)
-    config = ModelConfig.load(ckpt_dir / MOETRAIN_CONFIG)
-    model = MoEForCausalLM(config)
-    state = {keymap.from_hf_name(config.family, name): tensor for name, tensor in iter_sharded(ckpt_dir)}
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = sorted(set(model.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise ConfigError(f"{ckpt_dir}: checkpoint does not match its {MOETRAIN_CONFIG} (missing: "
-                          f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})")
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype)
+    config = verify_checkpoint(ckpt_dir, optimizer=False)
+    model = empty_model(config, dtype=dtype).train()
+    load_weights_into(model, ckpt_dir)
+    return model
 
 
-# ---------------------------------------------------------------------------------------------- optimizer
-def _split_state(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON-able structure of ``obj`` with every tensor replaced by ``{"__tensor__": name}``.
+def load_optimizer_state(ckpt_dir: str | Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """``({param: step}, {"<param>.exp_avg": tensor, ...})`` saved in ``ckpt_dir`` (tensors on the CPU)."""
+    from moetrain.training.optimizer_state import read_optimizer_state
 
-    Dicts keep their key types (optimizer states are keyed by int) as ``{"__dict__": [[key, value], ...]}``.
-    """
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj
-        return {"__tensor__": path}
-    if isinstance(obj, dict):
-        return {"__dict__": [[k, _split_state(v, f"{path}.{k}" if path else str(k), tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        items = [_split_state(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    return obj
+    return read_optimizer_state(ckpt_dir)
 
 
-def _join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`_split_state`."""
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(_join_state(v, tensors) for v in obj["__tuple__"])
-        return {k: _join_state(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, list):
-        return [_join_state(v, tensors) for v in obj]
-    return obj
+# ---------------------------------------------------------------------------------------------- save
+def _copy_file(src: Path, dst: Path) -> None:
+    write_text(dst, src.read_text()) if src.suffix in (".json", ".txt") else shutil.copyfile(src, dst)
 
 
-def save_optimizer_state(state: dict[str, Any], out_dir: Path, max_shard_bytes: int) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    structure = _split_state(state, "", tensors)
-    write_sharded(tensors.items(), out_dir, prefix=OPTIMIZER_PREFIX, max_shard_bytes=max_shard_bytes)
-    _write_text(out_dir / OPTIMIZER_STRUCTURE, json.dumps(structure) + "\n")
-
-
-def load_optimizer_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The optimizer state dict saved in ``ckpt_dir`` (tensors on the CPU)."""
-    ckpt_dir = Path(ckpt_dir)
-    structure = json.loads((ckpt_dir / OPTIMIZER_STRUCTURE).read_text())
-    tensors = dict(iter_sharded(ckpt_dir, prefix=OPTIMIZER_PREFIX))
-    return _join_state(structure, tensors)
-
-
-# ---------------------------------------------------------------------------------------------- whole checkpoint
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -169,35 +246,62 @@ def save_checkpoint(
     trainer_state: Optional[dict[str, Any]] = None,
     recipe: Optional[str] = None,
     max_shard_bytes: int = 2 * 2**30,
+    keep_last: int = 0,
+    tokenizer_dir: Optional[str | Path] = None,
 ) -> Path:
-    """Write ``<run_dir>/checkpoints/step-<step>/`` and point ``checkpoints/last`` at it; returns the directory.
+    """Write ``<run_dir>/checkpoints/step-<step>/``, point ``checkpoints/last`` at it and rotate; returns the directory.
 
-    ``optimizer`` is a :class:`~moetrain.training.optim.TrainOptimizer` (or None to skip its state).
+    Args:
+        optimizer: a :class:`~moetrain.training.optim.TrainOptimizer` (or None to skip its state).
+        trainer_state: the resume state (:func:`moetrain.training.trainer_state.capture`).
+        keep_last: keep this many newest checkpoints (0: all).
+        tokenizer_dir: copy its tokenizer files into the checkpoint.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from a crash while writing
-    tmp.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale)  # left over from a process killed while writing
+    tmp.mkdir()
     write_sharded(model_tensors(model, optimizer), tmp, prefix="model", max_shard_bytes=max_shard_bytes)
     dtype = next(model.parameters()).dtype
     hf_config = _hf_config(model.config, dtype)
     if hf_config is not None:
-        _write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
-    model.config.save(tmp / MOETRAIN_CONFIG)
+        write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
+    write_text(tmp / MOETRAIN_CONFIG, json.dumps(model.config.to_dict(), indent=2) + "\n")
     if recipe is not None:
-        _write_text(tmp / RECIPE_FILE, recipe)
+        write_text(tmp / RECIPE_FILE, recipe)
     if optimizer is not None:
-        save_optimizer_state(optimizer.state_dict(), tmp, max_shard_bytes)
-    _write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
-    _fsync_dir(tmp)
+        save_optimizer(optimizer, model, tmp, max_shard_bytes, step_index=step)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                _copy_file(Path(tokenizer_dir) / name, tmp / name)
+    # trainer_state.json last: its presence marks a checkpoint whose every other file is written
+    write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)  # the same step saved again (a re-run into the same directory)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_text(root / LAST_FILE, final.name + "\n")
+    tmp.rename(final)
+    fsync_dir(root)
+    write_text(root / LAST_FILE, final.name + "\n")
+    fsync_dir(root)
+    if keep_last > 0:
+        rotate(root, keep_last)
     return final
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints older than the ``keep_last`` newest (never the one ``last`` names)."""
+    current = (root / LAST_FILE).read_text().strip() if (root / LAST_FILE).is_file() else None
+    steps = sorted((s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None)
+    removed = []
+    for _, path in steps[:-keep_last]:
+        if path.name != current:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
@@ -214,61 +318,93 @@ def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
         ckpt = pointer.parent / pointer.read_text().strip()
     else:
         ckpt = Path(path)
+        if (ckpt / CHECKPOINTS_DIR / LAST_FILE).is_file():  # a run directory
+            return resolve_checkpoint("last", ckpt)
     if not (ckpt / MOETRAIN_CONFIG).is_file():
         raise ConfigError(f"--ckpt_path: {ckpt} is not a complete moetrain checkpoint (no {MOETRAIN_CONFIG}); "
                           "pass a checkpoints/step-<N> directory or 'last'")
     return ckpt
 
 
-def _trainer_state(trainer: L.Trainer, tokens: int) -> dict[str, Any]:
-    state: dict[str, Any] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "tokens": tokens}
-    try:  # Lightning's loop counters; a later resume restores them exactly
-        state["fit_loop"] = json.loads(json.dumps(trainer.fit_loop.state_dict()))
-    except (TypeError, ValueError):
-        pass
-    return state
-
-
+# ---------------------------------------------------------------------------------------------- callback
 class CheckpointCallback(L.Callback):
-    """Save a checkpoint every ``every_n_steps`` optimizer steps and at the end of training (``checkpoint:``)."""
+    """Save a checkpoint every ``every_n_steps`` optimizer steps, at the end of training, and on SIGTERM/Ctrl-C
+    (the ``checkpoint:`` section of a recipe)."""
 
-    def __init__(self, every_n_steps: int = 0, max_shard_mb: int = 2048, save_final: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 0, max_shard_mb: int = 2048, save_final: bool = True,
+                 keep_last: int = 0, save_on_signal: bool = True) -> None:
         """
         Args:
             every_n_steps: save every this many optimizer steps (0: only at the end).
             max_shard_mb: size of one safetensors shard in MiB.
             save_final: save when training ends.
+            keep_last: keep only this many newest checkpoints (0: keep all).
+            save_on_signal: on SIGTERM or Ctrl-C, finish the optimizer step, save and stop.
         """
-        if every_n_steps < 0 or max_shard_mb <= 0:
-            raise ConfigError("checkpoint.every_n_steps must be >= 0 and checkpoint.max_shard_mb > 0")
+        if every_n_steps < 0 or max_shard_mb <= 0 or keep_last < 0:
+            raise ConfigError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0 and "
+                              "checkpoint.max_shard_mb > 0")
         self.every_n_steps = every_n_steps
         self.max_shard_bytes = max_shard_mb * 2**20
+        self.keep_last = keep_last
         self.save_final = save_final
+        self.save_on_signal = save_on_signal
         self.saved_step = -1
         self._tokens = 0
         self._seen_step = -1
+        self._epoch = 0  # the epoch being trained (Lightning's counter moves on when max_steps ends one early)
+        self._epoch_batches = 0
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches consumed in it) of a resumed run
 
+    # ------------------------------------------------------------------ resume
+    def resume_position(self, epoch: int, batches_in_epoch: int, tokens: int) -> None:
+        """Called by :func:`moetrain.training.trainer_state.restore`: where the resumed run starts."""
+        self._resume = (epoch, batches_in_epoch)
+        self._tokens = tokens
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch, self._epoch_batches = trainer.current_epoch, 0
+        if self._resume is not None and self._resume[0] == trainer.current_epoch:
+            self._epoch_batches = self._resume[1]
+        self._resume = None
+
+    # ------------------------------------------------------------------ saving
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self.saved_step or step == 0 or not trainer.is_global_zero:
             return
+        datamodule = getattr(trainer, "datamodule", None)
         save_checkpoint(
             trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
-            trainer_state=_trainer_state(trainer, self._tokens), recipe=getattr(pl_module, "resolved_recipe", None),
-            max_shard_bytes=self.max_shard_bytes,
+            trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches,
+                                                self._tokens),
+            recipe=getattr(pl_module, "resolved_recipe", None), max_shard_bytes=self.max_shard_bytes,
+            keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
         )
         self.saved_step = step
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_on_signal:
+            signals.install()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._epoch_batches += 1
         stats = getattr(pl_module, "last_step", None)
-        if stats is None or stats.step == self._seen_step:
-            return
+        if stats is None or stats.step == self._seen_step or getattr(pl_module, "_micro", 0) != 0:
+            return  # a micro-batch inside an accumulation group: no consistent state to save
         self._seen_step = stats.step
         self._tokens += stats.tokens
         if self.every_n_steps and stats.step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
+        if self.save_on_signal and signals.requested() is not None:
+            self._save(trainer, pl_module)
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_final:
             self._save(trainer, pl_module)
+        signals.uninstall()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        signals.uninstall()

@@ -18,7 +18,6 @@ Trainer's own ``accumulate_grad_batches`` must stay 1.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,10 @@ from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.checkpoint import TRAINER_STATE, load_model, load_optimizer_state
+from moetrain.training import trainer_state
+from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
 from moetrain.training.optim import OptimizerConfig, TrainOptimizer, lr_at
+from moetrain.training.optimizer_state import load_optimizer
 
 
 class OptimizerStepAdapter(torch.optim.Optimizer):
@@ -182,34 +183,37 @@ class MoETrainingModule(L.LightningModule):
         self.train_optimizer = build_optimizer(self.model, self.optim_cfg, self.offload_cfg)
         self.total_steps = self._schedule_steps()
         if self._resume_dir is not None:
-            self.train_optimizer.load_state_dict(load_optimizer_state(self._resume_dir))
+            load_optimizer(self.train_optimizer, self.model, self._resume_dir)
         return OptimizerStepAdapter(self.train_optimizer, [p for p in self.model.parameters() if p.requires_grad])
 
     # ------------------------------------------------------------------ checkpoints
     def load_weights_from(self, ckpt_dir: str | Path) -> None:
-        """Copy the model weights of a moetrain checkpoint into this module's model (shapes must match)."""
-        saved = load_model(ckpt_dir)
-        if saved.config.to_dict() | {"eos_token_id": None} != self.model_config.to_dict() | {"eos_token_id": None}:
-            raise ConfigError(f"{ckpt_dir}: the checkpoint's model config differs from the recipe's model section; "
-                              "resume with the recipe the checkpoint was trained with (its recipe.yaml)")
-        self.model.load_state_dict(saved.state_dict())
+        """Stream the model weights of a moetrain checkpoint into this module's model (shapes must match)."""
+        saved = verify_checkpoint(ckpt_dir, optimizer=False)
+        if saved.to_dict() | {"eos_token_id": None} != self.model_config.to_dict() | {"eos_token_id": None}:
+            diff = sorted(k for k, v in saved.to_dict().items()
+                          if k != "eos_token_id" and v != self.model_config.to_dict().get(k))
+            raise ConfigError(f"{ckpt_dir}: the checkpoint's model config differs from the recipe's model section "
+                              f"({', '.join(diff[:4])}); resume with the recipe the checkpoint was trained with "
+                              "(its recipe.yaml)")
+        load_weights_into(self.model, ckpt_dir)
 
     def resume_from(self, ckpt_dir: str | Path) -> None:
         """Continue training from a checkpoint: weights now, optimizer state and step count when training starts.
 
-        This restores the model, the optimizer and the step (so the schedule and ``max_steps`` continue);
-        the data order restarts at the beginning of an epoch.
+        The whole checkpoint is checked first (nothing is loaded from a damaged one). Then the model
+        weights load now; the optimizer state in ``configure_optimizers``; the step, the data position
+        inside the epoch, RNG and callback states in ``on_train_start`` (see
+        :mod:`moetrain.training.trainer_state`), so that the run continues exactly as if uninterrupted.
         """
+        verify_checkpoint(ckpt_dir)
         self.load_weights_from(ckpt_dir)
         self._resume_dir = Path(ckpt_dir)
 
     def on_train_start(self) -> None:
         if self._resume_dir is None:
             return
-        state = json.loads((self._resume_dir / TRAINER_STATE).read_text())
-        # Lightning has no public setter for global_step; under manual optimization it is this counter
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
-        progress.ready = progress.completed = int(state["step"])
+        trainer_state.restore(self.trainer, self, trainer_state.read(self._resume_dir))
 
     def _schedule_steps(self) -> int:
         """Length of the cosine schedule in optimizer steps."""

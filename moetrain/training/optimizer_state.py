@@ -1,0 +1,201 @@
+"""Optimizer state on disk, keyed by parameter name, the same for every tier.
+
+A checkpoint holds, for every trainable parameter that has AdamW state::
+
+    optimizer-0000i-of-0000n.safetensors   "<param>.exp_avg", "<param>.exp_avg_sq"  (fp32, the parameter's shape)
+    optimizer.safetensors.index.json
+    optimizer.json                          {"format", "steps": {param: AdamW step count}, "step_index",
+                                             "lr_history"}
+
+``<param>`` is the model's internal parameter name (``model.layers.0.mlp.experts.3.up_proj.weight``).
+Because nothing depends on how the optimizer groups or pages its parameters, a checkpoint written with
+``tier: none`` (``torch.optim.AdamW`` over every parameter) resumes under ``tier: cpu`` or ``nvme``
+(dense AdamW plus paged expert records) and back. A parameter without state (an expert that never got
+a token) is absent or has step 0; both mean what ``torch.optim.AdamW`` means by no state.
+
+Saving streams: dense moments are referenced where they live, expert moments come one record at a
+time from :meth:`~moetrain.offload.optim.ExpertOffloadOptimizer.named_optimizer_tensors`. Loading
+reads the dense part into the dense AdamW and streams the expert part, shard by shard, into the
+expert store (pinned memory or swap files), never holding all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moetrain.config import ConfigError
+from moetrain.shards import ShardError, read_weight_map, write_sharded
+from moetrain.training.atomic import write_text
+
+OPTIMIZER_PREFIX = "optimizer"
+OPTIMIZER_JSON = "optimizer.json"
+FORMAT = "moetrain-adamw-by-name-v1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _torch_adamw(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.AdamW`` that holds the non-expert state (DenseAdamW.opt, or the offload engine's dense)."""
+    inner = getattr(optimizer, "dense", None) or getattr(optimizer, "opt", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{type(optimizer).__name__} has neither a .dense nor an .opt torch optimizer")
+    return inner
+
+
+def _is_offload(optimizer: Any) -> bool:
+    return callable(getattr(optimizer, "named_optimizer_tensors", None))
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_optimizer(optimizer: Any, model: nn.Module, out_dir: Path, max_shard_bytes: int, step_index: int) -> None:
+    """Write ``optimizer``'s state into ``out_dir`` in the by-name format (tensors stream shard by shard)."""
+    dense = _torch_adamw(optimizer)
+    names = _param_names(model)
+    steps: dict[str, int] = {}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for group in dense.param_groups:
+            for p in group["params"]:
+                state = dense.state.get(p)
+                if not state:
+                    continue
+                name = names[id(p)]
+                steps[name] = int(state["step"])
+                for part in MOMENTS:
+                    yield f"{name}.{part}", state[part].detach()
+        if _is_offload(optimizer):
+            steps.update(optimizer.expert_steps())
+            yield from optimizer.named_optimizer_tensors()
+
+    write_sharded(tensors(), out_dir, prefix=OPTIMIZER_PREFIX, max_shard_bytes=max_shard_bytes)
+    meta = {"format": FORMAT, "step_index": step_index, "steps": dict(sorted(steps.items())),
+            "lr_history": list(getattr(optimizer, "lr_history", []))}
+    write_text(out_dir / OPTIMIZER_JSON, json.dumps(meta) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- load
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / OPTIMIZER_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path} is missing; the checkpoint holds no optimizer state. Resume from another "
+                         "checkpoint, or start from its weights with model.init_from instead") from None
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}); the checkpoint is corrupted, "
+                         "resume from an earlier one") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} optimizer state (format {meta.get('format')!r}); it was written "
+                         "by another version, start from its weights with model.init_from instead")
+    return meta
+
+
+def iter_named(
+    ckpt_dir: Path, wanted: Iterable[str], prefix: str = OPTIMIZER_PREFIX
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of ``wanted`` that the shard set holds, one shard open at a time."""
+    from moetrain.shards import _open  # the shard reader with file-naming errors
+
+    weight_map = read_weight_map(ckpt_dir, prefix)
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        if name in weight_map:
+            by_file.setdefault(weight_map[name], []).append(name)
+    for fname in sorted(by_file):
+        path = ckpt_dir / fname
+        with _open(path) as f:
+            present = set(f.keys())
+            for name in by_file[fname]:
+                if name not in present:
+                    raise ShardError(f"{path}: the index names tensor {name!r} but the shard does not hold it; the "
+                                     "checkpoint is corrupted, resume from an earlier one")
+                try:
+                    yield name, f.get_tensor(name)
+                except Exception as err:
+                    raise ShardError(f"{path}: tensor {name!r} cannot be read ({err}); the shard is truncated or "
+                                     "corrupted, resume from an earlier checkpoint") from None
+
+
+def _check_shape(ckpt_dir: Path, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ShardError(f"{ckpt_dir}: optimizer tensor {name!r} has shape {tuple(tensor.shape)} but the model's "
+                         f"parameter has {tuple(shape)}; the checkpoint is of another model shape")
+
+
+def _load_torch_adamw(dense: torch.optim.Optimizer, model: nn.Module, ckpt_dir: Path, steps: dict[str, int]) -> None:
+    """Rebuild ``dense``'s state from the by-name tensors of its parameters."""
+    names = _param_names(model)
+    params = {names[id(p)]: p for group in dense.param_groups for p in group["params"]}
+    wanted = [f"{n}.{part}" for n in params if steps.get(n, 0) > 0 for part in MOMENTS]
+    loaded = dict(iter_named(ckpt_dir, wanted))
+    current = dense.state_dict()
+    index = {names[id(p)]: i for i, p in enumerate(p for g in dense.param_groups for p in g["params"])}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name in params:
+        if steps.get(name, 0) == 0:
+            continue  # no state, as torch.optim.AdamW has before a parameter's first step
+        entry = {"step": torch.tensor(float(steps[name]), dtype=torch.float32)}
+        for part in MOMENTS:
+            key = f"{name}.{part}"
+            if key not in loaded:
+                raise ShardError(f"{ckpt_dir}: optimizer state of {name!r} (step {steps[name]}) lacks {key!r} in "
+                                 "optimizer.safetensors.index.json; the checkpoint is incomplete, resume from an "
+                                 "earlier one")
+            _check_shape(ckpt_dir, key, loaded[key], params[name].shape)
+            entry[part] = loaded[key]
+        state[index[name]] = entry
+    dense.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def load_optimizer(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> None:
+    """Restore ``optimizer`` (any tier) from the by-name state in ``ckpt_dir``.
+
+    Raises:
+        ShardError: missing, truncated or mis-shaped state (names the file and tensor).
+        ConfigError: the state names parameters this model does not have.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
+    model_params = dict(model.named_parameters())
+    unknown = sorted(set(steps) - set(model_params))
+    if unknown:
+        raise ConfigError(f"{ckpt_dir / OPTIMIZER_JSON}: optimizer state for {len(unknown)} parameter(s) this model "
+                          f"does not have ({', '.join(unknown[:3])}); resume with the recipe the checkpoint was "
+                          "trained with (its recipe.yaml)")
+    dense = _torch_adamw(optimizer)
+    _load_torch_adamw(dense, model, ckpt_dir, steps)
+    if not _is_offload(optimizer):
+        return
+    experts = sorted(model.expert_parameter_names())
+    step_index = int(meta["step_index"])
+    history = list(meta.get("lr_history") or [])
+    # from tier none there is no history; every expert is caught up to step_index, so none is read
+    history = history + [0.0] * (step_index - len(history))
+    optimizer.load_state_dict({"dense": dense.state_dict(), "expert_steps": {n: steps.get(n, 0) for n in experts},
+                               "lr_history": history, "step_index": step_index})
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in iter_named(ckpt_dir, [f"{n}.{part}" for n in experts for part in MOMENTS]):
+            _check_shape(ckpt_dir, key, tensor, model_params[key.rsplit(".", 1)[0]].shape)
+            yield key, tensor
+
+    optimizer.load_expert_tensors(checked())
+
+
+def read_optimizer_state(ckpt_dir: str | Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """``({param: step}, {"<param>.exp_avg" | "<param>.exp_avg_sq": tensor})`` of a checkpoint (all in memory;
+    for tests and inspection)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    names = read_weight_map(ckpt_dir, OPTIMIZER_PREFIX)
+    return {k: int(v) for k, v in meta["steps"].items()}, dict(iter_named(ckpt_dir, names))
