@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from moetrain.offload.ops import load_cpu_adam
 from moetrain.training.optim import OptimizerConfig
 
 
@@ -84,15 +85,15 @@ def step_tensors(steps: list[int], device: torch.device) -> list[torch.Tensor]:
 class CpuAdam:
     """DeepSpeed's vectorised CPU AdamW (``cpu_adam`` op), stepping fp32 tensors in host memory in place.
 
-    The op is JIT-built on first use (about a minute; cached under torch's extensions folder).
+    The op is JIT-built on first use (a few minutes on 2 cores; cached per environment, see
+    :mod:`moetrain.offload.ops`).
     """
 
     _next_id = 10_000  # away from DeepSpeedCPUAdam's own counter
 
     def __init__(self, cfg: OptimizerConfig) -> None:
-        from deepspeed.ops.op_builder import CPUAdamBuilder
         self.cfg = cfg
-        self.op = CPUAdamBuilder().load(verbose=False)
+        self.op = load_cpu_adam()
         self.opt_id = CpuAdam._next_id
         CpuAdam._next_id += 1
         self.op.create_adam(self.opt_id, cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay, True, False)

@@ -9,6 +9,10 @@
   event; backward-time prefetch polls the event (``query``: never blocks) and pages in the state of the
   experts that layer has used so far. State does not change until its step, so any page-in after the
   routing is known is valid.
+
+With compute weights resident, what must move before a step is the state of the experts that were
+actually used, which the trace gives exactly; so prefetch is driven by the trace, and the look-ahead
+is measured (its precision and recall are what paging compute weights per expert would rely on).
 """
 
 from __future__ import annotations

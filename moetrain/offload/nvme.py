@@ -96,8 +96,8 @@ class AioBackend:
     name = "aio"
 
     def __init__(self, file: Path, block_size: int, queue_depth: int) -> None:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-        op = AsyncIOBuilder().load(verbose=False)
+        from moetrain.offload.ops import load_async_io
+        op = load_async_io()
         self.file = str(file)
         self.reader = op.aio_handle(block_size, queue_depth, False, True, 1)
         self.writer = op.aio_handle(block_size, queue_depth, False, True, 1)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from offload_harness import OPTIM, STEPS, batches, clone, max_diff, tiny_model, train, zero_idle_expert_grads
+from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train, zero_idle_expert_grads
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
@@ -45,8 +45,9 @@ def test_exported_state_equals_torch_adamw_state(idle):
 
 @pytest.mark.parametrize("tier,idle", [("cpu", "skip"), ("nvme", "dense")])
 def test_resume_from_streamed_state_is_exact(tmp_path, tier, idle):
-    base, data = tiny_model(), batches()
-    half = STEPS // 2
+    total = 12  # 6 steps, export, 6 more
+    base, data = tiny_model(), batches(steps=total)
+    half = total // 2
     cfg = dict(tier=tier, idle_experts=idle, gpu_slots=4)
 
     def offload(sub: str) -> OffloadConfig:
@@ -56,13 +57,13 @@ def test_resume_from_streamed_state_is_exact(tmp_path, tier, idle):
 
     whole = clone(base)
     opt = build_optimizer(whole, OPTIM, offload("whole"))
-    train(whole, opt, data)
+    train(whole, opt, data, total=total)
     opt.finalize()
     opt.close()
 
     first = clone(base)
     opt = build_optimizer(first, OPTIM, offload("first"))
-    train(first, opt, data[:half * 2], total=STEPS)
+    train(first, opt, data[:half * 2], total=total)
     meta = copy.deepcopy(opt.state_dict(include_expert_tensors=False))
     tensors = list(opt.named_master_tensors()) + list(opt.named_optimizer_tensors())
     dense_weights = {n: p.detach().clone() for n, p in first.named_parameters()
@@ -74,7 +75,7 @@ def test_resume_from_streamed_state_is_exact(tmp_path, tier, idle):
     opt = build_optimizer(second, OPTIM, offload("second"))
     opt.load_state_dict(meta)
     opt.load_expert_tensors(tensors)
-    train(second, opt, data[half * 2:], start=half, total=STEPS)
+    train(second, opt, data[half * 2:], start=half, total=total)
     opt.finalize()
     opt.close()
     assert max_diff(second, whole) == 0.0

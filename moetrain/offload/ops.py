@@ -1,0 +1,38 @@
+"""Loading DeepSpeed's JIT-built ops (``cpu_adam``, ``async_io``) with a build cache per Python environment.
+
+torch caches JIT extensions in ``~/.cache/torch_extensions/py<ver>_<cuda>/<op>``; two virtual
+environments with the same Python share that folder but compile with their own include paths, so
+each one's load rebuilds the op the other just built (minutes on a small machine). Unless
+``TORCH_EXTENSIONS_DIR`` is set, the ops are cached in a subfolder of that default keyed by the
+environment (``sys.prefix``), so every environment builds once and keeps its build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+
+def use_environment_build_cache() -> None:
+    """Point ``TORCH_EXTENSIONS_DIR`` at this environment's cache folder unless the user chose one."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(base / f"env-{tag}")
+
+
+def load_cpu_adam():
+    """DeepSpeed's ``cpu_adam`` op (built on first use)."""
+    use_environment_build_cache()
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    return CPUAdamBuilder().load(verbose=False)
+
+
+def load_async_io():
+    """DeepSpeed's ``async_io`` op (needs libaio; built on first use)."""
+    use_environment_build_cache()
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    return AsyncIOBuilder().load(verbose=False)
