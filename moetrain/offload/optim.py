@@ -203,6 +203,7 @@ class ExpertOffloadOptimizer:
         for c in self.counts.values():
             c.zero_()
         self.trace.reset()
+        self._grad_scale = self._clip_coef = None  # a step without clip_grad_norm_ must not reuse this one's
         self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, self._nvme_mark)
         self._nvme_mark = self._nvme_bytes()
         self.swapper.reset_stats()  # the next step's counters include the page-ins its backward starts
