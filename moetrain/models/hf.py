@@ -59,10 +59,17 @@ def _is_mtp_tensor(config: ModelConfig, name: str) -> bool:
 DType = Union[torch.dtype, str]
 
 
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Copied next to the weights by ``moetrain export`` when the source has them (checkpoints carry the run's tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json")
+
+
 def _as_dtype(dtype: DType) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    name = str(dtype).removeprefix("torch.")
+    resolved = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
     if not isinstance(resolved, torch.dtype):
         raise ConfigError(f"dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     return resolved
@@ -333,7 +340,8 @@ def _resolve_source(path: Path) -> Path:
 
 
 def export_main(argv: list[str]) -> int:
-    """``moetrain export SOURCE OUT_DIR [--dtype D] [--max-shard-mb N]``; returns the exit status."""
+    """``moetrain export --ckpt SOURCE --out OUT_DIR [--dtype bf16] [--max-shard-mb N]`` (or SOURCE OUT_DIR as
+    positional arguments); returns the exit status."""
     import argparse
     import sys
 
@@ -341,18 +349,28 @@ def export_main(argv: list[str]) -> int:
         prog="moetrain export",
         description="Write a moetrain checkpoint (or any supported model directory) as a Hugging Face model "
                     "directory of its family: per-expert safetensors shards, index and config.json.")
-    parser.add_argument("source", type=Path, help="checkpoint directory, run directory (uses checkpoints/last), "
-                        "or Hugging Face model directory")
-    parser.add_argument("out_dir", type=Path, help="new directory to write (must not exist or be empty)")
-    parser.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep the stored dtype)")
+    parser.add_argument("source", type=Path, nargs="?", help="checkpoint directory, run directory (uses "
+                        "checkpoints/last), or Hugging Face model directory (same as --ckpt)")
+    parser.add_argument("out_dir", type=Path, nargs="?", help="new directory to write (must not exist or be empty; "
+                        "same as --out)")
+    parser.add_argument("--ckpt", type=Path, default=None, help="the source, as the positional SOURCE")
+    parser.add_argument("--out", type=Path, default=None, help="the output directory, as the positional OUT_DIR")
+    parser.add_argument("--dtype", default=None, help="cast weights: bf16, fp16, fp32 or a torch dtype name "
+                        "(default: keep the stored dtype)")
     parser.add_argument("--max-shard-mb", type=int, default=5 * 1024, help="largest shard size in MiB")
     args = parser.parse_args(argv)
+    args.source, args.out_dir = args.ckpt or args.source, args.out or args.out_dir
+    if args.source is None or args.out_dir is None:
+        parser.error("pass the checkpoint (--ckpt DIR) and the output directory (--out HF_DIR)")
     try:
         source = _resolve_source(args.source)
         if args.out_dir.exists() and any(args.out_dir.iterdir()):
             raise ConfigError(f"{args.out_dir} exists and is not empty; choose a new output directory")
         weight_map = convert_checkpoint(source, args.out_dir, dtype=args.dtype,
                                         max_shard_bytes=args.max_shard_mb * 2**20)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                (args.out_dir / name).write_bytes((source / name).read_bytes())
     except (ConfigError, ShardError, OSError) as err:
         print(f"moetrain export: error: {err}", file=sys.stderr)
         return 2
