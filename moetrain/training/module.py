@@ -159,7 +159,9 @@ class MoETrainingModule(L.LightningModule):
                               "the shape); remove model.config")
         import moetrain  # lazily: the Hugging Face loader pulls in more than random initialisation needs
 
-        return moetrain.from_pretrained(init_from).train()
+        # straight onto the GPU when there is one: host memory then holds about one shard at a time, not the model
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return moetrain.from_pretrained(init_from, device=device).train()
 
     @property
     def model_config(self) -> ModelConfig:
