@@ -4,7 +4,8 @@
 # next one still runs. Usage: bash scripts/gpu_bench.sh [stage ...]   (default: all stages)
 #
 # Stages: tests (pytest tests/gpu), link (pinned bandwidth), experts (grouped vs loop),
-#         none / cpu / cpu_auto (moetrain offload_step per tier), zero_offload (DeepSpeed peer).
+#         none / cpu / cpu_auto (moetrain offload_step per tier), zero_offload (DeepSpeed peer),
+#         checkpoint_io (save/load GB/s against the disk, init_from host memory).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
 # they are installed into a private site folder.
@@ -24,32 +25,39 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 STAGES=${*:-tests link experts none cpu cpu_auto zero_offload}
 LAYERS=${LAYERS:-4} MICRO=${MICRO:-4} SEQ=${SEQ:-2048} ACCUM=${ACCUM:-4} STEPS=${STEPS:-6}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-date -u +%Y-%m-%dT%H:%MZ > "$OUT/date.txt"
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+# Few files come back from a remote run: env.txt, tests.log, bench.log (every benchmark's output) and
+# results.jsonl (the RESULT lines); the benchmarks' own JSON files go to $OUT/json.
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u +%Y-%m-%dT%H:%MZ;
+  git rev-parse --short HEAD 2>/dev/null; nproc; free -g | head -2; } > "$OUT/env.txt" 2>&1
+JSON=${JSON_OUT:-/tmp/moetrain-bench-json}
 
 stage() {  # stage NAME CMD...: run, keep its log, never stop the script
   local name=$1; shift
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  local log="$OUT/bench.log"
+  [ "$name" = tests ] && log="$OUT/tests.log"
+  echo "=== $name: $*" >> "$log"
+  "$@" >> "$log" 2>&1
   local rc=$?
-  echo "=== $name rc=$rc ($((SECONDS - t0)) s)"; tail -n 4 "$OUT/$name.log"
+  echo "=== $name rc=$rc ($((SECONDS - t0)) s)" | tee -a "$log"; tail -n 4 "$log"
 }
 
-bench_args="--layers $LAYERS --micro $MICRO --seq $SEQ --accum $ACCUM --steps $STEPS --out $OUT"
+bench_args="--layers $LAYERS --micro $MICRO --seq $SEQ --accum $ACCUM --steps $STEPS --out $JSON"
 for s in $STAGES; do
   case $s in
     tests) stage tests python3 -m pytest -q -x tests/gpu -p no:cacheprovider ;;
-    link) stage link python3 -m moetrain.bench.link --out "$OUT" ;;
-    experts) stage experts python3 -m moetrain.bench.expert_compute --tokens $((MICRO * SEQ)) --out "$OUT" ;;
+    link) stage link python3 -m moetrain.bench.link --out "$JSON" ;;
+    experts) stage experts python3 -m moetrain.bench.expert_compute --tokens $((MICRO * SEQ)) --out "$JSON" ;;
     none) stage none python3 -m moetrain.bench.offload_step --tier none $bench_args ;;
     cpu) stage cpu python3 -m moetrain.bench.offload_step --tier cpu $bench_args ;;
     cpu_auto) stage cpu_auto python3 -m moetrain.bench.offload_step --tier cpu --step-on auto $bench_args ;;
     zero_offload) stage zero_offload python3 .dev/anchors/baseline_peers.py --method zero_offload \
         --layers "$LAYERS" --micro "$MICRO" --seq "$SEQ" --accum "$ACCUM" --steps "$STEPS" ;;
+    checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
+        --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
-grep -h '^RESULT' "$OUT"/*.log > "$OUT/results.jsonl" 2>/dev/null || true
+grep -h '^RESULT' "$OUT"/bench.log | sed 's/^RESULT //' > "$OUT/results.jsonl" 2>/dev/null || true
 echo "results: $OUT/results.jsonl"; cat "$OUT/results.jsonl"
