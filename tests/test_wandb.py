@@ -57,7 +57,8 @@ def read_wandb_run(run_dir: Path) -> dict:
 
 def fit(run_dir: Path, *args: str) -> None:
     code = main(["fit", "--config", str(REPO / "recipes" / "tiny.yaml"), f"--trainer.default_root_dir={run_dir}",
-                 f"--data.path={REPO / 'data' / 'tiny' / 'train.jsonl'}", f"--data.val_path={REPO / 'data/tiny/val.jsonl'}",
+                 f"--data.path={REPO / 'data' / 'tiny' / 'train.jsonl'}",
+                 f"--data.val_path={REPO / 'data' / 'tiny' / 'val.jsonl'}",
                  f"--data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer'}", "--data.seq_len=64", *args])
     assert code == 0
 

@@ -309,6 +309,15 @@ class TextDataModule(L.LightningDataModule):
         cut: set[int] = set()
         if self.overlong == "truncate":
             docs, cut, report.truncated = truncate_documents(docs, self.seq_len)
+            # a conversation cut before its first answer has nothing to train; a batch of such rows would
+            # make the mean cross-entropy 0/0
+            keep = [i for i, (_, mask) in enumerate(docs) if any(mask) or i not in cut]
+            report.untrained = len(docs) - len(keep)
+            if not keep:
+                raise DataError(f"{report.path}: every document loses all its trained tokens when truncated to "
+                                f"data.seq_len={self.seq_len}; raise data.seq_len")
+            cut = {new for new, old in enumerate(keep) if old in cut}
+            docs = [docs[i] for i in keep]
         report.documents = len(docs)
         report.tokens = sum(len(ids) + 1 for ids, _ in docs)
         report.trained_tokens = sum(sum(mask) + (i not in cut) for i, (_, mask) in enumerate(docs))

@@ -49,6 +49,7 @@ class DataReport:
         documents: records turned into documents.
         skipped: (line, reason) of each record skipped under ``on_error: skip``.
         truncated: documents cut to ``seq_len`` tokens.
+        untrained: truncated documents dropped because the cut removed every trained token.
         tokens: tokens of the kept documents (after truncation, EOS included).
         trained_tokens: of those, tokens that are training targets.
         rows: sequences produced (packed or padded rows).
@@ -59,6 +60,7 @@ class DataReport:
     documents: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
     truncated: int = 0
+    untrained: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     rows: int = 0
@@ -71,6 +73,8 @@ class DataReport:
             parts.append(f"{len(self.skipped)} malformed lines skipped (lines {lines}; first: {self.skipped[0][1]})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to seq_len")
+        if self.untrained:
+            parts.append(f"{self.untrained} of those dropped (no trained token left)")
         parts.append(f"{self.tokens} tokens ({self.trained_tokens} trained) in {self.rows} rows")
         return ", ".join(parts)
 

@@ -15,6 +15,7 @@ from moetrain.training.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER = REPO / "data" / "tiny" / "tokenizer"
+CHAT_TOKENIZER = REPO / "data" / "examples" / "tokenizer"  # ChatML markers are single tokens
 
 
 def write_lines(path: Path, lines: list) -> Path:
@@ -36,7 +37,8 @@ CASES = [
      r"field \(keys found: prompt\)"),
     ([{"prompt": "a", "completion": ""}], "instruction", r"line 1: field 'completion' is empty"),
     ([{"messages": [{"role": "user", "content": "hi"}]}], "auto", r"line 1: the conversation has no assistant message"),
-    ([{"messages": [{"role": "user"}]}], "chat", r"line 1: message 0 must be an object with string 'role' and 'content'"),
+    ([{"messages": [{"role": "user"}]}], "chat",
+     r"line 1: message 0 must be an object with string 'role' and 'content'"),
     ([{"messages": []}], "chat", r"line 1: 'messages' must be a non-empty list"),
     ([{"input_ids": [1, 2, 5000]}], "auto",
      r"line 1: token id 5000 is outside the tokenizer's vocabulary of 683 ids \(0\.\.682\); the data was tokenized "
@@ -106,3 +108,20 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_a_clear_error(tmp_path, c
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2
     assert "has 683 tokens but the model's vocab_size is 256" in err and "model.config.vocab_size >= 683" in err
+
+
+def test_conversations_cut_before_their_answer_are_dropped_and_counted(tmp_path):
+    long_question = {"role": "user", "content": " ".join(["What is two plus two?"] * 8)}
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long = {"messages": [long_question, {"role": "assistant", "content": "Four."}]}
+    path = write_lines(tmp_path / "chat.jsonl", [long, {"messages": short}] * 3)
+    dm = TextDataModule(str(path), str(CHAT_TOKENIZER), seq_len=40, micro_batch_size=1, packing=False)
+    dm.setup("fit")
+    report = dm.reports["train"]
+    assert (report.truncated, report.untrained, report.documents) == (3, 3, 3)
+    assert "3 truncated to seq_len, 3 of those dropped (no trained token left)" in report.summary()
+    assert all((row["labels"] != IGNORE_INDEX).any() for row in dm.train_set)
+    only_long = write_lines(tmp_path / "long.jsonl", [long])
+    with pytest.raises(DataError, match=r"long\.jsonl: every document loses all its trained tokens when truncated to "
+                                        r"data\.seq_len=40; raise data\.seq_len"):
+        TextDataModule(str(only_long), str(CHAT_TOKENIZER), seq_len=40, packing=False).setup("fit")
