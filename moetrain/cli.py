@@ -119,6 +119,7 @@ def _build_cli_class():
     from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
     from moetrain.training.data import DataError
     from moetrain.training.module import MoETrainingModule
+    from moetrain.training.progress import StepProgress
 
     class MoeTrainCLI(LightningCLI):
         """LightningCLI with moetrain's sections, defaults and checkpoint resolution."""
@@ -131,6 +132,7 @@ def _build_cli_class():
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(CheckpointCallback, "checkpoint")
             parser.add_lightning_class_args(MetricsLogger, "metrics")
+            parser.add_lightning_class_args(StepProgress, "progress")
             parser.add_argument(
                 "--cpu_threads", type=Optional[int], default=None,
                 help="torch intra-op threads (null: torch's default, one per core). Small models run faster on "
@@ -150,7 +152,8 @@ def _build_cli_class():
             if self.subcommand == "validate" and trainer.get("limit_val_batches") == 0:
                 trainer["limit_val_batches"] = None  # recipes switch validation off during fit, not here
             if trainer.get("enable_progress_bar") is None:
-                trainer["enable_progress_bar"] = sys.stderr.isatty()
+                # during fit the step bar (progress: section) replaces Lightning's micro-batch bar
+                trainer["enable_progress_bar"] = sys.stderr.isatty() and self.subcommand != "fit"
             if trainer.get("accumulate_grad_batches", 1) != 1:
                 raise InputError("trainer.accumulate_grad_batches must stay 1: moetrain accumulates inside the "
                                  "module; set model.accumulate_grad_batches instead")
