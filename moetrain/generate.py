@@ -99,6 +99,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"--ckpt {path}: no such directory; pass a checkpoint (runs/NAME/checkpoints/step-N), "
                                 "a run directory or a Hugging Face model directory")
+    if not any((path / name).is_file() for name in ("config.json", "moetrain_config.json")):
+        raise FileNotFoundError(f"--ckpt {path}: neither a checkpoint nor a model directory (no config.json), and no "
+                                "checkpoints/last in it: has the run written a checkpoint yet?")
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 import moetrain
 from moetrain.cli import main
 from moetrain.config import ModelConfig
-from moetrain.generate import generate, next_token, top_p_filter
+from moetrain.generate import generate, next_token, resolve_model_dir, top_p_filter
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.training.chat import ChatTemplate
 from moetrain.training.tokenizer import load_tokenizer
@@ -74,19 +74,28 @@ def test_top_p_keeps_the_nucleus(top_p):
     assert torch.equal(next_token(logits, temperature=1.0, top_p=1e-6), logits.argmax(-1))
 
 
-def test_generate_command_on_a_chat_fine_tune(tmp_path, capsys):
-    run_dir = tmp_path / "chat-run"
-    code = main(["fit", "--config", str(REPO / "recipes" / "tiny.yaml"), f"--trainer.default_root_dir={run_dir}",
-                 f"--data.path={EXAMPLES / 'chat.jsonl'}", f"--data.tokenizer={EXAMPLES / 'tokenizer'}",
-                 "--data.val_path=null", "--data.seq_len=64", "--trainer.max_steps=2"])
-    assert code == 0
+def test_readme_walkthrough_pretrain_chat_fine_tune_generate(tmp_path, capsys):
+    """tiny.yaml, then tiny-chat.yaml from that run directory, then ``moetrain generate --chat`` on the result."""
+    pretrain, chat = tmp_path / "tiny", tmp_path / "tiny-chat"
+    common = ["--data.seq_len=64", "--data.val_path=null", "--trainer.val_check_interval=null"]
+    assert main(["fit", "--config", str(REPO / "recipes" / "tiny.yaml"), f"--trainer.default_root_dir={pretrain}",
+                 f"--data.path={REPO / 'data' / 'tiny' / 'train.jsonl'}",
+                 f"--data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer'}", "--trainer.max_steps=2", *common]) == 0
+    # lr 0: the chat run's weights must be exactly those of the pre-training run's newest checkpoint
+    assert main(["fit", "--config", str(REPO / "recipes" / "tiny-chat.yaml"), f"--trainer.default_root_dir={chat}",
+                 f"--model.init_from={pretrain}", f"--data.path={EXAMPLES / 'chat.jsonl'}",
+                 f"--data.tokenizer={EXAMPLES / 'tokenizer'}", "--trainer.max_steps=1", "--model.optimizer.lr=0.0",
+                 *common]) == 0
+    ckpt = resolve_model_dir(chat)
+    start = moetrain.from_pretrained(resolve_model_dir(pretrain)).state_dict()
+    tuned = moetrain.from_pretrained(ckpt).state_dict()
+    assert start.keys() == tuned.keys() and all(torch.equal(start[k], tuned[k]) for k in start)
     capsys.readouterr()
-    question = "What is two plus three?"
-    assert main(["generate", "--ckpt", str(run_dir), "--prompt", question, "--chat", "--max_new_tokens", "12"]) == 0
-    printed = capsys.readouterr().out.rstrip("\n")
 
-    # the same decode through the library: the checkpoint's weights, the chat template, greedy
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "last").read_text().strip()
+    question = "What is two plus three?"
+    assert main(["generate", "--ckpt", str(chat), "--prompt", question, "--chat", "--max_new_tokens", "12"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    # the same decode through the library: the checkpoint's weights, the chat template, greedy, no cache
     tokenizer = load_tokenizer(EXAMPLES / "tokenizer")
     template = ChatTemplate.from_tokenizer_dir(EXAMPLES / "tokenizer")
     prompt = template.render([{"role": "user", "content": question}], add_generation_prompt=True)
@@ -100,3 +109,6 @@ def test_generate_command_on_a_chat_fine_tune(tmp_path, capsys):
 def test_generate_command_bad_input(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert main(["generate", "--ckpt", str(tmp_path / "run"), "--prompt", "x"]) == 2
+    assert "no checkpoints/last in it: has the run written a checkpoint yet?" in capsys.readouterr().err

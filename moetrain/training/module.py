@@ -32,7 +32,7 @@ from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.training import trainer_state
-from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
+from moetrain.training.checkpoint import load_weights_into, resolve_checkpoint, verify_checkpoint
 from moetrain.training.optim import OptimizerConfig, TrainOptimizer, lr_at
 from moetrain.training.optimizer_state import load_optimizer
 
@@ -158,6 +158,9 @@ class MoETrainingModule(L.LightningModule):
             raise ConfigError("model.config overrides cannot be combined with model.init_from (the checkpoint fixes "
                               "the shape); remove model.config")
         import moetrain  # lazily: the Hugging Face loader pulls in more than random initialisation needs
+
+        if (Path(init_from) / "checkpoints").is_dir():  # a run directory: fine-tune its newest checkpoint
+            init_from = str(resolve_checkpoint(init_from, init_from))
 
         # straight onto the GPU when there is one: host memory then holds about one shard at a time, not the model
         device = "cuda" if torch.cuda.is_available() else "cpu"
