@@ -11,8 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
+
+
+def sanitize_cuda_arch_list() -> None:
+    """Drop architecture-specific suffixes (``9.0a`` -> ``9.0``) from ``TORCH_CUDA_ARCH_LIST``.
+
+    DeepSpeed's op builders parse each entry as ``major.minor`` integers and fail on ``9.0a``
+    ("invalid literal for int() with base 10: '0a'"), which some CUDA images and earlier JIT builds
+    leave in the environment on Hopper machines. The plain ``9.0`` build runs on the same cards.
+    """
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
 
 
 def use_environment_build_cache() -> None:
@@ -27,6 +40,7 @@ def use_environment_build_cache() -> None:
 def load_cpu_adam():
     """DeepSpeed's ``cpu_adam`` op (built on first use)."""
     use_environment_build_cache()
+    sanitize_cuda_arch_list()
     from deepspeed.ops.op_builder import CPUAdamBuilder
     return CPUAdamBuilder().load(verbose=False)
 
@@ -34,5 +48,6 @@ def load_cpu_adam():
 def load_async_io():
     """DeepSpeed's ``async_io`` op (needs libaio; built on first use)."""
     use_environment_build_cache()
+    sanitize_cuda_arch_list()
     from deepspeed.ops.op_builder import AsyncIOBuilder
     return AsyncIOBuilder().load(verbose=False)
