@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 begin(micro, a.accum)
             ids = torch.randint(0, cfg.vocab_size, (a.micro, a.seq), device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(ids, labels=ids)
+                out = model(ids, labels=ids, return_logits=False)
             (out.loss / a.accum).backward()
         opt.clip_grad_norm_(opt_cfg.max_grad_norm)
         opt.step(opt_cfg.lr)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from moetrain.config import ModelConfig
 from moetrain.models.attention import Attention, KVCache, RMSNorm, build_attention_mask
@@ -31,7 +32,7 @@ class MoEOutput:
     """What the model returns.
 
     Attributes:
-        logits: (B, L, V), fp32.
+        logits: (B, L, V), fp32; None when the forward was asked for the loss only.
         aux_loss: scalar, the sum of every MoE layer's (already weighted) auxiliary loss.
         loss: scalar cross-entropy over shifted labels plus ``aux_loss`` when labels were given.
         ce_loss: the cross-entropy part alone.
@@ -39,12 +40,40 @@ class MoEOutput:
         routings: {layer index: Routing} of this forward pass.
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     aux_loss: torch.Tensor
     loss: Optional[torch.Tensor] = None
     ce_loss: Optional[torch.Tensor] = None
     layer_aux_losses: list[torch.Tensor] = field(default_factory=list)
     routings: dict[int, Routing] = field(default_factory=dict)
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()  # (n, V)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int = 4096) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising all logits.
+
+    Each chunk of ``chunk_tokens`` rows computes its (n, V) logits, sums its token losses and drops
+    them; backward recomputes one chunk at a time (activation checkpointing), so peak memory holds one
+    chunk's logits instead of (N, V) in fp32 several times over. Equal to ``F.cross_entropy(..., mean)``
+    up to the order of the fp32 sum.
+
+    Args:
+        hidden: (N, H) final hidden states (after the last norm).
+        weight: (V, H) output embedding.
+        labels: (N,) targets, ``-100`` ignored.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_ce_sum, hidden[part], weight, labels[part], use_reentrant=False)
+    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    return total / count
 
 
 class DecoderLayer(nn.Module):
@@ -141,6 +170,7 @@ class MoEForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         document_ids: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
+        return_logits: bool = True,
     ) -> MoEOutput:
         """Run the model.
 
@@ -151,6 +181,8 @@ class MoEForCausalLM(nn.Module):
             position_ids: (B, L); defaults to positions after the cache (packing passes its own).
             document_ids: (B, L) packed-document ids; attention stays inside each document.
             cache: a :class:`KVCache` for incremental decoding.
+            return_logits: with ``False`` (and labels) the loss is computed in chunks of tokens, each chunk's
+                logits recomputed in backward, and ``logits`` is None: the training path.
         """
         b, l = input_ids.shape
         past = cache.length() if cache is not None else 0
@@ -171,8 +203,13 @@ class MoEForCausalLM(nn.Module):
                 layer_aux.append(routing.aux_loss)
                 routings[layer.layer_idx] = routing
         x = self.model.norm(x)
+        aux = torch.stack(layer_aux).sum() if layer_aux else x.new_zeros((), dtype=torch.float32)
+        if not return_logits and labels is not None:
+            # training: the loss without the (B, L, V) fp32 logits, which dominate activation memory
+            ce = chunked_lm_loss(x[:, :-1].reshape(-1, x.shape[-1]), self.lm_head.weight, labels[:, 1:].reshape(-1))
+            return MoEOutput(logits=None, aux_loss=aux, loss=ce + aux, ce_loss=ce, layer_aux_losses=layer_aux,
+                             routings=routings)
         logits = self.lm_head(x).float()  # (B, L, V)
-        aux = torch.stack(layer_aux).sum() if layer_aux else logits.new_zeros(())
         out = MoEOutput(logits=logits, aux_loss=aux, layer_aux_losses=layer_aux, routings=routings)
         if labels is not None:
             ce = F.cross_entropy(

@@ -234,6 +234,7 @@ class MoETrainingModule(L.LightningModule):
         return self.model(
             batch["input_ids"], labels=batch.get("labels"), position_ids=batch.get("position_ids"),
             document_ids=batch.get("document_ids"), attention_mask=batch.get("attention_mask"),
+            return_logits=False,  # only the loss is needed: chunked, without (B, L, V) fp32 logits
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
