@@ -321,18 +321,19 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown model key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"{source}: unknown model key(s) {', '.join(unknown)}; "
+                              f"known keys: {', '.join(sorted(known))}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -343,7 +344,7 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_preset(cls, name_or_path: str | Path, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name_or_path: str | Path, **overrides: Any) -> ModelConfig:
         """Load ``configs/models/<name>.yaml`` (or a YAML path) and apply keyword overrides."""
         path = Path(name_or_path)
         # a preset name may contain dots (qwen2-moe-a2.7b): only a .yaml/.yml suffix or a folder makes a path

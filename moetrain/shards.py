@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -116,7 +117,8 @@ def _open(path: Path):
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file is missing; the checkpoint is incomplete") from None
     except Exception as err:  # safetensors raises its own error types for truncated headers
-        raise ShardError(f"{path}: cannot read safetensors header ({err}); the file is truncated or corrupted") from None
+        raise ShardError(f"{path}: cannot read safetensors header ({err}); "
+                         "the file is truncated or corrupted") from None
 
 
 def iter_sharded(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple[str, torch.Tensor]]:

@@ -144,13 +144,13 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
         """x: (B, L, H) -> (B, L, H)."""
-        b, l, _ = x.shape
+        b, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, l, self.num_heads, self.head_dim)
-        k = k.view(b, l, self.num_kv_heads, self.head_dim)
-        v = v.view(b, l, self.num_kv_heads, self.head_dim)
+        q = q.view(b, seq, self.num_heads, self.head_dim)
+        k = k.view(b, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(b, seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
@@ -165,5 +165,5 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)  # (B, L, nh*hd)
+        out = out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)  # (B, L, nh*hd)
         return self.o_proj(out)

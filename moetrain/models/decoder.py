@@ -90,7 +90,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp: nn.Module = (
-            MoEBlock(config, layer_idx, aux_scale) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+            MoEBlock(config, layer_idx, aux_scale) if self.is_moe
+            else SwiGLU(config.hidden_size, config.intermediate_size)
         )
 
     def forward(self, x, cos, sin, mask, valid, cache=None) -> tuple[torch.Tensor, Optional[Routing]]:
@@ -184,16 +185,17 @@ class MoEForCausalLM(nn.Module):
             return_logits: with ``False`` (and labels) the loss is computed in chunks of tokens, each chunk's
                 logits recomputed in backward, and ``logits`` is None: the training path.
         """
-        b, l = input_ids.shape
+        b, seq = input_ids.shape
         past = cache.length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + l, device=input_ids.device)[None].expand(b, -1)
+            position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(b, -1)
         x = self.model.embed_tokens(input_ids)  # (B, L, H)
         cos, sin = self.model.rotary(position_ids, x.dtype)
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask.bool()
-        mask = build_attention_mask(b, l, past + l, input_ids.device, key_valid, document_ids, self.config.sliding_window)
+        mask = build_attention_mask(b, seq, past + seq, input_ids.device, key_valid, document_ids,
+                                    self.config.sliding_window)
         valid = None if key_valid is None else key_valid[:, past:]  # (B, L) real query tokens
         layer_aux: list[torch.Tensor] = []
         routings: dict[int, Routing] = {}

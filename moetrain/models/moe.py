@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from moetrain.config import DEEPSEEK_FAMILIES, ModelConfig
 from moetrain.models.experts import RoutedExperts, SwiGLU
-from moetrain.models.router import TopKRouter, Routing
+from moetrain.models.router import Routing, TopKRouter
 
 RoutingObserver = Callable[[int, Routing], None]
 
@@ -17,7 +18,8 @@ RoutingObserver = Callable[[int, Routing], None]
 class MoEBlock(nn.Module):
     """Routes each token to k of E experts and adds the shared expert(s).
 
-    * deepseek_moe, deepseek_v2, deepseek_v3: ``shared_experts`` is one SwiGLU of width moe_intermediate_size * n_shared.
+    * deepseek_moe, deepseek_v2, deepseek_v3: ``shared_experts`` is one SwiGLU of width
+      moe_intermediate_size * n_shared.
     * qwen2_moe: ``shared_expert`` scaled by sigmoid(``shared_expert_gate``(x)).
 
     ``observer``, when set (by the offload engine), sees every routing decision of this layer
@@ -42,8 +44,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
         """x: (B, L, H); valid: (B, L) bool or None. Returns ((B, L, H), routing)."""
-        b, l, h = x.shape
-        flat = x.reshape(b * l, h)  # (T, H)
+        b, seq, h = x.shape
+        flat = x.reshape(b * seq, h)  # (T, H)
         routing = self.gate(flat, batch_size=b, valid=None if valid is None else valid.reshape(-1))
         if self.observer is not None:
             self.observer(self.layer_idx, routing)
@@ -55,4 +57,4 @@ class MoEBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        return out.reshape(b, l, h), routing
+        return out.reshape(b, seq, h), routing
