@@ -63,13 +63,18 @@ def reference_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
 def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, weight_decay: float, cfg: OptimizerConfig,
           clip_coef: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """One AdamW step in place: fused on CUDA (``grad_scale`` = 1/coef), the reference loop elsewhere."""
+    """One AdamW step in place: fused on CUDA (``grad_scale`` = 1/coef), the reference loop elsewhere.
+
+    ``params`` and moments are fp32; ``grads`` may be bf16 (compute-dtype gradients), upcast here per
+    call, i.e. one chunk of experts at a time, so the fp32 copy never exceeds a chunk.
+    """
     if not params:
         return
     device = params[0].device
+    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]  # bf16 compute grads, fp32 master
     if device.type == "cuda":
-        fused_adamw(params, [g if g.dtype == torch.float32 else g.float() for g in grads], exp_avgs, exp_avg_sqs,
-                    step_tensors(steps, device), lr, weight_decay, cfg, grad_scale=grad_scale)
+        fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step_tensors(steps, device), lr, weight_decay, cfg,
+                    grad_scale=grad_scale)
     else:
         reference_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, cfg, clip_coef=clip_coef)
 

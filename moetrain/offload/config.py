@@ -27,6 +27,11 @@ class OffloadConfig:
     """Where offloaded experts are stepped: ``gpu`` (state paged in, fused AdamW), ``cpu``
     (DeepSpeedCPUAdam in host memory, gradients down and weights up) or ``auto`` (both at once, split
     by a cost model fed with rates measured at start-up)."""
+    compute_dtype: str = "auto"
+    """dtype of the routed experts' compute weights (and so of their gradients) when their master
+    weights live in the store: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16`` or ``fp32``. bf16
+    halves the resident weights and gradients and the bytes the CPU step path moves; the fp32 master
+    in the store is what AdamW updates and what checkpoints save."""
     idle_experts: str = "skip"
     """``skip``: an expert that got no tokens is untouched (torch AdamW with grad None). ``dense``: the
     zero-gradient steps a dense AdamW would have applied are caught up exactly when the expert is next
@@ -49,7 +54,8 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         choices = {"tier": ("none", "cpu", "nvme"), "resident_weights": ("auto", "yes", "no"),
-                   "step_on": ("gpu", "cpu", "auto"), "idle_experts": ("skip", "dense"),
+                   "step_on": ("gpu", "cpu", "auto"), "compute_dtype": ("auto", "bf16", "fp32"),
+                   "idle_experts": ("skip", "dense"),
                    "nvme_backend": ("auto", "aio", "threads")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

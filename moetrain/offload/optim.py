@@ -33,7 +33,11 @@ stepping zero gradients. The replay needs the routed set on the host, so that mo
 once per MoE layer and micro-batch: the price of its exactness.
 
 Compute weights stay resident (the model's own expert parameters); paging them per active expert
-(``resident_weights: no``) is not implemented.
+(``resident_weights: no``) is not implemented. Their dtype is ``compute_dtype`` (bf16 on CUDA by
+default): the fp32 master lives in the store only, the experts' packed (E, ...) weight tensors are
+rebuilt in bf16 once at construction, and every later write (new weights after a step, a state load)
+copies into those packed views in place, so the grouped GEMM never repacks or casts them. Their
+gradients are then bf16 too and are upcast chunk by chunk right before the fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -56,6 +60,31 @@ from moetrain.offload.swapper import Swapper
 from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
 
 PARTS = ("master", "exp_avg", "exp_avg_sq")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def compute_dtype(offload: OffloadConfig, device: torch.device) -> torch.dtype:
+    """The routed experts' compute-weight dtype under ``offload.compute_dtype``."""
+    if offload.compute_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if offload.compute_dtype == "bf16" else torch.float32
+
+
+@torch.no_grad()
+def cast_experts(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every MoE block's routed experts weights of ``dtype``, packed: per projection one (E, ...)
+    tensor whose slices become the parameters' ``.data`` (what ``RoutedExperts.packed_weights`` finds
+    without repacking). The old storage is freed once no parameter points into it."""
+    for block in model.moe_blocks():
+        experts = block.experts
+        for name in PROJECTIONS:
+            params = [getattr(e, name).weight for e in experts]
+            packed = torch.empty((len(params), *params[0].shape), dtype=dtype, device=params[0].device)
+            for i, p in enumerate(params):
+                packed[i].copy_(p.detach())
+                p.data = packed[i]
+        if hasattr(experts, "packed_weights"):
+            assert all(w.dtype == dtype for w in experts.packed_weights())
 
 
 class ExpertOffloadOptimizer:
@@ -85,6 +114,9 @@ class ExpertOffloadOptimizer:
             if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
                 raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")
         self.by_name = {name: (rec, i) for rec in self.store for i, name in enumerate(rec.names)}
+        self.compute_dtype = compute_dtype(offload, self.device)
+        if self.compute_dtype != next(iter(self.store)).params[0].dtype:
+            cast_experts(model, self.compute_dtype)  # after the store took its fp32 master from them
         self.swapper = Swapper(self.store, self.device, self._num_slots())
         self.counts = {layer: torch.zeros(self.store.num_experts[layer], dtype=torch.int64, device=self.device)
                        for layer in self.store.layers}

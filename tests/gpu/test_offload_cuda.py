@@ -62,7 +62,7 @@ def test_skip_equals_resident_adamw_loop_experts(tmp_path, tier, slots, step_on)
     _train(ref_model, DenseAdamW(ref_model, OPTIM), data)
     model = clone(base)
     opt = build_optimizer(model, OPTIM, OffloadConfig(tier=tier, nvme_path=str(tmp_path) if tier == "nvme" else None,
-                                                      gpu_slots=slots, step_on=step_on))
+                                                      gpu_slots=slots, step_on=step_on, compute_dtype="fp32"))
     _train(model, opt, data)
     opt.close()
     assert max_diff(ref_model, base) > 1e-2
@@ -76,10 +76,37 @@ def test_dense_equals_resident_adamw_grouped_experts():
     ref_model = clone(base)
     _train(ref_model, DenseAdamW(ref_model, OPTIM), data, before_step=zero_idle_expert_grads)
     model = clone(base)
-    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", idle_experts="dense", gpu_slots=4))
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", idle_experts="dense", gpu_slots=4,
+                                                      compute_dtype="fp32"))
     _train(model, opt, data)
     opt.close()
     assert max_diff(model, ref_model) <= TOL
+
+
+def _master_diff(opt, model, ref_model) -> float:
+    """Largest difference of the engine's fp32 weights (masters for experts) from the reference's."""
+    ref = dict(ref_model.named_parameters())
+    masters = dict(opt.named_master_tensors())
+    own = {n: masters.get(n, p.detach()) for n, p in model.named_parameters()}
+    return max((own[n] - ref[n].detach()).abs().max().item() for n in ref)
+
+
+@pytest.mark.parametrize("impl,step_on", [("loop", "gpu"), ("auto", "gpu"), ("auto", "auto")])
+def test_bf16_compute_weights_equal_resident_adamw(impl, step_on):
+    """bf16 expert weights (the default on CUDA) with the fp32 master in the store. Under bf16 autocast
+    the reference computes with the same bf16 weights and its gradients are bf16 values, so without
+    accumulation (a bf16 .grad would round the sum) the masters equal the reference's fp32 weights."""
+    base, data = _model(impl), batches(steps=STEPS, accum=1)
+    ref_model = clone(base)
+    fill = zero_idle_expert_grads if impl == "auto" else None
+    _train(ref_model, DenseAdamW(ref_model, OPTIM), data, accum=1, before_step=fill)
+    model = clone(base)
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", gpu_slots=4, step_on=step_on,
+                                                      idle_experts="dense" if impl == "auto" else "skip"))
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n in model.expert_parameter_names())
+    _train(model, opt, data, accum=1)
+    assert _master_diff(opt, model, ref_model) <= TOL
+    opt.close()
 
 
 def _syncs(model, data) -> int:
