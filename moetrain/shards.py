@@ -17,18 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moetrain.atomic import write_text
+
 
 class ShardError(RuntimeError):
     """A sharded file set is missing, truncated, or does not hold what its index names."""
-
-
-def _fsync_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]]) -> None:
@@ -89,7 +82,7 @@ def write_sharded(
         for name in names:
             weight_map[name] = final.name
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    _fsync_write_bytes(out_dir / f"{prefix}.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    write_text(out_dir / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return weight_map
 
 
@@ -121,12 +114,11 @@ def _open(path: Path):
                          "the file is truncated or corrupted") from None
 
 
-def iter_sharded(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor named in the index, one shard open at a time (streaming)."""
+def iter_shard_tensors(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield ``(shard path, name, tensor)`` for every tensor the index names, one shard open at a time."""
     model_dir = Path(model_dir)
-    weight_map = read_weight_map(model_dir, prefix)
     by_file: dict[str, list[str]] = {}
-    for name, fname in weight_map.items():
+    for name, fname in read_weight_map(model_dir, prefix).items():
         by_file.setdefault(fname, []).append(name)
     for fname in sorted(by_file):
         path = model_dir / fname
@@ -140,4 +132,10 @@ def iter_sharded(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple
                 except Exception as err:
                     raise ShardError(f"{path}: tensor {name!r} cannot be read ({err}); the shard is truncated "
                                      "or corrupted") from None
-                yield name, tensor
+                yield path, name, tensor
+
+
+def iter_sharded(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor named in the index, one shard open at a time (streaming)."""
+    for _, name, tensor in iter_shard_tensors(model_dir, prefix):
+        yield name, tensor

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf_configs import config_from_hf, config_to_hf
 from moetrain.models.rope import rotary_for
-from moetrain.shards import ShardError, read_weight_map, write_sharded
+from moetrain.shards import ShardError, iter_shard_tensors, write_sharded
 
 MOETRAIN_CONFIG = "moetrain_config.json"
 HF_CONFIG = "config.json"
@@ -114,35 +113,9 @@ def empty_model(
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _open_shard(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except FileNotFoundError:
-        raise ShardError(f"{path}: shard file is missing; the checkpoint is incomplete") from None
-    except Exception as err:  # safetensors raises its own error types for truncated headers
-        raise ShardError(f"{path}: cannot read safetensors header ({err}); the file is truncated or "
-                         "corrupted") from None
-
-
 def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """Yield ``(shard path, on-disk name, tensor)`` for every tensor, one shard open at a time."""
-    model_dir = Path(model_dir)
-    by_file: dict[str, list[str]] = {}
-    for name, fname in read_weight_map(model_dir).items():
-        by_file.setdefault(fname, []).append(name)
-    for fname in sorted(by_file):
-        path = model_dir / fname
-        with _open_shard(path) as f:
-            present = set(f.keys())
-            for name in by_file[fname]:
-                if name not in present:
-                    raise ShardError(f"{path}: the index names tensor {name!r} but the shard does not hold it")
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as err:
-                    raise ShardError(f"{path}: tensor {name!r} cannot be read ({err}); the shard is truncated "
-                                     "or corrupted") from None
-                yield path, name, tensor
+    return iter_shard_tensors(model_dir)
 
 
 def _internal_tensors(family: str, name: str, tensor: torch.Tensor, path: Path) -> Iterator[tuple[str, torch.Tensor]]:

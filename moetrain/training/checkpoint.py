@@ -40,12 +40,12 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
+from moetrain.atomic import fsync_dir, write_text
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.shards import ShardError, read_weight_map, write_sharded
 from moetrain.training import signals, trainer_state
-from moetrain.training.atomic import fsync_dir, write_text
 from moetrain.training.optimizer_state import OPTIMIZER_PREFIX, save_optimizer
 
 CHECKPOINTS_DIR = "checkpoints"

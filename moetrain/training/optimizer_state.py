@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from moetrain.atomic import write_text
 from moetrain.config import ConfigError
 from moetrain.shards import ShardError, read_weight_map, write_sharded
-from moetrain.training.atomic import write_text
 
 OPTIMIZER_PREFIX = "optimizer"
 OPTIMIZER_JSON = "optimizer.json"
