@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import torch
@@ -52,6 +52,7 @@ import torch.nn as nn
 
 from moetrain.offload.adam import CpuAdam, adamw
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.cpu_step import CpuStepper
 from moetrain.offload.lookahead import Lookahead, RoutingTrace
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.rates import Rates, measure, split
@@ -60,7 +61,12 @@ from moetrain.offload.swapper import Swapper
 from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
 
 PARTS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def _event(device: torch.device, timing: bool = False) -> Optional[torch.cuda.Event]:
+    return torch.cuda.Event(enable_timing=timing) if device.type == "cuda" else None
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+CPU_CHUNK_NUMEL = 1 << 25  # parameters per CPU-path chunk: 64 MiB of bf16 per pinned buffer, 4 of them
 
 
 def compute_dtype(offload: OffloadConfig, device: torch.device) -> torch.dtype:
@@ -123,7 +129,13 @@ class ExpertOffloadOptimizer:
         self.trace = RoutingTrace(self.device)
         self.lookahead = Lookahead(model, self.device) if offload.lookahead else None
         self.cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
-        self.rates: Rates = measure(self.device, self.cpu_adam) if offload.step_on == "auto" else Rates()
+        self.cpu_stepper = None
+        if self.cpu_adam is not None:
+            chunk = max(CPU_CHUNK_NUMEL, max(r.numel for r in self.store))
+            self.cpu_stepper = CpuStepper(self.cpu_adam, self.device, self.compute_dtype, chunk,
+                                          mark_transfer=lambda stream: self.swapper.mark_transfer(stream))
+        self.rates: Rates = (measure(self.device, self.cpu_adam, self.compute_dtype) if offload.step_on == "auto"
+                             else Rates())
         # on CUDA the CPU share runs in a thread beside the GPU share, whose launches are asynchronous
         both = cuda and self.cpu_adam is not None
         self.cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam") if both else None
@@ -134,9 +146,13 @@ class ExpertOffloadOptimizer:
         self._grad_scale: Optional[torch.Tensor] = None
         self._clip_coef: Optional[torch.Tensor] = None
         self._telemetry: dict[str, float] = {}
+        self._timing: Optional[tuple] = None  # (step start, paging window start, end events) of the last step
         self._nvme_mark = self._nvme_bytes()  # swap-file byte counters at the end of the last step
-        self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_prefetch_hook(b.layer_idx))
-                       for b in model.moe_blocks()] if offload.prefetch else []
+        self._early_lr: Optional[float] = None  # set by begin_micro_batch: step layers under backward
+        self._stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
+        self._cpu_pending: list[Future] = []
+        self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_backward_hook(b.layer_idx))
+                       for b in model.moe_blocks()]
         model.set_routing_observer(self._observe)
 
     def _num_slots(self) -> int:
@@ -163,11 +179,23 @@ class ExpertOffloadOptimizer:
         if self.lookahead is not None:
             self.lookahead.observe(layer, counts)
 
-    def _make_prefetch_hook(self, layer: int):
+    def _make_backward_hook(self, layer: int):
+        """Runs when the router weight's gradient of ``layer`` is accumulated, i.e. backward is done with
+        the layer (its experts' gradients come before the router's in backward)."""
+        index = self.store.layers.index(layer)
+
         def hook(_param: torch.Tensor) -> None:
+            if self._early_lr is not None:
+                # last micro-batch, no clipping: this layer's gradients are final, step it now. Its counts
+                # are read on the host (one sync per layer: the price of knowing which experts to page).
+                self._step_layer(index, self.counts[layer].cpu(), self._early_lr)
+                return
+            if not self.offload.prefetch:
+                return
             seen = self.trace.poll(layer)
-            if seen is not None:
-                self.swapper.prefetch([r for r in self.store.layer_records(layer) if seen[r.expert]])
+            if seen is not None:  # page in only the share the step will run on the GPU
+                gpu_recs, _ = self._split([r for r in self.store.layer_records(layer) if seen[r.expert]])
+                self.swapper.prefetch(gpu_recs)
         return hook
 
     # ------------------------------------------------------------------ TrainOptimizer
@@ -178,6 +206,9 @@ class ExpertOffloadOptimizer:
         else:
             norm = global_grad_norm(self.params)
         self._grad_scale = self._clip_coef = None
+        if max_norm > 0 and self._stepped:
+            raise ValueError("clip_grad_norm_ with max_norm > 0 after layers were stepped during backward: "
+                             "the optimizer config's max_grad_norm must match the one passed here")
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for p in self.dense_params:
@@ -199,36 +230,76 @@ class ExpertOffloadOptimizer:
                  for p in self.params if p.grad is not None or id(p) in expert_params]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else zero
 
+    def begin_micro_batch(self, index: int, count: int, lr: Optional[float] = None) -> None:
+        """Micro-batch ``index`` of ``count`` of the coming optimizer step is about to run forward.
+
+        With ``lr`` (the learning rate the coming :meth:`step` will take) on the last micro-batch and
+        no global-norm clipping (``max_grad_norm == 0``), each MoE layer's experts are stepped as soon as
+        backward has finished that layer, under the backward of the layers below it.
+        """
+        last = index == count - 1
+        self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 else None
+
+    @torch.no_grad()
+    def _step_layer(self, i: int, counts: torch.Tensor, lr: float) -> None:
+        """Step MoE layer ``store.layers[i]``'s routed experts (``counts``: its (E,) host counts).
+
+        The GPU share is issued here; the CPU share runs in the CPU thread (CUDA) and is collected by
+        :meth:`_finish_cpu`.
+        """
+        layer = self.store.layers[i]
+        recs = [r for r in self.store.layer_records(layer)
+                if counts[r.expert] > 0 and any(p.grad is not None for p in r.params)]
+        for rec in self.store.layer_records(layer):
+            rec.frequency = 0.5 * rec.frequency + float(counts[rec.expert])
+        self._catch_up(recs)
+        gpu_recs, cpu_recs = self._split(recs)
+        if cpu_recs:
+            self.swapper.settle(cpu_recs)  # here, not in the CPU thread: the swapper is not shared
+            ready = _event(self.device)  # the CPU path's gradient copies wait for the compute stream
+            if ready is not None:
+                ready.record()
+            if self.cpu_pool is not None:
+                self._cpu_pending.append(self.cpu_pool.submit(self._step_cpu, cpu_recs, lr, ready, self._clip_coef))
+            else:
+                self._step_cpu(cpu_recs, lr, ready, self._clip_coef)
+        self._step_gpu(gpu_recs, lr)
+        for rec in recs:
+            rec.step += 1
+            rec.synced_to = self.step_index + 1
+        self._stepped[layer] = (len(gpu_recs), len(cpu_recs))
+
+    def _finish_cpu(self) -> None:
+        """Wait for the CPU thread; the compute stream then waits for its weight uploads (no host sync)."""
+        for pending in self._cpu_pending:
+            pending.result()
+        self._cpu_pending.clear()
+        if self.cpu_stepper is not None:
+            self.cpu_stepper.fence()
+
     @torch.no_grad()
     def step(self, lr: float) -> None:
         t0 = time.perf_counter()
+        start = _event(self.device, timing=True)
+        if start is not None:
+            start.record()
+        if self._stepped and lr != self._early_lr:
+            raise ValueError(f"step(lr={lr}) after layers were stepped during backward with lr={self._early_lr}: "
+                             "pass begin_micro_batch the learning rate the step takes")
         counts = torch.stack([self.counts[layer] for layer in self.store.layers]).cpu()  # the step's one sync
         for group in self.dense.param_groups:
             group["lr"] = lr
         self.dense.step()
         self.lr_history.append(lr)
-        on_gpu = on_cpu = 0
+        early_layers = set(self._stepped)
         for i in reversed(range(len(self.store.layers))):
-            layer = self.store.layers[i]
-            recs = [r for r in self.store.layer_records(layer)
-                    if counts[i, r.expert] > 0 and any(p.grad is not None for p in r.params)]
-            for rec in self.store.layer_records(layer):
-                rec.frequency = 0.5 * rec.frequency + float(counts[i, rec.expert])
-            self._catch_up(recs)
-            gpu_recs, cpu_recs = self._split(recs)
-            if cpu_recs:
-                self._make_host_authoritative(cpu_recs)  # here, not in the CPU thread: the swapper is not shared
-            pending = self.cpu_pool.submit(self._step_cpu, cpu_recs, lr) if self.cpu_pool else None
-            self._step_gpu(gpu_recs, lr)
-            if pending is not None:
-                pending.result()
-            else:
-                self._step_cpu(cpu_recs, lr)
-            for rec in recs:
-                rec.step += 1
-                rec.synced_to = self.step_index + 1
-            on_gpu += len(gpu_recs)
-            on_cpu += len(cpu_recs)
+            if self.store.layers[i] not in self._stepped:  # not already stepped under backward
+                self._step_layer(i, counts[i], lr)
+        self._finish_cpu()
+        on_gpu = sum(g for g, _ in self._stepped.values())
+        on_cpu = sum(c for _, c in self._stepped.values())
+        self._stepped.clear()
+        self._early_lr = None
         self.swapper.unreserve()
         self.swapper.drain_writes()
         self.step_index += 1
@@ -236,7 +307,8 @@ class ExpertOffloadOptimizer:
             c.zero_()
         self.trace.reset()
         self._grad_scale = self._clip_coef = None  # a step without clip_grad_norm_ must not reuse this one's
-        self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, self._nvme_mark)
+        self._record_telemetry(counts, on_gpu, on_cpu, time.perf_counter() - t0, self._nvme_mark, start)
+        self._telemetry["offload/layers_stepped_in_backward"] = float(len(early_layers))
         self._nvme_mark = self._nvme_bytes()
         self.swapper.reset_stats()  # the next step's counters include the page-ins its backward starts
 
@@ -300,26 +372,13 @@ class ExpertOffloadOptimizer:
             self.cpu_io.submit_write(flat, rec.offset)
             self.cpu_io.wait_writes()
 
-    def _step_cpu(self, recs: list[ExpertRecord], lr: float) -> None:
+    def _step_cpu(self, recs: list[ExpertRecord], lr: float, ready: Optional[torch.cuda.Event],
+                  clip_coef: Optional[torch.Tensor]) -> None:
+        """DeepSpeed CPU Adam over ``recs`` in host memory (see :mod:`moetrain.offload.cpu_step`)."""
         if not recs:
             return
-        coef = None if self._clip_coef is None else self._clip_coef.cpu()
-        for rec in recs:
-            flat = self._host_state(rec)
-            master, exp_avg, exp_avg_sq = rec.parts(flat)
-            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in rec.params]).to("cpu", torch.float32)  # gradients down
-            if coef is not None:
-                grad.mul_(coef)
-            self.cpu_adam.step(master, grad, exp_avg, exp_avg_sq, rec.step + 1, lr, self.cfg.weight_decay)
-            self._write_weights(rec, master, non_blocking=False)  # weights up; the staging buffer is reused next
-            self._put_host_state(rec, flat)
-
-    def _make_host_authoritative(self, recs: Iterable[ExpertRecord]) -> None:
-        """Before state is touched in its tier: page-outs have landed and no slot keeps a stale copy."""
-        self.swapper.flush()
-        for rec in recs:
-            self.swapper.invalidate(rec)
+        coef = None if clip_coef is None else clip_coef.cpu()
+        self.cpu_stepper.step(recs, lr, self.cfg.weight_decay, coef, ready, self._host_state, self._put_host_state)
 
     def _write_weights(self, rec: ExpertRecord, master: torch.Tensor, non_blocking: bool = True) -> None:
         for p, w in zip(rec.params, rec.split(master), strict=True):
@@ -364,21 +423,21 @@ class ExpertOffloadOptimizer:
         return (0, 0) if swap is None else (swap.bytes_read, swap.bytes_written)
 
     def _record_telemetry(self, counts: torch.Tensor, on_gpu: int, on_cpu: int, seconds: float,
-                          nvme0: tuple[int, int]) -> None:
+                          nvme0: tuple[int, int], start: Optional[torch.cuda.Event]) -> None:
+        """Counters of the step; on CUDA its times are events, resolved when :meth:`telemetry` is read."""
         st = self.swapper.stats
         nvme1 = self._nvme_bytes()
-        moved = st.h2d_bytes + st.d2h_bytes
         t: dict[str, float] = {
             "offload/h2d_bytes": float(st.h2d_bytes), "offload/d2h_bytes": float(st.d2h_bytes),
             "offload/nvme_read_bytes": float(nvme1[0] - nvme0[0]),
             "offload/nvme_write_bytes": float(nvme1[1] - nvme0[1]),
-            "offload/link_gbps": moved / seconds / 1e9 if seconds > 0 else 0.0,
-            "offload/step_s": seconds, "offload/stall_s": st.stall_s,
+            "offload/step_s": seconds, "offload/page_window_s": seconds, "offload/stall_s": st.stall_s,
             "offload/cache_hit_rate": st.hits / (st.hits + st.misses) if st.hits + st.misses else 0.0,
             "offload/prefetched": float(st.prefetched),
             "offload/experts_stepped_gpu": float(on_gpu), "offload/experts_stepped_cpu": float(on_cpu),
             "offload/gpu_state_bytes": float(self.swapper.device_bytes),
             "offload/rate_h2d_gbps": self.rates.h2d_gbps, "offload/rate_d2h_gbps": self.rates.d2h_gbps,
+            "offload/rate_duplex_gbps": self.rates.duplex_gbps,
             "offload/rate_cpu_adam_gparams": self.rates.cpu_adam_gparams,
         }
         if self.lookahead is not None:
@@ -390,9 +449,46 @@ class ExpertOffloadOptimizer:
         t["offload/tokens_per_expert_mean"] = float(used.mean()) if used.numel() else 0.0
         t["offload/tokens_per_expert_max"] = float(used.max()) if used.numel() else 0.0
         self._telemetry = t
+        self._timing = None
+        if start is not None:  # end marks on every stream the step queued work on; read lazily
+            streams = [torch.cuda.current_stream(self.device), *self.swapper.transfer_streams()]
+            if self.cpu_stepper is not None:
+                streams += self.cpu_stepper.transfer_streams()
+            ends = []
+            for stream in streams:
+                ends.append(torch.cuda.Event(enable_timing=True))
+                ends[-1].record(stream)
+            self._timing = (start, st.window_start, ends)
+
+    def _resolve_timing(self) -> None:
+        """Replace host-time figures by CUDA-event ones (waits for the step's last events: called only
+        when telemetry is read, never on the training path)."""
+        if self._timing is None:
+            t = self._telemetry
+            if t:
+                t["offload/link_gbps"] = ((t["offload/h2d_bytes"] + t["offload/d2h_bytes"]) / t["offload/page_window_s"]
+                                          / 1e9 if t["offload/page_window_s"] > 0 else 0.0)
+            return
+        start, window_start, ends = self._timing
+        self._timing = None
+        for e in ends:
+            e.synchronize()
+        t = self._telemetry
+        t["offload/step_s"] = max(start.elapsed_time(e) for e in ends) / 1e3
+        window = max(window_start.elapsed_time(e) for e in ends) / 1e3 if window_start is not None else 0.0
+        t["offload/page_window_s"] = window
+        moved = t["offload/h2d_bytes"] + t["offload/d2h_bytes"]
+        t["offload/link_gbps"] = moved / window / 1e9 if window > 0 else 0.0
 
     def telemetry(self) -> dict[str, float]:
-        """Figures of the last optimizer step (flat; the training loop writes them to metrics.jsonl)."""
+        """Figures of the last optimizer step (flat; the training loop writes them to metrics.jsonl).
+
+        ``step_s``: from the start of :meth:`step` to the end of the last work it queued on any stream;
+        ``page_window_s``: from the first transfer of the step (backward prefetch included) to the end
+        of the last; ``link_gbps``: (h2d + d2h bytes) / ``page_window_s``. On CUDA these come from
+        events, and reading them waits for the step's work to finish.
+        """
+        self._resolve_timing()
         return dict(self._telemetry)
 
     # ------------------------------------------------------------------ state export / import

@@ -57,6 +57,7 @@ class TransferStats:
     misses: int = 0
     prefetched: int = 0
     stall_s: float = 0.0  # host time blocked on NVMe reads or on a slot becoming free
+    window_start: Optional[torch.cuda.Event] = None  # timing event before the step's first transfer (CUDA)
 
 
 def _event(device: torch.device) -> Optional[torch.cuda.Event]:
@@ -107,6 +108,15 @@ class Swapper:
 
     def _stream(self, s):
         return torch.cuda.stream(s) if s is not None else nullcontext()
+
+    def mark_transfer(self, stream: Optional[torch.cuda.Stream]) -> None:
+        """Call on ``stream`` right before a copy is queued: the first call of a step opens the paging window."""
+        if stream is not None and self.stats.window_start is None:
+            self.stats.window_start = torch.cuda.Event(enable_timing=True)
+            self.stats.window_start.record(stream)
+
+    def transfer_streams(self) -> list[torch.cuda.Stream]:
+        return [s for s in (self.in_stream, self.out_stream) if s is not None]
 
     # ------------------------------------------------------------------ slot choice
     def _victim(self, protect: set[int]) -> Optional[int]:
@@ -168,6 +178,7 @@ class Swapper:
                 source = self.written_from.get(rec.key)
                 if source is not None and source != slot:
                     self.in_stream.wait_event(self.out_event[source])  # the record's last write-back landed
+                self.mark_transfer(self.in_stream)
             self.slots[slot, :rec.padded].copy_(src, non_blocking=True)
             if self.in_event[slot] is not None:
                 self.in_event[slot].record(self.in_stream)
@@ -240,6 +251,7 @@ class Swapper:
             with self._stream(self.out_stream):
                 if done is not None:
                     self.out_stream.wait_event(done)
+                    self.mark_transfer(self.out_stream)
                 src = self.slots[slot, :rec.padded]
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec).copy_(src, non_blocking=True)
@@ -277,6 +289,18 @@ class Swapper:
     def unreserve(self) -> None:
         """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
         self.reserved = [False] * self.num_slots
+
+    def settle(self, recs: list[ExpertRecord]) -> None:
+        """The tier of ``recs`` is current and no slot keeps a copy (before the CPU path steps them in
+        their tier). Host-tier records wait only for their own last page-out, not for every one."""
+        if any(r.tier is Tier.NVME for r in recs):
+            self.flush()
+        else:
+            for slot in {self.written_from[r.key] for r in recs if r.key in self.written_from}:
+                if self.out_event[slot] is not None:
+                    self.out_event[slot].synchronize()
+        for rec in recs:
+            self.invalidate(rec)
 
     def invalidate(self, rec: ExpertRecord) -> None:
         """Forget a cached copy (the tier was written directly, e.g. by a state load or the CPU path)."""

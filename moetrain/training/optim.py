@@ -66,7 +66,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
 class TrainOptimizer(Protocol):
     """What the training module needs from an optimizer, whatever the tiers behind it.
 
-    Two optional methods, looked up with ``getattr`` by the training code (DenseAdamW has neither):
+    Optional methods, looked up with ``getattr`` by the training code (DenseAdamW has none):
 
     * ``named_master_tensors() -> Iterator[tuple[str, torch.Tensor]]``: yields ``(internal parameter
       name, fp32 tensor)`` for every parameter whose master copy lives in the optimizer (for example
@@ -74,6 +74,11 @@ class TrainOptimizer(Protocol):
       model's own, so a saved model holds the exact master weights.
     * ``telemetry() -> dict[str, float | int]``: counters of the last optimizer step (bytes paged,
       stall time, cache hits, ...); every key is added to that step's line of ``metrics.jsonl``.
+    * ``begin_micro_batch(index: int, count: int, lr: float | None = None)``: called before the forward of
+      micro-batch ``index`` of the ``count`` that make up the coming optimizer step, with ``lr`` the
+      learning rate that step will take. The offload engine uses it, on the last micro-batch and with
+      ``max_grad_norm == 0``, to step each layer's experts as soon as backward is done with that layer
+      (with clipping, every gradient is needed before any update, so it steps in ``step`` as before).
     """
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -139,3 +139,49 @@ def test_hot_path_adds_no_host_sync(tmp_path, tier):
     assert with_engine == baseline
     assert any(opt.swapper.reserved), "backward should have reserved slots for the traced experts"
     opt.close()
+
+
+def test_layers_stepped_under_backward_equal_resident_adamw():
+    """max_grad_norm 0 and the learning rate given to begin_micro_batch: layers are stepped by the backward
+    hook of the last micro-batch, on both paths (step_on auto), and still equal the resident reference."""
+    import dataclasses
+
+    no_clip = dataclasses.replace(OPTIM, max_grad_norm=0.0)
+    base, data = _model("loop"), batches(steps=STEPS)
+    ref_model = clone(base)
+    ref = DenseAdamW(ref_model, no_clip)
+    model = clone(base)
+    opt = build_optimizer(model, no_clip, OffloadConfig(tier="cpu", gpu_slots=4, step_on="auto", compute_dtype="fp32"))
+    for m, o in ((ref_model, ref), (model, opt)):
+        for i in range(len(data) // 2):
+            lr = lr_at(no_clip, i, STEPS)
+            for j, ids in enumerate(data[2 * i:2 * i + 2]):
+                if hasattr(o, "begin_micro_batch"):
+                    o.begin_micro_batch(j, 2, lr)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = m(ids.cuda(), labels=ids.cuda())
+                (out.loss / 2).backward()
+            o.clip_grad_norm_(0.0)
+            o.step(lr)
+            o.zero_grad()
+    assert opt.telemetry()["offload/layers_stepped_in_backward"] == 2
+    opt.finalize()
+    torch.cuda.synchronize()
+    assert max_diff(model, ref_model) <= TOL
+    opt.close()
+
+
+def test_link_telemetry_is_bounded_by_the_link():
+    """link_gbps = bytes / CUDA-event paging window: never above what the pinned link can carry."""
+    from moetrain.offload.rates import measure_link
+
+    model = _model("auto")
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", gpu_slots=2))
+    _train(model, opt, batches(steps=3))
+    t = opt.telemetry()
+    duplex = measure_link(torch.device("cuda"))[2]
+    print(f"link_gbps {t['offload/link_gbps']:.1f} window {t['offload/page_window_s']:.4f}s duplex {duplex:.1f}")
+    assert t["offload/h2d_bytes"] > 0 and t["offload/page_window_s"] > 0
+    assert 0 < t["offload/link_gbps"] <= 1.2 * duplex
+    assert t["offload/step_s"] > 0
+    opt.close()

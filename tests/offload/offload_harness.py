@@ -45,14 +45,18 @@ def train(model: MoEForCausalLM, optimizer, data: list[torch.Tensor], cfg: Optim
           on_step: Optional[Callable[[int], None]] = None, start: int = 0,
           total: int = STEPS) -> MoEForCausalLM:
     """Run ``len(data) // accum`` optimizer steps from step ``start`` of a ``total``-step schedule."""
+    begin = getattr(optimizer, "begin_micro_batch", None)
     for i in range(len(data) // accum):
-        for ids in data[i * accum:(i + 1) * accum]:
+        lr = lr_at(cfg, start + i, total)
+        for j, ids in enumerate(data[i * accum:(i + 1) * accum]):
+            if begin is not None:
+                begin(j, accum, lr)
             out = model(ids, labels=ids)
             (out.loss / accum).backward()
         if before_step is not None:
             before_step(model)
         optimizer.clip_grad_norm_(cfg.max_grad_norm)
-        optimizer.step(lr_at(cfg, start + i, total))
+        optimizer.step(lr)
         optimizer.zero_grad()
         if on_step is not None:
             on_step(start + i)

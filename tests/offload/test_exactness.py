@@ -6,6 +6,8 @@ clipping and warmup-cosine LR; micro-batches of 4 tokens leave most experts idle
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train, zero_idle_expert_grads
 
@@ -27,12 +29,12 @@ def setup():
     return base, data, ref, dense_ref
 
 
-def run(base, data, **offload):
+def run(base, data, optim=OPTIM, **offload):
     """Train a copy of ``base`` with the offload engine; returns (model, telemetry of every step)."""
     model = clone(base)
-    opt = build_optimizer(model, OPTIM, OffloadConfig(**offload))
+    opt = build_optimizer(model, optim, OffloadConfig(**offload))
     seen: list[dict[str, float]] = []
-    train(model, opt, data, on_step=lambda _: seen.append(opt.telemetry()))
+    train(model, opt, data, cfg=optim, on_step=lambda _: seen.append(opt.telemetry()))
     opt.finalize()
     opt.close()
     return model, seen
@@ -76,11 +78,30 @@ def test_step_on_auto_uses_both_paths(setup, tmp_path):
     opt = build_optimizer(model, OPTIM, OffloadConfig(tier="nvme", nvme_path=str(tmp_path), step_on="auto",
                                                       gpu_slots=4))
     assert opt.telemetry() == {} and opt.rates.measured  # the CPU Adam rate was measured at start-up
-    # rates where one CPU-path expert costs as much as one GPU-path expert: the split must use both
-    opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1e9, measured=True)
+    # rates where one expert's CPU Adam takes as long as one GPU-path expert's paging: the split must use both
+    opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True)
     seen: list[dict[str, float]] = []
     train(model, opt, data, on_step=lambda _: seen.append(opt.telemetry()))
     opt.close()
     assert sum(t["offload/experts_stepped_cpu"] for t in seen) > 0
     assert sum(t["offload/experts_stepped_gpu"] for t in seen) > 0
     assert max_diff(model, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("step_on,slots,tol", [("gpu", 3, 1e-6), ("cpu", None, 1e-5)])
+def test_layers_stepped_under_backward_without_clipping(step_on, slots, tol):
+    """max_grad_norm 0: each layer's experts are stepped by the backward hook of the last micro-batch
+    (accumulation 2), before step() is called; the result is still torch AdamW's."""
+    no_clip = dataclasses.replace(OPTIM, max_grad_norm=0.0)
+    base, data = tiny_model(), batches(steps=10)
+    ref = clone(base)
+    train(ref, DenseAdamW(ref, no_clip), data, cfg=no_clip, total=10)
+    assert max_diff(ref, base) > 1e-2
+    model = clone(base)
+    opt = build_optimizer(model, no_clip, OffloadConfig(tier="cpu", step_on=step_on, gpu_slots=slots))
+    seen: list[dict[str, float]] = []
+    train(model, opt, data, cfg=no_clip, total=10, on_step=lambda _: seen.append(opt.telemetry()))
+    opt.finalize()
+    opt.close()
+    assert all(t["offload/layers_stepped_in_backward"] == 2 for t in seen)
+    assert max_diff(model, ref) <= tol

@@ -1,0 +1,148 @@
+"""The CPU step path: experts stepped by DeepSpeed CPU Adam in host memory, pipelined in chunks.
+
+For each chunk of records (about ``chunk_numel`` parameters)::
+
+    down_stream   wait(grads ready) ─ D2H grads (compute dtype) -> pinned grad buffer[k] ─ event
+    host          wait event ─ upcast to fp32 (x clip coef) ─ CPU Adam per record (fp32 master in the
+                  slab, or read from NVMe) ─ master -> compute dtype into pinned weight buffer[k]
+    up_stream     H2D weight buffer[k] -> the model's packed parameter views (in place) ─ event
+
+Two grad buffers and two weight buffers alternate (pooled, allocated once), so the D2H of chunk c+1 and
+the H2D of chunk c-1 run while the host steps chunk c. Nothing here blocks the compute stream: the
+caller calls :meth:`CpuStepper.fence` (the compute stream waits for the uploads) before the weights
+are read again. When ``step`` returns, every gradient copy has landed, so gradients may be freed.
+On a CPU-only machine streams and events collapse and the copies are plain copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+
+from moetrain.offload.store import ExpertRecord
+
+
+def _event(device: torch.device) -> Optional[torch.cuda.Event]:
+    return torch.cuda.Event() if device.type == "cuda" else None
+
+
+class CpuStepper:
+    """Pooled pinned buffers, two copy streams and the chunk pipeline of the CPU step path.
+
+    Args:
+        cpu_adam: a :class:`~moetrain.offload.adam.CpuAdam`.
+        device: the compute device (its parameters and gradients live there).
+        dtype: the experts' compute dtype (that of their ``.grad`` and weights).
+        chunk_numel: parameters per chunk (raised to the largest record so that one always fits).
+        mark_transfer: called on a copy stream right before its first copy is queued.
+    """
+
+    def __init__(self, cpu_adam, device: torch.device, dtype: torch.dtype, chunk_numel: int,
+                 mark_transfer: Callable[[Optional[torch.cuda.Stream]], None] = lambda stream: None) -> None:
+        self.cpu_adam, self.device, self.dtype = cpu_adam, device, dtype
+        self.mark_transfer = mark_transfer  # opens the step's paging window (telemetry)
+        self.chunk_numel = chunk_numel
+        cuda = device.type == "cuda"
+        self.down_stream = torch.cuda.Stream(device) if cuda else None
+        self.up_stream = torch.cuda.Stream(device) if cuda else None
+        self.grad_bufs = [torch.empty(chunk_numel, dtype=dtype, pin_memory=cuda) for _ in range(2)]
+        self.weight_bufs = [torch.empty(chunk_numel, dtype=dtype, pin_memory=cuda) for _ in range(2)]
+        self.grad32 = torch.empty(chunk_numel, dtype=torch.float32)  # the upcast gradients CPU Adam reads
+        self.down_events = [_event(device) for _ in range(2)]
+        self.up_events = [_event(device) for _ in range(2)]
+        self.up_used = [False, False]
+
+    def _stream(self, s):
+        return torch.cuda.stream(s) if s is not None else nullcontext()
+
+    def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
+        """Consecutive groups of records of at most ``chunk_numel`` parameters (one record at least)."""
+        out: list[list[ExpertRecord]] = []
+        size = 0
+        for rec in recs:
+            if not out or size + rec.numel > self.chunk_numel:
+                out.append([])
+                size = 0
+            out[-1].append(rec)
+            size += rec.numel
+        return out
+
+    def _down(self, chunk: list[ExpertRecord], k: int, ready: Optional[torch.cuda.Event]) -> None:
+        """Gradients of ``chunk`` into grad buffer ``k`` (non_blocking on the down stream); None -> zeros."""
+        buf, off = self.grad_bufs[k], 0
+        with self._stream(self.down_stream):
+            if ready is not None:
+                self.down_stream.wait_event(ready)
+            self.mark_transfer(self.down_stream)
+            for rec in chunk:
+                for p in rec.params:
+                    n = p.numel()
+                    if p.grad is None:
+                        buf[off:off + n].zero_()
+                    else:
+                        buf[off:off + n].copy_(p.grad.reshape(-1), non_blocking=True)
+                    off += n
+            if self.down_events[k] is not None:
+                self.down_events[k].record(self.down_stream)
+
+    def _up(self, chunk: list[ExpertRecord], k: int) -> None:
+        """Weight buffer ``k`` into the parameters of ``chunk`` (in place, non_blocking on the up stream)."""
+        buf, off = self.weight_bufs[k], 0
+        with self._stream(self.up_stream):
+            self.mark_transfer(self.up_stream)
+            for rec in chunk:
+                for p in rec.params:
+                    n = p.numel()
+                    p.data.copy_(buf[off:off + n].view(p.shape), non_blocking=True)
+                    off += n
+            if self.up_events[k] is not None:
+                self.up_events[k].record(self.up_stream)
+        self.up_used[k] = True
+
+    @torch.no_grad()
+    def step(self, recs: list[ExpertRecord], lr: float, weight_decay: float, coef: Optional[torch.Tensor],
+             ready: Optional[torch.cuda.Event], host_state: Callable[[ExpertRecord], torch.Tensor],
+             put_host_state: Callable[[ExpertRecord, torch.Tensor], None]) -> None:
+        """One AdamW step of ``recs``; the new weights are uploaded behind :meth:`fence`.
+
+        ``ready`` is recorded on the compute stream after the gradients were produced; ``coef`` (host,
+        fp32) multiplies them first (global-norm clipping); ``host_state(rec)`` gives the record's flat
+        fp32 state in host memory and ``put_host_state`` writes it back to its tier.
+        """
+        chunks = self.chunks(recs)
+        for c in range(min(2, len(chunks))):
+            self._down(chunks[c], c, ready)
+        for c, chunk in enumerate(chunks):
+            k = c % 2
+            if self.down_events[k] is not None:
+                self.down_events[k].synchronize()
+            n = sum(r.numel for r in chunk)
+            grads = self.grad32[:n]
+            grads.copy_(self.grad_bufs[k][:n])
+            if c + 2 < len(chunks):
+                self._down(chunks[c + 2], k, ready)  # buffer k is free again: fetch the chunk after next
+            if coef is not None:
+                grads.mul_(coef)
+            if self.up_used[k] and self.up_events[k] is not None:
+                self.up_events[k].synchronize()  # weight buffer k's previous H2D has left
+            wbuf, off = self.weight_bufs[k], 0
+            for rec in chunk:
+                flat = host_state(rec)
+                master, exp_avg, exp_avg_sq = rec.parts(flat)
+                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, rec.step + 1, lr,
+                                   weight_decay)
+                wbuf[off:off + rec.numel].copy_(master)
+                put_host_state(rec, flat)
+                off += rec.numel
+            self._up(chunk, k)
+
+    def transfer_streams(self) -> list[torch.cuda.Stream]:
+        return [s for s in (self.down_stream, self.up_stream) if s is not None]
+
+    def fence(self) -> None:
+        """The current (compute) stream waits for every weight upload issued so far (no host sync)."""
+        if self.up_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
