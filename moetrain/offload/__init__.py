@@ -7,6 +7,7 @@ Modules, one job each:
 * ``nvme``: swap files (DeepSpeed async I/O, threaded fallback) and their pre-flight checks.
 * ``swapper``: bounded device slots, page-in/page-out streams and events, eviction by routing frequency.
 * ``lookahead``: next-layer routing prediction (precision/recall) and the routing trace for backward prefetch.
+* ``cpu_step``: the CPU step path (grads down, DeepSpeed CPU Adam, weights up), pipelined through pinned buffers.
 * ``adam``: the AdamW arithmetic (fused on CUDA, torch's loop on the CPU, DeepSpeed CPU Adam).
 * ``rates``: link and CPU-Adam rates measured at start-up; the GPU/CPU split of ``step_on: auto``.
 * ``optim``: :class:`~moetrain.offload.optim.ExpertOffloadOptimizer`, the sparse expert optimizer.

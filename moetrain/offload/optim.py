@@ -149,6 +149,7 @@ class ExpertOffloadOptimizer:
         self._timing: Optional[tuple] = None  # (step start, paging window start, end events) of the last step
         self._nvme_mark = self._nvme_bytes()  # swap-file byte counters at the end of the last step
         self._early_lr: Optional[float] = None  # set by begin_micro_batch: step layers under backward
+        self._early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self._stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._cpu_pending: list[Future] = []
         self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_backward_hook(b.layer_idx))
@@ -188,15 +189,21 @@ class ExpertOffloadOptimizer:
             if self._early_lr is not None:
                 # last micro-batch, no clipping: this layer's gradients are final, step it now. Its counts
                 # are read on the host (one sync per layer: the price of knowing which experts to page).
-                self._step_layer(index, self.counts[layer].cpu(), self._early_lr)
-                return
-            if not self.offload.prefetch:
-                return
-            seen = self.trace.poll(layer)
-            if seen is not None:  # page in only the share the step will run on the GPU
-                gpu_recs, _ = self._split([r for r in self.store.layer_records(layer) if seen[r.expert]])
-                self.swapper.prefetch(gpu_recs)
+                self._step_layer(index, self.counts[layer].cpu(), self._early_lr, early=True)
+                if index > 0:
+                    self._prefetch_layer(self.store.layers[index - 1])  # next to be stepped
+            else:
+                self._prefetch_layer(layer)
         return hook
+
+    def _prefetch_layer(self, layer: int) -> None:
+        """Page in the state of ``layer``'s experts routed so far, the share the step will run on the GPU."""
+        if not self.offload.prefetch:
+            return
+        seen = self.trace.poll(layer)
+        if seen is not None:
+            gpu_recs, _ = self._split([r for r in self.store.layer_records(layer) if seen[r.expert]])
+            self.swapper.prefetch(gpu_recs)
 
     # ------------------------------------------------------------------ TrainOptimizer
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -205,6 +212,8 @@ class ExpertOffloadOptimizer:
             norm = self._dense_view_norm()
         else:
             norm = global_grad_norm(self.params)
+        if self._early_sq is not None:  # layers stepped under backward freed (some of) their grads
+            norm = torch.sqrt(norm.to(self.device).square() + self._early_sq)
         self._grad_scale = self._clip_coef = None
         if max_norm > 0 and self._stepped:
             raise ValueError("clip_grad_norm_ with max_norm > 0 after layers were stepped during backward: "
@@ -241,11 +250,13 @@ class ExpertOffloadOptimizer:
         self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 else None
 
     @torch.no_grad()
-    def _step_layer(self, i: int, counts: torch.Tensor, lr: float) -> None:
+    def _step_layer(self, i: int, counts: torch.Tensor, lr: float, early: bool = False) -> None:
         """Step MoE layer ``store.layers[i]``'s routed experts (``counts``: its (E,) host counts).
 
         The GPU share is issued here; the CPU share runs in the CPU thread (CUDA) and is collected by
-        :meth:`_finish_cpu`.
+        :meth:`_finish_cpu`. ``early`` (under backward): the GPU share's gradients are freed right after
+        its step, their squared norm kept for :meth:`clip_grad_norm_` (the CPU share's are still being
+        copied down by the CPU thread; they stay until ``zero_grad``).
         """
         layer = self.store.layers[i]
         recs = [r for r in self.store.layer_records(layer)
@@ -263,7 +274,17 @@ class ExpertOffloadOptimizer:
                 self._cpu_pending.append(self.cpu_pool.submit(self._step_cpu, cpu_recs, lr, ready, self._clip_coef))
             else:
                 self._step_cpu(cpu_recs, lr, ready, self._clip_coef)
+        if early:
+            grads = [p.grad for rec in gpu_recs for p in rec.params if p.grad is not None]  # the ones freed below
+            if grads:
+                sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
+                self._early_sq = sq if self._early_sq is None else self._early_sq + sq
         self._step_gpu(gpu_recs, lr)
+        if early:
+            # the fused step was queued on this stream: memory freed here is reused only after it ran
+            for rec in gpu_recs:
+                for p in rec.params:
+                    p.grad = None
         for rec in recs:
             rec.step += 1
             rec.synced_to = self.step_index + 1
@@ -299,7 +320,7 @@ class ExpertOffloadOptimizer:
         on_gpu = sum(g for g, _ in self._stepped.values())
         on_cpu = sum(c for _, c in self._stepped.values())
         self._stepped.clear()
-        self._early_lr = None
+        self._early_lr = self._early_sq = None
         self.swapper.unreserve()
         self.swapper.drain_writes()
         self.step_index += 1

@@ -43,7 +43,7 @@ def batches(steps: int = STEPS, accum: int = ACCUM, tokens: int = 4, seed: int =
 def train(model: MoEForCausalLM, optimizer, data: list[torch.Tensor], cfg: OptimizerConfig = OPTIM,
           accum: int = ACCUM, before_step: Optional[Callable[[MoEForCausalLM], None]] = None,
           on_step: Optional[Callable[[int], None]] = None, start: int = 0,
-          total: int = STEPS) -> MoEForCausalLM:
+          total: int = STEPS, norms: Optional[list[float]] = None) -> MoEForCausalLM:
     """Run ``len(data) // accum`` optimizer steps from step ``start`` of a ``total``-step schedule."""
     begin = getattr(optimizer, "begin_micro_batch", None)
     for i in range(len(data) // accum):
@@ -55,7 +55,9 @@ def train(model: MoEForCausalLM, optimizer, data: list[torch.Tensor], cfg: Optim
             (out.loss / accum).backward()
         if before_step is not None:
             before_step(model)
-        optimizer.clip_grad_norm_(cfg.max_grad_norm)
+        norm = optimizer.clip_grad_norm_(cfg.max_grad_norm)
+        if norms is not None:
+            norms.append(float(norm))
         optimizer.step(lr)
         optimizer.zero_grad()
         if on_step is not None:

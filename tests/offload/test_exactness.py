@@ -94,14 +94,20 @@ def test_layers_stepped_under_backward_without_clipping(step_on, slots, tol):
     (accumulation 2), before step() is called; the result is still torch AdamW's."""
     no_clip = dataclasses.replace(OPTIM, max_grad_norm=0.0)
     base, data = tiny_model(), batches(steps=10)
-    ref = clone(base)
-    train(ref, DenseAdamW(ref, no_clip), data, cfg=no_clip, total=10)
+    ref, ref_norms = clone(base), []
+    train(ref, DenseAdamW(ref, no_clip), data, cfg=no_clip, total=10, norms=ref_norms)
     assert max_diff(ref, base) > 1e-2
-    model = clone(base)
+    model, norms, left = clone(base), [], []
     opt = build_optimizer(model, no_clip, OffloadConfig(tier="cpu", step_on=step_on, gpu_slots=slots))
     seen: list[dict[str, float]] = []
-    train(model, opt, data, cfg=no_clip, total=10, on_step=lambda _: seen.append(opt.telemetry()))
+    train(model, opt, data, cfg=no_clip, total=10, on_step=lambda _: seen.append(opt.telemetry()), norms=norms,
+          before_step=lambda m: left.append(sum(p.grad is not None for n, p in m.named_parameters()
+                                                 if n in m.expert_parameter_names())))
     opt.finalize()
     opt.close()
     assert all(t["offload/layers_stepped_in_backward"] == 2 for t in seen)
     assert max_diff(model, ref) <= tol
+    # the reported norm counts the gradients of layers already stepped (freed on the GPU path)
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    if step_on == "gpu":
+        assert all(n == 0 for n in left)
