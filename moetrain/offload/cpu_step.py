@@ -103,16 +103,21 @@ class CpuStepper:
         self.up_used[k] = True
 
     @torch.no_grad()
-    def step(self, recs: list[ExpertRecord], lr: float, weight_decay: float, coef: Optional[torch.Tensor],
+    def step(self, recs: list[ExpertRecord], steps: list[int], lr: float, weight_decay: float,
+             coef: Optional[torch.Tensor],
              ready: Optional[torch.cuda.Event], host_state: Callable[[ExpertRecord], torch.Tensor],
              put_host_state: Callable[[ExpertRecord, torch.Tensor], None]) -> None:
         """One AdamW step of ``recs``; the new weights are uploaded behind :meth:`fence`.
+
+        ``steps[i]`` is record i's step number after this update, taken by the caller when it queued
+        the work (the caller moves ``rec.step`` on while this runs in another thread).
 
         ``ready`` is recorded on the compute stream after the gradients were produced; ``coef`` (host,
         fp32) multiplies them first (global-norm clipping); ``host_state(rec)`` gives the record's flat
         fp32 state in host memory and ``put_host_state`` writes it back to its tier.
         """
         chunks = self.chunks(recs)
+        step_of = {rec.key: step for rec, step in zip(recs, steps, strict=True)}
         for c in range(min(2, len(chunks))):
             self._down(chunks[c], c, ready)
         for c, chunk in enumerate(chunks):
@@ -132,7 +137,7 @@ class CpuStepper:
             for rec in chunk:
                 flat = host_state(rec)
                 master, exp_avg, exp_avg_sq = rec.parts(flat)
-                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, rec.step + 1, lr,
+                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, step_of[rec.key], lr,
                                    weight_decay)
                 wbuf[off:off + rec.numel].copy_(master)
                 put_host_state(rec, flat)

@@ -270,10 +270,11 @@ class ExpertOffloadOptimizer:
             ready = _event(self.device)  # the CPU path's gradient copies wait for the compute stream
             if ready is not None:
                 ready.record()
+            args = (cpu_recs, [r.step + 1 for r in cpu_recs], lr, ready, self._clip_coef)
             if self.cpu_pool is not None:
-                self._cpu_pending.append(self.cpu_pool.submit(self._step_cpu, cpu_recs, lr, ready, self._clip_coef))
+                self._cpu_pending.append(self.cpu_pool.submit(self._step_cpu, *args))
             else:
-                self._step_cpu(cpu_recs, lr, ready, self._clip_coef)
+                self._step_cpu(*args)
         if early:
             grads = [p.grad for rec in gpu_recs for p in rec.params if p.grad is not None]  # the ones freed below
             if grads:
@@ -393,13 +394,15 @@ class ExpertOffloadOptimizer:
             self.cpu_io.submit_write(flat, rec.offset)
             self.cpu_io.wait_writes()
 
-    def _step_cpu(self, recs: list[ExpertRecord], lr: float, ready: Optional[torch.cuda.Event],
+    def _step_cpu(self, recs: list[ExpertRecord], steps: list[int], lr: float, ready: Optional[torch.cuda.Event],
                   clip_coef: Optional[torch.Tensor]) -> None:
-        """DeepSpeed CPU Adam over ``recs`` in host memory (see :mod:`moetrain.offload.cpu_step`)."""
+        """DeepSpeed CPU Adam over ``recs`` in host memory (see :mod:`moetrain.offload.cpu_step`); ``steps``:
+        their step numbers after this update (read when queued: ``rec.step`` moves on meanwhile)."""
         if not recs:
             return
         coef = None if clip_coef is None else clip_coef.cpu()
-        self.cpu_stepper.step(recs, lr, self.cfg.weight_decay, coef, ready, self._host_state, self._put_host_state)
+        self.cpu_stepper.step(recs, steps, lr, self.cfg.weight_decay, coef, ready, self._host_state,
+                              self._put_host_state)
 
     def _write_weights(self, rec: ExpertRecord, master: torch.Tensor, non_blocking: bool = True) -> None:
         for p, w in zip(rec.params, rec.split(master), strict=True):
