@@ -111,3 +111,26 @@ def test_layers_stepped_under_backward_without_clipping(step_on, slots, tol):
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     if step_on == "gpu":
         assert all(n == 0 for n in left)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.5, 0.0])
+def test_cpu_share_in_a_thread_agrees(max_grad_norm):
+    """As on CUDA: the CPU share of each layer runs in a thread beside the GPU share of the next ones
+    (and, without clipping, beside backward); step numbers and state must not race."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = dataclasses.replace(OPTIM, max_grad_norm=max_grad_norm)
+    base, data = tiny_model(), batches(steps=10)
+    ref = clone(base)
+    train(ref, DenseAdamW(ref, cfg), data, cfg=cfg, total=10)
+    model = clone(base)
+    opt = build_optimizer(model, cfg, OffloadConfig(tier="cpu", step_on="auto", gpu_slots=4))
+    opt.cpu_pool = ThreadPoolExecutor(1)
+    opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True)
+    seen: list[dict[str, float]] = []
+    train(model, opt, data, cfg=cfg, total=10, on_step=lambda _: seen.append(opt.telemetry()))
+    opt.finalize()
+    opt.close()
+    assert sum(t["offload/experts_stepped_cpu"] for t in seen) > 0
+    assert sum(t["offload/experts_stepped_gpu"] for t in seen) > 0
+    assert max_diff(model, ref) <= 1e-5
