@@ -5,7 +5,7 @@ One optimizer step, in order (GPU; on the CPU the streams collapse into one and 
     forward   observer(layer, routing): counts[layer] += routing.counts     (device, no sync)
               trace.record(): counts -> pinned host, non_blocking + event
               look-ahead: next router on this input -> predicted set         (device counters)
-    backward  router grad of layer i accumulated -> trace.poll(i) -> swapper.prefetch(active of i)
+    backward  router grad of layer i accumulated -> trace.poll(i) -> swapper.prefetch(GPU share of i)
               (page-ins ride in_stream under the backward of layers i-1..0)
     clip      global norm over every .grad (dense + experts), coef stays a device tensor;
               dense grads *= coef, experts get grad_scale = 1/coef inside the fused kernel
@@ -18,12 +18,18 @@ One optimizer step, in order (GPU; on the CPU the streams collapse into one and 
                   release(chunk): D2H on out_stream after an event  ← runs under the next chunk,
                                                                        and under the next forward
               step_on cpu/auto: the CPU share is stepped by DeepSpeed CPU Adam in host memory
-              (gradients down, weights up), in a thread beside the GPU share.
+              (gradients down, weights up, pipelined: :mod:`moetrain.offload.cpu_step`), in a thread
+              beside the GPU share; the compute stream waits for its uploads before the next forward.
 
-Why steps wait for the end of backward (the design notes hoped to step each layer under the backward
-of earlier layers): clipping by the global norm over all parameters needs every gradient before any
-update, so with ``max_grad_norm > 0`` an exact step cannot start earlier. What hides under backward is
-the page-in of state (unchanged until its step) and, under the next forward, the page-out.
+When steps wait for the end of backward: clipping by the global norm over all parameters needs every
+gradient before any update, so with ``max_grad_norm > 0`` an exact step cannot start earlier; what
+hides under backward is the page-in of state (unchanged until its step) and, under the next forward,
+the page-out. Without clipping (``max_grad_norm == 0``) a layer's update depends on its own gradients
+only, so when the training loop tells the engine the last micro-batch and the step's learning rate
+(``begin_micro_batch(index, count, lr)``), the backward hook of layer i steps layer i as soon as its
+gradients are final (one host read of that layer's counts), under the backward of layers i-1..0, frees
+its GPU-path expert gradients (their squared norm is kept for the reported grad norm) and prefetches
+layer i-1; ``step`` then does the dense parameters and whatever was not stepped yet.
 
 Semantics: ``idle_experts: skip`` is torch AdamW with ``grad = None`` for experts that got no tokens.
 ``idle_experts: dense`` keeps the learning rate of every step; when an idle expert is next routed (the
