@@ -137,7 +137,8 @@ class ExpertOffloadOptimizer:
         self.cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
         self.cpu_stepper = None
         if self.cpu_adam is not None:
-            chunk = max(CPU_CHUNK_NUMEL, max(r.numel for r in self.store))
+            total = sum(r.numel for r in self.store)
+            chunk = max(min(CPU_CHUNK_NUMEL, total), max(r.numel for r in self.store))
             self.cpu_stepper = CpuStepper(self.cpu_adam, self.device, self.compute_dtype, chunk,
                                           mark_transfer=lambda stream: self.swapper.mark_transfer(stream))
         self.rates: Rates = (measure(self.device, self.cpu_adam, self.compute_dtype) if offload.step_on == "auto"

@@ -13,6 +13,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train, 
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.cpu_step import CpuStepper
 from moetrain.offload.rates import Rates
 from moetrain.training.optim import DenseAdamW
 
@@ -127,8 +128,14 @@ def test_cpu_share_in_a_thread_agrees(max_grad_norm):
     opt = build_optimizer(model, cfg, OffloadConfig(tier="cpu", step_on="auto", gpu_slots=4))
     opt.cpu_pool = ThreadPoolExecutor(1)
     opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True)
+    # one record per chunk: the two pinned buffer pairs are reused many times per layer
+    opt.cpu_stepper = CpuStepper(opt.cpu_adam, opt.device, opt.compute_dtype, opt.store.max_padded // 3)
+    chunked = []
+    original = opt.cpu_stepper.chunks
+    opt.cpu_stepper.chunks = lambda recs: chunked.append(original(recs)) or chunked[-1]
     seen: list[dict[str, float]] = []
     train(model, opt, data, cfg=cfg, total=10, on_step=lambda _: seen.append(opt.telemetry()))
+    assert max(len(c) for c in chunked) > 2 and all(len(chunk) == 1 for c in chunked for chunk in c)
     opt.finalize()
     opt.close()
     assert sum(t["offload/experts_stepped_cpu"] for t in seen) > 0
