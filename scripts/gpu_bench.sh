@@ -4,7 +4,8 @@
 # next one still runs. Usage: bash scripts/gpu_bench.sh [stage ...]   (default: all stages)
 #
 # Stages: tests (pytest tests/gpu), link (pinned bandwidth), experts (grouped vs loop),
-#         none / cpu / cpu_auto (moetrain offload_step per tier), zero_offload (DeepSpeed peer),
+#         none / cpu / cpu_auto / cpu_clip / cpu_auto_clip (moetrain offload_step per tier; no
+#         clipping unless named, as in the peers' runs), zero_offload (DeepSpeed peer),
 #         checkpoint_io (save/load GB/s against the disk, init_from host memory).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
@@ -52,6 +53,9 @@ for s in $STAGES; do
     none) stage none python3 -m moetrain.bench.offload_step --tier none $bench_args ;;
     cpu) stage cpu python3 -m moetrain.bench.offload_step --tier cpu $bench_args ;;
     cpu_auto) stage cpu_auto python3 -m moetrain.bench.offload_step --tier cpu --step-on auto $bench_args ;;
+    cpu_clip) stage cpu_clip python3 -m moetrain.bench.offload_step --tier cpu --max-grad-norm 1.0 $bench_args ;;
+    cpu_auto_clip) stage cpu_auto_clip python3 -m moetrain.bench.offload_step --tier cpu --step-on auto \
+        --max-grad-norm 1.0 $bench_args ;;
     zero_offload) stage zero_offload python3 .dev/anchors/baseline_peers.py --method zero_offload \
         --layers "$LAYERS" --micro "$MICRO" --seq "$SEQ" --accum "$ACCUM" --steps "$STEPS" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--impl", default="auto", choices=["auto", "grouped", "loop"])
+    p.add_argument("--max-grad-norm", type=float, default=0.0,
+                   help="global-norm clipping (0: none, as in the peers' runs; with clipping the expert step "
+                        "waits for the end of backward)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device("cuda")
     model = MoEForCausalLM(cfg).to(dev)
     model.set_expert_impl(a.impl)
-    opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=1.0)
+    opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
     off_cfg = OffloadConfig(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path)
     opt = build_optimizer(model, opt_cfg, off_cfg)
     begin = getattr(opt, "begin_micro_batch", None)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         for micro in range(a.accum):
             if begin is not None:
-                begin(micro, a.accum)
+                begin(micro, a.accum, opt_cfg.lr)
             ids = torch.randint(0, cfg.vocab_size, (a.micro, a.seq), device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(ids, labels=ids, return_logits=False)
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0),
         "tier": a.tier,
         "step_on": a.step_on,
+        "max_grad_norm": a.max_grad_norm,
         "layers": a.layers,
         "params_B": round(model.num_parameters() / 1e9, 3),
         "tokens_per_step": tokens,
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("RESULT " + json.dumps(res), flush=True)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"offload_step_{a.tier}_{a.step_on}.json").write_text(json.dumps(res, indent=2) + "\n")
+        name = f"offload_step_{a.tier}_{a.step_on}_clip{a.max_grad_norm:g}.json"
+        (Path(a.out) / name).write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 

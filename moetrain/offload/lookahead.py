@@ -74,6 +74,7 @@ class RoutingTrace:
         self.device = device
         self.inflight: dict[int, list[tuple[torch.Tensor, Optional[torch.cuda.Event]]]] = {}
         self.known: dict[int, torch.Tensor] = {}
+        self.history: dict[int, list[tuple[torch.Tensor, Optional[torch.cuda.Event]]]] = {}
 
     def record(self, layer: int, counts: torch.Tensor) -> None:
         if self.device.type == "cuda":
@@ -84,6 +85,23 @@ class RoutingTrace:
         else:
             host, event = counts.clone(), None
         self.inflight.setdefault(layer, []).append((host, event))
+        self.history.setdefault(layer, []).append((host, event))
+
+    def host_counts(self, layer: int) -> Optional[torch.Tensor]:
+        """(E,) tokens per expert of ``layer`` summed over the micro-batches recorded so far, on the host.
+
+        Waits only for the small copies queued in forward (each behind its own event), not for the
+        device's other streams: unlike ``counts.cpu()``, it does not queue behind page-outs.
+        """
+        recorded = self.history.get(layer)
+        if not recorded:
+            return None
+        total = None
+        for host, event in recorded:
+            if event is not None:
+                event.synchronize()
+            total = host.clone() if total is None else total + host
+        return total
 
     def poll(self, layer: int) -> Optional[torch.Tensor]:
         """(E,) bool of experts known to be routed in ``layer`` so far (None if nothing arrived yet)."""
@@ -100,3 +118,4 @@ class RoutingTrace:
     def reset(self) -> None:
         self.inflight.clear()
         self.known.clear()
+        self.history.clear()

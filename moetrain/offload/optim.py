@@ -195,8 +195,11 @@ class ExpertOffloadOptimizer:
         def hook(_param: torch.Tensor) -> None:
             if self._early_lr is not None:
                 # last micro-batch, no clipping: this layer's gradients are final, step it now. Its counts
-                # are read on the host (one sync per layer: the price of knowing which experts to page).
-                self._step_layer(index, self.counts[layer].cpu(), self._early_lr, early=True)
+                # come from the host copies recorded in forward (no device sync), else one read per layer.
+                counts = self.trace.host_counts(layer) if self.offload.prefetch else None
+                if counts is None:
+                    counts = self.counts[layer].cpu()
+                self._step_layer(index, counts, self._early_lr, early=True)
                 if index > 0:
                     self._prefetch_layer(self.store.layers[index - 1])  # next to be stepped
             else:

@@ -240,7 +240,8 @@ class MoETrainingModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         begin = getattr(self.train_optimizer, "begin_micro_batch", None)
         if begin is not None:  # the offload engine steps a layer's experts once the last micro-batch passed it
-            begin(self._micro, self.accumulate_grad_batches)
+            begin(self._micro, self.accumulate_grad_batches,
+                  lr_at(self.optim_cfg, self.trainer.global_step, self.total_steps))
         out = self(batch)
         if self.balancer.active:
             self.balancer.observe(out.routings)
