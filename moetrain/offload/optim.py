@@ -257,7 +257,11 @@ class ExpertOffloadOptimizer:
         backward has finished that layer, under the backward of the layers below it.
         """
         last = index == count - 1
-        self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 else None
+        # On CUDA with a CPU share (step_on cpu/auto) the early step disagreed with the resident reference on
+        # the GPU machine (3.5e-2, tests/gpu) while it agrees on the CPU: until that is understood, those
+        # configurations step after backward.
+        proven = self.device.type != "cuda" or self.offload.step_on == "gpu"
+        self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 and proven else None
 
     @torch.no_grad()
     def _step_layer(self, i: int, counts: torch.Tensor, lr: float, early: bool = False) -> None:
