@@ -210,11 +210,23 @@ def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
     return make_plan(model_config, offload, tokens, **machine)
 
 
+def _recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
+    model = recipe.get("model") or {}
+    if model.get("init_from"):
+        from moetrain.models.hf import load_config
+        return load_config(model["init_from"])
+    return ModelConfig.from_preset(model["preset"], **(model.get("config") or {}))
+
+
 def main(argv: list[str]) -> int:
-    """``moetrain plan --config RECIPE [--model.offload.tier=cpu ...] [--link_gbps=N]``: print the plan."""
+    """``moetrain plan --config RECIPE | --preset NAME [--model.offload.tier=cpu ...] [--link_gbps=N]
+    [--world_sizes=1,8,64]``: print the one-GPU plan, then the memory per GPU under expert parallelism."""
     import yaml
 
-    config_path, overrides, machine = None, {}, {}
+    from moetrain.offload.plan_parallel import plan_expert_parallel
+
+    config_path, overrides, machine, preset = None, {}, {}, None
+    world_sizes: tuple[int, ...] = (1, 8, 64)
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -222,6 +234,10 @@ def main(argv: list[str]) -> int:
             config_path = args.pop(0)
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg.startswith("--world_sizes="):
+            world_sizes = tuple(int(x) for x in arg.split("=", 1)[1].split(",") if x)
         elif arg.startswith("--link_gbps="):
             machine["link_gbps"] = float(arg.split("=", 1)[1])
         elif arg.startswith("--") and "=" in arg:
@@ -229,18 +245,24 @@ def main(argv: list[str]) -> int:
             overrides[key] = yaml.safe_load(value)
         else:
             print(f"moetrain plan: error: unexpected argument {arg!r}; usage: moetrain plan --config RECIPE "
-                  "[--section.key=value ...] [--link_gbps=GBPS]", file=sys.stderr)
+                  "| --preset=NAME [--section.key=value ...] [--link_gbps=GBPS] [--world_sizes=1,8,64]",
+                  file=sys.stderr)
             return 2
-    if config_path is None:
-        print("moetrain plan: error: give the recipe with --config RECIPE", file=sys.stderr)
+    if config_path is None and preset is None:
+        print("moetrain plan: error: give the recipe with --config RECIPE (or a model shape with --preset=NAME)",
+              file=sys.stderr)
         return 2
+    source = config_path or f"preset {preset}"
     try:
-        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        recipe = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {"model": {"preset": preset}}
         for key, value in overrides.items():
             _set_dotted(recipe, key, value)
         plan = plan_from_recipe(recipe, **machine)
+        parallel = plan_expert_parallel(_recipe_model_config(recipe), world_sizes)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
-        print(f"moetrain plan: error: {config_path}: {err}", file=sys.stderr)
+        print(f"moetrain plan: error: {source}: {err}", file=sys.stderr)
         return 2
     print(plan.format())
+    print()
+    print(parallel)
     return 0
