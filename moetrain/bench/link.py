@@ -24,23 +24,21 @@ def measure(nbytes: int = 512 << 20, reps: int = 8) -> dict[str, float]:
     d2 = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     up, down = torch.cuda.Stream(), torch.cuda.Stream()
 
+    def issue(h2d: bool, d2h: bool) -> None:
+        if h2d:
+            with torch.cuda.stream(up):
+                d1.copy_(h1, non_blocking=True)
+        if d2h:
+            with torch.cuda.stream(down):
+                h2.copy_(d2, non_blocking=True)
+
     def run(h2d: bool, d2h: bool) -> float:
         for _ in range(2):  # warm-up
-            if h2d:
-                with torch.cuda.stream(up):
-                    d1.copy_(h1, non_blocking=True)
-            if d2h:
-                with torch.cuda.stream(down):
-                    h2.copy_(d2, non_blocking=True)
+            issue(h2d, d2h)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
-            if h2d:
-                with torch.cuda.stream(up):
-                    d1.copy_(h1, non_blocking=True)
-            if d2h:
-                with torch.cuda.stream(down):
-                    h2.copy_(d2, non_blocking=True)
+            issue(h2d, d2h)
         torch.cuda.synchronize()
         return nbytes * reps * (int(h2d) + int(d2h)) / (time.perf_counter() - t0) / 1e9
 
