@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+from parity_helpers import ATOL, VOCAB, assert_close_at_real, padded_batch
 from safetensors.torch import save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -25,27 +26,9 @@ from moetrain.models.hf_configs import config_from_hf, config_to_hf
 from moetrain.models.router import TopKRouter
 from moetrain.shards import read_weight_map
 
-ATOL = 1e-4
-VOCAB = 128  # conftest's TINY_HF_VOCAB
 CASES = ["deepseek_v2", "deepseek_v2_group", "deepseek_v3"]
 HF = {"deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
       "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}
-
-
-def _batch(seq: int = 12) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    ids = torch.randint(0, VOCAB, (3, seq))
-    left = torch.ones(3, seq, dtype=torch.long)
-    left[1, :3] = 0
-    left[2, :7] = 0
-    right = torch.ones(3, seq, dtype=torch.long)
-    right[0, -4:] = 0
-    return ids, {"none": None, "left": left, "right": right}
-
-
-def _close_at_real(a, b, mask, what):
-    if mask is not None:
-        a, b = a[mask.bool()], b[mask.bool()]
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -55,12 +38,12 @@ def test_logits_match_transformers(case, tiny_hf, save_hf):
     assert len(list(path.glob("*.safetensors"))) > 1, "the checkpoint should be sharded"
     model = moetrain.from_pretrained(path)
     assert model.config.family == case.removesuffix("_group")
-    ids, masks = _batch()
+    ids, masks = padded_batch()
     for kind, mask in masks.items():
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits.float()
             out = model(ids, attention_mask=mask).logits
-        _close_at_real(out, ref, mask, f"{case}, padding {kind}")
+        assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
 
 
 def _logits(model, ids):

@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity_helpers import ATOL, VOCAB, assert_close_at_real, padded_batch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moetrain
 from moetrain.models.hf import export_hf
 from moetrain.shards import read_weight_map
 
-ATOL = 1e-4
-VOCAB = 128  # the vocabulary of the tiny models in conftest (TINY_HF_VOCAB)
 CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe"]  # see conftest
-
-
-def _batch(seq: int = 12) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token ids (3, seq) and three masks: none, left-padded rows and right-padded rows."""
-    ids = torch.randint(0, VOCAB, (3, seq))
-    left = torch.ones(3, seq, dtype=torch.long)
-    left[1, :3] = 0
-    left[2, :7] = 0
-    right = torch.ones(3, seq, dtype=torch.long)
-    right[0, -4:] = 0
-    right[2, -1:] = 0
-    return ids, {"none": None, "left": left, "right": right}
-
-
-def _assert_close_at_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
-    if mask is not None:
-        a, b = a[mask.bool()], b[mask.bool()]
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -44,12 +25,12 @@ def test_logits_match_transformers(case, tiny_hf, save_hf):
     path = save_hf(hf)
     assert len(list(path.glob("*.safetensors"))) > 1, "the checkpoint should be sharded"
     model = moetrain.from_pretrained(path)
-    ids, masks = _batch()
+    ids, masks = padded_batch()
     for kind, mask in masks.items():
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits.float()
             out = model(ids, attention_mask=mask).logits
-        _assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
+        assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
 
 
 def test_sliding_window_changes_the_result(tiny_hf, save_hf):
@@ -93,7 +74,7 @@ def test_switch_aux_loss_per_layer_matches_transformers(case, tiny_hf, save_hf):
     model = moetrain.from_pretrained(save_hf(hf))
     cfg = model.config
     layer_weight = cfg.aux_loss_coef / len(cfg.moe_layers)
-    ids, masks = _batch()
+    ids, masks = padded_batch()
     for mask in masks.values():
         with torch.no_grad():
             ref_logits = hf(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
@@ -108,7 +89,7 @@ def test_switch_aux_loss_per_layer_matches_transformers(case, tiny_hf, save_hf):
 def test_aux_loss_mask_is_not_a_no_op(tiny_hf):
     """Guards the masked comparison above: with padding, the reference differs from the unmasked loss."""
     hf = tiny_hf("mixtral")
-    ids, masks = _batch()
+    ids, masks = padded_batch()
     with torch.no_grad():
         logits = hf(input_ids=ids, attention_mask=masks["left"], output_router_logits=True).router_logits[0]
     masked = load_balancing_loss_func((logits,), 4, 2, masks["left"])

@@ -1,0 +1,29 @@
+"""Inputs and comparisons shared by the parity tests against transformers."""
+
+from __future__ import annotations
+
+import torch
+
+ATOL = 1e-4
+"""fp32 logits of moetrain and transformers agree to this (absolute)."""
+VOCAB = 128
+"""The vocabulary of the tiny transformers models in tests/conftest.py (TINY_HF_VOCAB)."""
+
+
+def padded_batch(seq: int = 12) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Token ids (3, seq) and three masks: none, left-padded rows and right-padded rows."""
+    ids = torch.randint(0, VOCAB, (3, seq))
+    left = torch.ones(3, seq, dtype=torch.long)
+    left[1, :3] = 0
+    left[2, :7] = 0
+    right = torch.ones(3, seq, dtype=torch.long)
+    right[0, -4:] = 0
+    right[2, -1:] = 0
+    return ids, {"none": None, "left": left, "right": right}
+
+
+def assert_close_at_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None, what: str) -> None:
+    """``a`` equals ``b`` to :data:`ATOL` at real (unpadded) positions."""
+    if mask is not None:
+        a, b = a[mask.bool()], b[mask.bool()]
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
