@@ -365,9 +365,7 @@ class ExpertOffloadOptimizer:
         return [recs[i] for i in gpu_idx], [recs[i] for i in cpu_idx]
 
     def _chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
-        # a third of the slots steps while a third fills and the last third writes back: page-ins then
-        # land in slots whose write-back is done, so both link directions run at once
-        size = max(1, self.swapper.num_slots // 3)
+        size = max(1, self.swapper.num_slots // 2)  # half the slots compute while the other half fills
         return [recs[i:i + size] for i in range(0, len(recs), size)]
 
     def _step_gpu(self, recs: list[ExpertRecord], lr: float) -> None:

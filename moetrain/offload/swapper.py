@@ -120,11 +120,8 @@ class Swapper:
 
     # ------------------------------------------------------------------ slot choice
     def _victim(self, protect: set[int]) -> Optional[int]:
-        """An empty slot, else the evictable slot whose record has the lowest routing frequency, preferring
-        slots whose write-back has already landed: a page-in into a slot still being written back waits
-        for it, which turns the two directions of the link into one after the other."""
+        """An empty slot, else the evictable slot whose record has the lowest routing frequency."""
         best, best_freq = None, float("inf")
-        landed, landed_freq = None, float("inf")
         for s in range(self.num_slots):
             if s in protect or self.reserved[s] or self.state[s] in (SlotState.IN_USE, SlotState.READING):
                 continue
@@ -133,10 +130,7 @@ class Swapper:
             freq = self.store.records[self.key_of[s]].frequency
             if freq < best_freq:
                 best, best_freq = s, freq
-            event = self.out_event[s]
-            if freq < landed_freq and (event is None or event.query()):  # query(): no host sync
-                landed, landed_freq = s, freq
-        return landed if landed is not None else best
+        return best
 
     def _assign(self, rec: ExpertRecord, slot: int) -> None:
         old = self.key_of[slot]
