@@ -27,3 +27,19 @@ def assert_close_at_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         a, b = a[mask.bool()], b[mask.bool()]
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def assert_logits_match(hf, path, case: str):
+    """Load the sharded transformers checkpoint at ``path`` with moetrain and compare fp32 logits with
+    ``hf`` for an unpadded, a left-padded and a right-padded batch. Returns the moetrain model."""
+    import moetrain
+
+    assert len(list(path.glob("*.safetensors"))) > 1, "the checkpoint should be sharded"
+    model = moetrain.from_pretrained(path)
+    ids, masks = padded_batch()
+    for kind, mask in masks.items():
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask).logits.float()
+            out = model(ids, attention_mask=mask).logits
+        assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
+    return model
