@@ -114,11 +114,16 @@ def _open(path: Path):
                          "the file is truncated or corrupted") from None
 
 
-def iter_shard_tensors(model_dir: str | Path, prefix: str = "model") -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yield ``(shard path, name, tensor)`` for every tensor the index names, one shard open at a time."""
+def iter_shard_tensors(
+    model_dir: str | Path, prefix: str = "model", names: Optional[Iterable[str]] = None
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """Yield ``(shard path, name, tensor)`` for every tensor the index names (or only those of ``names``
+    that it names), one shard open at a time."""
     model_dir = Path(model_dir)
+    weight_map = read_weight_map(model_dir, prefix)
+    selected = weight_map if names is None else {n: weight_map[n] for n in names if n in weight_map}
     by_file: dict[str, list[str]] = {}
-    for name, fname in read_weight_map(model_dir, prefix).items():
+    for name, fname in selected.items():
         by_file.setdefault(fname, []).append(name)
     for fname in sorted(by_file):
         path = model_dir / fname

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from moetrain.atomic import write_text
 from moetrain.config import ConfigError
-from moetrain.shards import ShardError, read_weight_map, write_sharded
+from moetrain.shards import ShardError, iter_shard_tensors, read_weight_map, write_sharded
 
 OPTIMIZER_PREFIX = "optimizer"
 OPTIMIZER_JSON = "optimizer.json"
@@ -103,26 +103,11 @@ def iter_named(
     ckpt_dir: Path, wanted: Iterable[str], prefix: str = OPTIMIZER_PREFIX
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the tensors of ``wanted`` that the shard set holds, one shard open at a time."""
-    from moetrain.shards import _open  # the shard reader with file-naming errors
-
-    weight_map = read_weight_map(ckpt_dir, prefix)
-    by_file: dict[str, list[str]] = {}
-    for name in wanted:
-        if name in weight_map:
-            by_file.setdefault(weight_map[name], []).append(name)
-    for fname in sorted(by_file):
-        path = ckpt_dir / fname
-        with _open(path) as f:
-            present = set(f.keys())
-            for name in by_file[fname]:
-                if name not in present:
-                    raise ShardError(f"{path}: the index names tensor {name!r} but the shard does not hold it; the "
-                                     "checkpoint is corrupted, resume from an earlier one")
-                try:
-                    yield name, f.get_tensor(name)
-                except Exception as err:
-                    raise ShardError(f"{path}: tensor {name!r} cannot be read ({err}); the shard is truncated or "
-                                     "corrupted, resume from an earlier checkpoint") from None
+    try:
+        for _, name, tensor in iter_shard_tensors(ckpt_dir, prefix, names=wanted):
+            yield name, tensor
+    except ShardError as err:
+        raise ShardError(f"{err}; resume from an earlier checkpoint") from None
 
 
 def _check_shape(ckpt_dir: Path, name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
