@@ -43,3 +43,26 @@ def assert_logits_match(hf, path, case: str):
             out = model(ids, attention_mask=mask).logits
         assert_close_at_real(out, ref, mask, f"{case}, padding {kind}")
     return model
+
+
+def assert_export_round_trip(hf, save_hf, out_dir):
+    """Load ``hf``'s sharded checkpoint with moetrain, export it to ``out_dir`` in several shards, and check
+    that the export keeps transformers' exact on-disk names and that both transformers and moetrain load
+    it with ``hf``'s logits. Returns (moetrain model, reloaded moetrain model)."""
+    import moetrain
+    from moetrain.models.hf import export_hf
+    from moetrain.shards import read_weight_map
+
+    model = moetrain.from_pretrained(save_hf(hf))
+    weight_map = export_hf(model, out_dir, max_shard_bytes=64 * 1024)
+    assert len(set(weight_map.values())) > 1
+    assert sorted(weight_map) == sorted(read_weight_map(save_hf(hf, "names")))
+    reloaded_hf = type(hf).from_pretrained(out_dir).eval()
+    reloaded = moetrain.from_pretrained(out_dir)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(reloaded_hf(ids).logits, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(reloaded(ids).logits, ref, atol=ATOL, rtol=0)
+    assert reloaded.config == model.config
+    return model, reloaded

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import transformers
-from parity_helpers import ATOL, VOCAB, assert_logits_match
+from parity_helpers import ATOL, VOCAB, assert_export_round_trip, assert_logits_match
 from safetensors.torch import save_file
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -21,10 +21,8 @@ import moetrain
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import losses
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.hf import export_hf
 from moetrain.models.hf_configs import config_from_hf, config_to_hf
 from moetrain.models.router import TopKRouter
-from moetrain.shards import read_weight_map
 
 CASES = ["deepseek_v2", "deepseek_v2_group", "deepseek_v3"]
 HF = {"deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
@@ -74,20 +72,8 @@ def test_guards_each_feature_changes_the_logits(tiny_hf, save_hf):
 
 @pytest.mark.parametrize("case", CASES)
 def test_export_round_trip_loads_in_transformers(case, tiny_hf, save_hf, tmp_path):
-    hf = tiny_hf(case)
-    model = moetrain.from_pretrained(save_hf(hf))
     out_dir = tmp_path / "export"
-    weight_map = export_hf(model, out_dir, max_shard_bytes=64 * 1024)
-    assert len(set(weight_map.values())) > 1
-    assert sorted(weight_map) == sorted(read_weight_map(save_hf(hf, "names")))
-    reloaded_hf = type(hf).from_pretrained(out_dir).eval()
-    reloaded = moetrain.from_pretrained(out_dir)
-    ids = torch.randint(0, VOCAB, (2, 10))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        torch.testing.assert_close(reloaded_hf(ids).logits, ref, atol=ATOL, rtol=0)
-        torch.testing.assert_close(reloaded(ids).logits, ref, atol=ATOL, rtol=0)
-    assert reloaded.config == model.config
+    model, _ = assert_export_round_trip(tiny_hf(case), save_hf, out_dir)
     # config.json alone (no moetrain_config.json) rebuilds the same config
     hf_json = json.loads((out_dir / "config.json").read_text())
     assert config_from_hf(hf_json, name=model.config.name) == model.config

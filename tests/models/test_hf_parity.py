@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity_helpers import ATOL, VOCAB, assert_logits_match, padded_batch
+from parity_helpers import VOCAB, assert_export_round_trip, assert_logits_match, padded_batch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moetrain
-from moetrain.models.hf import export_hf
-from moetrain.shards import read_weight_map
 
 CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen2_moe_sparse_step", "qwen3_moe", "olmoe"]  # see conftest
 
@@ -41,22 +39,7 @@ def test_sliding_window_changes_the_result(tiny_hf, save_hf):
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_export_round_trip_loads_in_transformers(case, tiny_hf, save_hf, tmp_path):
-    hf = tiny_hf(case)
-    model = moetrain.from_pretrained(save_hf(hf))
-    out_dir = tmp_path / "export"
-    weight_map = export_hf(model, out_dir, max_shard_bytes=64 * 1024)
-    assert len(set(weight_map.values())) > 1
-    # the export uses the exact on-disk names transformers writes
-    original = sorted(read_weight_map(save_hf(hf, "names")))
-    assert sorted(weight_map) == original
-    reloaded_hf = type(hf).from_pretrained(out_dir).eval()
-    reloaded = moetrain.from_pretrained(out_dir)
-    ids = torch.randint(0, VOCAB, (2, 10))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        torch.testing.assert_close(reloaded_hf(ids).logits, ref, atol=ATOL, rtol=0)
-        torch.testing.assert_close(reloaded(ids).logits, ref, atol=ATOL, rtol=0)
-    assert reloaded.config == model.config
+    assert_export_round_trip(tiny_hf(case), save_hf, tmp_path / "export")
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "olmoe"])
