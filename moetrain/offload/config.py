@@ -32,6 +32,20 @@ class OffloadConfig:
     weights live in the store: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16`` or ``fp32``. bf16
     halves the resident weights and gradients and the bytes the CPU step path moves; the fp32 master
     in the store is what AdamW updates and what checkpoints save."""
+    master: str = "fp32"
+    """How offloaded experts' master weights are stored: ``fp32`` (default, exact), ``bf16_sr`` (bf16 with
+    stochastic rounding after each update: 2 bytes a parameter) or ``bf16_kahan`` (bf16 plus a bf16 Kahan
+    compensation term carrying the rounding error: 4 bytes, close to fp32 accuracy)."""
+    moments: str = "fp32"
+    """How offloaded experts' Adam moments are stored: ``fp32`` (default, exact), ``bf16`` or ``int8``
+    (block-wise dynamic quantization as in 8-bit Adam, dequantized on the compute device: about 1 byte
+    a moment)."""
+    quant_block: int = 256
+    """Elements per quantization block of ``moments: int8`` (each block keeps one fp32 absmax scale)."""
+    hot_cache_gb: Optional[float] = 0.0
+    """Device memory that keeps the optimizer state of the most frequently routed experts resident
+    between steps (no page-in or page-out while they stay hot), chosen from live routing statistics and
+    revised every step. 0 disables it; null sizes it from the device memory free after the first step."""
     idle_experts: str = "skip"
     """``skip``: an expert that got no tokens is untouched (torch AdamW with grad None). ``dense``: the
     zero-gradient steps a dense AdamW would have applied are caught up exactly when the expert is next
@@ -55,7 +69,8 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         choices = {"tier": ("none", "cpu", "nvme"), "resident_weights": ("auto", "yes", "no"),
                    "step_on": ("gpu", "cpu", "auto"), "compute_dtype": ("auto", "bf16", "fp32"),
-                   "idle_experts": ("skip", "dense"),
+                   "idle_experts": ("skip", "dense"), "master": ("fp32", "bf16_sr", "bf16_kahan"),
+                   "moments": ("fp32", "bf16", "int8"),
                    "nvme_backend": ("auto", "aio", "threads")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -64,5 +79,9 @@ class OffloadConfig:
             raise ValueError("model.offload.tier=nvme needs model.offload.nvme_path=DIR (a folder on a fast disk)")
         if self.gpu_budget_gb <= 0:
             raise ValueError(f"model.offload.gpu_budget_gb={self.gpu_budget_gb}: must be > 0")
+        if self.quant_block < 16 or self.quant_block % 16:
+            raise ValueError(f"model.offload.quant_block={self.quant_block}: must be a multiple of 16")
+        if self.hot_cache_gb is not None and self.hot_cache_gb < 0:
+            raise ValueError(f"model.offload.hot_cache_gb={self.hot_cache_gb}: must be >= 0 (or null for auto)")
         if self.gpu_slots is not None and self.gpu_slots < 1:
             raise ValueError(f"model.offload.gpu_slots={self.gpu_slots}: must be >= 1 (or null)")
