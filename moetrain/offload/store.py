@@ -22,7 +22,7 @@ master weights and moments. The device-side slots are owned by :class:`~moetrain
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -102,9 +102,12 @@ class ExpertStore:
         model: a :class:`~moetrain.models.decoder.MoEForCausalLM`.
         cfg: the offload config (tier, budgets, nvme settings).
         pin: pin the host slab (True when CUDA is the compute device).
+        owns: ``owns(layer, expert)``: keep only these records (a data-parallel rank's share, see
+            :mod:`moetrain.parallel`); None keeps all. ``num_experts`` still counts every expert of a layer.
     """
 
-    def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False) -> None:
+    def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False,
+                 owns: Optional[Callable[[int, int], bool]] = None) -> None:
         self.cfg = cfg
         self.pin = pin
         names = {id(p): n for n, p in model.named_parameters()}
@@ -113,6 +116,8 @@ class ExpertStore:
         for block in model.moe_blocks():
             self.layers.append(block.layer_idx)
             for e, expert in enumerate(block.experts):
+                if owns is not None and not owns(block.layer_idx, e):
+                    continue  # another rank's share (or an expert that lives on another rank)
                 params = [expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight]
                 full = [names[id(p)] for p in params]
                 numel = sum(p.numel() for p in params)
@@ -120,7 +125,7 @@ class ExpertStore:
                                    names=full, numel=numel, padded=align_up(3 * numel * 4) // 4,
                                    shapes=[p.shape for p in params])
                 self.records[rec.key] = rec
-        self.num_experts = {layer: sum(1 for k in self.records if k[0] == layer) for layer in self.layers}
+        self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
         self._place()
         self._initialise()
 
@@ -169,7 +174,7 @@ class ExpertStore:
         return self.slab[rec.offset:rec.offset + rec.padded]
 
     def layer_records(self, layer: int) -> list[ExpertRecord]:
-        return [self.records[(layer, e)] for e in range(self.num_experts[layer])]
+        return [self.records[(layer, e)] for e in range(self.num_experts[layer]) if (layer, e) in self.records]
 
     def __iter__(self) -> Iterator[ExpertRecord]:
         return iter(self.records.values())
