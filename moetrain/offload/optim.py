@@ -49,7 +49,7 @@ gradients are then bf16 too and are upcast chunk by chunk right before the fused
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -90,7 +90,7 @@ def cast_experts(model: nn.Module, dtype: torch.dtype) -> None:
     for block in model.moe_blocks():
         experts = block.experts
         for name in PROJECTIONS:
-            params = [getattr(e, name).weight for e in experts]
+            params = [getattr(e, name).weight for e in experts if hasattr(e, name)]  # not other ranks' experts
             packed = torch.empty((len(params), *params[0].shape), dtype=dtype, device=params[0].device)
             for i, p in enumerate(params):
                 packed[i].copy_(p.detach())
@@ -106,9 +106,12 @@ class ExpertOffloadOptimizer:
         model: a :class:`~moetrain.models.decoder.MoEForCausalLM` on its compute device.
         cfg: AdamW hyperparameters (shared by dense parameters and experts).
         offload: tiers, budgets and step path.
+        owns: ``owns(layer, expert)``: hold state for these experts only (a data-parallel rank's share,
+            see :mod:`moetrain.parallel`); None holds every expert.
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig,
+                 owns: Optional[Callable[[int, int], bool]] = None) -> None:
         if offload.resident_weights == "no":
             raise ValueError("model.offload.resident_weights=no (paging compute weights per expert) is not "
                              "implemented yet: use auto or yes")
@@ -121,7 +124,7 @@ class ExpertOffloadOptimizer:
         self.dense_params = [p for _, p in dense_named if p.requires_grad]
         self.dense = torch.optim.AdamW(param_groups(dense_named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                        eps=cfg.eps, fused=True if cuda else None)
-        self.store = ExpertStore(model, offload, pin=cuda)
+        self.store = ExpertStore(model, offload, pin=cuda, owns=owns)
         for rec in self.store:
             if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
                 raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")
