@@ -1,37 +1,63 @@
 """The memory planner behind ``moetrain plan``: bytes per tier, whether they fit, and the floor of a step.
 
-Per parameter (see the design notes): dense parameters keep fp32 weights, grads and two moments on the
-GPU (16 B). Routed experts keep compute weights on the GPU (4 B under bf16-mixed, 2 B for a bf16
-model) and, with the grouped GEMM path, a gradient for every expert (same size); their master weights
-and moments (12 B) live in the device slots (``gpu_budget_gb``), in host memory up to ``cpu_budget_gb``,
-and on NVMe past it. Activations are not
-counted (they depend on checkpointing and sequence length).
+Per parameter (see the design notes), on the GPU: dense parameters keep fp32 weights, grads and two moments
+(16 B) plus the bf16 copies autocast makes of their matrices (2 B); routed experts keep compute weights
+(``compute_dtype``: 2 B in bf16, the default on a GPU, 4 B in fp32) and, with the grouped GEMM path, a
+gradient of the same size for every expert, or only one MoE layer's when layers are stepped and their
+gradients freed under backward (``accumulate_grad_batches == 1``, ``max_grad_norm == 0``, ``step_on: gpu``);
+the device slots of state being stepped (``gpu_budget_gb``); the hot-expert state cache (``hot_cache_gb``,
+null: what is left); an estimate of the activations of one micro-batch; and a reserve for the CUDA context
+and allocator slack. The routed experts' master weights and moments take ``state_bytes_per_param`` bytes
+(12 in fp32; 4.03 for bf16 masters with int8 moments) in host memory up to ``cpu_budget_gb``, and on NVMe
+past it. Loading puts the whole model on the GPU in fp32 (4 B/param) before the store takes the experts'
+masters and casts their compute weights: that load peak must fit too.
 
-The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state goes
-up and comes back (24 B/param, both directions at once), compute is ``6 * active params * tokens``
-FLOPs at an assumed sustained rate. The expected number of active experts of a layer is
-``E * (1 - (1 - 1/E) ** (tokens * k))`` (uniform routing; balanced routers are close to it).
+The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state that is
+not in the hot cache goes up and comes back (``2 * state_bytes_per_param`` B/param, both directions at
+once), compute is ``6 * active params * tokens`` FLOPs at an assumed sustained rate. The expected number
+of active experts of a layer is ``E * (1 - (1 - 1/E) ** (tokens * k))`` (uniform routing; balanced routers
+are close to it), and a cached expert is taken to be active as often as any other (the cache keeps the
+hottest, so fewer bytes move than this says).
+
+:func:`largest_preset` answers the question of the design notes for one machine: which preset is the
+largest that one GPU can fully fine-tune, and with which tier, state formats and gradient schedule.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from moetrain.config import ModelConfig
+from moetrain.config import CONFIGS_DIR, ModelConfig
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.nvme import align_up
 from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
+from moetrain.offload.state_format import state_bytes_per_param
 
 GiB = 2**30
 DEFAULT_COMPUTE_TFLOPS = 400.0
 """Sustained bf16 training throughput assumed for the compute estimate (about 40% of an H100's peak)."""
+LOAD_BYTES_PER_PARAM = 4
+"""The model is built (random init) or loaded (``init_from``) in fp32 on the GPU; the store copies the
+experts' masters out and casts their compute weights only after that (training/module.py, offload/optim.py)."""
+GPU_RESERVE = 2 * GiB
+"""CUDA context, cuBLAS workspaces and the caching allocator's fragmentation: not in any tensor counted here."""
+HOST_RESERVE = 8 * GiB
+"""The OS, the Python process with torch and its CUDA context, data-loader workers and the CPU step's
+pinned chunk buffers: host memory the expert state cannot have."""
+LOSS_CHUNK_TOKENS = 4096
+"""Tokens per chunk of the training loss (``models.decoder.chunked_lm_loss``): one chunk's logits at a time."""
+MASTERS = ("fp32", "bf16_kahan", "bf16_sr")
+"""Master-weight formats, most exact first (a bf16 master without compensation loses small updates)."""
+MOMENTS = ("fp32", "bf16", "int8")
+"""Moment formats, most exact first."""
 
 
 @dataclass
@@ -39,9 +65,15 @@ class Plan:
     """Bytes per tier and the step floor of one model under one offload config.
 
     Attributes:
-        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier.
-        gpu_capacity / host_capacity / disk_free: what this machine has (None: unknown here).
+        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training.
+        gpu_load_bytes: the GPU peak while loading (the fp32 model, before the store takes the masters).
+        gpu_capacity / host_capacity / disk_free: what the machine has (None: unknown here).
         expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
+        master / moments / state_bpp: the experts' state format and its bytes per parameter.
+        record_bytes: one expert's state record as the store lays it (aligned).
+        hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized from what is left.
+        paged_experts: expected active experts per step whose state is paged (not in the hot cache).
+        layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
         moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
         breakdown: (tier, what, bytes) lines.
     """
@@ -62,17 +94,32 @@ class Plan:
     compute_s: float
     transfer_s: float
     breakdown: list[tuple[str, str, int]] = field(default_factory=list)
+    gpu_load_bytes: int = 0
+    master: str = "fp32"
+    moments: str = "fp32"
+    state_bpp: float = 12.0
+    record_bytes: int = 0
+    hot_cache_experts: int = 0
+    hot_cache_auto: bool = False
+    paged_experts: float = 0.0
+    layerwise_grads: bool = False
 
     @property
     def floor_s(self) -> float:
         return max(self.compute_s, self.transfer_s)
 
     def fits(self) -> dict[str, Optional[bool]]:
-        """Per tier: True / False, or None when the capacity is unknown on this machine."""
+        """Per tier: True / False, or None when the capacity is unknown on this machine. The GPU must hold
+        both the training footprint and the load peak."""
         def ok(used: int, cap: Optional[int]) -> Optional[bool]:
             return None if cap is None else used <= cap
-        return {"gpu": ok(self.gpu_bytes, self.gpu_capacity), "host": ok(self.host_bytes, self.host_capacity),
+        return {"gpu": ok(max(self.gpu_bytes, self.gpu_load_bytes), self.gpu_capacity),
+                "host": ok(self.host_bytes, self.host_capacity),
                 "nvme": ok(self.nvme_bytes, self.disk_free) if self.nvme_bytes else True}
+
+    def fits_all(self) -> bool:
+        """Every tier fits (an unknown capacity does not count as fitting)."""
+        return all(v is True for v in self.fits().values())
 
     def format(self) -> str:
         """A human-readable report (what ``moetrain plan`` prints)."""
@@ -86,8 +133,14 @@ class Plan:
             return f"{t:.3f} s" if t >= 0.1 else f"{t * 1e3:.3f} ms"
 
         lines = [f"offload tier: {self.tier}   parameters: {count(self.dense_params)} dense + "
-                 f"{count(self.expert_params)} in routed experts", ""]
-        lines += [f"  {tier:<5} {what:<52} {gib(n)}" for tier, what, n in self.breakdown]
+                 f"{count(self.expert_params)} in routed experts"]
+        if self.tier != "none":
+            lines.append(f"expert state: master {self.master}, moments {self.moments}: {self.state_bpp:.3f} B/param "
+                         f"(fp32 state: {state_bytes_per_param():.0f}); expert gradients: "
+                         + ("one MoE layer's at a time (stepped under backward)" if self.layerwise_grads
+                            else "every expert's"))
+        lines.append("")
+        lines += [f"  {tier:<5} {what:<56} {gib(n)}" for tier, what, n in self.breakdown]
         lines.append("")
         verdict = self.fits()
         tiers = [("gpu", self.gpu_bytes, self.gpu_capacity), ("host", self.host_bytes, self.host_capacity)]
@@ -95,9 +148,20 @@ class Plan:
             tiers.append(("nvme", self.nvme_bytes, self.disk_free))
         for tier, used, cap in tiers:
             state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict[tier]]
-            lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}")
+            note = ""
+            if tier == "gpu" and self.gpu_load_bytes > used:
+                note = f" (peak at load, fp32 model: {self.gpu_load_bytes / GiB:.2f} GiB)"
+            lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}{note}")
+        if self.tier != "none":
+            cache = self.hot_cache_experts
+            how = "auto: what the GPU has left" if self.hot_cache_auto else "hot_cache_gb"
+            if self.hot_cache_auto and self.gpu_capacity is None:
+                how = "auto: GPU capacity unknown here, sized at start-up"
+            lines.append(f"  hot-expert state cache ({how}): {cache} of {self.total_experts} experts, "
+                         f"{cache * self.record_bytes / GiB:.2f} GiB")
         bound = "link" if self.transfer_s > self.compute_s else "compute"
-        lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}",
+        lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}"
+                  + (f", {self.paged_experts:.0f} paged" if self.hot_cache_experts else ""),
                   f"  link: {self.moved_bytes / GiB:.3f} GiB per step at {self.link_gbps:.0f} GB/s -> "
                   f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}",
                   f"  floor of a step: {secs(self.floor_s)} ({bound}-bound)"]
@@ -116,6 +180,38 @@ def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
     return counts["dense"], counts["expert"], per_expert
 
 
+def activation_bytes(config: ModelConfig, tokens: int) -> int:
+    """An estimate of what autograd keeps for backward from one micro-batch of ``tokens`` tokens.
+
+    A tally of the tensors each layer saves under bf16 autocast with no activation checkpointing (the
+    decoder has none), attention through SDPA (no (L, L) score matrix: a per-head fp32 logsumexp), and the
+    loss's logits one :data:`LOSS_CHUNK_TOKENS` chunk at a time. Per token and layer: each of the two
+    norms saves its fp32 input and hands on a bf16 output; attention saves q, k, v and its output (MLA
+    also its latents); a routed expert saves, for each of the k copies of a token, its gathered input,
+    gate, up and activated product and its output; the router its fp32 logits and probabilities; a shared
+    expert or dense MLP its gate, up and product. Temporaries and fragmentation are in :data:`GPU_RESERVE`.
+    """
+    h, nh = config.hidden_size, config.num_attention_heads
+    if config.is_mla:
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        q, kv, out = nh * qk, nh * (qk + config.v_head_dim), nh * config.v_head_dim
+        latent = config.kv_lora_rank + config.qk_rope_head_dim + (config.q_lora_rank or 0)
+    else:
+        q = out = nh * config.attn_head_dim
+        kv, latent = 2 * config.kv_heads * config.attn_head_dim, 0
+    norms = 2 * (4 * h + 2 * h)
+    attention = 2 * (q + kv + out + latent) + 4 * nh
+    k, inter = config.num_experts_per_tok, config.moe_intermediate_size
+    routed = 2 * k * (h + 3 * inter + h) + 2 * 4 * config.num_experts
+    shared = 2 * 3 * config.shared_width
+    n_moe = len(config.moe_layers)
+    n_dense = config.num_hidden_layers - n_moe
+    per_token = (config.num_hidden_layers * (norms + attention) + n_moe * (routed + shared)
+                 + n_dense * 2 * 3 * config.intermediate_size + 4 * h)
+    loss_chunk = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size  # fp32 logits and their gradient
+    return tokens * per_token + loss_chunk
+
+
 def _machine() -> tuple[Optional[int], Optional[int]]:
     gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
     try:
@@ -125,16 +221,28 @@ def _machine() -> tuple[Optional[int], Optional[int]]:
     return gpu, host
 
 
+def _slots(off: OffloadConfig, record: int, total_experts: int) -> int:
+    """Device state slots, as the optimizer sizes them: what ``gpu_budget_gb`` holds, capped."""
+    return max(1, min(int(off.gpu_budget_gb * GiB) // record, total_experts, off.gpu_slots or total_experts))
+
+
 def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_per_step: int,
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
-              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: int = 4) -> Plan:
+              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
+              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
-    Capacities default to this machine's (GPU memory, physical host memory, free space at nvme_path);
-    ``link_gbps`` defaults to the measured both-directions rate of the GPU machines (93 GB/s).
-    ``weight_bytes`` is the size of a resident compute weight and of its gradient: 4 under
-    ``bf16-mixed`` (fp32 parameters, bf16 autocast: how ``moetrain fit`` trains on a GPU), 2 for a bf16 model.
+    Args:
+        gpu_capacity / host_capacity / disk_free: bytes; default to this machine's (GPU memory, physical
+            host memory, free space at nvme_path).
+        link_gbps: defaults to the measured both-directions rate of the GPU machines (93 GB/s).
+        weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
+            from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
+        micro_batch_tokens: tokens of one forward/backward, for the activation estimate (default: the step's).
+        layerwise_grads: the engine steps each MoE layer and frees its expert gradients under backward
+            (``accumulate_grad_batches == 1``, ``max_grad_norm == 0``, ``step_on: gpu``), so only the
+            largest layer's expert gradients are counted.
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
@@ -143,42 +251,191 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     gpu_cap, host_cap = _machine()
     gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
     host_capacity = host_capacity if host_capacity is not None else host_cap
-    record = align_up(12 * per_expert)  # one expert's [master | exp_avg | exp_avg_sq], aligned as the store lays it
+    off = offload_config
+    if weight_bytes is None:
+        weight_bytes = 4 if off.compute_dtype == "fp32" else 2
+    bpp = state_bytes_per_param(off.master, off.moments, off.quant_block)
+    # one expert's state record as the store lays it: its formatted bytes, padded to the I/O alignment
+    record = align_up(math.ceil(bpp * per_expert))
     state = record * total_experts
-    rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense)]
-    if offload_config.tier == "none":
+    micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
+    rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense),
+                                        ("gpu", "dense matrices: bf16 autocast copies", 2 * dense)]
+    hot, host, nvme, layerwise = 0, 0, 0, False
+    if off.tier == "none":
         rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
-        host = nvme = 0
     else:
-        slots = max(1, min(int(offload_config.gpu_budget_gb * GiB) // record, total_experts,
-                           offload_config.gpu_slots or total_experts))
+        layerwise = layerwise_grads
+        slots = _slots(off, record, total_experts)
+        grads = expert // n_moe if layerwise else expert  # every MoE layer has the same experts
         rows += [("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert),
-                 ("gpu", f"experts: gradients of every expert ({weight_bytes} B/param)", weight_bytes * expert),
+                 ("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
+                         f"({weight_bytes} B/param)", weight_bytes * grads),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
-        if offload_config.tier == "cpu":
-            budget = None if offload_config.cpu_budget_gb is None else int(offload_config.cpu_budget_gb * GiB)
+        if off.tier == "cpu":
+            budget = None if off.cpu_budget_gb is None else int(off.cpu_budget_gb * GiB)
             host = state if budget is None else min(state, budget // record * record)
-        else:
-            host = 0
         nvme = state - host
-        rows.append(("host", "expert master + exp_avg + exp_avg_sq (pinned)", host))
+        staging = slots * record if nvme else 0
+    rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate)", activation_bytes(model_config, micro)),
+             ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
+    if off.tier != "none":
+        # the cache comes last: with hot_cache_gb null it takes what the GPU has left
+        used = sum(n for tier, _, n in rows if tier == "gpu")
+        if off.hot_cache_gb is None:
+            spare = 0 if gpu_capacity is None else max(0, gpu_capacity - used)
+        else:
+            spare = int(off.hot_cache_gb * GiB)
+        hot = min(total_experts, spare // record)
+        rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
+        rows.append(("host", "expert state (pinned)", host))
         if nvme:
-            rows += [("host", "NVMe staging buffers (pinned)", slots * record),
-                     ("nvme", "expert master + exp_avg + exp_avg_sq (swap)", nvme)]
-            host += slots * record
+            rows += [("host", "NVMe staging buffers (pinned)", staging), ("nvme", "expert state (swap)", nvme)]
+            host += staging
+    rows.append(("host", "process, data workers (reserve)", HOST_RESERVE))
+    host += HOST_RESERVE
     gpu = sum(n for tier, _, n in rows if tier == "gpu")
-    if disk_free is None and nvme and offload_config.nvme_path and os.path.isdir(offload_config.nvme_path):
-        disk_free = shutil.disk_usage(offload_config.nvme_path).free
+    if disk_free is None and nvme and off.nvme_path and os.path.isdir(off.nvme_path):
+        disk_free = shutil.disk_usage(off.nvme_path).free
     active_per_layer = e * (1.0 - (1.0 - 1.0 / e) ** (tokens_per_step * k))
     active = n_moe * active_per_layer
-    moved = 0.0 if offload_config.tier == "none" else 24.0 * per_expert * active
+    paged = active * (1.0 - hot / total_experts) if off.tier != "none" else 0.0
+    moved = 2.0 * bpp * per_expert * paged
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     active_params_per_token = dense + n_moe * k * per_expert
     compute_s = 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
-    return Plan(tier=offload_config.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
+    return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
-                compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows)
+                compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows,
+                gpu_load_bytes=LOAD_BYTES_PER_PARAM * (dense + expert), master=off.master, moments=off.moments,
+                state_bpp=bpp, record_bytes=record, hot_cache_experts=hot, hot_cache_auto=off.hot_cache_gb is None,
+                paged_experts=paged, layerwise_grads=layerwise)
+
+
+# ---------------------------------------------------------------------------------------------- largest model
+@dataclass(frozen=True)
+class Machine:
+    """Capacities of one GPU and its host, in bytes (None: unknown)."""
+
+    gpu: Optional[int]
+    host: Optional[int]
+    disk: Optional[int]
+
+    def describe(self) -> str:
+        def gib(n: Optional[int]) -> str:
+            return "unknown" if n is None else f"{n / GiB:.0f} GiB"
+        return f"GPU {gib(self.gpu)}, host {gib(self.host)}, disk {gib(self.disk)}"
+
+
+@dataclass(frozen=True)
+class FitChoice:
+    """One way to place a model's state on a machine, and its plan.
+
+    Attributes:
+        tier: ``cpu`` (all expert state in host memory) or ``cpu+nvme`` (host memory, overflow on NVMe).
+        master / moments: the state formats. layerwise_grads: needs accumulation 1, no clipping, step_on gpu.
+    """
+
+    tier: str
+    master: str
+    moments: str
+    layerwise_grads: bool
+    plan: Plan
+
+    def describe(self) -> str:
+        where = "host memory" if self.tier == "cpu" else "host memory + NVMe"
+        grads = ("; expert gradients freed layer by layer (accumulate_grad_batches 1, max_grad_norm 0, "
+                 "step_on gpu)" if self.layerwise_grads else "")
+        return f"expert state in {where}, master {self.master}, moments {self.moments}{grads}"
+
+
+def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
+                gpu_budget_gb: float = 4.0) -> list[FitChoice]:
+    """Every placement the search weighs, in order of preference, each with its plan.
+
+    Preference: gradients of every expert (any accumulation, clipping allowed) before layer-wise freeing;
+    then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
+    host memory alone before an overflow to NVMe (slower). The overflow's host budget is what the host has
+    after :data:`HOST_RESERVE` and the NVMe staging buffers.
+    """
+    out = []
+    _, _, per_expert = count_parameters(model_config)
+    total_experts = len(model_config.moe_layers) * model_config.num_experts
+    for layerwise in (False, True):
+        for master in MASTERS:
+            for moments in MOMENTS:
+                base = OffloadConfig(tier="cpu", master=master, moments=moments, gpu_budget_gb=gpu_budget_gb)
+                record = align_up(math.ceil(state_bytes_per_param(master, moments, base.quant_block) * per_expert))
+                tiers = [("cpu", base)]
+                if machine.host is not None:
+                    budget = machine.host - HOST_RESERVE - _slots(base, record, total_experts) * record
+                    if budget > 0:
+                        tiers.append(("cpu+nvme", replace(base, cpu_budget_gb=budget / GiB)))
+                for tier, off in tiers:
+                    plan = make_plan(model_config, off, micro_batch_tokens, gpu_capacity=machine.gpu,
+                                     host_capacity=machine.host, disk_free=machine.disk,
+                                     micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise)
+                    out.append(FitChoice(tier, master, moments, layerwise, plan))
+    return out
+
+
+def best_fit(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096) -> Optional[FitChoice]:
+    """The first placement of :func:`fit_options` under which every tier fits, or None."""
+    return next((c for c in fit_options(model_config, machine, micro_batch_tokens) if c.plan.fits_all()), None)
+
+
+def presets() -> list[ModelConfig]:
+    """Every preset under ``configs/models/``, largest first."""
+    configs = [ModelConfig.from_preset(p.stem) for p in sorted(CONFIGS_DIR.glob("*.yaml"))]
+    return sorted(configs, key=lambda c: -c.param_counts()["total"])
+
+
+def largest_preset(machine: Machine, micro_batch_tokens: int = 4096
+                   ) -> list[tuple[ModelConfig, Optional[FitChoice]]]:
+    """Each preset, largest first, with the placement under which it fits one GPU of ``machine`` (or None).
+    The first entry with a placement is the answer."""
+    return [(config, best_fit(config, machine, micro_batch_tokens)) for config in presets()]
+
+
+def _largest_answer(results: list[tuple[ModelConfig, Optional[FitChoice]]]) -> Optional[tuple[ModelConfig, FitChoice]]:
+    return next(((c, f) for c, f in results if f is not None), None)
+
+
+def largest_line(machine: Machine, micro_batch_tokens: int) -> str:
+    """One line for the plan printout: the largest preset one GPU of ``machine`` fully fine-tunes."""
+    if machine.gpu is None:
+        return ("largest preset one GPU here fully fine-tunes: GPU capacity unknown here (no CUDA); "
+                "ask with --gpu-gb=N --host-gb=N --disk-gb=N")
+    answer = _largest_answer(largest_preset(machine, micro_batch_tokens))
+    if answer is None:
+        return f"largest preset one GPU fully fine-tunes ({machine.describe()}): none"
+    config, choice = answer
+    return (f"largest preset one GPU fully fine-tunes ({machine.describe()}, {micro_batch_tokens} tokens a "
+            f"micro-batch): {config.name} ({config.param_counts()['total'] / 1e9:.1f} B), {choice.describe()}")
+
+
+def format_largest(machine: Machine, micro_batch_tokens: int) -> str:
+    """What ``moetrain plan --largest`` prints: every preset's verdict, then the answer's plan."""
+    results = largest_preset(machine, micro_batch_tokens)
+    lines = [f"Full fine-tuning on one GPU: {machine.describe()}; {micro_batch_tokens} tokens a micro-batch.", ""]
+    for config, choice in results:
+        size = f"{config.param_counts()['total'] / 1e9:7.2f} B"
+        if choice is None:
+            worst = fit_options(config, machine, micro_batch_tokens)[-1].plan  # the most frugal placement
+            short = [t for t, ok in worst.fits().items() if ok is not True]
+            lines.append(f"  {config.name:<18} {size}  does not fit (even the most compact placement "
+                         f"overflows: {', '.join(short)})")
+        else:
+            lines.append(f"  {config.name:<18} {size}  fits: {choice.describe()}")
+    answer = _largest_answer(results)
+    lines.append("")
+    if answer is None:
+        lines.append("No preset fits one GPU of this machine.")
+        return "\n".join(lines)
+    config, choice = answer
+    lines += [f"Largest: {config.name}, {choice.describe()}.", "", choice.plan.format()]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- moetrain plan
@@ -190,67 +447,99 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
-    """The plan of a recipe (the parsed YAML with overrides applied)."""
-    from moetrain.config import ConfigError
+def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, and
+    whether expert gradients are freed layer by layer (accumulation 1, no clipping, GPU step path)."""
+    from moetrain.training.optim import OptimizerConfig
 
     model = recipe.get("model") or {}
-    init_from = model.get("init_from")
-    if init_from:
-        from moetrain.models.hf import load_config
-        model_config = load_config(init_from)
-    elif model.get("preset"):
-        model_config = ModelConfig.from_preset(model["preset"], **(model.get("config") or {}))
-    else:
-        raise ConfigError("the recipe names no model: set model.preset (or model.init_from)")
-    offload = OffloadConfig(**(model.get("offload") or {}))
     data = recipe.get("data") or {}
-    tokens = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048)) * int(
-        model.get("accumulate_grad_batches", 1))
-    return make_plan(model_config, offload, tokens, **machine)
+    micro = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048))
+    accumulation = int(model.get("accumulate_grad_batches", 1))
+    clip = float((model.get("optimizer") or {}).get("max_grad_norm", OptimizerConfig().max_grad_norm))
+    step_on = (model.get("offload") or {}).get("step_on", OffloadConfig().step_on)
+    return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
+            "layerwise_grads": accumulation == 1 and clip == 0 and step_on == "gpu"}
+
+
+def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
+    """The plan of a recipe (the parsed YAML with overrides applied); ``machine``: make_plan's capacities."""
+    offload = OffloadConfig(**((recipe.get("model") or {}).get("offload") or {}))
+    return make_plan(_recipe_model_config(recipe), offload, **recipe_training(recipe), **machine)
 
 
 def _recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
+    from moetrain.config import ConfigError
+
     model = recipe.get("model") or {}
     if model.get("init_from"):
         from moetrain.models.hf import load_config
         return load_config(model["init_from"])
+    if not model.get("preset"):
+        raise ConfigError("the recipe names no model: set model.preset (or model.init_from)")
     return ModelConfig.from_preset(model["preset"], **(model.get("config") or {}))
 
 
+USAGE = ("usage: moetrain plan --config RECIPE | --preset=NAME | --largest [--section.key=value ...] "
+         "[--gpu-gb=N] [--host-gb=N] [--disk-gb=N] [--tokens=N] [--link_gbps=GBPS] [--world_sizes=1,8,64]")
+MACHINE_FLAGS = {"--gpu-gb": "gpu_capacity", "--host-gb": "host_capacity", "--disk-gb": "disk_free"}
+
+
 def main(argv: list[str]) -> int:
-    """``moetrain plan --config RECIPE | --preset NAME [--model.offload.tier=cpu ...] [--link_gbps=N]
-    [--world_sizes=1,8,64]``: print the one-GPU plan, then the memory per GPU under expert parallelism."""
+    """``moetrain plan``: print the one-GPU plan of a recipe (or preset) and the largest preset this machine's
+    GPU fully fine-tunes, then the memory per GPU under expert parallelism; or, with ``--largest``, every
+    preset's verdict. ``--gpu-gb/--host-gb/--disk-gb`` (GiB) ask about another machine."""
     import yaml
 
     from moetrain.offload.plan_parallel import plan_expert_parallel
 
-    config_path, overrides, machine, preset = None, {}, {}, None
+    config_path, overrides, machine, preset, largest, tokens = None, {}, {}, None, False, None
     world_sizes: tuple[int, ...] = (1, 8, 64)
     args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-c", "--config") and args:
-            config_path = args.pop(0)
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        elif arg.startswith("--world_sizes="):
-            world_sizes = tuple(int(x) for x in arg.split("=", 1)[1].split(",") if x)
-        elif arg.startswith("--link_gbps="):
-            machine["link_gbps"] = float(arg.split("=", 1)[1])
-        elif arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            overrides[key] = yaml.safe_load(value)
-        else:
-            print(f"moetrain plan: error: unexpected argument {arg!r}; usage: moetrain plan --config RECIPE "
-                  "| --preset=NAME [--section.key=value ...] [--link_gbps=GBPS] [--world_sizes=1,8,64]",
-                  file=sys.stderr)
+    try:
+        while args:
+            arg = args.pop(0)
+            name, eq, value = arg.partition("=")
+            if name in ("-c", "--config", "--preset", *MACHINE_FLAGS, "--tokens") and not eq:
+                if not args:
+                    raise ValueError(f"{arg} needs a value")
+                value = args.pop(0)
+            if name in ("-c", "--config"):
+                config_path = value
+            elif name == "--preset":
+                preset = value
+            elif name == "--largest" and not eq:
+                largest = True
+            elif name == "--tokens":
+                tokens = int(value)
+            elif name in MACHINE_FLAGS:
+                machine[MACHINE_FLAGS[name]] = int(float(value) * GiB)
+            elif name == "--world_sizes" and eq:
+                world_sizes = tuple(int(x) for x in value.split(",") if x)
+            elif name == "--link_gbps" and eq:
+                machine["link_gbps"] = float(value)
+            elif name.startswith("--") and eq:
+                overrides[name[2:]] = yaml.safe_load(value)
+            else:
+                raise ValueError(f"unexpected argument {arg!r}")
+    except ValueError as err:
+        print(f"moetrain plan: error: {err}; {USAGE}", file=sys.stderr)
+        return 2
+    gpu, host = _machine()
+    here = Machine(gpu=machine.get("gpu_capacity", gpu), host=machine.get("host_capacity", host),
+                   disk=machine.get("disk_free"))
+    if largest:
+        if here.disk is None:
+            here = replace(here, disk=shutil.disk_usage(".").free)
+        if here.gpu is None:
+            print("moetrain plan: error: no CUDA GPU here; give the machine to plan for with --gpu-gb=N "
+                  "(and --host-gb=N --disk-gb=N)", file=sys.stderr)
             return 2
+        print(format_largest(here, tokens or 4096))
+        return 0
     if config_path is None and preset is None:
-        print("moetrain plan: error: give the recipe with --config RECIPE (or a model shape with --preset=NAME)",
-              file=sys.stderr)
+        print(f"moetrain plan: error: give the recipe with --config RECIPE (or a model shape with --preset=NAME, "
+              f"or --largest); {USAGE}", file=sys.stderr)
         return 2
     source = config_path or f"preset {preset}"
     try:
@@ -258,11 +547,19 @@ def main(argv: list[str]) -> int:
         for key, value in overrides.items():
             _set_dotted(recipe, key, value)
         plan = plan_from_recipe(recipe, **machine)
-        parallel = plan_expert_parallel(_recipe_model_config(recipe), world_sizes)
+        if here.disk is None:
+            nvme_path = ((recipe.get("model") or {}).get("offload") or {}).get("nvme_path")
+            here = replace(here, disk=shutil.disk_usage(nvme_path if nvme_path and os.path.isdir(nvme_path)
+                                                        else ".").free)
+        micro = tokens or recipe_training(recipe)["micro_batch_tokens"]
+        parallel = plan_expert_parallel(_recipe_model_config(recipe), world_sizes, state_bytes=plan.state_bpp,
+                                        state_label=f"master {plan.master}, moments {plan.moments}")
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
         print(f"moetrain plan: error: {source}: {err}", file=sys.stderr)
         return 2
     print(plan.format())
+    print()
+    print(largest_line(here, micro))
     print()
     print(parallel)
     return 0

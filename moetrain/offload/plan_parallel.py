@@ -8,7 +8,9 @@ moments 8):
 * the routed experts of each MoE layer are split over the ranks: a rank owns ``ceil(E / world_size)`` experts
   per layer (the busiest rank when E does not divide evenly);
 * each rank's experts cost either 16 B/param on its GPU (no offload), or, with moetrain's offload, 2 B compute
-  weights + 2 B grads on the GPU and 12 B master weights + moments in that rank's host memory (NVMe past it).
+  weights + 2 B grads on the GPU and their master weights + moments in that rank's host memory (NVMe past it):
+  12 B in fp32, fewer with compressed state (``state_format.state_bytes_per_param``: 4.03 B for bf16 masters
+  with int8 moments).
 
 Activations and communication buffers are not counted (they depend on sequence length and checkpointing).
 """
@@ -50,8 +52,10 @@ class ParallelPlan:
     host_offload: int
 
 
-def expert_parallel_plan(model_config: ModelConfig, world_size: int, weight_bytes: int = 2) -> ParallelPlan:
-    """The per-GPU memory of ``model_config`` on ``world_size`` expert-parallel ranks."""
+def expert_parallel_plan(model_config: ModelConfig, world_size: int, weight_bytes: int = 2,
+                         state_bytes: float = STATE_BYTES) -> ParallelPlan:
+    """The per-GPU memory of ``model_config`` on ``world_size`` expert-parallel ranks; ``state_bytes``: the
+    offloaded master weights and moments per parameter (``state_format.state_bytes_per_param``)."""
     if world_size <= 0:
         raise ValueError(f"world_size must be positive, got {world_size}")
     counts = model_config.param_counts()
@@ -64,12 +68,14 @@ def expert_parallel_plan(model_config: ModelConfig, world_size: int, weight_byte
         world_size=world_size, experts_per_rank=per_rank, dense_params=dense, expert_params_per_rank=local,
         gpu_no_offload=ADAM_BYTES * (dense + local),
         gpu_offload=ADAM_BYTES * dense + 2 * weight_bytes * local,
-        host_offload=STATE_BYTES * local,
+        host_offload=round(state_bytes * local),
     )
 
 
-def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...] = (1, 8, 64)) -> str:
-    """A table of memory per GPU per tier for each world size (what ``moetrain plan`` prints)."""
+def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...] = (1, 8, 64),
+                         state_bytes: float = STATE_BYTES, state_label: str = "fp32") -> str:
+    """A table of memory per GPU per tier for each world size (what ``moetrain plan`` prints); the offloaded
+    state takes ``state_bytes`` per parameter, in the format ``state_label`` names."""
     counts = model_config.param_counts()
     lines = [f"{model_config.name}: {counts['total'] / 1e9:.1f} B parameters ({counts['dense'] / 1e9:.2f} B dense, "
              f"replicated; {counts['expert'] / 1e9:.1f} B in {model_config.num_experts} routed experts x "
@@ -78,7 +84,7 @@ def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...]
              "",
              f"  {'GPUs':>5} {'experts/rank':>12} {'no offload: GPU':>16} {'offload: GPU':>13} {'offload: host':>14}"]
     for ws in world_sizes:
-        p = expert_parallel_plan(model_config, ws)
+        p = expert_parallel_plan(model_config, ws, state_bytes=state_bytes)
         lines.append(f"  {ws:>5} {p.experts_per_rank:>12} {p.gpu_no_offload / GiB:>12.1f} GiB "
                      f"{p.gpu_offload / GiB:>9.1f} GiB {p.host_offload / GiB:>10.1f} GiB")
     lines.append("")
@@ -87,6 +93,6 @@ def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...]
         lines.append(f"  note: the replicated dense part alone needs {dense_gib:.1f} GiB per GPU, "
                      f"more than an {GPU_BYTES // GiB} GiB GPU: shard its Adam state over the ranks (ZeRO) or split "
                      "the layers (pipeline/tensor parallelism) as well")
-    lines.append("  (per GPU; offload keeps bf16 expert weights and grads on the GPU and their fp32 master weights and "
-                 "moments in host memory or NVMe)")
+    lines.append("  (per GPU; offload keeps bf16 expert weights and grads on the GPU and their master weights and "
+                 f"moments ({state_label}: {state_bytes:.2f} B/param) in host memory or NVMe)")
     return "\n".join(lines)
