@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord
 
 
@@ -137,9 +138,12 @@ class CpuStepper:
             for rec in chunk:
                 flat = host_state(rec)
                 master, exp_avg, exp_avg_sq = rec.parts(flat)
-                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, step_of[rec.key], lr,
-                                   weight_decay)
-                wbuf[off:off + rec.numel].copy_(master)
+                step = step_of[rec.key]
+                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, step, lr, weight_decay)
+                # compressed formats: back into the record's format (nothing to do for fp32 state)
+                gen = rec.codec.record_generator(master.device, rounding_seed(rec.layer, rec.expert, step))
+                rec.codec.encode(flat, master, exp_avg, exp_avg_sq, gen)
+                wbuf[off:off + rec.numel].copy_(rec.codec.compute_weights(flat, master))
                 put_host_state(rec, flat)
                 off += rec.numel
             self._up(chunk, k)

@@ -62,6 +62,7 @@ from moetrain.offload.cpu_step import CpuStepper
 from moetrain.offload.lookahead import Lookahead, RoutingTrace
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.rates import Rates, measure, split
+from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.swapper import Swapper
 from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
@@ -129,6 +130,7 @@ class ExpertOffloadOptimizer:
             if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
                 raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")
         self.by_name = {name: (rec, i) for rec in self.store for i, name in enumerate(rec.names)}
+        self.compressed = next(iter(self.store)).layout.compressed
         self.compute_dtype = compute_dtype(offload, self.device)
         if self.compute_dtype != next(iter(self.store)).params[0].dtype:
             cast_experts(model, self.compute_dtype)  # after the store took its fp32 master from them
@@ -377,21 +379,35 @@ class ExpertOffloadOptimizer:
             flats = self.swapper.acquire(chunk)
             if c + 1 < len(chunks):
                 self.swapper.prefetch(chunks[c + 1])
-            ps, gs, ms, vs, steps = [], [], [], [], []
-            for rec, flat in zip(chunk, flats, strict=True):
-                master, exp_avg, exp_avg_sq = rec.parts(flat)
-                views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
-                for p, w, m, v in views:
-                    ps.append(w)
-                    gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
-                    ms.append(m)
-                    vs.append(v)
-                    steps.append(rec.step + 1)
-            adamw(ps, gs, ms, vs, steps, lr, self.cfg.weight_decay, self.cfg, clip_coef=self._clip_coef,
-                  grad_scale=self._grad_scale)
-            for rec, flat in zip(chunk, flats, strict=True):
-                self._write_weights(rec, rec.parts(flat)[0])
+            # fp32 state is stepped in place in its slots, the whole chunk in one fused call; compressed
+            # state is decoded into fp32 scratch one record at a time (bounding the scratch) and encoded back
+            groups = [list(zip(chunk, flats, strict=True))] if not self.compressed else \
+                [[pair] for pair in zip(chunk, flats, strict=True)]
+            for group in groups:
+                ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
+                for rec, flat in group:
+                    master, exp_avg, exp_avg_sq = rec.parts(flat)
+                    decoded.append((rec, flat, master, exp_avg, exp_avg_sq))
+                    views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
+                    for p, w, m, v in views:
+                        ps.append(w)
+                        gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
+                        ms.append(m)
+                        vs.append(v)
+                        steps.append(rec.step + 1)
+                adamw(ps, gs, ms, vs, steps, lr, self.cfg.weight_decay, self.cfg, clip_coef=self._clip_coef,
+                      grad_scale=self._grad_scale)
+                for rec, flat, master, exp_avg, exp_avg_sq in decoded:
+                    self._store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step + 1)
             self.swapper.release(chunk)
+
+    def _store_stepped(self, rec: ExpertRecord, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
+                       exp_avg_sq: torch.Tensor, step: int) -> None:
+        """Encode a stepped record's fp32 state into its format (nothing to do for fp32) and write the new
+        compute weights (``step``: the record's AdamW step number after this update)."""
+        generator = rec.codec.record_generator(flat.device, rounding_seed(rec.layer, rec.expert, step))
+        rec.codec.encode(flat, master, exp_avg, exp_avg_sq, generator)
+        self._write_weights(rec, rec.codec.compute_weights(flat, master))
 
     def _host_state(self, rec: ExpertRecord) -> torch.Tensor:
         """The record's flat state in host memory (NVMe records are read into a staging buffer through
@@ -436,10 +452,12 @@ class ExpertOffloadOptimizer:
             flats = self.swapper.acquire(chunk)
             for s in range(min(r.synced_to for r in chunk), self.step_index):
                 ps, ms, vs, steps = [], [], [], []
+                decoded = []
                 for rec, flat in zip(chunk, flats, strict=True):
                     if rec.synced_to > s:
                         continue
                     master, exp_avg, exp_avg_sq = rec.parts(flat)
+                    decoded.append((rec, flat, master, exp_avg, exp_avg_sq))
                     ps += rec.split(master)
                     ms += rec.split(exp_avg)
                     vs += rec.split(exp_avg_sq)
@@ -448,8 +466,8 @@ class ExpertOffloadOptimizer:
                     rec.synced_to = s + 1
                 gs = [torch.zeros_like(p) for p in ps]
                 adamw(ps, gs, ms, vs, steps, self.lr_history[s], self.cfg.weight_decay, self.cfg)
-            for rec, flat in zip(chunk, flats, strict=True):
-                self._write_weights(rec, rec.parts(flat)[0])
+                for rec, flat, master, exp_avg, exp_avg_sq in decoded:
+                    self._store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step)
             self.swapper.release(chunk)
 
     def finalize(self) -> None:
@@ -546,12 +564,16 @@ class ExpertOffloadOptimizer:
                 yield name, w.clone()
 
     def named_optimizer_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(``{name}.exp_avg`` / ``{name}.exp_avg_sq``, fp32 tensor) of every expert parameter."""
+        """(``{name}.exp_avg`` / ``{name}.exp_avg_sq``, tensor) of every expert parameter, in the stored
+        format: fp32, bf16, or uint8 codes followed by their per-block scales ``{name}.exp_avg.absmax``."""
         for rec, flat in self._each_state():
-            _, exp_avg, exp_avg_sq = rec.parts(flat)
-            for name, m, v in zip(rec.names, rec.split(exp_avg), rec.split(exp_avg_sq), strict=True):
-                yield f"{name}.exp_avg", m.clone()
-                yield f"{name}.exp_avg_sq", v.clone()
+            views = rec.layout.views(flat)
+            for which, scale in (("exp_avg", "m_scale"), ("exp_avg_sq", "v_scale")):
+                for name, part in zip(rec.names, rec.split(views[which]), strict=True):
+                    yield f"{name}.{which}", part.clone()
+                if rec.layout.moments == "int8":
+                    for name, (_, blocks) in zip(rec.names, rec.codec.param_slices(), strict=True):
+                        yield f"{name}.{which}.absmax", views[scale][blocks].clone()
 
     def expert_steps(self) -> dict[str, int]:
         """AdamW step count per expert parameter name (torch's per-parameter ``state['step']``)."""
@@ -562,27 +584,55 @@ class ExpertOffloadOptimizer:
     def load_expert_tensors(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as :meth:`named_master_tensors` / :meth:`named_optimizer_tensors` yield them.
 
-        A master tensor also becomes the model's compute weight. Any order; NVMe records are
-        read-modified-written one tensor at a time.
+        A master tensor also becomes the model's compute weight. fp32 moments load into any moment
+        format (quantized or rounded here); stored bf16 / int8 moments load into the same format. Any
+        order; NVMe records are read-modified-written one tensor at a time.
         """
         self.swapper.flush()
         for name, tensor in named:
-            part = 0
-            for i, suffix in enumerate(PARTS[1:], start=1):
+            which, absmax = "master", name.endswith(".absmax")
+            if absmax:
+                name = name[: -len(".absmax")]
+            for suffix in PARTS[1:]:
                 if name.endswith("." + suffix):
-                    name, part = name[: -len(suffix) - 1], i
+                    name, which = name[: -len(suffix) - 1], suffix
             if name not in self.by_name:
                 raise KeyError(f"{name!r} is not an expert parameter of this model")
             rec, idx = self.by_name[name]
             self.swapper.invalidate(rec)
             flat = self._host_state(rec)
-            view = rec.split(rec.parts(flat)[part])[idx]
-            if view.shape != tensor.shape:
-                raise ValueError(f"{name}.{PARTS[part]}: shape {tuple(tensor.shape)} != {tuple(view.shape)}")
-            view.copy_(tensor)
-            if part == 0:
-                rec.params[idx].data.copy_(view)
+            elems, blocks = rec.codec.param_slices()[idx]
+            views = rec.layout.views(flat)
+            label = name if which == "master" else f"{name}.{which}"
+            if absmax:
+                if rec.layout.moments != "int8":
+                    raise ValueError(f"{label}.absmax: the checkpoint holds 8-bit moments; resume with "
+                                     "model.offload.moments=int8 (or from a checkpoint with fp32 moments)")
+                self._copy_checked(views["m_scale" if which == "exp_avg" else "v_scale"][blocks], tensor, label)
+            elif which == "master":
+                master = rec.codec.decode_master(flat)
+                if master.data_ptr() == views["master"].data_ptr():  # fp32: a view, written in place
+                    master = master.clone()
+                self._copy_checked(master[elems].view(rec.shapes[idx]), tensor, label)
+                rec.codec.encode_master(flat, master)
+                weights = rec.codec.compute_weights(flat, master)
+                rec.params[idx].data.copy_(weights[elems].view(rec.shapes[idx]))
+            elif tensor.dtype == views[which].dtype:  # the stored format itself: copied as is
+                self._copy_checked(views[which][elems].view(rec.shapes[idx]), tensor, label)
+            elif tensor.dtype == torch.uint8:
+                raise ValueError(f"{label}: the checkpoint holds 8-bit moments; resume with "
+                                 "model.offload.moments=int8 (or from a checkpoint with fp32 moments)")
+            else:  # e.g. fp32 moments into bf16 or int8 ones: decode, replace this parameter's part, encode
+                value = rec.codec.decode_moment(flat, which).clone()
+                self._copy_checked(value[elems].view(rec.shapes[idx]), tensor.float(), label)
+                rec.codec.encode_moment(flat, which, value)
             self._put_host_state(rec, flat)
+
+    @staticmethod
+    def _copy_checked(dst: torch.Tensor, src: torch.Tensor, label: str) -> None:
+        if dst.shape != src.shape:
+            raise ValueError(f"{label}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
+        dst.copy_(src)
 
     def state_dict(self, include_expert_tensors: bool = True) -> dict[str, Any]:
         """Dense AdamW state and the experts' step counters; with ``include_expert_tensors`` also every

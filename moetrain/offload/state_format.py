@@ -40,32 +40,47 @@ def state_bytes_per_param(master: str = "fp32", moments: str = "fp32", quant_blo
     return float(MASTER_BYTES[master] + 2 * MOMENT_BYTES[moments]) + scales
 
 
+def rounding_seed(layer: int, expert: int, step: int) -> int:
+    """Seed of the stochastic rounding of an expert's master at its AdamW step ``step``: a function of
+    the record and the step only, so a resumed run, or the other step path, draws the same bits."""
+    return (step * 1_000_003 + layer * 65_537 + expert) & 0x7FFF_FFFF
+
+
 def _align(n: int, to: int = SEGMENT_ALIGN) -> int:
     return (n + to - 1) // to * to
 
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Byte offsets of the segments of one record of ``numel`` parameters.
+    """Byte offsets of the segments of one record whose parameters have ``sizes`` elements each.
+
+    int8 blocks never straddle two parameters (each parameter's moments are quantized on their own),
+    so that a checkpoint can name every quantized tensor and its scales after its parameter.
 
     Attributes:
+        sizes: element count of each parameter, in record order; numel: their sum.
         master / moments: the format names; block: int8 quantization block.
-        offsets: segment name -> (byte offset, element count, dtype).
-        nbytes: bytes of the record before the store pads it to its I/O alignment.
     """
 
-    numel: int
+    sizes: tuple[int, ...]
     master: str = "fp32"
     moments: str = "fp32"
     block: int = 256
 
     @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @property
     def compressed(self) -> bool:
         return self.master != "fp32" or self.moments != "fp32"
 
+    def blocks_of(self, size: int) -> int:
+        return -(-size // self.block)
+
     @property
     def num_blocks(self) -> int:
-        return -(-self.numel // self.block)
+        return sum(self.blocks_of(s) for s in self.sizes)
 
     @property
     def segments(self) -> list[tuple[str, int, torch.dtype]]:
@@ -81,23 +96,120 @@ class StateLayout:
 
     @property
     def offsets(self) -> dict[str, tuple[int, int, torch.dtype]]:
+        """Segment name -> (byte offset, element count, dtype)."""
         out, at = {}, 0
         for name, count, dtype in self.segments:
             out[name] = (at, count, dtype)
-            # fp32 records keep the three parts back to back (no gaps), as before compression
             size = count * dtype.itemsize
-            at += size if not self.compressed else _align(size)
+            at += size if not self.compressed else _align(size)  # fp32: [master | exp_avg | exp_avg_sq] back to back
         return out
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the record before the store pads it to its I/O alignment."""
         name, count, dtype = self.segments[-1]
-        at = self.offsets[name][0]
-        return at + count * dtype.itemsize
+        return self.offsets[name][0] + count * dtype.itemsize
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Typed views of a record's bytes. ``flat``: a uint8 buffer of at least :attr:`nbytes` bytes,
-        or (the fp32 layout) a float32 buffer, viewed as bytes here."""
+        """Typed (count,) views of a record's bytes (``flat``: any dtype, at least :attr:`nbytes` bytes)."""
         raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
         return {name: raw[at:at + count * dtype.itemsize].view(dtype)
                 for name, (at, count, dtype) in self.offsets.items()}
+
+
+class StateCodec:
+    """Reads and writes the fp32 (master, exp_avg, exp_avg_sq) of a record in its stored format.
+
+    Under the fp32 layout :meth:`decode` returns views of the record itself and :meth:`encode` has
+    nothing to do: the step runs in place, as before compression. Compressed formats decode into fresh
+    fp32 tensors, are stepped there, and are encoded back (quantized or rounded).
+    """
+
+    def __init__(self, layout: StateLayout) -> None:
+        self.layout = layout
+
+    def param_slices(self) -> list[tuple[slice, slice]]:
+        """Per parameter: (its elements in the record, its blocks in the scale segments)."""
+        out, at, blk = [], 0, 0
+        for size in self.layout.sizes:
+            nb = self.layout.blocks_of(size)
+            out.append((slice(at, at + size), slice(blk, blk + nb)))
+            at, blk = at + size, blk + nb
+        return out
+
+    def decode_master(self, flat: torch.Tensor) -> torch.Tensor:
+        """The master weights (n,) in fp32 (a view under the fp32 layout)."""
+        v = self.layout.views(flat)
+        if self.layout.master == "fp32":
+            return v["master"]
+        master = v["master"].float()
+        if self.layout.master == "bf16_kahan":
+            master += v["comp"].float()
+        return master
+
+    def decode_moment(self, flat: torch.Tensor, which: str) -> torch.Tensor:
+        """``exp_avg`` or ``exp_avg_sq`` (n,) in fp32 (a view under fp32 moments)."""
+        v = self.layout.views(flat)
+        if self.layout.moments == "fp32":
+            return v[which]
+        if self.layout.moments == "bf16":
+            return v[which].float()
+        from moetrain.offload.quantize import dequantize_blockwise
+
+        out = torch.empty(self.layout.numel, dtype=torch.float32, device=flat.device)
+        scale = v["m_scale" if which == "exp_avg" else "v_scale"]
+        for elems, blocks in self.param_slices():
+            dequantize_blockwise(v[which][elems], scale[blocks], self.layout.block, which == "exp_avg", out[elems])
+        return out
+
+    def decode(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(master, exp_avg, exp_avg_sq), each (n,) fp32."""
+        return self.decode_master(flat), self.decode_moment(flat, "exp_avg"), self.decode_moment(flat, "exp_avg_sq")
+
+    def encode_master(self, flat: torch.Tensor, master: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Store fp32 ``master`` (n,): copied, rounded stochastically (``generator``; nearest without
+        one, e.g. when importing weights) or split into bf16 + compensation."""
+        from moetrain.offload.quantize import round_bf16_kahan, round_bf16_stochastic
+
+        v = self.layout.views(flat)
+        if self.layout.master == "fp32":
+            if master.data_ptr() != v["master"].data_ptr():
+                v["master"].copy_(master)
+        elif self.layout.master == "bf16_kahan":
+            round_bf16_kahan(master, v["master"], v["comp"])
+        elif generator is not None:
+            round_bf16_stochastic(master, v["master"], generator)
+        else:
+            v["master"].copy_(master)
+
+    def encode_moment(self, flat: torch.Tensor, which: str, value: torch.Tensor) -> None:
+        """Store fp32 ``value`` (n,) as ``exp_avg`` or ``exp_avg_sq`` in the record's moment format."""
+        v = self.layout.views(flat)
+        if self.layout.moments != "int8":
+            if value.data_ptr() != v[which].data_ptr():
+                v[which].copy_(value)
+            return
+        from moetrain.offload.quantize import quantize_blockwise
+
+        scale = v["m_scale" if which == "exp_avg" else "v_scale"]
+        for elems, blocks in self.param_slices():
+            quantize_blockwise(value[elems], v[which][elems], scale[blocks], self.layout.block, which == "exp_avg")
+
+    def encode(self, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               generator: torch.Generator | None = None) -> None:
+        """Store the stepped fp32 state back into the record."""
+        self.encode_master(flat, master, generator)
+        self.encode_moment(flat, "exp_avg", exp_avg)
+        self.encode_moment(flat, "exp_avg_sq", exp_avg_sq)
+
+    def compute_weights(self, flat: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+        """What the model's compute weights become after ``master`` (fp32, as stepped) was encoded: the
+        stored value (the rounded bf16 master, or bf16 master + compensation), so that compute and a
+        checkpoint see the same weights."""
+        return master if self.layout.master == "fp32" else self.decode_master(flat)
+
+    def record_generator(self, device: torch.device, seed: int) -> torch.Generator | None:
+        """A generator for stochastic rounding, seeded per record and step (resumes reproduce it)."""
+        if self.layout.master != "bf16_sr":
+            return None
+        return torch.Generator(device=device).manual_seed(seed)

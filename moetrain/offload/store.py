@@ -1,11 +1,13 @@
 """Expert records and the tiers that hold them.
 
 Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimizer state is one flat
-fp32 buffer laid out ``[master | exp_avg | exp_avg_sq]`` (3 * n floats, n = the expert's parameter
-count, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes), so that paging a record in or out is a
-single large transfer (one ``copy_`` or one aio request), never 9 small ones. Inside each third the
-expert's parameters follow in a fixed order (gate_proj, up_proj, down_proj), so a third splits into
-views shaped like the parameters without copying.
+buffer (float32 elements, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes) laid out by its
+:class:`~moetrain.offload.state_format.StateLayout`: by default fp32 ``[master | exp_avg | exp_avg_sq]``
+(3 * n floats, n = the expert's parameter count), or a compressed layout (bf16 master, bf16 or 8-bit
+moments: ``model.offload.master`` / ``moments``), so that paging a record in or out is a single large
+transfer (one ``copy_`` or one aio request), never 9 small ones. Inside each part the expert's
+parameters follow in a fixed order (gate_proj, up_proj, down_proj), so a part splits into views
+shaped like the parameters without copying.
 
 Tiers:
 
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
+from moetrain.offload.state_format import StateCodec, StateLayout
 
 STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -71,6 +74,8 @@ class ExpertRecord:
     synced_to: int = 0
     frequency: float = 0.0
     shapes: list[torch.Size] = field(default_factory=list)
+    layout: Optional[StateLayout] = None
+    codec: Optional[StateCodec] = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -81,9 +86,12 @@ class ExpertRecord:
         return self.padded * 4
 
     def parts(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(master, exp_avg, exp_avg_sq), each (n,), as views of a flat state buffer."""
-        n = self.numel
-        return flat[:n], flat[n:2 * n], flat[2 * n:3 * n]
+        """(master, exp_avg, exp_avg_sq), each (n,) fp32: views of the flat state buffer under the fp32
+        layout, decoded copies under a compressed one (write them back with ``codec.encode``)."""
+        if self.codec is None:
+            n = self.numel
+            return flat[:n], flat[n:2 * n], flat[2 * n:3 * n]
+        return self.codec.decode(flat)
 
     def split(self, part: torch.Tensor) -> list[torch.Tensor]:
         """Views of an (n,) part shaped like the expert's parameters."""
@@ -121,9 +129,10 @@ class ExpertStore:
                 params = [expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight]
                 full = [names[id(p)] for p in params]
                 numel = sum(p.numel() for p in params)
+                layout = StateLayout(tuple(p.numel() for p in params), cfg.master, cfg.moments, cfg.quant_block)
                 rec = ExpertRecord(layer=block.layer_idx, expert=e, prefix=full[0].rsplit(".", 2)[0], params=params,
-                                   names=full, numel=numel, padded=align_up(3 * numel * 4) // 4,
-                                   shapes=[p.shape for p in params])
+                                   names=full, numel=numel, padded=align_up(layout.nbytes) // 4,
+                                   shapes=[p.shape for p in params], layout=layout, codec=StateCodec(layout))
                 self.records[rec.key] = rec
         self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
         self._place()
@@ -156,16 +165,20 @@ class ExpertStore:
         for rec in self.records.values():
             flat = self.host_view(rec) if rec.tier is Tier.CPU else staging[:rec.padded]
             self.load_master(rec, flat, [p.detach() for p in rec.params])
+            if rec.layout.master != "fp32":  # compute from the stored (rounded) master from the first step on
+                for p, w in zip(rec.params, rec.split(rec.codec.decode_master(flat)), strict=True):
+                    p.data.copy_(w)
             if rec.tier is Tier.NVME:
                 self.swap.submit_write(flat, rec.offset)
                 self.swap.wait_writes()
 
     @staticmethod
     def load_master(rec: ExpertRecord, flat: torch.Tensor, weights: list[torch.Tensor]) -> None:
-        """Fill a flat state buffer: master from ``weights`` (fp32), moments zero, padding zero."""
+        """Fill a flat state buffer: master from ``weights`` (rounded to nearest if the master is bf16),
+        moments zero (in every format: code 0 of an int8 moment with scale 0 is zero), padding zero."""
         flat.zero_()
-        for view, w in zip(rec.split(rec.parts(flat)[0]), weights, strict=True):
-            view.copy_(w)
+        master = torch.cat([w.reshape(-1).float() for w in weights])
+        rec.codec.encode_master(flat, master)
 
     # ------------------------------------------------------------------ access
     def host_view(self, rec: ExpertRecord) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 A checkpoint holds, for every trainable parameter that has AdamW state::
 
-    optimizer-0000i-of-0000n.safetensors   "<param>.exp_avg", "<param>.exp_avg_sq"  (fp32, the parameter's shape)
+    optimizer-0000i-of-0000n.safetensors   "<param>.exp_avg", "<param>.exp_avg_sq"  (fp32, the parameter's shape;
+                                           offloaded experts with compressed moments: bf16, or uint8 codes
+                                           plus "<param>.exp_avg.absmax" block scales)
     optimizer.safetensors.index.json
     optimizer.json                          {"format", "steps": {param: AdamW step count}, "step_index",
                                              "lr_history"}
@@ -170,8 +172,11 @@ def load_optimizer(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> No
                                "lr_history": history, "step_index": step_index})
 
     def checked() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, tensor in iter_named(ckpt_dir, [f"{n}.{part}" for n in experts for part in MOMENTS]):
-            _check_shape(ckpt_dir, key, tensor, model_params[key.rsplit(".", 1)[0]].shape)
+        # 8-bit moments come with their per-block scales (``<param>.<moment>.absmax``), shaped by blocks
+        wanted = [f"{n}.{part}{scale}" for n in experts for part in MOMENTS for scale in ("", ".absmax")]
+        for key, tensor in iter_named(ckpt_dir, wanted):
+            if not key.endswith(".absmax"):
+                _check_shape(ckpt_dir, key, tensor, model_params[key.rsplit(".", 1)[0]].shape)
             yield key, tensor
 
     optimizer.load_expert_tensors(checked())

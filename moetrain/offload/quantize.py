@@ -1,0 +1,101 @@
+"""Number formats for compressed optimizer state: 8-bit block-wise dynamic quantization, and bf16
+rounding (stochastic, or to nearest with a Kahan compensation term).
+
+**8-bit block-wise dynamic quantization** (the method of 8-bit Adam, Dettmers et al. 2022): a tensor is
+cut into blocks of ``block`` elements; each block is divided by its absolute maximum, so its values
+lie in [-1, 1], and each value is stored as the index (one byte) of the nearest entry of a fixed
+codebook. The codebook is *dynamic* (a floating-point-like code): an index's leading zero bits pick a
+decade 10^-e and the bits after them a linear fraction inside it, so it resolves small magnitudes as
+finely, relatively, as large ones (down to 1e-6 of the block maximum, 1e-7 unsigned): the second moment
+spans many decades within a block, and a linear code would flush its small values to zero.
+
+* signed code (exp_avg): 0, and +-10^-e * (0.1 + 0.9 * (i + 1) / 2^(6 - e)) for e in 0..6: 255 entries.
+* unsigned code (exp_avg_sq): 0, and 10^-e * (0.1 + 0.9 * (i + 1) / 2^(7 - e)) for e in 0..7: 256 entries.
+
+Both contain exactly 1.0 (and -1.0), so a block's maximum is stored without error, and quantizing a
+dequantized block again gives the same bytes (checkpoints of int8 moments resume exactly).
+
+Everything here is plain torch ops and runs where its inputs are: on the GPU for the device step,
+on the CPU for the CPU step path and in CI.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def dynamic_code_values(signed: bool) -> list[float]:
+    """The sorted codebook as Python floats (the float64 reference the tests use)."""
+    bits = 7 if signed else 8
+    positive = [10.0 ** -e * (0.1 + 0.9 * (i + 1) / 2 ** (bits - 1 - e)) for e in range(bits)
+                for i in range(2 ** (bits - 1 - e))]
+    values = [0.0] + positive + ([-v for v in positive] if signed else [])
+    return sorted(values)
+
+
+@lru_cache(maxsize=16)
+def _code(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook (K,), midpoints between neighbours (K-1,)) as fp32 on ``device``."""
+    code = torch.tensor(dynamic_code_values(signed), dtype=torch.float64)
+    mids = (code[1:] + code[:-1]) / 2
+    return code.float().to(device), mids.float().to(device)
+
+
+def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool) -> None:
+    """Quantize ``x`` (n,) fp32 into codes ``q`` (n,) uint8 and per-block absmax ``scale`` (ceil(n/block),) fp32.
+
+    A block of zeros keeps scale 0 (and dequantizes to zeros).
+    """
+    n = x.numel()
+    nb = scale.numel()
+    assert nb == -(-n // block), (n, nb, block)
+    code, mids = _code(signed, x.device)
+    full = (n // block) * block
+    if full:
+        xb = x[:full].view(-1, block)
+        s = xb.abs().amax(dim=1)
+        scale[: full // block].copy_(s)
+        normed = xb / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
+        q[:full].view(-1, block).copy_(torch.bucketize(normed, mids))
+    if full < n:  # a last, partial block
+        tail = x[full:]
+        s = tail.abs().amax()
+        scale[-1] = s
+        normed = tail / torch.where(s > 0, s, torch.ones_like(s))
+        q[full:].copy_(torch.bucketize(normed, mids))
+
+
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool,
+                         out: torch.Tensor) -> torch.Tensor:
+    """Codes ``q`` (n,) uint8 and scales (ceil(n/block),) into ``out`` (n,) fp32; returns ``out``."""
+    n = q.numel()
+    code, _ = _code(signed, q.device)
+    full = (n // block) * block
+    if full:
+        torch.mul(code[q[:full].long()].view(-1, block), scale[: full // block].unsqueeze(1),
+                  out=out[:full].view(-1, block))
+    if full < n:
+        torch.mul(code[q[full:].long()], scale[-1], out=out[full:])
+    return out
+
+
+def round_bf16_stochastic(x: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
+    """Round fp32 ``x`` to bf16 ``out`` stochastically: up with probability equal to the distance to the
+    lower neighbour (in units of bf16 spacing), so the rounding error is zero in expectation.
+
+    Adds 16 random bits below bf16's mantissa and truncates; a value already representable in bf16 is
+    kept exactly.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits (0xFFFF0000 as a signed int32)
+    out.copy_(rounded.view(torch.float32))  # exact: the low bits are zero
+
+
+def round_bf16_kahan(x: torch.Tensor, master: torch.Tensor, comp: torch.Tensor) -> None:
+    """Store fp32 ``x`` as bf16 ``master`` (nearest) plus the bf16 compensation ``comp = x - master``:
+    ``master + comp`` keeps about 16 bits of mantissa, so small updates are not lost to rounding."""
+    master.copy_(x)
+    comp.copy_(x - master.float())
