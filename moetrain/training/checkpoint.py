@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +47,7 @@ from moetrain.models.decoder import MoEForCausalLM
 from moetrain.shards import ShardError, read_weight_map, write_sharded
 from moetrain.training import signals, trainer_state
 from moetrain.training.optimizer_state import OPTIMIZER_PREFIX, save_optimizer
+from moetrain.training.progress import tensor_progress
 
 CHECKPOINTS_DIR = "checkpoints"
 LAST_FILE = "last"
@@ -72,12 +73,14 @@ def _step_of(path: Path) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def model_tensors(model: MoEForCausalLM, optimizer: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+def model_tensors(model: MoEForCausalLM, optimizer: Any = None,
+                  state: Optional[dict[str, torch.Tensor]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, tensor)`` for every saved tensor of ``model``, one at a time.
 
     Parameters whose fp32 master copy lives in the optimizer (``optimizer.named_master_tensors()``,
-    streamed record by record) come from there; the rest from the model, where they live. A tied
-    ``lm_head.weight`` is left out, as transformers does.
+    streamed record by record) come from there; the rest from ``state`` (default: ``model.state_dict()``,
+    tensors where they live; an asynchronous save passes its host snapshot). A tied ``lm_head.weight``
+    is left out, as transformers does.
     """
     family = model.config.family
     done: set[str] = set()
@@ -86,10 +89,17 @@ def model_tensors(model: MoEForCausalLM, optimizer: Any = None) -> Iterator[tupl
         for name, tensor in named_masters():
             done.add(name)
             yield keymap.to_hf_name(family, name), tensor
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         if name in done or (model.config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         yield keymap.to_hf_name(family, name), tensor.detach()
+
+
+def model_bytes(model: MoEForCausalLM, optimizer: Any = None) -> int:
+    """Bytes :func:`model_tensors` will yield (fp32 for masters held by the optimizer): a progress bar's total."""
+    masters = model.expert_parameter_names() if callable(getattr(optimizer, "named_master_tensors", None)) else set()
+    return sum(t.numel() * (4 if name in masters else t.element_size()) for name, t in model.state_dict().items()
+               if not (model.config.tie_word_embeddings and name == "lm_head.weight"))
 
 
 def _hf_config(config: ModelConfig, dtype: torch.dtype) -> Optional[dict[str, Any]]:
@@ -251,40 +261,87 @@ def save_checkpoint(
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>/``, point ``checkpoints/last`` at it and rotate; returns the directory.
 
+    Tensors are read where they live while the file is written (the caller must not step the model
+    meanwhile; :mod:`moetrain.training.async_checkpoint` snapshots instead, to write beside training).
+
     Args:
         optimizer: a :class:`~moetrain.training.optim.TrainOptimizer` (or None to skip its state).
         trainer_state: the resume state (:func:`moetrain.training.trainer_state.capture`).
         keep_last: keep this many newest checkpoints (0: all).
         tokenizer_dir: copy its tokenizer files into the checkpoint.
+
+    Raises:
+        ShardError: the files could not be written (a full disk, no permission); ``last`` is unchanged.
+    """
+    def write_optimizer(out: Path) -> None:
+        save_optimizer(optimizer, model, out, max_shard_bytes, step_index=step)
+
+    return write_checkpoint(
+        run_dir, step, model.config, next(model.parameters()).dtype, model_tensors(model, optimizer),
+        write_optimizer if optimizer is not None else None, trainer_state=trainer_state, recipe=recipe,
+        max_shard_bytes=max_shard_bytes, keep_last=keep_last, tokenizer_dir=tokenizer_dir,
+        total_bytes=model_bytes(model, optimizer))
+
+
+def write_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    write_optimizer: Optional[Callable[[Path], None]] = None,
+    trainer_state: Optional[dict[str, Any]] = None,
+    recipe: Optional[str] = None,
+    max_shard_bytes: int = 2 * 2**30,
+    keep_last: int = 0,
+    tokenizer_dir: Optional[str | Path] = None,
+    total_bytes: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> Path:
+    """The writing half of :func:`save_checkpoint`, from sources already chosen: ``tensors`` (Hugging Face
+    name, tensor) for the model shards, ``write_optimizer(dir)`` for the optimizer files.
+
+    ``step-<step>.tmp/`` is written and fsynced, renamed, then ``last`` is switched and old checkpoints
+    rotated. Safe to run in a thread other than the training loop's, given sources that do not change.
+    ``progress``: the shard bar (None: shown on a terminal, see :mod:`moetrain.training.progress`).
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("step-*.tmp"):
-        shutil.rmtree(stale)  # left over from a process killed while writing
-    tmp.mkdir()
-    write_sharded(model_tensors(model, optimizer), tmp, prefix="model", max_shard_bytes=max_shard_bytes)
-    dtype = next(model.parameters()).dtype
-    hf_config = _hf_config(model.config, dtype)
-    if hf_config is not None:
-        write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
-    write_text(tmp / MOETRAIN_CONFIG, json.dumps(model.config.to_dict(), indent=2) + "\n")
-    if recipe is not None:
-        write_text(tmp / RECIPE_FILE, recipe)
-    if optimizer is not None:
-        save_optimizer(optimizer, model, tmp, max_shard_bytes, step_index=step)
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                _copy_file(Path(tokenizer_dir) / name, tmp / name)
-    # trainer_state.json last: its presence marks a checkpoint whose every other file is written
-    write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
-    fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)  # the same step saved again (a re-run into the same directory)
-    tmp.rename(final)
-    fsync_dir(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp"):
+            shutil.rmtree(stale)  # left over from a process killed while writing
+        tmp.mkdir()
+        shown = tensor_progress(tensors, f"save {final.name}", total_bytes, enabled=progress)
+        write_sharded(shown, tmp, prefix="model", max_shard_bytes=max_shard_bytes)
+        hf_config = _hf_config(config, dtype)
+        if hf_config is not None:
+            write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
+        write_text(tmp / MOETRAIN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+        if recipe is not None:
+            write_text(tmp / RECIPE_FILE, recipe)
+        if write_optimizer is not None:
+            write_optimizer(tmp)
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    _copy_file(Path(tokenizer_dir) / name, tmp / name)
+        # trainer_state.json last: its presence marks a checkpoint whose every other file is written
+        write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)  # the same step saved again (a re-run into the same directory)
+        tmp.rename(final)
+        fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what was written (a full disk needs the room)
+        pointer = root / LAST_FILE
+        previous = pointer.read_text().strip() if pointer.is_file() else None
+        kept = f"{pointer} still names {previous}, which is intact" if previous else "no earlier checkpoint exists"
+        raise ShardError(f"{tmp}: writing checkpoint {final.name} failed ({err.strerror or err}); {kept}. Free disk "
+                         "space or choose a writable trainer.default_root_dir, then resume with --ckpt_path=last") \
+            from None
     write_text(root / LAST_FILE, final.name + "\n")
     fsync_dir(root)
     if keep_last > 0:
@@ -332,7 +389,7 @@ class CheckpointCallback(L.Callback):
     (the ``checkpoint:`` section of a recipe)."""
 
     def __init__(self, every_n_steps: int = 0, max_shard_mb: int = 2048, save_final: bool = True,
-                 keep_last: int = 0, save_on_signal: bool = True) -> None:
+                 keep_last: int = 0, save_on_signal: bool = True, **options: Any) -> None:
         """
         Args:
             every_n_steps: save every this many optimizer steps (0: only at the end).
@@ -340,15 +397,31 @@ class CheckpointCallback(L.Callback):
             save_final: save when training ends.
             keep_last: keep only this many newest checkpoints (0: keep all).
             save_on_signal: on SIGTERM or Ctrl-C, finish the optimizer step, save and stop.
+            options: ``async`` (a Python keyword, hence passed this way; the recipe key is
+                ``checkpoint.async``): write checkpoints in a background thread while training goes on
+                (:mod:`moetrain.training.async_checkpoint`); the final and the signal save still complete
+                before training returns.
         """
         if every_n_steps < 0 or max_shard_mb <= 0 or keep_last < 0:
             raise ConfigError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0 and "
                               "checkpoint.max_shard_mb > 0")
+        unknown = sorted(set(options) - {"async"})
+        if unknown:
+            raise ConfigError(f"checkpoint.{unknown[0]}: not a checkpoint option; the section takes every_n_steps, "
+                              "max_shard_mb, save_final, keep_last, save_on_signal and async")
         self.every_n_steps = every_n_steps
         self.max_shard_bytes = max_shard_mb * 2**20
         self.keep_last = keep_last
         self.save_final = save_final
         self.save_on_signal = save_on_signal
+        self.async_save = options.get("async", False)
+        if not isinstance(self.async_save, bool):
+            raise ConfigError(f"checkpoint.async={self.async_save!r}: must be true or false")
+        self.saver: Optional[Any] = None  # an AsyncSaver with async
+        if self.async_save:
+            from moetrain.training.async_checkpoint import AsyncSaver
+
+            self.saver = AsyncSaver()
         self.saved_step = -1
         self._tokens = 0
         self._seen_step = -1
@@ -369,12 +442,16 @@ class CheckpointCallback(L.Callback):
         self._resume = None
 
     # ------------------------------------------------------------------ saving
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: bool = False) -> None:
+        """Save at this optimizer-step boundary; ``wait``: return only once it is on disk (async mode)."""
         step = trainer.global_step
         if step == self.saved_step or step == 0 or not trainer.is_global_zero:
+            if wait and self.saver is not None:
+                self.saver.wait()
             return
         datamodule = getattr(trainer, "datamodule", None)
-        save_checkpoint(
+        save = save_checkpoint if self.saver is None else self.saver.save
+        save(
             trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
             trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches,
                                                 self._tokens),
@@ -382,7 +459,36 @@ class CheckpointCallback(L.Callback):
             keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
         )
         self.saved_step = step
+        if wait and self.saver is not None:
+            self.saver.wait()
 
+    # ------------------------------------------------------------------ async: the store is read in place
+    def _wait_for_store(self) -> None:
+        if self.saver is not None and self.saver.holds_store:
+            self.saver.wait_for_store()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.saver is None:
+            return
+        self.saver.raise_error()  # a failed background save stops training at the next batch
+        offload = getattr(getattr(pl_module, "train_optimizer", None), "offload", None)
+        if getattr(offload, "idle_experts", None) == "dense":
+            self._wait_for_store()  # the forward replays idle experts' missed steps in the store
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
+        if self.saver is None or not self.saver.holds_store:
+            return
+        # without clipping, the last micro-batch's backward steps each layer's experts as it finishes it
+        cfg = getattr(getattr(pl_module, "train_optimizer", None), "cfg", None)
+        last_micro = getattr(pl_module, "_micro", 0) == getattr(pl_module, "accumulate_grad_batches", 1) - 1
+        if last_micro and getattr(cfg, "max_grad_norm", 1.0) == 0:
+            self._wait_for_store()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._wait_for_store()
+
+    # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_signal:
             signals.install()
@@ -398,13 +504,20 @@ class CheckpointCallback(L.Callback):
         if self.every_n_steps and stats.step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
         if self.save_on_signal and signals.requested() is not None:
-            self._save(trainer, pl_module)
+            self._save(trainer, pl_module, wait=True)
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_final:
-            self._save(trainer, pl_module)
-        signals.uninstall()
+        try:
+            if self.save_final:
+                self._save(trainer, pl_module, wait=True)
+            elif self.saver is not None:
+                self.saver.wait()  # a periodic save still being written
+        finally:
+            signals.uninstall()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.saver is not None:
+            # let a save under way land (or fail); the exception that stops training is the one to report
+            self.saver.discard_error()
         signals.uninstall()
