@@ -32,7 +32,8 @@ from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf_configs import config_from_hf, config_to_hf
 from moetrain.models.rope import rotary_for
-from moetrain.shards import ShardError, iter_shard_tensors, write_sharded
+from moetrain.shards import ShardError, iter_shard_tensors, read_weight_map, write_sharded
+from moetrain.training.progress import shard_progress
 
 MOETRAIN_CONFIG = "moetrain_config.json"
 HF_CONFIG = "config.json"
@@ -114,8 +115,10 @@ def empty_model(
 
 # ---------------------------------------------------------------------------------------------- reading
 def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yield ``(shard path, on-disk name, tensor)`` for every tensor, one shard open at a time."""
-    return iter_shard_tensors(model_dir)
+    """Yield ``(shard path, on-disk name, tensor)`` for every tensor, one shard open at a time (with a
+    per-shard progress bar on a terminal: imports, resumes and exports all read through here)."""
+    shards = len(set(read_weight_map(model_dir).values()))
+    return shard_progress(iter_shard_tensors(model_dir), shards, f"load {Path(model_dir).name}")
 
 
 def _internal_tensors(family: str, name: str, tensor: torch.Tensor, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
