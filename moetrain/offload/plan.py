@@ -190,6 +190,7 @@ def activation_bytes(config: ModelConfig, tokens: int) -> int:
     also its latents); a routed expert saves, for each of the k copies of a token, its gathered input,
     gate, up and activated product and its output; the router its fp32 logits and probabilities; a shared
     expert or dense MLP its gate, up and product. Temporaries and fragmentation are in :data:`GPU_RESERVE`.
+    The test checks it against the bytes autograd saves in a real forward (tests/offload/test_plan.py).
     """
     h, nh = config.hidden_size, config.num_attention_heads
     if config.is_mla:
@@ -199,8 +200,10 @@ def activation_bytes(config: ModelConfig, tokens: int) -> int:
     else:
         q = out = nh * config.attn_head_dim
         kv, latent = 2 * config.kv_heads * config.attn_head_dim, 0
-    norms = 2 * (4 * h + 2 * h)
+    norms = 2 * (3 * 4 * h + 2 * h)  # per norm: fp32 input, fp32 normalised, fp32 residual sum; bf16 output
     attention = 2 * (q + kv + out + latent) + 4 * nh
+    if config.qk_norm != "none":
+        attention += 2 * 4 * (q + kv // 2)  # fp32 input and normalised output of the query and key norms
     k, inter = config.num_experts_per_tok, config.moe_intermediate_size
     routed = 2 * k * (h + 3 * inter + h) + 2 * 4 * config.num_experts
     shared = 2 * 3 * config.shared_width
@@ -351,13 +354,14 @@ class FitChoice:
 
 
 def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
-                gpu_budget_gb: float = 4.0) -> list[FitChoice]:
+                gpu_budget_gb: float = 1.0) -> list[FitChoice]:
     """Every placement the search weighs, in order of preference, each with its plan.
 
     Preference: gradients of every expert (any accumulation, clipping allowed) before layer-wise freeing;
     then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
     host memory alone before an overflow to NVMe (slower). The overflow's host budget is what the host has
-    after :data:`HOST_RESERVE` and the NVMe staging buffers.
+    after :data:`HOST_RESERVE` and the NVMe staging buffers. ``gpu_budget_gb``: device slots for state being
+    stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state).
     """
     out = []
     _, _, per_expert = count_parameters(model_config)
@@ -443,7 +447,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {}) or {}
+        if not isinstance(node.get(part), dict):  # absent or null (``offload:`` with no keys)
+            node[part] = {}
+        node = node[part]
     node[parts[-1]] = value
 
 

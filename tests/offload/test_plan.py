@@ -1,15 +1,43 @@
-"""The planner's byte counts against the real model, its fit verdicts, and its step floor."""
+"""The planner's byte counts against the real model and store, per state format; the hot-cache sizing; the
+activation estimate against what autograd saves; the fit verdicts, the step floor and the largest preset."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import pytest
+import torch
 from offload_harness import tiny_model
 
+from moetrain.config import ModelConfig
+from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.nvme import align_up
-from moetrain.offload.plan import count_parameters, make_plan
+from moetrain.offload.plan import (
+    GPU_RESERVE,
+    HOST_RESERVE,
+    Machine,
+    activation_bytes,
+    best_fit,
+    count_parameters,
+    fit_options,
+    largest_preset,
+    make_plan,
+    plan_from_recipe,
+)
 from moetrain.offload.store import ExpertStore
 
 GiB = 2**30
+MASTER_BYTES = {"fp32": 4, "bf16_sr": 2, "bf16_kahan": 2 + 2}  # bf16 master + bf16 Kahan compensation
+MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def state_bytes(per_expert: int, master: str, moments: str, block: int = 256) -> int:
+    """One expert's state bytes from the formats' element sizes: master, two moments, and for int8 one fp32
+    scale per block of each moment (the tiny experts' matrices are whole multiples of the block)."""
+    scales = 2 * 4 * per_expert // block if moments == "int8" else 0
+    return per_expert * (MASTER_BYTES[master] + 2 * MOMENT_BYTES[moments]) + scales
 
 
 def test_counts_match_the_model():
@@ -25,18 +53,132 @@ def test_counts_match_the_model():
 def test_bytes_per_tier_and_overflow(tmp_path):
     model = tiny_model(num_experts=16)
     dense, expert, per_expert = count_parameters(model.config)
-    record = align_up(12 * per_expert)  # the store's aligned record
+    record = align_up(12 * per_expert)  # the store's aligned fp32 record
     cfg = OffloadConfig(tier="cpu", gpu_budget_gb=4 * record / GiB, cpu_budget_gb=10 * record / GiB,
                         nvme_path=str(tmp_path))
     plan = make_plan(model.config, cfg, tokens_per_step=64, gpu_capacity=GiB, host_capacity=GiB, disk_free=GiB)
-    assert plan.gpu_bytes == 16 * dense + 4 * expert + 4 * expert + 4 * record  # fp32 weights and grads
+    # fp32 dense state and its bf16 autocast copies; bf16 expert weights and grads (compute_dtype auto on a GPU)
+    assert plan.gpu_bytes == (16 + 2) * dense + 2 * expert + 2 * expert + 4 * record + activation_bytes(
+        model.config, 64) + GPU_RESERVE
     assert plan.nvme_bytes == 32 * record - 10 * record
-    assert plan.host_bytes == 10 * record + 4 * record  # state in memory + NVMe staging
-    assert plan.fits() == {"gpu": True, "host": True, "nvme": True}
+    assert plan.host_bytes == 10 * record + 4 * record + HOST_RESERVE  # state in memory + NVMe staging
+    assert plan.fits() == {"gpu": False, "host": False, "nvme": True}  # the reserves alone exceed 1 GiB
+    fp32 = make_plan(model.config, OffloadConfig(tier="cpu", compute_dtype="fp32", gpu_budget_gb=cfg.gpu_budget_gb), 64)
+    assert fp32.gpu_bytes - plan.gpu_bytes == 2 * expert + 2 * expert  # 4 B weights and grads instead of 2
     # the store places records the same way
     store = ExpertStore(model, cfg)
     assert store.cpu_bytes == 10 * record and store.nvme_bytes == plan.nvme_bytes
     store.close()
+
+
+@pytest.mark.parametrize("master,moments", list(itertools.product(("fp32", "bf16_sr", "bf16_kahan"),
+                                                                   ("fp32", "bf16", "int8"))))
+def test_compressed_state_bytes_per_tier_and_on_the_link(master, moments):
+    model = tiny_model(num_experts=16)
+    _, expert, per_expert = count_parameters(model.config)
+    n_records = 2 * 16
+    record = align_up(state_bytes(per_expert, master, moments))
+    host_only = make_plan(model.config, OffloadConfig(tier="cpu", master=master, moments=moments),
+                          tokens_per_step=10_000, host_capacity=GiB)
+    assert host_only.host_bytes == n_records * record + HOST_RESERVE and host_only.nvme_bytes == 0
+    assert host_only.state_bpp == state_bytes(per_expert, master, moments) / per_expert
+    # 10 k tokens touch every expert: each one's state goes up and comes back
+    assert host_only.active_experts == pytest.approx(n_records)
+    assert host_only.moved_bytes == pytest.approx(2 * n_records * state_bytes(per_expert, master, moments))
+    on_disk = make_plan(model.config, OffloadConfig(tier="nvme", nvme_path="unused", master=master, moments=moments,
+                                                    gpu_slots=3), tokens_per_step=64, disk_free=GiB)
+    assert on_disk.nvme_bytes == n_records * record
+    assert on_disk.host_bytes == 3 * record + HOST_RESERVE  # staging for the 3 slots
+    assert f"master {master}, moments {moments}" in host_only.format()
+    assert expert * 12 / (host_only.state_bpp * expert) == pytest.approx(12 * per_expert / state_bytes(
+        per_expert, master, moments))
+
+
+def test_hot_cache_auto_takes_what_is_left_and_a_number_is_checked():
+    model = tiny_model(num_experts=16)
+    _, _, per_expert = count_parameters(model.config)
+    record = align_up(12 * per_expert)
+    off = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=0), tokens_per_step=8)
+    left = 5 * record + record // 2  # room for 5 records and a half
+    auto = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8,
+                     gpu_capacity=off.gpu_bytes + left)
+    assert auto.hot_cache_experts == 5 and auto.gpu_bytes == off.gpu_bytes + 5 * record
+    assert auto.fits()["gpu"] is True and "5 of 32 experts" in auto.format()
+    # the cached experts are not paged: uniform routing leaves 27/32 of the active ones to move
+    assert auto.moved_bytes == pytest.approx(off.moved_bytes * (32 - 5) / 32)
+    fixed = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=3 * record / GiB), tokens_per_step=8,
+                      gpu_capacity=off.gpu_bytes + 2 * record)
+    assert fixed.hot_cache_experts == 3 and fixed.fits()["gpu"] is False  # 3 records do not fit in room for 2
+    everything = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8,
+                           gpu_capacity=1 << 40)
+    assert everything.hot_cache_experts == 32 and everything.moved_bytes == 0
+    unknown = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8)
+    if unknown.gpu_capacity is None:
+        assert unknown.hot_cache_experts == 0 and "capacity unknown here" in unknown.format()
+
+
+def test_layerwise_gradients_only_with_accumulation_1_no_clipping_and_the_gpu_path():
+    recipe = {"model": {"preset": "tiny-deepseek-moe", "accumulate_grad_batches": 1,
+                        "optimizer": {"max_grad_norm": 0.0}, "offload": {"tier": "cpu", "step_on": "gpu"}},
+              "data": {"seq_len": 64, "micro_batch_size": 2}}
+    config = ModelConfig.from_preset("tiny-deepseek-moe")
+    _, expert, _ = count_parameters(config)
+    layerwise = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=GiB)
+    assert layerwise.layerwise_grads
+    for key, value in (("accumulate_grad_batches", 2), ("optimizer", {"max_grad_norm": 1.0}),
+                       ("offload", {"tier": "cpu", "step_on": "auto"})):
+        other = {**recipe, "model": {**recipe["model"], key: value}}
+        plan = plan_from_recipe(other, gpu_capacity=GiB, host_capacity=GiB)
+        assert not plan.layerwise_grads
+        # every expert's bf16 gradient instead of one MoE layer's (3 MoE layers of equal size)
+        assert plan.gpu_bytes - layerwise.gpu_bytes == 2 * expert - 2 * expert // len(config.moe_layers)
+
+
+def test_load_peak_is_the_fp32_model():
+    model = tiny_model(num_experts=16)
+    dense, expert, _ = count_parameters(model.config)
+    plan = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=8)
+    assert plan.gpu_load_bytes == 4 * (dense + expert)
+    squeezed = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=8,
+                         gpu_capacity=plan.gpu_load_bytes - 1) if plan.gpu_load_bytes > plan.gpu_bytes else None
+    if squeezed is not None:
+        assert squeezed.fits()["gpu"] is False and "peak at load" in squeezed.format()
+
+
+def saved_activation_bytes(config: ModelConfig, tokens: int) -> int:
+    """Bytes of the tensors autograd saves for backward in one bf16-autocast forward with the loss
+    (each storage once; parameters left out), on the CPU: the reference for the estimate."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config)
+    model.set_expert_impl("grouped")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("family,extra", [("deepseek_moe", {"num_shared_experts": 1, "first_k_dense_replace": 1}),
+                                          ("qwen3_moe", {"head_dim": 32, "qk_norm": "head"}),
+                                          ("mixtral", {}), ("olmoe", {"qk_norm": "full"})])
+def test_activation_estimate_against_what_autograd_saves(family, extra):
+    """Per token (the difference of two lengths cancels the bf16 weight copies, counted in their own row),
+    the estimate is within 20% of the bytes saved in a real forward. SDPA's causal path keeps no (L, L)
+    matrix, as on the GPU; MLA's unequal head dims take the math path on the CPU, so it is not compared."""
+    config = ModelConfig(family=family, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=48, **extra)
+    measured = saved_activation_bytes(config, 512) - saved_activation_bytes(config, 256)
+    estimated = activation_bytes(config, 512) - activation_bytes(config, 256)
+    assert abs(estimated - measured) < 0.2 * measured, (estimated, measured)
 
 
 def test_fit_verdicts_and_floor():
@@ -52,7 +194,8 @@ def test_fit_verdicts_and_floor():
     text = plan.format()
     assert "DOES NOT FIT" in text and "link-bound" in text
     none = make_plan(model.config, OffloadConfig(tier="none"), tokens_per_step=64, gpu_capacity=1 << 40)
-    assert none.moved_bytes == 0 and none.gpu_bytes == 16 * (dense + expert) and "compute-bound" in none.format()
+    assert none.moved_bytes == 0 and "compute-bound" in none.format()
+    assert none.gpu_bytes == (16 + 2) * dense + 16 * expert + activation_bytes(model.config, 64) + GPU_RESERVE
 
 
 def test_expected_active_experts_follow_the_token_count():
@@ -61,15 +204,44 @@ def test_expected_active_experts_follow_the_token_count():
     assert abs(few.active_experts - 2 * 16 * (1 - (15 / 16) ** 2)) < 1e-9  # 2 layers, 1 token, top-2
 
 
-def test_plan_command_prints_the_recipe_plan(tmp_path, capsys):
-    from moetrain.offload.plan import main
+H100 = Machine(gpu=80 * GiB, host=125 * GiB, disk=64 * GiB)
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model:\n  preset: tiny-deepseek-moe\n  offload:\n    tier: cpu\n"
-                      "data:\n  seq_len: 64\n  micro_batch_size: 2\n")
-    assert main(["--config", str(recipe), "--model.offload.cpu_budget_gb=0", f"--model.offload.nvme_path={tmp_path}",
-                 "--link_gbps=10"]) == 0
-    text = capsys.readouterr().out
-    assert "nvme  expert master + exp_avg + exp_avg_sq (swap)" in text and "at 10 GB/s" in text
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml" in capsys.readouterr().err
+
+def test_deepseek_moe_16b_on_an_h100_machine():
+    """80 GiB GPU, 125 GiB host, 64 GiB disk, 4096-token micro-batches. From the parameter counts:
+    GPU: dense 18 B/param + bf16 expert weights 2 B/param + every expert's bf16 gradient 2 B/param is already
+    past 80 GiB with the reserve, so only layer-wise gradients fit. Host: fp32 state, 12 B/param of 14.9 B
+    expert parameters = 167 GiB, is more than the host; bf16_sr + int8 state, 4.03 B/param = 56 GiB, fits it
+    alone; fp32 state fits with the overflow on NVMe: 167 - (125 - 8 reserve - staging) < 64 GiB."""
+    config = ModelConfig.from_preset("deepseek-moe-16b")
+    dense, expert, per_expert = count_parameters(config)
+    assert 18 * dense + 4 * expert + GPU_RESERVE > H100.gpu
+    fp32_state = 12 * expert
+    assert fp32_state > H100.host and 4.03125 * expert + HOST_RESERVE < H100.host
+    options = {(c.tier, c.master, c.moments, c.layerwise_grads): c for c in fit_options(config, H100)}
+    assert not any(c.plan.fits()["gpu"] for c in options.values() if not c.layerwise_grads)
+    assert options["cpu", "fp32", "fp32", True].plan.fits()["host"] is False
+    assert options["cpu", "bf16_sr", "int8", True].plan.fits_all()
+    staging = options["cpu+nvme", "fp32", "fp32", True].plan
+    assert staging.fits_all() and staging.nvme_bytes <= H100.disk
+    choice = best_fit(config, H100)
+    assert (choice.tier, choice.master, choice.moments, choice.layerwise_grads) == ("cpu+nvme", "fp32", "fp32", True)
+
+
+def test_largest_preset_on_an_h100_machine():
+    """Every preset above DeepSeek-MoE-16B in size fails on this machine, and why, from its counts: the load
+    peak (the fp32 model on the GPU, 4 B/param) of Qwen3-30B-A3B and Mixtral-8x7B is past 80 GiB, and
+    DeepSeek-V3's compressed expert state alone (4.03 B/param of 654 B) is past host + disk."""
+    results = largest_preset(H100)
+    names = [c.name for c, _ in results]
+    answer = next(c.name for c, fit in results if fit is not None)
+    assert answer == "deepseek-moe-16b"
+    bigger = names[:names.index(answer)]
+    assert set(bigger) == {"deepseek-v3", "mixtral-8x7b", "qwen3-30b-a3b"}
+    for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
+        assert 4 * ModelConfig.from_preset(name).param_counts()["total"] > H100.gpu
+    v3 = ModelConfig.from_preset("deepseek-v3").param_counts()
+    assert math.floor(4.03125 * v3["expert"]) > H100.host + H100.disk
+    # sizes are in decreasing order, so the answer is the largest that fits
+    totals = [c.param_counts()["total"] for c, _ in results]
+    assert totals == sorted(totals, reverse=True)

@@ -32,3 +32,36 @@ def test_plan_reports_deepseek_v3_per_gpu_for_1_8_64(capsys):
 def test_plan_needs_a_recipe_or_a_preset(capsys):
     assert main([]) == 2
     assert "--config RECIPE" in capsys.readouterr().err
+
+
+def test_plan_largest_for_another_machine(capsys):
+    """`moetrain plan --largest` with the machine given by flags: the answer and its plan (the derivation of the
+    answer is in tests/offload/test_plan.py::test_deepseek_moe_16b_on_an_h100_machine)."""
+    assert main(["--largest", "--gpu-gb=80", "--host-gb", "125", "--disk-gb=64"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 80 GiB, host 125 GiB, disk 64 GiB" in out
+    assert re.search(r"^Largest: deepseek-moe-16b, expert state in host memory \+ NVMe, master fp32, moments fp32",
+                     out, re.M)
+    assert re.search(r"^\s+qwen3-30b-a3b\s+30\.53 B\s+does not fit", out, re.M)
+    assert re.search(r"^\s+gpu\s+total\s+[\d.]+ GiB of\s+80\.00 GiB: fits", out, re.M)
+
+
+def test_plan_prints_the_state_format_and_the_largest_line(capsys):
+    args = ["--preset=deepseek-moe-16b", "--model.offload.tier=cpu", "--model.offload.master=bf16_sr",
+            "--model.offload.moments=int8", "--gpu-gb=139", "--host-gb=125", "--disk-gb=64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "expert state: master bf16_sr, moments int8: 4.031 B/param" in out
+    assert re.search(r"^largest preset one GPU fully fine-tunes \(GPU 139 GiB, host 125 GiB, disk 64 GiB, 2048 tokens "
+                     r"a micro-batch\): qwen3-30b-a3b", out, re.M)
+    # the expert-parallel table counts the compressed state too: 4.03 B/param of one rank's experts
+    config = ModelConfig.from_preset("deepseek-moe-16b")
+    host = expert_parallel_plan(config, 8, state_bytes=4.03125).host_offload
+    row = re.search(r"^\s+8\s+8\s+[\d.]+ GiB\s+[\d.]+ GiB\s+([\d.]+) GiB", out, re.M)
+    assert row and abs(float(row[1]) - host / GiB) < 0.06
+    assert host == round(4.03125 * config.param_counts()["expert"] / 8)
+
+
+def test_plan_rejects_a_bad_flag(capsys):
+    assert main(["--preset=tiny-mixtral", "--gpu-gb"]) == 2
+    assert "--gpu-gb needs a value" in capsys.readouterr().err
