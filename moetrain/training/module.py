@@ -144,6 +144,9 @@ class MoETrainingModule(L.LightningModule):
         self.resolved_recipe: Optional[str] = None
         """The resolved recipe as YAML; the CLI sets it, checkpoints store it."""
         self._resume_dir: Optional[Path] = None
+        self.parallel: Optional[Any] = None
+        """A :class:`~moetrain.parallel.runtime.ParallelRuntime` (the CLI's ``parallel:`` section): builds the
+        optimizer, scales the loss, reads and writes checkpoints across ranks; None: one process."""
         self._micro = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens = 0
@@ -185,10 +188,12 @@ class MoETrainingModule(L.LightningModule):
             self.model_config.eos_token_id = tokenizer.eos_id
 
     def configure_optimizers(self) -> OptimizerStepAdapter:
-        self.train_optimizer = build_optimizer(self.model, self.optim_cfg, self.offload_cfg)
+        build = build_optimizer if self.parallel is None else self.parallel.build_optimizer
+        self.train_optimizer = build(self.model, self.optim_cfg, self.offload_cfg)
         self.total_steps = self._schedule_steps()
         if self._resume_dir is not None:
-            load_optimizer(self.train_optimizer, self.model, self._resume_dir)
+            load = load_optimizer if self.parallel is None else self.parallel.load_optimizer
+            load(self.train_optimizer, self.model, self._resume_dir)
         return OptimizerStepAdapter(self.train_optimizer, [p for p in self.model.parameters() if p.requires_grad])
 
     # ------------------------------------------------------------------ checkpoints
@@ -245,7 +250,9 @@ class MoETrainingModule(L.LightningModule):
         out = self(batch)
         if self.balancer.active:
             self.balancer.observe(out.routings)
-        self.manual_backward(out.loss / self.accumulate_grad_batches)
+        # several ranks: this rank's share of the global batch's loss (gradients are summed over ranks)
+        loss = out.loss if self.parallel is None else self.parallel.loss_for_backward(out, batch)
+        self.manual_backward(loss / self.accumulate_grad_batches)
         for key, value in (("loss", out.loss), ("ce_loss", out.ce_loss), ("aux_loss", out.aux_loss)):
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
