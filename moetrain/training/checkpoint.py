@@ -445,12 +445,16 @@ class CheckpointCallback(L.Callback):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: bool = False) -> None:
         """Save at this optimizer-step boundary; ``wait``: return only once it is on disk (async mode)."""
         step = trainer.global_step
-        if step == self.saved_step or step == 0 or not trainer.is_global_zero:
+        parallel = getattr(pl_module, "parallel", None)
+        collective = parallel is not None and parallel.active  # several ranks: each writes its share
+        if step == self.saved_step or step == 0 or not (trainer.is_global_zero or collective):
             if wait and self.saver is not None:
                 self.saver.wait()
             return
         datamodule = getattr(trainer, "datamodule", None)
         save = save_checkpoint if self.saver is None else self.saver.save
+        if collective:
+            save = parallel.save_checkpoint  # synchronous: a collective over every rank
         save(
             trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
             trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches,
