@@ -115,6 +115,7 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from moetrain.config import ConfigError
+    from moetrain.parallel.config import ParallelConfig
     from moetrain.training.callbacks import MetricsLogger
     from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
     from moetrain.training.data import DataError
@@ -133,6 +134,7 @@ def _build_cli_class():
             parser.add_lightning_class_args(CheckpointCallback, "checkpoint")
             parser.add_lightning_class_args(MetricsLogger, "metrics")
             parser.add_lightning_class_args(StepProgress, "progress")
+            parser.add_class_arguments(ParallelConfig, "parallel")
             parser.add_argument(
                 "--cpu_threads", type=Optional[int], default=None,
                 help="torch intra-op threads (null: torch's default, one per core). Small models run faster on "
@@ -157,6 +159,11 @@ def _build_cli_class():
             if trainer.get("accumulate_grad_batches", 1) != 1:
                 raise InputError("trainer.accumulate_grad_batches must stay 1: moetrain accumulates inside the "
                                  "module; set model.accumulate_grad_batches instead")
+            if self.subcommand == "fit" and _several_ranks(trainer) and trainer.get("strategy") in (None, "auto",
+                                                                                              "ddp"):
+                from moetrain.parallel.strategy import register
+
+                trainer["strategy"] = register()  # DDP's processes; moetrain.parallel reduces the gradients
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")
@@ -174,6 +181,10 @@ def _build_cli_class():
         def after_instantiate_classes(self) -> None:
             parser = self._parser(self.subcommand)
             self.model.resolved_recipe = parser.dump(self.config[self.subcommand], skip_none=False)
+            if self.subcommand == "fit":
+                from moetrain.parallel.runtime import ParallelRuntime
+
+                self.model.parallel = ParallelRuntime(self.config_init[self.subcommand]["parallel"])
 
         def fit(self, model: MoETrainingModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
                 **kwargs: Any) -> None:
@@ -189,6 +200,16 @@ def _build_cli_class():
             self.trainer.validate(model, datamodule=datamodule, **kwargs)
 
     return MoeTrainCLI
+
+
+def _several_ranks(trainer: dict) -> bool:
+    """Whether the trainer section asks for more than one process (devices as a count or a list, or nodes)."""
+    devices = trainer.get("devices")
+    if isinstance(devices, (list, tuple)):
+        many = len(devices) > 1
+    else:
+        many = str(devices).lstrip("-").isdigit() and (int(devices) > 1 or int(devices) == -1)
+    return many or int(trainer.get("num_nodes") or 1) > 1
 
 
 class _ParsedOnly(Exception):
