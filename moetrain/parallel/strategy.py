@@ -1,0 +1,30 @@
+"""The Lightning strategy of a multi-rank moetrain run: DDP's processes, launcher and process group
+(``trainer.devices``, ``trainer.num_nodes``, torchrun and SLURM environments as Lightning detects them),
+without wrapping the module in ``DistributedDataParallel``: the gradient reductions are the optimizer's
+(:class:`~moetrain.parallel.optimizer.ParallelOptimizer`), which sums dense gradients, reduces expert
+gradients to their state's owner and exchanges tokens between expert-parallel ranks. DDP's wrapper would
+all-reduce every expert gradient to every rank and does not know expert-parallel parameters.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+STRATEGY_NAME = "moetrain_parallel"
+
+
+class MoEParallelStrategy(DDPStrategy):
+    """``DDPStrategy`` minus the DDP wrapper (gloo on the CPU, NCCL on GPUs, as DDP chooses)."""
+
+    strategy_name = STRATEGY_NAME
+
+    def configure_ddp(self) -> None:
+        """Keep the LightningModule unwrapped: ``ParallelOptimizer`` reduces the gradients itself."""
+
+
+def register() -> str:
+    """Make ``trainer.strategy: moetrain_parallel`` known to Lightning (idempotent); returns the name."""
+    if STRATEGY_NAME not in StrategyRegistry:
+        StrategyRegistry.register(STRATEGY_NAME, MoEParallelStrategy,
+                                  description="DDP processes without the DDP wrapper; moetrain.parallel reduces")
+    return STRATEGY_NAME
