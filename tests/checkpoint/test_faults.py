@@ -22,18 +22,19 @@ import pytest
 import torch
 from ckpt_harness import REPO, fit, last, metrics, shard_tensors, small_data, write_recipe
 
+import moetrain.shards as shards
 from moetrain.training.module import MoETrainingModule
 
 # A child that runs ``moetrain fit`` and stalls after the first shard of the step-4 checkpoint, announcing it.
 CHILD = textwrap.dedent("""
-    import sys, time, pathlib
+    import sys, threading, time, pathlib
     marker, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
     import moetrain.shards as shards
     save_shard = shards._save_shard
     def stalling_save(tensors, path, metadata):
         save_shard(tensors, path, metadata)
         if mode == "kill_in_save" and path.parent.name == "step-4.tmp":
-            marker.write_text("in save")
+            marker.write_text(threading.current_thread().name)
             time.sleep(300)
     shards._save_shard = stalling_save
     from moetrain.cli import main
@@ -66,30 +67,45 @@ def setup(tmp_path_factory):
     return tmp, recipe, straight
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(setup):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_during_save_keeps_previous_checkpoint(setup, mode):
+    """Killed while step 4's shards are written: by the training thread itself, or (``checkpoint.async``) by the
+    writer thread while the training thread has moved on (waiting for it at the end of training)."""
     tmp, recipe, straight = setup
-    run = tmp / "killed"
-    proc, _ = start_child(tmp, "kill_in_save", recipe, run, "--trainer.max_steps=4")
+    run = tmp / f"killed-{mode}"
+    flag = f"--checkpoint.async={str(mode == 'async').lower()}"
+    proc, marker = start_child(tmp, "kill_in_save", recipe, run, "--trainer.max_steps=4", flag)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
+    assert marker.read_text() == ("moetrain-checkpoint-writer" if mode == "async" else "MainThread")
     root = run / "checkpoints"
     assert (root / "last").read_text().strip() == "step-2"
     assert (root / "step-4.tmp").is_dir() and not (root / "step-4").exists()  # killed mid-save indeed
     before = shard_tensors(root / "step-2", "model")
 
-    assert fit(recipe, run, "--trainer.max_steps=4", "--ckpt_path=last") == 0
+    assert fit(recipe, run, "--trainer.max_steps=4", "--ckpt_path=last", flag) == 0
     assert last(run).name == "step-4" and not (root / "step-4.tmp").exists()
     assert all(torch.equal(before[k], v) for k, v in shard_tensors(root / "step-2", "model").items())
     expected, got = shard_tensors(last(straight), "model"), shard_tensors(last(run), "model")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_then_exits_and_resume_is_exact(setup, signum, monkeypatch, capsys):
+@pytest.mark.parametrize("signum,mode", [(signal.SIGTERM, "sync"), (signal.SIGINT, "sync"), (signal.SIGTERM, "async")])
+def test_signal_saves_then_exits_and_resume_is_exact(setup, signum, mode, monkeypatch, capsys):
     """The signal arrives at the third micro-batch (inside step 2 of 2 micro-batches): step 2 finishes, is saved,
-    and the run stops with 128 + signum; resuming to step 4 equals the uninterrupted run."""
+    and the run stops with 128 + signum; resuming to step 4 equals the uninterrupted run. With
+    ``checkpoint.async`` the writer is slowed down: the save must still be complete when ``fit`` returns."""
     tmp, recipe, straight = setup
-    run = tmp / f"signal-{signum}"
+    run = tmp / f"signal-{signum}-{mode}"
+    flag = f"--checkpoint.async={str(mode == 'async').lower()}"
+    if mode == "async":
+        save_shard = shards._save_shard
+
+        def slow(tensors, path, metadata):
+            time.sleep(0.3)
+            save_shard(tensors, path, metadata)
+
+        monkeypatch.setattr(shards, "_save_shard", slow)
     training_step = MoETrainingModule.training_step
     seen = []
 
@@ -100,10 +116,11 @@ def test_signal_saves_then_exits_and_resume_is_exact(setup, signum, monkeypatch,
         return training_step(self, batch, batch_idx)
 
     monkeypatch.setattr(MoETrainingModule, "training_step", signalling_step)
-    assert fit(recipe, run, "--trainer.max_steps=4", "--checkpoint.every_n_steps=0") == 128 + signum
+    assert fit(recipe, run, "--trainer.max_steps=4", "--checkpoint.every_n_steps=0", flag) == 128 + signum
     monkeypatch.setattr(MoETrainingModule, "training_step", training_step)
     assert "Traceback" not in capsys.readouterr().err
     assert len(seen) == 4 and last(run).name == "step-2"
+    assert not list((run / "checkpoints").glob("*.tmp"))
     assert signal.getsignal(signum) is not None and [r["step"] for r in metrics(run)] == [1, 2]
 
     assert fit(recipe, run, "--trainer.max_steps=4", "--ckpt_path=last") == 0
