@@ -379,11 +379,7 @@ class ExpertOffloadOptimizer:
             flats = self.swapper.acquire(chunk)
             if c + 1 < len(chunks):
                 self.swapper.prefetch(chunks[c + 1])
-            # fp32 state is stepped in place in its slots, the whole chunk in one fused call; compressed
-            # state is decoded into fp32 scratch one record at a time (bounding the scratch) and encoded back
-            groups = [list(zip(chunk, flats, strict=True))] if not self.compressed else \
-                [[pair] for pair in zip(chunk, flats, strict=True)]
-            for group in groups:
+            for group in self._scratch_groups(list(zip(chunk, flats, strict=True))):
                 ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
                 for rec, flat in group:
                     master, exp_avg, exp_avg_sq = rec.parts(flat)
@@ -400,6 +396,24 @@ class ExpertOffloadOptimizer:
                 for rec, flat, master, exp_avg, exp_avg_sq in decoded:
                     self._store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step + 1)
             self.swapper.release(chunk)
+
+    def _scratch_groups(self, pairs: list[tuple[ExpertRecord, torch.Tensor]]) -> list[list]:
+        """Records stepped by one fused call. fp32 state is stepped in place in its slots: the whole
+        chunk at once. Compressed state is decoded into fp32 scratch (12 bytes a parameter) and encoded
+        back: groups whose scratch stays within a quarter of ``gpu_budget_gb`` (at least one record)."""
+        if not self.compressed:
+            return [pairs]
+        limit = self.offload.gpu_budget_gb * 2**30 / 4
+        groups: list[list] = []
+        size = 0.0
+        for pair in pairs:
+            scratch = 12.0 * pair[0].numel
+            if not groups or size + scratch > limit:
+                groups.append([])
+                size = 0.0
+            groups[-1].append(pair)
+            size += scratch
+        return groups
 
     def _store_stepped(self, rec: ExpertRecord, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
                        exp_avg_sq: torch.Tensor, step: int) -> None:
