@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import textwrap
 import warnings
@@ -108,11 +109,46 @@ def _instantiation_error_message(err: BaseException) -> str:
     return f"invalid configuration: {reason}. Fix that key in the recipe or on the command line."
 
 
+def _trainer_key(message: str, trainer: dict[str, Any]) -> Optional[str]:
+    """The ``trainer.<key>`` a Lightning error is about: the first key it quotes (`key` or key=...), else the
+    first key it names as a word (messages also mention other keys, e.g. devices "using cpu accelerator")."""
+    def first(pattern: str) -> Optional[str]:
+        found = [(m.start(), key) for key in trainer if (m := re.search(pattern.format(re.escape(key)), message))]
+        return min(found)[1] if found else None
+
+    named = first(r"`{0}`|(?<![A-Za-z0-9_]){0}=") or first(r"(?<![A-Za-z0-9_]){0}(?![A-Za-z0-9_])")
+    if named:
+        return named
+    # a missing optional package names the package, not the key: find the setting that asked for it
+    flat = message.lower().replace("_", "-")
+    for key in ("precision", "strategy", "accelerator", "plugins"):
+        value = trainer.get(key)
+        if isinstance(value, str) and value.lower().replace("_", "-").split("-")[0] in flat:
+            return key
+    return None
+
+
+def _trainer_error_message(err: BaseException, trainer: dict[str, Any]) -> str:
+    """One paragraph for a value that the Lightning Trainer itself refused, naming ``trainer.<key>``."""
+    reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__
+    key = _trainer_key(reason, trainer)
+    if isinstance(err, ImportError):
+        what = f"trainer.{key}={trainer.get(key)!r}" if key else "a trainer setting"
+        return (f"{what} needs a package that is not installed ({reason}). Install it, or choose another "
+                f"value{f' for trainer.{key}' if key else ''} in the recipe or on the command line.")
+    if key is None:
+        return (f"the Lightning Trainer refused the trainer section: {reason}. Fix that value in the recipe or on "
+                f"the command line (see '{PROG} fit --help' for the trainer keys).")
+    return (f"trainer.{key}={trainer.get(key)!r} is not accepted by Lightning: {reason}. Set trainer.{key} to a "
+            f"valid value in the recipe or on the command line (see '{PROG} fit --help').")
+
+
 # ---------------------------------------------------------------------------------------------- LightningCLI
 def _build_cli_class():
     """Import Lightning lazily: ``moetrain plan`` and ``--help`` of the tools should not pay for it."""
     import torch
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from moetrain.config import ConfigError
     from moetrain.parallel.config import ParallelConfig
@@ -178,6 +214,26 @@ def _build_cli_class():
                     raise
                 raise InputError(_instantiation_error_message(err)) from None
 
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+                # the Trainer's own checks (max_steps >= -1, limit_*_batches, devices, precision plugins, ...)
+                if isinstance(err, (ConfigError, DataError)):
+                    raise
+                raise InputError(_trainer_error_message(err, self._trainer_config())) from None
+
+        def _trainer_config(self) -> dict[str, Any]:
+            trainer = self.config[self.subcommand]["trainer"]
+            return dict(trainer.items()) if hasattr(trainer, "items") else dict(vars(trainer))
+
+        def _run_checked(self, run: Callable[[], Any]) -> None:
+            """Lightning checks some trainer values only when fit/validate starts (e.g. val_check_interval)."""
+            try:
+                run()
+            except MisconfigurationException as err:
+                raise InputError(_trainer_error_message(err, self._trainer_config())) from None
+
         def after_instantiate_classes(self) -> None:
             parser = self._parser(self.subcommand)
             self.model.resolved_recipe = parser.dump(self.config[self.subcommand], skip_none=False)
@@ -191,13 +247,13 @@ def _build_cli_class():
             if ckpt_path is not None:
                 ckpt = resolve_checkpoint(ckpt_path, self.trainer.default_root_dir)
                 model.resume_from(ckpt)
-            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            self._run_checked(lambda: self.trainer.fit(model, datamodule=datamodule, **kwargs))
 
         def validate(self, model: MoETrainingModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
                      **kwargs: Any) -> None:
             if ckpt_path is not None:
                 model.load_weights_from(resolve_checkpoint(ckpt_path, self.trainer.default_root_dir))
-            self.trainer.validate(model, datamodule=datamodule, **kwargs)
+            self._run_checked(lambda: self.trainer.validate(model, datamodule=datamodule, **kwargs))
 
     return MoeTrainCLI
 

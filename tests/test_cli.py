@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -206,6 +208,40 @@ def test_invalid_section_value(run_main):
     code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--model.offload.tier=gpu")
     assert code == 2
     assert_one_paragraph(err, "model.offload.tier='gpu'", "none, cpu, nvme")
+
+
+TRAINER_REFUSALS = [
+    # (override, what the paragraph must say): values of the right type that Lightning's Trainer refuses
+    ("--trainer.max_steps=-5", ("trainer.max_steps=-5", "non-negative integer or -1", "Set trainer.max_steps")),
+    ("--trainer.limit_train_batches=-1", ("trainer.limit_train_batches=-1", "[0.0, 1.0] or an int")),
+    ("--trainer.devices=0", ("trainer.devices='0'", "not a valid input", "Set trainer.devices")),
+    ("--trainer.accelerator=tpuxx", ("trainer.accelerator='tpuxx'", "Available names", "cpu")),
+    ("--trainer.precision=banana", ("trainer.precision", "banana")),  # refused by the parser's type check
+    ("--trainer.max_steps=abc", ("trainer.max_steps", "abc")),
+]
+if importlib.util.find_spec("transformer_engine") is None:
+    TRAINER_REFUSALS.append(("--trainer.precision=transformer-engine",
+                             ("trainer.precision='transformer-engine'", "not installed", "transformer_engine")))
+
+
+@pytest.mark.parametrize("override,needles", TRAINER_REFUSALS, ids=[o.split("=")[0][10:] + "=" + o.split("=")[1]
+                                                                    for o, _ in TRAINER_REFUSALS])
+def test_values_lightning_refuses_name_the_trainer_key(run_main, tmp_path, override, needles):
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--trainer.accelerator=cpu", override,
+                         f"--trainer.default_root_dir={tmp_path}")
+    assert code == 2
+    assert_one_paragraph(err, *needles)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_refused_trainer_value_in_the_recipe_file(run_main, tmp_path):
+    recipe = tmp_path / "negative.yaml"
+    text = (REPO / "recipes" / "tiny.yaml").read_text()
+    recipe.write_text(re.sub(r"(?m)^(  max_epochs:).*$", r"\1 -3", text) if "max_epochs:" in text
+                      else text.replace("trainer:\n", "trainer:\n  max_epochs: -3\n", 1))
+    code, err = run_main("fit", "--config", str(recipe), f"--trainer.default_root_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert_one_paragraph(err, "trainer.max_epochs=-3", "non-negative integer or -1", "Set trainer.max_epochs")
 
 
 def test_console_script_exit_status_and_no_traceback():
