@@ -8,6 +8,7 @@ all-reduce every expert gradient to every rank and does not know expert-parallel
 
 from __future__ import annotations
 
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 STRATEGY_NAME = "moetrain_parallel"
@@ -20,6 +21,19 @@ class MoEParallelStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         """Keep the LightningModule unwrapped: ``ParallelOptimizer`` reduces the gradients itself."""
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """Rank r trains on rows r, r + world, ... of the data module's own row order.
+
+        Lightning wraps a custom sampler in ``DistributedSamplerWrapper`` with ``shuffle=True`` for training,
+        which permutes the rows again; moetrain's sampler already orders them (seeded, resumable), so the
+        wrapper only deals them out. The global batch of a step is then the rows a one-process run with a
+        ``world`` times larger micro-batch would take.
+        """
+        sampler = getattr(dataloader, "sampler", None)
+        if isinstance(sampler, DistributedSamplerWrapper):
+            sampler.shuffle = False
+        return dataloader
 
 
 def register() -> str:
