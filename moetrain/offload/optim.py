@@ -135,6 +135,8 @@ class ExpertOffloadOptimizer:
         if self.compute_dtype != next(iter(self.store)).params[0].dtype:
             cast_experts(model, self.compute_dtype)  # after the store took its fp32 master from them
         self.swapper = Swapper(self.store, self.device, self._num_slots())
+        if offload.hot_cache_gb:
+            self.swapper.grow_hot_cache(self._hot_capacity(offload.hot_cache_gb * 2**30))
         self.counts = {layer: torch.zeros(self.store.num_experts[layer], dtype=torch.int64, device=self.device)
                        for layer in self.store.layers}
         self.trace = RoutingTrace(self.device)
@@ -177,6 +179,23 @@ class ExpertOffloadOptimizer:
         if self.offload.gpu_slots is not None:
             n = min(n, self.offload.gpu_slots)
         return min(n, len(self.store.records))
+
+    def _hot_capacity(self, nbytes: float) -> int:
+        """Records whose state ``nbytes`` of device memory hold (at most all but the regular pool's)."""
+        return max(0, min(int(nbytes // (self.store.max_padded * 4)), len(self.store.records) - self.swapper.num_slots))
+
+    def _auto_hot_cache(self) -> None:
+        """``hot_cache_gb: null``: after the first step, size the hot cache from the device memory that
+        step left unused (its peak known now), keeping a margin of 10% of the device plus 1 GiB for
+        allocator fragmentation; on a CPU stand-in device, a quarter of the available host memory."""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            spare = total - torch.cuda.max_memory_reserved(self.device) - 0.1 * total - 2**30
+        else:
+            import psutil
+
+            spare = psutil.virtual_memory().available / 4
+        self.swapper.grow_hot_cache(self._hot_capacity(max(0.0, spare)))
 
     # ------------------------------------------------------------------ hooks on the model
     def _observe(self, layer: int, routing) -> None:
@@ -342,8 +361,11 @@ class ExpertOffloadOptimizer:
         self._stepped.clear()
         self._early_lr = self._early_sq = None
         self.swapper.unreserve()
+        self.swapper.revise_hot()
         self.swapper.drain_writes()
         self.step_index += 1
+        if self.step_index == 1 and self.offload.hot_cache_gb is None:
+            self._auto_hot_cache()
         for c in self.counts.values():
             c.zero_()
         self.trace.reset()
@@ -363,6 +385,14 @@ class ExpertOffloadOptimizer:
     def _split(self, recs: list[ExpertRecord]) -> tuple[list[ExpertRecord], list[ExpertRecord]]:
         if self.offload.step_on == "gpu" or not recs:
             return recs, []
+        hot = [r for r in recs if r.key in self.swapper.hot]  # resident: stepped where they are
+        recs = [r for r in recs if r.key not in self.swapper.hot]
+        gpu, cpu = self._split_cold(recs)
+        return hot + gpu, cpu
+
+    def _split_cold(self, recs: list[ExpertRecord]) -> tuple[list[ExpertRecord], list[ExpertRecord]]:
+        if not recs:
+            return [], []
         if self.offload.step_on == "cpu":
             return [], recs
         weight_bytes = recs[0].params[0].element_size()
@@ -509,6 +539,8 @@ class ExpertOffloadOptimizer:
             "offload/prefetched": float(st.prefetched),
             "offload/experts_stepped_gpu": float(on_gpu), "offload/experts_stepped_cpu": float(on_cpu),
             "offload/gpu_state_bytes": float(self.swapper.device_bytes),
+            "offload/hot_experts": float(len(self.swapper.hot)),
+            "offload/hot_cache_slots": float(self.swapper.hot_capacity),
             "offload/rate_h2d_gbps": self.rates.h2d_gbps, "offload/rate_d2h_gbps": self.rates.d2h_gbps,
             "offload/rate_duplex_gbps": self.rates.duplex_gbps,
             "offload/rate_cpu_adam_gparams": self.rates.cpu_adam_gparams,

@@ -79,6 +79,10 @@ class Swapper:
         self.num_slots = num_slots
         self.slot_numel = store.max_padded
         self.slots = torch.zeros(num_slots, self.slot_numel, dtype=torch.float32, device=device)
+        self.hot_slots: Optional[torch.Tensor] = None  # (hot_capacity, slot_numel): the hot-expert cache's slots
+        self.hot_capacity = 0
+        self.hot: set[tuple[int, int]] = set()  # records kept resident (written back only when they cool)
+        self.dirty: list[bool] = [False] * num_slots  # holds a stepped state not yet written back
         cuda = device.type == "cuda"
         self.in_stream = torch.cuda.Stream(device) if cuda else None
         self.out_stream = torch.cuda.Stream(device) if cuda else None
@@ -99,8 +103,47 @@ class Swapper:
 
     @property
     def device_bytes(self) -> int:
-        """Device memory held by the slots."""
-        return self.slots.numel() * self.slots.element_size()
+        """Device memory held by the slots (the hot-expert cache's included)."""
+        hot = 0 if self.hot_slots is None else self.hot_slots.numel() * self.hot_slots.element_size()
+        return self.slots.numel() * self.slots.element_size() + hot
+
+    @property
+    def total_slots(self) -> int:
+        return self.num_slots + self.hot_capacity
+
+    def _slot(self, s: int, numel: int) -> torch.Tensor:
+        """The first ``numel`` floats of slot ``s`` (the regular pool first, then the hot cache's slots)."""
+        if s < self.num_slots:
+            return self.slots[s, :numel]
+        return self.hot_slots[s - self.num_slots, :numel]
+
+    # ------------------------------------------------------------------ hot-expert cache
+    def grow_hot_cache(self, capacity: int) -> None:
+        """Add ``capacity`` slots that keep the hottest records' state resident between steps (once)."""
+        if capacity <= 0 or self.hot_slots is not None:
+            return
+        self.hot_slots = torch.zeros(capacity, self.slot_numel, dtype=torch.float32, device=self.device)
+        self.hot_capacity = capacity
+        extra = range(capacity)
+        self.key_of += [None for _ in extra]
+        self.state += [SlotState.EMPTY for _ in extra]
+        self.reserved += [False for _ in extra]
+        self.dirty += [False for _ in extra]
+        self.in_event += [_event(self.device) for _ in extra]
+        self.out_event += [_event(self.device) for _ in extra]
+        if self.staging:
+            self.staging += [aligned_empty(self.slot_numel, self.store.pin) for _ in extra]
+
+    def revise_hot(self) -> None:
+        """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency (end of a
+        step). Records that cool down are written back now and become ordinary cache entries."""
+        if not self.hot_capacity:
+            return
+        ranked = sorted((r for r in self.store if r.frequency > 0), key=lambda r: -r.frequency)
+        new = {r.key for r in ranked[: self.hot_capacity]}
+        cooled = [self.store.records[k] for k in self.hot - new if k in self.slot_of]
+        self.hot = new
+        self._write_back([r for r in cooled if self.dirty[self.slot_of[r.key]]])
 
     def reset_stats(self) -> TransferStats:
         done, self.stats = self.stats, TransferStats()
@@ -122,11 +165,13 @@ class Swapper:
     def _victim(self, protect: set[int]) -> Optional[int]:
         """An empty slot, else the evictable slot whose record has the lowest routing frequency."""
         best, best_freq = None, float("inf")
-        for s in range(self.num_slots):
+        for s in range(self.total_slots):
             if s in protect or self.reserved[s] or self.state[s] in (SlotState.IN_USE, SlotState.READING):
                 continue
             if self.key_of[s] is None:
                 return s
+            if self.key_of[s] in self.hot or self.dirty[s]:
+                continue  # the hot cache's records stay; a dirty slot is never dropped unwritten
             freq = self.store.records[self.key_of[s]].frequency
             if freq < best_freq:
                 best, best_freq = s, freq
@@ -179,7 +224,7 @@ class Swapper:
                 if source is not None and source != slot:
                     self.in_stream.wait_event(self.out_event[source])  # the record's last write-back landed
                 self.mark_transfer(self.in_stream)
-            self.slots[slot, :rec.padded].copy_(src, non_blocking=True)
+            self._slot(slot, rec.padded).copy_(src, non_blocking=True)
             if self.in_event[slot] is not None:
                 self.in_event[slot].record(self.in_stream)
         self.state[slot] = SlotState.READY
@@ -187,7 +232,7 @@ class Swapper:
 
     def _finish_disk_reads(self) -> None:
         """Wait for outstanding NVMe reads and push their staging buffers to the device."""
-        reading = [s for s in range(self.num_slots) if self.state[s] is SlotState.READING]
+        reading = [s for s in range(self.total_slots) if self.state[s] is SlotState.READING]
         if not reading:
             return
         t0 = time.perf_counter()
@@ -234,25 +279,38 @@ class Swapper:
             self.state[slot] = SlotState.IN_USE
             if self.in_event[slot] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self.in_event[slot])
-            views.append(self.slots[slot, :rec.padded])
+            views.append(self._slot(slot, rec.padded))
         return views
 
     # ------------------------------------------------------------------ page-out
     def release(self, recs: list[ExpertRecord], dirty: bool = True) -> None:
-        """Done stepping ``recs``: write their slots back (lazily, on ``out_stream``) and keep them cached."""
+        """Done stepping ``recs``: write their slots back (lazily, on ``out_stream``) and keep them cached.
+        Records of the hot set are not written back: their slot stays the current copy (dirty) until
+        they cool down or :meth:`flush` is called."""
+        for rec in recs:
+            self.state[self.slot_of[rec.key]] = SlotState.READY
+        if not dirty:
+            return
+        hot = [r for r in recs if r.key in self.hot]
+        for rec in hot:
+            self.dirty[self.slot_of[rec.key]] = True
+        self._write_back([r for r in recs if r.key not in self.hot])
+
+    def _write_back(self, recs: list[ExpertRecord]) -> None:
+        """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far."""
+        if not recs:
+            return
         done = _event(self.device)
         if done is not None:
             done.record(torch.cuda.current_stream(self.device))
         for rec in recs:
             slot = self.slot_of[rec.key]
-            self.state[slot] = SlotState.READY
-            if not dirty:
-                continue
+            self.dirty[slot] = False
             with self._stream(self.out_stream):
                 if done is not None:
                     self.out_stream.wait_event(done)
                     self.mark_transfer(self.out_stream)
-                src = self.slots[slot, :rec.padded]
+                src = self._slot(slot, rec.padded)
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec).copy_(src, non_blocking=True)
                     self.written_from[rec.key] = slot
@@ -281,18 +339,21 @@ class Swapper:
         self.stats.stall_s += time.perf_counter() - t0
 
     def flush(self) -> None:
-        """Every page-out has reached its tier (host memory or disk): the store is authoritative."""
+        """Every page-out has reached its tier (host memory or disk): the store is authoritative. Dirty
+        hot-cache slots are written back first (they stay cached, now clean)."""
+        self._write_back([self.store.records[self.key_of[s]] for s in range(self.total_slots) if self.dirty[s]])
         if self.out_stream is not None:
             self.out_stream.synchronize()
         self.drain_writes(wait=True)
 
     def unreserve(self) -> None:
         """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
-        self.reserved = [False] * self.num_slots
+        self.reserved = [False] * self.total_slots
 
     def settle(self, recs: list[ExpertRecord]) -> None:
         """The tier of ``recs`` is current and no slot keeps a copy (before the CPU path steps them in
         their tier). Host-tier records wait only for their own last page-out, not for every one."""
+        self._write_back([r for r in recs if r.key in self.slot_of and self.dirty[self.slot_of[r.key]]])
         if any(r.tier is Tier.NVME for r in recs):
             self.flush()
         else:
@@ -306,6 +367,7 @@ class Swapper:
         """Forget a cached copy (the tier was written directly, e.g. by a state load or the CPU path)."""
         slot = self.slot_of.pop(rec.key, None)
         if slot is not None:
+            assert not self.dirty[slot], f"{rec.prefix}: dropping a slot that was not written back"
             self.key_of[slot] = None
             self.state[slot] = SlotState.EMPTY
             self.reserved[slot] = False
