@@ -16,9 +16,10 @@ then a writer thread runs :func:`~moetrain.training.checkpoint.write_checkpoint`
 
 The expert records are read in place, so the first operation after the save that would write them
 waits until the writer has read them (:meth:`AsyncSaver.wait_for_store`); the checkpoint callback asks
-before the optimizer step, before a backward that steps layers early (no clipping, last micro-batch)
-and before a forward that replays idle experts' missed steps (``idle_experts: dense``). When the write
-is faster than a forward and backward, nothing waits. Host memory stays bounded: the dense snapshot
+before the optimizer step and before a backward that steps layers early (no clipping, last micro-batch).
+(A forward that replays idle experts' missed steps, ``idle_experts: dense``, replays only steps taken
+after the snapshot, which caught every expert up, so it never comes first.) When the write is faster
+than a step's forward and backward, nothing waits. Host memory stays bounded: the dense snapshot
 plus about two shards, never a copy of the expert state.
 
 The writer reads expert records through a shallow copy of the offload optimizer with its own staging

@@ -475,10 +475,10 @@ class CheckpointCallback(L.Callback):
                              batch_idx: int) -> None:
         if self.saver is None:
             return
-        self.saver.raise_error()  # a failed background save stops training at the next batch
-        offload = getattr(getattr(pl_module, "train_optimizer", None), "offload", None)
-        if getattr(offload, "idle_experts", None) == "dense":
-            self._wait_for_store()  # the forward replays idle experts' missed steps in the store
+        # A failed background save stops training at the next batch. (With idle_experts: dense the forward
+        # replays missed steps into the store, but only of steps taken after the save's snapshot, which
+        # caught every expert up: the optimizer step, where the guard below waits, comes first.)
+        self.saver.raise_error()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
         if self.saver is None or not self.saver.holds_store:
