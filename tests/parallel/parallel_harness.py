@@ -29,7 +29,7 @@ OPTIM = OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, 
                         max_grad_norm=0.5)
 
 
-def tiny_model() -> MoEForCausalLM:
+def tiny_model(device: str = "cpu") -> MoEForCausalLM:
     """2 MoE layers (after one dense layer) of 8 top-2 experts plus a shared expert, hidden 32, decisive weights."""
     torch.manual_seed(0)
     cfg = ModelConfig(family="deepseek_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -42,14 +42,14 @@ def tiny_model() -> MoEForCausalLM:
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)  # routing far from ties: fp32 summation order must not flip a top-k choice
     model.set_expert_impl("loop")
-    return model
+    return model.to(device)
 
 
 def starve(model: MoEForCausalLM, experts: range) -> None:
     """Force routing away from ``experts`` in every MoE layer (their router scores are masked before top-k)."""
     for block in model.moe_blocks():
         gate = block.gate
-        mask = torch.zeros(NUM_EXPERTS, dtype=torch.bool)
+        mask = torch.zeros(NUM_EXPERTS, dtype=torch.bool, device=gate.weight.device)
         mask[list(experts)] = True
 
         def select(scores: torch.Tensor, gate=gate, mask=mask):
@@ -70,7 +70,8 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def offload(tier: str) -> OffloadConfig:
-    return OffloadConfig(tier=tier, gpu_budget_gb=0.01)
+    """fp32 compute weights on every device, so that GPU runs are compared in fp32 too."""
+    return OffloadConfig(tier=tier, gpu_budget_gb=0.01, compute_dtype="fp32")
 
 
 def train(model: MoEForCausalLM, opt: Any, steps: range, rows: slice = slice(None),
@@ -78,7 +79,7 @@ def train(model: MoEForCausalLM, opt: Any, steps: range, rows: slice = slice(Non
     """Optimizer steps ``steps`` (0-based, of a ``STEPS``-step schedule) on ``rows`` of each global batch;
     appends each step's global gradient norm to ``norms``."""
     for step in steps:
-        ids, labels = (t[rows] for t in global_batch(step))
+        ids, labels = (t[rows].to(model.lm_head.weight.device) for t in global_batch(step))
         out = model(ids, labels=labels, return_logits=False)
         loss = out.loss if loss_fn is None else loss_fn(out, {"labels": labels})
         loss.backward()
@@ -91,22 +92,22 @@ def train(model: MoEForCausalLM, opt: Any, steps: range, rows: slice = slice(Non
 
 def weights(model: MoEForCausalLM, opt: Any) -> dict[str, torch.Tensor]:
     """Every parameter this process holds: fp32 masters where the optimizer keeps them, else the model's."""
-    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
     masters = getattr(getattr(opt, "inner", opt), "named_master_tensors", None)
     if callable(masters):
-        out.update(dict(masters()))
+        out.update({n: t.cpu() for n, t in masters()})
     return out
 
 
 # ---------------------------------------------------------------------------------------------- single process
 def reference(tier: str, starved: Optional[range] = None, checkpoint_at: Optional[int] = None,
-              run_dir: Optional[Path] = None) -> dict[str, Any]:
+              run_dir: Optional[Path] = None, device: str = "cpu") -> dict[str, Any]:
     """10 steps on the whole global batch in one process; optionally a checkpoint after ``checkpoint_at`` steps.
 
     Returns {"weights": {name: tensor}, "norms": [global gradient norm of each step]}."""
     from moetrain.training.checkpoint import save_checkpoint
 
-    model = tiny_model()
+    model = tiny_model(device)
     if starved is not None:
         starve(model, starved)
     opt = build_optimizer(model, OPTIM, offload(tier))
@@ -136,12 +137,12 @@ def resume_single(ckpt: Path, tier: str) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- two ranks
 def _run(name: str, tier: str, ep: int, out_dir: Path, starved: Optional[range] = None,
-         resume_from: Optional[Path] = None, checkpoint_at: Optional[int] = None) -> None:
+         resume_from: Optional[Path] = None, checkpoint_at: Optional[int] = None, device: str = "cpu") -> None:
     from moetrain.training.checkpoint import load_weights_into
     from moetrain.training.optimizer_state import read_meta
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_model()
+    model = tiny_model(f"cuda:{rank}" if device == "cuda" else device)
     if starved is not None:
         starve(model, starved)
     start = 0
@@ -172,11 +173,15 @@ def weights_owned(model: MoEForCausalLM, opt: Any) -> list[str]:
     return [] if store is None else sorted(n for rec in store for n in rec.names)
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]]) -> None:
-    """``torch.multiprocessing.spawn`` target: every scenario in turn, on one gloo process group."""
+def worker(rank: int, world: int, port: int, out_dir: str, scenarios: list[dict[str, Any]],
+           backend: str = "gloo") -> None:
+    """``torch.multiprocessing.spawn`` target: every scenario in turn, on one process group (gloo on the CPU,
+    NCCL with one GPU per rank)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         for scenario in scenarios:
             _run(out_dir=Path(out_dir), **scenario)
