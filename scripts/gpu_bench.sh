@@ -6,7 +6,11 @@
 # Stages: tests (pytest tests/gpu), link (pinned bandwidth), experts (grouped vs loop),
 #         none / cpu / cpu_auto / cpu_clip / cpu_auto_clip (moetrain offload_step per tier; no
 #         clipping unless named, as in the peers' runs), zero_offload (DeepSpeed peer),
-#         checkpoint_io (save/load GB/s against the disk, init_from host memory).
+#         checkpoint_io (save/load GB/s against the disk, init_from host memory),
+#         cpu_prof (tier cpu plus one traced step: copy directions and compute overlap),
+#         cpu_bf16 / cpu_int8 / cpu_sr / cpu_kahan / cpu_sr_int8 (compressed expert state),
+#         cpu_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
+#         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
 # they are installed into a private site folder.
@@ -58,6 +62,18 @@ for s in $STAGES; do
         --max-grad-norm 1.0 $bench_args ;;
     zero_offload) stage zero_offload python3 .dev/anchors/baseline_peers.py --method zero_offload \
         --layers "$LAYERS" --micro "$MICRO" --seq "$SEQ" --accum "$ACCUM" --steps "$STEPS" ;;
+    cpu_prof) stage cpu_prof python3 -m moetrain.bench.offload_step --tier cpu --profile $bench_args ;;
+    cpu_bf16) stage cpu_bf16 python3 -m moetrain.bench.offload_step --tier cpu --moments bf16 $bench_args ;;
+    cpu_int8) stage cpu_int8 python3 -m moetrain.bench.offload_step --tier cpu --moments int8 $bench_args ;;
+    cpu_sr) stage cpu_sr python3 -m moetrain.bench.offload_step --tier cpu --master bf16_sr $bench_args ;;
+    cpu_kahan) stage cpu_kahan python3 -m moetrain.bench.offload_step --tier cpu --master bf16_kahan $bench_args ;;
+    cpu_sr_int8) stage cpu_sr_int8 python3 -m moetrain.bench.offload_step --tier cpu --master bf16_sr \
+        --moments int8 $bench_args ;;
+    cpu_hot) stage cpu_hot python3 -m moetrain.bench.offload_step --tier cpu --hot-cache-gb -1 $bench_args ;;
+    cpu_sr_int8_hot) stage cpu_sr_int8_hot python3 -m moetrain.bench.offload_step --tier cpu --master bf16_sr \
+        --moments int8 --hot-cache-gb -1 $bench_args ;;
+    full28) stage full28 python3 -m moetrain.bench.offload_step --full-depth --tier cpu --master bf16_sr \
+        --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" ;;
     *) echo "unknown stage $s" ;;

@@ -7,6 +7,12 @@ One tier per process so that GPU peaks do not mix:
 
     python -m moetrain.bench.offload_step --tier none --out DIR
     python -m moetrain.bench.offload_step --tier cpu --out DIR
+    python -m moetrain.bench.offload_step --tier cpu --master bf16_sr --moments int8 --out DIR
+    python -m moetrain.bench.offload_step --full-depth --tier cpu --master bf16_sr --moments int8 \
+        --micro 1 --accum 1 --out DIR     # all 28 layers of DeepSeek-MoE-16B (16.4 B parameters)
+
+The model is built directly on the GPU (fp32), so a model larger than host memory can be built; the
+engine then moves the experts' master weights into their tier and keeps bf16 compute weights.
 
 Writes ``offload_step_<tier>.json``: median step seconds, tokens/s, GPU peak, host peak RSS and the
 engine's telemetry of the last step.
@@ -36,6 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step-on", default="gpu", choices=["gpu", "cpu", "auto"])
     p.add_argument("--nvme-path", default=None)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--full-depth", action="store_true",
+                   help="the published DeepSeek-MoE-16B depth: 28 layers, the first one dense (overrides --layers)")
+    p.add_argument("--master", default="fp32", choices=["fp32", "bf16_sr", "bf16_kahan"])
+    p.add_argument("--moments", default="fp32", choices=["fp32", "bf16", "int8"])
+    p.add_argument("--hot-cache-gb", type=float, default=0.0, help="hot-expert state cache (negative: auto)")
+    p.add_argument("--gpu-budget-gb", type=float, default=4.0)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--accum", type=int, default=4)
@@ -44,26 +56,39 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-grad-norm", type=float, default=0.0,
                    help="global-norm clipping (0: none, as in the peers' runs; with clipping the expert step "
                         "waits for the end of backward)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, trace one more step: copy directions and compute overlap")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("offload_step benchmark needs a CUDA device")
-    cfg = ModelConfig.from_preset("deepseek-moe-16b", num_hidden_layers=a.layers, first_k_dense_replace=0,
-                                  name=f"deepseek-moe-16b-{a.layers}L")
+    if a.full_depth:
+        cfg = ModelConfig.from_preset("deepseek-moe-16b")
+    else:
+        cfg = ModelConfig.from_preset("deepseek-moe-16b", num_hidden_layers=a.layers, first_k_dense_replace=0,
+                                      name=f"deepseek-moe-16b-{a.layers}L")
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    model = MoEForCausalLM(cfg).to(dev)
+    t_build = time.perf_counter()
+    with torch.device(dev):
+        model = MoEForCausalLM(cfg)
     model.set_expert_impl(a.impl)
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
-    off_cfg = OffloadConfig(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path)
+    off_cfg = OffloadConfig(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path, master=a.master,
+                            moments=a.moments, hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
+                            gpu_budget_gb=a.gpu_budget_gb)
     opt = build_optimizer(model, opt_cfg, off_cfg)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t_build
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"built {model.num_parameters() / 1e9:.2f} B parameters in {build_s:.1f} s "
+          f"(GPU peak while building {load_peak:.1f} GiB)", flush=True)
     begin = getattr(opt, "begin_micro_batch", None)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for step in range(a.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def one_step() -> torch.Tensor:
         for micro in range(a.accum):
             if begin is not None:
                 begin(micro, a.accum, opt_cfg.lr)
@@ -74,13 +99,30 @@ def main(argv: list[str] | None = None) -> dict:
         opt.clip_grad_norm_(opt_cfg.max_grad_norm)
         opt.step(opt_cfg.lr)
         opt.zero_grad()
+        return out.loss
+
+    for step in range(a.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = one_step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(out.loss))
-        print(f"tier={a.tier} step {step} {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
+        losses.append(float(loss))
+        print(f"tier={a.tier} {a.master}/{a.moments} step {step} {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
     med = statistics.median(times[2:]) if len(times) > 2 else times[-1]
     tokens = a.micro * a.seq * a.accum
     telemetry = opt.telemetry() if hasattr(opt, "telemetry") else {}
+    overlap = None
+    if a.profile:
+        from moetrain.bench.stream_overlap import profile_step
+
+        overlap = profile_step(one_step)
+        traced = opt.telemetry() if hasattr(opt, "telemetry") else {}
+        for k in ("h2d", "d2h"):  # the link rate while each direction was busy
+            busy, moved = overlap[f"{k}_busy_s"], traced.get(f"offload/{k}_bytes", 0.0)
+            overlap[f"{k}_gbps_while_busy"] = moved / busy / 1e9 if busy else 0.0
+        overlap = {k: round(v, 4) for k, v in overlap.items()}
+        print("overlap of the traced step: " + json.dumps(overlap), flush=True)
     res = {
         "bench": "offload_step",
         "device": torch.cuda.get_device_name(0),
@@ -93,15 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
         "median_step_s": round(med, 4),
         "tokens_per_s": round(tokens / med),
         "gpu_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "build_s": round(build_s, 1),
+        "build_gpu_peak_GiB": round(load_peak, 2),
+        "master": a.master,
+        "moments": a.moments,
+        "hot_cache_gb": a.hot_cache_gb,
+        "host_state_GiB": round(getattr(getattr(opt, "store", None), "cpu_bytes", 0) / 2**30, 2),
+        "nvme_state_GiB": round(getattr(getattr(opt, "store", None), "nvme_bytes", 0) / 2**30, 2),
         "host_maxrss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "losses": [round(x, 4) for x in losses],
+        "overlap": overlap,
         "telemetry": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in telemetry.items()
                       if isinstance(v, (int, float))},
     }
     print("RESULT " + json.dumps(res), flush=True)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        name = f"offload_step_{a.tier}_{a.step_on}_clip{a.max_grad_norm:g}.json"
+        name = (f"offload_step_{a.tier}_{a.step_on}_clip{a.max_grad_norm:g}_{a.master}_{a.moments}"
+                f"_hot{a.hot_cache_gb:g}_L{cfg.num_hidden_layers}.json")
         (Path(a.out) / name).write_text(json.dumps(res, indent=2) + "\n")
     return res
 

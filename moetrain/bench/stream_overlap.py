@@ -1,0 +1,83 @@
+"""Where an offloaded step's time goes, from a CUDA trace: how long the host-to-device copies, the
+device-to-host copies and the compute kernels kept the GPU busy, and how much of it ran at once.
+
+Used by :mod:`moetrain.bench.offload_step` (``--profile``): one extra step runs under
+``torch.profiler`` and the intervals of its device activities are merged here. The figures answer
+"do page-ins and page-outs use the link in both directions at once, and do they hide under compute?"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def overlap_summary(events: list[tuple[str, float, float]]) -> dict[str, float]:
+    """``events``: (kind, start_us, end_us) with kind ``h2d``, ``d2h`` or ``kernel``.
+
+    Returns seconds busy per kind, seconds where both copy directions ran, where copies ran under
+    compute, and the span of the trace.
+    """
+    by = {k: _union([(s, e) for kind, s, e in events if kind == k]) for k in ("h2d", "d2h", "kernel")}
+    copies = _union(by["h2d"] + by["d2h"])
+    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0.0
+    return {
+        "span_s": span / 1e6,
+        "h2d_busy_s": _length(by["h2d"]) / 1e6,
+        "d2h_busy_s": _length(by["d2h"]) / 1e6,
+        "compute_busy_s": _length(by["kernel"]) / 1e6,
+        "both_directions_s": _length(_intersect(by["h2d"], by["d2h"])) / 1e6,
+        "copies_busy_s": _length(copies) / 1e6,
+        "copies_under_compute_s": _length(_intersect(copies, by["kernel"])) / 1e6,
+    }
+
+
+def profile_step(run_step: Callable[[], None]) -> dict[str, float]:
+    """Run ``run_step`` once under the CUDA profiler and summarise its copies and kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_step()
+        torch.cuda.synchronize()
+    events = []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        start, end = e.time_range.start, e.time_range.end
+        if "memcpy" in name:
+            kind = "h2d" if "htod" in name else "d2h" if "dtoh" in name else None
+            if kind is None:
+                continue  # device-to-device
+            events.append((kind, start, end))
+        elif "memset" not in name:
+            events.append(("kernel", start, end))
+    return overlap_summary(events)

@@ -1,0 +1,15 @@
+"""The interval arithmetic behind the benchmark's copy/compute overlap figures."""
+
+from moetrain.bench.stream_overlap import overlap_summary
+
+
+def test_overlap_summary_against_hand_counted_intervals():
+    events = [("h2d", 0, 10), ("h2d", 5, 20), ("d2h", 15, 30), ("kernel", 0, 8), ("kernel", 25, 40)]
+    got = overlap_summary(events)
+    assert got["h2d_busy_s"] * 1e6 == 20  # [0, 20]
+    assert got["d2h_busy_s"] * 1e6 == 15  # [15, 30]
+    assert got["both_directions_s"] * 1e6 == 5  # [15, 20]
+    assert got["copies_busy_s"] * 1e6 == 30  # [0, 30]
+    assert got["compute_busy_s"] * 1e6 == 23  # [0, 8] + [25, 40]
+    assert got["copies_under_compute_s"] * 1e6 == 13  # [0, 8] + [25, 30]
+    assert got["span_s"] * 1e6 == 40
