@@ -29,7 +29,7 @@ OPTIM = OptimizerConfig(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, 
                         max_grad_norm=0.5)
 
 
-def tiny_model(device: str = "cpu") -> MoEForCausalLM:
+def tiny_model(device: str = "cpu", impl: str = "loop") -> MoEForCausalLM:
     """2 MoE layers (after one dense layer) of 8 top-2 experts plus a shared expert, hidden 32, decisive weights."""
     torch.manual_seed(0)
     cfg = ModelConfig(family="deepseek_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -41,7 +41,7 @@ def tiny_model(device: str = "cpu") -> MoEForCausalLM:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)  # routing far from ties: fp32 summation order must not flip a top-k choice
-    model.set_expert_impl("loop")
+    model.set_expert_impl(impl)
     return model.to(device)
 
 
@@ -101,13 +101,13 @@ def weights(model: MoEForCausalLM, opt: Any) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- single process
 def reference(tier: str, starved: Optional[range] = None, checkpoint_at: Optional[int] = None,
-              run_dir: Optional[Path] = None, device: str = "cpu") -> dict[str, Any]:
+              run_dir: Optional[Path] = None, device: str = "cpu", impl: str = "loop") -> dict[str, Any]:
     """10 steps on the whole global batch in one process; optionally a checkpoint after ``checkpoint_at`` steps.
 
     Returns {"weights": {name: tensor}, "norms": [global gradient norm of each step]}."""
     from moetrain.training.checkpoint import save_checkpoint
 
-    model = tiny_model(device)
+    model = tiny_model(device, impl)
     if starved is not None:
         starve(model, starved)
     opt = build_optimizer(model, OPTIM, offload(tier))
@@ -137,12 +137,13 @@ def resume_single(ckpt: Path, tier: str) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- two ranks
 def _run(name: str, tier: str, ep: int, out_dir: Path, starved: Optional[range] = None,
-         resume_from: Optional[Path] = None, checkpoint_at: Optional[int] = None, device: str = "cpu") -> None:
+         resume_from: Optional[Path] = None, checkpoint_at: Optional[int] = None, device: str = "cpu",
+         impl: str = "loop") -> None:
     from moetrain.training.checkpoint import load_weights_into
     from moetrain.training.optimizer_state import read_meta
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny_model(f"cuda:{rank}" if device == "cuda" else device)
+    model = tiny_model(f"cuda:{rank}" if device == "cuda" else device, impl)
     if starved is not None:
         starve(model, starved)
     start = 0
