@@ -162,7 +162,7 @@ def save_checkpoint_distributed(
         meta = {"format": FORMAT, "step_index": step, "steps": dict(sorted(all_steps.items())),
                 "lr_history": list(getattr(optimizer.inner, "lr_history", []))}
         write_text(tmp / OPTIMIZER_JSON, json.dumps(meta) + "\n")
-        _write_rest(tmp, model, step, trainer_state, recipe, tokenizer_dir)
+        _write_rest(tmp, model, step, _global_position(trainer_state, layout.world), recipe, tokenizer_dir)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -173,6 +173,18 @@ def save_checkpoint_distributed(
             rotate(root, keep_last)
     dist.barrier()  # no rank goes on (or reads ``last``) before the checkpoint is complete
     return final
+
+
+def _global_position(trainer_state: Optional[dict[str, Any]], world: int) -> Optional[dict[str, Any]]:
+    """The data position in rows of the shared order: a micro-batch of every rank together is one global
+    micro-batch of ``world`` times the rows, so a resume at any world size skips the rows really consumed."""
+    if not trainer_state or not isinstance(trainer_state.get("data"), dict):
+        return trainer_state
+    data = dict(trainer_state["data"])
+    if data.get("micro_batch_size"):
+        data["micro_batch_size"] = int(data["micro_batch_size"]) * world
+    data["world_size"] = world
+    return {**trainer_state, "data": data}
 
 
 def _write_rest(tmp: Path, model: nn.Module, step: int, trainer_state: Optional[dict[str, Any]],

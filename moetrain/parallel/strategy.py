@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader
+
+from moetrain.parallel.sampler import RankShardSampler
 
 STRATEGY_NAME = "moetrain_parallel"
 
@@ -23,16 +28,19 @@ class MoEParallelStrategy(DDPStrategy):
         """Keep the LightningModule unwrapped: ``ParallelOptimizer`` reduces the gradients itself."""
 
     def process_dataloader(self, dataloader: object) -> object:
-        """Rank r trains on rows r, r + world, ... of the data module's own row order.
+        """Rank r trains on rows r, r + world, ... of the data module's own row order, resumably.
 
         Lightning wraps a custom sampler in ``DistributedSamplerWrapper`` with ``shuffle=True`` for training,
-        which permutes the rows again; moetrain's sampler already orders them (seeded, resumable), so the
-        wrapper only deals them out. The global batch of a step is then the rows a one-process run with a
-        ``world`` times larger micro-batch would take.
+        which permutes the rows again and cannot resume mid-epoch; moetrain's sampler already orders the
+        rows (seeded, resumable), so :class:`~moetrain.parallel.sampler.RankShardSampler` only deals them out.
         """
         sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, DistributedSamplerWrapper):
-            sampler.shuffle = False
+        if isinstance(dataloader, DataLoader) and isinstance(sampler, DistributedSamplerWrapper):
+            inner = sampler.dataset._sampler
+            if hasattr(inner, "resume_at"):
+                shard = RankShardSampler(inner, self.global_rank, self.world_size)
+                return _update_dataloader(dataloader, shard, mode=RunningStage.TRAINING)
+            sampler.shuffle = False  # another custom sampler: at least keep its order
         return dataloader
 
 

@@ -1,6 +1,7 @@
 """``moetrain fit`` with ``trainer.devices=2`` on the CPU (Lightning's processes over gloo, the moetrain_parallel
 strategy, expert_parallel 2, expert state in host memory) ends with the weights of a one-process run whose
-micro-batch is the two ranks' together, and writes one checkpoint from both ranks."""
+micro-batch is the two ranks' together, writes one checkpoint from both ranks, and that checkpoint resumes
+mid-epoch in one process to the same weights (data position included)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_fit_on_two_ranks_equals_one_process(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     init = f"--model.init_from={decisive_init(tmp_path / 'init')}"
     cmd = [sys.executable, "-m", "moetrain.cli", *COMMON, init, "--trainer.devices=2", "--parallel.expert_parallel=2",
-           "--data.micro_batch_size=2", f"--trainer.default_root_dir={two}"]
+           "--data.micro_batch_size=2", "--checkpoint.every_n_steps=2", f"--trainer.default_root_dir={two}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert main([*COMMON, init, "--trainer.devices=1", "--data.micro_batch_size=4",
@@ -57,3 +58,11 @@ def test_fit_on_two_ranks_equals_one_process(tmp_path):
     for name, tensor in trained_one.items():
         torch.testing.assert_close(trained_two[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     assert not torch.equal(trained_one["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+    # 2 -> 1: the 2-rank checkpoint of step 2, resumed by one process, reaches the same step 3
+    resumed = tmp_path / "resumed"
+    assert main([*COMMON, init, "--trainer.devices=1", "--data.micro_batch_size=4",
+                 f"--trainer.default_root_dir={resumed}", f"--ckpt_path={two / 'checkpoints' / 'step-2'}"]) == 0
+    again = load_model(resumed / "checkpoints" / "step-3").state_dict()
+    for name, tensor in trained_one.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
