@@ -259,10 +259,18 @@ def _build_cli_class():
 
 
 def _several_ranks(trainer: dict) -> bool:
-    """Whether the trainer section asks for more than one process (devices as a count or a list, or nodes)."""
+    """Whether the trainer section asks for more than one process (devices as a count or a list, or nodes).
+
+    ``devices: auto`` is several on a machine with several GPUs (Lightning would then pick DDP, whose wrapper
+    must not reduce the gradients a second time).
+    """
+    import torch
+
     devices = trainer.get("devices")
     if isinstance(devices, (list, tuple)):
         many = len(devices) > 1
+    elif devices in (None, "auto"):
+        many = trainer.get("accelerator") != "cpu" and torch.cuda.device_count() > 1
     else:
         many = str(devices).lstrip("-").isdigit() and (int(devices) > 1 or int(devices) == -1)
     return many or int(trainer.get("num_nodes") or 1) > 1
