@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional, Union
 
@@ -96,15 +96,22 @@ def load_config(path: str | Path) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------- model skeleton
 def empty_model(
-    config: ModelConfig, dtype: DType = torch.float32, device: str | torch.device = "cpu"
+    config: ModelConfig, dtype: DType = torch.float32, device: str | torch.device = "cpu",
+    expert_dtype: Optional[DType] = None,
 ) -> MoEForCausalLM:
     """A model with uninitialised weights of ``dtype`` on ``device``, built without a first fp32 allocation.
 
-    Non-persistent buffers (the rotary ``inv_freq``) are recomputed in fp32, as the HF families keep them.
+    ``expert_dtype``: another dtype for the routed experts' weights (their compute dtype when an offload
+    tier keeps their fp32 masters elsewhere). Non-persistent buffers (the rotary ``inv_freq``) are
+    recomputed in fp32, as the HF families keep them.
     """
     with torch.device("meta"):
         model = MoEForCausalLM(config)
-    model = model.to(dtype=_as_dtype(dtype)).to_empty(device=device)
+    model = model.to(dtype=_as_dtype(dtype))
+    if expert_dtype is not None:
+        for block in model.moe_blocks():
+            block.experts.to(dtype=_as_dtype(expert_dtype))
+    model = model.to_empty(device=device)
     if config.tie_word_embeddings:
         # to_empty gives each module its own tensor; re-tie.
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -181,16 +188,23 @@ def checked_tensors(
 
 
 @torch.no_grad()
-def load_weights(model: MoEForCausalLM, model_dir: str | Path) -> None:
+def load_weights(model: MoEForCausalLM, model_dir: str | Path,
+                 expert_sink: Optional[Callable[[str, torch.Tensor], None]] = None) -> None:
     """Copy a checkpoint's tensors into ``model`` shard by shard (casting to each parameter's dtype).
+
+    ``expert_sink(name, tensor)`` also receives every routed expert's weight as read (before any cast):
+    the offload store takes its master weights there, straight from the file.
 
     Raises:
         ShardError: see :func:`checked_tensors`.
     """
     targets = model.state_dict(keep_vars=True)
     shapes = {name: tuple(t.shape) for name, t in targets.items()}
+    experts = model.expert_parameter_names() if expert_sink is not None else set()
     for name, value in checked_tensors(model_dir, model.config, shapes):
         targets[name].copy_(value)
+        if name in experts:
+            expert_sink(name, value)
 
 
 def from_pretrained(

@@ -192,8 +192,13 @@ class SwapFile:
     (its own aio handles or thread pool) for a second user in another thread, such as the CPU step path.
     """
 
+    _instances = 0
+
     def __init__(self, folder: str, size: int, backend: str = "auto", block_size: int = 1 << 20,
-                 queue_depth: int = 8, threads: int = 4, name: str = "moetrain-experts.swp") -> None:
+                 queue_depth: int = 8, threads: int = 4, name: Optional[str] = None) -> None:
+        if name is None:  # one file per store: two runs (or two stores) may share a folder
+            SwapFile._instances += 1
+            name = f"moetrain-experts-{os.getpid()}-{SwapFile._instances}.swp"
         base = preflight(folder, size)
         self.path = create_swap_file(base, name, size)
         self.size = size

@@ -109,10 +109,12 @@ class ExpertOffloadOptimizer:
         offload: tiers, budgets and step path.
         owns: ``owns(layer, expert)``: hold state for these experts only (a data-parallel rank's share,
             see :mod:`moetrain.parallel`); None holds every expert.
+        store: an expert store already holding the masters (a checkpoint streamed into the tiers by
+            :func:`~moetrain.offload.staged_init.load_into_tiers`); None builds one from the model.
     """
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig,
-                 owns: Optional[Callable[[int, int], bool]] = None) -> None:
+                 owns: Optional[Callable[[int, int], bool]] = None, store: Optional[ExpertStore] = None) -> None:
         if offload.resident_weights == "no":
             raise ValueError("model.offload.resident_weights=no (paging compute weights per expert) is not "
                              "implemented yet: use auto or yes")
@@ -125,7 +127,7 @@ class ExpertOffloadOptimizer:
         self.dense_params = [p for _, p in dense_named if p.requires_grad]
         self.dense = torch.optim.AdamW(param_groups(dense_named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                        eps=cfg.eps, fused=True if cuda else None)
-        self.store = ExpertStore(model, offload, pin=cuda, owns=owns)
+        self.store = store if store is not None else ExpertStore(model, offload, pin=cuda, owns=owns)
         for rec in self.store:
             if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
                 raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")

@@ -172,6 +172,7 @@ class StateCodec:
         from moetrain.offload.quantize import round_bf16_kahan, round_bf16_stochastic
 
         v = self.layout.views(flat)
+        master = master.to(flat.device)  # e.g. weights on the GPU, the record in host memory
         if self.layout.master == "fp32":
             if master.data_ptr() != v["master"].data_ptr():
                 v["master"].copy_(master)
@@ -185,6 +186,7 @@ class StateCodec:
     def encode_moment(self, flat: torch.Tensor, which: str, value: torch.Tensor) -> None:
         """Store fp32 ``value`` (n,) as ``exp_avg`` or ``exp_avg_sq`` in the record's moment format."""
         v = self.layout.views(flat)
+        value = value.to(flat.device)
         if self.layout.moments != "int8":
             if value.data_ptr() != v[which].data_ptr():
                 v[which].copy_(value)

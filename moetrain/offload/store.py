@@ -112,10 +112,13 @@ class ExpertStore:
         pin: pin the host slab (True when CUDA is the compute device).
         owns: ``owns(layer, expert)``: keep only these records (a data-parallel rank's share, see
             :mod:`moetrain.parallel`); None keeps all. ``num_experts`` still counts every expert of a layer.
+        initialise: take the master weights from the model's expert parameters now. False: the masters
+            arrive through :meth:`write_master` (a checkpoint streamed straight into the tiers, see
+            :mod:`moetrain.offload.staged_init`), and :meth:`finish_staged` closes the stream.
     """
 
     def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False,
-                 owns: Optional[Callable[[int, int], bool]] = None) -> None:
+                 owns: Optional[Callable[[int, int], bool]] = None, initialise: bool = True) -> None:
         self.cfg = cfg
         self.pin = pin
         names = {id(p): n for n, p in model.named_parameters()}
@@ -135,8 +138,11 @@ class ExpertStore:
                                    shapes=[p.shape for p in params], layout=layout, codec=StateCodec(layout))
                 self.records[rec.key] = rec
         self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
+        self.by_name = {name: (rec, i) for rec in self.records.values() for i, name in enumerate(rec.names)}
         self._place()
-        self._initialise()
+        self._staged: dict[tuple[int, int], tuple[torch.Tensor, set[int]]] = {}  # record -> (buffer, parts written)
+        if initialise:
+            self._initialise()
 
     # ------------------------------------------------------------------ placement
     def _place(self) -> None:
@@ -179,6 +185,59 @@ class ExpertStore:
         flat.zero_()
         master = torch.cat([w.reshape(-1).float() for w in weights])
         rec.codec.encode_master(flat, master)
+
+    # ------------------------------------------------------------------ masters streamed in
+    @torch.no_grad()
+    def write_master(self, name: str, weight: torch.Tensor) -> None:
+        """Store one expert parameter's master weight (any dtype/device) straight into its record.
+
+        A record's moments and padding are zeroed when its first part arrives. Host-tier records are
+        written in place; an NVMe record is assembled in a staging buffer and written once its last
+        part arrived (so a record costs one write, and only records being assembled use host memory).
+        """
+        rec, idx = self.by_name[name]
+        buf, done = self._staged.get(rec.key, (None, set()))
+        if buf is None:
+            buf = self.host_view(rec) if rec.tier is Tier.CPU else aligned_empty(rec.padded, self.pin)
+            buf.zero_()
+        views = rec.layout.views(buf)
+        elems, _ = rec.codec.param_slices()[idx]
+        value = weight.detach().reshape(-1).to(buf.device, torch.float32)
+        if rec.layout.master == "bf16_kahan":
+            from moetrain.offload.quantize import round_bf16_kahan
+
+            round_bf16_kahan(value, views["master"][elems], views["comp"][elems])
+        else:
+            views["master"][elems].copy_(value)  # fp32, or bf16 rounded to nearest
+        done.add(idx)
+        if len(done) < len(rec.params):
+            self._staged[rec.key] = (buf, done)
+            return
+        self._staged.pop(rec.key, None)
+        if rec.layout.master != "fp32":  # compute from the stored (rounded) master, as _initialise does
+            for p, w in zip(rec.params, rec.split(rec.codec.decode_master(buf)), strict=True):
+                p.data.copy_(w)
+        if rec.tier is Tier.NVME:
+            self.swap.submit_write(buf, rec.offset)
+            self.swap.wait_writes()
+
+    def finish_staged(self) -> None:
+        """Every record must have received all its parts (the loader reports missing tensors first)."""
+        if self._staged:
+            names = [self.records[k].prefix for k in list(self._staged)[:3]]
+            raise RuntimeError(f"expert master weights incomplete for {len(self._staged)} expert(s): {names}")
+
+    @torch.no_grad()
+    def master_weights(self, rec: ExpertRecord) -> list[torch.Tensor]:
+        """The record's master weights as fp32 tensors shaped like its parameters (host copies)."""
+        flat = self.host_view(rec) if rec.tier is Tier.CPU else self._read_record(rec)
+        return [w.clone() for w in rec.split(rec.codec.decode_master(flat))]
+
+    def _read_record(self, rec: ExpertRecord) -> torch.Tensor:
+        buf = aligned_empty(rec.padded, self.pin)
+        self.swap.submit_read(buf, rec.offset)
+        self.swap.wait_reads()
+        return buf
 
     # ------------------------------------------------------------------ access
     def host_view(self, rec: ExpertRecord) -> torch.Tensor:

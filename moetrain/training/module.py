@@ -31,6 +31,7 @@ from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.staged_init import restore_masters
 from moetrain.training import trainer_state
 from moetrain.training.checkpoint import load_weights_into, resolve_checkpoint, verify_checkpoint
 from moetrain.training.optim import OptimizerConfig, TrainOptimizer, lr_at
@@ -134,6 +135,7 @@ class MoETrainingModule(L.LightningModule):
         self.offload_cfg = dataclasses.replace(offload)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps
+        self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
         self.model = self._build_model(preset, config, init_from)
         self.model.set_expert_impl(expert_impl)
         # DeepSeek-V3's auxiliary-loss-free balancing (inactive for other routers, or at speed 0)
@@ -153,8 +155,8 @@ class MoETrainingModule(L.LightningModule):
         self._expert_load: Optional[torch.Tensor] = None  # (M, E) tokens routed per MoE layer and expert
         self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
 
-    @staticmethod
-    def _build_model(preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str]) -> MoEForCausalLM:
+    def _build_model(self, preset: str, overrides: Optional[dict[str, Any]],
+                     init_from: Optional[str]) -> MoEForCausalLM:
         if init_from is None:
             return MoEForCausalLM(ModelConfig.from_preset(preset, **(overrides or {})))
         if overrides:
@@ -167,6 +169,12 @@ class MoETrainingModule(L.LightningModule):
 
         # straight onto the GPU when there is one: host memory then holds about one shard at a time, not the model
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.offload_cfg.tier != "none":
+            # the experts' masters go straight into pinned memory or NVMe, their compute weights onto the device
+            from moetrain.offload.staged_init import load_into_tiers
+
+            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, torch.device(device))
+            return model
         return moetrain.from_pretrained(init_from, device=device).train()
 
     @property
@@ -188,8 +196,17 @@ class MoETrainingModule(L.LightningModule):
             self.model_config.eos_token_id = tokenizer.eos_id
 
     def configure_optimizers(self) -> OptimizerStepAdapter:
-        build = build_optimizer if self.parallel is None else self.parallel.build_optimizer
-        self.train_optimizer = build(self.model, self.optim_cfg, self.offload_cfg)
+        store, self._prebuilt_store = self._prebuilt_store, None
+        if store is not None and self.parallel is not None and self.parallel.active:
+            # ranks keep only their share of the experts' state: give the masters back to the parameters
+            # (fp32, as a model loaded onto the device has them) and let each rank build its own store
+            restore_masters(self.model, store)
+            store = None
+        if store is not None:
+            self.train_optimizer = build_optimizer(self.model, self.optim_cfg, self.offload_cfg, store=store)
+        else:
+            build = build_optimizer if self.parallel is None else self.parallel.build_optimizer
+            self.train_optimizer = build(self.model, self.optim_cfg, self.offload_cfg)
         self.total_steps = self._schedule_steps()
         if self._resume_dir is not None:
             load = load_optimizer if self.parallel is None else self.parallel.load_optimizer

@@ -35,7 +35,7 @@ def _train(model, opt, data, accum: int = 2, bf16: bool = False) -> list[float]:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 out = model(ids, labels=ids)
             (out.loss / accum).backward()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         opt.clip_grad_norm_(OPTIM.max_grad_norm)
         opt.step(lr_at(OPTIM, i, STEPS))
         opt.zero_grad()
@@ -65,8 +65,9 @@ def test_engine_equals_fused_adamw_with_rounded_state(master, moments, hot):
         assert opt.swapper.hot_capacity > 0
     opt.close()
     # the reference clips with grad *= coef, the fused kernel divides by 1/coef: a few ulps per step,
-    # which a quantization boundary can turn into one code step of a moment
-    assert max_diff(model, ref) <= 1e-4
+    # which a quantization boundary can turn into one code step of a moment (weights are ~0.2 here;
+    # a skipped or doubled step would move them by ~1e-2)
+    assert max_diff(model, ref) <= 5e-4
 
 
 def test_most_compressed_state_trains_in_bf16_like_fp32_state():
@@ -77,5 +78,5 @@ def test_most_compressed_state_trains_in_bf16_like_fp32_state():
     opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master="bf16_sr", moments="int8", gpu_slots=4))
     losses = _train(model, opt, data, bf16=True)
     opt.close()
-    assert losses[-1] < 0.8 * losses[0]
+    assert sum(fp32_losses[-4:]) < 0.9 * sum(fp32_losses[:4]), "the reference run must learn"
     assert abs(sum(losses[-4:]) - sum(fp32_losses[-4:])) <= 0.05 * sum(fp32_losses[-4:])

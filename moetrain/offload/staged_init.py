@@ -1,0 +1,54 @@
+"""Start from a Hugging Face model (or a moetrain checkpoint) with the routed experts' master weights
+streamed straight into their tier.
+
+The model is built empty on the compute device with the dense part in fp32 and the routed experts in
+their compute dtype (bf16 on a GPU); the expert store is created before any weight is read; then the
+checkpoint streams shard by shard: each dense tensor goes into its parameter, each expert tensor into
+its compute weight (cast) and, at full precision, into its record in pinned host memory or on NVMe.
+So neither the GPU nor the host ever holds an fp32 copy of every expert: the GPU holds what training
+holds (bf16 experts), the host holds about one shard plus the store itself.
+
+The optimizer is then built on the same store (:func:`moetrain.offload.build_optimizer` ``store=``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.store import ExpertStore
+
+
+def load_into_tiers(path: str | Path, offload: OffloadConfig,
+                    device: torch.device) -> tuple[MoEForCausalLM, ExpertStore]:
+    """(model in train mode on ``device``, its expert store with every master written) from ``path``.
+
+    Raises:
+        ConfigError / ShardError: as :func:`moetrain.from_pretrained` (names the file and tensor).
+    """
+    from moetrain.models.hf import empty_model, load_config, load_weights
+    from moetrain.offload.optim import compute_dtype
+
+    config = load_config(path)
+    model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=compute_dtype(offload, device))
+    store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False)
+    try:
+        load_weights(model, path, expert_sink=store.write_master)
+        store.finish_staged()
+    except BaseException:
+        store.close()
+        raise
+    return model.train(), store
+
+
+@torch.no_grad()
+def restore_masters(model: MoEForCausalLM, store: ExpertStore) -> None:
+    """Give every routed expert parameter its fp32 master from ``store`` (on the parameter's device) and
+    close the store: the model is then as :func:`moetrain.from_pretrained` would have loaded it."""
+    for rec in store:
+        for p, master in zip(rec.params, store.master_weights(rec), strict=True):
+            p.data = master.to(p.device)
+    store.close()

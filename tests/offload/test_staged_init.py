@@ -1,0 +1,107 @@
+"""``init_from`` with an offload tier: a Hugging Face model streamed shard by shard with the routed
+experts' masters going straight into pinned memory or NVMe. The result equals loading the whole model
+(``from_pretrained``) and building the store from it: same parameters, same masters, same training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from offload_harness import OPTIM, max_diff, train
+
+import moetrain
+from moetrain.offload import build_optimizer
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.staged_init import load_into_tiers, restore_masters
+from moetrain.shards import ShardError
+
+
+@pytest.fixture
+def hf_dir(tiny_hf, save_hf, randomize):
+    return save_hf(randomize(tiny_hf("qwen3_moe"), std=0.2), "qwen3", max_shard_size="40KB")
+
+
+def _data(vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (1, 8), generator=g) for _ in range(12)]
+
+
+@pytest.mark.parametrize("tier,master", [("cpu", "fp32"), ("nvme", "fp32"), ("cpu", "bf16_kahan")])
+def test_streamed_masters_equal_a_full_load(hf_dir, tmp_path, tier, master):
+    cfg = OffloadConfig(tier=tier, nvme_path=str(tmp_path) if tier == "nvme" else None, master=master, gpu_slots=3)
+    full = moetrain.from_pretrained(hf_dir).train()
+    staged, store = load_into_tiers(hf_dir, cfg, torch.device("cpu"))
+    assert store.swap is not None if tier == "nvme" else store.cpu_bytes > 0
+    ref_opt = build_optimizer(full, OPTIM, cfg)  # the store built from the loaded parameters
+    opt = build_optimizer(staged, OPTIM, cfg, store=store)
+    assert opt.store is store
+    ref_masters = dict(ref_opt.named_master_tensors())
+    masters = dict(opt.named_master_tensors())
+    assert masters.keys() == ref_masters.keys() and masters
+    assert all(torch.equal(masters[k], ref_masters[k]) for k in masters)
+    assert max_diff(staged, full) == 0.0
+    data = _data(full.config.vocab_size)
+    train(full, ref_opt, data, total=6)
+    train(staged, opt, data, total=6)
+    ref_opt.finalize()
+    opt.finalize()
+    assert max_diff(staged, full) == 0.0
+    ref_opt.close()
+    opt.close()
+
+
+def test_restore_masters_gives_the_fp32_model_back(hf_dir):
+    full = moetrain.from_pretrained(hf_dir)
+    staged, store = load_into_tiers(hf_dir, OffloadConfig(tier="cpu"), torch.device("cpu"))
+    restore_masters(staged, store)
+    assert max_diff(staged, full) == 0.0
+    assert store.swap is None
+
+
+def test_a_missing_expert_tensor_is_a_clean_error(hf_dir):
+    index = hf_dir / "model.safetensors.index.json"
+    import json
+
+    meta = json.loads(index.read_text())
+    victim = next(k for k in meta["weight_map"] if ".experts." in k or "experts" in k)
+    del meta["weight_map"][victim]
+    index.write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="lacks"):
+        load_into_tiers(hf_dir, OffloadConfig(tier="cpu"), torch.device("cpu"))
+
+
+def test_fit_from_hf_weights_with_an_offload_tier_equals_resident(tmp_path):
+    """The CLI path: ``init_from`` + ``tier: cpu`` (masters streamed into the tier) ends with the
+    checkpoint that ``tier: none`` (the whole model loaded) ends with."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from moetrain.cli import main
+    from moetrain.config import ModelConfig
+    from moetrain.models.decoder import MoEForCausalLM
+    from moetrain.models.hf import export_hf
+
+    repo = Path(__file__).resolve().parents[2]
+    torch.manual_seed(0)
+    export_hf(MoEForCausalLM(ModelConfig.from_preset("tiny-deepseek-moe", vocab_size=768)), tmp_path / "hf")
+
+    def fit(run: Path, tier: str) -> dict[str, torch.Tensor]:
+        threads, cwd = torch.get_num_threads(), os.getcwd()
+        os.chdir(repo)
+        try:
+            assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=3",
+                         f"--trainer.default_root_dir={run}", f"--model.init_from={tmp_path / 'hf'}",
+                         "--model.config=null", f"--model.offload.tier={tier}", "--data.micro_batch_size=2"]) == 0
+        finally:
+            torch.set_num_threads(threads)
+            os.chdir(cwd)
+        ckpt = run / "checkpoints" / (run / "checkpoints" / "last").read_text().strip()
+        out: dict[str, torch.Tensor] = {}
+        for shard in ckpt.glob("model-*.safetensors"):
+            out.update(load_file(shard))
+        return out
+
+    resident, offloaded = fit(tmp_path / "none", "none"), fit(tmp_path / "cpu", "cpu")
+    assert resident.keys() == offloaded.keys()
+    assert max((resident[k] - offloaded[k]).abs().max().item() for k in resident) <= 1e-6
