@@ -9,8 +9,11 @@ the device slots of state being stepped (``gpu_budget_gb``); the hot-expert stat
 null: what is left); an estimate of the activations of one micro-batch; and a reserve for the CUDA context
 and allocator slack. The routed experts' master weights and moments take ``state_bytes_per_param`` bytes
 (12 in fp32; 4.03 for bf16 masters with int8 moments) in host memory up to ``cpu_budget_gb``, and on NVMe
-past it. Loading puts the whole model on the GPU in fp32 (4 B/param) before the store takes the experts'
-masters and casts their compute weights: that load peak must fit too.
+past it. The load peak must fit too, and it depends on how the model starts: with ``init_from`` and an
+offload tier the experts' fp32 masters stream from the checkpoint straight into the store while their compute
+weights are built in ``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32
+(4 B/param) and the experts at their compute-weight bytes; random initialisation, or ``init_from`` without a
+tier, puts the whole model on the GPU in fp32 (4 B/param) first.
 
 The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state that is
 not in the hot cache goes up and comes back (``2 * state_bytes_per_param`` B/param, both directions at
@@ -45,8 +48,10 @@ GiB = 2**30
 DEFAULT_COMPUTE_TFLOPS = 400.0
 """Sustained bf16 training throughput assumed for the compute estimate (about 40% of an H100's peak)."""
 LOAD_BYTES_PER_PARAM = 4
-"""The model is built (random init) or loaded (``init_from``) in fp32 on the GPU; the store copies the
-experts' masters out and casts their compute weights only after that (training/module.py, offload/optim.py)."""
+"""Bytes per parameter built in fp32 at load: the dense part always; the routed experts too under random
+initialisation or ``init_from`` without an offload tier (the store takes their masters and casts their compute
+weights only afterwards). With ``init_from`` and a tier the experts are built at their compute-weight bytes
+instead and their masters stream into the tier (training/module.py ``_build_model``, offload/staged_init.py)."""
 GPU_RESERVE = 2 * GiB
 """CUDA context, cuBLAS workspaces and the caching allocator's fragmentation: not in any tensor counted here."""
 HOST_RESERVE = 8 * GiB
@@ -66,7 +71,8 @@ class Plan:
 
     Attributes:
         gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training.
-        gpu_load_bytes: the GPU peak while loading (the fp32 model, before the store takes the masters).
+        gpu_load_bytes: the GPU peak while loading: fp32 dense + the experts at their compute-weight bytes when
+            streamed (``streamed_load``: init_from with a tier), else the whole model in fp32.
         gpu_capacity / host_capacity / disk_free: what the machine has (None: unknown here).
         expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
         master / moments / state_bpp: the experts' state format and its bytes per parameter.
@@ -103,6 +109,15 @@ class Plan:
     hot_cache_auto: bool = False
     paged_experts: float = 0.0
     layerwise_grads: bool = False
+    streamed_load: bool = False
+    weight_bytes: int = 2
+
+    def load_what(self) -> str:
+        """How the load peak comes about, in words."""
+        if self.streamed_load:
+            return (f"init_from streams the experts' masters into the tier: fp32 dense + "
+                    f"{self.weight_bytes} B/param experts")
+        return "the whole model in fp32 (random init, or init_from without an offload tier)"
 
     @property
     def floor_s(self) -> float:
@@ -150,8 +165,9 @@ class Plan:
             state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict[tier]]
             note = ""
             if tier == "gpu" and self.gpu_load_bytes > used:
-                note = f" (peak at load, fp32 model: {self.gpu_load_bytes / GiB:.2f} GiB)"
+                note = f" (peak at load: {self.gpu_load_bytes / GiB:.2f} GiB)"
             lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}{note}")
+        lines.append(f"  gpu   peak at load {gib(self.gpu_load_bytes)}: {self.load_what()}")
         if self.tier != "none":
             cache = self.hot_cache_experts
             how = "auto: what the GPU has left" if self.hot_cache_auto else "hot_cache_gb"
@@ -233,7 +249,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
-              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False) -> Plan:
+              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
+              streamed_load: bool = False) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Args:
@@ -246,6 +263,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         layerwise_grads: the engine steps each MoE layer and frees its expert gradients under backward
             (``accumulate_grad_batches == 1``, ``max_grad_norm == 0``, ``step_on: gpu``), so only the
             largest layer's expert gradients are counted.
+        streamed_load: the model starts from ``init_from`` and the experts' masters stream into the tier, so the
+            load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
+            loads the whole model in fp32).
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
@@ -305,15 +325,24 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     paged = active * (1.0 - hot / total_experts) if off.tier != "none" else 0.0
     moved = 2.0 * bpp * per_expert * paged
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
+    streamed = streamed_load and off.tier != "none"
     active_params_per_token = dense + n_moe * k * per_expert
     compute_s = 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
                 compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows,
-                gpu_load_bytes=LOAD_BYTES_PER_PARAM * (dense + expert), master=off.master, moments=off.moments,
-                state_bpp=bpp, record_bytes=record, hot_cache_experts=hot, hot_cache_auto=off.hot_cache_gb is None,
-                paged_experts=paged, layerwise_grads=layerwise)
+                gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed), master=off.master,
+                moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
+                hot_cache_auto=off.hot_cache_gb is None, paged_experts=paged, layerwise_grads=layerwise,
+                streamed_load=streamed, weight_bytes=weight_bytes)
+
+
+def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool) -> int:
+    """GPU bytes while the model loads: the dense part in fp32, and the routed experts in fp32 too unless their
+    masters stream into the tier (``init_from`` with a tier), in which case only their compute weights
+    (``weight_bytes`` per parameter) are on the GPU."""
+    return LOAD_BYTES_PER_PARAM * dense + (weight_bytes if streamed else LOAD_BYTES_PER_PARAM) * expert
 
 
 # ---------------------------------------------------------------------------------------------- largest model
@@ -354,14 +383,16 @@ class FitChoice:
 
 
 def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
-                gpu_budget_gb: float = 1.0) -> list[FitChoice]:
+                gpu_budget_gb: float = 1.0, streamed_load: bool = True) -> list[FitChoice]:
     """Every placement the search weighs, in order of preference, each with its plan.
 
     Preference: gradients of every expert (any accumulation, clipping allowed) before layer-wise freeing;
     then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
     host memory alone before an overflow to NVMe (slower). The overflow's host budget is what the host has
     after :data:`HOST_RESERVE` and the NVMe staging buffers. ``gpu_budget_gb``: device slots for state being
-    stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state).
+    stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state). ``streamed_load``: a
+    fine-tune starts from a checkpoint (``init_from``) whose experts' masters stream into the tier, so the
+    load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32).
     """
     out = []
     _, _, per_expert = count_parameters(model_config)
@@ -379,7 +410,8 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
                 for tier, off in tiers:
                     plan = make_plan(model_config, off, micro_batch_tokens, gpu_capacity=machine.gpu,
                                      host_capacity=machine.host, disk_free=machine.disk,
-                                     micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise)
+                                     micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
+                                     streamed_load=streamed_load)
                     out.append(FitChoice(tier, master, moments, layerwise, plan))
     return out
 
@@ -422,7 +454,8 @@ def largest_line(machine: Machine, micro_batch_tokens: int) -> str:
 def format_largest(machine: Machine, micro_batch_tokens: int) -> str:
     """What ``moetrain plan --largest`` prints: every preset's verdict, then the answer's plan."""
     results = largest_preset(machine, micro_batch_tokens)
-    lines = [f"Full fine-tuning on one GPU: {machine.describe()}; {micro_batch_tokens} tokens a micro-batch.", ""]
+    lines = [f"Full fine-tuning on one GPU: {machine.describe()}; {micro_batch_tokens} tokens a micro-batch; "
+             "starting from a checkpoint (init_from: the experts' masters streamed into the tier).", ""]
     for config, choice in results:
         size = f"{config.param_counts()['total'] / 1e9:7.2f} B"
         if choice is None:
@@ -454,8 +487,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
-    """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, and
-    whether expert gradients are freed layer by layer (accumulation 1, no clipping, GPU step path)."""
+    """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, whether
+    expert gradients are freed layer by layer (accumulation 1, no clipping, GPU step path), and whether the
+    model loads by streaming the experts' masters into their tier (``init_from`` with tier cpu or nvme)."""
     from moetrain.training.optim import OptimizerConfig
 
     model = recipe.get("model") or {}
@@ -463,27 +497,54 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     micro = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048))
     accumulation = int(model.get("accumulate_grad_batches", 1))
     clip = float((model.get("optimizer") or {}).get("max_grad_norm", OptimizerConfig().max_grad_norm))
-    step_on = (model.get("offload") or {}).get("step_on", OffloadConfig().step_on)
+    offload = model.get("offload") or {}
+    step_on = offload.get("step_on", OffloadConfig().step_on)
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
-            "layerwise_grads": accumulation == 1 and clip == 0 and step_on == "gpu"}
+            "layerwise_grads": accumulation == 1 and clip == 0 and step_on == "gpu",
+            "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none"}
 
 
 def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
     """The plan of a recipe (the parsed YAML with overrides applied); ``machine``: make_plan's capacities."""
     offload = OffloadConfig(**((recipe.get("model") or {}).get("offload") or {}))
-    return make_plan(_recipe_model_config(recipe), offload, **recipe_training(recipe), **machine)
+    return make_plan(recipe_model(recipe)[0], offload, **recipe_training(recipe), **machine)
 
 
-def _recipe_model_config(recipe: dict[str, Any]) -> ModelConfig:
+def recipe_model(recipe: dict[str, Any]) -> tuple[ModelConfig, Optional[str]]:
+    """(the model shape a recipe trains, a one-line note or None).
+
+    ``init_from``'s config when the directory is here; when it is not (planning before the download) and the
+    recipe also names ``model.preset``, the preset's shape, with a note saying so. The load peak is still the
+    one of ``init_from`` (:func:`recipe_training` decides it from the recipe, not from the files).
+
+    Raises:
+        ConfigError: no model named, ``init_from`` missing without a preset, or ``model.config`` overrides
+            next to ``init_from`` (the checkpoint fixes the shape, as ``moetrain fit`` says too).
+    """
     from moetrain.config import ConfigError
 
     model = recipe.get("model") or {}
-    if model.get("init_from"):
+    init_from, preset = model.get("init_from"), model.get("preset")
+    if init_from and Path(init_from).exists():
         from moetrain.models.hf import load_config
-        return load_config(model["init_from"])
-    if not model.get("preset"):
+        from moetrain.training.checkpoint import resolve_checkpoint
+
+        if (Path(init_from) / "checkpoints").is_dir():  # a run directory: its newest checkpoint, as fit takes it
+            init_from = str(resolve_checkpoint(init_from, init_from))
+        return load_config(init_from), None
+    if init_from:
+        if not preset:
+            raise ConfigError(f"model.init_from {init_from} does not exist; download the model there, or name its "
+                              "shape with model.preset to plan before the download")
+        if model.get("config"):
+            raise ConfigError("model.config overrides cannot be combined with model.init_from (the checkpoint fixes "
+                              "the shape); remove model.config")
+        note = (f"note: model.init_from {init_from} is not here; the shape is preset {preset}'s, loaded as "
+                "init_from would load it")
+        return ModelConfig.from_preset(preset), note
+    if not preset:
         raise ConfigError("the recipe names no model: set model.preset (or model.init_from)")
-    return ModelConfig.from_preset(model["preset"], **(model.get("config") or {}))
+    return ModelConfig.from_preset(preset, **(model.get("config") or {})), None
 
 
 USAGE = ("usage: moetrain plan --config RECIPE | --preset=NAME | --largest [--section.key=value ...] "
@@ -558,11 +619,14 @@ def main(argv: list[str]) -> int:
             here = replace(here, disk=shutil.disk_usage(nvme_path if nvme_path and os.path.isdir(nvme_path)
                                                         else ".").free)
         micro = tokens or recipe_training(recipe)["micro_batch_tokens"]
-        parallel = plan_expert_parallel(_recipe_model_config(recipe), world_sizes, state_bytes=plan.state_bpp,
+        model_config, note = recipe_model(recipe)
+        parallel = plan_expert_parallel(model_config, world_sizes, state_bytes=plan.state_bpp,
                                         state_label=f"master {plan.master}, moments {plan.moments}")
     except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
         print(f"moetrain plan: error: {source}: {err}", file=sys.stderr)
         return 2
+    if note:
+        print(note)
     print(plan.format())
     print()
     print(largest_line(here, micro))

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from offload_harness import tiny_model
 
 from moetrain.config import ModelConfig
@@ -134,15 +135,75 @@ def test_layerwise_gradients_only_with_accumulation_1_no_clipping_and_the_gpu_pa
         assert plan.gpu_bytes - layerwise.gpu_bytes == 2 * expert - 2 * expert // len(config.moe_layers)
 
 
-def test_load_peak_is_the_fp32_model():
+def _param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters, each storage once (tied weights, packed experts)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def test_load_peak_of_a_random_init_is_the_fp32_model():
+    """Random initialisation builds every parameter in fp32: the planner's load peak is those bytes."""
     model = tiny_model(num_experts=16)
-    dense, expert, _ = count_parameters(model.config)
     plan = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=8)
-    assert plan.gpu_load_bytes == 4 * (dense + expert)
+    assert not plan.streamed_load
+    assert plan.gpu_load_bytes == _param_bytes(model)
     squeezed = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=8,
                          gpu_capacity=plan.gpu_load_bytes - 1) if plan.gpu_load_bytes > plan.gpu_bytes else None
     if squeezed is not None:
         assert squeezed.fits()["gpu"] is False and "peak at load" in squeezed.format()
+
+
+@pytest.mark.parametrize("compute_dtype", ["bf16", "fp32"])
+def test_load_peak_of_init_from_with_a_tier_is_what_staged_init_builds(tiny_hf, save_hf, compute_dtype):
+    """init_from with a tier streams the masters into the store: the planner's load peak equals the bytes of
+    the parameters ``load_into_tiers`` builds (fp32 dense, experts in their compute dtype); without a tier
+    ``from_pretrained`` loads the whole model in fp32."""
+    import moetrain
+    from moetrain.offload.staged_init import load_into_tiers
+
+    path = save_hf(tiny_hf("mixtral"), "mixtral")
+    cfg = OffloadConfig(tier="cpu", compute_dtype=compute_dtype)
+    model, store = load_into_tiers(path, cfg, torch.device("cpu"))
+    store.close()
+    plan = make_plan(model.config, cfg, tokens_per_step=8, streamed_load=True)
+    assert plan.streamed_load and plan.gpu_load_bytes == _param_bytes(model)
+    dense, expert, _ = count_parameters(model.config)
+    assert plan.gpu_load_bytes == 4 * dense + {"bf16": 2, "fp32": 4}[compute_dtype] * expert
+    none = make_plan(model.config, OffloadConfig(tier="none"), tokens_per_step=8, streamed_load=True)
+    assert not none.streamed_load and none.gpu_load_bytes == _param_bytes(moetrain.from_pretrained(path))
+
+
+def test_recipe_decides_the_load_path_and_plans_before_the_download(tmp_path, capsys):
+    """init_from + tier cpu/nvme: the streamed load peak; no init_from or tier none: the fp32 model. A recipe
+    whose init_from directory is missing plans the shape of its preset, with a note; without a preset (or with
+    model.config overrides, which fit refuses next to init_from) it is an error naming the key."""
+    from moetrain.config import ConfigError
+    from moetrain.offload.plan import main, recipe_model
+
+    missing = str(tmp_path / "not-downloaded")
+    base = {"model": {"preset": "tiny-mixtral", "init_from": missing, "offload": {"tier": "cpu"}},
+            "data": {"seq_len": 16}}
+    config, note = recipe_model(base)
+    assert config == ModelConfig.from_preset("tiny-mixtral") and missing in note and "tiny-mixtral" in note
+    dense, expert, _ = count_parameters(config)
+    assert plan_from_recipe(base, gpu_capacity=GiB).gpu_load_bytes == 4 * dense + 2 * expert
+    for key, value in (("init_from", None), ("offload", {"tier": "none"})):
+        other = {**base, "model": {**base["model"], key: value}}
+        assert plan_from_recipe(other, gpu_capacity=GiB).gpu_load_bytes == 4 * (dense + expert)
+    with pytest.raises(ConfigError, match="model.preset"):
+        recipe_model({"model": {"init_from": missing}})
+    with pytest.raises(ConfigError, match="model.config"):
+        recipe_model({"model": {**base["model"], "config": {"num_experts": 4}}})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(base))
+    assert main(["--config", str(recipe), "--gpu-gb=80"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == note and out[1].startswith("offload tier: cpu")
+    assert any(line.startswith("  gpu   peak at load") and "streams the experts' masters" in line for line in out)
+    del base["model"]["preset"]
+    recipe.write_text(yaml.safe_dump(base))
+    assert main(["--config", str(recipe)]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def saved_activation_bytes(config: ModelConfig, tokens: int) -> int:
@@ -229,19 +290,44 @@ def test_deepseek_moe_16b_on_an_h100_machine():
 
 
 def test_largest_preset_on_an_h100_machine():
-    """Every preset above DeepSeek-MoE-16B in size fails on this machine, and why, from its counts: the load
-    peak (the fp32 model on the GPU, 4 B/param) of Qwen3-30B-A3B and Mixtral-8x7B is past 80 GiB, and
-    DeepSeek-V3's compressed expert state alone (4.03 B/param of 654 B) is past host + disk."""
+    """Every preset above DeepSeek-MoE-16B in size fails on this machine, and why, from its counts. Fine-tuning
+    starts from a checkpoint whose experts' masters stream into the tier, so the load peak (fp32 dense + bf16
+    experts) is not what stops Qwen3-30B-A3B and Mixtral-8x7B: their training footprint is, even before
+    activations (fp32 dense state and bf16 copies 18 B/param, bf16 expert weights, one layer's bf16 expert
+    gradients, the reserve). DeepSeek-V3's compressed expert state alone (4.03 B/param of 654 B) is past host
+    + disk. Planned for a random initialisation instead, the whole model in fp32 at load is past 80 GiB too."""
     results = largest_preset(H100)
     names = [c.name for c, _ in results]
     answer = next(c.name for c, fit in results if fit is not None)
     assert answer == "deepseek-moe-16b"
     bigger = names[:names.index(answer)]
     assert set(bigger) == {"deepseek-v3", "mixtral-8x7b", "qwen3-30b-a3b"}
+    qwen3 = count_parameters(ModelConfig.from_preset("qwen3-30b-a3b"))
+    assert 4 * qwen3[0] + 2 * qwen3[1] < H100.gpu  # its streamed load fits: training is what does not
     for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
-        assert 4 * ModelConfig.from_preset(name).param_counts()["total"] > H100.gpu
+        config = ModelConfig.from_preset(name)
+        dense, expert, _ = count_parameters(config)
+        assert 4 * (dense + expert) > H100.gpu  # the fp32 model would not even load
+        assert 18 * dense + 2 * expert + 2 * expert // len(config.moe_layers) + GPU_RESERVE > H100.gpu
+        fp32_load = fit_options(config, H100, streamed_load=False)
+        assert all(c.plan.gpu_load_bytes == 4 * (dense + expert) and not c.plan.fits_all() for c in fp32_load)
     v3 = ModelConfig.from_preset("deepseek-v3").param_counts()
     assert math.floor(4.03125 * v3["expert"]) > H100.host + H100.disk
     # sizes are in decreasing order, so the answer is the largest that fits
     totals = [c.param_counts()["total"] for c, _ in results]
     assert totals == sorted(totals, reverse=True)
+
+
+def test_streamed_load_lets_mixtral_load_on_an_h200_machine():
+    """Mixtral-8x7B at 2048-token micro-batches on an H200 machine: its fp32 model at load (4 B/param of 46.7 B)
+    is past 139 GiB, so no placement fits when the whole model loads in fp32; the streamed load (fp32 dense +
+    bf16 experts) is not, and one placement (layer-wise gradients, compressed state) then fits every tier."""
+    config = ModelConfig.from_preset("mixtral-8x7b")
+    dense, expert, _ = count_parameters(config)
+    h200 = Machine(gpu=139 * GiB, host=125 * GiB, disk=64 * GiB)
+    assert 4 * dense + 2 * expert < h200.gpu < 4 * (dense + expert)
+    fp32 = fit_options(config, h200, 2048, streamed_load=False)
+    assert not any(c.plan.fits_all() for c in fp32) and all(c.plan.fits()["gpu"] is False for c in fp32)
+    choice = best_fit(config, h200, 2048)
+    assert choice is not None and choice.plan.streamed_load and choice.layerwise_grads
+    assert choice.plan.gpu_load_bytes == 4 * dense + 2 * expert < choice.plan.gpu_bytes <= h200.gpu
