@@ -30,7 +30,7 @@ class RoundedAdamW(DenseAdamW):
         with torch.no_grad():  # the store keeps the initial master in its format too
             for _, _, ps in self.experts:
                 codec = StateCodec(StateLayout(tuple(p.numel() for p in ps), *self.fmt))
-                flat = torch.zeros(-(-codec.layout.nbytes // 4))
+                flat = torch.zeros(-(-codec.layout.nbytes // 4), device=ps[0].device)
                 codec.encode_master(flat, torch.cat([p.reshape(-1) for p in ps]))
                 w, at = codec.decode_master(flat), 0
                 for p in ps:
@@ -47,7 +47,7 @@ class RoundedAdamW(DenseAdamW):
             if any(s is None for s in states) or int(states[0]["step"]) == before[id(ps[0])]:
                 continue  # not stepped this time: untouched, as in the engine
             codec = StateCodec(StateLayout(tuple(p.numel() for p in ps), *self.fmt))
-            flat = torch.zeros(-(-codec.layout.nbytes // 4))
+            flat = torch.zeros(-(-codec.layout.nbytes // 4), device=ps[0].device)  # as the engine's slots
             w = torch.cat([p.reshape(-1) for p in ps])
             m = torch.cat([s["exp_avg"].reshape(-1) for s in states])
             v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in states])
