@@ -51,7 +51,7 @@ stage() {  # stage NAME CMD...: run, keep its log, never stop the script
 bench_args="--layers $LAYERS --micro $MICRO --seq $SEQ --accum $ACCUM --steps $STEPS --out $JSON"
 for s in $STAGES; do
   case $s in
-    tests) stage tests python3 -m pytest -q tests/gpu -p no:cacheprovider -rf ;;
+    tests) stage tests python3 -m pytest -q ${TESTS:-tests/gpu} -p no:cacheprovider -rf ;;
     link) stage link python3 -m moetrain.bench.link --out "$JSON" ;;
     experts) stage experts python3 -m moetrain.bench.expert_compute --tokens $((MICRO * SEQ)) --out "$JSON" ;;
     none) stage none python3 -m moetrain.bench.offload_step --tier none $bench_args ;;
