@@ -18,16 +18,19 @@ from moetrain.config import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 REAL = ["deepseek-moe-16b", "qwen3-30b-a3b", "qwen2-moe-a2.7b", "mixtral-8x7b", "olmoe-1b-7b"]
-PLAN_COMMAND = re.compile(r"^#\s+moetrain plan (--config recipes/[\w.-]+\.yaml.*--model\.init_from=null)\s*$")
+PLAN_COMMAND = re.compile(r"^#\s+moetrain plan (--config recipes/[\w.-]+\.yaml[^#]*?)\s*$")
 
 
 def header_plan(recipe: Path) -> tuple[list[str], list[str]]:
     """(the plan command's arguments, the plan block) of a recipe's header. The block runs from its
-    ``offload tier:`` line to its ``largest preset`` line, each line commented with "# " (a blank one "#")."""
+    ``offload tier:`` line (or the ``note:`` line just above it, printed when ``init_from`` is not downloaded
+    and the shape comes from ``model.preset``) to its ``largest preset`` line, each line commented with "# "
+    (a blank one "#")."""
     header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
     commands = [m.group(1).split() for line in header if (m := PLAN_COMMAND.match(line))]
     text = [line[2:] if line.startswith("# ") else line[1:] for line in header]
     starts = [i for i, line in enumerate(text) if line.startswith("offload tier:")]
+    starts = [i - 1 if i > 0 and text[i - 1].startswith("note: ") else i for i in starts]
     ends = [i for i, line in enumerate(text) if line.startswith("largest preset")]
     if not (commands and starts and ends):
         return [], []
@@ -43,9 +46,14 @@ def test_recipe_plans_and_its_header_plan_is_current(recipe, capsys, monkeypatch
     monkeypatch.chdir(REPO)
     parse_config(["fit", "--config", str(recipe)])  # checked against the code's signatures
     args, block = header_plan(recipe)
+    init_from = (yaml.safe_load(recipe.read_text())["model"] or {}).get("init_from")
+    if block and init_from and (REPO / init_from).exists():
+        pytest.skip(f"{init_from} is downloaded here: the header plans the preset's shape, before the download")
     if recipe.stem in REAL or recipe.stem == "deepseek-v2-lite":
         assert block, f"{recipe}: the header must show the command and the memory plan that moetrain plan prints"
-    assert main(["plan", *(args or ["--config", str(recipe), "--model.init_from=null"])]) == 0
+    # the header commands plan the recipe as written: a missing init_from directory plans its preset's shape
+    assert "--model.init_from=null" not in args
+    assert main(["plan", *(args or ["--config", str(recipe)])]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert any(line.startswith("offload tier:") for line in printed)
     if block:
