@@ -197,7 +197,9 @@ class MoETrainingModule(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerStepAdapter:
         store, self._prebuilt_store = self._prebuilt_store, None
-        if store is not None and self.parallel is not None and self.parallel.active:
+        several = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1  # parallel.active is set only by its build_optimizer below
+        if store is not None and self.parallel is not None and several:
             # ranks keep only their share of the experts' state: give the masters back to the parameters
             # (fp32, as a model loaded onto the device has them) and let each rank build its own store
             restore_masters(self.model, store)
