@@ -13,6 +13,11 @@ moments 8):
   with int8 moments).
 
 Activations and communication buffers are not counted (they depend on sequence length and checkpointing).
+
+Loading is not the one-GPU streamed path: with ``init_from`` and a tier on several ranks, each rank streams every
+expert's master into its own store, then gives them back to its parameters in fp32 and builds the store of its
+share (``training/module.py`` ``configure_optimizers``). So each GPU holds at least the whole model in fp32 (4 B/param)
+at load, and each rank's host memory every expert's state for a while; the table's note says so.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ ADAM_BYTES = 16
 """Bytes per parameter: bf16 weights and grads, fp32 master weights and two fp32 moments."""
 GPU_BYTES = 80 * GiB
 """Memory of the GPUs the note compares against (H100 80 GB)."""
+LOAD_BYTES = 4
+"""Bytes per parameter on each GPU while several ranks load ``init_from``: the fp32 model (see the module notes)."""
 STATE_BYTES = 12
 """The part of ADAM_BYTES that offload moves off the GPU: fp32 master weights and the two moments."""
 
@@ -93,6 +100,9 @@ def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...]
         lines.append(f"  note: the replicated dense part alone needs {dense_gib:.1f} GiB per GPU, "
                      f"more than an {GPU_BYTES // GiB} GiB GPU: shard its Adam state over the ranks (ZeRO) or split "
                      "the layers (pipeline/tensor parallelism) as well")
+    lines.append(f"  load with init_from on several ranks: each GPU holds at least the whole model in fp32 "
+                 f"({LOAD_BYTES * counts['total'] / GiB:.1f} GiB) and each rank's store every expert's state "
+                 f"({state_bytes * counts['expert'] / GiB:.1f} GiB, host memory or NVMe) before taking its share")
     lines.append("  (per GPU; offload keeps bf16 expert weights and grads on the GPU and their master weights and "
                  f"moments ({state_label}: {state_bytes:.2f} B/param) in host memory or NVMe)")
     return "\n".join(lines)

@@ -61,6 +61,11 @@ def test_plan_prints_the_state_format_and_the_largest_line(capsys):
     row = re.search(r"^\s+8\s+8\s+[\d.]+ GiB\s+[\d.]+ GiB\s+([\d.]+) GiB", out, re.M)
     assert row and abs(float(row[1]) - host / GiB) < 0.06
     assert host == round(4.03125 * config.param_counts()["expert"] / 8)
+    # several ranks load init_from through the fp32 model on each GPU and every expert's state in each store
+    load = re.search(r"^\s+load with init_from on several ranks: .*\(([\d.]+) GiB\).*\(([\d.]+) GiB, host", out, re.M)
+    counts = config.param_counts()
+    assert load and abs(float(load[1]) - 4 * counts["total"] / GiB) < 0.06
+    assert abs(float(load[2]) - 4.03125 * counts["expert"] / GiB) < 0.06
 
 
 def test_plan_rejects_a_bad_flag(capsys):
