@@ -59,6 +59,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--nvme-path", default=None)
     p.add_argument("--cpu-budget-gb", type=float, default=None, help="host memory for expert state per rank")
     p.add_argument("--gpu-budget-gb", type=float, default=4.0)
+    p.add_argument("--master", default="fp32", choices=["fp32", "bf16_sr", "bf16_kahan"])
+    p.add_argument("--moments", default="fp32", choices=["fp32", "bf16", "int8"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
@@ -108,7 +110,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     runtime = ParallelRuntime(ParallelConfig(expert_parallel=a.ep if world > 1 else 1))
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
     off_cfg = OffloadConfig(tier=a.tier, nvme_path=a.nvme_path, cpu_budget_gb=a.cpu_budget_gb,
-                            gpu_budget_gb=a.gpu_budget_gb)
+                            gpu_budget_gb=a.gpu_budget_gb, master=a.master, moments=a.moments)
     opt = _build_optimizer(runtime, model, opt_cfg, off_cfg)
     begin = getattr(opt, "begin_micro_batch", None)
     gen = torch.Generator(device=device).manual_seed(1 + rank)  # each rank its own tokens
@@ -159,6 +161,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(x) for x in sys.argv),
         "world": world, "expert_parallel": a.ep if world > 1 else 1, "tier": a.tier, "layers": a.layers,
+        "master": a.master, "moments": a.moments,
         "params_B_per_rank": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
         "tokens_per_step": tokens,
         "median_step_s": round(max(r["median_step_s"] for r in ranks), 4),
