@@ -10,7 +10,9 @@
 #         cpu_prof (tier cpu plus one traced step: copy directions and compute overlap),
 #         cpu_bf16 / cpu_int8 / cpu_sr / cpu_kahan / cpu_sr_int8 (compressed expert state),
 #         cpu_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
-#         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state).
+#         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state),
+#         multi_gpu (1 GPU vs 2 GPUs data parallel and expert parallel), multi_gpu28 (full depth, expert
+#         parallel over 2 GPUs).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
 # they are installed into a private site folder.
@@ -74,6 +76,11 @@ for s in $STAGES; do
         --moments int8 --hot-cache-gb -1 $bench_args ;;
     full28) stage full28 python3 -m moetrain.bench.offload_step --full-depth --tier cpu --master bf16_sr \
         --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
+    multi_gpu) stage multi_gpu timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
+        --layers "$LAYERS" --micro "$MICRO" --seq "$SEQ" --accum "$ACCUM" --steps "$STEPS" --out "$JSON" ;;
+    multi_gpu28) stage multi_gpu28 timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
+        --runs ep2 --layers 28 --master bf16_sr --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 \
+        --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" ;;
     *) echo "unknown stage $s" ;;
