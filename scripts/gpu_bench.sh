@@ -79,7 +79,7 @@ for s in $STAGES; do
     multi_gpu) stage multi_gpu timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
         --layers "$LAYERS" --micro "$MICRO" --seq "$SEQ" --accum "$ACCUM" --steps "$STEPS" --out "$JSON" ;;
     multi_gpu28) stage multi_gpu28 timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
-        --runs ep2 --layers 28 --master bf16_sr --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 \
+        --runs ep2 --layers 28 --master-format bf16_sr --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 \
         --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" ;;
