@@ -218,11 +218,13 @@ def verify_checkpoint(ckpt_dir: str | Path, optimizer: bool = True) -> ModelConf
 
 # ---------------------------------------------------------------------------------------------- load
 @torch.no_grad()
-def load_weights_into(model: MoEForCausalLM, ckpt_dir: str | Path) -> None:
-    """Stream a checkpoint's weights into ``model`` shard by shard (shapes checked; casts to each parameter)."""
+def load_weights_into(model: MoEForCausalLM, ckpt_dir: str | Path,
+                      expert_sink: Optional[Callable[[str, torch.Tensor], None]] = None) -> None:
+    """Stream a checkpoint's weights into ``model`` shard by shard (shapes checked; casts to each parameter).
+    ``expert_sink(name, tensor)`` also gets every routed expert's saved (fp32 master) weight."""
     from moetrain.models.hf import load_weights
 
-    load_weights(model, ckpt_dir)
+    load_weights(model, ckpt_dir, expert_sink=expert_sink)
 
 
 def load_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32) -> MoEForCausalLM:

@@ -225,7 +225,11 @@ class MoETrainingModule(L.LightningModule):
             raise ConfigError(f"{ckpt_dir}: the checkpoint's model config differs from the recipe's model section "
                               f"({', '.join(diff[:4])}); resume with the recipe the checkpoint was trained with "
                               "(its recipe.yaml)")
-        load_weights_into(self.model, ckpt_dir)
+        # experts whose masters already live in a store (init_from with a tier) take the saved masters there
+        sink = self._prebuilt_store.write_master if self._prebuilt_store is not None else None
+        load_weights_into(self.model, ckpt_dir, expert_sink=sink)
+        if self._prebuilt_store is not None:
+            self._prebuilt_store.finish_staged()
 
     def resume_from(self, ckpt_dir: str | Path) -> None:
         """Continue training from a checkpoint: weights now, optimizer state and step count when training starts.

@@ -105,3 +105,31 @@ def test_fit_from_hf_weights_with_an_offload_tier_equals_resident(tmp_path):
     resident, offloaded = fit(tmp_path / "none", "none"), fit(tmp_path / "cpu", "cpu")
     assert resident.keys() == offloaded.keys()
     assert max((resident[k] - offloaded[k]).abs().max().item() for k in resident) <= 1e-6
+
+    # a resume of such a run: the saved masters replace the ones streamed from init_from in the store
+    run = tmp_path / "cpu"
+    (run / "checkpoints" / "last").write_text("step-3\n")
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(run, resumed)
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    os.chdir(repo)
+    try:
+        assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=5",
+                     f"--trainer.default_root_dir={resumed}", f"--model.init_from={tmp_path / 'hf'}",
+                     "--model.config=null", "--model.offload.tier=cpu", "--data.micro_batch_size=2",
+                     "--ckpt_path=last"]) == 0
+        assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=5",
+                     f"--trainer.default_root_dir={tmp_path / 'straight'}", f"--model.init_from={tmp_path / 'hf'}",
+                     "--model.config=null", "--model.offload.tier=cpu", "--data.micro_batch_size=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+    ends = []
+    for root in (resumed, tmp_path / "straight"):
+        out: dict[str, torch.Tensor] = {}
+        for shard in (root / "checkpoints" / "step-5").glob("model-*.safetensors"):
+            out.update(load_file(shard))
+        ends.append(out)
+    assert max((ends[0][k] - ends[1][k]).abs().max().item() for k in ends[1]) <= 1e-6
