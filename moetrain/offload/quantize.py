@@ -58,13 +58,13 @@ def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bl
         s = xb.abs().amax(dim=1)
         scale[: full // block].copy_(s)
         normed = xb / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-        q[:full].view(-1, block).copy_(torch.bucketize(normed, mids))
+        q[:full].view(-1, block).copy_(torch.bucketize(normed, mids, out_int32=True))
     if full < n:  # a last, partial block
         tail = x[full:]
         s = tail.abs().amax()
         scale[-1] = s
         normed = tail / torch.where(s > 0, s, torch.ones_like(s))
-        q[full:].copy_(torch.bucketize(normed, mids))
+        q[full:].copy_(torch.bucketize(normed, mids, out_int32=True))
 
 
 def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool,

@@ -18,6 +18,7 @@ exp_avg_sq]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -67,22 +68,22 @@ class StateLayout:
     moments: str = "fp32"
     block: int = 256
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(self.sizes)
 
-    @property
+    @cached_property
     def compressed(self) -> bool:
         return self.master != "fp32" or self.moments != "fp32"
 
     def blocks_of(self, size: int) -> int:
         return -(-size // self.block)
 
-    @property
+    @cached_property
     def num_blocks(self) -> int:
         return sum(self.blocks_of(s) for s in self.sizes)
 
-    @property
+    @cached_property
     def segments(self) -> list[tuple[str, int, torch.dtype]]:
         """(name, element count, dtype) in layout order."""
         n = self.numel
@@ -94,7 +95,7 @@ class StateLayout:
             seg += [("m_scale", self.num_blocks, torch.float32), ("v_scale", self.num_blocks, torch.float32)]
         return seg
 
-    @property
+    @cached_property
     def offsets(self) -> dict[str, tuple[int, int, torch.dtype]]:
         """Segment name -> (byte offset, element count, dtype)."""
         out, at = {}, 0
@@ -104,7 +105,7 @@ class StateLayout:
             at += size if not self.compressed else _align(size)  # fp32: [master | exp_avg | exp_avg_sq] back to back
         return out
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of the record before the store pads it to its I/O alignment."""
         name, count, dtype = self.segments[-1]
@@ -127,6 +128,14 @@ class StateCodec:
 
     def __init__(self, layout: StateLayout) -> None:
         self.layout = layout
+
+    @cached_property
+    def whole(self) -> list[tuple[slice, slice]]:
+        """The spans one quantizer call covers: the whole record when every parameter fills whole blocks
+        (then no block can straddle two parameters; the common case), else one span per parameter."""
+        if all(size % self.layout.block == 0 for size in self.layout.sizes):
+            return [(slice(0, self.layout.numel), slice(0, self.layout.num_blocks))]
+        return self.param_slices()
 
     def param_slices(self) -> list[tuple[slice, slice]]:
         """Per parameter: (its elements in the record, its blocks in the scale segments)."""
@@ -158,7 +167,7 @@ class StateCodec:
 
         out = torch.empty(self.layout.numel, dtype=torch.float32, device=flat.device)
         scale = v["m_scale" if which == "exp_avg" else "v_scale"]
-        for elems, blocks in self.param_slices():
+        for elems, blocks in self.whole:
             dequantize_blockwise(v[which][elems], scale[blocks], self.layout.block, which == "exp_avg", out[elems])
         return out
 
@@ -194,7 +203,7 @@ class StateCodec:
         from moetrain.offload.quantize import quantize_blockwise
 
         scale = v["m_scale" if which == "exp_avg" else "v_scale"]
-        for elems, blocks in self.param_slices():
+        for elems, blocks in self.whole:
             quantize_blockwise(value[elems], v[which][elems], scale[blocks], self.layout.block, which == "exp_avg")
 
     def encode(self, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
