@@ -36,16 +36,10 @@ from moetrain.parallel.layout import ParallelLayout
 from moetrain.shards import write_sharded
 from moetrain.training.checkpoint import (
     CHECKPOINTS_DIR,
-    HF_CONFIG,
     LAST_FILE,
-    MOETRAIN_CONFIG,
-    RECIPE_FILE,
-    TOKENIZER_FILES,
-    TRAINER_STATE,
-    _copy_file,
-    _hf_config,
     rotate,
     step_dir_name,
+    write_side_files,
 )
 from moetrain.training.optimizer_state import (
     FORMAT,
@@ -189,19 +183,7 @@ def _global_position(trainer_state: Optional[dict[str, Any]], world: int) -> Opt
 
 def _write_rest(tmp: Path, model: nn.Module, step: int, trainer_state: Optional[dict[str, Any]],
                 recipe: Optional[str], tokenizer_dir: Optional[str | Path]) -> None:
-    hf_config = _hf_config(model.config, next(model.parameters()).dtype)
-    if hf_config is not None:
-        write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
-    write_text(tmp / MOETRAIN_CONFIG, json.dumps(model.config.to_dict(), indent=2) + "\n")
-    if recipe is not None:
-        write_text(tmp / RECIPE_FILE, recipe)
-    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                _copy_file(Path(tokenizer_dir) / name, tmp / name)
-    # trainer_state.json last: its presence marks a checkpoint whose every other file is written
-    write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
-    fsync_dir(tmp)
+    write_side_files(tmp, model.config, next(model.parameters()).dtype, step, trainer_state, recipe, tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -218,6 +218,26 @@ def verify_checkpoint(ckpt_dir: str | Path, optimizer: bool = True) -> ModelConf
 
 # ---------------------------------------------------------------------------------------------- load
 @torch.no_grad()
+def write_side_files(tmp: Path, config: ModelConfig, dtype: torch.dtype, step: int,
+                     trainer_state: Optional[dict[str, Any]], recipe: Optional[str],
+                     tokenizer_dir: Optional[str | Path]) -> None:
+    """Everything of a checkpoint directory but its tensor shards: the family's config.json, the moetrain
+    config, the recipe, the tokenizer files, and last ``trainer_state.json`` (its presence marks a
+    checkpoint whose every other file is written); then the directory is fsynced."""
+    hf_config = _hf_config(config, dtype)
+    if hf_config is not None:
+        write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
+    write_text(tmp / MOETRAIN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+    if recipe is not None:
+        write_text(tmp / RECIPE_FILE, recipe)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                _copy_file(Path(tokenizer_dir) / name, tmp / name)
+    write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
+    fsync_dir(tmp)
+
+
 def load_weights_into(model: MoEForCausalLM, ckpt_dir: str | Path,
                       expert_sink: Optional[Callable[[str, torch.Tensor], None]] = None) -> None:
     """Stream a checkpoint's weights into ``model`` shard by shard (shapes checked; casts to each parameter).
@@ -317,21 +337,9 @@ def write_checkpoint(
         tmp.mkdir()
         shown = tensor_progress(tensors, f"save {final.name}", total_bytes, enabled=progress)
         write_sharded(shown, tmp, prefix="model", max_shard_bytes=max_shard_bytes)
-        hf_config = _hf_config(config, dtype)
-        if hf_config is not None:
-            write_text(tmp / HF_CONFIG, json.dumps(hf_config, indent=2) + "\n")
-        write_text(tmp / MOETRAIN_CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
-        if recipe is not None:
-            write_text(tmp / RECIPE_FILE, recipe)
         if write_optimizer is not None:
             write_optimizer(tmp)
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    _copy_file(Path(tokenizer_dir) / name, tmp / name)
-        # trainer_state.json last: its presence marks a checkpoint whose every other file is written
-        write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **(trainer_state or {})}, indent=2) + "\n")
-        fsync_dir(tmp)
+        write_side_files(tmp, config, dtype, step, trainer_state, recipe, tokenizer_dir)
         if final.exists():
             shutil.rmtree(final)  # the same step saved again (a re-run into the same directory)
         tmp.rename(final)
