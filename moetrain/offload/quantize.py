@@ -43,6 +43,38 @@ def _code(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return code.float().to(device), mids.float().to(device)
 
 
+KEY_SHIFT = 13
+"""Nearest-code lookup on the CPU: a float32's top 19 bits (sign, exponent, 10 mantissa bits) name a
+bucket of relative width 2^-10, narrower than any gap between neighbouring midpoints of either codebook
+(at least 0.7%), so a bucket holds at most one midpoint."""
+
+
+@lru_cache(maxsize=4)
+def _bucket_table(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(midpoints below each bucket (2^19,) int32, the midpoint inside it or +inf (2^19,) fp32) on the CPU."""
+    _, mids = _code(signed, torch.device("cpu"))
+    keys = torch.arange(1 << (32 - KEY_SHIFT), dtype=torch.int64)
+    ends = [((keys << KEY_SHIFT) | low).to(torch.int32).view(torch.float32) for low in (0, (1 << KEY_SHIFT) - 1)]
+    lo, hi = torch.minimum(*ends), torch.maximum(*ends)
+    below = torch.bucketize(lo, mids)  # midpoints < lo
+    upto = torch.bucketize(hi, mids, right=True)  # midpoints <= hi
+    inside = upto > below
+    assert int((upto - below)[lo.abs() <= 1.0].max()) <= 1, "a bucket holds two midpoints: lower KEY_SHIFT"
+    mid = torch.where(inside, mids[below.clamp(max=mids.numel() - 1)], torch.full_like(lo, float("inf")))
+    return below.to(torch.int32), mid
+
+
+def nearest_code(normed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Index of the codebook entry nearest to each of ``normed`` (values in [-1, 1]), as int32: the count
+    of midpoints below the value (``torch.bucketize`` against the midpoints). On the CPU a two-table lookup
+    gives the same answer (tests compare them) 2.5x faster than bucketize's binary search."""
+    if normed.device.type != "cpu":
+        return torch.bucketize(normed, _code(signed, normed.device)[1], out_int32=True)
+    below, mid = _bucket_table(signed)
+    key = ((normed.contiguous().view(torch.int32) >> KEY_SHIFT) & ((1 << (32 - KEY_SHIFT)) - 1)).long()
+    return below[key] + (mid[key] < normed).to(torch.int32)
+
+
 def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool) -> None:
     """Quantize ``x`` (n,) fp32 into codes ``q`` (n,) uint8 and per-block absmax ``scale`` (ceil(n/block),) fp32.
 
@@ -58,13 +90,13 @@ def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bl
         s = xb.abs().amax(dim=1)
         scale[: full // block].copy_(s)
         normed = xb / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-        q[:full].view(-1, block).copy_(torch.bucketize(normed, mids, out_int32=True))
+        q[:full].view(-1, block).copy_(nearest_code(normed, signed))
     if full < n:  # a last, partial block
         tail = x[full:]
         s = tail.abs().amax()
         scale[-1] = s
         normed = tail / torch.where(s > 0, s, torch.ones_like(s))
-        q[full:].copy_(torch.bucketize(normed, mids, out_int32=True))
+        q[full:].copy_(nearest_code(normed, signed))
 
 
 def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool,

@@ -143,3 +143,17 @@ def test_record_codec_round_trip_and_size(master, moments):
     codec.encode(again, w2, m2, v2, None)
     assert torch.equal(codec.decode(again)[1], m2) and torch.equal(codec.decode(again)[2], v2)
     assert torch.equal(codec.decode(again)[0], w2)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_cpu_nearest_code_lookup_equals_bucketize(signed):
+    """The CPU's two-table lookup against torch.bucketize on the midpoints, at every midpoint, the floats
+    just either side of it, the ends, zeros of both signs and random values over seven decades."""
+    from moetrain.offload.quantize import _code, nearest_code
+
+    _, mids = _code(signed, torch.device("cpu"))
+    up, down = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))
+    ends = torch.tensor([0.0, -0.0, 1.0, 1e-30] + ([-1.0, -1e-30] if signed else []))
+    values = torch.cat([mids, up, down, ends, wide_range(20000, signed, seed=11).clamp(-1, 1)])
+    values = values[values >= 0] if not signed else values
+    assert torch.equal(nearest_code(values, signed), torch.bucketize(values, mids, out_int32=True))
