@@ -298,10 +298,13 @@ class MoETrainingModule(L.LightningModule):
             self.balancer.step()  # after the step, from the load of the whole step, as DeepSeek-V3 does
         n = self._micro
         done = step + 1
+        # every rank trains an equal share of the step (the parallel sampler deals equal rows): the step's
+        # tokens are this rank's times the ranks, with no collective on the hot path
+        ranks = torch.distributed.get_world_size() if self.parallel is not None and self.parallel.active else 1
         last = done >= self.total_steps or (self.trainer.max_steps > 0 and done >= self.trainer.max_steps)
         self.last_step = StepStats(
             step=done, loss=self._sums["loss"] / n, ce_loss=self._sums["ce_loss"] / n,
-            aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=self._tokens,
+            aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=self._tokens * ranks,
             layer_aux_loss=self._sums["layer_aux_loss"] / n if "layer_aux_loss" in self._sums else None,
             should_log=done % self.log_every_n_steps == 0 or last,
         )

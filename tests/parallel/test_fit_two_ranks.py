@@ -58,6 +58,13 @@ def test_fit_on_two_ranks_equals_one_process(tmp_path):
     for name, tensor in trained_one.items():
         torch.testing.assert_close(trained_two[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
     assert not torch.equal(trained_one["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    # metrics.jsonl counts the tokens of all ranks: the same as the one process with the doubled micro-batch
+    import json
+
+    def tokens(run: Path) -> list[int]:
+        return [json.loads(line)["tokens"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert tokens(two) == tokens(one) and tokens(one)[-1] > 0
 
     # 2 -> 1: the 2-rank checkpoint of step 2, resumed by one process, reaches the same step 3
     resumed = tmp_path / "resumed"
