@@ -51,3 +51,26 @@ def load_async_io():
     sanitize_cuda_arch_list()
     from deepspeed.ops.op_builder import AsyncIOBuilder
     return AsyncIOBuilder().load(verbose=False)
+
+
+def build_all() -> int:
+    """Build (or find in the cache) every op the engine may load, so that the first training step does not
+    wait minutes for a compiler: ``python -m moetrain.offload.ops``. ``async_io`` is skipped, with a note,
+    when libaio is missing (the NVMe tier then uses its threaded fallback)."""
+    load_cpu_adam()
+    print("cpu_adam: built")
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            print("async_io: libaio is missing; the NVMe tier will use its threaded fallback")
+            return 0
+        load_async_io()
+        print("async_io: built")
+    except Exception as err:  # a failed build leaves the fallback, which the engine announces itself
+        print(f"async_io: not built ({err}); the NVMe tier will use its threaded fallback")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(build_all())
