@@ -160,7 +160,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "bench": "multi_gpu",
         "device": torch.cuda.get_device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(x) for x in sys.argv),
+        "command": "python -m moetrain.bench.multi_gpu " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "world": world, "expert_parallel": a.ep if world > 1 else 1, "tier": a.tier, "layers": a.layers,
         "master": a.master, "moments": a.moments,
         "params_B_per_rank": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
