@@ -46,11 +46,10 @@ from moetrain.training.optimizer_state import (
     MOMENTS,
     OPTIMIZER_JSON,
     OPTIMIZER_PREFIX,
-    _check_shape,
     _load_torch_adamw,
     _param_names,
     _torch_adamw,
-    iter_named,
+    load_expert_state,
     read_meta,
 )
 
@@ -202,19 +201,5 @@ def load_optimizer_partitioned(optimizer: Any, model: nn.Module, ckpt_dir: str |
     _load_torch_adamw(dense, model, ckpt_dir, steps)  # the parameters of its groups only: a filtered read
     if not callable(getattr(inner, "load_expert_tensors", None)):
         return
-    held = sorted(inner.by_name)  # expert parameters whose state this rank keeps
-    step_index = int(meta["step_index"])
-    history = list(meta.get("lr_history") or [])
-    history = history + [0.0] * (step_index - len(history))
-    inner.load_state_dict({"dense": dense.state_dict(), "expert_steps": {n: steps.get(n, 0) for n in held},
-                           "lr_history": history, "step_index": step_index})
-    shapes = dict(model.named_parameters())
-
-    def checked() -> Iterator[tuple[str, torch.Tensor]]:
-        wanted = [f"{n}.{part}{scale}" for n in held for part in MOMENTS for scale in ("", ".absmax")]
-        for key, tensor in iter_named(ckpt_dir, wanted):
-            if not key.endswith(".absmax"):
-                _check_shape(ckpt_dir, key, tensor, shapes[key.rsplit(".", 1)[0]].shape)
-            yield key, tensor
-
-    inner.load_expert_tensors(checked())
+    # the expert parameters whose state this rank keeps
+    load_expert_state(inner, model, ckpt_dir, meta, dense, sorted(inner.by_name))

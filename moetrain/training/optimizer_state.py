@@ -163,20 +163,29 @@ def load_optimizer(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> No
     _load_torch_adamw(dense, model, ckpt_dir, steps)
     if not _is_offload(optimizer):
         return
-    experts = sorted(model.expert_parameter_names())
+    load_expert_state(optimizer, model, ckpt_dir, meta, dense, sorted(model.expert_parameter_names()))
+
+
+def load_expert_state(optimizer: Any, model: nn.Module, ckpt_dir: Path, meta: dict[str, Any],
+                      dense: torch.optim.Optimizer, experts: list[str]) -> None:
+    """Restore an offload optimizer's counters and the experts ``experts`` (parameter names) by name:
+    step counts, learning-rate history, then their moments (in the stored format, with the per-block
+    scales of 8-bit moments), shape-checked against ``model``."""
+    steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
     step_index = int(meta["step_index"])
     history = list(meta.get("lr_history") or [])
     # from tier none there is no history; every expert is caught up to step_index, so none is read
     history = history + [0.0] * (step_index - len(history))
     optimizer.load_state_dict({"dense": dense.state_dict(), "expert_steps": {n: steps.get(n, 0) for n in experts},
                                "lr_history": history, "step_index": step_index})
+    shapes = dict(model.named_parameters())
 
     def checked() -> Iterator[tuple[str, torch.Tensor]]:
         # 8-bit moments come with their per-block scales (``<param>.<moment>.absmax``), shaped by blocks
         wanted = [f"{n}.{part}{scale}" for n in experts for part in MOMENTS for scale in ("", ".absmax")]
         for key, tensor in iter_named(ckpt_dir, wanted):
             if not key.endswith(".absmax"):
-                _check_shape(ckpt_dir, key, tensor, model_params[key.rsplit(".", 1)[0]].shape)
+                _check_shape(ckpt_dir, key, tensor, shapes[key.rsplit(".", 1)[0]].shape)
             yield key, tensor
 
     optimizer.load_expert_tensors(checked())
