@@ -131,7 +131,7 @@ class ExpertOffloadOptimizer:
         for rec in self.store:
             if not all(decays(n, p) for n, p in zip(rec.names, rec.params, strict=True)):
                 raise ValueError(f"{rec.prefix}: expert parameters are expected to be matrices (decayed)")
-        self.by_name = {name: (rec, i) for rec in self.store for i, name in enumerate(rec.names)}
+        self.by_name = self.store.by_name  # parameter name -> (record, index in the record)
         self.compressed = next(iter(self.store)).layout.compressed
         self.compute_dtype = compute_dtype(offload, self.device)
         if self.compute_dtype != next(iter(self.store)).params[0].dtype:

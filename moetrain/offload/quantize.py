@@ -83,7 +83,6 @@ def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bl
     n = x.numel()
     nb = scale.numel()
     assert nb == -(-n // block), (n, nb, block)
-    code, mids = _code(signed, x.device)
     full = (n // block) * block
     if full:
         xb = x[:full].view(-1, block)

@@ -217,6 +217,8 @@ class StateCodec:
         """What the model's compute weights become after ``master`` (fp32, as stepped) was encoded: the
         stored value (the rounded bf16 master, or bf16 master + compensation), so that compute and a
         checkpoint see the same weights."""
+        if self.layout.master == "bf16_sr":
+            return self.layout.views(flat)["master"]  # the stored bf16 itself (no fp32 copy on the hot path)
         return master if self.layout.master == "fp32" else self.decode_master(flat)
 
     def record_generator(self, device: torch.device, seed: int) -> torch.Generator | None:
