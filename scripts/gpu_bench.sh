@@ -9,7 +9,9 @@
 #         checkpoint_io (save/load GB/s against the disk, init_from host memory),
 #         cpu_prof (tier cpu plus one traced step: copy directions and compute overlap),
 #         cpu_bf16 / cpu_int8 / cpu_sr / cpu_kahan / cpu_sr_int8 (compressed expert state),
-#         cpu_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
+#         cpu_hot / cpu_bf16_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
+#         cpu_paged / cpu_paged_small / cpu_paged_cpu (compute weights paged from host memory:
+#         resident_weights no; 4 GB or 1 GB of state slots; experts stepped on the GPU or by CPU Adam),
 #         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state),
 #         multi_gpu (1 GPU vs 2 GPUs data parallel and expert parallel), multi_gpu28 (full depth, expert
 #         parallel over 2 GPUs).
@@ -71,9 +73,16 @@ for s in $STAGES; do
     cpu_kahan) stage cpu_kahan python3 -m moetrain.bench.offload_step --tier cpu --master bf16_kahan $bench_args ;;
     cpu_sr_int8) stage cpu_sr_int8 python3 -m moetrain.bench.offload_step --tier cpu --master bf16_sr \
         --moments int8 $bench_args ;;
+    cpu_bf16_hot) stage cpu_bf16_hot python3 -m moetrain.bench.offload_step --tier cpu --moments bf16 --hot-cache-gb -1 \
+        $bench_args ;;
     cpu_hot) stage cpu_hot python3 -m moetrain.bench.offload_step --tier cpu --hot-cache-gb -1 $bench_args ;;
     cpu_sr_int8_hot) stage cpu_sr_int8_hot python3 -m moetrain.bench.offload_step --tier cpu --master bf16_sr \
         --moments int8 --hot-cache-gb -1 $bench_args ;;
+    cpu_paged) stage cpu_paged python3 -m moetrain.bench.offload_step --tier cpu --resident-weights no $bench_args ;;
+    cpu_paged_small) stage cpu_paged_small python3 -m moetrain.bench.offload_step --tier cpu --resident-weights no \
+        --gpu-budget-gb 1 $bench_args ;;
+    cpu_paged_cpu) stage cpu_paged_cpu python3 -m moetrain.bench.offload_step --tier cpu --resident-weights no \
+        --step-on cpu --gpu-budget-gb 1 $bench_args ;;
     full28) stage full28 python3 -m moetrain.bench.offload_step --full-depth --tier cpu --master bf16_sr \
         --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     multi_gpu) stage multi_gpu timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
@@ -82,7 +91,8 @@ for s in $STAGES; do
         --runs ep2 --layers 28 --master-format bf16_sr --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 \
         --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
-        --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" ;;
+        --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" \
+        --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -14,10 +14,11 @@ of streaming a Hugging Face directory into a model (``init_from``).
    sampled every 10 ms, minus the RSS before).
 3. init_from: for each size in ``--init-sizes-gb``, a synthetic Hugging Face directory of that many GB (bf16,
    ``--shard-mb`` shards, DeepSeek-MoE-16B-shaped layers) is written, its pages dropped, and a fresh process
-   runs ``from_pretrained(dir, device=cuda)`` (what ``model.init_from`` does on a GPU); its peak RSS
-   (``ru_maxrss``) is reported against the model size and the shard size. Streaming means the peak follows
-   the shard size, not the model size; sizes are arguments because the disk (64 GiB on the GPU machines here)
-   may not hold a model larger than half the host memory.
+   runs ``from_pretrained(dir, dtype=--init-dtype, device=cuda)`` (what ``model.init_from`` does on a GPU);
+   its peak RSS (``ru_maxrss``) is reported against the model size, the shard size and the host memory.
+   Streaming means the peak follows the shard size, not the model size. Sizes are arguments because the disk
+   may not hold a bf16 model larger than half the host memory; ``--init-dtype fp32`` loads it in the training
+   precision, twice its size on disk, which is how a model larger than half the host memory is loaded there.
 
 Prints one ``RESULT {json}`` line and writes ``checkpoint_io.json`` under ``--out``.
 """
@@ -223,14 +224,16 @@ import resource, sys, time, torch
 from moetrain.bench.checkpoint_io import PeakRss
 from moetrain.models.hf import from_pretrained
 device = sys.argv[2]
+dtype = getattr(torch, sys.argv[3])
 torch.zeros(1, device=device)  # the CUDA context's host memory is not the loader's
 with PeakRss(0.002) as mem:
     t0 = time.perf_counter()
-    model = from_pretrained(sys.argv[1], dtype=torch.bfloat16, device=device)
+    model = from_pretrained(sys.argv[1], dtype=dtype, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-print(mem.added, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds)
+loaded = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print(mem.added, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, seconds, loaded)
 """
 
 
@@ -242,14 +245,19 @@ def init_from_rss(args: argparse.Namespace, device: torch.device) -> list[dict[s
         shutil.rmtree(out, ignore_errors=True)
         model_bytes = write_synthetic_hf(out, args.preset, layers, args.shard_mb << 20)
         drop_cache(out)
-        res = subprocess.run([sys.executable, "-c", CHILD, str(out), device.type], capture_output=True, text=True)
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.init_dtype]
+        res = subprocess.run([sys.executable, "-c", CHILD, str(out), device.type, dtype], capture_output=True,
+                             text=True)
         shutil.rmtree(out)
         if res.returncode != 0:
             rows.append({"model_gb": model_bytes / 1e9, "error": res.stderr[-2000:]})
             continue
-        added, maxrss, seconds = res.stdout.split()[-3:]
+        added, maxrss, seconds, loaded = res.stdout.split()[-4:]
         added = int(added)  # peak RSS during from_pretrained minus RSS before it (imports, CUDA context)
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         rows.append({"layers": layers, "model_bytes": model_bytes, "shard_bytes": args.shard_mb << 20,
+                     "init_dtype": args.init_dtype, "loaded_model_bytes": int(loaded),
+                     "loaded_over_host_memory": int(loaded) / host,
                      "host_added_bytes": added, "process_max_rss_bytes": int(maxrss),
                      "added_over_shard": added / (args.shard_mb << 20), "added_over_model": added / model_bytes,
                      "load_s": float(seconds), "device": device.type})
@@ -268,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-gb", type=float, default=8.0)
     parser.add_argument("--init-sizes-gb", type=lambda s: [float(x) for x in s.split(",") if x], default=[8.0, 24.0])
     parser.add_argument("--skip-save", action="store_true", help="only the disk and init_from measurements")
+    parser.add_argument("--init-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="dtype init_from loads into (fp32: the training precision, twice the bytes on disk)")
     args = parser.parse_args(argv)
     args.scratch = (args.scratch or args.out).resolve()
     args.scratch.mkdir(parents=True, exist_ok=True)

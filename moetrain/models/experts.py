@@ -78,6 +78,41 @@ def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
     )
 
 
+def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+                           wd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (N, H), g (N, I), u (N, I)) of every expert's SwiGLU over expert-sorted rows ``x`` (N, H);
+    ``wg``/``wu`` (E, I, H), ``wd`` (E, H, I) in ``x``'s dtype."""
+    g = torch._grouped_mm(x, wg.transpose(1, 2), offs=offsets)  # (N, I)
+    u = torch._grouped_mm(x, wu.transpose(1, 2), offs=offsets)  # (N, I)
+    y = torch._grouped_mm(F.silu(g) * u, wd.transpose(1, 2), offs=offsets)  # (N, H)
+    return y, g, u
+
+
+def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, has_rows: torch.Tensor,
+                            g: torch.Tensor, u: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                            param_dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx (N, H), [d gate_0, d up_0, d down_0, d gate_1, ...]) of :func:`grouped_swiglu_forward`; the
+    weight grads are views of three (E, ...) tensors of ``param_dtype``, zero for experts without rows."""
+    dy = dy.to(x.dtype).contiguous()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    h = silu * u
+    dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
+    dg = dh * u * (sig * (1 + g * (1 - sig)))
+    du = dh * silu
+    dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
+    # Weight grads: groups along the token dimension; an expert with no rows must read as zero,
+    # which the kernel does not promise for empty groups, hence the mask.
+    keep = has_rows[:, None, None]
+    d_wd = torch.where(keep, torch._grouped_mm(dy.t(), h, offs=offsets), 0).to(param_dtype)  # (E, H, I)
+    d_wg = torch.where(keep, torch._grouped_mm(dg.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
+    d_wu = torch.where(keep, torch._grouped_mm(du.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
+    per_expert = []
+    for e in range(d_wg.shape[0]):
+        per_expert += [d_wg[e], d_wu[e], d_wd[e]]
+    return dx, per_expert
+
+
 class GroupedSwiGLU(torch.autograd.Function):
     """All experts' SwiGLU over expert-sorted rows with three grouped GEMMs, forward and backward.
 
@@ -92,10 +127,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x, offsets, has_rows, w_gate, w_up, w_down, *expert_params):
         dt = x.dtype
         wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
-        g = torch._grouped_mm(x, wg.transpose(1, 2), offs=offsets)  # (N, I)
-        u = torch._grouped_mm(x, wu.transpose(1, 2), offs=offsets)  # (N, I)
-        h = F.silu(g) * u
-        y = torch._grouped_mm(h, wd.transpose(1, 2), offs=offsets)  # (N, H)
+        y, g, u = grouped_swiglu_forward(x, offsets, wg, wu, wd)
         ctx.save_for_backward(x, offsets, has_rows, g, u, wg, wu, wd)
         ctx.param_dtype = w_gate.dtype
         return y
@@ -103,26 +135,107 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, offsets, has_rows, g, u, wg, wu, wd = ctx.saved_tensors
-        dy = dy.to(x.dtype).contiguous()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        h = silu * u
-        dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
-        dg = dh * u * (sig * (1 + g * (1 - sig)))
-        du = dh * silu
-        dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
-        # Weight grads: groups along the token dimension; an expert with no rows must read as zero,
-        # which the kernel does not promise for empty groups, hence the mask.
-        keep = has_rows[:, None, None]
-        d_wd = torch.where(keep, torch._grouped_mm(dy.t(), h, offs=offsets), 0)  # (E, H, I)
-        d_wg = torch.where(keep, torch._grouped_mm(dg.t(), x, offs=offsets), 0)  # (E, I, H)
-        d_wu = torch.where(keep, torch._grouped_mm(du.t(), x, offs=offsets), 0)  # (E, I, H)
-        pd = ctx.param_dtype
-        d_wg, d_wu, d_wd = d_wg.to(pd), d_wu.to(pd), d_wd.to(pd)
-        per_expert = []
-        for e in range(d_wg.shape[0]):
-            per_expert += [d_wg[e], d_wu[e], d_wd[e]]
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype)
         return (dx, None, None, None, None, None, *per_expert)
+
+
+class PagedGroupedSwiGLU(torch.autograd.Function):
+    """:class:`GroupedSwiGLU` with the weights paged in by an
+    :class:`~moetrain.offload.weight_pager.ExpertWeightPager`: fetched for the forward GEMMs and fetched
+    again (never saved) for the backward ones; each pass also starts the next layer's page-in.
+
+    forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, pager, layer, active (list of the
+    experts with rows), *expert_params (placeholders that receive the gradients)) -> (N, H)
+    """
+
+    @staticmethod
+    def forward(ctx, x, offsets, has_rows, pager, layer, active, *expert_params):
+        wg, wu, wd = pager.fetch(layer, active)
+        y, g, u = grouped_swiglu_forward(x, offsets, wg, wu, wd)
+        pager.release(layer)
+        _prefetch_next(pager, layer, +1)
+        ctx.save_for_backward(x, offsets, has_rows, g, u)
+        ctx.pager, ctx.layer, ctx.active, ctx.param_dtype = pager, layer, active, expert_params[0].dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offsets, has_rows, g, u = ctx.saved_tensors
+        wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
+        _prefetch_next(ctx.pager, ctx.layer, -1)
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype)
+        ctx.pager.release(ctx.layer)
+        return (dx, None, None, None, None, None, *per_expert)
+
+
+class PagedLoopSwiGLU(torch.autograd.Function):
+    """The per-expert loop with paged weights (CPU, or GPUs without the grouped kernel).
+
+    Forward and backward run the very ops autograd runs for ``SwiGLU`` on a 2-D input (``mm`` with the
+    transposed weight, ``silu``, ``mul``; in backward ``mm`` for both operands and ``silu_backward``), so
+    the results equal the resident loop's bit for bit. Experts without rows get no gradient (``None``).
+
+    forward(x_sorted (N, H), pager, layer, sizes (rows per expert, host list), *expert_params) -> (N, H)
+    """
+
+    @staticmethod
+    def forward(ctx, x, pager, layer, sizes, *expert_params):
+        active = [e for e, n in enumerate(sizes) if n]
+        wg, wu, wd = pager.fetch(layer, active)
+        pieces, saved, start = [], [], 0
+        for n, w1, w2, w3 in zip(sizes, wg, wu, wd, strict=True):
+            if n:
+                xe = x[start:start + n]
+                g = xe.mm(w1.to(x.dtype).t())
+                u = xe.mm(w2.to(x.dtype).t())
+                a = F.silu(g)
+                h = a * u
+                pieces.append(h.mm(w3.to(x.dtype).t()))
+                saved += [g, u, a, h]
+            start += n
+        pager.release(layer)
+        _prefetch_next(pager, layer, +1)
+        ctx.save_for_backward(x, *saved)
+        ctx.pager, ctx.layer, ctx.sizes, ctx.param_dtype = pager, layer, sizes, expert_params[0].dtype
+        if not pieces:
+            return x.new_zeros(x.shape)
+        return torch.cat(pieces, 0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *saved = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        sizes = ctx.sizes
+        wg, wu, wd = ctx.pager.fetch(ctx.layer, [e for e, n in enumerate(sizes) if n])
+        _prefetch_next(ctx.pager, ctx.layer, -1)
+        dx = torch.zeros_like(x)
+        grads: list = []
+        start = 0
+        for n, w1, w2, w3 in zip(sizes, wg, wu, wd, strict=True):
+            if not n:
+                grads += [None, None, None]
+                continue
+            g, u, a, h = saved[:4]
+            saved = saved[4:]
+            xe, dye = x[start:start + n], dy[start:start + n]
+            dh = dye.mm(w3.to(x.dtype))
+            d_down = dye.t().mm(h)
+            da, du = dh * u, dh * a
+            dg = torch.ops.aten.silu_backward(da, g)
+            dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
+            pd = ctx.param_dtype
+            grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), d_down.to(pd)]
+            start += n
+        ctx.pager.release(ctx.layer)
+        return (dx, None, None, None, *grads)
+
+
+def _prefetch_next(pager, layer: int, direction: int) -> None:
+    """Start paging in the neighbour layer of ``layer`` (``+1`` in forward: the experts it routed last
+    time; ``-1`` in backward: the experts it routed in this forward)."""
+    nxt = pager.next_layer(layer, direction)
+    if nxt is not None:
+        pager.prefetch(nxt, pager.last_routed.get(nxt, []))
 
 
 class RoutedExperts(nn.ModuleList):
@@ -135,6 +248,8 @@ class RoutedExperts(nn.ModuleList):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto") -> None:
         super().__init__(SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts))
+        self.pager = None  # an ExpertWeightPager when compute weights are paged (resident_weights: no)
+        self.layer_idx = -1  # set with the pager: the layer this module's rows belong to
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -183,7 +298,9 @@ class RoutedExperts(nn.ModuleList):
         if torch.is_autocast_enabled(x.device.type):
             # The grouped kernel is outside autocast's op list: cast the rows to the autocast dtype here.
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
-        if self.use_grouped(x_sorted):
+        if self.pager is not None:
+            y = self._paged(x_sorted, d)
+        elif self.use_grouped(x_sorted):
             y = self._grouped(x_sorted, d.counts, d.offsets)
         else:
             y = self._loop(x_sorted, d.counts)
@@ -196,6 +313,17 @@ class RoutedExperts(nn.ModuleList):
         w_gate, w_up, w_down = self.packed_weights()
         params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
         return GroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, w_gate, w_up, w_down, *params)
+
+    def _paged(self, x_sorted: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        # The host must know which experts to page in: the layer's one read of its counts.
+        sizes = d.counts.tolist()
+        active = [e for e, n in enumerate(sizes) if n]
+        self.pager.routed(self.layer_idx, active)
+        params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        if self.use_grouped(x_sorted):
+            return PagedGroupedSwiGLU.apply(x_sorted.contiguous(), d.offsets, d.counts > 0, self.pager,
+                                            self.layer_idx, active, *params)
+        return PagedLoopSwiGLU.apply(x_sorted, self.pager, self.layer_idx, sizes, *params)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # One host read of the counts; fine on the CPU, and the fallback on GPUs without grouped GEMM.

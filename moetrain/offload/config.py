@@ -21,8 +21,11 @@ class OffloadConfig:
     cpu_budget_gb: Optional[float] = None
     """Host memory for expert state under tier ``cpu``; records past it overflow to NVMe (None: no limit)."""
     resident_weights: str = "auto"
-    """Keep experts' compute weights on the device (``auto``/``yes``). ``no`` (page compute weights per
-    active expert) is not implemented yet and is refused with a clear error."""
+    """Keep experts' compute weights on the device (``auto``/``yes``, the default), or ``no``: keep them in
+    host memory and page them in per layer and active expert, forward and backward, into two layer-sized
+    device buffers (whatever the number of layers). ``no`` saves the resident weights' device memory and
+    moves 2 bytes a parameter of every active expert over the link twice per micro-batch; it needs tier
+    ``cpu`` or ``nvme`` and one process."""
     step_on: str = "gpu"
     """Where offloaded experts are stepped: ``gpu`` (state paged in, fused AdamW), ``cpu``
     (DeepSpeedCPUAdam in host memory, gradients down and weights up) or ``auto`` (both at once, split
@@ -75,6 +78,9 @@ class OffloadConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.offload.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.resident_weights == "no" and self.tier == "none":
+            raise ValueError("model.offload.resident_weights=no pages compute weights from host memory: it needs "
+                             "model.offload.tier=cpu or nvme")
         if self.tier == "nvme" and not self.nvme_path:
             raise ValueError("model.offload.tier=nvme needs model.offload.nvme_path=DIR (a folder on a fast disk)")
         if self.gpu_budget_gb <= 0:

@@ -39,11 +39,16 @@ class CpuStepper:
         dtype: the experts' compute dtype (that of their ``.grad`` and weights).
         chunk_numel: parameters per chunk (raised to the largest record so that one always fits).
         mark_transfer: called on a copy stream right before its first copy is queued.
+        write_weights: ``write_weights(rec, weights)`` takes each record's new compute weights ((n,) in host
+            memory) instead of the upload into the model's parameters (paged compute weights, whose home
+            is host memory: nothing goes up the link).
     """
 
     def __init__(self, cpu_adam, device: torch.device, dtype: torch.dtype, chunk_numel: int,
-                 mark_transfer: Callable[[Optional[torch.cuda.Stream]], None] = lambda stream: None) -> None:
+                 mark_transfer: Callable[[Optional[torch.cuda.Stream]], None] = lambda stream: None,
+                 write_weights: Optional[Callable[[ExpertRecord, torch.Tensor], None]] = None) -> None:
         self.cpu_adam, self.device, self.dtype = cpu_adam, device, dtype
+        self.write_weights = write_weights
         self.mark_transfer = mark_transfer  # opens the step's paging window (telemetry)
         self.chunk_numel = chunk_numel
         cuda = device.type == "cuda"
@@ -143,10 +148,14 @@ class CpuStepper:
                 # compressed formats: back into the record's format (nothing to do for fp32 state)
                 gen = rec.codec.record_generator(master.device, rounding_seed(rec.layer, rec.expert, step))
                 rec.codec.encode(flat, master, exp_avg, exp_avg_sq, gen)
-                wbuf[off:off + rec.numel].copy_(rec.codec.compute_weights(flat, master))
+                if self.write_weights is not None:
+                    self.write_weights(rec, rec.codec.compute_weights(flat, master))
+                else:
+                    wbuf[off:off + rec.numel].copy_(rec.codec.compute_weights(flat, master))
                 put_host_state(rec, flat)
                 off += rec.numel
-            self._up(chunk, k)
+            if self.write_weights is None:
+                self._up(chunk, k)
 
     def transfer_streams(self) -> list[torch.cuda.Stream]:
         return [s for s in (self.down_stream, self.up_stream) if s is not None]

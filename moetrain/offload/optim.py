@@ -38,12 +38,14 @@ missed are replayed with the same kernel and each step's learning rate, so it eq
 stepping zero gradients. The replay needs the routed set on the host, so that mode reads the counts
 once per MoE layer and micro-batch: the price of its exactness.
 
-Compute weights stay resident (the model's own expert parameters); paging them per active expert
-(``resident_weights: no``) is not implemented. Their dtype is ``compute_dtype`` (bf16 on CUDA by
-default): the fp32 master lives in the store only, the experts' packed (E, ...) weight tensors are
-rebuilt in bf16 once at construction, and every later write (new weights after a step, a state load)
-copies into those packed views in place, so the grouped GEMM never repacks or casts them. Their
-gradients are then bf16 too and are upcast chunk by chunk right before the fused AdamW kernel.
+Compute weights stay resident by default (the model's own expert parameters). Their dtype is
+``compute_dtype`` (bf16 on CUDA by default): the fp32 master lives in the store only, the experts' packed
+(E, ...) weight tensors are rebuilt in bf16 once at construction, and every later write (new weights
+after a step, a state load) copies into those packed views in place, so the grouped GEMM never repacks
+or casts them. Their gradients are then bf16 too and are upcast chunk by chunk right before the fused
+AdamW kernel. With ``resident_weights: no`` the compute weights live in host memory instead and are paged
+in per layer and active expert (:mod:`moetrain.offload.weight_pager`); every write of new weights goes
+to the pager's host rows, and the gradients stay on the device as before.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from moetrain.offload.rates import Rates, measure, split
 from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.swapper import Swapper
+from moetrain.offload.weight_pager import ExpertWeightPager
 from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
 
 PARTS = ("master", "exp_avg", "exp_avg_sq")
@@ -115,9 +118,9 @@ class ExpertOffloadOptimizer:
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig,
                  owns: Optional[Callable[[int, int], bool]] = None, store: Optional[ExpertStore] = None) -> None:
-        if offload.resident_weights == "no":
-            raise ValueError("model.offload.resident_weights=no (paging compute weights per expert) is not "
-                             "implemented yet: use auto or yes")
+        if offload.resident_weights == "no" and owns is not None:
+            raise ValueError("model.offload.resident_weights=no is for one process: with data or expert parallel "
+                             "training keep resident_weights=auto")
         self.model, self.cfg, self.offload = model, cfg, offload
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -134,7 +137,10 @@ class ExpertOffloadOptimizer:
         self.by_name = self.store.by_name  # parameter name -> (record, index in the record)
         self.compressed = next(iter(self.store)).layout.compressed
         self.compute_dtype = compute_dtype(offload, self.device)
-        if self.compute_dtype != next(iter(self.store)).params[0].dtype:
+        self.pager: Optional[ExpertWeightPager] = None
+        if offload.resident_weights == "no":  # the store took its fp32 master from the parameters first
+            self.pager = ExpertWeightPager(model.moe_blocks(), self.device, self.compute_dtype)
+        elif self.compute_dtype != next(iter(self.store)).params[0].dtype:
             cast_experts(model, self.compute_dtype)  # after the store took its fp32 master from them
         self.swapper = Swapper(self.store, self.device, self._num_slots())
         if offload.hot_cache_gb:
@@ -149,7 +155,8 @@ class ExpertOffloadOptimizer:
             total = sum(r.numel for r in self.store)
             chunk = max(min(CPU_CHUNK_NUMEL, total), max(r.numel for r in self.store))
             self.cpu_stepper = CpuStepper(self.cpu_adam, self.device, self.compute_dtype, chunk,
-                                          mark_transfer=lambda stream: self.swapper.mark_transfer(stream))
+                                          mark_transfer=lambda stream: self.swapper.mark_transfer(stream),
+                                          write_weights=None if self.pager is None else self._write_weights)
         self.rates: Rates = (measure(self.device, self.cpu_adam, self.compute_dtype) if offload.step_on == "auto"
                              else Rates())
         # on CUDA the CPU share runs in a thread beside the GPU share, whose launches are asynchronous
@@ -484,6 +491,10 @@ class ExpertOffloadOptimizer:
                               self._put_host_state)
 
     def _write_weights(self, rec: ExpertRecord, master: torch.Tensor, non_blocking: bool = True) -> None:
+        """The record's compute weights become ``master`` ((n,) in record order, any dtype)."""
+        if self.pager is not None:
+            self.pager.write(rec.layer, rec.expert, master)
+            return
         for p, w in zip(rec.params, rec.split(master), strict=True):
             p.data.copy_(w, non_blocking=non_blocking)
 
@@ -547,6 +558,14 @@ class ExpertOffloadOptimizer:
             "offload/rate_duplex_gbps": self.rates.duplex_gbps,
             "offload/rate_cpu_adam_gparams": self.rates.cpu_adam_gparams,
         }
+        if self.pager is not None:  # paged compute weights: their own traffic, forward and backward included
+            ps = self.pager.reset_stats()
+            rows = ps.row_hits + ps.row_misses
+            t.update({"offload/weights_h2d_bytes": float(ps.h2d_bytes),
+                      "offload/weights_d2h_bytes": float(ps.d2h_bytes),
+                      "offload/weights_hit_rate": ps.row_hits / rows if rows else 0.0,
+                      "offload/weights_prefetched_rows": float(ps.prefetched_rows),
+                      "offload/weights_device_bytes": float(self.pager.device_bytes)})
         if self.lookahead is not None:
             t["offload/lookahead_precision"], t["offload/lookahead_recall"] = self.lookahead.read()
         active = counts > 0
@@ -664,7 +683,10 @@ class ExpertOffloadOptimizer:
                 self._copy_checked(master[elems].view(rec.shapes[idx]), tensor, label)
                 rec.codec.encode_master(flat, master)
                 weights = rec.codec.compute_weights(flat, master)
-                rec.params[idx].data.copy_(weights[elems].view(rec.shapes[idx]))
+                if self.pager is not None:
+                    self.pager.write(rec.layer, rec.expert, weights)
+                else:
+                    rec.params[idx].data.copy_(weights[elems].view(rec.shapes[idx]))
             elif tensor.dtype == views[which].dtype:  # the stored format itself: copied as is
                 self._copy_checked(views[which][elems].view(rec.shapes[idx]), tensor, label)
             elif tensor.dtype == torch.uint8:

@@ -71,15 +71,17 @@ def test_the_run_moves_the_weights(runs):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("before,after,atol", [("cpu", "nvme", 0.0), ("none", "cpu", 1e-6)])
+@pytest.mark.parametrize("before,after,atol", [("cpu", "nvme", 0.0), ("none", "cpu", 1e-6), ("cpu", "cpu-paged", 0.0)])
 def test_resume_under_another_tier(runs, before, after, atol):
     """cpu -> nvme is the same arithmetic (bitwise); none -> cpu swaps torch AdamW for the expert engine's
-    AdamW on the experts (equal to 1e-6, as the offload exactness tests find)."""
+    AdamW on the experts (equal to 1e-6, as the offload exactness tests find); cpu -> cpu-paged resumes
+    with the compute weights paged from host memory (resident_weights=no), the same arithmetic again."""
     tmp = runs["tmp"]
-    recipe = write_recipe(tmp, runs["data"], after)
+    recipe = write_recipe(tmp, runs["data"], after.removesuffix("-paged"))
     run = tmp / f"{before}-to-{after}"
     ckpt = runs[before][1] / "checkpoints" / f"step-{HALF}"
-    assert fit(recipe, run, f"--ckpt_path={ckpt}") == 0
+    paged = ["--model.offload.resident_weights=no"] if after.endswith("-paged") else []
+    assert fit(recipe, run, f"--ckpt_path={ckpt}", *paged) == 0
     straight = last(runs[before][0])
     assert last(run).name == straight.name
     assert_same_tensors(shard_tensors(last(run), "model"), shard_tensors(straight, "model"), atol)

@@ -39,9 +39,12 @@ def resident(tmp_path_factory):
     return _fit(tmp_path_factory.mktemp("none"), "--model.offload.tier=none")
 
 
-@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("tier", ["cpu", "nvme", "cpu-paged"])
 def test_offloaded_fit_ends_with_the_resident_checkpoint(resident, tier, tmp_path):
-    args = [f"--model.offload.tier={tier}"]
+    """``cpu-paged``: tier cpu with the compute weights paged from host memory too (resident_weights=no)."""
+    args = [f"--model.offload.tier={tier.removesuffix('-paged')}"]
+    if tier.endswith("-paged"):
+        args.append("--model.offload.resident_weights=no")
     if tier == "nvme":
         (tmp_path / "swap").mkdir()
         args.append(f"--model.offload.nvme_path={tmp_path / 'swap'}")
