@@ -12,6 +12,7 @@
 #         cpu_hot / cpu_bf16_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
 #         cpu_paged / cpu_paged_small / cpu_paged_cpu (compute weights paged from host memory:
 #         resident_weights no; 4 GB or 1 GB of state slots; experts stepped on the GPU or by CPU Adam),
+#         none_ckpt / cpu_ckpt / cpu_paged_ckpt / cpu_bf16_hot_ckpt (the same with activation checkpointing),
 #         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state),
 #         multi_gpu (1 GPU vs 2 GPUs data parallel and expert parallel), multi_gpu28 (full depth, expert
 #         parallel over 2 GPUs).
@@ -83,6 +84,12 @@ for s in $STAGES; do
         --gpu-budget-gb 1 $bench_args ;;
     cpu_paged_cpu) stage cpu_paged_cpu python3 -m moetrain.bench.offload_step --tier cpu --resident-weights no \
         --step-on cpu --gpu-budget-gb 1 $bench_args ;;
+    none_ckpt) stage none_ckpt python3 -m moetrain.bench.offload_step --tier none --checkpoint-layers $bench_args ;;
+    cpu_ckpt) stage cpu_ckpt python3 -m moetrain.bench.offload_step --tier cpu --checkpoint-layers $bench_args ;;
+    cpu_paged_ckpt) stage cpu_paged_ckpt python3 -m moetrain.bench.offload_step --tier cpu --resident-weights no \
+        --gpu-budget-gb 1 --checkpoint-layers $bench_args ;;
+    cpu_bf16_hot_ckpt) stage cpu_bf16_hot_ckpt python3 -m moetrain.bench.offload_step --tier cpu --moments bf16 \
+        --hot-cache-gb -1 --checkpoint-layers $bench_args ;;
     full28) stage full28 python3 -m moetrain.bench.offload_step --full-depth --tier cpu --master bf16_sr \
         --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
     multi_gpu) stage multi_gpu timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--moments", default="fp32", choices=["fp32", "bf16", "int8"])
     p.add_argument("--hot-cache-gb", type=float, default=0.0, help="hot-expert state cache (negative: auto)")
     p.add_argument("--gpu-budget-gb", type=float, default=4.0)
+    p.add_argument("--checkpoint-layers", action="store_true",
+                   help="activation checkpointing: decoder layers recomputed in backward")
     p.add_argument("--resident-weights", default="auto", choices=["auto", "yes", "no"],
                    help="no: experts' compute weights paged from host memory per layer and active expert")
     p.add_argument("--micro", type=int, default=4)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device(dev):
         model = MoEForCausalLM(cfg)
     model.set_expert_impl(a.impl)
+    model.set_activation_checkpointing(a.checkpoint_layers)
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
     off_cfg = OffloadConfig(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path, master=a.master,
                             moments=a.moments, hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "moments": a.moments,
         "hot_cache_gb": a.hot_cache_gb,
         "resident_weights": a.resident_weights,
+        "activation_checkpointing": a.checkpoint_layers,
         "gpu_budget_gb": a.gpu_budget_gb,
         "host_state_GiB": round(getattr(getattr(opt, "store", None), "cpu_bytes", 0) / 2**30, 2),
         "nvme_state_GiB": round(getattr(getattr(opt, "store", None), "nvme_bytes", 0) / 2**30, 2),
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         name = (f"offload_step_{a.tier}_{a.step_on}_clip{a.max_grad_norm:g}_{a.master}_{a.moments}"
                 f"_hot{a.hot_cache_gb:g}_L{cfg.num_hidden_layers}"
-                f"{'_paged' if a.resident_weights == 'no' else ''}_budget{a.gpu_budget_gb:g}.json")
+                f"{'_paged' if a.resident_weights == 'no' else ''}{'_ckpt' if a.checkpoint_layers else ''}"
+                f"_budget{a.gpu_budget_gb:g}.json")
         (Path(a.out) / name).write_text(json.dumps(res, indent=2) + "\n")
     return res
 

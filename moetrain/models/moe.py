@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -13,6 +15,26 @@ from moetrain.models.experts import RoutedExperts, SwiGLU
 from moetrain.models.router import Routing, TopKRouter
 
 RoutingObserver = Callable[[int, Routing], None]
+
+_recompute = threading.local()
+
+
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks the forward pass that activation checkpointing re-runs during backward (in the thread that runs
+    backward). Its routing was already observed by the first pass, so observers, the look-ahead and forward
+    prefetch stay quiet: counts are not doubled and no page-in goes the wrong way."""
+    previous = getattr(_recompute, "on", False)
+    _recompute.on = True
+    try:
+        yield
+    finally:
+        _recompute.on = previous
+
+
+def is_recomputing() -> bool:
+    """Whether this thread is inside :func:`recomputing`."""
+    return getattr(_recompute, "on", False)
 
 
 class MoEBlock(nn.Module):
@@ -47,7 +69,7 @@ class MoEBlock(nn.Module):
         b, seq, h = x.shape
         flat = x.reshape(b * seq, h)  # (T, H)
         routing = self.gate(flat, batch_size=b, valid=None if valid is None else valid.reshape(-1))
-        if self.observer is not None:
+        if self.observer is not None and not is_recomputing():
             self.observer(self.layer_idx, routing)
         out = self.experts(flat, routing)
         if self.shared_experts is not None:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from moetrain.models.moe import is_recomputing
+
 
 class Lookahead:
     """Predicted-vs-actual accounting for the next MoE layer's experts (device counters)."""
@@ -35,7 +37,7 @@ class Lookahead:
 
     def _predict(self, block: nn.Module, args: tuple) -> None:
         nxt = self.next_block.get(block.layer_idx)
-        if nxt is None or not torch.is_grad_enabled():  # training forwards only
+        if nxt is None or not torch.is_grad_enabled() or is_recomputing():  # first training forwards only
             return
         with torch.no_grad():
             self.pending[nxt.layer_idx] = self._predicted_mask(nxt, args[0])

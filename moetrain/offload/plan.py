@@ -291,8 +291,12 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         layerwise = layerwise_grads
         slots = _slots(off, record, total_experts)
         grads = expert // n_moe if layerwise else expert  # every MoE layer has the same experts
-        rows += [("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert),
-                 ("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
+        if off.resident_weights == "no":  # two layer-sized device buffers; the weights' home is host memory
+            rows.append(("gpu", f"experts: paged compute weights, 2 layer buffers ({weight_bytes} B/param)",
+                         2 * weight_bytes * (expert // n_moe)))
+        else:
+            rows.append(("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert))
+        rows += [("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
                          f"({weight_bytes} B/param)", weight_bytes * grads),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
         if off.tier == "cpu":
@@ -312,6 +316,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         hot = min(total_experts, spare // record)
         rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
         rows.append(("host", "expert state (pinned)", host))
+        if off.resident_weights == "no":
+            rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
+            host += weight_bytes * expert
         if nvme:
             rows += [("host", "NVMe staging buffers (pinned)", staging), ("nvme", "expert state (swap)", nvme)]
             host += staging
@@ -324,6 +331,12 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     active = n_moe * active_per_layer
     paged = active * (1.0 - hot / total_experts) if off.tier != "none" else 0.0
     moved = 2.0 * bpp * per_expert * paged
+    if off.tier != "none" and off.resident_weights == "no":
+        # every micro-batch pages in its active experts' weights for forward and again for backward; the
+        # step writes the new weights of the step's active experts back
+        micro_batches = max(1, math.ceil(tokens_per_step / micro))
+        active_micro = n_moe * e * (1.0 - (1.0 - 1.0 / e) ** (micro * k))
+        moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
     active_params_per_token = dense + n_moe * k * per_expert

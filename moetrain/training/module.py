@@ -109,6 +109,7 @@ class MoETrainingModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         log_every_n_steps: int = 1,
         expert_impl: str = "auto",
+        activation_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -121,6 +122,8 @@ class MoETrainingModule(L.LightningModule):
             accumulate_grad_batches: micro-batches per optimizer step.
             log_every_n_steps: write a ``metrics.jsonl`` line every this many optimizer steps (and at the last).
             expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
+            activation_checkpointing: keep only each decoder layer's input in forward and recompute the layer
+                in backward (less activation memory, about a third more compute).
         """
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -138,6 +141,7 @@ class MoETrainingModule(L.LightningModule):
         self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
         self.model = self._build_model(preset, config, init_from)
         self.model.set_expert_impl(expert_impl)
+        self.model.set_activation_checkpointing(activation_checkpointing)
         # DeepSeek-V3's auxiliary-loss-free balancing (inactive for other routers, or at speed 0)
         self.balancer = BiasBalancer(self.model)
         self.train_optimizer: Optional[TrainOptimizer] = None

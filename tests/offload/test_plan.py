@@ -331,3 +331,17 @@ def test_streamed_load_lets_mixtral_load_on_an_h200_machine():
     choice = best_fit(config, h200, 2048)
     assert choice is not None and choice.plan.streamed_load and choice.layerwise_grads
     assert choice.plan.gpu_load_bytes == 4 * dense + 2 * expert < choice.plan.gpu_bytes <= h200.gpu
+
+
+def test_paged_compute_weights_move_to_host_memory_and_onto_the_link():
+    model = tiny_model(num_experts=16, layers=4)  # 4 MoE layers: the 2 buffers hold half of them
+    _, expert, per_expert = count_parameters(model.config)
+    resident = make_plan(model.config, OffloadConfig(tier="cpu"), tokens_per_step=64, micro_batch_tokens=16)
+    paged = make_plan(model.config, OffloadConfig(tier="cpu", resident_weights="no"), tokens_per_step=64,
+                      micro_batch_tokens=16)
+    assert resident.gpu_bytes - paged.gpu_bytes == 2 * expert - 2 * 2 * (expert // 4) == expert  # 4 layers vs 2
+    assert paged.host_bytes - resident.host_bytes == 2 * expert
+    # 4 micro-batches x (forward + backward) x active experts per micro-batch, plus the step's write-back
+    per_micro = 4 * 16 * (1 - (1 - 1 / 16) ** (16 * 2))  # 4 layers x expected active experts of 16 x top-2 rows
+    extra = 2 * per_expert * (2 * 4 * per_micro + resident.active_experts)
+    assert paged.moved_bytes - resident.moved_bytes == pytest.approx(extra)
