@@ -196,18 +196,36 @@ def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
     return counts["dense"], counts["expert"], per_expert
 
 
-def activation_bytes(config: ModelConfig, tokens: int) -> int:
+def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False) -> int:
     """An estimate of what autograd keeps for backward from one micro-batch of ``tokens`` tokens.
 
-    A tally of the tensors each layer saves under bf16 autocast with no activation checkpointing (the
-    decoder has none), attention through SDPA (no (L, L) score matrix: a per-head fp32 logsumexp), and the
-    loss's logits one :data:`LOSS_CHUNK_TOKENS` chunk at a time. Per token and layer: each of the two
-    norms saves its fp32 input and hands on a bf16 output; attention saves q, k, v and its output (MLA
-    also its latents); a routed expert saves, for each of the k copies of a token, its gathered input,
-    gate, up and activated product and its output; the router its fp32 logits and probabilities; a shared
-    expert or dense MLP its gate, up and product. Temporaries and fragmentation are in :data:`GPU_RESERVE`.
-    The test checks it against the bytes autograd saves in a real forward (tests/offload/test_plan.py).
+    A tally of the tensors each layer saves under bf16 autocast, attention through SDPA (no (L, L) score
+    matrix: a per-head fp32 logsumexp), and the loss's logits one :data:`LOSS_CHUNK_TOKENS` chunk at a time.
+    Per token and layer: each of the two norms saves its fp32 input and hands on a bf16 output; attention
+    saves q, k, v and its output (MLA also its latents); a routed expert saves, for each of the k copies of
+    a token, its gathered input, gate, up and activated product and its output; the router its fp32 logits
+    and probabilities; a shared expert or dense MLP its gate, up and product. Temporaries and fragmentation
+    are in :data:`GPU_RESERVE`. The test checks it against the bytes autograd saves in a real forward
+    (tests/offload/test_plan.py).
+
+    ``checkpointed`` (``model.activation_checkpointing``): every layer keeps only its fp32 input, and one
+    layer's full set (the largest, :func:`layer_activation_bytes`) exists while backward recomputes it.
     """
+    layers, largest, outside = _activation_parts(config)
+    loss_chunk = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size  # fp32 logits and their gradient
+    if checkpointed:
+        return tokens * (config.num_hidden_layers * 4 * config.hidden_size + largest + outside) + loss_chunk
+    return tokens * (layers + outside) + loss_chunk
+
+
+def layer_activation_bytes(config: ModelConfig, tokens: int) -> int:
+    """What the largest decoder layer saves for ``tokens`` tokens: with activation checkpointing, the part of
+    :func:`activation_bytes` that exists only while backward recomputes that layer."""
+    return tokens * _activation_parts(config)[1]
+
+
+def _activation_parts(config: ModelConfig) -> tuple[int, int, int]:
+    """Bytes per token saved by (all decoder layers, the largest one, the final norm and what follows)."""
     h, nh = config.hidden_size, config.num_attention_heads
     if config.is_mla:
         qk = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -216,19 +234,19 @@ def activation_bytes(config: ModelConfig, tokens: int) -> int:
     else:
         q = out = nh * config.attn_head_dim
         kv, latent = 2 * config.kv_heads * config.attn_head_dim, 0
-    norms = 2 * (3 * 4 * h + 2 * h)  # per norm: fp32 input, fp32 normalised, fp32 residual sum; bf16 output
+    norm = 3 * 4 * h + 2 * h  # per norm: fp32 input, fp32 normalised, fp32 residual sum; bf16 output
     attention = 2 * (q + kv + out + latent) + 4 * nh
     if config.qk_norm != "none":
         attention += 2 * 4 * (q + kv // 2)  # fp32 input and normalised output of the query and key norms
     k, inter = config.num_experts_per_tok, config.moe_intermediate_size
-    routed = 2 * k * (h + 3 * inter + h) + 2 * 4 * config.num_experts
-    shared = 2 * 3 * config.shared_width
+    moe = 2 * k * (h + 3 * inter + h) + 2 * 4 * config.num_experts + 2 * 3 * config.shared_width
+    dense_mlp = 2 * 3 * config.intermediate_size
     n_moe = len(config.moe_layers)
     n_dense = config.num_hidden_layers - n_moe
-    per_token = (config.num_hidden_layers * (norms + attention) + n_moe * (routed + shared)
-                 + n_dense * 2 * 3 * config.intermediate_size + 4 * h)
-    loss_chunk = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size  # fp32 logits and their gradient
-    return tokens * per_token + loss_chunk
+    base = 2 * norm + attention
+    layers = config.num_hidden_layers * base + n_moe * moe + n_dense * dense_mlp
+    largest = base + max(moe if n_moe else 0, dense_mlp if n_dense else 0)
+    return layers, largest, 4 * h
 
 
 def _machine() -> tuple[Optional[int], Optional[int]]:
@@ -250,7 +268,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
-              streamed_load: bool = False) -> Plan:
+              streamed_load: bool = False, activation_checkpointing: bool = False) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Args:
@@ -266,6 +284,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         streamed_load: the model starts from ``init_from`` and the experts' masters stream into the tier, so the
             load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
             loads the whole model in fp32).
+        activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
@@ -304,7 +323,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             host = state if budget is None else min(state, budget // record * record)
         nvme = state - host
         staging = slots * record if nvme else 0
-    rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate)", activation_bytes(model_config, micro)),
+    recomputed = ", layers recomputed" if activation_checkpointing else ""
+    rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate{recomputed})",
+              activation_bytes(model_config, micro, activation_checkpointing)),
              ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
     if off.tier != "none":
         # the cache comes last: with hot_cache_gb null it takes what the GPU has left
@@ -514,7 +535,8 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     step_on = offload.get("step_on", OffloadConfig().step_on)
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
             "layerwise_grads": accumulation == 1 and clip == 0 and step_on == "gpu",
-            "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none"}
+            "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none",
+            "activation_checkpointing": bool(model.get("activation_checkpointing", False))}
 
 
 def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:

@@ -24,6 +24,7 @@ from moetrain.offload.plan import (
     count_parameters,
     fit_options,
     largest_preset,
+    layer_activation_bytes,
     make_plan,
     plan_from_recipe,
 )
@@ -206,12 +207,14 @@ def test_recipe_decides_the_load_path_and_plans_before_the_download(tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
 
 
-def saved_activation_bytes(config: ModelConfig, tokens: int) -> int:
+def saved_activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False) -> int:
     """Bytes of the tensors autograd saves for backward in one bf16-autocast forward with the loss
-    (each storage once; parameters left out), on the CPU: the reference for the estimate."""
+    (each storage once; parameters left out), on the CPU: the reference for the estimate. With
+    ``checkpointed`` the layers' own tensors are not saved (recomputation makes them in backward)."""
     torch.manual_seed(0)
     model = MoEForCausalLM(config)
     model.set_expert_impl("grouped")
+    model.set_activation_checkpointing(checkpointed)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -240,6 +243,13 @@ def test_activation_estimate_against_what_autograd_saves(family, extra):
     measured = saved_activation_bytes(config, 512) - saved_activation_bytes(config, 256)
     estimated = activation_bytes(config, 512) - activation_bytes(config, 256)
     assert abs(estimated - measured) < 0.2 * measured, (estimated, measured)
+    # checkpointed layers: what stays saved is the layers' inputs and the loss; the largest layer's own set
+    # is there only while backward recomputes it (and it is what one layer saves without checkpointing)
+    measured = saved_activation_bytes(config, 512, True) - saved_activation_bytes(config, 256, True)
+    estimated = (activation_bytes(config, 512, checkpointed=True) - layer_activation_bytes(config, 512)
+                 - activation_bytes(config, 256, checkpointed=True) + layer_activation_bytes(config, 256))
+    assert abs(estimated - measured) < 0.2 * measured, (estimated, measured)
+    assert activation_bytes(config, 512, checkpointed=True) < activation_bytes(config, 512)
 
 
 def test_fit_verdicts_and_floor():
