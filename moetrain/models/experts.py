@@ -259,6 +259,14 @@ class RoutedExperts(nn.ModuleList):
         self.intermediate_size = intermediate_size
         self.impl = impl
 
+    def _apply(self, fn, recurse: bool = True):
+        # With paged weights the parameters are one-element placeholders of the full shape: moving or
+        # casting them (Lightning moves the model to the CPU at teardown) would allocate every expert's
+        # weights at full size. Their values live in the pager, so they stay as they are.
+        if getattr(self, "pager", None) is not None:  # (subclasses such as expert parallel's set no pager)
+            return self
+        return super()._apply(fn, recurse)
+
     def use_grouped(self, x: torch.Tensor) -> bool:
         """``auto`` takes the grouped path where it is fast; ``grouped`` forces it (CPU too, for tests)."""
         if self.impl == "loop":

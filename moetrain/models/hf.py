@@ -97,12 +97,13 @@ def load_config(path: str | Path) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------- model skeleton
 def empty_model(
     config: ModelConfig, dtype: DType = torch.float32, device: str | torch.device = "cpu",
-    expert_dtype: Optional[DType] = None,
+    expert_dtype: Optional[DType] = None, expert_device: Optional[str | torch.device] = None,
 ) -> MoEForCausalLM:
     """A model with uninitialised weights of ``dtype`` on ``device``, built without a first fp32 allocation.
 
     ``expert_dtype``: another dtype for the routed experts' weights (their compute dtype when an offload
-    tier keeps their fp32 masters elsewhere). Non-persistent buffers (the rotary ``inv_freq``) are
+    tier keeps their fp32 masters elsewhere); ``expert_device``: another device for them (host memory, when
+    their compute weights are paged from there). Non-persistent buffers (the rotary ``inv_freq``) are
     recomputed in fp32, as the HF families keep them.
     """
     with torch.device("meta"):
@@ -111,7 +112,12 @@ def empty_model(
     if expert_dtype is not None:
         for block in model.moe_blocks():
             block.experts.to(dtype=_as_dtype(expert_dtype))
-    model = model.to_empty(device=device)
+    if expert_device is None:
+        model = model.to_empty(device=device)
+    else:  # module by module, so that no expert weight is ever allocated on ``device``
+        experts = {id(m) for block in model.moe_blocks() for m in block.experts.modules()}
+        for module in model.modules():
+            module.to_empty(device=expert_device if id(module) in experts else device, recurse=False)
     if config.tie_word_embeddings:
         # to_empty gives each module its own tensor; re-tie.
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -193,7 +199,8 @@ def load_weights(model: MoEForCausalLM, model_dir: str | Path,
     """Copy a checkpoint's tensors into ``model`` shard by shard (casting to each parameter's dtype).
 
     ``expert_sink(name, tensor)`` also receives every routed expert's weight as read (before any cast):
-    the offload store takes its master weights there, straight from the file.
+    the offload store takes its master weights there, straight from the file. When the experts' compute
+    weights are paged (their parameters are placeholders), the sink alone receives them.
 
     Raises:
         ShardError: see :func:`checked_tensors`.
@@ -201,8 +208,10 @@ def load_weights(model: MoEForCausalLM, model_dir: str | Path,
     targets = model.state_dict(keep_vars=True)
     shapes = {name: tuple(t.shape) for name, t in targets.items()}
     experts = model.expert_parameter_names() if expert_sink is not None else set()
+    paged = expert_sink is not None and any(getattr(b.experts, "pager", None) is not None for b in model.moe_blocks())
     for name, value in checked_tensors(model_dir, model.config, shapes):
-        targets[name].copy_(value)
+        if not (paged and name in experts):
+            targets[name].copy_(value)
         if name in experts:
             expert_sink(name, value)
 

@@ -139,7 +139,9 @@ class ExpertOffloadOptimizer:
         self.compute_dtype = compute_dtype(offload, self.device)
         self.pager: Optional[ExpertWeightPager] = None
         if offload.resident_weights == "no":  # the store took its fp32 master from the parameters first
-            self.pager = ExpertWeightPager(model.moe_blocks(), self.device, self.compute_dtype)
+            self.pager = getattr(self.store, "pager", None)  # staged init already moved them to host memory
+            if self.pager is None:
+                self.pager = ExpertWeightPager(model.moe_blocks(), self.device, self.compute_dtype)
         elif self.compute_dtype != next(iter(self.store)).params[0].dtype:
             cast_experts(model, self.compute_dtype)  # after the store took its fp32 master from them
         self.swapper = Swapper(self.store, self.device, self._num_slots())

@@ -8,6 +8,10 @@ its compute weight (cast) and, at full precision, into its record in pinned host
 So neither the GPU nor the host ever holds an fp32 copy of every expert: the GPU holds what training
 holds (bf16 experts), the host holds about one shard plus the store itself.
 
+With ``resident_weights: no`` the experts' compute weights are loaded into host memory instead and handed
+to an :class:`~moetrain.offload.weight_pager.ExpertWeightPager` (``store.pager``): no expert weight is
+ever allocated on the GPU, which is the point of paging them.
+
 The optimizer is then built on the same store (:func:`moetrain.offload.build_optimizer` ``store=``).
 """
 
@@ -33,11 +37,18 @@ def load_into_tiers(path: str | Path, offload: OffloadConfig,
     from moetrain.offload.optim import compute_dtype
 
     config = load_config(path)
-    model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=compute_dtype(offload, device))
+    paged = offload.resident_weights == "no"
+    dtype = compute_dtype(offload, device)
+    model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=dtype,
+                        expert_device="cpu" if paged else None)
     store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False)
     try:
         load_weights(model, path, expert_sink=store.write_master)
         store.finish_staged()
+        if paged:
+            from moetrain.offload.weight_pager import ExpertWeightPager
+
+            store.pager = ExpertWeightPager(model.moe_blocks(), device, dtype)
     except BaseException:
         store.close()
         raise

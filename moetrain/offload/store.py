@@ -138,6 +138,7 @@ class ExpertStore:
                                    shapes=[p.shape for p in params], layout=layout, codec=StateCodec(layout))
                 self.records[rec.key] = rec
         self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
+        self.pager = None  # the experts' paged compute weights, when staged init built them (resident_weights: no)
         self.by_name = {name: (rec, i) for rec in self.records.values() for i, name in enumerate(rec.names)}
         self._place()
         self._staged: dict[tuple[int, int], tuple[torch.Tensor, set[int]]] = {}  # record -> (buffer, parts written)
@@ -214,7 +215,9 @@ class ExpertStore:
             self._staged[rec.key] = (buf, done)
             return
         self._staged.pop(rec.key, None)
-        if rec.layout.master != "fp32":  # compute from the stored (rounded) master, as _initialise does
+        if self.pager is not None:  # paged compute weights (a resume into staged tiers): from the stored master
+            self.pager.write(rec.layer, rec.expert, rec.codec.decode_master(buf))
+        elif rec.layout.master != "fp32":  # compute from the stored (rounded) master, as _initialise does
             for p, w in zip(rec.params, rec.split(rec.codec.decode_master(buf)), strict=True):
                 p.data.copy_(w)
         if rec.tier is Tier.NVME:

@@ -133,3 +133,55 @@ def test_fit_from_hf_weights_with_an_offload_tier_equals_resident(tmp_path):
             out.update(load_file(shard))
         ends.append(out)
     assert max((ends[0][k] - ends[1][k]).abs().max().item() for k in ends[1]) <= 1e-6
+
+
+def test_paged_compute_weights_load_into_host_memory_and_train_like_resident(hf_dir):
+    """resident_weights=no: the experts' compute weights are loaded into the pager's host memory, never into
+    device parameters, and training equals the staged load with resident weights."""
+    resident, store = load_into_tiers(hf_dir, OffloadConfig(tier="cpu", gpu_slots=3), torch.device("cpu"))
+    ref_opt = build_optimizer(resident, OPTIM, OffloadConfig(tier="cpu", gpu_slots=3), store=store)
+    cfg = OffloadConfig(tier="cpu", gpu_slots=3, resident_weights="no")
+    paged, paged_store = load_into_tiers(hf_dir, cfg, torch.device("cpu"))
+    assert paged_store.pager is not None
+    experts = paged.expert_parameter_names()
+    assert max(p.untyped_storage().nbytes() for n, p in paged.named_parameters() if n in experts) <= 8
+    paged.cpu()  # what Lightning does at teardown: the placeholders must not grow to full size
+    assert max(p.untyped_storage().nbytes() for n, p in paged.named_parameters() if n in experts) <= 8
+    opt = build_optimizer(paged, OPTIM, cfg, store=paged_store)
+    assert opt.pager is paged_store.pager
+    for rec in opt.store:  # the pager's rows are the checkpoint's weights
+        ref_rec = ref_opt.store.records[rec.key]
+        assert torch.equal(opt.pager.weights(rec.layer, rec.expert),
+                           torch.cat([p.detach().reshape(-1) for p in ref_rec.params]))
+    data = _data(resident.config.vocab_size)
+    train(resident, ref_opt, data, total=6)
+    train(paged, opt, data, total=6)
+    ref_masters, masters = dict(ref_opt.named_master_tensors()), dict(opt.named_master_tensors())
+    assert max((masters[n] - ref_masters[n]).abs().max().item() for n in masters) <= 1e-6
+    dense = [n for n, _ in resident.named_parameters() if n not in experts]
+    params = dict(paged.named_parameters())
+    assert max((params[n] - p).abs().max().item() for n, p in resident.named_parameters() if n in dense) <= 1e-6
+    ref_opt.close()
+    opt.close()
+
+
+def test_weights_stream_into_paged_tiers_again(hf_dir, tiny_hf, save_hf, randomize):
+    """A resume after init_from with paged compute weights streams the saved weights into the store and the
+    pager (the parameters are placeholders): the pager's rows become the new weights."""
+    from moetrain.models.hf import load_weights
+
+    cfg = OffloadConfig(tier="cpu", gpu_slots=3, resident_weights="no")
+    model, store = load_into_tiers(hf_dir, cfg, torch.device("cpu"))
+    other = save_hf(randomize(tiny_hf("qwen3_moe"), std=0.3), "qwen3-other", max_shard_size="40KB")
+    expected = moetrain.from_pretrained(other)
+    load_weights(model, other, expert_sink=store.write_master)
+    store.finish_staged()
+    params = dict(expected.named_parameters())
+    for rec in store:
+        want = torch.cat([params[n].detach().reshape(-1) for n in rec.names])
+        assert torch.equal(store.pager.weights(rec.layer, rec.expert), want)
+        assert torch.equal(store.master_weights(rec)[0].reshape(-1), params[rec.names[0]].detach().reshape(-1))
+    assert not torch.equal(store.pager.weights(0, 0), torch.cat([p.detach().reshape(-1) for p in
+                                                                 moetrain.from_pretrained(hf_dir).model.layers[0]
+                                                                 .mlp.experts[0].parameters()]))
+    store.close()
