@@ -92,3 +92,32 @@ def test_activation_checkpointing_with_paged_weights():
     masters, _, telemetry = _run(checkpointed, data, resident_weights="no")
     assert max((masters[n] - plain[n]).abs().max().item() for n in masters) <= 1e-6
     assert telemetry["offload/weights_h2d_bytes"] > 0
+
+
+def test_init_from_loads_paged_weights_into_host_memory(tiny_hf, save_hf, randomize):
+    """init_from with resident_weights=no on CUDA: the experts' weights land in pinned host memory and are
+    never allocated on the GPU (the load's GPU peak is the dense part and the pager's two buffers)."""
+    from moetrain.offload.staged_init import load_into_tiers
+
+    hf_dir = save_hf(randomize(tiny_hf("qwen3_moe"), std=0.2), "qwen3", max_shard_size="40KB")
+    device = torch.device("cuda")
+    resident, store = load_into_tiers(hf_dir, OffloadConfig(tier="cpu", gpu_slots=3), device)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in resident.named_parameters()
+                       if n in resident.expert_parameter_names())
+    del resident
+    store.close()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    paged, paged_store = load_into_tiers(hf_dir, OffloadConfig(tier="cpu", gpu_slots=3, resident_weights="no"), device)
+    held = torch.cuda.memory_allocated() - before
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in paged.named_parameters()
+                      if n not in paged.expert_parameter_names())
+    # dense weights, the pager's two buffers and the placeholder (plus the allocator's 512-byte rounding of
+    # each tensor): far below a load that put the experts' weights on the GPU, even for a moment
+    slack = 512 * sum(1 for n, _ in paged.named_parameters() if n not in paged.expert_parameter_names()) + 4096
+    assert expert_bytes > 2 * slack  # so that experts put on the GPU would break the bounds below
+    assert torch.cuda.max_memory_allocated() - before <= dense_bytes + paged_store.pager.device_bytes + slack
+    assert held <= dense_bytes + paged_store.pager.device_bytes + slack
+    assert all(h.is_pinned() for h in paged_store.pager.host.values())
+    paged_store.close()
