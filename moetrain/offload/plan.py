@@ -28,6 +28,7 @@ largest that one GPU can fully fine-tune, and with which tier, state formats and
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -80,6 +81,7 @@ class Plan:
         hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized from what is left.
         paged_experts: expected active experts per step whose state is paged (not in the hot cache).
         layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
+        paged_weights: the experts' compute weights live in host memory (``resident_weights: no``).
         moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
         breakdown: (tier, what, bytes) lines.
     """
@@ -111,9 +113,13 @@ class Plan:
     layerwise_grads: bool = False
     streamed_load: bool = False
     weight_bytes: int = 2
+    paged_weights: bool = False
 
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
+        if self.streamed_load and self.paged_weights:
+            return ("init_from streams the experts' masters into the tier and their weights into host memory: "
+                    "fp32 dense + two layers of experts")
         if self.streamed_load:
             return (f"init_from streams the experts' masters into the tier: fp32 dense + "
                     f"{self.weight_bytes} B/param experts")
@@ -360,22 +366,29 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
+    paged_weights = off.tier != "none" and off.resident_weights == "no"
     active_params_per_token = dense + n_moe * k * per_expert
     compute_s = 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
                 compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows,
-                gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed), master=off.master,
+                gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed,
+                                               paged_layers=2 / n_moe if paged_weights else None),
+                master=off.master,
                 moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=paged, layerwise_grads=layerwise,
-                streamed_load=streamed, weight_bytes=weight_bytes)
+                streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights)
 
 
-def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool) -> int:
+def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool,
+                    paged_layers: Optional[float] = None) -> int:
     """GPU bytes while the model loads: the dense part in fp32, and the routed experts in fp32 too unless their
     masters stream into the tier (``init_from`` with a tier), in which case only their compute weights
-    (``weight_bytes`` per parameter) are on the GPU."""
+    (``weight_bytes`` per parameter) are on the GPU; with paged weights (``paged_layers``: the share of the
+    experts the two device buffers hold) not even those: only the buffers."""
+    if streamed and paged_layers is not None:
+        return LOAD_BYTES_PER_PARAM * dense + int(weight_bytes * expert * min(1.0, paged_layers))
     return LOAD_BYTES_PER_PARAM * dense + (weight_bytes if streamed else LOAD_BYTES_PER_PARAM) * expert
 
 
@@ -408,20 +421,23 @@ class FitChoice:
     moments: str
     layerwise_grads: bool
     plan: Plan
+    paged_weights: bool = False
 
     def describe(self) -> str:
         where = "host memory" if self.tier == "cpu" else "host memory + NVMe"
         grads = ("; expert gradients freed layer by layer (accumulate_grad_batches 1, max_grad_norm 0, "
                  "step_on gpu)" if self.layerwise_grads else "")
-        return f"expert state in {where}, master {self.master}, moments {self.moments}{grads}"
+        paged = "; compute weights paged from host memory (resident_weights no)" if self.paged_weights else ""
+        return f"expert state in {where}, master {self.master}, moments {self.moments}{grads}{paged}"
 
 
 def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
                 gpu_budget_gb: float = 1.0, streamed_load: bool = True) -> list[FitChoice]:
     """Every placement the search weighs, in order of preference, each with its plan.
 
-    Preference: gradients of every expert (any accumulation, clipping allowed) before layer-wise freeing;
-    then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
+    Preference: compute weights resident on the GPU before paged from host memory (slower: they cross the
+    link every micro-batch); gradients of every expert (any accumulation, clipping allowed) before layer-wise
+    freeing; then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
     host memory alone before an overflow to NVMe (slower). The overflow's host budget is what the host has
     after :data:`HOST_RESERVE` and the NVMe staging buffers. ``gpu_budget_gb``: device slots for state being
     stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state). ``streamed_load``: a
@@ -431,10 +447,11 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     out = []
     _, _, per_expert = count_parameters(model_config)
     total_experts = len(model_config.moe_layers) * model_config.num_experts
-    for layerwise in (False, True):
+    for paged, layerwise in itertools.product((False, True), (False, True)):
         for master in MASTERS:
             for moments in MOMENTS:
-                base = OffloadConfig(tier="cpu", master=master, moments=moments, gpu_budget_gb=gpu_budget_gb)
+                base = OffloadConfig(tier="cpu", master=master, moments=moments, gpu_budget_gb=gpu_budget_gb,
+                                     resident_weights="no" if paged else "auto")
                 record = align_up(math.ceil(state_bytes_per_param(master, moments, base.quant_block) * per_expert))
                 tiers = [("cpu", base)]
                 if machine.host is not None:
@@ -446,7 +463,7 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
                                      host_capacity=machine.host, disk_free=machine.disk,
                                      micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
                                      streamed_load=streamed_load)
-                    out.append(FitChoice(tier, master, moments, layerwise, plan))
+                    out.append(FitChoice(tier, master, moments, layerwise, plan, paged))
     return out
 
 
@@ -493,10 +510,12 @@ def format_largest(machine: Machine, micro_batch_tokens: int) -> str:
     for config, choice in results:
         size = f"{config.param_counts()['total'] / 1e9:7.2f} B"
         if choice is None:
-            worst = fit_options(config, machine, micro_batch_tokens)[-1].plan  # the most frugal placement
-            short = [t for t, ok in worst.fits().items() if ok is not True]
-            lines.append(f"  {config.name:<18} {size}  does not fit (even the most compact placement "
-                         f"overflows: {', '.join(short)})")
+            # the most frugal placements: of the GPU (paged weights, last) and of the host (resident weights)
+            options = fit_options(config, machine, micro_batch_tokens)
+            frugal = {"resident": [c for c in options if not c.paged_weights][-1].plan, "paged": options[-1].plan}
+            short = {k: "+".join(t for t, ok in p.fits().items() if ok is not True) for k, p in frugal.items()}
+            lines.append(f"  {config.name:<18} {size}  does not fit (the most compact placement overflows "
+                         f"{short['resident']} with resident weights; {short['paged']} with paged weights)")
         else:
             lines.append(f"  {config.name:<18} {size}  fits: {choice.describe()}")
     answer = _largest_answer(results)
