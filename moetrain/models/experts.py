@@ -196,7 +196,8 @@ class PagedLoopSwiGLU(torch.autograd.Function):
         pager.release(layer)
         _prefetch_next(pager, layer, +1)
         ctx.save_for_backward(x, *saved)
-        ctx.pager, ctx.layer, ctx.sizes, ctx.param_dtype = pager, layer, sizes, expert_params[0].dtype
+        ctx.pager, ctx.layer, ctx.sizes, ctx.active = pager, layer, sizes, active
+        ctx.param_dtype = expert_params[0].dtype
         if not pieces:
             return x.new_zeros(x.shape)
         return torch.cat(pieces, 0)
@@ -205,13 +206,13 @@ class PagedLoopSwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         x, *saved = ctx.saved_tensors
         dy = dy.to(x.dtype)
-        sizes = ctx.sizes
-        wg, wu, wd = ctx.pager.fetch(ctx.layer, [e for e, n in enumerate(sizes) if n])
+        wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
         _prefetch_next(ctx.pager, ctx.layer, -1)
         dx = torch.zeros_like(x)
+        pd = ctx.param_dtype
         grads: list = []
         start = 0
-        for n, w1, w2, w3 in zip(sizes, wg, wu, wd, strict=True):
+        for n, w1, w2, w3 in zip(ctx.sizes, wg, wu, wd, strict=True):
             if not n:
                 grads += [None, None, None]
                 continue
@@ -223,7 +224,6 @@ class PagedLoopSwiGLU(torch.autograd.Function):
             da, du = dh * u, dh * a
             dg = torch.ops.aten.silu_backward(da, g)
             dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
-            pd = ctx.param_dtype
             grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), d_down.to(pd)]
             start += n
         ctx.pager.release(ctx.layer)

@@ -139,7 +139,7 @@ class ExpertOffloadOptimizer:
         self.compute_dtype = compute_dtype(offload, self.device)
         self.pager: Optional[ExpertWeightPager] = None
         if offload.resident_weights == "no":  # the store took its fp32 master from the parameters first
-            self.pager = getattr(self.store, "pager", None)  # staged init already moved them to host memory
+            self.pager = self.store.pager  # staged init already moved them to host memory
             if self.pager is None:
                 self.pager = ExpertWeightPager(model.moe_blocks(), self.device, self.compute_dtype)
         elif self.compute_dtype != next(iter(self.store)).params[0].dtype:
@@ -685,8 +685,8 @@ class ExpertOffloadOptimizer:
                 self._copy_checked(master[elems].view(rec.shapes[idx]), tensor, label)
                 rec.codec.encode_master(flat, master)
                 weights = rec.codec.compute_weights(flat, master)
-                if self.pager is not None:
-                    self.pager.write(rec.layer, rec.expert, weights)
+                if self.pager is not None:  # this parameter's part of the row
+                    self.pager.write(rec.layer, rec.expert, weights[elems], start=elems.start)
                 else:
                     rec.params[idx].data.copy_(weights[elems].view(rec.shapes[idx]))
             elif tensor.dtype == views[which].dtype:  # the stored format itself: copied as is

@@ -302,6 +302,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     off = offload_config
     if weight_bytes is None:
         weight_bytes = 4 if off.compute_dtype == "fp32" else 2
+    paged_weights = off.tier != "none" and off.resident_weights == "no"
+    weight_buffers = 2 * weight_bytes * (expert // n_moe if n_moe else 0)  # the pager's two layer-sized buffers
     bpp = state_bytes_per_param(off.master, off.moments, off.quant_block)
     # one expert's state record as the store lays it: its formatted bytes, padded to the I/O alignment
     record = align_up(math.ceil(bpp * per_expert))
@@ -316,9 +318,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         layerwise = layerwise_grads
         slots = _slots(off, record, total_experts)
         grads = expert // n_moe if layerwise else expert  # every MoE layer has the same experts
-        if off.resident_weights == "no":  # two layer-sized device buffers; the weights' home is host memory
+        if paged_weights:  # two layer-sized device buffers; the weights' home is host memory
             rows.append(("gpu", f"experts: paged compute weights, 2 layer buffers ({weight_bytes} B/param)",
-                         2 * weight_bytes * (expert // n_moe)))
+                         weight_buffers))
         else:
             rows.append(("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert))
         rows += [("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
@@ -343,7 +345,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         hot = min(total_experts, spare // record)
         rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
         rows.append(("host", "expert state (pinned)", host))
-        if off.resident_weights == "no":
+        if paged_weights:
             rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
             host += weight_bytes * expert
         if nvme:
@@ -358,7 +360,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     active = n_moe * active_per_layer
     paged = active * (1.0 - hot / total_experts) if off.tier != "none" else 0.0
     moved = 2.0 * bpp * per_expert * paged
-    if off.tier != "none" and off.resident_weights == "no":
+    if paged_weights:
         # every micro-batch pages in its active experts' weights for forward and again for backward; the
         # step writes the new weights of the step's active experts back
         micro_batches = max(1, math.ceil(tokens_per_step / micro))
@@ -366,7 +368,6 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
-    paged_weights = off.tier != "none" and off.resident_weights == "no"
     active_params_per_token = dense + n_moe * k * per_expert
     compute_s = 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
@@ -374,7 +375,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
                 active_experts=active, total_experts=total_experts, moved_bytes=moved, link_gbps=link,
                 compute_s=compute_s, transfer_s=moved / (link * 1e9), breakdown=rows,
                 gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed,
-                                               paged_layers=2 / n_moe if paged_weights else None),
+                                               weight_buffers if paged_weights else None),
                 master=off.master,
                 moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=paged, layerwise_grads=layerwise,
@@ -382,13 +383,13 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
 
 
 def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool,
-                    paged_layers: Optional[float] = None) -> int:
+                    paged_buffer_bytes: Optional[int] = None) -> int:
     """GPU bytes while the model loads: the dense part in fp32, and the routed experts in fp32 too unless their
     masters stream into the tier (``init_from`` with a tier), in which case only their compute weights
-    (``weight_bytes`` per parameter) are on the GPU; with paged weights (``paged_layers``: the share of the
-    experts the two device buffers hold) not even those: only the buffers."""
-    if streamed and paged_layers is not None:
-        return LOAD_BYTES_PER_PARAM * dense + int(weight_bytes * expert * min(1.0, paged_layers))
+    (``weight_bytes`` per parameter) are on the GPU; with paged weights not even those: only the pager's
+    ``paged_buffer_bytes`` of device buffers."""
+    if streamed and paged_buffer_bytes is not None:
+        return LOAD_BYTES_PER_PARAM * dense + paged_buffer_bytes
     return LOAD_BYTES_PER_PARAM * dense + (weight_bytes if streamed else LOAD_BYTES_PER_PARAM) * expert
 
 

@@ -105,6 +105,7 @@ class ExpertWeightPager:
                 experts.pager, experts.layer_idx = self, block.layer_idx
         self.buffers = [_Buffer(torch.empty((self.num_experts, self.row_numel), dtype=dtype, device=device),
                                 ready=_event(device), freed=_event(device)) for _ in range(num_buffers)]
+        self.layers = sorted(self.host)  # MoE layers in order (the neighbours prefetch walks to)
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.written = {layer: _event(device) for layer in self.host}  # host rows of a layer last written (D2H)
         self.copied = {layer: _event(device) for layer in self.host}  # last H2D that read a layer's host rows
@@ -199,9 +200,8 @@ class ExpertWeightPager:
 
     def next_layer(self, layer: int, step: int) -> Optional[int]:
         """The MoE layer ``step`` positions after ``layer`` in layer order (None past either end)."""
-        layers = sorted(self.host)
-        i = layers.index(layer) + step
-        return layers[i] if 0 <= i < len(layers) else None
+        i = self.layers.index(layer) + step
+        return self.layers[i] if 0 <= i < len(self.layers) else None
 
     # ------------------------------------------------------------------ writes
     def _drop(self, layer: int, expert: int) -> None:
@@ -210,22 +210,23 @@ class ExpertWeightPager:
                 buf.rows.discard(expert)
 
     @torch.no_grad()
-    def write(self, layer: int, expert: int, weights: torch.Tensor) -> None:
-        """Replace expert ``expert`` of ``layer``'s weights by ``weights`` ((P,) in record order, any dtype,
-        on the device or in host memory). From the device the copy is queued on the current stream
-        (no host sync); the next page-in of the layer waits for it."""
+    def write(self, layer: int, expert: int, weights: torch.Tensor, start: int = 0) -> None:
+        """Replace expert ``expert`` of ``layer``'s weights from element ``start`` on by ``weights`` (flat, in
+        record order: (P,) for the whole row, or one parameter's part; any dtype, on the device or in host
+        memory). From the device the copy is queued on the current stream (no host sync); the next page-in
+        of the layer waits for it."""
         with self._lock:
-            row = self.host[layer][expert]
+            row = self.host[layer][expert, start:start + weights.numel()]
             if weights.device.type == "cuda":
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(self.copied[layer])  # no page-in still reading the old row
-                row.copy_(weights.to(self.dtype), non_blocking=True)
+                row.copy_(weights.reshape(-1).to(self.dtype), non_blocking=True)
                 self.written[layer].record(stream)
-                self.stats.d2h_bytes += self.row_bytes
+                self.stats.d2h_bytes += row.numel() * row.element_size()
             else:
                 if self.copied[layer] is not None:
                     self.copied[layer].synchronize()
-                row.copy_(weights)
+                row.copy_(weights.reshape(-1))
             self._drop(layer, expert)
 
     def weights(self, layer: int, expert: int) -> torch.Tensor:
