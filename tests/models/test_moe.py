@@ -139,8 +139,12 @@ def test_padding_does_not_change_the_aux_loss(family, aux, z, randomize):
     other[mask == 0] = (ids[mask == 0] + 7) % cfg.vocab_size
     with torch.no_grad():
         a, b = model(ids, attention_mask=mask), model(other, attention_mask=mask)
-        torch.testing.assert_close(a.aux_loss, b.aux_loss, atol=0, rtol=0)
-        torch.testing.assert_close(a.logits[mask.bool()], b.logits[mask.bool()], atol=1e-6, rtol=0)
+        # Padding changes which rows each expert's GEMM sees, so the per-expert sums may round differently
+        # (a BLAS kernel picks its blocking by row count): equal up to fp32 rounding, not bit for bit.
+        eps = torch.finfo(torch.float32).eps
+        torch.testing.assert_close(a.aux_loss, b.aux_loss, atol=0, rtol=64 * eps)
+        torch.testing.assert_close(a.logits[mask.bool()], b.logits[mask.bool()], atol=1e-5, rtol=1e-5)
         # the same change counts when the positions are declared real: the check above is not vacuous
         full = torch.ones_like(mask)
-        assert model(ids, attention_mask=full).aux_loss != model(other, attention_mask=full).aux_loss
+        real_a, real_b = model(ids, attention_mask=full).aux_loss, model(other, attention_mask=full).aux_loss
+        assert (real_a - real_b).abs() > 100 * 64 * eps * real_a.abs()  # far outside the tolerance above
