@@ -30,6 +30,8 @@ from moetrain.training.tokenizer import TextTokenizer
 
 FORMATS = ("auto", "text", "instruction", "chat", "pretokenized")
 IGNORE_LABEL = -100
+SKIP_HINT = " (or set data.on_error: skip)"
+"""The end of a malformed-line error under ``on_error: raise``; a skip report leaves it out."""
 
 Document = tuple[list[int], list[bool]]
 """Token ids and a same-length loss mask (True = the token is a training target)."""
@@ -95,9 +97,11 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Union[dict, DataError]]]
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                yield lineno, DataError(f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                # json's messages may end in "at" ("Invalid control character at"): the column completes them
+                problem = err.msg.removesuffix(" at")
+                yield lineno, DataError(f"{path}, line {lineno}: not valid JSON ({problem} at column {err.colno}); "
                                         "each line must be one JSON object such as {\"text\": \"...\"}; fix or "
-                                        "remove that line (or set data.on_error: skip)")
+                                        f"remove that line{SKIP_HINT}")
                 continue
             if not isinstance(record, dict):
                 yield lineno, DataError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}; "
@@ -224,7 +228,8 @@ def encode_file(
     def bad(lineno: int, error: DataError) -> None:
         if on_error == "raise":
             raise error
-        report.skipped.append((lineno, str(error).split(": ", 1)[1] if ": " in str(error) else str(error)))
+        reason = str(error).removesuffix(SKIP_HINT)  # the skip report must not advise what is already set
+        report.skipped.append((lineno, reason.split(": ", 1)[1] if ": " in reason else reason))
 
     for lineno, record in iter_lines(path):
         if isinstance(record, DataError):

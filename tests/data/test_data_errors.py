@@ -67,6 +67,26 @@ def test_skip_counts_malformed_lines_and_keeps_the_rest(tmp_path, tok):
     assert "3 malformed lines skipped (lines 2, 4, 5; first: not valid JSON" in report.summary()
 
 
+def test_json_error_reads_as_one_sentence(tmp_path, tok):
+    # json's own message is "Invalid control character at" (it expects a position after it)
+    path = write_lines(tmp_path / "tab.jsonl", [{"text": "Tom is happy."}, '{"text": "a\tb"}'])
+    with pytest.raises(DataError) as caught:
+        encode_file(path, tok, "text")
+    message = str(caught.value)
+    assert "line 2: not valid JSON (Invalid control character at column 12)" in message
+    assert " at at " not in " ".join(message.split())
+
+
+def test_skip_report_does_not_advise_setting_skip(tmp_path, tok):
+    path = write_lines(tmp_path / "mixed.jsonl", [{"text": "Tom is happy."}, "{oops"])
+    report = DataReport(str(path))
+    encode_file(path, tok, "text", on_error="skip", report=report)
+    assert "1 malformed lines skipped (lines 2; first: not valid JSON" in report.summary()
+    assert "on_error" not in report.summary()
+    with pytest.raises(DataError, match=r"line 2: not valid JSON .*set data\.on_error: skip"):
+        encode_file(path, tok, "text")  # under raise the hint stays
+
+
 def test_all_lines_skipped_is_an_empty_dataset(tmp_path, tok):
     path = write_lines(tmp_path / "junk.jsonl", ["{oops", "[1]"])
     with pytest.raises(DataError, match=r"junk\.jsonl: no documents \(all 2 non-blank lines were malformed and "
