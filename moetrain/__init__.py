@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(path, **kwargs):
-    """Load a Hugging Face model directory of a supported family, or a moetrain checkpoint.
+    """Load a Hugging Face model directory of a supported family, a moetrain checkpoint, or a run directory
+    (its newest complete checkpoint, ``checkpoints/last``).
 
     See :func:`moetrain.models.hf.from_pretrained`.
     """

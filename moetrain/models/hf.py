@@ -13,11 +13,16 @@ Both on-disk expert layouts are accepted:
 
 Export writes the family's per-expert layout with ``config.json`` (see :mod:`moetrain.models.hf_configs`)
 and ``moetrain_config.json``, which keeps the fields no config.json can hold (the router z-loss, the name).
-A moetrain checkpoint directory has the same layout, so :func:`from_pretrained` loads both.
+A family transformers has no class for (DeepSeek-MoE v1) also gets its modelling files
+(:mod:`moetrain.models.hf_code`), which config.json's ``auto_map`` names, so the export loads with
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``.
+A moetrain checkpoint directory has the same layout, so :func:`from_pretrained` loads both, and a run
+directory too (its newest complete checkpoint, ``checkpoints/last``).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -30,7 +35,7 @@ import torch
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.hf_configs import config_from_hf, config_to_hf
+from moetrain.models.hf_configs import REMOTE_CODE, config_from_hf, config_to_hf, remote_code_files
 from moetrain.models.rope import rotary_for
 from moetrain.shards import ShardError, iter_shard_tensors, read_weight_map, write_sharded
 from moetrain.training.progress import shard_progress
@@ -85,6 +90,9 @@ def _read_json(path: Path) -> dict:
 def load_config(path: str | Path) -> ModelConfig:
     """The model config of a model directory: ``moetrain_config.json`` when present, else ``config.json``."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a Hugging Face model directory, a moetrain checkpoint "
+                          "(runs/NAME/checkpoints/step-N) or a run directory")
     if not path.is_dir():
         raise ConfigError(f"{path}: not a directory; pass a Hugging Face model directory or a moetrain checkpoint")
     if (path / MOETRAIN_CONFIG).exists():
@@ -216,21 +224,48 @@ def load_weights(model: MoEForCausalLM, model_dir: str | Path,
             expert_sink(name, value)
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """The model directory that ``path`` names: a run directory (or its ``checkpoints/last`` pointer file) stands
+    for its newest complete checkpoint; any other path is returned as it is.
+
+    Raises:
+        ConfigError: a run directory without a complete checkpoint, or a ``last`` naming a missing directory.
+    """
+    path = Path(path)
+    pointer = path / "checkpoints" / "last"
+    if path.is_dir() and pointer.is_file():
+        path = pointer
+    if path.is_file() and path.name == "last":
+        target = path.parent / path.read_text().strip()
+        if not target.is_dir():
+            raise ConfigError(f"{path} names {target.name!r}, which is not a directory; the run has no complete "
+                              "checkpoint (pass an existing checkpoints/step-<N> directory)")
+        return target
+    if (path / "checkpoints").is_dir() and not any((path / n).is_file() for n in (HF_CONFIG, MOETRAIN_CONFIG)):
+        raise ConfigError(f"{path} is a run directory without a complete checkpoint (no checkpoints/last yet); let "
+                          "the run save one, or pass a checkpoints/step-<N> directory")
+    return path
+
+
 def from_pretrained(
     path: str | Path, dtype: DType = torch.float32, device: str | torch.device = "cpu"
 ) -> MoEForCausalLM:
-    """Load a Hugging Face model directory of a supported family, or a moetrain checkpoint directory.
+    """Load a Hugging Face model directory of a supported family, a moetrain checkpoint directory, or a run
+    directory (its newest complete checkpoint, named by ``checkpoints/last``).
 
     Args:
         path: directory with ``config.json`` (and/or ``moetrain_config.json``, preferred) and
-            ``model.safetensors`` or ``model.safetensors.index.json`` with its shards.
+            ``model.safetensors`` or ``model.safetensors.index.json`` with its shards; or a run directory
+            (``trainer.default_root_dir``) holding ``checkpoints/last``.
         dtype: parameter dtype of the returned model.
         device: where the parameters live.
 
     Raises:
-        ConfigError: missing/unsupported config (names the key).
+        ConfigError: a missing directory, a run without a checkpoint, a missing/unsupported config (names the
+            key).
         ShardError: missing, unexpected or mis-shaped tensors (names the file and tensor).
     """
+    path = resolve_model_path(path)
     config = load_config(path)
     model = empty_model(config, dtype=dtype, device=device)
     load_weights(model, path)
@@ -263,6 +298,17 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_model_code(config: ModelConfig, out_dir: Path) -> list[str]:
+    """Copy the modelling files that the family's ``auto_map`` names into ``out_dir`` (DeepSeek-MoE v1, which
+    transformers does not ship); returns their names (none for the other families)."""
+    names = remote_code_files(config.family)
+    if names:
+        package = importlib.resources.files("moetrain.models.hf_code") / REMOTE_CODE[config.family][0]
+        for name in names:
+            (out_dir / name).write_bytes((package / name).read_bytes())
+    return names
+
+
 def export_hf(
     model: MoEForCausalLM,
     out_dir: str | Path,
@@ -271,7 +317,8 @@ def export_hf(
 ) -> dict[str, str]:
     """Write ``model`` as a Hugging Face directory of its family (sharded safetensors, index, config.json).
 
-    Also writes ``moetrain_config.json`` so that :func:`from_pretrained` restores the exact config.
+    Also writes ``moetrain_config.json`` so that :func:`from_pretrained` restores the exact config, and the
+    family's modelling files when transformers has no class for it (:func:`write_model_code`).
     Returns the weight map {tensor name: shard file}.
     """
     out_dir = Path(out_dir)
@@ -280,8 +327,10 @@ def export_hf(
     if dtype is None:
         dtype = next(model.parameters()).dtype
     torch_dtype = str(_as_dtype(dtype)).removeprefix("torch.")
-    hf_config = config_to_hf(config, torch_dtype=torch_dtype)  # refuse an unexportable config before writing
+    # refuse an unexportable config before writing
+    hf_config = config_to_hf(config, torch_dtype=torch_dtype, with_code=True)
     weight_map = write_sharded(hf_named_tensors(model, dtype), out_dir, max_shard_bytes=max_shard_bytes)
+    write_model_code(config, out_dir)
     _write_json(out_dir / HF_CONFIG, hf_config)
     _write_json(out_dir / MOETRAIN_CONFIG, config.to_dict())
     return weight_map
@@ -301,13 +350,14 @@ def convert_checkpoint(
     directory of its family, streaming tensor by tensor: the model is never built in memory.
 
     ``config.json`` and ``moetrain_config.json`` are written last, so an export that fails midway (a missing
-    tensor, a full disk) leaves no directory that looks loadable.
+    tensor, a full disk) leaves no directory that looks loadable. A family transformers has no class for also
+    gets its modelling files (:func:`write_model_code`), which config.json's ``auto_map`` names.
     """
     src, out_dir = Path(src), Path(out_dir)
     config = load_config(src)
     shapes = state_shapes(config)
     cast = None if dtype is None else _as_dtype(dtype)
-    hf_config = config_to_hf(config)  # refuse an unexportable config before writing anything
+    hf_config = config_to_hf(config, with_code=True)  # refuse an unexportable config before writing anything
 
     stored: list[torch.dtype] = []
 
@@ -320,22 +370,10 @@ def convert_checkpoint(
 
     weight_map = write_sharded(renamed(), out_dir, max_shard_bytes=max_shard_bytes)
     hf_config["torch_dtype"] = str(cast or stored[0]).removeprefix("torch.")
+    write_model_code(config, out_dir)
     _write_json(out_dir / HF_CONFIG, hf_config)
     _write_json(out_dir / MOETRAIN_CONFIG, config.to_dict())
     return weight_map
-
-
-def _resolve_source(path: Path) -> Path:
-    """A model directory, a run directory (uses its ``checkpoints/last``), or a ``last`` pointer file."""
-    if path.is_dir() and (path / "checkpoints" / "last").is_file():
-        path = path / "checkpoints" / "last"
-    if path.is_file() and path.name == "last":
-        target = path.parent / path.read_text().strip()
-        if not target.is_dir():
-            raise ConfigError(f"{path} names {target.name!r}, which is not a directory; the run has no complete "
-                              "checkpoint")
-        return target
-    return path
 
 
 def export_main(argv: list[str]) -> int:
@@ -362,7 +400,7 @@ def export_main(argv: list[str]) -> int:
     if args.source is None or args.out_dir is None:
         parser.error("pass the checkpoint (--ckpt DIR) and the output directory (--out HF_DIR)")
     try:
-        source = _resolve_source(args.source)
+        source = resolve_model_path(args.source)
         if args.out_dir.exists() and any(args.out_dir.iterdir()):
             raise ConfigError(f"{args.out_dir} exists and is not empty; choose a new output directory")
         weight_map = convert_checkpoint(source, args.out_dir, dtype=args.dtype,
@@ -374,4 +412,15 @@ def export_main(argv: list[str]) -> int:
         print(f"moetrain export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(weight_map)} tensors in {len(set(weight_map.values()))} shard(s) to {args.out_dir}")
+    print(load_hint(load_config(args.out_dir), args.out_dir))
     return 0
+
+
+def load_hint(config: ModelConfig, out_dir: Path) -> str:
+    """How to load an export of ``config``'s family in transformers (printed by ``moetrain export``)."""
+    if config.family in REMOTE_CODE:
+        code = " and ".join(remote_code_files(config.family))
+        return (f"load it in transformers with AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, "
+                f"trust_remote_code=True): transformers has no {config.family} class, so the model's code is in "
+                f"{code} next to the weights")
+    return f"load it in transformers with AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"

@@ -9,7 +9,9 @@ qkv clipping, Qwen's per-layer sliding window, router jitter, ...) are refused w
 
 Writing produces the key set of the family's published checkpoints (for ``deepseek_moe``: exactly
 the keys, ``model_type``, ``architectures`` and ``auto_map`` of deepseek-ai/deepseek-moe-16b-base),
-so an exported directory loads in transformers (or, for DeepSeek, in DeepSeek's remote code).
+so an exported directory loads in transformers. transformers has no DeepSeek-MoE (v1) class: its
+``auto_map`` names modelling files that must sit next to config.json, so it is written only on request
+(``with_code=True``), by writers that also copy those files (:data:`REMOTE_CODE`, :mod:`moetrain.models.hf_code`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,25 @@ _ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
 }
 
-# deepseek-moe-16b-base ships its modelling code with the checkpoint.
+# deepseek-moe-16b-base ships its modelling code with the checkpoint (transformers has no class for it).
 DEEPSEEK_AUTO_MAP = {
     "AutoConfig": "configuration_deepseek.DeepseekConfig",
     "AutoModel": "modeling_deepseek.DeepseekModel",
     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
 }
+
+# family -> (package under moetrain.models.hf_code holding the files, the auto_map naming them), for the families
+# that load in transformers only with their own modelling code (trust_remote_code=True)
+REMOTE_CODE: dict[str, tuple[str, dict[str, str]]] = {
+    "deepseek_moe": ("deepseek_moe", DEEPSEEK_AUTO_MAP),
+}
+
+
+def remote_code_files(family: str) -> list[str]:
+    """The ``.py`` files that ``family``'s ``auto_map`` names (empty for families transformers ships)."""
+    if family not in REMOTE_CODE:
+        return []
+    return sorted({ref.split(".")[0] + ".py" for ref in REMOTE_CODE[family][1].values()})
 
 
 def _where(source: str, key: str) -> str:
@@ -360,7 +375,6 @@ def _deepseek_to_hf(c: ModelConfig, torch_dtype: str) -> dict[str, Any]:
     out = _rope_and_common(c, torch_dtype)
     out.update({
         "attention_bias": False,
-        "auto_map": dict(DEEPSEEK_AUTO_MAP),
         "aux_loss_alpha": c.aux_loss_coef if c.aux_loss != "none" else 0.0,
         "first_k_dense_replace": c.first_k_dense_replace,
         "intermediate_size": c.intermediate_size,
@@ -546,11 +560,19 @@ _WRITERS: dict[str, Callable[[ModelConfig, str], dict[str, Any]]] = {
 }
 
 
-def config_to_hf(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+def config_to_hf(config: ModelConfig, torch_dtype: str = "bfloat16", *, with_code: bool = False) -> dict[str, Any]:
     """The family's ``config.json`` for ``config`` (keys sorted, as transformers writes them).
+
+    Args:
+        with_code: add the ``auto_map`` naming the family's modelling files (:data:`REMOTE_CODE`); only a
+            writer that puts those files next to config.json may ask for it, since transformers fails on an
+            auto_map naming files that are not there. No effect for families transformers ships.
 
     Raises:
         ConfigError: the config uses a feature the family's format cannot express (names the key).
     """
     # Fields no family's config.json can hold (router_z_loss_coef, name) travel in moetrain_config.json.
-    return dict(sorted(_WRITERS[config.family](config, torch_dtype).items()))
+    out = _WRITERS[config.family](config, torch_dtype)
+    if with_code and config.family in REMOTE_CODE:
+        out["auto_map"] = dict(REMOTE_CODE[config.family][1])
+    return dict(sorted(out.items()))

@@ -195,7 +195,33 @@ def test_truncated_shard_is_named(exported):
 
 
 def test_missing_directory_and_config(tmp_path):
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="nope does not exist"):
         from_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a directory"):
+        from_pretrained(tmp_path / "file")
     with pytest.raises(ConfigError, match="config.json"):
         from_pretrained(tmp_path)
+
+
+def test_a_run_directory_loads_its_last_checkpoint(tmp_path):
+    """``moetrain.from_pretrained("runs/NAME")`` takes a run directory as generate, export and init_from do: the
+    checkpoint that ``checkpoints/last`` names, not an older one."""
+    from moetrain.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="run directory without a complete checkpoint"):
+        moetrain.from_pretrained(run)
+    cfg = ModelConfig.from_preset("tiny-olmoe")
+    older, newer = MoEForCausalLM(cfg), MoEForCausalLM(cfg)
+    save_checkpoint(run, 2, older)
+    save_checkpoint(run, 4, newer)
+    loaded = moetrain.from_pretrained(run).state_dict()
+    assert loaded.keys() == newer.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in newer.state_dict().items())
+    assert not torch.equal(loaded["lm_head.weight"], older.state_dict()["lm_head.weight"])
+    # a pointer left naming a deleted checkpoint says so
+    (run / "checkpoints" / "last").write_text("step-9\n")
+    with pytest.raises(ConfigError, match="names 'step-9', which is not a directory"):
+        moetrain.from_pretrained(run)
