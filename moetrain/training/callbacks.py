@@ -74,7 +74,8 @@ class MetricsLogger(L.Callback):
             tags: W&B tags.
             wandb_mode: ``online``, ``offline`` or ``disabled``; None: the ``WANDB_MODE`` environment variable, else
                 online.
-            heatmap_every_n_steps: log a per-layer x per-expert load heatmap every N optimizer steps (0: never).
+            heatmap_every_n_steps: log a per-layer x per-expert load heatmap every N optimizer steps (0: never);
+                when ``model.log_every_n_steps`` does not divide N, at the first logged step at or after each multiple.
             peak_tflops: the device's peak bf16 TFLOP/s for MFU (None: looked up for known GPUs; no MFU on CPU).
         """
         if logger not in LOGGERS:
@@ -176,8 +177,10 @@ class MetricsLogger(L.Callback):
 
     def _to_sink(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict[str, Any], step: int) -> None:
         """Send the record to the experiment logger; every heatmap_every_n_steps, the expert-load heatmap too."""
-        heatmap_due = (self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0
-                       and self._heat_load is not None)
+        # due when a multiple of N lies in the window since the last heatmap: with model.log_every_n_steps not
+        # dividing N, the first logged step past each multiple (not only the common multiples)
+        every = self.heatmap_every_n_steps
+        heatmap_due = every and step // every > (self._heat_from - 1) // every and self._heat_load is not None
         if heatmap_due:
             layers = [layer.layer_idx for layer in pl_module.model.model.layers if layer.is_moe]
             self._append(EXPERT_LOAD_FILE, {"step": step, "from_step": self._heat_from, "layers": layers,

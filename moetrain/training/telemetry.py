@@ -68,25 +68,40 @@ def load_entropy(load: torch.Tensor) -> torch.Tensor:
     return (h / torch.log(torch.tensor(float(load.shape[1])))).float()
 
 
-def load_heatmap(load: torch.Tensor, layer_ids: list[int], title: str = "") -> Any:
-    """A matplotlib Figure: MoE layers (rows) by experts (columns), colour = share of the layer's tokens.
+def load_heatmap(load: torch.Tensor, layer_ids: list[int], title: str = "", share: bool = True) -> Any:
+    """A matplotlib Figure: MoE layers (rows) by experts (columns), coloured by each expert's load.
+
+    At least 8 x 4.5 inches (800 x 450 pixels at :func:`figure_png`'s 100 dpi), larger for many experts or
+    layers, so that a 3-layer, 16-expert model's cells are still easy to read.
 
     Args:
-        load: (M, E) tokens per expert.
+        load: (M, E) tokens routed to each expert (top-k slots, so a row sums to tokens x k).
         layer_ids: the model layer index of each of the M rows.
+        title: the figure's title (default: what the colour shows).
+        share: colour by the share of the layer's routed tokens (balanced: 1/E everywhere); False: by the
+            tokens routed to each expert.
     """
     from matplotlib.figure import Figure  # not pyplot: no backend switch, safe in notebooks and headless runs
 
-    share = (load.double() / load.sum(dim=1, keepdim=True).clamp_min(1)).cpu().numpy()  # (M, E)
-    m, e = share.shape
-    fig = Figure(figsize=(min(2 + e * 0.12, 14), min(1.5 + m * 0.25, 10)))
+    values = load.double()
+    if share:
+        values = values / values.sum(dim=1, keepdim=True).clamp_min(1)
+    grid = values.cpu().numpy()  # (M, E)
+    m, e = grid.shape
+    fig = Figure(figsize=(min(max(3.0 + 0.16 * e, 8.0), 24.0), min(max(2.0 + 0.3 * m, 4.5), 16.0)))
     ax = fig.add_subplot()
-    image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(m), [str(i) for i in layer_ids])
-    ax.set_title(title or "expert load (share of each layer's tokens)")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    step = max(1, -(-e // 32))  # at most 32 expert ticks
+    ax.set_xticks(range(0, e, step), [str(i) for i in range(0, e, step)])
+    row_step = max(1, -(-m // 32))
+    ax.set_yticks(range(0, m, row_step), [str(layer_ids[i]) for i in range(0, m, row_step)])
+    ax.set_xlabel(f"routed expert (0-{e - 1})")
+    ax.set_ylabel("MoE layer (model layer index)")
+    what = (f"share of the layer's routed tokens (balanced: 1/{e} = {1 / e:.3g})" if share
+            else "tokens routed to the expert")
+    ax.set_title(title or f"expert load: {what.split(' (')[0]}")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label(what)
     fig.tight_layout()
     return fig
 
