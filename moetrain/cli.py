@@ -157,6 +157,7 @@ def _build_cli_class():
     from moetrain.training.data import DataError
     from moetrain.training.module import MoETrainingModule
     from moetrain.training.progress import StepProgress
+    from moetrain.training.run_dir import check_run_dir
 
     class MoeTrainCLI(LightningCLI):
         """LightningCLI with moetrain's sections, defaults and checkpoint resolution."""
@@ -175,6 +176,11 @@ def _build_cli_class():
                 "--cpu_threads", type=Optional[int], default=None,
                 help="torch intra-op threads (null: torch's default, one per core). Small models run faster on "
                      "one thread, and far faster when other work shares the cores.",
+            )
+            parser.add_argument(
+                "--overwrite_run", type=bool, default=False,
+                help="fit into a run directory that already holds a run: delete that run's metrics, logs and "
+                     "checkpoints and start again (without it such a fit is refused; --ckpt_path=last resumes).",
             )
 
         def before_instantiate_classes(self) -> None:
@@ -203,6 +209,12 @@ def _build_cli_class():
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")
+            if self.subcommand == "fit":
+                config = self.config["fit"]
+                check_run_dir(trainer.get("default_root_dir") or Path.cwd(), resume=config.get("ckpt_path"),
+                              overwrite=bool(config.get("overwrite_run")),
+                              metrics_file=config["metrics"].get("filename") or "metrics.jsonl",
+                              delete=_launched_as_rank_zero())
 
         def instantiate_classes(self) -> None:
             try:
@@ -276,6 +288,44 @@ def _several_ranks(trainer: dict) -> bool:
     return many or int(trainer.get("num_nodes") or 1) > 1
 
 
+def _launched_as_rank_zero() -> bool:
+    """Whether this process is (or will be) global rank 0 of its launch, from the launchers' environment
+    (torchrun's RANK, Lightning's LOCAL_RANK and NODE_RANK for the processes it starts, SLURM's SLURM_PROCID)."""
+    import os
+
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the run of ``argv`` (``fit ...``): the same arguments with ``--ckpt_path=last``
+    instead of any ``--ckpt_path`` (and without ``--overwrite_run``, which would delete what it resumes)."""
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--ckpt_path", "--overwrite_run"):
+            skip = True
+        elif not arg.startswith(("--ckpt_path=", "--overwrite_run=")):
+            kept.append(arg)
+    return shlex.join([PROG, *kept, "--ckpt_path=last"])
+
+
+def _report_stop(cli: Any, argv: list[str]) -> None:
+    """After SIGTERM/Ctrl-C stopped ``fit``: say so, which checkpoint holds the run, and how to resume."""
+    from moetrain.training import signals
+    from moetrain.training.checkpoint import CheckpointCallback
+
+    signum = signals.requested()
+    trainer = getattr(cli, "trainer", None)
+    if signum is None or trainer is None or not trainer.is_global_zero or argv[:1] != ["fit"]:
+        return
+    saved = next((cb.saved_path for cb in trainer.callbacks if isinstance(cb, CheckpointCallback)), None)
+    print(signals.stop_message(signum, trainer.global_step, saved, resume_command(argv)), file=sys.stderr)
+
+
 class _ParsedOnly(Exception):
     def __init__(self, config: Any) -> None:
         super().__init__("parsed")
@@ -332,7 +382,7 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
 
     signals.clear()
     try:
-        cli_class(
+        cli = cli_class(
             MoETrainingModule, TextDataModule, args=None if from_sys_argv else argv, seed_everything_default=0,
             auto_configure_optimizers=False,
             parser_kwargs={"prog": PROG, "exit_on_error": False},
@@ -342,6 +392,13 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         return _fail(_parser_error_message(err, argv))
     except (ConfigError, DataError, ShardError, InputError) as err:
         return _fail(str(err))
+    except SystemExit:
+        # Lightning ends a run stopped by a second Ctrl-C (KeyboardInterrupt) with SystemExit(1)
+        if signals.requested() is None:
+            raise
+        print(signals.forced_stop_message(signals.requested(), resume_command(argv)), file=sys.stderr)
+        return signals.exit_status()
+    _report_stop(cli, argv)
     return signals.exit_status()  # 128 + signal when SIGTERM/Ctrl-C stopped training (after its checkpoint)
 
 

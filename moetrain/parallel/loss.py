@@ -16,7 +16,15 @@ def target_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def loss_for_backward(out: Any, labels: torch.Tensor, group: Optional[Any] = None) -> torch.Tensor:
-    """``ce * n_local / n_global + aux / world``: summed over the ranks of ``group``, the loss of the global batch.
+    """``ce * n_local / n_global + aux / world``: summed over the ranks of ``group``, the loss of the global batch
+    (the sum of :func:`loss_shares`)."""
+    ce_share, aux_share = loss_shares(out, labels, group)
+    return ce_share + aux_share
+
+
+def loss_shares(out: Any, labels: torch.Tensor, group: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce * n_local / n_global, aux / world)``: this rank's shares of the global batch's cross-entropy and
+    auxiliary loss; each summed over the ranks of ``group`` is the global batch's.
 
     The cross-entropy is the mean over the global batch's target tokens (a rank with more targets weighs
     more). The auxiliary loss is averaged over ranks: exact for per-sequence losses (``aux_loss: seq``)
@@ -31,4 +39,4 @@ def loss_for_backward(out: Any, labels: torch.Tensor, group: Optional[Any] = Non
     n_local = target_tokens(labels).to(out.ce_loss.device)
     n_global = n_local.clone()
     dist.all_reduce(n_global, group=group)
-    return out.ce_loss * n_local / n_global.clamp_min(1) + out.aux_loss / world
+    return out.ce_loss * n_local / n_global.clamp_min(1), out.aux_loss / world

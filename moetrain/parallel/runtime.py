@@ -16,7 +16,7 @@ from moetrain.parallel.checkpoint import load_optimizer_partitioned, save_checkp
 from moetrain.parallel.config import ParallelConfig
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.layout import ParallelLayout, build_layout
-from moetrain.parallel.loss import loss_for_backward
+from moetrain.parallel.loss import loss_for_backward, loss_shares
 from moetrain.parallel.optimizer import ParallelOptimizer
 from moetrain.training.optim import OptimizerConfig, TrainOptimizer
 
@@ -57,6 +57,17 @@ class ParallelRuntime:
         if not self.active or labels is None:
             return out.loss
         return loss_for_backward(out, labels)
+
+    def loss_shares(self, out: Any,
+                    batch: dict[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(ce share, aux share, aux scale)`` of this rank in the global batch (see
+        :func:`~moetrain.parallel.loss.loss_shares`; the aux scale is 1 / world, for per-layer aux losses), whose
+        sum is the loss to backpropagate; None with one rank (or no labels): the loss is ``out.loss`` itself."""
+        labels = batch.get("labels")
+        if not self.active or labels is None:
+            return None
+        ce_share, aux_share = loss_shares(out, labels)
+        return ce_share, aux_share, 1.0 / dist.get_world_size()
 
     def load_optimizer(self, optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> None:
         if not self.active:

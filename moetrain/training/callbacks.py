@@ -22,6 +22,7 @@ from typing import IO, Any, Optional
 import lightning as L
 import torch
 
+from moetrain.atomic import write_text
 from moetrain.training.loggers import LOGGERS, Sink, make_sink
 from moetrain.training.telemetry import (
     figure_png,
@@ -49,9 +50,15 @@ def _number(value: Any) -> Any:
 class MetricsLogger(L.Callback):
     """Append one line per logged optimizer step to ``<trainer.default_root_dir>/metrics.jsonl``.
 
-    ``tokens`` counts every input token trained on so far; ``tokens_per_s`` is the throughput since
-    the previous logged line (the first window includes start-up work such as the first compiles).
-    A resumed run appends to the same file.
+    ``tokens`` counts every input token trained on so far (the module's count, which checkpoints save);
+    ``tokens_per_s`` is the throughput since the previous logged line (the first window includes start-up
+    work such as the first compiles). Under several ranks every figure is the global batch's (the module
+    reduces them on the logged steps); only global rank 0 writes.
+
+    A run continues the files of its run directory from the step it starts at: a resumed run appends
+    after the lines of its checkpoint's steps and first drops the lines of later steps (written by the
+    interrupted run after that checkpoint), here and in ``expert_load.jsonl`` and ``validation.jsonl``, so
+    that each step has one line. (``moetrain fit`` refuses a used run directory unless it resumes.)
     """
 
     def __init__(
@@ -102,15 +109,14 @@ class MetricsLogger(L.Callback):
         self._start = 0.0
         self._window_start = 0.0
         self._window_tokens = 0
-        self._tokens = 0
         self._seen_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.path = Path(trainer.default_root_dir) / self.filename
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
         self._start = self._window_start = time.perf_counter()
+        self._seen_step = -1  # the first step seen opens the files (see _begin), also in a second fit
         config = getattr(pl_module, "model_config", None)
         if config is not None and self._flops_per_token is None:
             self._flops_per_token = training_flops_per_token(config)
@@ -120,8 +126,9 @@ class MetricsLogger(L.Callback):
         stats = getattr(pl_module, "last_step", None)
         if stats is None or stats.step == self._seen_step:
             return  # a micro-batch that did not end an optimizer step
+        if self._seen_step < 0:
+            self._begin(stats.step - 1)  # the first step of this run: it started (or resumed) after stats.step - 1
         self._seen_step = stats.step
-        self._tokens += stats.tokens
         self._window_tokens += stats.tokens
         if not stats.should_log:
             return
@@ -133,7 +140,7 @@ class MetricsLogger(L.Callback):
             "aux_loss": _number(stats.aux_loss),
             "lr": stats.lr,
             "grad_norm": _number(stats.grad_norm),
-            "tokens": self._tokens,
+            "tokens": stats.total_tokens,
             "tokens_per_s": round(self._window_tokens / max(now - self._window_start, 1e-9), 1),
             "elapsed_s": round(now - self._start, 3),
         }
@@ -151,6 +158,16 @@ class MetricsLogger(L.Callback):
             os.fsync(self._file.fileno())
         if trainer.is_global_zero:
             self._to_sink(trainer, pl_module, record, stats.step)
+
+    def _begin(self, start_step: int) -> None:
+        """Open metrics.jsonl for this run, which starts after optimizer step ``start_step`` (0: a new run):
+        the lines of later steps in the run directory's files belong to a run this one replaces."""
+        self._heat_from = start_step + 1
+        if self.path is None:
+            return  # not global rank 0
+        for path in (self.path, self.path.parent / EXPERT_LOAD_FILE, self.path.parent / VALIDATION_FILE):
+            drop_records_after(path, start_step)
+        self._file = open(self.path, "a")
 
     def _model_metrics(self, pl_module: L.LightningModule, stats: Any, tokens_per_s: float) -> dict[str, Any]:
         """Per-layer aux loss and routing entropy, MFU and GPU memory (one device read per logged step)."""
@@ -226,11 +243,13 @@ class MetricsLogger(L.Callback):
                                                     max(trainer.global_step, 1))
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints (Lightning's callback-state mechanism) so that a resumed run's ``tokens`` continue."""
-        return {"tokens": self._tokens, "run_id": self.run_id}
+        """Saved in checkpoints (Lightning's callback-state mechanism) so that a resumed run continues the
+        experiment logger's run. (The token count is the module's, saved once as the trainer state's ``tokens``.)"""
+        return {"run_id": self.run_id}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._tokens = int(state_dict.get("tokens", 0))
+        # checkpoints of earlier versions also hold a "tokens" here, one step low when saved by a signal or
+        # every_n_steps; the trainer state's own "tokens" is the count a resume continues from
         self.run_id = state_dict.get("run_id") or self.run_id
 
     def _close(self) -> None:
@@ -254,6 +273,26 @@ def logger_run_id(trainer: L.Trainer) -> Optional[str]:
         if isinstance(callback, MetricsLogger):
             return callback.run_id
     return None
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the JSON-lines file ``path`` (if present) without the records of steps after ``step``.
+
+    Atomic (a crash leaves the old file or the new one); untouched when no record is dropped.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _record_step(line) <= step]
+    if len(kept) != len([line for line in lines if line.strip()]):
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0  # a line torn by a crash or written by hand: kept, never the reason to rewrite
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -433,17 +433,17 @@ class CheckpointCallback(L.Callback):
 
             self.saver = AsyncSaver()
         self.saved_step = -1
-        self._tokens = 0
+        self.saved_path: Optional[Path] = None
+        """The checkpoint directory this run saved last (None: none yet); the CLI names it after a signal."""
         self._seen_step = -1
         self._epoch = 0  # the epoch being trained (Lightning's counter moves on when max_steps ends one early)
         self._epoch_batches = 0
         self._resume: Optional[tuple[int, int]] = None  # (epoch, batches consumed in it) of a resumed run
 
     # ------------------------------------------------------------------ resume
-    def resume_position(self, epoch: int, batches_in_epoch: int, tokens: int) -> None:
+    def resume_position(self, epoch: int, batches_in_epoch: int) -> None:
         """Called by :func:`moetrain.training.trainer_state.restore`: where the resumed run starts."""
         self._resume = (epoch, batches_in_epoch)
-        self._tokens = tokens
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch, self._epoch_batches = trainer.current_epoch, 0
@@ -467,12 +467,12 @@ class CheckpointCallback(L.Callback):
             save = parallel.save_checkpoint  # synchronous: a collective over every rank
         save(
             trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
-            trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches,
-                                                self._tokens),
+            trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches),
             recipe=getattr(pl_module, "resolved_recipe", None), max_shard_bytes=self.max_shard_bytes,
             keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
         )
         self.saved_step = step
+        self.saved_path = Path(trainer.default_root_dir) / CHECKPOINTS_DIR / step_dir_name(step)
         if wait and self.saver is not None:
             self.saver.wait()
 
@@ -514,12 +514,24 @@ class CheckpointCallback(L.Callback):
         if stats is None or stats.step == self._seen_step or getattr(pl_module, "_micro", 0) != 0:
             return  # a micro-batch inside an accumulation group: no consistent state to save
         self._seen_step = stats.step
-        self._tokens += stats.tokens
         if self.every_n_steps and stats.step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
-        if self.save_on_signal and signals.requested() is not None:
+        if self.save_on_signal and self._stop_requested(pl_module):
             self._save(trainer, pl_module, wait=True)
             trainer.should_stop = True
+
+    @staticmethod
+    def _stop_requested(pl_module: L.LightningModule) -> bool:
+        """Whether a signal asks to stop at this step boundary. With several ranks: whether any rank received
+        one, so that all save together and stop at the same step (a signal reaches the ranks at different
+        moments, or only one of them; a rank alone in the collective save would wait for ever)."""
+        requested = signals.requested() is not None
+        parallel = getattr(pl_module, "parallel", None)
+        if parallel is None or not parallel.active:
+            return requested
+        flag = torch.tensor([float(requested)], device=pl_module.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # 4 bytes a step
+        return bool(flag.item())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         try:

@@ -80,9 +80,14 @@ class StepStats:
         aux_loss: mean auxiliary (load-balancing) loss.
         grad_norm: global gradient norm before clipping.
         lr: learning rate used by this step.
-        tokens: input tokens in this step (all micro-batches).
+        tokens: input tokens in this step (all micro-batches, all ranks).
+        total_tokens: input tokens trained on since step 0 of the run, this step included (a resumed run
+            continues the count of its checkpoint).
         should_log: whether this step is one of the logged ones (``log_every_n_steps``, and the last).
         layer_aux_loss: (M,) mean auxiliary loss of each of the M MoE layers, or None for a model without any.
+
+    Under several ranks the losses are those of the global batch (the ranks' shares summed) on the logged
+    steps (``should_log``); on the others they are this rank's shares, which nothing reads.
     """
 
     step: int
@@ -94,6 +99,8 @@ class StepStats:
     tokens: int
     should_log: bool
     layer_aux_loss: Optional[torch.Tensor] = None
+    total_tokens: int = 0
+
 
 
 class MoETrainingModule(L.LightningModule):
@@ -156,7 +163,10 @@ class MoETrainingModule(L.LightningModule):
         self._micro = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens = 0
-        self._expert_load: Optional[torch.Tensor] = None  # (M, E) tokens routed per MoE layer and expert
+        self.tokens_seen = 0
+        """Input tokens trained on since step 0, all ranks (the one count: checkpoints save it, logs read it)."""
+        self._expert_load: Optional[torch.Tensor] = None  # (M, E) routed tokens of the steps not yet reduced
+        self._logged_load: Optional[torch.Tensor] = None  # (M, E) of the logged steps, all ranks, not yet taken
         self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
 
     def _build_model(self, preset: str, overrides: Optional[dict[str, Any]],
@@ -277,13 +287,19 @@ class MoETrainingModule(L.LightningModule):
         out = self(batch)
         if self.balancer.active:
             self.balancer.observe(out.routings)
-        # several ranks: this rank's share of the global batch's loss (gradients are summed over ranks)
-        loss = out.loss if self.parallel is None else self.parallel.loss_for_backward(out, batch)
+        # several ranks: this rank's share of the global batch's loss (gradients are summed over ranks); the
+        # logged figures are the same shares, summed over the ranks on the logged steps (_reduce_logged)
+        shares = None if self.parallel is None else self.parallel.loss_shares(out, batch)
+        if shares is None:
+            loss, ce_loss, aux_loss, aux_scale = out.loss, out.ce_loss, out.aux_loss, 1.0
+        else:
+            ce_loss, aux_loss, aux_scale = shares
+            loss = ce_loss + aux_loss
         self.manual_backward(loss / self.accumulate_grad_batches)
-        for key, value in (("loss", out.loss), ("ce_loss", out.ce_loss), ("aux_loss", out.aux_loss)):
+        for key, value in (("loss", loss), ("ce_loss", ce_loss), ("aux_loss", aux_loss)):
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._accumulate_routing(out)
+        self._accumulate_routing(out, aux_scale)
         self._tokens += batch["input_ids"].numel()
         self._micro += 1
         if self._micro == self.accumulate_grad_batches:
@@ -302,34 +318,65 @@ class MoETrainingModule(L.LightningModule):
             self.balancer.step()  # after the step, from the load of the whole step, as DeepSeek-V3 does
         n = self._micro
         done = step + 1
-        # every rank trains an equal share of the step (the parallel sampler deals equal rows): the step's
-        # tokens are this rank's times the ranks, with no collective on the hot path
-        ranks = torch.distributed.get_world_size() if self.parallel is not None and self.parallel.active else 1
+        # every rank trains an equal share of the step (the parallel sampler deals equal rows of one length):
+        # the step's tokens are this rank's times the ranks, with no collective on the hot path
+        ranks = self._ranks()
+        tokens = self._tokens * ranks
+        self.tokens_seen += tokens
         last = done >= self.total_steps or (self.trainer.max_steps > 0 and done >= self.trainer.max_steps)
+        should_log = done % self.log_every_n_steps == 0 or last
+        if should_log:
+            self._reduce_logged(ranks)
         self.last_step = StepStats(
             step=done, loss=self._sums["loss"] / n, ce_loss=self._sums["ce_loss"] / n,
-            aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=self._tokens * ranks,
+            aux_loss=self._sums["aux_loss"] / n, grad_norm=grad_norm.detach(), lr=lr, tokens=tokens,
             layer_aux_loss=self._sums["layer_aux_loss"] / n if "layer_aux_loss" in self._sums else None,
-            should_log=done % self.log_every_n_steps == 0 or last,
+            should_log=should_log, total_tokens=self.tokens_seen,
         )
         self._micro, self._sums, self._tokens = 0, {}, 0
 
-    def _accumulate_routing(self, out: Any) -> None:
-        """Per-layer aux losses and expert loads, summed on the device (read only when a logger asks)."""
+    def _ranks(self) -> int:
+        """Processes training this model together (1 without an active parallel runtime)."""
+        return torch.distributed.get_world_size() if self.parallel is not None and self.parallel.active else 1
+
+    def _reduce_logged(self, ranks: int) -> None:
+        """Turn this rank's loss sums and expert loads into the global batch's, on a logged step.
+
+        One all-reduce of a few numbers per logged step (every rank logs the same steps, so every rank joins);
+        the unlogged steps' loads are carried into it, so the heatmaps still count every step.
+        """
+        load, self._expert_load = self._expert_load, None
+        if ranks > 1:
+            keys = sorted(self._sums)
+            flat = [self._sums[k].reshape(-1) for k in keys] + ([] if load is None else [load.reshape(-1).float()])
+            summed = torch.cat(flat)
+            torch.distributed.all_reduce(summed)
+            parts = summed.split([t.numel() for t in flat])
+            for key, part in zip(keys, parts, strict=False):
+                self._sums[key] = part.reshape(self._sums[key].shape)
+            if load is not None:
+                load = parts[-1].reshape(load.shape).to(load.dtype)
+        if load is not None:
+            self._logged_load = load if self._logged_load is None else self._logged_load + load
+
+    def _accumulate_routing(self, out: Any, aux_scale: float = 1.0) -> None:
+        """Per-layer aux losses (times ``aux_scale``, this rank's share) and expert loads, summed on the device
+        (read only when a logger asks)."""
         if not out.routings:
             return
-        layer_aux = torch.stack([a.detach().float() for a in out.layer_aux_losses])  # (M,)
+        layer_aux = torch.stack([a.detach().float() for a in out.layer_aux_losses]) * aux_scale  # (M,)
         self._sums["layer_aux_loss"] = self._sums["layer_aux_loss"] + layer_aux if "layer_aux_loss" in self._sums \
             else layer_aux
         counts = torch.stack([r.counts for r in out.routings.values()])  # (M, E)
         self._expert_load = counts if self._expert_load is None else self._expert_load + counts
 
     def take_expert_load(self) -> Optional[torch.Tensor]:
-        """(M, E) tokens routed to each expert of each MoE layer since the previous call (then reset); None if none.
+        """(M, E) tokens routed to each expert of each MoE layer, all ranks, up to the last logged step and since
+        the previous call (then reset); None if none.
 
-        Summed over micro-batches and top-k slots; read by the metrics logger for load heatmaps and entropy.
+        Summed over micro-batches, top-k slots and ranks; read by the metrics logger for load heatmaps and entropy.
         """
-        load, self._expert_load = self._expert_load, None
+        load, self._logged_load = self._logged_load, None
         return load
 
     def step_metrics(self) -> dict[str, float]:

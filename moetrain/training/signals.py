@@ -8,13 +8,18 @@ falls back to the handler that was there before (Lightning's, or the default: te
 
 ``moetrain fit`` then exits with status 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C), as a
 shell reports a process ended by that signal, so a job scheduler can tell an interrupted run from a
-finished one; ``checkpoints/last`` names the checkpoint to resume from.
+finished one; ``checkpoints/last`` names the checkpoint to resume from. It says so on stderr
+(:func:`stop_message`): the signal, the step, the checkpoint saved and the command that resumes.
+
+With several ranks, every rank must stop at the same step (the save is a collective): the checkpoint
+callback asks all ranks at each step boundary whether any received a signal.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
@@ -72,5 +77,32 @@ def exit_status() -> int:
 
 
 def clear() -> None:
+    """Forget a received signal (a new run in the same process starts unsignalled)."""
     global _received
     _received = None
+
+
+def describe(signum: int) -> str:
+    """``Ctrl-C (SIGINT)`` or ``SIGTERM``: how the user knows the signal."""
+    name = signal.Signals(signum).name
+    return f"Ctrl-C ({name})" if signum == signal.SIGINT else name
+
+
+def stop_message(signum: int, step: int, saved: Optional[Path], resume: str) -> str:
+    """What a run stopped by ``signum`` after optimizer step ``step`` tells the user: the checkpoint ``saved``
+    (None: none this run) and the command ``resume`` that continues it."""
+    if saved is not None:
+        return (f"moetrain: {describe(signum)} received: stopped after optimizer step {step} and saved checkpoint "
+                f"{saved} (checkpoints/last names it).\nResume with:\n  {resume}")
+    if step == 0:
+        return (f"moetrain: {describe(signum)} received before the first optimizer step ended: stopped, nothing "
+                "saved. Start the run again with the same command.")
+    return (f"moetrain: {describe(signum)} received: stopped after optimizer step {step} without saving "
+            "(checkpoint.save_on_signal is false); checkpoints/last names the newest checkpoint, if any.\n"
+            f"Resume with:\n  {resume}")
+
+
+def forced_stop_message(signum: int, resume: str) -> str:
+    """What a run stopped by a second signal (not waiting for the step to end, so nothing saved) tells the user."""
+    return (f"moetrain: {describe(signum)} received twice: stopped at once, without saving the step under way; "
+            f"checkpoints/last names the newest complete checkpoint, if any.\nResume with:\n  {resume}")

@@ -5,12 +5,14 @@ Saved at an optimizer-step boundary (so the accumulation position is always 0 mi
 
     step, global_step       optimizer steps done; the schedule continues from here
     epoch                   Lightning's epoch counter
+    tokens                  input tokens trained on so far, all ranks (the module's ``tokens_seen``: the one
+                            count that metrics.jsonl continues from)
     data                    {"epoch", "batches_in_epoch", "micro_batch_size"}: the data-loader position
     accumulation            {"micro_batches": 0, "accumulate_grad_batches"}
     rng                     torch (CPU and every CUDA device), Python and NumPy generator states
     routing                 the offload engine's per-expert routing frequencies (its eviction order)
     callbacks               ``state_dict()`` of every callback that has one (Lightning's own mechanism):
-                            token counters, the checkpoint cadence
+                            the experiment logger's run id
     loggers                 {logger class: run id/version} so that a logger can continue its run
     fit_loop                Lightning's loop counters, for inspection
 
@@ -86,9 +88,12 @@ def _routing_state(pl_module: L.LightningModule) -> dict[str, list[float]]:
     return {"expert_frequency": freq}
 
 
-def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batches_in_epoch: int,
-            tokens: int) -> dict[str, Any]:
-    """The trainer state at the current optimizer-step boundary."""
+def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
+    """The trainer state at the current optimizer-step boundary.
+
+    The token count is the module's own (``tokens_seen``, advanced inside the optimizer step), so it is the
+    same whichever callback saves and in whatever order the callbacks run.
+    """
     datamodule = getattr(trainer, "datamodule", None)
     callbacks = {}
     for cb in trainer.callbacks:
@@ -99,7 +104,7 @@ def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batche
         "step": trainer.global_step,
         "global_step": trainer.global_step,
         "epoch": epoch,
-        "tokens": tokens,
+        "tokens": int(getattr(pl_module, "tokens_seen", 0)),
         "data": {"epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "micro_batch_size": getattr(datamodule, "micro_batch_size", None)},
         "accumulation": {"micro_batches": int(getattr(pl_module, "_micro", 0)),
@@ -169,7 +174,8 @@ def restore(trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, A
             cb.load_state_dict(saved)
     for cb in trainer.callbacks:
         if hasattr(cb, "resume_position"):
-            cb.resume_position(epoch, batches, int(state.get("tokens", 0)))
+            cb.resume_position(epoch, batches)
+    pl_module.tokens_seen = int(state.get("tokens", 0))
     routing = (state.get("routing") or {}).get("expert_frequency")
     store = getattr(getattr(pl_module, "train_optimizer", None), "store", None)
     if routing and store is not None:
