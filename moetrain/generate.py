@@ -1,14 +1,16 @@
 """Text generation from a fine-tuned model: ``moetrain generate --ckpt DIR --prompt TEXT``.
 
-Greedy decoding (``--temperature 0``, the default) or sampling with a temperature and nucleus
-(top-p) filtering, with a key/value cache: the prompt runs once, then each new token runs alone
-against the cached keys and values of the tokens before it.
+Greedy decoding (the default) or sampling with a temperature and nucleus (top-p) filtering, with a
+key/value cache: the prompt runs once, then each new token runs alone against the cached keys and
+values of the tokens before it. ``--top_p`` without ``--temperature`` samples at temperature 1 (as
+transformers does); sampling draws a fresh seed on every run unless ``--seed`` fixes it.
 
 ``--ckpt`` takes a moetrain checkpoint (``checkpoints/step-<N>``), a run directory (its
 ``checkpoints/last`` is followed) or a Hugging Face model directory. The tokenizer is the one the
 checkpoint holds, else the recipe's ``data.tokenizer``, else ``--tokenizer``. ``--chat`` wraps the
 prompt as a user message with the tokenizer's chat template (:mod:`moetrain.training.chat`) and stops
-at the end of the assistant's turn.
+at the end of the assistant's turn. Without ``--chat`` the text stops at the first special token the
+model emits (end of text, a chat model's ``<|im_end|>``, ...), and no special token is printed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from moetrain.models.attention import KVCache
 from moetrain.models.decoder import MoEForCausalLM
+from moetrain.training.tokenizer import TextTokenizer
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -122,6 +125,32 @@ def find_tokenizer(model_dir: Path, explicit: Optional[str]) -> Path:
                             "pass --tokenizer DIR")
 
 
+def sampling_settings(temperature: Optional[float], top_p: Optional[float]) -> tuple[float, float]:
+    """``(temperature, top_p)`` from the command line's ``--temperature`` and ``--top_p`` (None: not given).
+
+    ``--top_p`` alone samples at temperature 1, as transformers' ``do_sample`` does; greedy decoding is the
+    default otherwise.
+
+    Raises:
+        ValueError: a value out of range, or ``--top_p`` with ``--temperature 0`` (greedy ignores it).
+    """
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top_p {top_p}: need 0 < --top_p <= 1")
+    if temperature is not None and temperature < 0:
+        raise ValueError(f"--temperature {temperature}: need --temperature >= 0 (0: greedy)")
+    if temperature == 0 and top_p is not None and top_p < 1:
+        raise ValueError(f"--top_p {top_p} has no effect with --temperature 0 (greedy decoding); drop --top_p, or "
+                         "pass a --temperature above 0 to sample")
+    if temperature is None:
+        temperature = 1.0 if top_p is not None else 0.0
+    return temperature, 1.0 if top_p is None else top_p
+
+
+def special_token_ids(tokenizer: TextTokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, ...)."""
+    return {i for i, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moetrain generate", description="Generate text from a checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint, run directory or Hugging Face model directory")
@@ -130,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     parser.add_argument("--system", default=None, help="a system message (with --chat)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature; 0: greedy (default: greedy, or 1 when --top_p is given)")
+    parser.add_argument("--top_p", type=float, default=None,
+                        help="nucleus sampling mass in (0, 1]: samples (at temperature 1 unless --temperature)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="sampling seed, to repeat a sample (default: a fresh seed on every run)")
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole sequence every step (slow)")
     return parser
 
@@ -155,8 +187,9 @@ def _run(args: argparse.Namespace) -> int:
     from moetrain.training.chat import ChatTemplate
     from moetrain.training.tokenizer import load_tokenizer
 
-    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or args.max_new_tokens < 1:
-        raise ValueError("need 0 < --top_p <= 1, --temperature >= 0 and --max_new_tokens >= 1")
+    temperature, top_p = sampling_settings(args.temperature, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: need at least 1")
     model_dir = resolve_model_dir(args.ckpt)
     tokenizer = load_tokenizer(find_tokenizer(model_dir, args.tokenizer))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +198,10 @@ def _run(args: argparse.Namespace) -> int:
     stop_ids = {tokenizer.eos_id}
     stop_text: Optional[str] = None
     prompt = args.prompt
-    if args.chat:
+    if not args.chat:
+        # a raw continuation ends at any control token (end of text, a chat model's end of turn, ...)
+        stop_ids |= special_token_ids(tokenizer)
+    else:
         template = ChatTemplate.from_tokenizer_dir(tokenizer.path)
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
@@ -175,14 +211,21 @@ def _run(args: argparse.Namespace) -> int:
         if end_id is not None:
             stop_ids.add(end_id)
     ids = tokenizer.encode_batch([prompt])[0]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, args.temperature, args.top_p,
+    generator = torch.Generator(device=device)
+    if args.seed is None:
+        generator.seed()  # from the OS: a new sample on every run
+    else:
+        generator.manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature, top_p,
                    tuple(stop_ids), generator, use_cache=not args.no_cache)
-    text = tokenizer.decode(out.tolist())
-    if stop_text and stop_text in text:
-        text = text[: text.index(stop_text)]
-    elif text.endswith(tokenizer.tokenizer.id_to_token(tokenizer.eos_id) or "\0"):
-        text = text[: -len(tokenizer.tokenizer.id_to_token(tokenizer.eos_id))]
+    if not args.chat:
+        text = tokenizer.tokenizer.decode(out.tolist(), skip_special_tokens=True)
+    else:
+        text = tokenizer.decode(out.tolist())
+        if stop_text and stop_text in text:
+            text = text[: text.index(stop_text)]
+        elif text.endswith(tokenizer.tokenizer.id_to_token(tokenizer.eos_id) or "\0"):
+            text = text[: -len(tokenizer.tokenizer.id_to_token(tokenizer.eos_id))]
     print(text)
     sys.stdout.flush()
     return 0

@@ -14,6 +14,7 @@ from moetrain.cli import main
 from moetrain.config import ModelConfig
 from moetrain.generate import generate, next_token, resolve_model_dir, top_p_filter
 from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.hf import export_hf
 from moetrain.training.chat import ChatTemplate
 from moetrain.training.tokenizer import load_tokenizer
 
@@ -112,3 +113,82 @@ def test_generate_command_bad_input(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert main(["generate", "--ckpt", str(tmp_path / "run"), "--prompt", "x"]) == 2
     assert "no checkpoints/last in it: has the run written a checkpoint yet?" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- command-line flags
+def _chat_model_dir(tmp_path: Path, randomize) -> Path:
+    """A checkpoint of a random tiny model with the chat tokenizer (ChatML special tokens) beside it."""
+    tokenizer = load_tokenizer(EXAMPLES / "tokenizer")
+    model = randomize(MoEForCausalLM(ModelConfig.from_preset("tiny-deepseek-moe", vocab_size=768)), std=0.3)
+    assert tokenizer.vocab_size <= 768
+    out = tmp_path / "ckpt"
+    export_hf(model.eval(), out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((EXAMPLES / "tokenizer" / name).read_bytes())
+    return out
+
+
+def _generate_cli(capsys, *argv: str) -> str:
+    assert main(["generate", *argv]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_raw_generation_stops_at_special_tokens_and_never_prints_them(tmp_path, randomize, capsys):
+    """A chat model asked without --chat: the head is set so that greedy decoding emits an ordinary token, then
+    <|im_end|>; the command prints the ordinary token's text alone."""
+    ckpt = _chat_model_dir(tmp_path, randomize)
+    tokenizer = load_tokenizer(EXAMPLES / "tokenizer")
+    model = moetrain.from_pretrained(ckpt)
+    prompt = torch.tensor([tokenizer.encode_batch(["Once upon"])[0]])
+    word = tokenizer.encode_batch([" time"])[0][0]
+    end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+
+    def last_hidden(ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden state (H,) at the last position, read through an identity head."""
+        head = model.lm_head.weight.detach().clone()
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[: model.config.hidden_size] = torch.eye(model.config.hidden_size)
+            hidden = model(ids).logits[0, -1, : model.config.hidden_size].clone()
+            model.lm_head.weight.copy_(head)
+        return hidden
+
+    h1 = last_hidden(prompt)  # where the first new token is chosen
+    h2 = last_hidden(torch.cat([prompt, torch.tensor([[word]])], dim=1))  # where the second is, after `word`
+    across = h2 - (h2 @ h1) / (h1 @ h1) * h1  # the part of h2 orthogonal to h1
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[word] = h1 / (h1 @ h1)  # logit 1 at step 1, every other token 0 (end: orthogonal)
+        model.lm_head.weight[end] = 100 * across / (across @ across)  # logit 100 at step 2
+    assert generate(model, prompt, 2).tolist() == [word, end]  # the premise
+    export_hf(model, ckpt)
+    printed = _generate_cli(capsys, "--ckpt", str(ckpt), "--prompt", "Once upon", "--max_new_tokens", "6")
+    assert printed == tokenizer.decode([word]) and "<|im_end|>" not in printed
+
+
+def test_top_p_alone_samples_at_temperature_one(tmp_path, randomize, capsys):
+    ckpt = _chat_model_dir(tmp_path, randomize)
+    tokenizer = load_tokenizer(EXAMPLES / "tokenizer")
+    model = moetrain.from_pretrained(ckpt)
+    prompt = torch.tensor([tokenizer.encode_batch(["Once upon"])[0]])
+    specials = tuple(tokenizer.tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    sampled = generate(model, prompt, 12, temperature=1.0, top_p=0.9, stop_ids=specials,
+                       generator=torch.Generator().manual_seed(7))
+    greedy = generate(model, prompt, 12, stop_ids=specials)
+    assert sampled.tolist() != greedy.tolist()  # the premise: sampling shows
+    printed = _generate_cli(capsys, "--ckpt", str(ckpt), "--prompt", "Once upon", "--max_new_tokens", "12",
+                            "--top_p", "0.9", "--seed", "7")
+    assert printed == tokenizer.tokenizer.decode(sampled.tolist(), skip_special_tokens=True)
+    # greedy with a nucleus is a contradiction: refused, naming both flags
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "x", "--top_p", "0.9", "--temperature", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--top_p 0.9 has no effect with --temperature 0" in err and "Traceback" not in err
+
+
+def test_unseeded_sampling_differs_between_runs_and_a_seed_repeats(tmp_path, randomize, capsys):
+    ckpt = _chat_model_dir(tmp_path, randomize)
+    args = ["--ckpt", str(ckpt), "--prompt", "Once upon", "--max_new_tokens", "16", "--temperature", "1.0"]
+    unseeded = [_generate_cli(capsys, *args) for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+    seeded = [_generate_cli(capsys, *args, "--seed", "11") for _ in range(2)]
+    assert seeded[0] == seeded[1]
