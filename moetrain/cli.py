@@ -7,6 +7,10 @@ the signatures of :class:`~moetrain.training.module.MoETrainingModule` (``model:
 :class:`~moetrain.training.checkpoint.CheckpointCallback` (``checkpoint:``) and
 :class:`~moetrain.training.callbacks.MetricsLogger` (``metrics:``).
 
+``moetrain fit --help`` lists moetrain's sections (``model``, ``model.optimizer``, ``model.offload``, ``data``,
+``checkpoint``, ``metrics``, ``progress``, ``parallel``) with every key described (the attribute docstrings of the
+section dataclasses), then the Trainer keys that recipes set; ``--help=all`` adds every Lightning Trainer option.
+
 Bad input (a malformed recipe, an unknown key, a missing file, a broken data line) ends with one
 paragraph naming the file, line or key and what to do, exit status 2, and no traceback.
 """
@@ -167,6 +171,15 @@ def _build_cli_class():
             return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                     "validate": {"model", "dataloaders", "datamodule"}}
 
+        help_mode: Optional[str] = None
+        """``brief`` or ``all`` while printing ``--help`` (see :func:`print_help`); None otherwise."""
+
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            if self.help_mode is not None:
+                shape_help(parser, subcommand, full=self.help_mode == "all")
+            return parser
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(CheckpointCallback, "checkpoint")
             parser.add_lightning_class_args(MetricsLogger, "metrics")
@@ -326,6 +339,130 @@ def _report_stop(cli: Any, argv: list[str]) -> None:
     print(signals.stop_message(signum, trainer.global_step, saved, resume_command(argv)), file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------- --help
+SECTION_TITLES = {
+    "model": "model: the model to fine-tune and how its steps run",
+    "model.optimizer": "model.optimizer: AdamW, learning-rate schedule and gradient clipping",
+    "model.offload": "model.offload: where the routed experts' optimizer state (and weights) live",
+    "data": "data: JSONL training and validation data, tokenizer and packing",
+    "checkpoint": "checkpoint: sharded checkpoints under <run directory>/checkpoints/",
+    "metrics": "metrics: metrics.jsonl, an experiment logger and expert-load heatmaps",
+    "progress": "progress: the bar over optimizer steps",
+    "parallel": "parallel: how the ranks of a several-GPU run share the model",
+}
+TRAINER_COMMON = ("max_steps", "accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir",
+                  "logger", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches",
+                  "num_sanity_val_steps", "enable_progress_bar", "enable_checkpointing", "enable_model_summary")
+"""The Trainer keys that recipes set; ``--help`` shows these, ``--help=all`` every Trainer option."""
+KEY_HELP = {
+    # keys whose help is moetrain's, not Lightning's (moetrain sets or replaces what they do)
+    "trainer.max_steps": "optimizer steps to train (each one is model.accumulate_grad_batches micro-batches).",
+    "trainer.precision": "null: bf16-mixed on a GPU, 32-true on the CPU; or a Lightning precision such as "
+                         "bf16-mixed or 32-true.",
+    "trainer.strategy": "auto; with several devices (or nodes) moetrain's DDP strategy is used, whose ranks "
+                        "share the experts as the parallel: section says.",
+    "trainer.default_root_dir": "the run directory: metrics.jsonl, config.yaml and checkpoints/ are written there.",
+    "trainer.logger": "Lightning's logger; recipes set false, since metrics.jsonl and metrics.logger are the logs.",
+    "trainer.enable_checkpointing": "Lightning's own .ckpt files; recipes set false, since the checkpoint: "
+                                    "section writes sharded checkpoints.",
+    "trainer.enable_progress_bar": "Lightning's micro-batch bar; null: off during fit (the progress: bar "
+                                   "counts optimizer steps), on in validate when stderr is a terminal.",
+    "trainer.accumulate_grad_batches": "must stay 1: set model.accumulate_grad_batches instead.",
+    "trainer.gradient_clip_val": "not used: set model.optimizer.max_grad_norm instead.",
+    "trainer.log_every_n_steps": "Lightning's logging interval; metrics.jsonl follows model.log_every_n_steps.",
+    "checkpoint.async": "true: write checkpoints in a background thread while training goes on; the final and "
+                        "the signal save still complete before training returns.",
+    "ckpt_path": "resume: last (the run directory's checkpoints/last), a run directory or a "
+                 "checkpoints/step-<N> directory; restores the weights, the optimizer state and the step count.",
+}
+METHOD_TITLES = {"fit": "fit: resuming a run", "validate": "validate: the weights to score"}
+VALIDATE_CKPT_HELP = ("the weights to score: last (the run directory's checkpoints/last), a run directory or a "
+                      "checkpoints/step-<N> directory.")
+DESCRIPTIONS = {
+    "fit": "Train a model from a recipe. Every key below is a recipe key (section: then key: value in the YAML) "
+           "and a command-line override (--section.key=value, after --config).",
+    "validate": "Score a checkpoint on a recipe's validation data (data.val_path or data.val_split). Every key "
+                "below is a recipe key and a command-line override (--section.key=value).",
+}
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    cut = re.search(r"(?<=[a-z0-9)`])\. ", text)
+    return text[: cut.start() + 1] if cut else text
+
+
+def shape_help(parser: Any, subcommand: str, full: bool = False) -> None:
+    """Reorder and word a ``fit``/``validate`` parser's help: moetrain's sections first, every key described,
+    then the Trainer (its common keys, or with ``full`` every option). Parsing is unchanged."""
+    import argparse
+
+    groups = parser.groups
+    trainer_group = groups["trainer"]
+    first = [g for g in parser._action_groups if g not in groups.values()]  # positionals and options
+    sections = [groups[name] for name in SECTION_TITLES if name in groups]
+    method = [g for name, g in groups.items() if name not in SECTION_TITLES and name != "trainer"]
+    for name in SECTION_TITLES:
+        if name in groups:
+            groups[name].title = SECTION_TITLES[name]
+    for group in method:
+        group.title = METHOD_TITLES.get(subcommand, subcommand)
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = action.help.replace("``", "")  # reStructuredText quotes of the docstrings
+        if action.dest in KEY_HELP:
+            action.help = KEY_HELP[action.dest]
+        if action.dest == "ckpt_path" and subcommand == "validate":
+            action.help = VALIDATE_CKPT_HELP
+        if action.dest == "weights_only":
+            action.help = argparse.SUPPRESS  # a Lightning .ckpt option; moetrain loads its checkpoints itself
+    actions = [a for a in trainer_group._group_actions if not a.dest.endswith(".help")]
+    options = len([a for a in actions if a.dest != "trainer"])
+    if full:
+        trainer_group.title = f"trainer: the Lightning Trainer, all {options} options"
+    else:
+        keep = [a for a in actions if a.dest.removeprefix("trainer.") in TRAINER_COMMON]
+        for action in keep:
+            if action.dest not in KEY_HELP:
+                action.help = _first_sentence(action.help or "")
+        trainer_group._group_actions[:] = keep
+        trainer_group.title = (f"trainer: the Lightning Trainer, the keys recipes set ({len(keep)} of {options}; "
+                               f"'{PROG} {subcommand} --help=all' lists every option)")
+    parser._action_groups[:] = [*first, *sections, *method, trainer_group]
+    parser.usage = f"{PROG} {subcommand} [-h | --help=all] [-c RECIPE.yaml] [--section.key=value ...]"
+    parser.description = DESCRIPTIONS.get(subcommand, parser.description)
+
+
+def print_help(argv: list[str]) -> int:
+    """``moetrain fit|validate [--config RECIPE] --help`` (or ``--help=all``): print the help and return 0.
+
+    A recipe given before ``--help`` shows its values as the defaults.
+    """
+    import jsonargparse
+
+    from moetrain.training.data import TextDataModule
+    from moetrain.training.module import MoETrainingModule
+
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    full = "--help=all" in argv
+    argv = ["--help" if arg == "--help=all" else arg for arg in argv]
+    for path in _config_paths(argv):
+        check_recipe_file(path)
+    cli_class = _build_cli_class()
+    cli_class.help_mode = "all" if full else "brief"
+    # the section dataclasses describe their fields in attribute docstrings; parsing them costs about a second,
+    # so only the help does it
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        cli_class(MoETrainingModule, TextDataModule, args=argv, seed_everything_default=0,
+                  auto_configure_optimizers=False, parser_kwargs={"prog": PROG, "exit_on_error": False})
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=False)
+    return 0
+
+
 class _ParsedOnly(Exception):
     def __init__(self, config: Any) -> None:
         super().__init__("parsed")
@@ -405,18 +542,14 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
 # ---------------------------------------------------------------------------------------------- tools
 def run_tool(name: str, argv: list[str]) -> int:
     module_name, func_name = TOOLS[name]
+    func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"{PROG} {name}: not yet available in this version", file=sys.stderr)
+        return int(func(argv) or 0)
+    except SystemExit as stop:  # argparse's --help and usage errors; main() returns the status instead
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(f"{PROG} {name}: error: {stop.code}", file=sys.stderr)
         return 1
-    func: Optional[Callable[[list[str]], int]] = getattr(module, func_name, None)
-    if func is None:
-        print(f"{PROG} {name}: not yet available in this version", file=sys.stderr)
-        return 1
-    return int(func(argv) or 0)
 
 
 USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate}} ...
@@ -425,10 +558,11 @@ USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate}} ...
   validate  evaluate a model on a recipe's validation data
   plan      print the memory plan of a recipe on this machine
   export    write a checkpoint as a Hugging Face model directory
-  bench     measure a training step
+  bench     run a benchmark: {PROG} bench --help lists them (link, offload_step, checkpoint_io, ...)
   generate  continue a prompt with a checkpoint: {PROG} generate --ckpt runs/tiny --prompt "Once"
 
-'{PROG} SUBCOMMAND --help' lists a subcommand's options.
+'{PROG} SUBCOMMAND --help' lists a subcommand's options; '{PROG} fit --help=all' adds every Lightning
+Trainer option.
 """
 
 
@@ -446,6 +580,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _fail(str(err))
     if argv[0] not in ("fit", "validate"):
         return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench, generate")
+    if any(arg in ("-h", "--help", "--help=all") for arg in argv[1:]):
+        try:
+            return print_help(argv)
+        except InputError as err:
+            return _fail(str(err))
     try:
         return run_lightning(argv, from_sys_argv)
     except InputError as err:

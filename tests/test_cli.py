@@ -265,3 +265,78 @@ def test_validate_the_last_checkpoint(tiny_run, capsys, monkeypatch):
     assert code == 0
     val_loss = float(next(line for line in out.splitlines() if "val_loss" in line).split("│")[2])
     assert val_loss < 0.5 * math.log(768)  # held-out documents: far below a random model's ln(vocab)
+
+
+# ---------------------------------------------------------------------------------------------- --help
+SUBCOMMANDS = ("fit", "validate", "plan", "export", "bench", "generate")
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """``--key`` -> its description (without jsonargparse's "(type: ..., default: ...)") in an argparse help."""
+    entries: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        match = re.match(r"  (--[\w.]+)(?: \S+)?(?:, --[\w.+]+(?: \S+)?)?(?:  +(.*))?$", line)
+        if match:
+            key = match.group(1)
+            entries[key] = match.group(2) or ""
+        elif key and line.startswith("      "):
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return {k: re.sub(r"\s*\((?:required, )?type: .*$", "", " ".join(v.split())) for k, v in entries.items()}
+
+
+def test_top_level_help_lists_only_subcommands_that_answer_help(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["--help"]) == 0
+    listed = re.findall(r"(?m)^  (\w+) ", capsys.readouterr().out)
+    assert tuple(listed) == SUBCOMMANDS
+    for name in listed:
+        assert main([name, "--help"]) == 0, name
+        captured = capsys.readouterr()
+        assert captured.out.startswith(f"usage: moetrain {name}"), (name, captured.out[:200], captured.err[-500:])
+        assert "not yet available" not in captured.err
+
+
+def test_bench_lists_the_benchmarks_and_runs_one_on_the_cpu(capsys, tmp_path):
+    assert main(["bench", "--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("link", "expert_compute", "offload_step", "multi_gpu", "checkpoint_io"):
+        assert re.search(rf"(?m)^  {name} ", listing), name
+    assert not re.search(r"(?m)^  stream_overlap ", listing)  # a helper of offload_step, not a benchmark
+    assert main(["bench", "link", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: moetrain bench link")
+    if not torch.cuda.is_available():
+        assert main(["bench", "link"]) == 2
+        assert "link measures a CUDA GPU and none is visible here" in capsys.readouterr().err
+    out = tmp_path / "out"
+    code = main(["bench", "checkpoint_io", "--out", str(out), "--preset", "tiny-deepseek-moe", "--layers", "2",
+                 "--disk-gb", "0.01", "--init-sizes-gb", "0.002", "--shard-mb", "1"])
+    assert code == 0
+    result = json.loads((out / "checkpoint_io.json").read_text())
+    assert result["save_load"]["ckpt_bytes"] > 0 and result["init_from"][0]["loaded_model_bytes"] > 0
+    assert main(["bench", "nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_fit_help_leads_with_moetrain_sections_and_describes_every_key(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["fit", "--help"]) == 0
+    text = capsys.readouterr().out
+    headers = re.findall(r"(?m)^([a-z][\w.]*): .*:$", text)  # group titles
+    sections = ["model", "model.optimizer", "model.offload", "data", "checkpoint", "metrics", "progress", "parallel"]
+    assert headers[:len(sections)] == sections and headers[-1] == "trainer"
+    entries = help_entries(text)
+    keys = [k for k in entries if k.split(".")[0].removeprefix("--") in sections and k.removeprefix("--")
+            not in sections]  # the keys of moetrain's sections, not the sections' own --SECTION CONFIG
+    assert len([k for k in keys if k.startswith("--model.offload.")]) >= 19
+    assert not [k for k in keys if not entries[k]], "keys without a description"
+    assert "in pinned host memory" in entries["--model.offload.tier"]
+    trainer = [k for k in entries if k.startswith("--trainer.")]
+    assert "--trainer.max_steps" in trainer and "--trainer.gradient_clip_val" not in trainer and len(trainer) <= 20
+    assert "--help=all" in text and len(text.splitlines()) < 450
+
+    assert main(["fit", "--help=all"]) == 0
+    full = help_entries(capsys.readouterr().out)
+    assert {"--trainer.gradient_clip_val", "--trainer.max_epochs", "--trainer.profiler"} <= set(full)
+    assert full["--trainer.gradient_clip_val"].startswith("not used: set model.optimizer.max_grad_norm")

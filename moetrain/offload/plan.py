@@ -605,6 +605,25 @@ def recipe_model(recipe: dict[str, Any]) -> tuple[ModelConfig, Optional[str]]:
 USAGE = ("usage: moetrain plan --config RECIPE | --preset=NAME | --largest [--section.key=value ...] "
          "[--gpu-gb=N] [--host-gb=N] [--disk-gb=N] [--tokens=N] [--link_gbps=GBPS] [--world_sizes=1,8,64]")
 MACHINE_FLAGS = {"--gpu-gb": "gpu_capacity", "--host-gb": "host_capacity", "--disk-gb": "disk_free"}
+HELP = f"""{USAGE}
+
+Print the memory plan of a recipe on one GPU of this machine (where weights, gradients, optimizer
+state and activations live, against each tier's capacity), the largest preset this machine's GPU
+fully fine-tunes, and the memory per GPU under expert parallelism.
+
+  -c, --config RECIPE   the recipe YAML to plan (as given to 'moetrain fit --config')
+  --preset=NAME         plan a model shape under configs/models/ with the default settings instead
+  --largest             every preset's verdict on this machine (or the one the flags below describe)
+  --section.key=value   a recipe override, as on 'moetrain fit' (e.g. --model.offload.tier=cpu)
+  --gpu-gb=N, --host-gb=N, --disk-gb=N
+                        plan for another machine: GPU memory, host memory and free disk in GiB
+                        (default: this machine's)
+  --tokens=N            tokens a micro-batch for the largest-preset verdicts (default: the recipe's
+                        data.micro_batch_size x data.seq_len; 4096 with --largest)
+  --link_gbps=GBPS      host<->GPU link rate, both directions at once, of the step-time floor
+                        (default: 93 GB/s, measured on the GPU machines)
+  --world_sizes=1,8,64  GPU counts of the expert-parallel table
+  -h, --help            show this help and exit"""
 
 
 def main(argv: list[str]) -> int:
@@ -621,6 +640,9 @@ def main(argv: list[str]) -> int:
     try:
         while args:
             arg = args.pop(0)
+            if arg in ("-h", "--help"):
+                print(HELP)
+                return 0
             name, eq, value = arg.partition("=")
             if name in ("-c", "--config", "--preset", *MACHINE_FLAGS, "--tokens") and not eq:
                 if not args:
