@@ -278,6 +278,12 @@ def _build_cli_class():
                      **kwargs: Any) -> None:
             if ckpt_path is not None:
                 model.load_weights_from(resolve_checkpoint(ckpt_path, self.trainer.default_root_dir))
+            elif self.config["validate"]["model"].get("init_from") is None:
+                # the recipe's preset is a random initialisation: its score says nothing about any model
+                raise InputError("validate has no weights to score: pass --ckpt_path=RUN_DIR (a run "
+                                 "directory, or one of its checkpoints/step-<N>), or --ckpt_path=last with "
+                                 "--trainer.default_root_dir=RUN_DIR, or set --model.init_from=HF_DIR to score "
+                                 "a Hugging Face model; without one it would score a random initialisation")
             self._run_checked(lambda: self.trainer.validate(model, datamodule=datamodule, **kwargs))
 
     return MoeTrainCLI

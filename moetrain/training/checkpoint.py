@@ -372,10 +372,11 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
-    """The checkpoint directory named by ``--ckpt_path``: ``last`` reads ``<run_dir>/checkpoints/last``.
+    """The checkpoint directory named by ``--ckpt_path``: ``last`` reads ``<run_dir>/checkpoints/last``; a run
+    directory stands for its own ``checkpoints/last``.
 
     Raises:
-        ConfigError: nothing to resume from, or the directory is incomplete.
+        ConfigError: the path does not exist, nothing to resume from, or the directory is incomplete.
     """
     if str(path) == "last":
         pointer = Path(run_dir) / CHECKPOINTS_DIR / LAST_FILE
@@ -383,8 +384,15 @@ def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
             raise ConfigError(f"--ckpt_path=last: {pointer} not found; no complete checkpoint in run directory "
                               f"{run_dir} (check --trainer.default_root_dir, or drop --ckpt_path to start fresh)")
         ckpt = pointer.parent / pointer.read_text().strip()
+        if not ckpt.is_dir():
+            raise ConfigError(f"--ckpt_path=last: {pointer} names {ckpt.name!r}, but {ckpt} does not exist (deleted "
+                              "or moved?); pass an existing checkpoints/step-<N> directory instead")
     else:
         ckpt = Path(path)
+        if not ckpt.exists():
+            raise ConfigError(f"--ckpt_path={path}: {ckpt} does not exist; pass a run directory, one of its "
+                              "checkpoints/step-<N> directories, or 'last' with --trainer.default_root_dir set to "
+                              "the run directory")
         if (ckpt / CHECKPOINTS_DIR / LAST_FILE).is_file():  # a run directory
             return resolve_checkpoint("last", ckpt)
     if not (ckpt / MOETRAIN_CONFIG).is_file():
