@@ -23,9 +23,11 @@ from moetrain.models.experts import SwiGLU
 from moetrain.models.mla import MultiHeadLatentAttention
 from moetrain.models.moe import MoEBlock, RoutingObserver, recomputing
 from moetrain.models.rope import rotary_for
-from moetrain.models.router import Routing
+from moetrain.models.router import Routing, TopKRouter
 
 IGNORE_INDEX = -100
+INIT_STD = 0.02
+"""Standard deviation of every normal initialisation (the Hugging Face families' ``initializer_range``)."""
 
 
 @dataclass
@@ -137,19 +139,53 @@ class MoEForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights, zero biases, unit norms: the initialisation of the HF families."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
+    def init_kinds(self) -> dict[str, str]:
+        """How every state-dict tensor starts: ``normal`` (N(0, :data:`INIT_STD`)), ``ones`` or ``zeros``.
+
+        Linear and embedding weights and the routers are normal, biases (and DeepSeek-V3's routing bias) zero,
+        norm weights one: the initialisation of the Hugging Face families. The one rule that
+        :meth:`reset_parameters` and the seeded per-tensor initialisation (:mod:`moetrain.models.random_init`)
+        both follow. Ordered as the state dict is; a tied ``lm_head.weight`` is listed too.
+
+        Raises:
+            TypeError: a parameter or persistent buffer of a module kind the rule does not know (a new module
+                must say how it starts, rather than keep whatever its constructor left).
+        """
+        kinds: dict[str, str] = {}
+        for prefix, module in self.named_modules(remove_duplicate=False):
+            at = f"{prefix}." if prefix else ""
+            if isinstance(module, (nn.Linear, nn.Embedding, TopKRouter)):
+                kinds[f"{at}weight"] = "normal"
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for block in self.moe_blocks():
-            nn.init.normal_(block.gate.weight, std=std)
+                kinds[f"{at}weight"] = "ones"
+            if getattr(module, "bias", None) is not None:
+                kinds[f"{at}bias"] = "zeros"
+            if getattr(module, "e_score_correction_bias", None) is not None:
+                kinds[f"{at}e_score_correction_bias"] = "zeros"
+        names = list(self.state_dict(keep_vars=True))
+        unknown = [n for n in names if n not in kinds]
+        if unknown:
+            raise TypeError(f"no initialisation rule for {unknown[:4]}; add the module kind to init_kinds")
+        return {n: kinds[n] for n in names}
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = INIT_STD) -> None:
+        """Draw every tensor from torch's global generator as :meth:`init_kinds` says, one after another.
+
+        The routers are drawn last: the order, and so the weights, that every seeded run has had. On the meta
+        device nothing is drawn (meta tensors hold no values, and torch's reference ``normal_`` costs about
+        2 ms a tensor: seconds for a 16 B model).
+        """
+        tensors = self.state_dict(keep_vars=True)
+        if any(t.is_meta for t in tensors.values()):
+            return
+        routers = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, TopKRouter)}
+        kinds = self.init_kinds()
+        for name in sorted(kinds, key=lambda n: n in routers):  # stable: state-dict order, routers at the end
+            if kinds[name] == "normal":
+                tensors[name].normal_(0.0, std)
+            else:
+                tensors[name].fill_(1.0 if kinds[name] == "ones" else 0.0)
 
     # ------------------------------------------------------------------ structure
     def moe_blocks(self) -> list[MoEBlock]:
