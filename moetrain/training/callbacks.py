@@ -52,8 +52,10 @@ class MetricsLogger(L.Callback):
 
     ``tokens`` counts every input token trained on so far (the module's count, which checkpoints save);
     ``tokens_per_s`` is the throughput since the previous logged line (the first window includes start-up
-    work such as the first compiles). Under several ranks every figure is the global batch's (the module
-    reduces them on the logged steps); only global rank 0 writes.
+    work such as the first compiles). Under several ranks the losses, token counts, gradient norm, routing
+    entropy and expert loads are the global batch's (the module reduces them on the logged steps), and the
+    validation figures are over every rank's shard; the offload engine's ``offload/...`` counters are global
+    rank 0's own (each rank pages its own share of the experts over its own link). Only global rank 0 writes.
 
     A run continues the files of its run directory from the step it starts at: a resumed run appends
     after the lines of its checkpoint's steps and first drops the lines of later steps (written by the

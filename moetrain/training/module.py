@@ -138,6 +138,12 @@ def random_model(config: ModelConfig) -> MoEForCausalLM:
     return build_random(config, seed, device=build_device(), announce=total >= ANNOUNCE_MIN_PARAMS)
 
 
+def _world_size() -> int:
+    """Processes in the default process group (1 without one): validation shards its data over them."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class MoETrainingModule(L.LightningModule):
     """Full fine-tuning of a :class:`~moetrain.models.decoder.MoEForCausalLM` (the ``model:`` section of a recipe)."""
 
@@ -422,9 +428,11 @@ class MoETrainingModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch)
         n = batch["input_ids"].shape[0]
-        self.log("val_loss", out.loss, batch_size=n, prog_bar=True)
-        self.log("val_ce_loss", out.ce_loss, batch_size=n)
-        self.log("val_aux_loss", out.aux_loss, batch_size=n)
+        # several processes each validate a shard: the logged figures are the mean over ranks, not rank 0's
+        several = _world_size() > 1
+        self.log("val_loss", out.loss, batch_size=n, prog_bar=True, sync_dist=several)
+        self.log("val_ce_loss", out.ce_loss, batch_size=n, sync_dist=several)
+        self.log("val_aux_loss", out.aux_loss, batch_size=n, sync_dist=several)
         if "labels" in batch:
             targets = (batch["labels"][:, 1:] != -100).sum()
             ce_sum = torch.where(targets > 0, out.ce_loss.detach().float() * targets, 0.0)  # no targets: ce is NaN
@@ -432,7 +440,10 @@ class MoETrainingModule(L.LightningModule):
         return out.loss
 
     def on_validation_epoch_end(self) -> None:
-        # perplexity of the whole validation set: exp of the token-weighted mean cross-entropy
+        # perplexity of the whole validation set (every rank's shard): exp of the token-weighted mean cross-entropy
+        if _world_size() > 1:
+            self._val_ce = self._val_ce.to(self.device)  # still the CPU zeros on a rank without validation batches
+            torch.distributed.all_reduce(self._val_ce)
         total, targets = self._val_ce
         if targets > 0:
             self.log("val_ppl", torch.exp(total / targets))
