@@ -13,7 +13,17 @@ past it. The load peak must fit too, and it depends on how the model starts: wit
 offload tier the experts' fp32 masters stream from the checkpoint straight into the store while their compute
 weights are built in ``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32
 (4 B/param) and the experts at their compute-weight bytes; random initialisation, or ``init_from`` without a
-tier, puts the whole model on the GPU in fp32 (4 B/param) first.
+tier, puts the whole model on the GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a
+random initialisation builds the fp32 model in host memory first, next to the pinned expert state; ``init_from``
+reads the checkpoint one shard at a time (the largest shard of the directory, or :data:`HF_SHARD_BYTES` before
+the download). While training, a checkpoint save holds about two shards in host memory (``max_shard_mb``), and
+``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
+
+The disk holds the ``init_from`` directory (its safetensors, or the preset in bf16 before the download), the
+NVMe swap, and the checkpoints (:func:`checkpoint_bytes`: fp32 weights and the AdamW moments as stored) that
+exist at once: a new checkpoint is complete before the oldest beyond ``keep_last`` is deleted
+(:func:`checkpoints_on_disk`). They are one tier, ``disk``, unless the swap folder is on another filesystem
+(then it is the ``nvme`` tier). :func:`plan_overflows` gives the lines of a plan that do not fit.
 
 The floor of an optimizer step is ``max(compute, bytes moved / link)``: the active experts' state that is
 not in the hot cache goes up and comes back (``2 * state_bytes_per_param`` B/param, both directions at
@@ -34,6 +44,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,6 +75,39 @@ MASTERS = ("fp32", "bf16_kahan", "bf16_sr")
 """Master-weight formats, most exact first (a bf16 master without compensation loses small updates)."""
 MOMENTS = ("fp32", "bf16", "int8")
 """Moment formats, most exact first."""
+HF_SHARD_BYTES = 5 * 10**9
+"""Size of one safetensors shard of a Hugging Face download (transformers' default ``max_shard_size``, 5 GB):
+what reading ``init_from`` holds in host memory at a time when the directory is not here to measure."""
+SAVE_SHARDS_IN_FLIGHT = 2
+"""Shards a checkpoint save holds in host memory: the shard's tensors and safetensors' serialisation of them
+(training/checkpoint.py)."""
+DEFAULT_SHARD_MB = 2048
+"""``checkpoint.max_shard_mb`` when a recipe does not set it (``CheckpointCallback``'s default)."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What a run puts on disk besides the swap, and what reading and writing it costs in host memory.
+
+    Attributes:
+        model_dir_bytes: bytes the ``init_from`` directory needs on the run's disk (0: none, or already in its
+            used space); model_dir_what: its row's text.
+        load_shard_bytes: host memory of reading ``init_from`` (one shard at a time).
+        checkpoints: checkpoints on disk at once (0: none counted); checkpoints_what: why that many.
+        max_shard_bytes: one checkpoint shard (``checkpoint.max_shard_mb``); async_save: ``checkpoint.async``.
+        swap_separate: the swap folder is on another filesystem than the run directory, with ``swap_free``
+            bytes free (None: unknown); otherwise the swap counts on the run's disk.
+    """
+
+    model_dir_bytes: int = 0
+    model_dir_what: str = ""
+    load_shard_bytes: int = HF_SHARD_BYTES
+    checkpoints: int = 0
+    checkpoints_what: str = ""
+    max_shard_bytes: int = DEFAULT_SHARD_MB * 2**20
+    async_save: bool = False
+    swap_separate: bool = False
+    swap_free: Optional[int] = None
 
 
 @dataclass
@@ -71,10 +115,16 @@ class Plan:
     """Bytes per tier and the step floor of one model under one offload config.
 
     Attributes:
-        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training.
+        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training (host: with a checkpoint
+            save in flight; nvme: the swap, part of ``disk_bytes`` unless ``swap_separate``).
         gpu_load_bytes: the GPU peak while loading: fp32 dense + the experts at their compute-weight bytes when
             streamed (``streamed_load``: init_from with a tier), else the whole model in fp32.
-        gpu_capacity / host_capacity / disk_free: what the machine has (None: unknown here).
+        host_load_bytes / host_load_what: the host peak while loading (the fp32 model of a random init, or one
+            shard of ``init_from``, next to the pinned state), and how it comes about.
+        disk_bytes: the run's disk: the ``init_from`` directory, the swap (unless ``swap_separate``) and the
+            checkpoints on disk at once; disk_notes: lines that explain the disk rows.
+        gpu_capacity / host_capacity / disk_free: what the machine has (None: unknown here); swap_free: the free
+            bytes of the swap's own filesystem when ``swap_separate``.
         expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
         master / moments / state_bpp: the experts' state format and its bytes per parameter.
         record_bytes: one expert's state record as the store lays it (aligned).
@@ -114,6 +164,12 @@ class Plan:
     streamed_load: bool = False
     weight_bytes: int = 2
     paged_weights: bool = False
+    host_load_bytes: int = 0
+    host_load_what: str = ""
+    disk_bytes: int = 0
+    disk_notes: list[str] = field(default_factory=list)
+    swap_separate: bool = False
+    swap_free: Optional[int] = None
 
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
@@ -130,13 +186,41 @@ class Plan:
         return max(self.compute_s, self.transfer_s)
 
     def fits(self) -> dict[str, Optional[bool]]:
-        """Per tier: True / False, or None when the capacity is unknown on this machine. The GPU must hold
-        both the training footprint and the load peak."""
+        """Per tier (``gpu``, ``host``, ``disk``, and ``nvme`` when the swap has its own filesystem): True /
+        False, or None when the capacity is unknown on this machine. The GPU and the host must hold both the
+        training footprint and the load peak."""
+        return {tier: verdict for tier, _, _, _, verdict in self._tiers()}
+
+    def _tiers(self) -> list[tuple[str, int, Optional[int], int, Optional[bool]]]:
+        """(tier, bytes while training, capacity, bytes at load, verdict) of every tier the plan weighs."""
         def ok(used: int, cap: Optional[int]) -> Optional[bool]:
             return None if cap is None else used <= cap
-        return {"gpu": ok(max(self.gpu_bytes, self.gpu_load_bytes), self.gpu_capacity),
-                "host": ok(self.host_bytes, self.host_capacity),
-                "nvme": ok(self.nvme_bytes, self.disk_free) if self.nvme_bytes else True}
+        tiers = [("gpu", self.gpu_bytes, self.gpu_capacity, self.gpu_load_bytes),
+                 ("host", self.host_bytes, self.host_capacity, self.host_load_bytes),
+                 ("disk", self.disk_bytes, self.disk_free, 0)]
+        if self.swap_separate:
+            tiers.append(("nvme", self.nvme_bytes, self.swap_free, 0))
+        return [(tier, used, cap, load, ok(max(used, load), cap) if used or load else True)
+                for tier, used, cap, load in tiers]
+
+    def verdict_lines(self) -> dict[str, str]:
+        """The ``total`` line of every tier with something on it, as :meth:`format` prints it (unindented)."""
+        def gib(n: Optional[float]) -> str:
+            return "unknown" if n is None else f"{n / GiB:8.2f} GiB"
+
+        lines = {}
+        for tier, used, cap, load, verdict in self._tiers():
+            if not (used or load):
+                continue
+            state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict]
+            note = f" (peak at load: {load / GiB:.2f} GiB)" if load > used else ""
+            lines[tier] = f"{tier:<5} total {gib(used)} of {gib(cap)}: {state}{note}"
+        return lines
+
+    def load_lines(self) -> dict[str, str]:
+        """The ``peak at load`` line of the GPU and of the host (unindented)."""
+        return {"gpu": f"gpu   peak at load {self.gpu_load_bytes / GiB:8.2f} GiB: {self.load_what()}",
+                "host": f"host  peak at load {self.host_load_bytes / GiB:8.2f} GiB: {self.host_load_what}"}
 
     def fits_all(self) -> bool:
         """Every tier fits (an unknown capacity does not count as fitting)."""
@@ -161,19 +245,13 @@ class Plan:
                          + ("one MoE layer's at a time (stepped under backward)" if self.layerwise_grads
                             else "every expert's"))
         lines.append("")
-        lines += [f"  {tier:<5} {what:<56} {gib(n)}" for tier, what, n in self.breakdown]
+        order = ("gpu", "host", "disk", "nvme")
+        lines += [f"  {tier:<5} {what:<56} {gib(n)}"
+                  for tier, what, n in sorted(self.breakdown, key=lambda row: order.index(row[0]))]
         lines.append("")
-        verdict = self.fits()
-        tiers = [("gpu", self.gpu_bytes, self.gpu_capacity), ("host", self.host_bytes, self.host_capacity)]
-        if self.nvme_bytes:
-            tiers.append(("nvme", self.nvme_bytes, self.disk_free))
-        for tier, used, cap in tiers:
-            state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict[tier]]
-            note = ""
-            if tier == "gpu" and self.gpu_load_bytes > used:
-                note = f" (peak at load: {self.gpu_load_bytes / GiB:.2f} GiB)"
-            lines.append(f"  {tier:<5} total {gib(used)} of {gib(cap)}: {state}{note}")
-        lines.append(f"  gpu   peak at load {gib(self.gpu_load_bytes)}: {self.load_what()}")
+        lines += [f"  {line}" for line in self.verdict_lines().values()]
+        lines += [f"  {line}" for line in self.load_lines().values()]
+        lines += [f"  disk  {note}" for note in self.disk_notes]
         if self.tier != "none":
             cache = self.hot_cache_experts
             how = "auto: what the GPU has left" if self.hot_cache_auto else "hot_cache_gb"
@@ -188,6 +266,27 @@ class Plan:
                   f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}",
                   f"  floor of a step: {secs(self.floor_s)} ({bound}-bound)"]
         return "\n".join(lines)
+
+
+def plan_overflows(plan: Plan) -> list[str]:
+    """The lines of ``plan`` that say something does not fit, as ``moetrain plan`` prints them (unindented): the
+    ``total`` line of every tier that overflows (``gpu``, ``host``, ``disk``, ``nvme``), each followed, for the GPU
+    and the host, by its ``peak at load`` line when the load peak is past the capacity. Empty when every tier
+    fits; a capacity unknown here is not an overflow. What a pre-flight check prints when it refuses a run::
+
+        host  total   119.89 GiB of   125.00 GiB: DOES NOT FIT (peak at load: 180.96 GiB)
+        host  peak at load   180.96 GiB: random init builds the fp32 model in host memory first (61.00 GiB), ...
+        disk  total   272.70 GiB of    64.00 GiB: DOES NOT FIT
+    """
+    totals, loads = plan.verdict_lines(), plan.load_lines()
+    out = []
+    for tier, _, cap, load, verdict in plan._tiers():
+        if verdict is not False:
+            continue
+        out.append(totals[tier])
+        if tier in loads and cap is not None and load > cap:
+            out.append(loads[tier])
+    return out
 
 
 def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
@@ -274,12 +373,14 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
-              streamed_load: bool = False, activation_checkpointing: bool = False) -> Plan:
+              streamed_load: bool = False, activation_checkpointing: bool = False,
+              from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Args:
         gpu_capacity / host_capacity / disk_free: bytes; default to this machine's (GPU memory, physical
-            host memory, free space at nvme_path).
+            host memory, free space at nvme_path). ``disk_free`` is the disk of the run: the ``init_from``
+            directory, the checkpoints and the swap (unless ``storage.swap_separate``).
         link_gbps: defaults to the measured both-directions rate of the GPU machines (93 GB/s).
         weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
             from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
@@ -291,11 +392,16 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
             loads the whole model in fp32).
         activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
+        from_checkpoint: the model starts from ``init_from`` (with any tier); None: as ``streamed_load``. False
+            is a random initialisation, built in fp32 in host memory first.
+        storage: the ``init_from`` directory, the checkpoints and where the swap lives (:func:`recipe_storage`);
+            None: nothing on disk but the swap, and no checkpoint saves.
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
     e, k = model_config.num_experts, model_config.num_experts_per_tok
     total_experts = n_moe * e
+    storage = storage if storage is not None else Storage()
     gpu_cap, host_cap = _machine()
     gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
     host_capacity = host_capacity if host_capacity is not None else host_cap
@@ -349,12 +455,44 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
             host += weight_bytes * expert
         if nvme:
-            rows += [("host", "NVMe staging buffers (pinned)", staging), ("nvme", "expert state (swap)", nvme)]
+            swap_tier = "nvme" if storage.swap_separate else "disk"
+            rows += [("host", "NVMe staging buffers (pinned)", staging), (swap_tier, "expert state (NVMe swap)", nvme)]
             host += staging
     rows.append(("host", "process, data workers (reserve)", HOST_RESERVE))
     host += HOST_RESERVE
+    # loading: a random initialisation builds the fp32 model in host memory next to the pinned state (the store
+    # takes the experts' masters from it); init_from reads one shard at a time
+    from_checkpoint = streamed_load if from_checkpoint is None else from_checkpoint
+    if from_checkpoint:
+        host_load = host + storage.load_shard_bytes
+        host_load_what = (f"init_from is read one shard at a time ({storage.load_shard_bytes / GiB:.2f} GiB) "
+                          + ("next to the pinned expert state" if off.tier != "none" else "onto the GPU"))
+    else:
+        host_load = host + LOAD_BYTES_PER_PARAM * (dense + expert)
+        host_load_what = ("random init builds the fp32 model in host memory first "
+                          f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)"
+                          + (", next to the pinned expert state" if off.tier != "none" else ""))
+    if storage.checkpoints:
+        rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
+                             f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
+                     SAVE_SHARDS_IN_FLIGHT * storage.max_shard_bytes))
+        if storage.async_save:  # the dense part is copied (experts too with tier none); expert state is read in place
+            snapshot = dense if off.tier != "none" else dense + expert
+            rows.append(("host", "checkpoint.async: host copy of fp32 weights + moments", 12 * snapshot))
+        host = sum(n for tier, _, n in rows if tier == "host")
+    disk_notes = []
+    if storage.model_dir_what:
+        rows.append(("disk", storage.model_dir_what, storage.model_dir_bytes))
+    if storage.checkpoints:
+        one = checkpoint_bytes(dense, expert, off)
+        rows.append(("disk", f"checkpoints: {storage.checkpoints} x {one / GiB:.2f} GiB", storage.checkpoints * one))
+        moments = "fp32" if off.tier == "none" else off.moments
+        disk_notes.append(f"checkpoints: {storage.checkpoints_what}; each holds fp32 weights "
+                          f"({4 * (dense + expert) / GiB:.2f} GiB) and the AdamW moments (fp32 dense, "
+                          f"{moments} experts: {(one - 4 * (dense + expert)) / GiB:.2f} GiB)")
+    disk = sum(n for tier, _, n in rows if tier == "disk")
     gpu = sum(n for tier, _, n in rows if tier == "gpu")
-    if disk_free is None and nvme and off.nvme_path and os.path.isdir(off.nvme_path):
+    if disk_free is None and nvme and not storage.swap_separate and off.nvme_path and os.path.isdir(off.nvme_path):
         disk_free = shutil.disk_usage(off.nvme_path).free
     active_per_layer = e * (1.0 - (1.0 - 1.0 / e) ** (tokens_per_step * k))
     active = n_moe * active_per_layer
@@ -379,7 +517,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
                 master=off.master,
                 moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=paged, layerwise_grads=layerwise,
-                streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights)
+                streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights,
+                host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,
+                swap_separate=storage.swap_separate, swap_free=storage.swap_free)
 
 
 def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool,
@@ -391,6 +531,49 @@ def load_peak_bytes(dense: int, expert: int, weight_bytes: int, streamed: bool,
     if streamed and paged_buffer_bytes is not None:
         return LOAD_BYTES_PER_PARAM * dense + paged_buffer_bytes
     return LOAD_BYTES_PER_PARAM * dense + (weight_bytes if streamed else LOAD_BYTES_PER_PARAM) * expert
+
+
+def checkpoint_bytes(dense: int, expert: int, offload: OffloadConfig) -> int:
+    """Bytes of one checkpoint's tensors (training/checkpoint.py, training/optimizer_state.py): every weight in
+    fp32 (the offloaded experts' masters are decoded to fp32 whatever their stored format), the dense AdamW
+    moments in fp32 (8 B/param), and the routed experts' moments as the store keeps them (fp32 8 B, bf16 4 B,
+    int8 2 B plus one fp32 scale a block of each). The configs, trainer state and tokenizer copy are kilobytes
+    to megabytes and are left out."""
+    if offload.tier == "none":
+        moments = 8.0
+    else:
+        moments = state_bytes_per_param("fp32", offload.moments, offload.quant_block) - 4
+    return LOAD_BYTES_PER_PARAM * (dense + expert) + 8 * dense + math.ceil(moments * expert)
+
+
+def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], save_final: bool,
+                        keep_last: int) -> tuple[int, str]:
+    """(checkpoints on disk at once, why) for a run's ``checkpoint`` section and ``trainer.max_steps``.
+
+    A save writes the new checkpoint completely before the ones older than the ``keep_last`` newest are deleted
+    (a process killed at any moment leaves a complete one), so rotation keeps ``keep_last + 1`` at the peak;
+    without rotation (``keep_last: 0``) every save of the run stays: one every ``every_n_steps`` steps and the
+    final one (skipped when the last step saved already). The save on a signal ends the run, so it is one of
+    these.
+    """
+    bounded = max_steps is not None and max_steps > 0
+    periodic = max_steps // every_n_steps if every_n_steps and bounded else 0
+    final = save_final and not (periodic and max_steps % every_n_steps == 0)
+    saves = periodic + final
+    schedule = (f"every {every_n_steps} of {max_steps} steps" if periodic else "none periodic") + \
+        (" and the final one" if final else "")
+    if every_n_steps and not bounded:
+        if keep_last:
+            return keep_last + 1, (f"every {every_n_steps} steps, keep_last {keep_last}: the newest is written "
+                                   "before the oldest goes")
+        return 1, (f"every {every_n_steps} steps of an unbounded run (trainer.max_steps) and keep_last 0: every one "
+                   "stays, counted once here; set checkpoint.keep_last")
+    if keep_last and saves > keep_last:
+        return keep_last + 1, (f"{saves} saves ({schedule}), keep_last {keep_last}: the newest is written before "
+                               "the oldest goes")
+    if saves == 0:
+        return 0, "none (every_n_steps 0, save_final false)"
+    return saves, f"{saves} saved ({schedule}), " + (f"keep_last {keep_last}" if keep_last else "keep_last 0: all kept")
 
 
 # ---------------------------------------------------------------------------------------------- largest model
@@ -440,32 +623,43 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     link every micro-batch); gradients of every expert (any accumulation, clipping allowed) before layer-wise
     freeing; then the most exact state (masters outer, moments inner: :data:`MASTERS`, :data:`MOMENTS`); then
     host memory alone before an overflow to NVMe (slower). The overflow's host budget is what the host has
-    after :data:`HOST_RESERVE` and the NVMe staging buffers. ``gpu_budget_gb``: device slots for state being
+    after everything else it holds at its peak, at load or in training (:data:`HOST_RESERVE`, the NVMe staging
+    buffers, paged weights, a shard being read or saved). ``gpu_budget_gb``: device slots for state being
     stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state). ``streamed_load``: a
     fine-tune starts from a checkpoint (``init_from``) whose experts' masters stream into the tier, so the
-    load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32).
+    load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32). The disk
+    holds what such a run needs (:func:`search_storage`): the downloaded model, the swap and one checkpoint.
     """
     out = []
-    _, _, per_expert = count_parameters(model_config)
-    total_experts = len(model_config.moe_layers) * model_config.num_experts
+    storage = search_storage(model_config, streamed_load)
     for paged, layerwise in itertools.product((False, True), (False, True)):
         for master in MASTERS:
             for moments in MOMENTS:
                 base = OffloadConfig(tier="cpu", master=master, moments=moments, gpu_budget_gb=gpu_budget_gb,
                                      resident_weights="no" if paged else "auto")
-                record = align_up(math.ceil(state_bytes_per_param(master, moments, base.quant_block) * per_expert))
-                tiers = [("cpu", base)]
+                plan_of = partial(make_plan, model_config, tokens_per_step=micro_batch_tokens,
+                                  gpu_capacity=machine.gpu, host_capacity=machine.host, disk_free=machine.disk,
+                                  micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
+                                  streamed_load=streamed_load, storage=storage)
+                choices = [("cpu", plan_of(base))]
                 if machine.host is not None:
-                    budget = machine.host - HOST_RESERVE - _slots(base, record, total_experts) * record
+                    # every expert's state on NVMe: what the host holds besides the state, at its higher peak
+                    swapped = plan_of(replace(base, cpu_budget_gb=0.0))
+                    budget = machine.host - max(swapped.host_bytes, swapped.host_load_bytes)
                     if budget > 0:
-                        tiers.append(("cpu+nvme", replace(base, cpu_budget_gb=budget / GiB)))
-                for tier, off in tiers:
-                    plan = make_plan(model_config, off, micro_batch_tokens, gpu_capacity=machine.gpu,
-                                     host_capacity=machine.host, disk_free=machine.disk,
-                                     micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
-                                     streamed_load=streamed_load)
-                    out.append(FitChoice(tier, master, moments, layerwise, plan, paged))
+                        choices.append(("cpu+nvme", plan_of(replace(base, cpu_budget_gb=budget / GiB))))
+                out += [FitChoice(tier, master, moments, layerwise, plan, paged) for tier, plan in choices]
     return out
+
+
+def search_storage(model_config: ModelConfig, streamed_load: bool = True) -> Storage:
+    """The disk of a fine-tune in the largest-preset search: the model downloaded from Hugging Face (bf16) when it
+    starts from ``init_from`` (``streamed_load``), and one checkpoint (``save_final``, the default shards)."""
+    total = model_config.param_counts()["total"]
+    model_dir = ("model directory (init_from: the preset in bf16, as downloaded)", 2 * total) if streamed_load \
+        else ("", 0)
+    return Storage(model_dir_what=model_dir[0], model_dir_bytes=model_dir[1], checkpoints=1,
+                   checkpoints_what="the final one")
 
 
 def best_fit(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096) -> Optional[FitChoice]:
@@ -556,13 +750,81 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
             "layerwise_grads": accumulation == 1 and clip == 0 and step_on == "gpu",
             "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none",
+            "from_checkpoint": bool(model.get("init_from")),
             "activation_checkpointing": bool(model.get("activation_checkpointing", False))}
 
 
 def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
-    """The plan of a recipe (the parsed YAML with overrides applied); ``machine``: make_plan's capacities."""
+    """The plan of a recipe (the parsed YAML with overrides applied); ``machine``: make_plan's capacities
+    (``disk_free``: see :func:`recipe_storage`)."""
     offload = OffloadConfig(**((recipe.get("model") or {}).get("offload") or {}))
-    return make_plan(recipe_model(recipe)[0], offload, **recipe_training(recipe), **machine)
+    config = recipe_model(recipe)[0]
+    storage, disk_free = recipe_storage(recipe, config, machine.pop("disk_free", None))
+    return make_plan(config, offload, **recipe_training(recipe), **machine, disk_free=disk_free, storage=storage)
+
+
+CHECKPOINT_DEFAULTS = {"every_n_steps": 0, "max_shard_mb": DEFAULT_SHARD_MB, "save_final": True, "keep_last": 0,
+                       "async": False}
+"""The ``checkpoint`` section's defaults (``CheckpointCallback``'s signature; a test keeps them equal)."""
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (a folder the run has not made yet is made there)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
+
+
+def recipe_storage(recipe: dict[str, Any], model_config: ModelConfig,
+                   disk_free: Optional[int] = None) -> tuple[Storage, Optional[int]]:
+    """(what a recipe's run puts on disk, the free bytes of the run's disk).
+
+    The ``init_from`` directory counts its safetensors when it is here, and the preset in bf16 (what a Hugging
+    Face download holds) when it is not; the checkpoints as :func:`checkpoints_on_disk` counts them, from the
+    ``checkpoint`` section and ``trainer.max_steps``. With ``disk_free`` given (``--disk-gb``) it is one disk, free
+    before the download, that holds all of it. Measured here instead, it is the filesystem of the run directory
+    (``trainer.default_root_dir``, or the nearest folder above it that exists): an ``init_from`` directory already
+    on it is in its used space and is not counted again, and a swap folder (``model.offload.nvme_path``) on
+    another filesystem is the separate ``nvme`` tier, with that filesystem's free space.
+    """
+    model = recipe.get("model") or {}
+    trainer = recipe.get("trainer") or {}
+    offload = model.get("offload") or {}
+    section = {**CHECKPOINT_DEFAULTS, **(recipe.get("checkpoint") or {})}
+    kept, why = checkpoints_on_disk(int(section["every_n_steps"]), trainer.get("max_steps", -1),
+                                    bool(section["save_final"]), int(section["keep_last"]))
+    run_dir = Path(trainer.get("default_root_dir") or ".")
+    measured = disk_free is None
+    init_from, model_dir, shard = model.get("init_from"), ("", 0), HF_SHARD_BYTES
+    if init_from and Path(init_from).is_dir():
+        sizes = [f.stat().st_size for f in Path(init_from).rglob("*.safetensors")]
+        shard = max(sizes, default=HF_SHARD_BYTES)
+        if not measured:
+            model_dir = ("init_from directory (its safetensors)", sum(sizes))
+        elif _same_filesystem(Path(init_from), run_dir):
+            model_dir = ("init_from directory (on this disk already: used space)", 0)
+        else:
+            model_dir = ("init_from directory (on another filesystem)", 0)
+    elif init_from:
+        if measured and not _same_filesystem(Path(init_from), run_dir):
+            model_dir = ("init_from directory to download (on another filesystem)", 0)
+        else:
+            model_dir = ("init_from directory to download (the preset in bf16)",
+                         2 * model_config.param_counts()["total"])
+    swap = offload.get("nvme_path")
+    separate = bool(measured and swap and not _same_filesystem(Path(swap), run_dir))
+    if measured:
+        disk_free = shutil.disk_usage(_existing(run_dir)).free
+    storage = Storage(model_dir_bytes=model_dir[1], model_dir_what=model_dir[0], load_shard_bytes=shard,
+                      checkpoints=kept, checkpoints_what=why, max_shard_bytes=int(section["max_shard_mb"]) * 2**20,
+                      async_save=bool(section["async"]), swap_separate=separate,
+                      swap_free=shutil.disk_usage(_existing(Path(swap))).free if separate else None)
+    return storage, disk_free
 
 
 def recipe_model(recipe: dict[str, Any]) -> tuple[ModelConfig, Optional[str]]:

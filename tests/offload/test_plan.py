@@ -64,7 +64,7 @@ def test_bytes_per_tier_and_overflow(tmp_path):
         model.config, 64) + GPU_RESERVE
     assert plan.nvme_bytes == 32 * record - 10 * record
     assert plan.host_bytes == 10 * record + 4 * record + HOST_RESERVE  # state in memory + NVMe staging
-    assert plan.fits() == {"gpu": False, "host": False, "nvme": True}  # the reserves alone exceed 1 GiB
+    assert plan.fits() == {"gpu": False, "host": False, "disk": True}  # the reserves alone exceed 1 GiB
     fp32 = make_plan(model.config, OffloadConfig(tier="cpu", compute_dtype="fp32", gpu_budget_gb=cfg.gpu_budget_gb), 64)
     assert fp32.gpu_bytes - plan.gpu_bytes == 2 * expert + 2 * expert  # 4 B weights and grads instead of 2
     # the store places records the same way
@@ -260,7 +260,7 @@ def test_fit_verdicts_and_floor():
     cfg = OffloadConfig(tier="nvme", nvme_path="/nonexistent-folder")
     plan = make_plan(model.config, cfg, tokens_per_step=1_000_000, gpu_capacity=1, host_capacity=1 << 40,
                      disk_free=10, link_gbps=1e-3, compute_tflops=1e9)
-    assert plan.fits() == {"gpu": False, "host": True, "nvme": False}
+    assert plan.fits() == {"gpu": False, "host": True, "disk": False}
     assert plan.active_experts > 31.99  # a million tokens touch every expert
     dense, expert, _ = count_parameters(model.config)
     assert abs(plan.moved_bytes - 24 * expert) < 1e-3 * 24 * expert
@@ -279,43 +279,58 @@ def test_expected_active_experts_follow_the_token_count():
 
 
 H100 = Machine(gpu=80 * GiB, host=125 * GiB, disk=64 * GiB)
+H100_LARGE_DISK = Machine(gpu=80 * GiB, host=125 * GiB, disk=1024 * GiB)
 
 
 def test_deepseek_moe_16b_on_an_h100_machine():
-    """80 GiB GPU, 125 GiB host, 64 GiB disk, 4096-token micro-batches. From the parameter counts:
-    GPU: dense 18 B/param + bf16 expert weights 2 B/param + every expert's bf16 gradient 2 B/param is already
-    past 80 GiB with the reserve, so only layer-wise gradients fit. Host: fp32 state, 12 B/param of 14.9 B
-    expert parameters = 167 GiB, is more than the host; bf16_sr + int8 state, 4.03 B/param = 56 GiB, fits it
-    alone; fp32 state fits with the overflow on NVMe: 167 - (125 - 8 reserve - staging) < 64 GiB."""
+    """80 GiB GPU, 125 GiB host, a disk large enough for the download, the swap and a checkpoint, 4096-token
+    micro-batches. From the parameter counts: GPU: dense 18 B/param + bf16 expert weights 2 B/param + every
+    expert's bf16 gradient 2 B/param is already past 80 GiB with the reserve, so only layer-wise gradients fit.
+    Host: fp32 state, 12 B/param of 14.9 B expert parameters = 167 GiB, is more than the host; bf16_sr + int8
+    state, 4.03 B/param = 56 GiB, fits it alone; fp32 state fits with the overflow on NVMe."""
     config = ModelConfig.from_preset("deepseek-moe-16b")
     dense, expert, per_expert = count_parameters(config)
-    assert 18 * dense + 4 * expert + GPU_RESERVE > H100.gpu
+    machine = H100_LARGE_DISK
+    assert 18 * dense + 4 * expert + GPU_RESERVE > machine.gpu
     fp32_state = 12 * expert
-    assert fp32_state > H100.host and 4.03125 * expert + HOST_RESERVE < H100.host
-    options = {(c.tier, c.master, c.moments, c.layerwise_grads): c for c in fit_options(config, H100)
+    assert fp32_state > machine.host and 4.03125 * expert + HOST_RESERVE < machine.host
+    options = {(c.tier, c.master, c.moments, c.layerwise_grads): c for c in fit_options(config, machine)
                if not c.paged_weights}
     assert not any(c.plan.fits()["gpu"] for c in options.values() if not c.layerwise_grads)
     assert options["cpu", "fp32", "fp32", True].plan.fits()["host"] is False
     assert options["cpu", "bf16_sr", "int8", True].plan.fits_all()
     staging = options["cpu+nvme", "fp32", "fp32", True].plan
-    assert staging.fits_all() and staging.nvme_bytes <= H100.disk
-    choice = best_fit(config, H100)
+    assert staging.fits_all() and staging.nvme_bytes <= staging.disk_bytes <= machine.disk
+    # the overflow's host budget leaves room for everything else at the host's higher peak (load or training)
+    assert max(staging.host_bytes, staging.host_load_bytes) <= machine.host
+    choice = best_fit(config, machine)
     assert (choice.tier, choice.master, choice.moments, choice.layerwise_grads) == ("cpu+nvme", "fp32", "fp32", True)
 
 
 def test_largest_preset_on_an_h100_machine():
-    """Every preset above DeepSeek-MoE-16B in size fails on this machine, and why, from its counts. Fine-tuning
-    starts from a checkpoint whose experts' masters stream into the tier, so the load peak (fp32 dense + bf16
-    experts) is not what stops Qwen3-30B-A3B and Mixtral-8x7B: their training footprint is, even before
-    activations (fp32 dense state and bf16 copies 18 B/param, bf16 expert weights, one layer's bf16 expert
-    gradients, the reserve). DeepSeek-V3's compressed expert state alone (4.03 B/param of 654 B) is past host
-    + disk. Planned for a random initialisation instead, the whole model in fp32 at load is past 80 GiB too."""
+    """On the GPU machines here (64 GiB of disk) the disk decides: a fine-tune needs its Hugging Face download (bf16,
+    2 B/param) and a checkpoint (fp32 weights, 4 B/param; fp32 dense moments, 8 B/param; the experts' moments at
+    2.03 B/param in int8, the most compact) on it. Every preset above OLMoE-1B-7B needs more than 64 GiB for that
+    alone, and OLMoE only with int8 moments. The GPU would stop Qwen3-30B-A3B and Mixtral-8x7B with resident
+    weights anyway, even with a streamed load (fp32 dense + bf16 experts): their training footprint does, even
+    before activations (fp32 dense state and bf16 copies 18 B/param, bf16 expert weights, one layer's bf16 expert
+    gradients, the reserve). DeepSeek-V3's compressed expert state alone (4.03 B/param of 654 B) is past host +
+    disk. Planned for a random initialisation instead, the whole model in fp32 at load is past 80 GiB too."""
     results = largest_preset(H100)
     names = [c.name for c, _ in results]
-    answer = next(c.name for c, fit in results if fit is not None)
-    assert answer == "deepseek-moe-16b"
-    bigger = names[:names.index(answer)]
-    assert set(bigger) == {"deepseek-v3", "mixtral-8x7b", "qwen3-30b-a3b"}
+    answer, choice = next((c, fit) for c, fit in results if fit is not None)
+    assert answer.name == "olmoe-1b-7b"
+
+    def download_and_checkpoint(config: ModelConfig, moment_bytes: float) -> float:
+        dense, expert, _ = count_parameters(config)
+        return 2 * (dense + expert) + 4 * (dense + expert) + 8 * dense + moment_bytes * expert
+
+    for config, fit in results[:names.index(answer.name)]:
+        assert fit is None and download_and_checkpoint(config, 2.03125) > H100.disk
+        assert not any(c.plan.fits()["disk"] for c in fit_options(config, H100))
+    assert choice.moments == "int8" and download_and_checkpoint(answer, 2.03125) <= H100.disk
+    assert download_and_checkpoint(answer, 4) > H100.disk  # bf16 moments would not fit
+    assert choice.plan.disk_bytes == pytest.approx(download_and_checkpoint(answer, 2.03125), rel=1e-6)
     qwen3 = count_parameters(ModelConfig.from_preset("qwen3-30b-a3b"))
     assert 4 * qwen3[0] + 2 * qwen3[1] < H100.gpu  # its streamed load fits: training is what does not
     for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
@@ -335,10 +350,11 @@ def test_largest_preset_on_an_h100_machine():
 def test_streamed_load_lets_mixtral_load_on_an_h200_machine():
     """Mixtral-8x7B at 2048-token micro-batches on an H200 machine: its fp32 model at load (4 B/param of 46.7 B)
     is past 139 GiB, so no placement fits when the whole model loads in fp32; the streamed load (fp32 dense +
-    bf16 experts) is not, and one placement (layer-wise gradients, compressed state) then fits every tier."""
+    bf16 experts) is not, and one placement (layer-wise gradients, compressed state) then fits every tier, on a
+    disk that holds its 87 GiB download, the swap and a checkpoint."""
     config = ModelConfig.from_preset("mixtral-8x7b")
     dense, expert, _ = count_parameters(config)
-    h200 = Machine(gpu=139 * GiB, host=125 * GiB, disk=64 * GiB)
+    h200 = Machine(gpu=139 * GiB, host=125 * GiB, disk=1024 * GiB)
     assert 4 * dense + 2 * expert < h200.gpu < 4 * (dense + expert)
     fp32 = fit_options(config, h200, 2048, streamed_load=False)
     assert not any(c.plan.fits_all() for c in fp32) and all(c.plan.fits()["gpu"] is False for c in fp32)

@@ -35,15 +35,21 @@ def test_plan_needs_a_recipe_or_a_preset(capsys):
 
 
 def test_plan_largest_for_another_machine(capsys):
-    """`moetrain plan --largest` with the machine given by flags: the answer and its plan (the derivation of the
-    answer is in tests/offload/test_plan.py::test_deepseek_moe_16b_on_an_h100_machine)."""
+    """`moetrain plan --largest` with the machine given by flags: the answer and its plan (the derivations of the
+    answers are in tests/offload/test_plan.py::test_largest_preset_on_an_h100_machine, where the 64 GiB disk
+    decides, and ::test_deepseek_moe_16b_on_an_h100_machine)."""
     assert main(["--largest", "--gpu-gb=80", "--host-gb", "125", "--disk-gb=64"]) == 0
     out = capsys.readouterr().out
     assert "GPU 80 GiB, host 125 GiB, disk 64 GiB" in out
-    assert re.search(r"^Largest: deepseek-moe-16b, expert state in host memory \+ NVMe, master fp32, moments fp32",
-                     out, re.M)
-    assert re.search(r"^\s+qwen3-30b-a3b\s+30\.53 B\s+does not fit", out, re.M)
+    assert re.search(r"^Largest: olmoe-1b-7b, expert state in host memory, master fp32, moments int8", out, re.M)
+    assert re.search(r"^\s+deepseek-moe-16b\s+16\.38 B\s+does not fit \(the most compact placement overflows disk "
+                     r"with resident weights; disk with paged weights\)", out, re.M)
     assert re.search(r"^\s+gpu\s+total\s+[\d.]+ GiB of\s+80\.00 GiB: fits", out, re.M)
+    assert re.search(r"^\s+disk\s+total\s+[\d.]+ GiB of\s+64\.00 GiB: fits", out, re.M)
+    assert main(["--largest", "--gpu-gb=80", "--host-gb", "125", "--disk-gb=4096", "--tokens=4096"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+deepseek-moe-16b\s+16\.38 B\s+fits: expert state in host memory \+ NVMe, master fp32, "
+                     r"moments fp32", out, re.M)
 
 
 def test_plan_prints_the_state_format_and_the_largest_line(capsys):
@@ -52,9 +58,9 @@ def test_plan_prints_the_state_format_and_the_largest_line(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "expert state: master bf16_sr, moments int8: 4.031 B/param" in out
-    # Mixtral-8x7B: its streamed load fits the H200 where its fp32 model would not (tests/offload/test_plan.py)
+    # the 64 GiB disk holds OLMoE-1B-7B's download and checkpoint, no larger preset's (tests/offload/test_plan.py)
     assert re.search(r"^largest preset one GPU fully fine-tunes \(GPU 139 GiB, host 125 GiB, disk 64 GiB, 2048 tokens "
-                     r"a micro-batch\): mixtral-8x7b", out, re.M)
+                     r"a micro-batch\): olmoe-1b-7b", out, re.M)
     # the expert-parallel table counts the compressed state too: 4.03 B/param of one rank's experts
     config = ModelConfig.from_preset("deepseek-moe-16b")
     host = expert_parallel_plan(config, 8, state_bytes=4.03125).host_offload
