@@ -15,7 +15,10 @@
 #         none_ckpt / cpu_ckpt / cpu_paged_ckpt / cpu_bf16_hot_ckpt (the same with activation checkpointing),
 #         full28 (all 28 layers of DeepSeek-MoE-16B, 16.4 B parameters, on one GPU: bf16_sr + int8 state),
 #         multi_gpu (1 GPU vs 2 GPUs data parallel and expert parallel), multi_gpu28 (full depth, expert
-#         parallel over 2 GPUs).
+#         parallel over 2 GPUs),
+#         recipe:NAME (the front door: a random model directory of recipes/NAME.yaml's shape, then
+#         `moetrain fit` on the recipe as written for RECIPE_STEPS steps; plan beside measurement),
+#         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
 # they are installed into a private site folder.
@@ -100,6 +103,10 @@ for s in $STAGES; do
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" \
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
+    recipe:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe:}.yaml" \
+        --steps "${RECIPE_STEPS:-3}" --out "$JSON" ;;
+    recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \
+        --steps "${RECIPE_STEPS:-3}" --gpu-gib 79 --out "$JSON" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -141,9 +141,17 @@ def test_hot_path_adds_no_host_sync(tmp_path, tier):
     opt.close()
 
 
-def test_layers_stepped_under_backward_equal_resident_adamw():
+@pytest.mark.parametrize("step_on,autocast,tol", [("gpu", True, TOL), ("cpu", False, 1e-6), ("auto", False, 1e-6)])
+def test_layers_stepped_under_backward_equal_resident_adamw(step_on, autocast, tol):
     """max_grad_norm 0 and the learning rate given to begin_micro_batch: layers are stepped by the backward
-    hook of the last micro-batch (GPU path) and still equal the resident reference."""
+    hook of the last micro-batch and still equal the resident reference, with the CPU share (DeepSpeed CPU
+    Adam in its thread, gradients down and weights up on their own streams) stepped under backward too.
+
+    The CPU share is compared in fp32 compute: DeepSpeed's vectorised Adam differs from torch's fused
+    AdamW by an ulp or so of the master weight a step, and under bf16 autocast such a difference flips a
+    bf16 rounding of a weight now and then, which changes routing and grows to 3.5e-2 in 20 steps; the
+    steps stepped after backward show the same 3.5e-2 (``scripts/probe_early_cpu_step.py``), so it is the
+    arithmetic, not the overlap. In fp32 nothing amplifies it."""
     import dataclasses
 
     no_clip = dataclasses.replace(OPTIM, max_grad_norm=0.0)
@@ -151,23 +159,28 @@ def test_layers_stepped_under_backward_equal_resident_adamw():
     ref_model = clone(base)
     ref = DenseAdamW(ref_model, no_clip)
     model = clone(base)
-    opt = build_optimizer(model, no_clip, OffloadConfig(tier="cpu", gpu_slots=4, step_on="gpu", compute_dtype="fp32"))
+    opt = build_optimizer(model, no_clip, OffloadConfig(tier="cpu", gpu_slots=4, step_on=step_on,
+                                                        compute_dtype="fp32"))
     for m, o in ((ref_model, ref), (model, opt)):
         for i in range(len(data) // 2):
             lr = lr_at(no_clip, i, STEPS)
             for j, ids in enumerate(data[2 * i:2 * i + 2]):
                 if hasattr(o, "begin_micro_batch"):
                     o.begin_micro_batch(j, 2, lr)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = m(ids.cuda(), labels=ids.cuda())
                 (out.loss / 2).backward()
             o.clip_grad_norm_(0.0)
             o.step(lr)
             o.zero_grad()
-    assert opt.telemetry()["offload/layers_stepped_in_backward"] == 2
+    telemetry = opt.telemetry()
+    assert telemetry["offload/layers_stepped_in_backward"] == 2
+    if step_on == "cpu":
+        assert telemetry["offload/experts_stepped_cpu"] > 0 and telemetry["offload/experts_stepped_gpu"] == 0
     opt.finalize()
     torch.cuda.synchronize()
-    assert max_diff(model, ref_model) <= TOL
+    assert max_diff(ref_model, base) > 1e-2
+    assert max_diff(model, ref_model) <= tol
     opt.close()
 
 

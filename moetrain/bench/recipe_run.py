@@ -1,0 +1,227 @@
+"""The front door, measured: ``moetrain fit`` on a real recipe, as written, from a random model directory of its shape.
+
+What users run is ``moetrain fit --config recipes/NAME.yaml``. This benchmark runs exactly that, with the
+recipe's own paths made real instead of overridden:
+
+1. ``scripts/make_random_hf.py`` writes a random Hugging Face directory of the recipe's ``model.preset``
+   (exact shape, key layout, sharded safetensors, ``config.json``, a tokenizer) unless ``--model-dir`` exists;
+   the recipe's ``model.init_from`` path is pointed at it (a symbolic link), so ``init_from`` loads it as it
+   would load a download.
+2. The recipe's ``data.path`` is filled with the shipped tiny corpus (repeated epochs feed the steps), its
+   ``nvme_path`` folder is created as the header says, and ``moetrain plan`` prints its predictions.
+3. ``moetrain fit --config RECIPE --trainer.max_steps=N --checkpoint.save_final=false`` runs in a child
+   process (the only overrides: the step count, and no final checkpoint, which the bench does not time),
+   while this process samples the child's host memory (RSS of the process tree) and the GPU's used memory.
+
+One JSON line (``RESULT {...}``) holds the measured step time, tokens/s, ``mfu``, GPU and host peaks, start-up
+time and the plan's predictions side by side. ``--gpu-gib`` caps the child's GPU memory with
+``torch.cuda.set_per_process_memory_fraction`` (an 80 GB card's claim checked on a larger one).
+
+    python -m moetrain.bench.recipe_run --recipe recipes/deepseek-moe-16b.yaml --steps 3 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CORPUS = REPO / "data" / "tiny" / "train.jsonl"
+GiB = 2**30
+
+
+class PeakSampler:
+    """Samples, every ``period`` seconds, the host RSS of a process and its children and the GPU's used memory."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.period = period
+        self.host_peak = 0
+        self.gpu_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _gpu_used(self) -> int:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            return int(out.split()[0]) * 2**20
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return 0
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.process, *self.process.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in procs if p.is_running())
+            except psutil.Error:
+                rss = 0
+            self.host_peak = max(self.host_peak, rss)
+            self.gpu_peak = max(self.gpu_peak, self._gpu_used())
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def plan_figures(text: str) -> dict[str, Any]:
+    """The predictions in ``moetrain plan``'s output: tier totals (GiB), peaks at load and the step floor (s)."""
+    out: dict[str, Any] = {}
+    for tier in ("gpu", "host", "nvme", "disk"):
+        if m := re.search(rf"^\s*{tier}\s+total\s+([\d.]+) GiB", text, flags=re.M):
+            out[f"plan_{tier}_gib"] = float(m.group(1))
+    for tier in ("gpu", "host"):
+        if m := re.search(rf"^\s*{tier}\s+peak at load\s+([\d.]+) GiB", text, flags=re.M):
+            out[f"plan_{tier}_load_gib"] = float(m.group(1))
+    if m := re.search(r"floor of a step: ([\d.]+) s", text):
+        out["plan_step_s"] = float(m.group(1))
+    if m := re.search(r"compute: ([\d.]+) s", text):
+        out["plan_compute_s"] = float(m.group(1))
+    return out
+
+
+def prepare(recipe: dict, model_dir: Path, workdir: Path, log) -> dict[str, float]:
+    """Make the recipe's own paths real under ``workdir`` (the child's working directory)."""
+    timings: dict[str, float] = {}
+    model = recipe.get("model") or {}
+    if not model_dir.exists():
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(REPO / "scripts" / "make_random_hf.py"), "--preset", model["preset"],
+               "--dtype", "bf16", "--out", str(model_dir)]
+        print("$ " + " ".join(cmd), file=log, flush=True)
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        timings["make_model_dir_s"] = round(time.perf_counter() - t0, 1)
+    for link in {model.get("init_from"), (recipe.get("data") or {}).get("tokenizer")} - {None}:
+        target = workdir / link
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.exists():
+            target.unlink() if target.is_symlink() else shutil.rmtree(target)
+        target.symlink_to(model_dir.resolve(), target_is_directory=True)
+    data_path = workdir / (recipe.get("data") or {})["path"]
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TINY_CORPUS, data_path)
+    nvme = (model.get("offload") or {}).get("nvme_path")
+    if nvme:
+        (workdir / nvme).mkdir(parents=True, exist_ok=True)
+    for name in ("recipes", "configs", "data/tiny", "data/examples"):
+        target = workdir / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(REPO / name, target_is_directory=True)
+    return timings
+
+
+def child_command(recipe_path: str, steps: int, gpu_gib: Optional[float]) -> list[str]:
+    args = ["fit", "--config", recipe_path, f"--trainer.max_steps={steps}", "--checkpoint.save_final=false"]
+    if gpu_gib is None:
+        return [sys.executable, "-m", "moetrain.cli", *args]
+    launcher = ("import sys, torch; "
+                f"torch.cuda.set_per_process_memory_fraction({gpu_gib} * 2**30 / "
+                "torch.cuda.get_device_properties(0).total_memory); "
+                "from moetrain.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", launcher, *args]
+
+
+def summarize(metrics: list[dict]) -> dict[str, Any]:
+    """Steady-state figures of ``metrics.jsonl`` (the first step carries start-up costs: left out when possible)."""
+    steady = metrics[1:] if len(metrics) > 1 else metrics
+    out: dict[str, Any] = {"steps_logged": len(metrics)}
+    if not steady:
+        return out
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(metrics, metrics[1:], strict=False)] or \
+        [metrics[0]["elapsed_s"]]
+    out["step_s"] = round(statistics.median(times), 3)
+    out["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in steady), 1)
+    if "mfu" in steady[-1]:
+        out["mfu"] = round(statistics.median(r["mfu"] for r in steady), 4)
+    out["gpu_peak_allocated_gib"] = max((r.get("gpu/mem_peak_gib", 0.0) for r in metrics), default=0.0)
+    out["loss_first"], out["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
+    out["offload"] = {k: v for k, v in metrics[-1].items() if k.startswith("offload/")}
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
+    p.add_argument("--model-dir", default=None, help="random model directory (made when missing; default "
+                   "/tmp/moetrain-models/<preset>)")
+    p.add_argument("--workdir", default=None, help="the run's working directory (default /tmp/moetrain-front/<name>)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps to run")
+    p.add_argument("--gpu-gib", type=float, default=None, help="cap the run's GPU memory (GiB)")
+    p.add_argument("--timeout", type=float, default=540, help="seconds before the run is stopped (SIGTERM)")
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+
+    recipe_path = Path(args.recipe)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    name = recipe_path.stem
+    preset = recipe["model"]["preset"]
+    model_dir = Path(args.model_dir or f"/tmp/moetrain-models/{preset}")
+    workdir = Path(args.workdir or f"/tmp/moetrain-front/{name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / f"recipe_{name}.log"
+    result: dict[str, Any] = {"bench": "recipe_run", "recipe": str(recipe_path), "steps": args.steps,
+                              "gpu_cap_gib": args.gpu_gib}
+    with open(log_path, "w") as log:
+        result.update(prepare(recipe, model_dir, workdir, log))
+        result["model_dir_gib"] = round(sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / GiB, 2)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", str(REPO / recipe_path)],
+                              cwd=workdir, env=env, capture_output=True, text=True)
+        print(plan.stdout + plan.stderr, file=log, flush=True)
+        result.update(plan_figures(plan.stdout))
+        root = workdir / recipe["trainer"]["default_root_dir"]
+        shutil.rmtree(root, ignore_errors=True)
+        cmd = child_command(str(REPO / recipe_path), args.steps, args.gpu_gib)
+        print("$ " + " ".join(cmd), file=log, flush=True)
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = PeakSampler(child.pid)
+        try:
+            rc = child.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            rc = child.wait(timeout=120)
+            result["timed_out"] = True
+        sampler.stop()
+        result["rc"] = rc
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        result["host_peak_gib"] = round(sampler.host_peak / GiB, 2)
+        result["gpu_peak_used_gib"] = round(sampler.gpu_peak / GiB, 2)
+        metrics_file = root / "metrics.jsonl"
+        metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+        result.update(summarize(metrics))
+        if metrics:
+            result["startup_s"] = round(result["wall_s"] - metrics[-1]["elapsed_s"], 1)
+    tail = log_path.read_text().splitlines()[-30:]
+    result["log_tail"] = tail if result.get("rc") else tail[-3:]
+    (out_dir / f"recipe_{name}.json").write_text(json.dumps(result, indent=2))
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}))
+    if result.get("rc"):
+        print("\n".join(tail))
+    return result
+
+
+if __name__ == "__main__":
+    main()
