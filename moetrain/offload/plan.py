@@ -560,8 +560,8 @@ def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], save_final
     periodic = max_steps // every_n_steps if every_n_steps and bounded else 0
     final = save_final and not (periodic and max_steps % every_n_steps == 0)
     saves = periodic + final
-    schedule = (f"every {every_n_steps} of {max_steps} steps" if periodic else "none periodic") + \
-        (" and the final one" if final else "")
+    schedule = " and ".join(([f"every {every_n_steps} of {max_steps} steps"] if periodic else [])
+                            + (["the final one"] if final else []))
     if every_n_steps and not bounded:
         if keep_last:
             return keep_last + 1, (f"every {every_n_steps} steps, keep_last {keep_last}: the newest is written "
@@ -573,6 +573,8 @@ def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], save_final
                                "the oldest goes")
     if saves == 0:
         return 0, "none (every_n_steps 0, save_final false)"
+    if saves == 1:
+        return 1, f"1 saved ({schedule})"
     return saves, f"{saves} saved ({schedule}), " + (f"keep_last {keep_last}" if keep_last else "keep_last 0: all kept")
 
 
