@@ -272,11 +272,14 @@ def plan_overflows(plan: Plan) -> list[str]:
     """The lines of ``plan`` that say something does not fit, as ``moetrain plan`` prints them (unindented): the
     ``total`` line of every tier that overflows (``gpu``, ``host``, ``disk``, ``nvme``), each followed, for the GPU
     and the host, by its ``peak at load`` line when the load peak is past the capacity. Empty when every tier
-    fits; a capacity unknown here is not an overflow. What a pre-flight check prints when it refuses a run::
+    fits; a capacity unknown here is not an overflow. What a pre-flight check prints when it refuses a run, e.g.
+    the DeepSeek-MoE-16B recipe as it was (fp32 state, 110 GiB pinned + NVMe, 5 checkpoints kept) from a random
+    initialisation on one H200 with 125 GiB of host memory and 64 GiB of disk::
 
-        host  total   119.89 GiB of   125.00 GiB: DOES NOT FIT (peak at load: 180.96 GiB)
-        host  peak at load   180.96 GiB: random init builds the fp32 model in host memory first (61.00 GiB), ...
-        disk  total   272.70 GiB of    64.00 GiB: DOES NOT FIT
+        host  total   126.89 GiB of   125.00 GiB: DOES NOT FIT (peak at load: 179.90 GiB)
+        host  peak at load   179.90 GiB: random init builds the fp32 model in host memory first (61.00 GiB), next
+            to the pinned expert state
+        disk  total   972.20 GiB of    64.00 GiB: DOES NOT FIT
     """
     totals, loads = plan.verdict_lines(), plan.load_lines()
     out = []
