@@ -15,9 +15,9 @@ weights are built in ``compute_dtype`` (``offload/staged_init.py``), so the GPU 
 (4 B/param) and the experts at their compute-weight bytes; random initialisation, or ``init_from`` without a
 tier, puts the whole model on the GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a
 random initialisation builds the fp32 model in host memory first, next to the pinned expert state; ``init_from``
-reads the checkpoint one shard at a time (the largest shard of the directory, or :data:`HF_SHARD_BYTES` before
-the download). While training, a checkpoint save holds about two shards in host memory (``max_shard_mb``), and
-``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
+reads the checkpoint one shard at a time (the largest shard of the directory; before the download
+:data:`HF_SHARD_BYTES`, at most the model in bf16). While training, a checkpoint save holds about two shards in
+host memory (``max_shard_mb``), and ``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
 
 The disk holds the ``init_from`` directory (its safetensors, or the preset in bf16 before the download), the
 NVMe swap, and the checkpoints (:func:`checkpoint_bytes`: fp32 weights and the AdamW moments as stored) that
@@ -475,10 +475,11 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         host_load_what = ("random init builds the fp32 model in host memory first "
                           f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)"
                           + (", next to the pinned expert state" if off.tier != "none" else ""))
+    one = checkpoint_bytes(dense, expert, off)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
                              f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
-                     SAVE_SHARDS_IN_FLIGHT * storage.max_shard_bytes))
+                     SAVE_SHARDS_IN_FLIGHT * min(storage.max_shard_bytes, one)))
         if storage.async_save:  # the dense part is copied (experts too with tier none); expert state is read in place
             snapshot = dense if off.tier != "none" else dense + expert
             rows.append(("host", "checkpoint.async: host copy of fp32 weights + moments", 12 * snapshot))
@@ -487,7 +488,6 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     if storage.model_dir_what:
         rows.append(("disk", storage.model_dir_what, storage.model_dir_bytes))
     if storage.checkpoints:
-        one = checkpoint_bytes(dense, expert, off)
         rows.append(("disk", f"checkpoints: {storage.checkpoints} x {one / GiB:.2f} GiB", storage.checkpoints * one))
         moments = "fp32" if off.tier == "none" else off.moments
         disk_notes.append(f"checkpoints: {storage.checkpoints_what}; each holds fp32 weights "
@@ -816,11 +816,12 @@ def recipe_storage(recipe: dict[str, Any], model_config: ModelConfig,
         else:
             model_dir = ("init_from directory (on another filesystem)", 0)
     elif init_from:
+        download = 2 * model_config.param_counts()["total"]
+        shard = min(HF_SHARD_BYTES, download)
         if measured and not _same_filesystem(Path(init_from), run_dir):
-            model_dir = ("init_from directory to download (on another filesystem)", 0)
+            model_dir = ("init_from directory, not here yet (on another filesystem)", 0)
         else:
-            model_dir = ("init_from directory to download (the preset in bf16)",
-                         2 * model_config.param_counts()["total"])
+            model_dir = ("init_from directory, not here yet (the preset in bf16)", download)
     swap = offload.get("nvme_path")
     separate = bool(measured and swap and not _same_filesystem(Path(swap), run_dir))
     if measured:
