@@ -156,6 +156,7 @@ def _build_cli_class():
 
     from moetrain.config import ConfigError
     from moetrain.parallel.config import ParallelConfig
+    from moetrain.training import signals
     from moetrain.training.callbacks import MetricsLogger
     from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
     from moetrain.training.data import DataError
@@ -165,6 +166,9 @@ def _build_cli_class():
 
     class MoeTrainCLI(LightningCLI):
         """LightningCLI with moetrain's sections, defaults and checkpoint resolution."""
+
+        stopped_at_once = False
+        """Whether a second SIGINT stopped ``fit`` mid-step (nothing saved for that step)."""
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -272,7 +276,13 @@ def _build_cli_class():
             if ckpt_path is not None:
                 ckpt = resolve_checkpoint(ckpt_path, self.trainer.default_root_dir)
                 model.resume_from(ckpt)
-            self._run_checked(lambda: self.trainer.fit(model, datamodule=datamodule, **kwargs))
+            try:
+                self._run_checked(lambda: self.trainer.fit(model, datamodule=datamodule, **kwargs))
+            except SystemExit:
+                # Lightning's answer to a second Ctrl-C, raised mid-step (KeyboardInterrupt): reported by run_lightning
+                if signals.requested() is None:
+                    raise
+                self.stopped_at_once = True
 
         def validate(self, model: MoETrainingModule, datamodule: Any = None, ckpt_path: Optional[str] = None,
                      **kwargs: Any) -> None:
@@ -315,9 +325,10 @@ def _launched_as_rank_zero() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def resume_command(argv: list[str]) -> str:
+def resume_command(argv: list[str], then: str = "--ckpt_path=last") -> str:
     """The command that resumes the run of ``argv`` (``fit ...``): the same arguments with ``--ckpt_path=last``
-    instead of any ``--ckpt_path`` (and without ``--overwrite_run``, which would delete what it resumes)."""
+    instead of any ``--ckpt_path`` (and without ``--overwrite_run``, which would delete what it resumes).
+    ``then``: another last argument (``--overwrite_run=true``: start the run again)."""
     import shlex
 
     kept: list[str] = []
@@ -329,17 +340,24 @@ def resume_command(argv: list[str]) -> str:
             skip = True
         elif not arg.startswith(("--ckpt_path=", "--overwrite_run=")):
             kept.append(arg)
-    return shlex.join([PROG, *kept, "--ckpt_path=last"])
+    return shlex.join([PROG, *kept, then])
 
 
 def _report_stop(cli: Any, argv: list[str]) -> None:
     """After SIGTERM/Ctrl-C stopped ``fit``: say so, which checkpoint holds the run, and how to resume."""
     from moetrain.training import signals
-    from moetrain.training.checkpoint import CheckpointCallback
+    from moetrain.training.checkpoint import CHECKPOINTS_DIR, LAST_FILE, CheckpointCallback
+    from moetrain.training.run_dir import OVERWRITE_FLAG
 
     signum = signals.requested()
     trainer = getattr(cli, "trainer", None)
     if signum is None or trainer is None or not trainer.is_global_zero or argv[:1] != ["fit"]:
+        return
+    if getattr(cli, "stopped_at_once", False):
+        last = Path(trainer.default_root_dir) / CHECKPOINTS_DIR / LAST_FILE
+        newest = last.parent / last.read_text().strip() if last.is_file() else None
+        command = resume_command(argv) if newest is not None else resume_command(argv, then=OVERWRITE_FLAG)
+        print(signals.forced_stop_message(signum, newest, command), file=sys.stderr)
         return
     saved = next((cb.saved_path for cb in trainer.callbacks if isinstance(cb, CheckpointCallback)), None)
     print(signals.stop_message(signum, trainer.global_step, saved, resume_command(argv)), file=sys.stderr)
@@ -535,12 +553,6 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         return _fail(_parser_error_message(err, argv))
     except (ConfigError, DataError, ShardError, InputError) as err:
         return _fail(str(err))
-    except SystemExit:
-        # Lightning ends a run stopped by a second Ctrl-C (KeyboardInterrupt) with SystemExit(1)
-        if signals.requested() is None:
-            raise
-        print(signals.forced_stop_message(signals.requested(), resume_command(argv)), file=sys.stderr)
-        return signals.exit_status()
     _report_stop(cli, argv)
     return signals.exit_status()  # 128 + signal when SIGTERM/Ctrl-C stopped training (after its checkpoint)
 

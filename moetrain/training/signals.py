@@ -102,7 +102,10 @@ def stop_message(signum: int, step: int, saved: Optional[Path], resume: str) -> 
             f"Resume with:\n  {resume}")
 
 
-def forced_stop_message(signum: int, resume: str) -> str:
-    """What a run stopped by a second signal (not waiting for the step to end, so nothing saved) tells the user."""
-    return (f"moetrain: {describe(signum)} received twice: stopped at once, without saving the step under way; "
-            f"checkpoints/last names the newest complete checkpoint, if any.\nResume with:\n  {resume}")
+def forced_stop_message(signum: int, newest: Optional[Path], command: str) -> str:
+    """What a run stopped by a second signal (not waiting for the step to end, so nothing saved) tells the user:
+    the newest complete checkpoint ``newest`` and ``command``, which resumes from it (or, None: starts again)."""
+    said = f"moetrain: {describe(signum)} received twice: stopped at once, without saving the step under way"
+    if newest is None:
+        return f"{said}; the run has no checkpoint.\nStart it again with:\n  {command}"
+    return f"{said}; the newest checkpoint is {newest}.\nResume from it with:\n  {command}"
