@@ -14,7 +14,8 @@ offload tier the experts' fp32 masters stream from the checkpoint straight into 
 weights are built in ``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32
 (4 B/param) and the experts at their compute-weight bytes; random initialisation, or ``init_from`` without a
 tier, puts the whole model on the GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a
-random initialisation builds the fp32 model in host memory first, next to the pinned expert state; ``init_from``
+random initialisation of a small model (:func:`random_init_in_host_memory`) builds the fp32 model in host memory
+first, next to the pinned expert state (a larger one is built on the GPU, with no host copy); ``init_from``
 reads the checkpoint one shard at a time (the largest shard of the directory; before the download
 :data:`HF_SHARD_BYTES`, at most the model in bf16). While training, a checkpoint save holds about two shards in
 host memory (``max_shard_mb``), and ``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
@@ -273,13 +274,17 @@ def plan_overflows(plan: Plan) -> list[str]:
     ``total`` line of every tier that overflows (``gpu``, ``host``, ``disk``, ``nvme``), each followed, for the GPU
     and the host, by its ``peak at load`` line when the load peak is past the capacity. Empty when every tier
     fits; a capacity unknown here is not an overflow. What a pre-flight check prints when it refuses a run, e.g.
-    the DeepSeek-MoE-16B recipe as it was (fp32 state, 110 GiB pinned + NVMe, 5 checkpoints kept) from a random
-    initialisation on one H200 with 125 GiB of host memory and 64 GiB of disk::
+    the DeepSeek-MoE-16B recipe as it was (fp32 state, 110 GiB pinned + NVMe, 4 GiB checkpoint shards, 5
+    checkpoints kept) on one H200 with 125 GiB of host memory and 64 GiB of disk::
 
-        host  total   126.89 GiB of   125.00 GiB: DOES NOT FIT (peak at load: 179.90 GiB)
-        host  peak at load   179.90 GiB: random init builds the fp32 model in host memory first (61.00 GiB), next
-            to the pinned expert state
-        disk  total   972.20 GiB of    64.00 GiB: DOES NOT FIT
+        host  total   126.89 GiB of   125.00 GiB: DOES NOT FIT
+        disk  total  1002.70 GiB of    64.00 GiB: DOES NOT FIT
+
+    and a host that holds the training footprint but not the load peak (here a small model's random
+    initialisation, built in host memory)::
+
+        host  total     8.01 GiB of     8.02 GiB: DOES NOT FIT (peak at load: 8.02 GiB)
+        host  peak at load     8.02 GiB: random init builds the fp32 model in host memory first (0.01 GiB), ...
     """
     totals, loads = plan.verdict_lines(), plan.load_lines()
     out = []
@@ -357,6 +362,15 @@ def _activation_parts(config: ModelConfig) -> tuple[int, int, int]:
     return layers, largest, 4 * h
 
 
+def random_init_in_host_memory(params: int) -> bool:
+    """Whether a random initialisation of a model of ``params`` parameters is built in host memory before it
+    moves to the GPU: models under ``SEEDED_INIT_MIN_PARAMS`` are (``MoEForCausalLM(config)`` on the CPU), larger
+    ones are filled on the GPU directly (training/module.py ``random_model``)."""
+    from moetrain.training.module import SEEDED_INIT_MIN_PARAMS
+
+    return params < SEEDED_INIT_MIN_PARAMS
+
+
 def _machine() -> tuple[Optional[int], Optional[int]]:
     gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
     try:
@@ -396,7 +410,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             loads the whole model in fp32).
         activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
         from_checkpoint: the model starts from ``init_from`` (with any tier); None: as ``streamed_load``. False
-            is a random initialisation, built in fp32 in host memory first.
+            is a random initialisation, built in fp32 in host memory first when it is small
+            (:func:`random_init_in_host_memory`), on the GPU otherwise.
         storage: the ``init_from`` directory, the checkpoints and where the swap lives (:func:`recipe_storage`);
             None: nothing on disk but the swap, and no checkpoint saves.
     """
@@ -463,18 +478,22 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             host += staging
     rows.append(("host", "process, data workers (reserve)", HOST_RESERVE))
     host += HOST_RESERVE
-    # loading: a random initialisation builds the fp32 model in host memory next to the pinned state (the store
-    # takes the experts' masters from it); init_from reads one shard at a time
+    # loading: a small random initialisation builds the fp32 model in host memory next to the pinned state (the
+    # store takes the experts' masters from it), a large one on the GPU; init_from reads one shard at a time
     from_checkpoint = streamed_load if from_checkpoint is None else from_checkpoint
+    pinned = " next to the pinned expert state" if off.tier != "none" else ""
     if from_checkpoint:
         host_load = host + storage.load_shard_bytes
-        host_load_what = (f"init_from is read one shard at a time ({storage.load_shard_bytes / GiB:.2f} GiB) "
-                          + ("next to the pinned expert state" if off.tier != "none" else "onto the GPU"))
-    else:
+        host_load_what = (f"init_from is read one shard at a time ({storage.load_shard_bytes / GiB:.2f} GiB)"
+                          + (pinned or " onto the GPU"))
+    elif random_init_in_host_memory(dense + expert):
         host_load = host + LOAD_BYTES_PER_PARAM * (dense + expert)
         host_load_what = ("random init builds the fp32 model in host memory first "
-                          f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)"
-                          + (", next to the pinned expert state" if off.tier != "none" else ""))
+                          f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)" + (pinned and "," + pinned))
+    else:
+        host_load = host
+        host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
+            ": host memory holds the pinned expert state" if pinned else "")
     one = checkpoint_bytes(dense, expert, off)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "

@@ -205,6 +205,22 @@ def test_host_peak_at_load_of_a_random_init_counts_the_fp32_model(tier):
     assert lines[1].startswith("host  peak at load") and "fp32 model" in lines[1]
 
 
+def test_a_large_random_init_has_no_host_copy():
+    """From ``SEEDED_INIT_MIN_PARAMS`` parameters on, a random initialisation is filled on the GPU
+    (training/module.py ``random_model``): the host's load peak is its pinned state, the GPU's the fp32 model."""
+    from moetrain.training.module import SEEDED_INIT_MIN_PARAMS
+
+    config = ModelConfig.from_preset("deepseek-moe-16b")
+    dense, expert, _ = count_parameters(config)
+    assert dense + expert >= SEEDED_INIT_MIN_PARAMS > ModelConfig.from_preset("tiny-mixtral").param_counts()["total"]
+    plan = make_plan(config, OffloadConfig(tier="cpu"), 2048, gpu_capacity=139 * GiB, host_capacity=1024 * GiB,
+                     storage=Storage(checkpoints=1))
+    save = next(n for _, what, n in plan.breakdown if what.startswith("checkpoint save"))
+    assert plan.host_load_bytes == plan.host_bytes - save
+    assert plan.gpu_load_bytes == 4 * (dense + expert)
+    assert "random init builds the fp32 model on the GPU (no host copy)" in plan.format()
+
+
 def test_gpu_load_overflow_names_the_load_line():
     """A GPU that holds the training footprint but not the fp32 model of a random initialisation (Qwen3-30B-A3B with
     one layer's expert gradients): its total line and its load line are the overflow."""
