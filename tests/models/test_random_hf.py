@@ -143,8 +143,9 @@ def test_fit_and_plan_take_the_generated_directory(tmp_path, capsys):
 
     capsys.readouterr()
     assert cli_main(["plan", "--config", str(ROOT / "recipes" / "deepseek-moe-16b.yaml"),
-                     f"--model.init_from={model_dir}", "--gpu-gb=80"]) == 0
+                     f"--model.init_from={model_dir}", "--gpu-gb=80", "--disk-gb=64"]) == 0
     printed = capsys.readouterr().out
-    assert "is not here" not in printed  # the directory's config.json, not the preset's shape
+    assert "not here" not in printed  # the directory's config.json and its safetensors, not the preset's shape
+    assert "init_from directory (its safetensors)" in printed
     dense, expert = config.param_counts()["dense"], config.param_counts()["expert"]
     assert f"{dense / 1e6:.2f} M dense + {expert / 1e6:.2f} M in routed experts" in printed
