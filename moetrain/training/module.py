@@ -103,7 +103,6 @@ class StepStats:
     total_tokens: int = 0
 
 
-
 SEEDED_INIT_MIN_PARAMS = 100_000_000
 """Random initialisation from this many parameters on is seeded per chunk on the compute device
 (:mod:`moetrain.models.random_init`: the GPU, or every CPU thread); smaller models draw from torch's global
