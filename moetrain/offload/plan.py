@@ -725,7 +725,8 @@ def format_largest(machine: Machine, micro_batch_tokens: int) -> str:
     """What ``moetrain plan --largest`` prints: every preset's verdict, then the answer's plan."""
     results = largest_preset(machine, micro_batch_tokens)
     lines = [f"Full fine-tuning on one GPU: {machine.describe()}; {micro_batch_tokens} tokens a micro-batch; "
-             "starting from a checkpoint (init_from: the experts' masters streamed into the tier).", ""]
+             "starting from a checkpoint (init_from: the experts' masters streamed into the tier); the disk holds "
+             "the download (bf16), the swap and one checkpoint.", ""]
     for config, choice in results:
         size = f"{config.param_counts()['total'] / 1e9:7.2f} B"
         if choice is None:
