@@ -225,12 +225,10 @@ def test_feature_commands_run(workspace, index):
     argv = features[index]
     if "recipes/tiny-chat.yaml" in argv and not (workspace.root / "runs/tiny/checkpoints/last").is_file():
         pytest.skip("needs the quickstart's run")
+    # as written after the quickstart: each names its own run directory (runs/tiny holds the quickstart's run)
     root = next((a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")), None)
-    extra = [f"--trainer.max_steps={FEATURE_STEPS}"]
-    if root is None:
-        root = f"runs/readme-feature-{index}"
-        extra.append(f"--trainer.default_root_dir={root}")
-    workspace.run(argv, tuple(extra))
+    assert root is not None and root != "runs/tiny", f"{' '.join(argv)} would be refused after the quickstart"
+    workspace.run(argv, (f"--trainer.max_steps={FEATURE_STEPS}",))
     records = jsonl(workspace.root / root / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, FEATURE_STEPS + 1))
     if any(a.startswith("--model.offload.tier=") and not a.endswith("=none") for a in argv):
