@@ -34,6 +34,7 @@ TOOLS = {
     "export": ("moetrain.models.hf", "export_main"),
     "bench": ("moetrain.bench", "main"),
     "generate": ("moetrain.generate", "main"),
+    "build-ops": ("moetrain.offload.ops", "main"),
 }
 EXIT_BAD_INPUT = 2
 
@@ -226,6 +227,16 @@ def _build_cli_class():
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")
+            # every value that can be checked without building the model, before the model is built (minutes)
+            from moetrain import preflight
+
+            preflight.check_config(self.config[self.subcommand], self.subcommand)
+            try:
+                preflight.check_trainer(trainer)
+            except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+                if isinstance(err, (ConfigError, DataError)):
+                    raise
+                raise InputError(_trainer_error_message(err, self._trainer_config())) from None
             if self.subcommand == "fit":
                 config = self.config["fit"]
                 check_run_dir(trainer.get("default_root_dir") or Path.cwd(), resume=config.get("ckpt_path"),
@@ -255,6 +266,12 @@ def _build_cli_class():
         def _trainer_config(self) -> dict[str, Any]:
             trainer = self.config[self.subcommand]["trainer"]
             return dict(trainer.items()) if hasattr(trainer, "items") else dict(vars(trainer))
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            finally:
+                self.model.release_offload()  # the swap file goes on success, error and Ctrl-C alike
 
         def _run_checked(self, run: Callable[[], Any]) -> None:
             """Lightning checks some trainer values only when fit/validate starts (e.g. val_check_interval)."""
@@ -553,6 +570,13 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         return _fail(_parser_error_message(err, argv))
     except (ConfigError, DataError, ShardError, InputError) as err:
         return _fail(str(err))
+    except (RuntimeError, OSError, MemoryError) as err:
+        from moetrain.preflight import resource_error_message
+
+        message = resource_error_message(err)  # out of GPU, host or pinned memory, or disk: the settings to change
+        if message is None:
+            raise
+        return _fail(message)
     _report_stop(cli, argv)
     return signals.exit_status()  # 128 + signal when SIGTERM/Ctrl-C stopped training (after its checkpoint)
 
@@ -570,7 +594,7 @@ def run_tool(name: str, argv: list[str]) -> int:
         return 1
 
 
-USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate}} ...
+USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate,build-ops}} ...
 
   fit       train a model from a recipe: {PROG} fit --config recipes/tiny.yaml [--key.sub=value ...]
   validate  evaluate a model on a recipe's validation data
@@ -578,6 +602,7 @@ USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate}} ...
   export    write a checkpoint as a Hugging Face model directory
   bench     run a benchmark: {PROG} bench --help lists them (link, offload_step, checkpoint_io, ...)
   generate  continue a prompt with a checkpoint: {PROG} generate --ckpt runs/tiny --prompt "Once"
+  build-ops compile DeepSpeed's ops for this environment now (offload runs otherwise compile them on first use)
 
 '{PROG} SUBCOMMAND --help' lists a subcommand's options; '{PROG} fit --help=all' adds every Lightning
 Trainer option.
@@ -597,7 +622,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         except InputError as err:
             return _fail(str(err))
     if argv[0] not in ("fit", "validate"):
-        return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench, generate")
+        return _fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench, generate, "
+                     "build-ops")
     if any(arg in ("-h", "--help", "--help=all") for arg in argv[1:]):
         try:
             return print_help(argv)

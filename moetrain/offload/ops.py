@@ -5,6 +5,11 @@ environments with the same Python share that folder but compile with their own i
 each one's load rebuilds the op the other just built (minutes on a small machine). Unless
 ``TORCH_EXTENSIONS_DIR`` is set, the ops are cached in a subfolder of that default keyed by the
 environment (``sys.prefix``), so every environment builds once and keeps its build.
+
+The first build in an environment takes minutes, and DeepSpeed says nothing useful while it runs: a load
+that has to compile says so on stderr first (which op, about how long, how to do it ahead of time) and
+how long it took after. ``moetrain build-ops`` (or ``python -m moetrain.offload.ops``) builds every op
+ahead of time, for example right after the install.
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ import hashlib
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+BUILD_MINUTES = {"cpu_adam": 2, "async_io": 4}
+"""About how long a first build takes on a small machine (2 cores): what the announcement promises."""
+AHEAD_OF_TIME = "moetrain build-ops"
 
 
 def sanitize_cuda_arch_list() -> None:
@@ -37,26 +49,56 @@ def use_environment_build_cache() -> None:
     os.environ["TORCH_EXTENSIONS_DIR"] = str(base / f"env-{tag}")
 
 
-def load_cpu_adam():
-    """DeepSpeed's ``cpu_adam`` op (built on first use)."""
+def build_pending(name: str) -> bool:
+    """Whether loading op ``name`` will compile it: no build of it in this environment's cache, and DeepSpeed was
+    not installed with it prebuilt (``DS_BUILD_OPS=1``)."""
+    use_environment_build_cache()
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(name, False):
+        return False
+    return not (Path(os.environ["TORCH_EXTENSIONS_DIR"]) / name / f"{name}.so").is_file()
+
+
+def _load(builder: Any, announce: Callable[[str], None]) -> Any:
+    """``builder.load()``, saying on stderr that a compile is starting and, after it, how long it took."""
+    pending = build_pending(builder.name)
+    if pending:
+        minutes = BUILD_MINUTES.get(builder.name, 3)
+        announce(f"compiling DeepSpeed's {builder.name} op once for this environment (about {minutes} minutes on a "
+                 f"small machine; `{AHEAD_OF_TIME}` does it ahead of time) ...")
+    start = time.monotonic()
+    op = builder.load(verbose=False)
+    if pending:
+        announce(f"compiled DeepSpeed's {builder.name} op in {time.monotonic() - start:.0f} s; later runs in this "
+                 f"environment load it from {os.environ['TORCH_EXTENSIONS_DIR']}")
+    return op
+
+
+def _stderr(message: str) -> None:
+    print(f"moetrain: {message}", file=sys.stderr, flush=True)
+
+
+def load_cpu_adam(announce: Callable[[str], None] = _stderr):
+    """DeepSpeed's ``cpu_adam`` op (built on first use, announced through ``announce``)."""
     use_environment_build_cache()
     sanitize_cuda_arch_list()
     from deepspeed.ops.op_builder import CPUAdamBuilder
-    return CPUAdamBuilder().load(verbose=False)
+    return _load(CPUAdamBuilder(), announce)
 
 
-def load_async_io():
-    """DeepSpeed's ``async_io`` op (needs libaio; built on first use)."""
+def load_async_io(announce: Callable[[str], None] = _stderr):
+    """DeepSpeed's ``async_io`` op (needs libaio; built on first use, announced through ``announce``)."""
     use_environment_build_cache()
     sanitize_cuda_arch_list()
     from deepspeed.ops.op_builder import AsyncIOBuilder
-    return AsyncIOBuilder().load(verbose=False)
+    return _load(AsyncIOBuilder(), announce)
 
 
 def build_all() -> int:
     """Build (or find in the cache) every op the engine may load, so that the first training step does not
-    wait minutes for a compiler: ``python -m moetrain.offload.ops``. ``async_io`` is skipped, with a note,
-    when libaio is missing (the NVMe tier then uses its threaded fallback)."""
+    wait minutes for a compiler: ``moetrain build-ops`` or ``python -m moetrain.offload.ops``. ``async_io`` is
+    skipped, with a note, when libaio is missing (the NVMe tier then uses its threaded fallback)."""
     load_cpu_adam()
     print("cpu_adam: built")
     try:
@@ -70,6 +112,18 @@ def build_all() -> int:
     except Exception as err:  # a failed build leaves the fallback, which the engine announces itself
         print(f"async_io: not built ({err}); the NVMe tier will use its threaded fallback")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``moetrain build-ops``: compile DeepSpeed's ops for this environment now (no arguments)."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: {AHEAD_OF_TIME}\n\ncompile DeepSpeed's cpu_adam and async_io ops for this environment "
+              "(once; training runs then load them in seconds)")
+        return 0
+    if argv:
+        print(f"usage: {AHEAD_OF_TIME} (no arguments)", file=sys.stderr)
+        return 2
+    return build_all()
 
 
 if __name__ == "__main__":

@@ -177,6 +177,7 @@ class ExpertOffloadOptimizer:
         self._early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self._stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._cpu_pending: list[Future] = []
+        self._closed = False
         self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_backward_hook(b.layer_idx))
                        for b in model.moe_blocks()]
         model.set_routing_observer(self._observe)
@@ -731,11 +732,20 @@ class ExpertOffloadOptimizer:
             self.load_expert_tensors(state["expert_tensors"].items())
 
     def close(self) -> None:
-        """Remove hooks and the swap file."""
-        self.model.set_routing_observer(None)
-        for h in self._hooks:
-            h.remove()
-        if self.lookahead is not None:
-            self.lookahead.remove()
-        self.swapper.flush()
-        self.store.close()
+        """Remove hooks, stop the CPU step thread and delete the swap file. Idempotent: the training module
+        closes the engine when fit ends and the CLI once more on its way out, error or not; the swap file is
+        deleted even when finishing the pending transfers fails (a CUDA error, Ctrl-C)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.model.set_routing_observer(None)
+            for h in self._hooks:
+                h.remove()
+            if self.lookahead is not None:
+                self.lookahead.remove()
+            if self.cpu_pool is not None:
+                self.cpu_pool.shutdown(wait=True)
+            self.swapper.flush()
+        finally:
+            self.store.close()

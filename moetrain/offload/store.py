@@ -143,7 +143,11 @@ class ExpertStore:
         self._place()
         self._staged: dict[tuple[int, int], tuple[torch.Tensor, set[int]]] = {}  # record -> (buffer, parts written)
         if initialise:
-            self._initialise()
+            try:
+                self._initialise()
+            except BaseException:  # no one gets this store to close: delete its swap file now (Ctrl-C included)
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ placement
     def _place(self) -> None:
@@ -263,6 +267,7 @@ class ExpertStore:
         return None if self.swap is None else self.swap.backend
 
     def close(self) -> None:
-        if self.swap is not None:
-            self.swap.close()
-            self.swap = None
+        """Delete the swap file (idempotent); the host slab goes with the last reference to the store."""
+        swap, self.swap = self.swap, None
+        if swap is not None:
+            swap.close()

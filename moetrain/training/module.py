@@ -249,6 +249,23 @@ class MoETrainingModule(L.LightningModule):
         if self.model_config.eos_token_id is None:
             self.model_config.eos_token_id = tokenizer.eos_id
 
+    def teardown(self, stage: str) -> None:
+        """When fit ends, release the offload engine: its hooks, its CPU step thread and its swap file (as large as
+        the experts' optimizer state). Lightning calls this after a normal end only; the CLI calls
+        :meth:`release_offload` after errors and Ctrl-C as well."""
+        if stage == "fit":
+            self.release_offload()
+
+    def release_offload(self) -> None:
+        """Close the optimizer's offload engine, deleting its swap file, and a store that ``init_from`` filled but
+        no optimizer took. Idempotent; nothing to do for plain AdamW."""
+        close = getattr(self.train_optimizer, "close", None)  # an optional method of TrainOptimizer
+        if callable(close):
+            close()
+        store, self._prebuilt_store = self._prebuilt_store, None
+        if store is not None:
+            store.close()
+
     def configure_optimizers(self) -> OptimizerStepAdapter:
         store, self._prebuilt_store = self._prebuilt_store, None
         several = torch.distributed.is_available() and torch.distributed.is_initialized() \
