@@ -159,8 +159,11 @@ class ExpertOffloadOptimizer:
             self.cpu_stepper = CpuStepper(self.cpu_adam, self.device, self.compute_dtype, chunk,
                                           mark_transfer=lambda stream: self.swapper.mark_transfer(stream),
                                           write_weights=None if self.pager is None else self._write_weights)
-        self.rates: Rates = (measure(self.device, self.cpu_adam, self.compute_dtype) if offload.step_on == "auto"
-                             else Rates())
+        # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
+        sample = next(iter(self.store))
+        self.rates: Rates = (measure(self.device, self.cpu_adam, self.compute_dtype, codec=sample.codec,
+                                     state_bytes=sample.layout.nbytes / sample.numel)
+                             if offload.step_on == "auto" else Rates())
         # on CUDA the CPU share runs in a thread beside the GPU share, whose launches are asynchronous
         both = cuda and self.cpu_adam is not None
         self.cpu_pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam") if both else None
@@ -293,11 +296,9 @@ class ExpertOffloadOptimizer:
         backward has finished that layer, under the backward of the layers below it.
         """
         last = index == count - 1
-        # On CUDA with a CPU share (step_on cpu/auto) the early step disagreed with the resident reference on
-        # the GPU machine (3.5e-2, tests/gpu) while it agrees on the CPU: until that is understood, those
-        # configurations step after backward.
-        proven = self.device.type != "cuda" or self.offload.step_on == "gpu"
-        self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 and proven else None
+        # The CPU share steps under backward too: its gradient copies wait for the compute stream's event
+        # and its uploads are fenced before the next forward (tests/gpu, fp32 compute, to 1e-6).
+        self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 else None
 
     @torch.no_grad()
     def _step_layer(self, i: int, counts: torch.Tensor, lr: float, early: bool = False) -> None:

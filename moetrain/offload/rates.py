@@ -1,11 +1,14 @@
 """Rates measured at start-up and the cost model that splits active experts between the two step paths.
 
-GPU path: an expert's 12 bytes/param of state go up and come back down (12 bytes/param each way; a
-cached slot skips the way up, which the model ignores). CPU path: its gradient goes down (grad
-bytes/param, 2 in bf16), the host upcasts it, DeepSpeed's CPU Adam steps it and the new weights are cast
-back (the rate measured here covers those three), and the weights go up (weight bytes/param). The two
-paths run at once and share the link, so the step ends at max(link time of all bytes, CPU time); the
-split puts each expert where that maximum grows least.
+GPU path: an expert's stored state goes up and comes back down (``state_bytes`` a parameter each way: 12
+for fp32 state, 4.03 for bf16_sr masters with int8 moments; a cached slot skips the way up, which the
+model ignores). CPU path: its gradient goes down (grad bytes/param, 2 in bf16), the host upcasts it,
+decodes the stored state (compressed formats: dequantize, widen), DeepSpeed's CPU Adam steps it, the
+state is encoded back (quantize, round) and the new weights are cast (the rate measured here covers all of
+that, with the store's own format), and the weights go up (weight bytes/param). The two paths run at once
+and share the link, so the step ends at max(link time of all bytes, CPU time); the split puts each expert
+where that maximum grows least. Compressed state makes the GPU path cheaper (fewer bytes) and the CPU path
+dearer (the codec runs on the host), so auto sends more experts to the GPU.
 Defaults (used when nothing can be measured, e.g. no GPU) are the figures measured on the H200
 machines: 55 GB/s each way, 93 GB/s both at once (101 on some cards), DeepSpeed CPU Adam 3.98 G params/s on 16 cores.
 """
@@ -32,6 +35,7 @@ class Rates:
     cpu_adam_gparams: float = DEFAULT_CPU_ADAM_GPARAMS
     measured: bool = False
     duplex_gbps: float = DEFAULT_DUPLEX_GBPS  # both directions at once, total
+    state_bytes: float = GPU_PATH_BYTES  # stored state per parameter, each way on the GPU path
 
     def link_s(self, up_bytes: float, down_bytes: float) -> float:
         """Seconds to move ``up_bytes`` host-to-device and ``down_bytes`` back, both queued at once."""
@@ -40,7 +44,7 @@ class Rates:
 
     def gpu_path_s(self, numel: int) -> float:
         """Seconds to page an expert's state in and out (both directions overlap)."""
-        return self.link_s(GPU_PATH_BYTES * numel, GPU_PATH_BYTES * numel)
+        return self.link_s(self.state_bytes * numel, self.state_bytes * numel)
 
     def cpu_path_s(self, numel: int, grad_bytes: int, weight_bytes: int) -> float:
         """Seconds of an expert alone on the CPU path (its copies and the host work are pipelined)."""
@@ -67,33 +71,60 @@ def measure_link(device: torch.device, nbytes: int = 64 << 20) -> tuple[float, f
     return rates[0], rates[1], rates[2]
 
 
-def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.bfloat16) -> float:
-    """G params/s of the CPU path's host work per parameter: upcast a ``dtype`` gradient, one step of
-    ``cpu_adam`` (a :class:`~moetrain.offload.adam.CpuAdam`), cast the new weight to ``dtype``. The buffers
-    (16M params, 4 x 64 MiB of fp32) are larger than caches, as an expert's state is."""
-    master, exp_avg, exp_avg_sq, grad32 = (torch.zeros(numel) for _ in range(4))
-    grad, weight = torch.zeros(numel, dtype=dtype), torch.empty(numel, dtype=dtype)
+def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.bfloat16, codec=None) -> float:
+    """G params/s of the CPU path's host work per parameter: upcast a ``dtype`` gradient, decode the state,
+    one step of ``cpu_adam`` (a :class:`~moetrain.offload.adam.CpuAdam`), encode the state back and cast the
+    new weight to ``dtype``, as :class:`~moetrain.offload.cpu_step.CpuStepper` does for a record.
 
-    def once(step: int) -> None:
-        grad32.copy_(grad)
-        cpu_adam.step(master, grad32, exp_avg, exp_avg_sq, step=step, lr=1e-3, weight_decay=0.0)
-        weight.copy_(master)
+    ``codec``: a record's :class:`~moetrain.offload.state_format.StateCodec` (the store's format; its
+    layout's size is what is timed, repeated to about ``numel`` parameters); None times fp32 state in place
+    over ``numel`` parameters. The buffers (16M params, 4 x 64 MiB of fp32) are larger than caches, as an
+    expert's state is."""
+    if codec is None:
+        master, exp_avg, exp_avg_sq, grad32 = (torch.zeros(numel) for _ in range(4))
+        grad, weight = torch.zeros(numel, dtype=dtype), torch.empty(numel, dtype=dtype)
+
+        def once(step: int) -> int:
+            grad32.copy_(grad)
+            cpu_adam.step(master, grad32, exp_avg, exp_avg_sq, step=step, lr=1e-3, weight_decay=0.0)
+            weight.copy_(master)
+            return numel
+    else:
+        n = codec.layout.numel
+        copies = max(1, min(numel // n, 16))  # records of the real size; a few of them for a small model
+        flats = [torch.zeros((codec.layout.nbytes + 3) // 4, dtype=torch.float32) for _ in range(copies)]
+        for flat in flats:  # a valid record: zero master and moments in the store's format
+            codec.encode(flat, torch.zeros(n), torch.zeros(n), torch.zeros(n))
+        grad32, grad, weight = torch.zeros(n), torch.zeros(n, dtype=dtype), torch.empty(n, dtype=dtype)
+
+        def once(step: int) -> int:
+            for k, flat in enumerate(flats):
+                grad32.copy_(grad)
+                master, exp_avg, exp_avg_sq = codec.decode(flat)
+                cpu_adam.step(master, grad32, exp_avg, exp_avg_sq, step=step, lr=1e-3, weight_decay=0.0)
+                generator = codec.record_generator(flat.device, k + step)
+                codec.encode(flat, master, exp_avg, exp_avg_sq, generator)
+                weight.copy_(codec.compute_weights(flat, master))
+            return n * len(flats)
 
     once(1)
     t0 = time.perf_counter()
-    for i in range(3):
-        once(2 + i)
-    return 3 * numel / (time.perf_counter() - t0) / 1e9
+    done = sum(once(2 + i) for i in range(3))
+    return done / (time.perf_counter() - t0) / 1e9
 
 
-def measure(device: torch.device, cpu_adam=None, dtype: torch.dtype = torch.bfloat16) -> Rates:
-    """Measure what this machine offers; unmeasurable rates keep their defaults."""
-    rates = Rates()
+def measure(device: torch.device, cpu_adam=None, dtype: torch.dtype = torch.bfloat16, codec=None,
+            state_bytes: float = GPU_PATH_BYTES) -> Rates:
+    """Measure what this machine offers; unmeasurable rates keep their defaults.
+
+    ``codec``: the store's state format (see :func:`measure_cpu_adam`); ``state_bytes``: its bytes per
+    parameter, what the GPU path moves each way."""
+    rates = Rates(state_bytes=state_bytes)
     if device.type == "cuda":
         rates.h2d_gbps, rates.d2h_gbps, rates.duplex_gbps = measure_link(device)
         rates.measured = True
     if cpu_adam is not None:
-        rates.cpu_adam_gparams = measure_cpu_adam(cpu_adam, dtype=dtype)
+        rates.cpu_adam_gparams = measure_cpu_adam(cpu_adam, dtype=dtype, codec=codec)
         rates.measured = True
     return rates
 
@@ -105,12 +136,12 @@ def split(numels: list[int], rates: Rates, grad_bytes: int, weight_bytes: int) -
     gpu, cpu = [], []
     for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
         n = numels[i]
-        g = max(rates.link_s(up + GPU_PATH_BYTES * n, down + GPU_PATH_BYTES * n), cpu_s)
+        g = max(rates.link_s(up + rates.state_bytes * n, down + rates.state_bytes * n), cpu_s)
         c_cpu = cpu_s + n / (rates.cpu_adam_gparams * 1e9)
         c = max(rates.link_s(up + weight_bytes * n, down + grad_bytes * n), c_cpu)
         if g <= c:
             gpu.append(i)
-            up, down = up + GPU_PATH_BYTES * n, down + GPU_PATH_BYTES * n
+            up, down = up + rates.state_bytes * n, down + rates.state_bytes * n
         else:
             cpu.append(i)
             up, down, cpu_s = up + weight_bytes * n, down + grad_bytes * n, c_cpu
