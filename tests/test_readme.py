@@ -219,7 +219,7 @@ def test_export_loads_in_transformers(workspace):
 @pytest.mark.parametrize("index", range(8))
 def test_feature_commands_run(workspace, index):
     """The offload, compression, paging, async-checkpoint and two-process examples run (a few steps each)."""
-    features = [argv for argv in readme_commands()[1:] if argv[1] == "fit" and len(argv) > 3]
+    features = [argv for argv in readme_commands()[1:] if argv[1] == "fit" and len(argv) > 4]  # with options
     if index >= len(features):
         pytest.skip(f"the README has {len(features)} feature commands")
     argv = features[index]
