@@ -18,6 +18,7 @@ The optimizer is then built on the same store (:func:`moetrain.offload.build_opt
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,9 +27,12 @@ from moetrain.offload.config import OffloadConfig
 from moetrain.offload.store import ExpertStore
 
 
-def load_into_tiers(path: str | Path, offload: OffloadConfig,
-                    device: torch.device) -> tuple[MoEForCausalLM, ExpertStore]:
+def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.device,
+                    progress: Optional[bool] = None) -> tuple[MoEForCausalLM, ExpertStore]:
     """(model in train mode on ``device``, its expert store with every master written) from ``path``.
+
+    ``progress``: report the store filling on stderr (None: for stores of 1 GiB or more; see
+    :class:`~moetrain.offload.store.ExpertStore`).
 
     Raises:
         ConfigError / ShardError: as :func:`moetrain.from_pretrained` (names the file and tensor).
@@ -41,7 +45,7 @@ def load_into_tiers(path: str | Path, offload: OffloadConfig,
     dtype = compute_dtype(offload, device)
     model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=dtype,
                         expert_device="cpu" if paged else None)
-    store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False)
+    store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False, progress=progress)
     try:
         load_weights(model, path, expert_sink=store.write_master)
         store.finish_staged()

@@ -17,6 +17,7 @@ exp_avg_sq]``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -212,6 +213,54 @@ class StateCodec:
         self.encode_master(flat, master, generator)
         self.encode_moment(flat, "exp_avg", exp_avg)
         self.encode_moment(flat, "exp_avg_sq", exp_avg_sq)
+
+    def clear_state(self, flat: torch.Tensor) -> None:
+        """Zero every byte of the record but its master (and compensation) segments: moments, scales, the gaps
+        between segments and the padding. Zero bytes are zero moments in every format (an int8 moment's scale 0
+        makes any code 0; the codec itself encodes a signed zero as the codebook's 0.0, code 127, which decodes
+        to the same 0), so fresh moments take no quantizer."""
+        raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+        written = ("master", "comp") if self.layout.master == "bf16_kahan" else ("master",)
+        end = 0
+        for name in written:  # the leading segments; zero the gap before each
+            at, count, dtype = self.layout.offsets[name]
+            raw[end:at].zero_()
+            end = at + count * dtype.itemsize
+        raw[end:].zero_()
+
+    def encode_master_part(self, flat: torch.Tensor, elems: slice, weight: torch.Tensor) -> None:
+        """Store one parameter's weight (any float dtype and device) as the master of elements ``elems``: copied,
+        rounded to nearest (bf16), or split into bf16 + compensation; as :meth:`encode_master` without a generator
+        does for those elements."""
+        views = self.layout.views(flat)
+        value = weight.detach().reshape(-1).to(flat.device, torch.float32)  # no copy when it is fp32 there already
+        if self.layout.master == "bf16_kahan":
+            from moetrain.offload.quantize import round_bf16_kahan
+
+            round_bf16_kahan(value, views["master"][elems], views["comp"][elems])
+        else:
+            views["master"][elems].copy_(value)  # fp32, or bf16 rounded to nearest
+
+    def encode_initial(self, flat: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
+        """A fresh record: master from ``weights`` (the record's parameters in order; any float dtype, any
+        device), rounded to nearest if it is bf16; moments, scales, gaps and padding zero.
+
+        The same bytes as ``flat.zero_()`` followed by :meth:`encode_master` of the weights concatenated in
+        fp32 (tests compare them), written parameter by parameter where ``flat`` lives (on the GPU when the
+        store fills through it), and no byte written twice.
+        """
+        self.clear_state(flat)
+        for (elems, _), weight in zip(self.param_slices(), weights, strict=True):
+            self.encode_master_part(flat, elems, weight)
+
+    def stored_master(self, flat: torch.Tensor, elems: slice) -> torch.Tensor:
+        """The stored master of elements ``elems`` as a tensor that converts exactly to any float dtype: a view
+        (fp32, or the bf16 itself under ``bf16_sr``) or, under ``bf16_kahan``, master + compensation in fp32.
+        Equal to ``decode_master(flat)[elems]`` once converted, without decoding the whole record."""
+        views = self.layout.views(flat)
+        if self.layout.master == "bf16_kahan":
+            return views["master"][elems].float() + views["comp"][elems].float()
+        return views["master"][elems]
 
     def compute_weights(self, flat: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
         """What the model's compute weights become after ``master`` (fp32, as stepped) was encoded: the

@@ -11,20 +11,39 @@ shaped like the parameters without copying.
 
 Tiers:
 
-* ``Tier.CPU``: a slice of one host slab (``torch.empty(..., pin_memory=True)`` when CUDA exists; plain
+* ``Tier.CPU``: a slice of a host slab (``torch.empty(..., pin_memory=True)`` when CUDA exists; plain
   memory on a CPU-only machine, where nothing can be pinned). Records are placed in layer order until
-  ``cpu_budget_gb`` is used up.
+  ``cpu_budget_gb`` is used up. The slab is cut into pieces of a power-of-two capacity (1 GiB or more) that
+  records fill without straddling two: PyTorch's pinned allocator rounds every allocation up to a power of
+  two, so one slab of 56 GiB would pin 64, and pieces pin in parallel.
 * ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every
   record under ``tier: nvme``).
 
 The compute weights stay the model's own expert parameters (resident on the device); the store holds
 master weights and moments. The device-side slots are owned by :class:`~moetrain.offload.swapper.Swapper`.
+
+Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
+
+    pin the slab        pieces allocated by a thread pool, each by malloc + pages touched by 8 threads +
+                        cudaHostRegister (PyTorch's pinned_use_cuda_host_register), not cudaHostAlloc's one
+                        thread under the driver's lock (an H200 host: 1.6 GiB/s with cudaHostAlloc)
+    encode              records are encoded where the weights are: on the GPU, a chunk of consecutive
+                        records (<= 256 MiB) at a time into one device buffer (master rounded, zero moments)
+    copy out            one device-to-host copy per chunk into its piece of the slab (or into a pinned
+                        staging buffer that becomes one NVMe write); on a CPU the records encode in place
+
+with a progress line on stderr for stores of 1 GiB or more (:mod:`moetrain.offload.fill_progress`).
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,10 +51,50 @@ import torch
 import torch.nn as nn
 
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.fill_progress import FillProgress
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
 from moetrain.offload.state_format import StateCodec, StateLayout
 
 STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
+
+PIECE_MIN_BYTES = 1 << 30
+PIECE_MIN_RECORDS = 32
+"""A host-slab piece holds at least this many bytes and records (see :meth:`ExpertStore.piece_capacity`)."""
+
+FILL_CHUNK_BYTES = 256 << 20
+"""Bytes of records encoded on the GPU per device-to-host copy when the store fills (and of an NVMe staging
+buffer, pinned allocation included: a power of two)."""
+
+PROGRESS_MIN_BYTES = 1 << 30
+"""Stores of this much state or more report their filling on stderr (``progress=None``)."""
+
+PIN_THREADS = 8
+"""Threads that pin host memory (PyTorch's benchmarked value for ``pinned_num_register_threads``)."""
+
+
+@contextmanager
+def host_register_pinning(threads: int) -> Iterator[None]:
+    """Within the block, PyTorch pins host memory by ``malloc``, touching the pages from ``threads`` threads
+    and ``cudaHostRegister`` (its documented ``pinned_use_cuda_host_register`` allocator setting) instead of
+    ``cudaHostAlloc``, which faults and locks every page on one thread under the driver's lock (an H200 host:
+    6 GiB/s instead of 1.6). PyTorch frees each block by the call that matches how it was made, so the setting
+    can change back afterwards. A user's own ``pinned_use_cuda_host_register`` setting is left as it is.
+    """
+    import torch._C as C
+
+    get = getattr(C, "_accelerator_getAllocatorSettings", None)  # torch >= 2.9; before it, the environment
+    settings = get() if get is not None else (os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+                                              or os.environ.get("PYTORCH_ALLOC_CONF") or "")
+    if "pinned_use_cuda_host_register" in settings:
+        yield
+        return
+    put = getattr(C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    keep = f"{settings}," if settings else ""  # every parse resets the keys it is not given: give the user's again
+    put(f"{keep}pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}")
+    try:
+        yield
+    finally:
+        put(f"{keep}pinned_use_cuda_host_register:False")
 
 
 class Tier(enum.Enum):
@@ -55,7 +114,8 @@ class ExpertRecord:
         params: the model's compute-weight parameters, in layout order.
         names: their full names (``prefix + ".gate_proj.weight"``, ...).
         numel: n, parameters of the expert; ``padded``: floats of the flat state buffer (>= 3n).
-        tier: where the state lives; ``offset``: float offset in the CPU slab or byte offset in the swap file.
+        tier: where the state lives; ``piece``: the host-slab piece of a CPU-tier record; ``offset``: float
+            offset in that piece, or byte offset in the swap file.
         step: AdamW steps applied to this expert (torch's per-parameter ``state["step"]``).
         synced_to: optimizer steps reflected in the state (``idle_experts: dense`` catches up to the current one).
         frequency: decayed count of tokens routed to it (the cache's eviction key).
@@ -70,6 +130,7 @@ class ExpertRecord:
     padded: int
     tier: Tier = Tier.CPU
     offset: int = 0
+    piece: int = 0
     step: int = 0
     synced_to: int = 0
     frequency: float = 0.0
@@ -115,10 +176,13 @@ class ExpertStore:
         initialise: take the master weights from the model's expert parameters now. False: the masters
             arrive through :meth:`write_master` (a checkpoint streamed straight into the tiers, see
             :mod:`moetrain.offload.staged_init`), and :meth:`finish_staged` closes the stream.
+        progress: report the filling on stderr (:class:`~moetrain.offload.fill_progress.FillProgress`); None:
+            for stores of :data:`PROGRESS_MIN_BYTES` or more.
     """
 
     def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False,
-                 owns: Optional[Callable[[int, int], bool]] = None, initialise: bool = True) -> None:
+                 owns: Optional[Callable[[int, int], bool]] = None, initialise: bool = True,
+                 progress: Optional[bool] = None) -> None:
         self.cfg = cfg
         self.pin = pin
         names = {id(p): n for n, p in model.named_parameters()}
@@ -141,6 +205,10 @@ class ExpertStore:
         self.pager = None  # the experts' paged compute weights, when staged init built them (resident_weights: no)
         self.by_name = {name: (rec, i) for rec in self.records.values() for i, name in enumerate(rec.names)}
         self._place()
+        self.report = progress if progress is not None else self.cpu_bytes + self.nvme_bytes >= PROGRESS_MIN_BYTES
+        self._progress: Optional[FillProgress] = None
+        self.pin_seconds = 0.0
+        self._allocate()
         self._staged: dict[tuple[int, int], tuple[torch.Tensor, set[int]]] = {}  # record -> (buffer, parts written)
         if initialise:
             try:
@@ -150,46 +218,138 @@ class ExpertStore:
                 raise
 
     # ------------------------------------------------------------------ placement
+    def piece_capacity(self) -> int:
+        """Bytes a host-slab piece may hold: a power of two (what the pinned allocator gives anyway), at least
+        :data:`PIECE_MIN_BYTES` and 32 records, so that the room a full piece leaves is under 1/32 of it."""
+        return 1 << (max(PIECE_MIN_BYTES, PIECE_MIN_RECORDS * self.max_padded * 4) - 1).bit_length()
+
     def _place(self) -> None:
-        """Records in layer order fill the CPU budget, the rest go to NVMe (all of them under tier nvme)."""
+        """Records in layer order fill the CPU budget, the rest go to NVMe (all of them under tier nvme); host
+        records fill slab pieces in order, a record that does not fit the current piece starting the next."""
         budget = None if self.cfg.cpu_budget_gb is None else int(self.cfg.cpu_budget_gb * 2**30)
+        capacity = self.piece_capacity()
         cpu_used = nvme_used = 0
+        self.piece_bytes: list[int] = []
         for rec in self.records.values():
             fits = self.cfg.tier == "cpu" and (budget is None or cpu_used + rec.state_bytes <= budget)
             if fits:
-                rec.tier, rec.offset = Tier.CPU, cpu_used // 4
+                if not self.piece_bytes or self.piece_bytes[-1] + rec.state_bytes > capacity:
+                    self.piece_bytes.append(0)
+                rec.tier, rec.piece, rec.offset = Tier.CPU, len(self.piece_bytes) - 1, self.piece_bytes[-1] // 4
+                self.piece_bytes[-1] += rec.state_bytes
                 cpu_used += rec.state_bytes
             else:
                 rec.tier, rec.offset = Tier.NVME, nvme_used
                 nvme_used += rec.state_bytes
         self.cpu_bytes, self.nvme_bytes = cpu_used, nvme_used
-        self.slab = torch.empty(cpu_used // 4, dtype=torch.float32, pin_memory=self.pin)
+
+    def _allocate(self) -> None:
+        """The slab pieces (pinned by a thread pool under :func:`host_register_pinning` when ``pin``) and the
+        swap file."""
+        if self.report and self.pin and self.cpu_bytes:
+            print(f"expert store: pinning {self.cpu_bytes / 2**30:.2f} GiB of host memory "
+                  f"({len(self.piece_bytes)} pieces)", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        self.slabs: list[torch.Tensor] = []
+        if self.pin and self.piece_bytes:
+            threads = max(1, min(PIN_THREADS, os.cpu_count() or 1))
+            with host_register_pinning(threads), ThreadPoolExecutor(min(threads, len(self.piece_bytes))) as pool:
+                self.slabs = list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True),
+                                           self.piece_bytes))
+        else:
+            self.slabs = [torch.empty(n // 4, dtype=torch.float32) for n in self.piece_bytes]
+        self.pin_seconds = time.perf_counter() - start if self.pin else 0.0
         c = self.cfg
-        self.swap: Optional[SwapFile] = open_swap(c.nvme_path, nvme_used, backend=c.nvme_backend,
+        self.swap: Optional[SwapFile] = open_swap(c.nvme_path, self.nvme_bytes, backend=c.nvme_backend,
                                                   block_size=c.nvme_block_size, queue_depth=c.nvme_queue_depth,
                                                   threads=c.nvme_threads)
 
+    def _start_progress(self, what: str) -> Optional[FillProgress]:
+        if not self.report:
+            return None
+        where = [f"{self.cpu_bytes / 2**30:.2f} GiB {'pinned ' if self.pin else ''}host memory"] * bool(self.cpu_bytes)
+        where += [f"{self.nvme_bytes / 2**30:.2f} GiB on NVMe"] * bool(self.nvme_bytes)
+        progress = FillProgress(len(self.records), self.cpu_bytes + self.nvme_bytes,
+                                f"{what} {len(self.records)} records, {(self.cpu_bytes + self.nvme_bytes) / 2**30:.2f} "
+                                f"GiB ({', '.join(where)})")
+        if self.pin_seconds:
+            progress.extra = f" (pinning {self.pin_seconds:.1f} s before)"
+        return progress
+
+    def _runs(self, chunk: int) -> Iterator[list[tuple[ExpertRecord, int]]]:
+        """Consecutive records of one tier whose storage is contiguous (one slab piece, or adjacent in the swap
+        file), at most ``chunk`` floats together (or one record): ``[(record, float offset in the run)]``."""
+        run: list[tuple[ExpertRecord, int]] = []
+        size = 0
+        for rec in self.records.values():
+            if run:
+                last = run[-1][0]
+                adjacent = (rec.tier is last.tier and size + rec.padded <= chunk
+                            and (rec.piece == last.piece and rec.offset == last.offset + last.padded
+                                 if rec.tier is Tier.CPU else rec.offset == last.offset + last.state_bytes))
+                if not adjacent:
+                    yield run
+                    run, size = [], 0
+            run.append((rec, size))
+            size += rec.padded
+        if run:
+            yield run
+
     @torch.no_grad()
     def _initialise(self) -> None:
-        """master = the model's weights in fp32, moments = 0; NVMe records are written through one buffer."""
-        staging = aligned_empty(max((r.padded for r in self.records.values()), default=1), self.pin)
-        for rec in self.records.values():
-            flat = self.host_view(rec) if rec.tier is Tier.CPU else staging[:rec.padded]
-            self.load_master(rec, flat, [p.detach() for p in rec.params])
-            if rec.layout.master != "fp32":  # compute from the stored (rounded) master from the first step on
-                for p, w in zip(rec.params, rec.split(rec.codec.decode_master(flat)), strict=True):
-                    p.data.copy_(w)
-            if rec.tier is Tier.NVME:
-                self.swap.submit_write(flat, rec.offset)
+        """master = the model's weights in fp32 (rounded to nearest if it is bf16), moments = 0, encoded where the
+        weights are: in place on a CPU; on a GPU a chunk of records at a time in one device buffer, then one
+        copy into the slab (or into a staging buffer that one NVMe write takes). Under a compressed master the
+        compute weights become the stored master (so compute uses it from the first step on)."""
+        if not self.records:
+            return
+        device = next(iter(self.records.values())).params[0].device
+        on_host = device.type == "cpu"
+        chunk = max((FILL_CHUNK_BYTES - ALIGN) // 4, self.max_padded)  # + aligned_empty's pad: a power of two
+        work = None if on_host else torch.empty(chunk, dtype=torch.float32, device=device)
+        staging: list[torch.Tensor] = []  # two host buffers for NVMe runs: one is written while the other fills
+        nvme_runs = 0
+        progress = self._start_progress("filling")
+        try:
+            for run in self._runs(chunk):
+                first = run[0][0]
+                n = sum(rec.padded for rec, _ in run)
+                if first.tier is Tier.CPU:
+                    dest = self.slabs[first.piece][first.offset:first.offset + n]
+                else:
+                    turn, nvme_runs = nvme_runs % 2, nvme_runs + 1
+                    if len(staging) == turn:
+                        staging.append(aligned_empty(chunk, self.pin))
+                    dest = staging[turn][:n]
+                buf = dest if work is None else work[:n]
+                for rec, at in run:
+                    flat = buf[at:at + rec.padded]
+                    rec.codec.encode_initial(flat, [p.detach() for p in rec.params])
+                    self._use_stored_master(rec, flat)
+                if buf is not dest:
+                    dest.copy_(buf)  # one device-to-host copy; it ends before the buffer is encoded into again
+                if first.tier is Tier.NVME:
+                    self.swap.wait_writes()  # the other staging buffer's write: that buffer fills next
+                    self.swap.submit_write(dest, first.offset)
+                if progress is not None:
+                    progress.update(len(run), n * 4)
+            if self.swap is not None:
                 self.swap.wait_writes()
+        except BaseException:
+            if progress is not None:
+                progress.close(complete=False)
+            raise
+        if progress is not None:
+            progress.close()
 
     @staticmethod
-    def load_master(rec: ExpertRecord, flat: torch.Tensor, weights: list[torch.Tensor]) -> None:
-        """Fill a flat state buffer: master from ``weights`` (rounded to nearest if the master is bf16),
-        moments zero (in every format: code 0 of an int8 moment with scale 0 is zero), padding zero."""
-        flat.zero_()
-        master = torch.cat([w.reshape(-1).float() for w in weights])
-        rec.codec.encode_master(flat, master)
+    def _use_stored_master(rec: ExpertRecord, flat: torch.Tensor) -> None:
+        """Under a compressed master the compute weights take the stored (rounded) value, so that compute and a
+        checkpoint see the same weights from the first step on."""
+        if rec.layout.master == "fp32":
+            return
+        for p, (elems, _) in zip(rec.params, rec.codec.param_slices(), strict=True):
+            p.data.copy_(rec.codec.stored_master(flat, elems).view(p.shape))
 
     # ------------------------------------------------------------------ masters streamed in
     @torch.no_grad()
@@ -201,19 +361,14 @@ class ExpertStore:
         part arrived (so a record costs one write, and only records being assembled use host memory).
         """
         rec, idx = self.by_name[name]
+        if self._progress is None and self.report:
+            self._progress = self._start_progress("loading masters into")
         buf, done = self._staged.get(rec.key, (None, set()))
         if buf is None:
             buf = self.host_view(rec) if rec.tier is Tier.CPU else aligned_empty(rec.padded, self.pin)
-            buf.zero_()
-        views = rec.layout.views(buf)
+            rec.codec.clear_state(buf)
         elems, _ = rec.codec.param_slices()[idx]
-        value = weight.detach().reshape(-1).to(buf.device, torch.float32)
-        if rec.layout.master == "bf16_kahan":
-            from moetrain.offload.quantize import round_bf16_kahan
-
-            round_bf16_kahan(value, views["master"][elems], views["comp"][elems])
-        else:
-            views["master"][elems].copy_(value)  # fp32, or bf16 rounded to nearest
+        rec.codec.encode_master_part(buf, elems, weight)
         done.add(idx)
         if len(done) < len(rec.params):
             self._staged[rec.key] = (buf, done)
@@ -221,15 +376,19 @@ class ExpertStore:
         self._staged.pop(rec.key, None)
         if self.pager is not None:  # paged compute weights (a resume into staged tiers): from the stored master
             self.pager.write(rec.layer, rec.expert, rec.codec.decode_master(buf))
-        elif rec.layout.master != "fp32":  # compute from the stored (rounded) master, as _initialise does
-            for p, w in zip(rec.params, rec.split(rec.codec.decode_master(buf)), strict=True):
-                p.data.copy_(w)
+        else:  # compute from the stored (rounded) master, as _initialise does
+            self._use_stored_master(rec, buf)
         if rec.tier is Tier.NVME:
             self.swap.submit_write(buf, rec.offset)
             self.swap.wait_writes()
+        if self._progress is not None:
+            self._progress.update(1, rec.state_bytes)
 
     def finish_staged(self) -> None:
         """Every record must have received all its parts (the loader reports missing tensors first)."""
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.close(complete=not self._staged)
         if self._staged:
             names = [self.records[k].prefix for k in list(self._staged)[:3]]
             raise RuntimeError(f"expert master weights incomplete for {len(self._staged)} expert(s): {names}")
@@ -250,7 +409,7 @@ class ExpertStore:
     def host_view(self, rec: ExpertRecord) -> torch.Tensor:
         """The (padded,) host slab slice of a CPU-tier record."""
         assert rec.tier is Tier.CPU
-        return self.slab[rec.offset:rec.offset + rec.padded]
+        return self.slabs[rec.piece][rec.offset:rec.offset + rec.padded]
 
     def layer_records(self, layer: int) -> list[ExpertRecord]:
         return [self.records[(layer, e)] for e in range(self.num_experts[layer]) if (layer, e) in self.records]
