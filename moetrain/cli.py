@@ -4,7 +4,7 @@
 (``--config recipes/NAME.yaml``) plus dotted overrides (``--trainer.max_steps=20``), checked against
 the signatures of :class:`~moetrain.training.module.MoETrainingModule` (``model:``),
 :class:`~moetrain.training.data.TextDataModule` (``data:``), the Trainer (``trainer:``),
-:class:`~moetrain.training.checkpoint.CheckpointCallback` (``checkpoint:``) and
+:class:`~moetrain.training.checkpoint_callback.CheckpointCallback` (``checkpoint:``) and
 :class:`~moetrain.training.callbacks.MetricsLogger` (``metrics:``).
 
 ``moetrain fit --help`` lists moetrain's sections (``model``, ``model.optimizer``, ``model.offload``, ``data``,
@@ -156,10 +156,11 @@ def _build_cli_class():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from moetrain.config import ConfigError
+    from moetrain.models.hf import resolve_checkpoint
     from moetrain.parallel.config import ParallelConfig
     from moetrain.training import signals
     from moetrain.training.callbacks import MetricsLogger
-    from moetrain.training.checkpoint import CheckpointCallback, resolve_checkpoint
+    from moetrain.training.checkpoint_callback import CheckpointCallback
     from moetrain.training.data import DataError
     from moetrain.training.module import MoETrainingModule
     from moetrain.training.progress import StepProgress
@@ -362,8 +363,9 @@ def resume_command(argv: list[str], then: str = "--ckpt_path=last") -> str:
 
 def _report_stop(cli: Any, argv: list[str]) -> None:
     """After SIGTERM/Ctrl-C stopped ``fit``: say so, which checkpoint holds the run, and how to resume."""
+    from moetrain.models.hf import CHECKPOINTS_DIR, LAST_FILE
     from moetrain.training import signals
-    from moetrain.training.checkpoint import CHECKPOINTS_DIR, LAST_FILE, CheckpointCallback
+    from moetrain.training.checkpoint_callback import CheckpointCallback
     from moetrain.training.run_dir import OVERWRITE_FLAG
 
     signum = signals.requested()

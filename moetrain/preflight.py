@@ -85,7 +85,7 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
     tokenizer = _check_tokenizer(sections["data"])
     model = sections["model"]
     from moetrain.offload.config import OffloadConfig
-    from moetrain.training.optim import OptimizerConfig
+    from moetrain.optim import OptimizerConfig
 
     _build("model.optimizer", lambda: OptimizerConfig(**(model.get("optimizer") or {})))
     offload = _build("model.offload", lambda: OffloadConfig(**(model.get("offload") or {})))
@@ -108,9 +108,9 @@ def _check_sections(sections: dict[str, Any]) -> None:
     """Build each cheap section once with its own class (the checks live in their constructors)."""
     from moetrain.parallel.config import ParallelConfig
     from moetrain.training.callbacks import MetricsLogger
-    from moetrain.training.checkpoint import CheckpointCallback
+    from moetrain.training.checkpoint_callback import CheckpointCallback
     from moetrain.training.data import TextDataModule
-    from moetrain.training.step_progress import StepProgress
+    from moetrain.training.progress import StepProgress
 
     for key, cls in (("data", TextDataModule), ("checkpoint", CheckpointCallback), ("metrics", MetricsLogger),
                      ("progress", StepProgress), ("parallel", ParallelConfig)):
@@ -163,7 +163,8 @@ def check_init_from(init_from: str) -> ModelConfig:
 def _check_resume(ckpt_path: Optional[str], run_dir: Optional[str], subcommand: str) -> None:
     if ckpt_path is None:
         return
-    from moetrain.training.checkpoint import resolve_checkpoint, verify_checkpoint
+    from moetrain.models.hf import resolve_checkpoint
+    from moetrain.training.checkpoint import verify_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_path, run_dir or os.getcwd())
     verify_checkpoint(ckpt, optimizer=subcommand == "fit")  # validate reads only the weights

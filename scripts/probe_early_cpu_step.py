@@ -30,7 +30,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model  # noqa:
 
 from moetrain.offload import build_optimizer  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
-from moetrain.training.optim import DenseAdamW, lr_at  # noqa: E402
+from moetrain.optim import DenseAdamW, lr_at  # noqa: E402
 
 STEPS = 20
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU run only checks the probe itself

@@ -12,8 +12,8 @@ import torch
 from moetrain.cli import main
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.hf import export_hf
-from moetrain.training.checkpoint import resolve_checkpoint, save_checkpoint
+from moetrain.models.hf import export_hf, resolve_checkpoint
+from moetrain.training.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "data" / "tiny"

@@ -136,8 +136,8 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from moetrain.models.hf import empty_model
     from moetrain.offload import build_optimizer
     from moetrain.offload.config import OffloadConfig
+    from moetrain.optim import OptimizerConfig
     from moetrain.training.checkpoint import load_weights_into, save_checkpoint
-    from moetrain.training.optim import OptimizerConfig
     from moetrain.training.optimizer_state import load_optimizer
 
     config = ModelConfig.from_preset(args.preset, num_hidden_layers=args.layers)

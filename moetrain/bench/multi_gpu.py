@@ -43,9 +43,9 @@ from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.rope import rotary_for
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.optim import cast_experts
+from moetrain.optim import OptimizerConfig
 from moetrain.parallel.config import ParallelConfig
 from moetrain.parallel.layout import chunk_bounds
-from moetrain.training.optim import OptimizerConfig
 
 RUNS = {"gpu1": (1, 1), "dp2": (2, 1), "ep2": (2, 2)}  # name: (processes, expert_parallel)
 

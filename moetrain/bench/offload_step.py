@@ -33,7 +33,7 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.optim import OptimizerConfig
+from moetrain.optim import OptimizerConfig
 
 
 def main(argv: list[str] | None = None) -> dict:

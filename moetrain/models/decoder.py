@@ -21,7 +21,8 @@ from moetrain.config import ModelConfig
 from moetrain.models.attention import Attention, KVCache, RMSNorm, build_attention_mask
 from moetrain.models.experts import SwiGLU
 from moetrain.models.mla import MultiHeadLatentAttention
-from moetrain.models.moe import MoEBlock, RoutingObserver, recomputing
+from moetrain.models.moe import MoEBlock, RoutingObserver
+from moetrain.models.recompute import recomputing
 from moetrain.models.rope import rotary_for
 from moetrain.models.router import Routing, TopKRouter
 

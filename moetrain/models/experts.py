@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moetrain.models.recompute import is_recomputing
 from moetrain.models.router import Routing
 
 
@@ -233,8 +234,6 @@ class PagedLoopSwiGLU(torch.autograd.Function):
 def _prefetch_next(pager, layer: int, direction: int) -> None:
     """Start paging in the neighbour layer of ``layer`` (``+1`` in forward: the experts it routed last
     time; ``-1`` in backward: the experts it routed in this forward)."""
-    from moetrain.models.moe import is_recomputing  # (moe imports this module)
-
     if direction > 0 and is_recomputing():  # a forward re-run inside backward: the next layer is done
         return
     nxt = pager.next_layer(layer, direction)

@@ -37,11 +37,15 @@ from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf_configs import REMOTE_CODE, config_from_hf, config_to_hf, remote_code_files
 from moetrain.models.rope import rotary_for
+from moetrain.progress import shard_progress
 from moetrain.shards import ShardError, iter_shard_tensors, read_weight_map, write_sharded
-from moetrain.training.progress import shard_progress
 
 MOETRAIN_CONFIG = "moetrain_config.json"
 HF_CONFIG = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_FILE = "last"
+"""A run directory keeps its checkpoints in ``CHECKPOINTS_DIR/step-<N>``; ``CHECKPOINTS_DIR/LAST_FILE`` names the
+newest complete one."""
 
 # transformers-5 fused experts; older exports may still say block_sparse_moe (Mixtral).
 _FUSED_RE = re.compile(
@@ -245,6 +249,36 @@ def resolve_model_path(path: str | Path) -> Path:
         raise ConfigError(f"{path} is a run directory without a complete checkpoint (no checkpoints/last yet); let "
                           "the run save one, or pass a checkpoints/step-<N> directory")
     return path
+
+
+def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
+    """The checkpoint directory named by ``--ckpt_path``: ``last`` reads ``<run_dir>/checkpoints/last``; a run
+    directory stands for its own ``checkpoints/last``.
+
+    Raises:
+        ConfigError: the path does not exist, nothing to resume from, or the directory is incomplete.
+    """
+    if str(path) == "last":
+        pointer = Path(run_dir) / CHECKPOINTS_DIR / LAST_FILE
+        if not pointer.is_file():
+            raise ConfigError(f"--ckpt_path=last: {pointer} not found; no complete checkpoint in run directory "
+                              f"{run_dir} (check --trainer.default_root_dir, or drop --ckpt_path to start fresh)")
+        ckpt = pointer.parent / pointer.read_text().strip()
+        if not ckpt.is_dir():
+            raise ConfigError(f"--ckpt_path=last: {pointer} names {ckpt.name!r}, but {ckpt} does not exist (deleted "
+                              "or moved?); pass an existing checkpoints/step-<N> directory instead")
+    else:
+        ckpt = Path(path)
+        if not ckpt.exists():
+            raise ConfigError(f"--ckpt_path={path}: {ckpt} does not exist; pass a run directory, one of its "
+                              "checkpoints/step-<N> directories, or 'last' with --trainer.default_root_dir set to "
+                              "the run directory")
+        if (ckpt / CHECKPOINTS_DIR / LAST_FILE).is_file():  # a run directory
+            return resolve_checkpoint("last", ckpt)
+    if not (ckpt / MOETRAIN_CONFIG).is_file():
+        raise ConfigError(f"--ckpt_path: {ckpt} is not a complete moetrain checkpoint (no {MOETRAIN_CONFIG}); "
+                          "pass a checkpoints/step-<N> directory or 'last'")
+    return ckpt
 
 
 def from_pretrained(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -12,29 +10,10 @@ import torch.nn as nn
 
 from moetrain.config import DEEPSEEK_FAMILIES, ModelConfig
 from moetrain.models.experts import RoutedExperts, SwiGLU
+from moetrain.models.recompute import is_recomputing
 from moetrain.models.router import Routing, TopKRouter
 
 RoutingObserver = Callable[[int, Routing], None]
-
-_recompute = threading.local()
-
-
-@contextmanager
-def recomputing() -> Iterator[None]:
-    """Marks the forward pass that activation checkpointing re-runs during backward (in the thread that runs
-    backward). Its routing was already observed by the first pass, so observers, the look-ahead and forward
-    prefetch stay quiet: counts are not doubled and no page-in goes the wrong way."""
-    previous = getattr(_recompute, "on", False)
-    _recompute.on = True
-    try:
-        yield
-    finally:
-        _recompute.on = previous
-
-
-def is_recomputing() -> bool:
-    """Whether this thread is inside :func:`recomputing`."""
-    return getattr(_recompute, "on", False)
 
 
 class MoEBlock(nn.Module):

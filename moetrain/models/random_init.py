@@ -37,6 +37,11 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import INIT_STD, MoEForCausalLM
 from moetrain.models.rope import rotary_for
 
+SEEDED_INIT_MIN_PARAMS = 100_000_000
+"""Random initialisation from this many parameters on is seeded per chunk on the compute device (this module:
+the GPU, or every CPU thread); smaller models draw from torch's global generator on one core, as they always
+have (the same weights for a seed as every earlier run), in under 2 s. The training module's ``random_model``
+and the memory planner both follow it."""
 CHUNK = 1 << 24
 """Elements per independently seeded chunk: about 0.1 s of one CPU core's ``normal_`` (64 MiB in fp32), so a
 16 B model splits into about a thousand pieces for the threads to share, while the seeding stays negligible."""
@@ -199,7 +204,7 @@ def build_random(config: ModelConfig, seed: int, *, device: str | torch.device =
     Built on the meta device and allocated on ``device`` directly: no host copy when ``device`` is a GPU.
     ``announce``: print what is built and how long it took to stderr (with a bar in bytes on a terminal).
     """
-    from moetrain.training.progress import shown
+    from moetrain.progress import shown
 
     device = torch.device(device)
     start = time.perf_counter()

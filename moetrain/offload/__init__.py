@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.optim import DenseAdamW, OptimizerConfig, TrainOptimizer
+from moetrain.optim import DenseAdamW, OptimizerConfig, TrainOptimizer
 
 
 def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadConfig,

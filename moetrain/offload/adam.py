@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from moetrain.offload.ops import load_cpu_adam
-from moetrain.training.optim import OptimizerConfig
+from moetrain.optim import OptimizerConfig
 
 
 def fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -44,7 +44,7 @@ def reference_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
     """The ops of ``torch.optim.adam._single_tensor_adam`` (decoupled decay), in the same order.
 
     ``steps[i]`` is the step number after this update; ``clip_coef`` multiplies the gradients first,
-    as :func:`moetrain.training.optim.clip_` does for the reference.
+    as :func:`moetrain.optim.clip_` does for the reference.
     """
     beta1, beta2 = cfg.betas
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from moetrain.models.moe import is_recomputing
+from moetrain.models.recompute import is_recomputing
 
 
 class Lookahead:

@@ -68,7 +68,7 @@ from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.weight_pager import ExpertWeightPager
-from moetrain.training.optim import OptimizerConfig, decays, global_grad_norm, param_groups
+from moetrain.optim import OptimizerConfig, decays, global_grad_norm, param_groups
 
 PARTS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -104,7 +104,7 @@ def cast_experts(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 class ExpertOffloadOptimizer:
-    """:class:`~moetrain.training.optim.TrainOptimizer` with routed experts' state in host memory or on NVMe.
+    """:class:`~moetrain.optim.TrainOptimizer` with routed experts' state in host memory or on NVMe.
 
     Args:
         model: a :class:`~moetrain.models.decoder.MoEForCausalLM` on its compute device.

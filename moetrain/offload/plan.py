@@ -366,7 +366,7 @@ def random_init_in_host_memory(params: int) -> bool:
     """Whether a random initialisation of a model of ``params`` parameters is built in host memory before it
     moves to the GPU: models under ``SEEDED_INIT_MIN_PARAMS`` are (``MoEForCausalLM(config)`` on the CPU), larger
     ones are filled on the GPU directly (training/module.py ``random_model``)."""
-    from moetrain.training.module import SEEDED_INIT_MIN_PARAMS
+    from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS
 
     return params < SEEDED_INIT_MIN_PARAMS
 
@@ -763,7 +763,7 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, whether
     expert gradients are freed layer by layer (accumulation 1, no clipping, GPU step path), and whether the
     model loads by streaming the experts' masters into their tier (``init_from`` with tier cpu or nvme)."""
-    from moetrain.training.optim import OptimizerConfig
+    from moetrain.optim import OptimizerConfig
 
     model = recipe.get("model") or {}
     data = recipe.get("data") or {}
@@ -869,8 +869,7 @@ def recipe_model(recipe: dict[str, Any]) -> tuple[ModelConfig, Optional[str]]:
     model = recipe.get("model") or {}
     init_from, preset = model.get("init_from"), model.get("preset")
     if init_from and Path(init_from).exists():
-        from moetrain.models.hf import load_config
-        from moetrain.training.checkpoint import resolve_checkpoint
+        from moetrain.models.hf import load_config, resolve_checkpoint
 
         if (Path(init_from) / "checkpoints").is_dir():  # a run directory: its newest checkpoint, as fit takes it
             init_from = str(resolve_checkpoint(init_from, init_from))

@@ -17,7 +17,7 @@ the global batch (:func:`moetrain.parallel.loss.loss_for_backward`); the reducti
 
 The inner optimizer is the single-process one: :class:`~moetrain.offload.optim.ExpertOffloadOptimizer`
 built with ``owns=`` (its store keeps only this rank's records), or, under ``tier: none``,
-:class:`~moetrain.training.optim.DenseAdamW` over the parameters this rank holds (state replicated on
+:class:`~moetrain.optim.DenseAdamW` over the parameters this rank holds (state replicated on
 the holders: it is the reference, not the memory-saving path). Stepping layers under backward
 (``begin_micro_batch``) is not offered: gradients are final only after the reductions.
 """
@@ -32,8 +32,8 @@ import torch.nn as nn
 
 from moetrain.config import ConfigError
 from moetrain.offload.config import OffloadConfig
+from moetrain.optim import DenseAdamW, OptimizerConfig
 from moetrain.parallel.layout import ParallelLayout
-from moetrain.training.optim import DenseAdamW, OptimizerConfig
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -43,7 +43,7 @@ def _expert_params(expert: nn.Module) -> list[nn.Parameter]:
 
 
 class ParallelOptimizer:
-    """:class:`~moetrain.training.optim.TrainOptimizer` over the ranks of ``layout``.
+    """:class:`~moetrain.optim.TrainOptimizer` over the ranks of ``layout``.
 
     Args:
         model: this rank's model (already split by :func:`~moetrain.parallel.expert_parallel.apply_expert_parallel`

@@ -12,13 +12,13 @@ import torch.nn as nn
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.optim import OptimizerConfig, TrainOptimizer
 from moetrain.parallel.checkpoint import load_optimizer_partitioned, save_checkpoint_distributed
 from moetrain.parallel.config import ParallelConfig
 from moetrain.parallel.expert_parallel import apply_expert_parallel
 from moetrain.parallel.layout import ParallelLayout, build_layout
 from moetrain.parallel.loss import loss_for_backward, loss_shares
 from moetrain.parallel.optimizer import ParallelOptimizer
-from moetrain.training.optim import OptimizerConfig, TrainOptimizer
 
 
 class ParallelRuntime:

@@ -1,1 +1,2 @@
-"""Training: the LightningModule, data, optimizer schedule, callbacks and checkpoints."""
+"""Training: the LightningModule, data, callbacks and checkpoints (the optimizer config, schedule and dense
+AdamW live in :mod:`moetrain.optim`)."""

@@ -37,22 +37,18 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 
 from moetrain.atomic import fsync_dir, write_text
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.hf import CHECKPOINTS_DIR, HF_CONFIG, LAST_FILE, MOETRAIN_CONFIG
+from moetrain.progress import tensor_progress
 from moetrain.shards import ShardError, read_weight_map, write_sharded
-from moetrain.training import signals, trainer_state
+from moetrain.training import trainer_state
 from moetrain.training.optimizer_state import OPTIMIZER_PREFIX, save_optimizer
-from moetrain.training.progress import tensor_progress
 
-CHECKPOINTS_DIR = "checkpoints"
-LAST_FILE = "last"
-MOETRAIN_CONFIG = "moetrain_config.json"
-HF_CONFIG = "config.json"
 RECIPE_FILE = "recipe.yaml"
 TRAINER_STATE = trainer_state.TRAINER_STATE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -287,7 +283,7 @@ def save_checkpoint(
     meanwhile; :mod:`moetrain.training.async_checkpoint` snapshots instead, to write beside training).
 
     Args:
-        optimizer: a :class:`~moetrain.training.optim.TrainOptimizer` (or None to skip its state).
+        optimizer: a :class:`~moetrain.optim.TrainOptimizer` (or None to skip its state).
         trainer_state: the resume state (:func:`moetrain.training.trainer_state.capture`).
         keep_last: keep this many newest checkpoints (0: all).
         tokenizer_dir: copy its tokenizer files into the checkpoint.
@@ -325,7 +321,7 @@ def write_checkpoint(
 
     ``step-<step>.tmp/`` is written and fsynced, renamed, then ``last`` is switched and old checkpoints
     rotated. Safe to run in a thread other than the training loop's, given sources that do not change.
-    ``progress``: the shard bar (None: shown on a terminal, see :mod:`moetrain.training.progress`).
+    ``progress``: the shard bar (None: shown on a terminal, see :mod:`moetrain.progress`).
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / step_dir_name(step)
@@ -369,189 +365,3 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
             shutil.rmtree(path)
             removed.append(path)
     return removed
-
-
-def resolve_checkpoint(path: str | Path, run_dir: str | Path) -> Path:
-    """The checkpoint directory named by ``--ckpt_path``: ``last`` reads ``<run_dir>/checkpoints/last``; a run
-    directory stands for its own ``checkpoints/last``.
-
-    Raises:
-        ConfigError: the path does not exist, nothing to resume from, or the directory is incomplete.
-    """
-    if str(path) == "last":
-        pointer = Path(run_dir) / CHECKPOINTS_DIR / LAST_FILE
-        if not pointer.is_file():
-            raise ConfigError(f"--ckpt_path=last: {pointer} not found; no complete checkpoint in run directory "
-                              f"{run_dir} (check --trainer.default_root_dir, or drop --ckpt_path to start fresh)")
-        ckpt = pointer.parent / pointer.read_text().strip()
-        if not ckpt.is_dir():
-            raise ConfigError(f"--ckpt_path=last: {pointer} names {ckpt.name!r}, but {ckpt} does not exist (deleted "
-                              "or moved?); pass an existing checkpoints/step-<N> directory instead")
-    else:
-        ckpt = Path(path)
-        if not ckpt.exists():
-            raise ConfigError(f"--ckpt_path={path}: {ckpt} does not exist; pass a run directory, one of its "
-                              "checkpoints/step-<N> directories, or 'last' with --trainer.default_root_dir set to "
-                              "the run directory")
-        if (ckpt / CHECKPOINTS_DIR / LAST_FILE).is_file():  # a run directory
-            return resolve_checkpoint("last", ckpt)
-    if not (ckpt / MOETRAIN_CONFIG).is_file():
-        raise ConfigError(f"--ckpt_path: {ckpt} is not a complete moetrain checkpoint (no {MOETRAIN_CONFIG}); "
-                          "pass a checkpoints/step-<N> directory or 'last'")
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------- callback
-class CheckpointCallback(L.Callback):
-    """Save a checkpoint every ``every_n_steps`` optimizer steps, at the end of training, and on SIGTERM/Ctrl-C
-    (the ``checkpoint:`` section of a recipe)."""
-
-    def __init__(self, every_n_steps: int = 0, max_shard_mb: int = 2048, save_final: bool = True,
-                 keep_last: int = 0, save_on_signal: bool = True, **options: Any) -> None:
-        """
-        Args:
-            every_n_steps: save every this many optimizer steps (0: only at the end).
-            max_shard_mb: size of one safetensors shard in MiB.
-            save_final: save when training ends.
-            keep_last: keep only this many newest checkpoints (0: keep all).
-            save_on_signal: on SIGTERM or Ctrl-C, finish the optimizer step, save and stop.
-            options: ``async`` (a Python keyword, hence passed this way; the recipe key is
-                ``checkpoint.async``): write checkpoints in a background thread while training goes on
-                (:mod:`moetrain.training.async_checkpoint`); the final and the signal save still complete
-                before training returns.
-        """
-        if every_n_steps < 0 or max_shard_mb <= 0 or keep_last < 0:
-            raise ConfigError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0 and "
-                              "checkpoint.max_shard_mb > 0")
-        unknown = sorted(set(options) - {"async"})
-        if unknown:
-            raise ConfigError(f"checkpoint.{unknown[0]}: not a checkpoint option; the section takes every_n_steps, "
-                              "max_shard_mb, save_final, keep_last, save_on_signal and async")
-        self.every_n_steps = every_n_steps
-        self.max_shard_bytes = max_shard_mb * 2**20
-        self.keep_last = keep_last
-        self.save_final = save_final
-        self.save_on_signal = save_on_signal
-        self.async_save = options.get("async", False)
-        if not isinstance(self.async_save, bool):
-            raise ConfigError(f"checkpoint.async={self.async_save!r}: must be true or false")
-        self.saver: Optional[Any] = None  # an AsyncSaver with async
-        if self.async_save:
-            from moetrain.training.async_checkpoint import AsyncSaver
-
-            self.saver = AsyncSaver()
-        self.saved_step = -1
-        self.saved_path: Optional[Path] = None
-        """The checkpoint directory this run saved last (None: none yet); the CLI names it after a signal."""
-        self._seen_step = -1
-        self._epoch = 0  # the epoch being trained (Lightning's counter moves on when max_steps ends one early)
-        self._epoch_batches = 0
-        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches consumed in it) of a resumed run
-
-    # ------------------------------------------------------------------ resume
-    def resume_position(self, epoch: int, batches_in_epoch: int) -> None:
-        """Called by :func:`moetrain.training.trainer_state.restore`: where the resumed run starts."""
-        self._resume = (epoch, batches_in_epoch)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch, self._epoch_batches = trainer.current_epoch, 0
-        if self._resume is not None and self._resume[0] == trainer.current_epoch:
-            self._epoch_batches = self._resume[1]
-        self._resume = None
-
-    # ------------------------------------------------------------------ saving
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, wait: bool = False) -> None:
-        """Save at this optimizer-step boundary; ``wait``: return only once it is on disk (async mode)."""
-        step = trainer.global_step
-        parallel = getattr(pl_module, "parallel", None)
-        collective = parallel is not None and parallel.active  # several ranks: each writes its share
-        if step == self.saved_step or step == 0 or not (trainer.is_global_zero or collective):
-            if wait and self.saver is not None:
-                self.saver.wait()
-            return
-        datamodule = getattr(trainer, "datamodule", None)
-        save = save_checkpoint if self.saver is None else self.saver.save
-        if collective:
-            save = parallel.save_checkpoint  # synchronous: a collective over every rank
-        save(
-            trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
-            trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches),
-            recipe=getattr(pl_module, "resolved_recipe", None), max_shard_bytes=self.max_shard_bytes,
-            keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
-        )
-        self.saved_step = step
-        self.saved_path = Path(trainer.default_root_dir) / CHECKPOINTS_DIR / step_dir_name(step)
-        if wait and self.saver is not None:
-            self.saver.wait()
-
-    # ------------------------------------------------------------------ async: the store is read in place
-    def _wait_for_store(self) -> None:
-        if self.saver is not None and self.saver.holds_store:
-            self.saver.wait_for_store()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if self.saver is None:
-            return
-        # A failed background save stops training at the next batch. (With idle_experts: dense the forward
-        # replays missed steps into the store, but only of steps taken after the save's snapshot, which
-        # caught every expert up: the optimizer step, where the guard below waits, comes first.)
-        self.saver.raise_error()
-
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
-        if self.saver is None or not self.saver.holds_store:
-            return
-        # without clipping, the last micro-batch's backward steps each layer's experts as it finishes it
-        cfg = getattr(getattr(pl_module, "train_optimizer", None), "cfg", None)
-        last_micro = getattr(pl_module, "_micro", 0) == getattr(pl_module, "accumulate_grad_batches", 1) - 1
-        if last_micro and getattr(cfg, "max_grad_norm", 1.0) == 0:
-            self._wait_for_store()
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self._wait_for_store()
-
-    # ------------------------------------------------------------------ hooks
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_on_signal:
-            signals.install()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._epoch_batches += 1
-        stats = getattr(pl_module, "last_step", None)
-        if stats is None or stats.step == self._seen_step or getattr(pl_module, "_micro", 0) != 0:
-            return  # a micro-batch inside an accumulation group: no consistent state to save
-        self._seen_step = stats.step
-        if self.every_n_steps and stats.step % self.every_n_steps == 0:
-            self._save(trainer, pl_module)
-        if self.save_on_signal and self._stop_requested(pl_module):
-            self._save(trainer, pl_module, wait=True)
-            trainer.should_stop = True
-
-    @staticmethod
-    def _stop_requested(pl_module: L.LightningModule) -> bool:
-        """Whether a signal asks to stop at this step boundary. With several ranks: whether any rank received
-        one, so that all save together and stop at the same step (a signal reaches the ranks at different
-        moments, or only one of them; a rank alone in the collective save would wait for ever)."""
-        requested = signals.requested() is not None
-        parallel = getattr(pl_module, "parallel", None)
-        if parallel is None or not parallel.active:
-            return requested
-        flag = torch.tensor([float(requested)], device=pl_module.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # 4 bytes a step
-        return bool(flag.item())
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        try:
-            if self.save_final:
-                self._save(trainer, pl_module, wait=True)
-            elif self.saver is not None:
-                self.saver.wait()  # a periodic save still being written
-        finally:
-            signals.uninstall()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.saver is not None:
-            # let a save under way land (or fail); the exception that stops training is the one to report
-            self.saver.discard_error()
-        signals.uninstall()

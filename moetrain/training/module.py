@@ -10,7 +10,7 @@ group clips, steps and zeroes the optimizer.
 
 Counting steps: Lightning's ``trainer.global_step`` counts ``step()`` calls of the optimizers it
 knows about. The module hands Lightning an :class:`OptimizerStepAdapter` that wraps the real
-:class:`~moetrain.training.optim.TrainOptimizer`, so every accumulated optimizer step is one
+:class:`~moetrain.optim.TrainOptimizer`, so every accumulated optimizer step is one
 ``global_step`` and ``--trainer.max_steps=20`` means 20 optimizer steps (not micro-batches); the
 Trainer's own ``accumulate_grad_batches`` must stay 1.
 """
@@ -30,12 +30,14 @@ import torch
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.hf import from_pretrained, resolve_checkpoint
+from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.staged_init import restore_masters
+from moetrain.optim import OptimizerConfig, TrainOptimizer, lr_at
 from moetrain.training import trainer_state
-from moetrain.training.checkpoint import load_weights_into, resolve_checkpoint, verify_checkpoint
-from moetrain.training.optim import OptimizerConfig, TrainOptimizer, lr_at
+from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
 from moetrain.training.optimizer_state import load_optimizer
 
 
@@ -103,10 +105,6 @@ class StepStats:
     total_tokens: int = 0
 
 
-SEEDED_INIT_MIN_PARAMS = 100_000_000
-"""Random initialisation from this many parameters on is seeded per chunk on the compute device
-(:mod:`moetrain.models.random_init`: the GPU, or every CPU thread); smaller models draw from torch's global
-generator on one core, as they always have (the same weights for a seed as every earlier run), in under 2 s."""
 ANNOUNCE_MIN_PARAMS = 1_000_000_000
 """Models from this many parameters on print what is built and how long it took (stderr)."""
 
@@ -131,8 +129,6 @@ def random_model(config: ModelConfig) -> MoEForCausalLM:
     total = config.param_counts()["total"]
     if total < SEEDED_INIT_MIN_PARAMS:
         return MoEForCausalLM(config)
-    from moetrain.models.random_init import build_random
-
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     return build_random(config, seed, device=build_device(), announce=total >= ANNOUNCE_MIN_PARAMS)
 
@@ -216,8 +212,6 @@ class MoETrainingModule(L.LightningModule):
         if overrides:
             raise ConfigError("model.config overrides cannot be combined with model.init_from (the checkpoint fixes "
                               "the shape); remove model.config")
-        import moetrain  # lazily: the Hugging Face loader pulls in more than random initialisation needs
-
         if (Path(init_from) / "checkpoints").is_dir():  # a run directory: fine-tune its newest checkpoint
             init_from = str(resolve_checkpoint(init_from, init_from))
 
@@ -229,7 +223,7 @@ class MoETrainingModule(L.LightningModule):
 
             model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device)
             return model
-        return moetrain.from_pretrained(init_from, device=device).train()
+        return from_pretrained(init_from, device=device).train()
 
     @property
     def model_config(self) -> ModelConfig:

@@ -13,8 +13,8 @@ from ckpt_harness import TINY, fit, last, small_data, write_recipe
 
 from moetrain.cli import main
 from moetrain.models.hf import from_pretrained
+from moetrain.optim import DenseAdamW, OptimizerConfig
 from moetrain.training.checkpoint import load_model, save_checkpoint
-from moetrain.training.optim import DenseAdamW, OptimizerConfig
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

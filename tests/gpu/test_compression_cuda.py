@@ -22,7 +22,7 @@ from test_compression import RoundedAdamW  # noqa: E402
 
 from moetrain.offload import build_optimizer  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
-from moetrain.training.optim import DenseAdamW, lr_at  # noqa: E402
+from moetrain.optim import DenseAdamW, lr_at  # noqa: E402
 
 STEPS = 12
 

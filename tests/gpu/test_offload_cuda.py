@@ -21,7 +21,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, zero_id
 
 from moetrain.offload import build_optimizer  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
-from moetrain.training.optim import DenseAdamW, lr_at  # noqa: E402
+from moetrain.optim import DenseAdamW, lr_at  # noqa: E402
 
 STEPS = 20
 # The reference clips with grad *= coef; the fused kernel here divides by 1/coef (grad_scale, no host

@@ -21,7 +21,7 @@ from offload_harness import OPTIM, batches, clone, tiny_model  # noqa: E402
 
 from moetrain.offload import build_optimizer  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
-from moetrain.training.optim import lr_at  # noqa: E402
+from moetrain.optim import lr_at  # noqa: E402
 
 STEPS = 12
 

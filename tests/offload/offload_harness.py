@@ -11,7 +11,7 @@ import torch
 
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.training.optim import OptimizerConfig, lr_at
+from moetrain.optim import OptimizerConfig, lr_at
 
 STEPS = 30
 ACCUM = 2

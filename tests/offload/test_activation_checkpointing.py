@@ -11,7 +11,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 STEPS = 8
 

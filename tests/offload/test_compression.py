@@ -15,7 +15,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.state_format import StateCodec, StateLayout, rounding_seed
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 
 class RoundedAdamW(DenseAdamW):

@@ -15,7 +15,7 @@ from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.cpu_step import CpuStepper
 from moetrain.offload.rates import Rates
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 
 @pytest.fixture(scope="module")

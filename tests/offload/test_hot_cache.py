@@ -13,7 +13,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.nvme import align_up
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 RECORD_BYTES = align_up(3 * (3 * 32 * 16) * 4)  # one tiny expert: 3 matrices of 32 x 16, fp32 master + 2 moments
 

@@ -13,7 +13,7 @@ from offload_harness import OPTIM, batches, clone, tiny_model, train, zero_idle_
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 STEPS = 12
 

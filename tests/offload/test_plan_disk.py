@@ -33,7 +33,8 @@ from moetrain.offload.plan import (
     plan_from_recipe,
     plan_overflows,
 )
-from moetrain.training.checkpoint import CheckpointCallback, rotate, save_checkpoint, shard_header
+from moetrain.training.checkpoint import rotate, save_checkpoint, shard_header
+from moetrain.training.checkpoint_callback import CheckpointCallback
 
 GiB = 2**30
 
@@ -208,7 +209,7 @@ def test_host_peak_at_load_of_a_random_init_counts_the_fp32_model(tier):
 def test_a_large_random_init_has_no_host_copy():
     """From ``SEEDED_INIT_MIN_PARAMS`` parameters on, a random initialisation is filled on the GPU
     (training/module.py ``random_model``): the host's load peak is its pinned state, the GPU's the fp32 model."""
-    from moetrain.training.module import SEEDED_INIT_MIN_PARAMS
+    from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS
 
     config = ModelConfig.from_preset("deepseek-moe-16b")
     dense, expert, _ = count_parameters(config)

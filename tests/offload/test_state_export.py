@@ -10,7 +10,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train, 
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
-from moetrain.training.optim import DenseAdamW
+from moetrain.optim import DenseAdamW
 
 
 @pytest.mark.parametrize("idle", ["skip", "dense"])

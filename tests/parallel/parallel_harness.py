@@ -18,9 +18,9 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.optim import OptimizerConfig, lr_at
 from moetrain.parallel.config import ParallelConfig
 from moetrain.parallel.runtime import ParallelRuntime
-from moetrain.training.optim import OptimizerConfig, lr_at
 
 STEPS = 10
 GLOBAL_ROWS, SEQ, VOCAB = 4, 16, 64

@@ -15,11 +15,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from moetrain.optim import OptimizerConfig, lr_at, param_groups
 from moetrain.training.callbacks import MetricsLogger, read_metrics
-from moetrain.training.checkpoint import CheckpointCallback, load_model, load_optimizer_state
+from moetrain.training.checkpoint import load_model, load_optimizer_state
+from moetrain.training.checkpoint_callback import CheckpointCallback
 from moetrain.training.data import TextDataModule
 from moetrain.training.module import MoETrainingModule
-from moetrain.training.optim import OptimizerConfig, lr_at, param_groups
 
 TINY = Path(__file__).resolve().parents[2] / "data" / "tiny"
 SMALL = dict(vocab_size=768, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -1,6 +1,9 @@
 """Optimizer configuration, the learning-rate schedule, and the optimizer interface the training
 module drives. ``tier: none`` uses :class:`DenseAdamW` (``torch.optim.AdamW`` over every parameter);
 the offload engine provides another implementation of :class:`TrainOptimizer`.
+
+This module sits below ``moetrain.offload``, ``moetrain.training`` and ``moetrain.parallel``, which all
+build on it; it imports nothing of moetrain.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.training.optim import DenseAdamW, OptimizerConfig, lr_at, param_groups
+from moetrain.optim import DenseAdamW, OptimizerConfig, lr_at, param_groups
 
 
 def torch_schedule(cfg: OptimizerConfig, total: int) -> list[float]:

@@ -1,0 +1,164 @@
+"""Imports point down the layers, and no module imports itself back through others.
+
+Every ``import`` of every module under ``moetrain/`` is read from its source (module level and inside functions
+alike: an import moved into a function to dodge a cycle is still a cycle), without importing anything.
+
+The layers, lowest first (a module may import its own layer and the ones below)::
+
+    base       moetrain.config, .atomic, .shards, .progress (long-loop bars), .optim (optimizer config, dense AdamW)
+    models     moetrain.models     the model and its Hugging Face files
+    offload    moetrain.offload    expert state in tiers, the expert optimizer, the planner
+    training   moetrain.training   the LightningModule, data, callbacks, checkpoints
+    parallel   moetrain.parallel   several ranks (reads and writes the training layer's checkpoints)
+    entry      moetrain (the package), .cli, .preflight, .generate, .bench
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "moetrain"
+
+LAYERS = {
+    "base": ("moetrain.config", "moetrain.atomic", "moetrain.shards", "moetrain.progress", "moetrain.optim"),
+    "models": ("moetrain.models",),
+    "offload": ("moetrain.offload",),
+    "training": ("moetrain.training",),
+    "parallel": ("moetrain.parallel",),
+    "entry": ("moetrain", "moetrain.cli", "moetrain.preflight", "moetrain.generate", "moetrain.bench"),
+}
+RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted name -> source file of every module of the package (a package is its ``__init__.py``)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _owner(name: str) -> str:
+    """The module that ``name`` (a module, or a name inside one) lives in."""
+    while name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
+
+
+def _imports(module: str) -> dict[str, int]:
+    """The package's modules that ``module`` imports anywhere in its source -> the line of the first such import."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1 packages
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            # ``from moetrain.training import signals`` imports the module moetrain.training.signals
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+        for target in targets:
+            if target == "moetrain" or target.startswith("moetrain."):
+                owner = _owner(target)
+                if owner != module:
+                    found.setdefault(owner, node.lineno)
+    return found
+
+
+GRAPH = {module: _imports(module) for module in MODULES}
+
+
+def _layer(module: str) -> str | None:
+    """The entry of :data:`LAYERS` that ``module`` belongs to (the longest that names it or a package above it;
+    ``moetrain`` names the package's ``__init__`` only); None: in no layer yet."""
+    return max((p for p in RANK if module == p or (p != "moetrain" and module.startswith(p + "."))),
+               key=len, default=None)
+
+
+def _cycles() -> list[list[str]]:
+    """Every set of modules that import each other (strongly connected components of two or more), as one
+    cycle through each, found by Tarjan's algorithm."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in GRAPH[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(GRAPH):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def test_the_walk_sees_every_kind_of_import():
+    """The reader itself: module-level, function-level, ``from package import module`` and names in modules."""
+    assert len(MODULES) > 50 and "moetrain.training.module" in MODULES
+    module = GRAPH["moetrain.training.module"]
+    assert "moetrain.optim" in module  # from moetrain.optim import OptimizerConfig, ...
+    assert "moetrain.training.trainer_state" in module  # from moetrain.training import trainer_state
+    assert "moetrain.offload" in module  # from moetrain.offload import build_optimizer (the package's own name)
+    assert "moetrain.offload.staged_init" in module  # inside a method
+    assert "moetrain.models.hf" in GRAPH["moetrain"]  # inside from_pretrained
+
+
+def test_no_import_cycles():
+    cycles = _cycles()
+    described = ["; ".join(f"{a} -> {b} (line {GRAPH[a][b]})" for a in cycle for b in GRAPH[a] if b in cycle)
+                 for cycle in cycles]
+    assert not cycles, "modules that import each other (move the shared part below both):\n" + "\n".join(described)
+
+
+@pytest.mark.parametrize("lower, upper", [("moetrain.models", ("moetrain.offload", "moetrain.training",
+                                                               "moetrain.parallel")),
+                                          ("moetrain.offload", ("moetrain.training", "moetrain.parallel")),
+                                          ("moetrain.optim", ("moetrain.models", "moetrain.offload",
+                                                              "moetrain.training", "moetrain.parallel")),
+                                          ("moetrain.progress", ("moetrain.models", "moetrain.training"))])
+def test_a_layer_imports_nothing_above_it(lower, upper):
+    wrong = [f"{module}:{line} imports {target}" for module, targets in GRAPH.items()
+             if module == lower or module.startswith(lower + ".")
+             for target, line in targets.items() if any(target == u or target.startswith(u + ".") for u in upper)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_import_points_down_the_layers():
+    unplaced = [module for module in MODULES if _layer(module) is None]
+    assert not unplaced, f"modules in no layer (add them to LAYERS): {unplaced}"
+    wrong = [f"{module}:{line} ({_layer(module)}) imports {target} ({_layer(target)})"
+             for module, targets in GRAPH.items() for target, line in targets.items()
+             if RANK[_layer(target)] > RANK[_layer(module)]]
+    assert not wrong, "imports that point up the layers (see this file's docstring):\n" + "\n".join(wrong)
