@@ -9,9 +9,10 @@ build on it; it imports nothing of moetrain.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -66,36 +67,141 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class TrainOptimizer(Protocol):
-    """What the training module needs from an optimizer, whatever the tiers behind it.
+def _no_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(())
 
-    Optional methods, looked up with ``getattr`` by the training code (DenseAdamW has none):
 
-    * ``named_master_tensors() -> Iterator[tuple[str, torch.Tensor]]``: yields ``(internal parameter
-      name, fp32 tensor)`` for every parameter whose master copy lives in the optimizer (for example
-      offloaded experts whose compute weights are bf16). Checkpoints prefer these tensors over the
-      model's own, so a saved model holds the exact master weights.
-    * ``telemetry() -> dict[str, float | int]``: counters of the last optimizer step (bytes paged,
-      stall time, cache hits, ...); every key is added to that step's line of ``metrics.jsonl``.
-    * ``begin_micro_batch(index: int, count: int, lr: float | None = None)``: called before the forward of
-      micro-batch ``index`` of the ``count`` that make up the coming optimizer step, with ``lr`` the
-      learning rate that step will take. The offload engine uses it, on the last micro-batch and with
-      ``max_grad_norm == 0``, to step each layer's experts as soon as backward is done with that layer
-      (with clipping, every gradient is needed before any update, so it steps in ``step`` as before).
+@dataclass
+class CheckpointState:
+    """An optimizer's state as a checkpoint keeps it, by parameter name, taken at an optimizer-step boundary
+    (:mod:`moetrain.training.optimizer_state` writes it; ``checkpoint.model_tensors`` takes the masters).
+
+    Attributes:
+        dense: the ``torch.optim.Optimizer`` holding the per-parameter state of the parameters it steps (every
+            parameter under :class:`DenseAdamW`; the non-expert ones under the offload engine).
+        lr_history: the learning rate of every optimizer step taken (the offload engine replays it to catch idle
+            experts up); empty when the optimizer keeps none.
+        expert_steps: AdamW step count of every parameter whose state the optimizer keeps outside ``dense``
+            (offloaded experts); empty when there are none.
+        named_master_tensors: streams ``(parameter name, fp32 master weight)`` of those parameters, one record at
+            a time; a saved model takes these rather than the model's own (compute-dtype) weights.
+        named_optimizer_tensors: streams their moments, ``({name}.exp_avg | {name}.exp_avg_sq, tensor)`` in the
+            stored format (8-bit moments followed by their block scales ``{name}.exp_avg.absmax``).
     """
 
+    dense: torch.optim.Optimizer
+    lr_history: list[float] = field(default_factory=list)
+    expert_steps: dict[str, int] = field(default_factory=dict)
+    named_master_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = _no_tensors
+    named_optimizer_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] = _no_tensors
+
+
+class SavedOptimizerState(Protocol):
+    """An optimizer's state read back from a checkpoint, by parameter name (the files are read on demand, by
+    :class:`moetrain.training.optimizer_state.OptimizerFiles`); :meth:`TrainOptimizer.load_checkpoint_state`
+    takes what it holds from here.
+
+    Attributes:
+        step_index: optimizer steps taken when the state was saved.
+        lr_history: the learning rate of each of those steps (zeros where the saving optimizer kept none).
+        steps: AdamW step count by parameter name (a parameter without state is absent or has 0).
+    """
+
+    step_index: int
+    lr_history: list[float]
+    steps: dict[str, int]
+
+    def load_into(self, dense: torch.optim.Optimizer) -> None:
+        """Fill ``dense``'s per-parameter state, for its own parameters only, from the saved moments."""
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The saved moments of the parameters ``names``, named and stored as
+        :attr:`CheckpointState.named_optimizer_tensors` yields them, shape-checked against the model."""
+
+
+class TrainOptimizer(ABC):
+    """What the training module, the checkpoint writers and the callbacks call on an optimizer, whatever the
+    tiers behind it. Every optimizer completes it: the methods a training step needs are abstract, and the
+    features only some optimizers have are no-ops here, overridden where they apply (callers never ask whether
+    an optimizer has a method).
+
+    Implementations: :class:`DenseAdamW` (``tier: none``), the offload engine
+    (:class:`~moetrain.offload.optim.ExpertOffloadOptimizer`) and the multi-rank wrapper
+    (:class:`~moetrain.parallel.optimizer.ParallelOptimizer`).
+    """
+
+    # ------------------------------------------------------------------ every optimizer
+    @abstractmethod
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm over all parameters (before clipping); scales grads if above max_norm > 0."""
 
+    @abstractmethod
     def step(self, lr: float) -> None:
         """One optimizer step at learning rate ``lr``."""
 
+    @abstractmethod
     def zero_grad(self) -> None:
         """Drop gradients (set to None)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state in memory (what Lightning asks of an optimizer; checkpoints use :meth:`checkpoint_state`)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @abstractmethod
+    def checkpoint_state(self, *, background: bool = False) -> CheckpointState:
+        """The state a checkpoint writes, current at this step boundary (deferred work is finished first).
+
+        ``background``: the tensor streams will be read by another thread while this one trains on (an
+        asynchronous save); they must then leave alone what training uses.
+        """
+
+    @abstractmethod
+    def load_checkpoint_state(self, saved: SavedOptimizerState) -> None:
+        """Restore the state of every parameter this optimizer steps from ``saved``."""
+
+    # ------------------------------------------------------------------ features some optimizers have
+    def begin_micro_batch(self, index: int, count: int, lr: Optional[float] = None) -> None:
+        """Called before the forward of micro-batch ``index`` of the ``count`` that make up the coming optimizer
+        step, with ``lr`` the learning rate that step will take. The offload engine uses it, on the last
+        micro-batch and with ``max_grad_norm == 0``, to step each layer's experts as soon as backward is done with
+        that layer (with clipping, every gradient is needed before any update, so it steps in :meth:`step`)."""
+        return None  # nothing to do unless an implementation has the feature
+
+    def steps_during_backward(self) -> bool:
+        """Whether the backward now running steps parameters as it goes (see :meth:`begin_micro_batch`): their
+        state changes before :meth:`step` is called."""
+        return False
+
+    def set_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """The routed-token counts ``(E,)`` of MoE layer ``layer`` summed over every rank; an optimizer that steps
+        only the experts that received tokens takes these rather than the counts it saw itself."""
+        return None  # nothing to do unless an implementation has the feature
+
+    def telemetry(self) -> dict[str, float]:
+        """Figures of the last optimizer step (bytes paged, stall time, cache hits, ...); every key is added to
+        that step's line of ``metrics.jsonl``."""
+        return {}
+
+    def routing_frequency(self) -> dict[int, list[float]]:
+        """MoE layer -> each expert's routing frequency, by which the optimizer chooses what to keep close (a
+        checkpoint saves it with the trainer state, so that a resumed run evicts as the first would have)."""
+        return {}
+
+    def load_routing_frequency(self, frequency: dict[int, list[float]]) -> None:
+        """Restore what :meth:`routing_frequency` returned."""
+        return None  # nothing to do unless an implementation has the feature
+
+    def finalize(self) -> None:
+        """Finish deferred work (catch-up steps, page-outs still in flight): the model and the state are current."""
+        return None  # nothing to do unless an implementation has the feature
+
+    def close(self) -> None:
+        """Release what the optimizer holds outside Python's memory (hooks, threads, swap files). Idempotent."""
+        return None  # nothing to do unless an implementation has the feature
 
 
 def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -116,7 +222,7 @@ def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> No
             p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
 
 
-class DenseAdamW:
+class DenseAdamW(TrainOptimizer):
     """``torch.optim.AdamW`` over every parameter: the reference every tier is compared with."""
 
     def __init__(self, model: nn.Module, cfg: OptimizerConfig) -> None:
@@ -146,3 +252,9 @@ class DenseAdamW:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state)
+
+    def checkpoint_state(self, *, background: bool = False) -> CheckpointState:
+        return CheckpointState(self.opt)
+
+    def load_checkpoint_state(self, saved: SavedOptimizerState) -> None:
+        saved.load_into(self.opt)

@@ -80,8 +80,7 @@ def run(variant: str, step_on: str) -> float:
         for i in range(len(data) // 2):
             lr = lr_at(no_clip, i, STEPS)
             for j, ids in enumerate(data[2 * i:2 * i + 2]):
-                if hasattr(o, "begin_micro_batch"):
-                    o.begin_micro_batch(j, 2, lr)
+                o.begin_micro_batch(j, 2, lr)
                 with torch.autocast(DEVICE, dtype=torch.bfloat16):
                     out = m(ids.to(DEVICE), labels=ids.to(DEVICE))
                 (out.loss / 2).backward()
@@ -149,7 +148,7 @@ def lockstep(step_on: str = "cpu", clip: float = 0.0, autocast: bool = True) -> 
             elif p.grad is not None and (d := (p.grad - q.grad).abs().max().item()) > 1e-6:
                 grad_diffs.append((n, d))
         counts = {layer: c.tolist() for layer, c in opt.counts.items()}
-        ref.clip_grad_norm_(clip) if hasattr(ref, "clip_grad_norm_") else None
+        ref.clip_grad_norm_(clip)
         opt.clip_grad_norm_(clip)
         ref.step(lr)
         opt.step(lr)

@@ -149,7 +149,7 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     opt = build_optimizer(model, OptimizerConfig(), offload)
     # give every dense parameter AdamW state (zero gradients are enough to create it); expert records
     # always hold moments, so the checkpoint has the full size of a trained one
-    dense = getattr(opt, "dense", None) or opt.opt
+    dense = opt.checkpoint_state().dense
     for group in dense.param_groups:
         for p in group["params"]:
             p.grad = torch.zeros_like(p)
@@ -173,9 +173,7 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
     shutil.rmtree(run)
-    close = getattr(opt, "close", None)
-    if callable(close):
-        close()
+    opt.close()
     return {
         "model": f"{args.preset} x {args.layers} layers", "params": model.num_parameters(), "tier": args.tier,
         "ckpt_bytes": nbytes, "shard_bytes": args.shard_mb << 20,

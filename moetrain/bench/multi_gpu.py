@@ -42,10 +42,11 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.rope import rotary_for
 from moetrain.offload.config import OffloadConfig
-from moetrain.offload.optim import cast_experts
-from moetrain.optim import OptimizerConfig
+from moetrain.offload.optim import ExpertOffloadOptimizer, cast_experts
+from moetrain.optim import OptimizerConfig, TrainOptimizer
 from moetrain.parallel.config import ParallelConfig
 from moetrain.parallel.layout import chunk_bounds
+from moetrain.parallel.optimizer import ParallelOptimizer
 
 RUNS = {"gpu1": (1, 1), "dp2": (2, 1), "ep2": (2, 2)}  # name: (processes, expert_parallel)
 
@@ -113,7 +114,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     off_cfg = OffloadConfig(tier=a.tier, nvme_path=a.nvme_path, cpu_budget_gb=a.cpu_budget_gb,
                             gpu_budget_gb=a.gpu_budget_gb, master=a.master, moments=a.moments)
     opt = _build_optimizer(runtime, model, opt_cfg, off_cfg)
-    begin = getattr(opt, "begin_micro_batch", None)
     gen = torch.Generator(device=device).manual_seed(1 + rank)  # each rank its own tokens
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -124,8 +124,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             dist.barrier()
         t0 = time.perf_counter()
         for micro in range(a.accum):
-            if begin is not None:
-                begin(micro, a.accum, opt_cfg.lr)
+            opt.begin_micro_batch(micro, a.accum, opt_cfg.lr)
             ids = torch.randint(0, cfg.vocab_size, (a.micro, a.seq), device=device, generator=gen)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(ids, labels=ids, return_logits=False)
@@ -141,8 +140,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             print(f"world={world} ep={a.ep} step {step} {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
     med = statistics.median(times[2:]) if len(times) > 2 else times[-1]
     tokens = world * a.micro * a.seq * a.accum
-    inner = getattr(opt, "inner", opt)
-    store = getattr(inner, "store", None)
+    inner = opt.inner if isinstance(opt, ParallelOptimizer) else opt
+    store = inner.store if isinstance(inner, ExpertOffloadOptimizer) else None
     mine = {
         "gpu_peak_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
         "host_maxrss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -155,7 +154,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if world > 1:
         ranks = [None] * world
         dist.all_gather_object(ranks, mine)
-    telemetry = opt.telemetry() if hasattr(opt, "telemetry") else {}
+    telemetry = opt.telemetry()
     res = {
         "bench": "multi_gpu",
         "device": torch.cuda.get_device_name(device),
@@ -191,7 +190,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _build_optimizer(runtime: Any, model: MoEForCausalLM, opt_cfg: OptimizerConfig, off_cfg: OffloadConfig) -> Any:
+def _build_optimizer(runtime: Any, model: MoEForCausalLM, opt_cfg: OptimizerConfig,
+                     off_cfg: OffloadConfig) -> TrainOptimizer:
     """The runtime's optimizer, for a model whose experts may already be split (built that way to save memory)."""
     from moetrain.parallel.expert_parallel import ExpertParallelExperts
 
@@ -199,7 +199,6 @@ def _build_optimizer(runtime: Any, model: MoEForCausalLM, opt_cfg: OptimizerConf
     if not split:
         return runtime.build_optimizer(model, opt_cfg, off_cfg)
     from moetrain.parallel.layout import build_layout
-    from moetrain.parallel.optimizer import ParallelOptimizer
 
     runtime.layout = build_layout(model.config.num_experts, runtime.config.expert_parallel,
                                   runtime.config.partition_expert_state)

@@ -33,6 +33,7 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.optim import ExpertOffloadOptimizer
 from moetrain.optim import OptimizerConfig
 
 
@@ -88,15 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"built {model.num_parameters() / 1e9:.2f} B parameters in {build_s:.1f} s "
           f"(GPU peak while building {load_peak:.1f} GiB)", flush=True)
-    begin = getattr(opt, "begin_micro_batch", None)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
 
     def one_step() -> torch.Tensor:
         for micro in range(a.accum):
-            if begin is not None:
-                begin(micro, a.accum, opt_cfg.lr)
+            opt.begin_micro_batch(micro, a.accum, opt_cfg.lr)
             ids = torch.randint(0, cfg.vocab_size, (a.micro, a.seq), device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(ids, labels=ids, return_logits=False)
@@ -116,18 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"tier={a.tier} {a.master}/{a.moments} step {step} {times[-1]:.3f}s loss {losses[-1]:.4f}", flush=True)
     med = statistics.median(times[2:]) if len(times) > 2 else times[-1]
     tokens = a.micro * a.seq * a.accum
-    telemetry = opt.telemetry() if hasattr(opt, "telemetry") else {}
+    telemetry = opt.telemetry()
     overlap = None
     if a.profile:
         from moetrain.bench.stream_overlap import profile_step
 
         overlap = profile_step(one_step)
-        traced = opt.telemetry() if hasattr(opt, "telemetry") else {}
+        traced = opt.telemetry()
         for k in ("h2d", "d2h"):  # the link rate while each direction was busy
             busy, moved = overlap[f"{k}_busy_s"], traced.get(f"offload/{k}_bytes", 0.0)
             overlap[f"{k}_gbps_while_busy"] = moved / busy / 1e9 if busy else 0.0
         overlap = {k: round(v, 4) for k, v in overlap.items()}
         print("overlap of the traced step: " + json.dumps(overlap), flush=True)
+    store = opt.store if isinstance(opt, ExpertOffloadOptimizer) else None
     res = {
         "bench": "offload_step",
         "device": torch.cuda.get_device_name(0),
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         "resident_weights": a.resident_weights,
         "activation_checkpointing": a.checkpoint_layers,
         "gpu_budget_gb": a.gpu_budget_gb,
-        "host_state_GiB": round(getattr(getattr(opt, "store", None), "cpu_bytes", 0) / 2**30, 2),
-        "nvme_state_GiB": round(getattr(getattr(opt, "store", None), "nvme_bytes", 0) / 2**30, 2),
+        "host_state_GiB": round((store.cpu_bytes if store is not None else 0) / 2**30, 2),
+        "nvme_state_GiB": round((store.nvme_bytes if store is not None else 0) / 2**30, 2),
         "host_maxrss_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "losses": [round(x, 4) for x in losses],
         "overlap": overlap,

@@ -50,6 +50,7 @@ to the pager's host rows, and the gradients stay on the device as before.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,7 +69,15 @@ from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.weight_pager import ExpertWeightPager
-from moetrain.optim import OptimizerConfig, decays, global_grad_norm, param_groups
+from moetrain.optim import (
+    CheckpointState,
+    OptimizerConfig,
+    SavedOptimizerState,
+    TrainOptimizer,
+    decays,
+    global_grad_norm,
+    param_groups,
+)
 
 PARTS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -103,7 +112,7 @@ def cast_experts(model: nn.Module, dtype: torch.dtype) -> None:
             assert all(w.dtype == dtype for w in experts.packed_weights())
 
 
-class ExpertOffloadOptimizer:
+class ExpertOffloadOptimizer(TrainOptimizer):
     """:class:`~moetrain.optim.TrainOptimizer` with routed experts' state in host memory or on NVMe.
 
     Args:
@@ -180,6 +189,7 @@ class ExpertOffloadOptimizer:
         self._early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self._stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._cpu_pending: list[Future] = []
+        self._reader: Optional[ExpertOffloadOptimizer] = None  # the last background reader (checkpoint_state)
         self._closed = False
         self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_backward_hook(b.layer_idx))
                        for b in model.moe_blocks()]
@@ -299,6 +309,15 @@ class ExpertOffloadOptimizer:
         # The CPU share steps under backward too: its gradient copies wait for the compute stream's event
         # and its uploads are fenced before the next forward (tests/gpu, fp32 compute, to 1e-6).
         self._early_lr = lr if last and lr is not None and self.cfg.max_grad_norm == 0 else None
+
+    def steps_during_backward(self) -> bool:
+        """Whether this backward steps each MoE layer's experts as it finishes the layer (see
+        :meth:`begin_micro_batch`): their records change before :meth:`step`."""
+        return self._early_lr is not None
+
+    def set_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """The (E,) routed-token counts of ``layer`` over every rank: the experts they call active are stepped."""
+        self.counts[layer].copy_(counts)
 
     @torch.no_grad()
     def _step_layer(self, i: int, counts: torch.Tensor, lr: float, early: bool = False) -> None:
@@ -620,6 +639,57 @@ class ExpertOffloadOptimizer:
         """
         self._resolve_timing()
         return dict(self._telemetry)
+
+    # ------------------------------------------------------------------ routing frequency (eviction order)
+    def routing_frequency(self) -> dict[int, list[float]]:
+        freq: dict[int, list[float]] = {}
+        for rec in self.store:
+            freq.setdefault(rec.layer, []).append(float(rec.frequency))
+        return freq
+
+    def load_routing_frequency(self, frequency: dict[int, list[float]]) -> None:
+        for rec in self.store:
+            values = frequency.get(rec.layer)
+            if values is not None and rec.expert < len(values):
+                rec.frequency = float(values[rec.expert])
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, *, background: bool = False) -> CheckpointState:
+        """The dense AdamW, the learning-rate history and every expert's step count, after :meth:`finalize`;
+        the experts' masters and moments stream from the store, one record at a time.
+
+        ``background``: the streams read the records through :meth:`_background_reader`, never through the
+        swapper, whose streams and I/O channel stay the training thread's.
+        """
+        steps = self.expert_steps()  # finalizes first: catch-up applied, page-outs landed
+        source = self._background_reader() if background else self
+        return CheckpointState(self.dense, list(self.lr_history), steps, source.named_master_tensors,
+                               source.named_optimizer_tensors)
+
+    def _background_reader(self) -> ExpertOffloadOptimizer:
+        """A shallow copy of this optimizer (made anew for each save, so it sees the current attributes) that
+        reads the records for a writer thread: its ``finalize`` is a no-op (it ran on the training thread when
+        the state was taken), and its staging buffer and swap-file channel are its own, made on first use and
+        kept for the next saves of the same store."""
+        previous = self._reader
+        reader = copy.copy(self)
+        reader._reader = None
+        reader.finalize = lambda: None  # type: ignore[method-assign]
+        same_store = previous is not None and previous.store is self.store
+        reader.cpu_staging = previous.cpu_staging if same_store else None
+        reader.cpu_io = previous.cpu_io if same_store else None
+        self._reader = reader
+        return reader
+
+    def load_checkpoint_state(self, saved: SavedOptimizerState) -> None:
+        """The dense AdamW's moments, then the counters (every expert this optimizer holds: its saved step count,
+        0 without state), then the experts' moments in their stored format."""
+        saved.load_into(self.dense)
+        names = sorted(self.by_name)
+        steps = {name: saved.steps.get(name, 0) for name in names}
+        self.load_state_dict({"dense": self.dense.state_dict(), "expert_steps": steps, "lr_history": saved.lr_history,
+                              "step_index": saved.step_index})
+        self.load_expert_tensors(saved.tensors(names))
 
     # ------------------------------------------------------------------ state export / import
     def _each_state(self) -> Iterator[tuple[ExpertRecord, torch.Tensor]]:

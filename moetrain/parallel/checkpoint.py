@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from moetrain.atomic import fsync_dir, write_text
 from moetrain.models import keymap
+from moetrain.optim import CheckpointState, TrainOptimizer
 from moetrain.parallel.layout import ParallelLayout
 from moetrain.shards import write_sharded
 from moetrain.training.checkpoint import (
@@ -46,11 +47,8 @@ from moetrain.training.optimizer_state import (
     MOMENTS,
     OPTIMIZER_JSON,
     OPTIMIZER_PREFIX,
-    _load_torch_adamw,
+    OptimizerFiles,
     _param_names,
-    _torch_adamw,
-    load_expert_state,
-    read_meta,
 )
 
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -69,15 +67,14 @@ def _writes(layout: ParallelLayout, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- this rank's share
-def _model_share(model: nn.Module, optimizer: Any, layout: ParallelLayout) -> Iterator[tuple[str, torch.Tensor]]:
+def _model_share(model: nn.Module, saved: CheckpointState,
+                 layout: ParallelLayout) -> Iterator[tuple[str, torch.Tensor]]:
     family = model.config.family
     done: set[str] = set()
-    masters = getattr(optimizer.inner, "named_master_tensors", None)
-    if callable(masters):  # fp32 masters of the experts whose state this rank holds
-        for name, tensor in masters():
-            done.add(name)
-            if _writes(layout, name):
-                yield keymap.to_hf_name(family, name), tensor
+    for name, tensor in saved.named_master_tensors():  # fp32 masters of the experts whose state this rank holds
+        done.add(name)
+        if _writes(layout, name):
+            yield keymap.to_hf_name(family, name), tensor
     for name, tensor in model.state_dict().items():
         if name in done or (model.config.tie_word_embeddings and name == "lm_head.weight"):
             continue
@@ -85,11 +82,10 @@ def _model_share(model: nn.Module, optimizer: Any, layout: ParallelLayout) -> It
             yield keymap.to_hf_name(family, name), tensor.detach()
 
 
-def _optimizer_share(model: nn.Module, optimizer: Any, layout: ParallelLayout,
+def _optimizer_share(model: nn.Module, saved: CheckpointState, layout: ParallelLayout,
                      steps: dict[str, int]) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's moments by parameter name; fills ``steps`` with their AdamW step counts."""
-    inner = optimizer.inner
-    dense = _torch_adamw(inner)
+    dense = saved.dense
     names = _param_names(model)
     for group in dense.param_groups:
         for p in group["params"]:
@@ -100,11 +96,10 @@ def _optimizer_share(model: nn.Module, optimizer: Any, layout: ParallelLayout,
             steps[name] = int(state["step"])
             for part in MOMENTS:
                 yield f"{name}.{part}", state[part].detach()
-    if callable(getattr(inner, "named_optimizer_tensors", None)):
-        steps.update({n: s for n, s in inner.expert_steps().items() if _writes(layout, n)})
-        for key, tensor in inner.named_optimizer_tensors():
-            if _writes(layout, key):
-                yield key, tensor
+    steps.update({n: s for n, s in saved.expert_steps.items() if _writes(layout, n)})
+    for key, tensor in saved.named_optimizer_tensors():
+        if _writes(layout, key):
+            yield key, tensor
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -112,7 +107,7 @@ def save_checkpoint_distributed(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: Any,
+    optimizer: TrainOptimizer,
     layout: ParallelLayout,
     trainer_state: Optional[dict[str, Any]] = None,
     recipe: Optional[str] = None,
@@ -135,10 +130,11 @@ def save_checkpoint_distributed(
         tmp.mkdir()
     dist.barrier()
     tag = f"rank{layout.rank:05d}"
-    model_map = write_sharded(_model_share(model, optimizer, layout), tmp, prefix=f"model-{tag}",
+    saved = optimizer.checkpoint_state()
+    model_map = write_sharded(_model_share(model, saved, layout), tmp, prefix=f"model-{tag}",
                               max_shard_bytes=max_shard_bytes)
     steps: dict[str, int] = {}
-    optim_map = write_sharded(_optimizer_share(model, optimizer, layout, steps), tmp,
+    optim_map = write_sharded(_optimizer_share(model, saved, layout, steps), tmp,
                               prefix=f"{OPTIMIZER_PREFIX}-{tag}", max_shard_bytes=max_shard_bytes)
     shares: list[Any] = [None] * layout.world
     dist.all_gather_object(shares, (model_map, optim_map, steps))
@@ -153,7 +149,7 @@ def save_checkpoint_distributed(
             write_text(tmp / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         all_steps = {k: v for share in shares for k, v in share[2].items()}
         meta = {"format": FORMAT, "step_index": step, "steps": dict(sorted(all_steps.items())),
-                "lr_history": list(getattr(optimizer.inner, "lr_history", []))}
+                "lr_history": list(saved.lr_history)}
         write_text(tmp / OPTIMIZER_JSON, json.dumps(meta) + "\n")
         _write_rest(tmp, model, step, _global_position(trainer_state, layout.world), recipe, tokenizer_dir)
         if final.exists():
@@ -186,20 +182,13 @@ def _write_rest(tmp: Path, model: nn.Module, step: int, trainer_state: Optional[
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_optimizer_partitioned(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> None:
+def load_optimizer_partitioned(optimizer: TrainOptimizer, model: nn.Module, ckpt_dir: str | Path) -> None:
     """Restore a :class:`~moetrain.parallel.optimizer.ParallelOptimizer` from a checkpoint written at any
     world size: each rank reads, by name, the moments of the parameters whose state it holds.
 
     Raises:
         ShardError: missing, truncated or mis-shaped state (names the file and tensor).
     """
-    ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
-    inner = optimizer.inner
-    dense = _torch_adamw(inner)
-    _load_torch_adamw(dense, model, ckpt_dir, steps)  # the parameters of its groups only: a filtered read
-    if not callable(getattr(inner, "load_expert_tensors", None)):
-        return
-    # the expert parameters whose state this rank keeps
-    load_expert_state(inner, model, ckpt_dir, meta, dense, sorted(inner.by_name))
+    # the dense AdamW reads the parameters of its groups only, the offload engine the experts whose state this
+    # rank keeps: a filtered read
+    optimizer.load_checkpoint_state(OptimizerFiles(model, ckpt_dir))

@@ -24,7 +24,7 @@ the holders: it is the reference, not the memory-saving path). Stepping layers u
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from moetrain.config import ConfigError
 from moetrain.offload.config import OffloadConfig
-from moetrain.optim import DenseAdamW, OptimizerConfig
+from moetrain.optim import CheckpointState, DenseAdamW, OptimizerConfig, SavedOptimizerState, TrainOptimizer
 from moetrain.parallel.layout import ParallelLayout
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -42,7 +42,7 @@ def _expert_params(expert: nn.Module) -> list[nn.Parameter]:
     return [getattr(expert, name).weight for name in PROJECTIONS]
 
 
-class ParallelOptimizer:
+class ParallelOptimizer(TrainOptimizer):
     """:class:`~moetrain.optim.TrainOptimizer` over the ranks of ``layout``.
 
     Args:
@@ -61,7 +61,7 @@ class ParallelOptimizer:
         self.device = self.dense_params[0].device
         self.sync_parameters()  # before the inner optimizer copies master weights out of the model
         self.partitioned = offload.tier != "none" and layout.partition
-        self.inner: Any
+        self.inner: TrainOptimizer
         if offload.tier == "none":
             self.inner = DenseAdamW(model, cfg)
         else:
@@ -106,10 +106,8 @@ class ParallelOptimizer:
         """Run the reductions of the step (once); returns the (M, E) global counts on the host."""
         dist.all_reduce(self.counts)
         counts = self.counts.cpu()  # the step's one host read of routing
-        inner_counts = getattr(self.inner, "counts", None)
-        if isinstance(inner_counts, dict):  # the offload engine steps the experts its counts call active
-            for block in self.blocks:
-                inner_counts[block.layer_idx].copy_(self.counts[self._layer_pos[block.layer_idx]])
+        for block in self.blocks:  # the offload engine steps the experts these counts call active
+            self.inner.set_routed_counts(block.layer_idx, self.counts[self._layer_pos[block.layer_idx]])
         grads = [p.grad for p in self.dense_params if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -200,8 +198,7 @@ class ParallelOptimizer:
                     p.grad = None
 
     def telemetry(self) -> dict[str, float]:
-        inner = getattr(self.inner, "telemetry", None)
-        return inner() if callable(inner) else {}
+        return self.inner.telemetry()
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
@@ -209,7 +206,16 @@ class ParallelOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
 
+    def checkpoint_state(self, *, background: bool = False) -> CheckpointState:
+        """This rank's optimizer state (the inner optimizer's); each rank writes its share of it."""
+        return self.inner.checkpoint_state(background=background)
+
+    def load_checkpoint_state(self, saved: SavedOptimizerState) -> None:
+        """The state of the parameters this rank steps (a filtered read of a checkpoint of any world size)."""
+        self.inner.load_checkpoint_state(saved)
+
+    def finalize(self) -> None:
+        self.inner.finalize()
+
     def close(self) -> None:
-        close: Optional[Any] = getattr(self.inner, "close", None)
-        if callable(close):
-            close()
+        self.inner.close()

@@ -22,9 +22,10 @@ after the snapshot, which caught every expert up, so it never comes first.) When
 than a step's forward and backward, nothing waits. Host memory stays bounded: the dense snapshot
 plus about two shards, never a copy of the expert state.
 
-The writer reads expert records through a shallow copy of the offload optimizer with its own staging
-buffer and swap-file channel, and whose ``finalize`` is a no-op (it ran on the training thread at the
-snapshot): the swapper, its streams and its I/O channel stay the training thread's alone.
+The writer reads expert records through the streams of ``checkpoint_state(background=True)``: the offload
+engine reads them through a shallow copy of itself with its own staging buffer and swap-file channel, whose
+``finalize`` is a no-op (it ran on the training thread at the snapshot), so the swapper, its streams and its
+I/O channel stay the training thread's alone.
 
 One save at a time: a save due while the previous one is still being written waits for it. An error
 of the writer (a full disk) is kept and raised on the training thread at its next wait, the same
@@ -34,7 +35,7 @@ writer switches ``last`` only after the new directory is complete.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Any, Optional
 import torch
 
 from moetrain.models.decoder import MoEForCausalLM
+from moetrain.optim import CheckpointState, TrainOptimizer
 from moetrain.training.checkpoint import model_tensors, write_checkpoint
 from moetrain.training.optimizer_state import save_optimizer
 
@@ -60,34 +62,6 @@ class _DenseSnapshot(torch.optim.Optimizer):
         self.state = {p: {k: _host_copy(v) for k, v in s.items()} for p, s in inner.state.items()}
 
 
-class _OptimizerSnapshot:
-    """What :func:`~moetrain.training.optimizer_state.save_optimizer` and
-    :func:`~moetrain.training.checkpoint.model_tensors` read from an optimizer, frozen at a step boundary:
-    the dense part copied, the expert part read in place through ``reader``."""
-
-    def __init__(self, dense: torch.optim.Optimizer, lr_history: list[float], reader: Any = None,
-                 expert_steps: Optional[dict[str, int]] = None) -> None:
-        self.dense = _DenseSnapshot(dense)
-        self.lr_history = list(lr_history)
-        if reader is not None:
-            steps = dict(expert_steps or {})
-            self.named_master_tensors = reader.named_master_tensors
-            self.named_optimizer_tensors = reader.named_optimizer_tensors
-            self.expert_steps = lambda: dict(steps)
-
-
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    inner = getattr(optimizer, "dense", None) or getattr(optimizer, "opt", None)
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} has neither a .dense nor an .opt torch optimizer")
-    return inner
-
-
-def holds_experts(optimizer: Any) -> bool:
-    """Whether ``optimizer`` keeps expert state outside the model (the offload engine's store)."""
-    return callable(getattr(optimizer, "named_optimizer_tensors", None)) and hasattr(optimizer, "store")
-
-
 class AsyncSaver:
     """Writes checkpoints in a background thread; see the module docstring for what is copied and when
     the training thread waits."""
@@ -97,7 +71,6 @@ class AsyncSaver:
         self._error: Optional[BaseException] = None
         self._store_free = threading.Event()
         self._store_free.set()
-        self._readers: dict[int, Any] = {}
         self.last_saved: Optional[Path] = None
         """The directory of the newest checkpoint this saver completed."""
 
@@ -141,38 +114,21 @@ class AsyncSaver:
         return error
 
     # ------------------------------------------------------------------ saving
-    def _reader(self, optimizer: Any) -> Any:
-        """A shallow copy of the offload optimizer (made anew at each save, so it sees the current attributes)
-        that reads the records without touching the swapper; its staging buffer and swap-file channel are its
-        own, made on first use and kept for the next saves."""
-        previous = self._readers.get(id(optimizer))
-        reader = copy.copy(optimizer)
-        reader.finalize = lambda: None  # done on the training thread when the snapshot was taken
-        same_store = previous is not None and previous.store is optimizer.store
-        reader.cpu_staging = previous.cpu_staging if same_store else None
-        reader.cpu_io = previous.cpu_io if same_store else None
-        self._readers = {id(optimizer): reader}
-        return reader
-
     @torch.no_grad()
-    def save(self, run_dir: str | Path, step: int, model: MoEForCausalLM, optimizer: Any = None,
+    def save(self, run_dir: str | Path, step: int, model: MoEForCausalLM, optimizer: Optional[TrainOptimizer] = None,
              trainer_state: Optional[dict[str, Any]] = None, recipe: Optional[str] = None,
              max_shard_bytes: int = 2 * 2**30, keep_last: int = 0,
              tokenizer_dir: Optional[str | Path] = None) -> None:
         """Snapshot the state of this step boundary and start writing it (arguments as
         :func:`~moetrain.training.checkpoint.save_checkpoint`). Returns once the writer has started."""
         self.wait()  # one save at a time; a failed one raises here
-        snapshot: Optional[_OptimizerSnapshot] = None
+        snapshot: Optional[CheckpointState] = None
         experts: set[str] = set()
         if optimizer is not None:
-            reader = None
-            steps = None
-            if holds_experts(optimizer):
-                steps = optimizer.expert_steps()  # finalizes first: catch-up applied, page-outs landed
-                reader = self._reader(optimizer)
-                experts = set(steps)
-            snapshot = _OptimizerSnapshot(_torch_optimizer(optimizer), getattr(optimizer, "lr_history", []),
-                                          reader, steps)
+            # the offload engine finalizes first (catch-up applied, page-outs landed); its streams read in place
+            saved = optimizer.checkpoint_state(background=True)
+            experts = set(saved.expert_steps)
+            snapshot = dataclasses.replace(saved, dense=_DenseSnapshot(saved.dense), lr_history=list(saved.lr_history))
         tied = model.config.tie_word_embeddings
         state = {name: _host_copy(t) for name, t in model.state_dict().items()
                  if name not in experts and not (tied and name == "lm_head.weight")}

@@ -146,11 +146,12 @@ class MetricsLogger(L.Callback):
             "tokens_per_s": round(self._window_tokens / max(now - self._window_start, 1e-9), 1),
             "elapsed_s": round(now - self._start, 3),
         }
-        for source in (getattr(getattr(pl_module, "train_optimizer", None), "telemetry", None),
-                       getattr(pl_module, "step_metrics", None)):
-            if callable(source):
-                for key, value in source().items():
-                    record.setdefault(key, _number(value))
+        optimizer = pl_module.train_optimizer
+        step_metrics = getattr(pl_module, "step_metrics", None)
+        for figures in (optimizer.telemetry() if optimizer is not None else {},
+                        step_metrics() if callable(step_metrics) else {}):
+            for key, value in figures.items():
+                record.setdefault(key, _number(value))
         record.update(self._model_metrics(pl_module, stats, record["tokens_per_s"]))
         self._window_start, self._window_tokens = now, 0
         self.last_record = record

@@ -44,6 +44,7 @@ from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import CHECKPOINTS_DIR, HF_CONFIG, LAST_FILE, MOETRAIN_CONFIG
+from moetrain.optim import CheckpointState, TrainOptimizer
 from moetrain.progress import tensor_progress
 from moetrain.shards import ShardError, read_weight_map, write_sharded
 from moetrain.training import trainer_state
@@ -69,20 +70,19 @@ def _step_of(path: Path) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def model_tensors(model: MoEForCausalLM, optimizer: Any = None,
+def model_tensors(model: MoEForCausalLM, saved: Optional[CheckpointState] = None,
                   state: Optional[dict[str, torch.Tensor]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, tensor)`` for every saved tensor of ``model``, one at a time.
 
-    Parameters whose fp32 master copy lives in the optimizer (``optimizer.named_master_tensors()``,
-    streamed record by record) come from there; the rest from ``state`` (default: ``model.state_dict()``,
-    tensors where they live; an asynchronous save passes its host snapshot). A tied ``lm_head.weight``
-    is left out, as transformers does.
+    Parameters whose fp32 master copy lives in the optimizer (``saved.named_master_tensors()``, an optimizer's
+    :meth:`~moetrain.optim.TrainOptimizer.checkpoint_state`, streamed record by record) come from there; the rest
+    from ``state`` (default: ``model.state_dict()``, tensors where they live; an asynchronous save passes its host
+    snapshot). A tied ``lm_head.weight`` is left out, as transformers does.
     """
     family = model.config.family
     done: set[str] = set()
-    named_masters = getattr(optimizer, "named_master_tensors", None)
-    if callable(named_masters):
-        for name, tensor in named_masters():
+    if saved is not None:
+        for name, tensor in saved.named_master_tensors():
             done.add(name)
             yield keymap.to_hf_name(family, name), tensor
     for name, tensor in (model.state_dict() if state is None else state).items():
@@ -91,9 +91,9 @@ def model_tensors(model: MoEForCausalLM, optimizer: Any = None,
         yield keymap.to_hf_name(family, name), tensor.detach()
 
 
-def model_bytes(model: MoEForCausalLM, optimizer: Any = None) -> int:
+def model_bytes(model: MoEForCausalLM, saved: Optional[CheckpointState] = None) -> int:
     """Bytes :func:`model_tensors` will yield (fp32 for masters held by the optimizer): a progress bar's total."""
-    masters = model.expert_parameter_names() if callable(getattr(optimizer, "named_master_tensors", None)) else set()
+    masters = set(saved.expert_steps) if saved is not None else set()
     return sum(t.numel() * (4 if name in masters else t.element_size()) for name, t in model.state_dict().items()
                if not (model.config.tie_word_embeddings and name == "lm_head.weight"))
 
@@ -270,7 +270,7 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: MoEForCausalLM,
-    optimizer: Any = None,
+    optimizer: Optional[TrainOptimizer] = None,
     trainer_state: Optional[dict[str, Any]] = None,
     recipe: Optional[str] = None,
     max_shard_bytes: int = 2 * 2**30,
@@ -291,14 +291,17 @@ def save_checkpoint(
     Raises:
         ShardError: the files could not be written (a full disk, no permission); ``last`` is unchanged.
     """
+    saved = optimizer.checkpoint_state() if optimizer is not None else None
+
     def write_optimizer(out: Path) -> None:
-        save_optimizer(optimizer, model, out, max_shard_bytes, step_index=step)
+        assert saved is not None
+        save_optimizer(saved, model, out, max_shard_bytes, step_index=step)
 
     return write_checkpoint(
-        run_dir, step, model.config, next(model.parameters()).dtype, model_tensors(model, optimizer),
-        write_optimizer if optimizer is not None else None, trainer_state=trainer_state, recipe=recipe,
+        run_dir, step, model.config, next(model.parameters()).dtype, model_tensors(model, saved),
+        write_optimizer if saved is not None else None, trainer_state=trainer_state, recipe=recipe,
         max_shard_bytes=max_shard_bytes, keep_last=keep_last, tokenizer_dir=tokenizer_dir,
-        total_bytes=model_bytes(model, optimizer))
+        total_bytes=model_bytes(model, saved))
 
 
 def write_checkpoint(

@@ -85,7 +85,7 @@ class CheckpointCallback(L.Callback):
         if collective:
             save = parallel.save_checkpoint  # synchronous: a collective over every rank
         save(
-            trainer.default_root_dir, step, pl_module.model, getattr(pl_module, "train_optimizer", None),
+            trainer.default_root_dir, step, pl_module.model, pl_module.train_optimizer,
             trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches),
             recipe=getattr(pl_module, "resolved_recipe", None), max_shard_bytes=self.max_shard_bytes,
             keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
@@ -113,9 +113,8 @@ class CheckpointCallback(L.Callback):
         if self.saver is None or not self.saver.holds_store:
             return
         # without clipping, the last micro-batch's backward steps each layer's experts as it finishes it
-        cfg = getattr(getattr(pl_module, "train_optimizer", None), "cfg", None)
-        last_micro = getattr(pl_module, "_micro", 0) == getattr(pl_module, "accumulate_grad_batches", 1) - 1
-        if last_micro and getattr(cfg, "max_grad_norm", 1.0) == 0:
+        optimizer = pl_module.train_optimizer
+        if optimizer is not None and optimizer.steps_during_backward():
             self._wait_for_store()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
@@ -130,7 +129,7 @@ class CheckpointCallback(L.Callback):
                            batch_idx: int) -> None:
         self._epoch_batches += 1
         stats = getattr(pl_module, "last_step", None)
-        if stats is None or stats.step == self._seen_step or getattr(pl_module, "_micro", 0) != 0:
+        if stats is None or stats.step == self._seen_step or not pl_module.at_step_boundary:
             return  # a micro-batch inside an accumulation group: no consistent state to save
         self._seen_step = stats.step
         if self.every_n_steps and stats.step % self.every_n_steps == 0:

@@ -229,6 +229,18 @@ class MoETrainingModule(L.LightningModule):
     def model_config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def micro_batch(self) -> int:
+        """Micro-batches of the coming optimizer step already trained (forward and backward done): 0 to
+        ``accumulate_grad_batches - 1``."""
+        return self._micro
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """Whether no micro-batch of the coming optimizer step has run yet: the model, the optimizer and the
+        counters hold the state of one optimizer-step boundary, the only moment a checkpoint can capture."""
+        return self._micro == 0
+
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         """Check the tokenizer against the model's vocabulary before any step runs."""
@@ -253,9 +265,8 @@ class MoETrainingModule(L.LightningModule):
     def release_offload(self) -> None:
         """Close the optimizer's offload engine, deleting its swap file, and a store that ``init_from`` filled but
         no optimizer took. Idempotent; nothing to do for plain AdamW."""
-        close = getattr(self.train_optimizer, "close", None)  # an optional method of TrainOptimizer
-        if callable(close):
-            close()
+        if self.train_optimizer is not None:
+            self.train_optimizer.close()
         store, self._prebuilt_store = self._prebuilt_store, None
         if store is not None:
             store.close()
@@ -331,10 +342,10 @@ class MoETrainingModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        begin = getattr(self.train_optimizer, "begin_micro_batch", None)
-        if begin is not None:  # the offload engine steps a layer's experts once the last micro-batch passed it
-            begin(self._micro, self.accumulate_grad_batches,
-                  lr_at(self.optim_cfg, self.trainer.global_step, self.total_steps))
+        assert self.train_optimizer is not None
+        # the offload engine steps a layer's experts once the last micro-batch passed it (others ignore it)
+        self.train_optimizer.begin_micro_batch(self._micro, self.accumulate_grad_batches,
+                                               lr_at(self.optim_cfg, self.trainer.global_step, self.total_steps))
         out = self(batch)
         if self.balancer.active:
             self.balancer.observe(out.routings)

@@ -15,10 +15,12 @@ Because nothing depends on how the optimizer groups or pages its parameters, a c
 (dense AdamW plus paged expert records) and back. A parameter without state (an expert that never got
 a token) is absent or has step 0; both mean what ``torch.optim.AdamW`` means by no state.
 
-Saving streams: dense moments are referenced where they live, expert moments come one record at a
-time from :meth:`~moetrain.offload.optim.ExpertOffloadOptimizer.named_optimizer_tensors`. Loading
-reads the dense part into the dense AdamW and streams the expert part, shard by shard, into the
-expert store (pinned memory or swap files), never holding all of it.
+Saving streams what the optimizer's :meth:`~moetrain.optim.TrainOptimizer.checkpoint_state` gives: dense
+moments are referenced where they live, expert moments come one record at a time from the offload engine's
+store. Loading hands an :class:`OptimizerFiles` to the optimizer's
+:meth:`~moetrain.optim.TrainOptimizer.load_checkpoint_state`, which reads the dense part into its dense AdamW
+and streams the expert part, shard by shard, into the expert store (pinned memory or swap files), never
+holding all of it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from moetrain.atomic import write_text
 from moetrain.config import ConfigError
+from moetrain.optim import CheckpointState, TrainOptimizer
 from moetrain.shards import ShardError, iter_shard_tensors, read_weight_map, write_sharded
 
 OPTIMIZER_PREFIX = "optimizer"
@@ -41,26 +44,16 @@ FORMAT = "moetrain-adamw-by-name-v1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _torch_adamw(optimizer: Any) -> torch.optim.Optimizer:
-    """The ``torch.optim.AdamW`` that holds the non-expert state (DenseAdamW.opt, or the offload engine's dense)."""
-    inner = getattr(optimizer, "dense", None) or getattr(optimizer, "opt", None)
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} has neither a .dense nor an .opt torch optimizer")
-    return inner
-
-
-def _is_offload(optimizer: Any) -> bool:
-    return callable(getattr(optimizer, "named_optimizer_tensors", None))
-
-
 def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_optimizer(optimizer: Any, model: nn.Module, out_dir: Path, max_shard_bytes: int, step_index: int) -> None:
-    """Write ``optimizer``'s state into ``out_dir`` in the by-name format (tensors stream shard by shard)."""
-    dense = _torch_adamw(optimizer)
+def save_optimizer(saved: CheckpointState, model: nn.Module, out_dir: Path, max_shard_bytes: int,
+                   step_index: int) -> None:
+    """Write an optimizer's state ``saved`` (:meth:`~moetrain.optim.TrainOptimizer.checkpoint_state`) into
+    ``out_dir`` in the by-name format (tensors stream shard by shard)."""
+    dense = saved.dense
     names = _param_names(model)
     steps: dict[str, int] = {}
 
@@ -74,13 +67,12 @@ def save_optimizer(optimizer: Any, model: nn.Module, out_dir: Path, max_shard_by
                 steps[name] = int(state["step"])
                 for part in MOMENTS:
                     yield f"{name}.{part}", state[part].detach()
-        if _is_offload(optimizer):
-            steps.update(optimizer.expert_steps())
-            yield from optimizer.named_optimizer_tensors()
+        steps.update(saved.expert_steps)
+        yield from saved.named_optimizer_tensors()
 
     write_sharded(tensors(), out_dir, prefix=OPTIMIZER_PREFIX, max_shard_bytes=max_shard_bytes)
     meta = {"format": FORMAT, "step_index": step_index, "steps": dict(sorted(steps.items())),
-            "lr_history": list(getattr(optimizer, "lr_history", []))}
+            "lr_history": list(saved.lr_history)}
     write_text(out_dir / OPTIMIZER_JSON, json.dumps(meta) + "\n")
 
 
@@ -143,7 +135,39 @@ def _load_torch_adamw(dense: torch.optim.Optimizer, model: nn.Module, ckpt_dir: 
     dense.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
-def load_optimizer(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> None:
+class OptimizerFiles:
+    """The optimizer state of checkpoint ``ckpt_dir`` (:class:`~moetrain.optim.SavedOptimizerState`), read on demand:
+    an optimizer's :meth:`~moetrain.optim.TrainOptimizer.load_checkpoint_state` reads only the tensors of the
+    parameters it steps, one shard open at a time, checked against ``model``'s shapes.
+
+    Raises (while read):
+        ShardError: missing, truncated or mis-shaped state (names the file and tensor).
+    """
+
+    def __init__(self, model: nn.Module, ckpt_dir: str | Path, meta: Optional[dict[str, Any]] = None) -> None:
+        self.model = model
+        self.ckpt_dir = Path(ckpt_dir)
+        meta = read_meta(self.ckpt_dir) if meta is None else meta
+        self.steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
+        self.step_index = int(meta["step_index"])
+        history = list(meta.get("lr_history") or [])
+        # from tier none there is no history; every expert is caught up to step_index, so none is read
+        self.lr_history = history + [0.0] * (self.step_index - len(history))
+
+    def load_into(self, dense: torch.optim.Optimizer) -> None:
+        _load_torch_adamw(dense, self.model, self.ckpt_dir, self.steps)
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        shapes = dict(self.model.named_parameters())
+        # 8-bit moments come with their per-block scales (``<param>.<moment>.absmax``), shaped by blocks
+        wanted = [f"{n}.{part}{scale}" for n in names for part in MOMENTS for scale in ("", ".absmax")]
+        for key, tensor in iter_named(self.ckpt_dir, wanted):
+            if not key.endswith(".absmax"):
+                _check_shape(self.ckpt_dir, key, tensor, shapes[key.rsplit(".", 1)[0]].shape)
+            yield key, tensor
+
+
+def load_optimizer(optimizer: TrainOptimizer, model: nn.Module, ckpt_dir: str | Path) -> None:
     """Restore ``optimizer`` (any tier) from the by-name state in ``ckpt_dir``.
 
     Raises:
@@ -152,43 +176,12 @@ def load_optimizer(optimizer: Any, model: nn.Module, ckpt_dir: str | Path) -> No
     """
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
-    model_params = dict(model.named_parameters())
-    unknown = sorted(set(steps) - set(model_params))
+    unknown = sorted(set(meta["steps"]) - set(dict(model.named_parameters())))
     if unknown:
         raise ConfigError(f"{ckpt_dir / OPTIMIZER_JSON}: optimizer state for {len(unknown)} parameter(s) this model "
                           f"does not have ({', '.join(unknown[:3])}); resume with the recipe the checkpoint was "
                           "trained with (its recipe.yaml)")
-    dense = _torch_adamw(optimizer)
-    _load_torch_adamw(dense, model, ckpt_dir, steps)
-    if not _is_offload(optimizer):
-        return
-    load_expert_state(optimizer, model, ckpt_dir, meta, dense, sorted(model.expert_parameter_names()))
-
-
-def load_expert_state(optimizer: Any, model: nn.Module, ckpt_dir: Path, meta: dict[str, Any],
-                      dense: torch.optim.Optimizer, experts: list[str]) -> None:
-    """Restore an offload optimizer's counters and the experts ``experts`` (parameter names) by name:
-    step counts, learning-rate history, then their moments (in the stored format, with the per-block
-    scales of 8-bit moments), shape-checked against ``model``."""
-    steps: dict[str, int] = {k: int(v) for k, v in meta["steps"].items()}
-    step_index = int(meta["step_index"])
-    history = list(meta.get("lr_history") or [])
-    # from tier none there is no history; every expert is caught up to step_index, so none is read
-    history = history + [0.0] * (step_index - len(history))
-    optimizer.load_state_dict({"dense": dense.state_dict(), "expert_steps": {n: steps.get(n, 0) for n in experts},
-                               "lr_history": history, "step_index": step_index})
-    shapes = dict(model.named_parameters())
-
-    def checked() -> Iterator[tuple[str, torch.Tensor]]:
-        # 8-bit moments come with their per-block scales (``<param>.<moment>.absmax``), shaped by blocks
-        wanted = [f"{n}.{part}{scale}" for n in experts for part in MOMENTS for scale in ("", ".absmax")]
-        for key, tensor in iter_named(ckpt_dir, wanted):
-            if not key.endswith(".absmax"):
-                _check_shape(ckpt_dir, key, tensor, shapes[key.rsplit(".", 1)[0]].shape)
-            yield key, tensor
-
-    optimizer.load_expert_tensors(checked())
+    optimizer.load_checkpoint_state(OptimizerFiles(model, ckpt_dir, meta))
 
 
 def read_optimizer_state(ckpt_dir: str | Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:

@@ -78,14 +78,12 @@ def _json_safe(value: Any) -> Optional[Any]:
         return None
 
 
-def _routing_state(pl_module: L.LightningModule) -> dict[str, list[float]]:
-    store = getattr(getattr(pl_module, "train_optimizer", None), "store", None)
-    if store is None:
+def _routing_state(pl_module: L.LightningModule) -> dict[str, dict[str, list[float]]]:
+    optimizer = pl_module.train_optimizer
+    frequency = optimizer.routing_frequency() if optimizer is not None else {}
+    if not frequency:  # an optimizer that keeps none (plain AdamW, the multi-rank optimizer)
         return {}
-    freq: dict[str, list[float]] = {}
-    for rec in store:
-        freq.setdefault(str(rec.layer), []).append(float(rec.frequency))
-    return {"expert_frequency": freq}
+    return {"expert_frequency": {str(layer): values for layer, values in frequency.items()}}
 
 
 def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
@@ -107,7 +105,7 @@ def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batche
         "tokens": int(getattr(pl_module, "tokens_seen", 0)),
         "data": {"epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "micro_batch_size": getattr(datamodule, "micro_batch_size", None)},
-        "accumulation": {"micro_batches": int(getattr(pl_module, "_micro", 0)),
+        "accumulation": {"micro_batches": int(pl_module.micro_batch),
                          "accumulate_grad_batches": int(getattr(pl_module, "accumulate_grad_batches", 1))},
         "rng": rng_state(),
         "routing": _routing_state(pl_module),
@@ -177,11 +175,8 @@ def restore(trainer: L.Trainer, pl_module: L.LightningModule, state: dict[str, A
             cb.resume_position(epoch, batches)
     pl_module.tokens_seen = int(state.get("tokens", 0))
     routing = (state.get("routing") or {}).get("expert_frequency")
-    store = getattr(getattr(pl_module, "train_optimizer", None), "store", None)
-    if routing and store is not None:
-        for rec in store:
-            values = routing.get(str(rec.layer))
-            if values is not None and rec.expert < len(values):
-                rec.frequency = float(values[rec.expert])
+    optimizer = pl_module.train_optimizer
+    if routing and optimizer is not None:
+        optimizer.load_routing_frequency({int(layer): values for layer, values in routing.items() if layer.isdigit()})
     if state.get("rng"):
         set_rng_state(state["rng"])

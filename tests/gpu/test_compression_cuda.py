@@ -39,8 +39,7 @@ def _train(model, opt, data, accum: int = 2, bf16: bool = False) -> list[float]:
         opt.clip_grad_norm_(OPTIM.max_grad_norm)
         opt.step(lr_at(OPTIM, i, STEPS))
         opt.zero_grad()
-    if hasattr(opt, "finalize"):
-        opt.finalize()
+    opt.finalize()
     torch.cuda.synchronize()
     return losses
 

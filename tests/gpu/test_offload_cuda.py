@@ -41,8 +41,7 @@ def _train(model, opt, data, accum: int = 2, before_step=None):
         opt.clip_grad_norm_(OPTIM.max_grad_norm)
         opt.step(lr_at(OPTIM, i, STEPS))
         opt.zero_grad()
-    if hasattr(opt, "finalize"):
-        opt.finalize()
+    opt.finalize()
     torch.cuda.synchronize()
     return model
 
@@ -165,8 +164,7 @@ def test_layers_stepped_under_backward_equal_resident_adamw(step_on, autocast, t
         for i in range(len(data) // 2):
             lr = lr_at(no_clip, i, STEPS)
             for j, ids in enumerate(data[2 * i:2 * i + 2]):
-                if hasattr(o, "begin_micro_batch"):
-                    o.begin_micro_batch(j, 2, lr)
+                o.begin_micro_batch(j, 2, lr)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = m(ids.cuda(), labels=ids.cuda())
                 (out.loss / 2).backward()

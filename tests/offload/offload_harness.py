@@ -45,12 +45,10 @@ def train(model: MoEForCausalLM, optimizer, data: list[torch.Tensor], cfg: Optim
           on_step: Optional[Callable[[int], None]] = None, start: int = 0,
           total: int = STEPS, norms: Optional[list[float]] = None) -> MoEForCausalLM:
     """Run ``len(data) // accum`` optimizer steps from step ``start`` of a ``total``-step schedule."""
-    begin = getattr(optimizer, "begin_micro_batch", None)
     for i in range(len(data) // accum):
         lr = lr_at(cfg, start + i, total)
         for j, ids in enumerate(data[i * accum:(i + 1) * accum]):
-            if begin is not None:
-                begin(j, accum, lr)
+            optimizer.begin_micro_batch(j, accum, lr)
             out = model(ids, labels=ids)
             (out.loss / accum).backward()
         if before_step is not None:

@@ -93,9 +93,7 @@ def train(model: MoEForCausalLM, opt: Any, steps: range, rows: slice = slice(Non
 def weights(model: MoEForCausalLM, opt: Any) -> dict[str, torch.Tensor]:
     """Every parameter this process holds: fp32 masters where the optimizer keeps them, else the model's."""
     out = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-    masters = getattr(getattr(opt, "inner", opt), "named_master_tensors", None)
-    if callable(masters):
-        out.update({n: t.cpu() for n, t in masters()})
+    out.update({n: t.cpu() for n, t in opt.checkpoint_state().named_master_tensors()})
     return out
 
 
