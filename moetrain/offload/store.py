@@ -24,9 +24,12 @@ master weights and moments. The device-side slots are owned by :class:`~moetrain
 
 Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
 
-    pin the slab        pieces allocated by a thread pool, each by malloc + pages touched by 8 threads +
-                        cudaHostRegister (PyTorch's pinned_use_cuda_host_register), not cudaHostAlloc's one
-                        thread under the driver's lock (an H200 host: 4.3 s instead of 29 s for 56 GiB)
+    pin the slab        power-of-two pieces (PyTorch's pinned allocator rounds each allocation up to one:
+                        a single 56 GiB slab pinned 64), each by cudaHostAlloc (about 1.6-1.9 GiB/s on an
+                        H200 host). Not cudaHostRegister of malloc'd pages (6-11 GiB/s there): the kernel
+                        copies DMA-pinned anonymous pages into a forked child, so the first DataLoader
+                        worker of the DeepSeek-MoE-16B recipe copied its 84 GiB store and the run was
+                        killed for memory (cudaHostAlloc's driver mappings are not copied on fork)
     encode              records are encoded where the weights are: on the GPU, a chunk of consecutive
                         records (<= 256 MiB) at a time into one device buffer (master rounded, zero moments)
     copy out            one device-to-host copy per chunk into its piece of the slab (or into a pinned
@@ -43,7 +46,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -69,33 +71,7 @@ PROGRESS_MIN_BYTES = 1 << 30
 """Stores of this much state or more report their filling on stderr (``progress=None``)."""
 
 PIN_THREADS = 8
-"""Threads that pin host memory (PyTorch's benchmarked value for ``pinned_num_register_threads``)."""
-
-
-@contextmanager
-def host_register_pinning(threads: int) -> Iterator[None]:
-    """Within the block, PyTorch pins host memory by ``malloc``, touching the pages from ``threads`` threads
-    and ``cudaHostRegister`` (its documented ``pinned_use_cuda_host_register`` allocator setting) instead of
-    ``cudaHostAlloc``, which faults and locks every page on one thread under the driver's lock (an H200 host:
-    6.2 GiB/s instead of 1.6 for one tensor, 11 GiB/s for 1 GiB tensors allocated by 8 threads, which gain
-    nothing under cudaHostAlloc). PyTorch frees each block by the call that matches how it was made, so the
-    setting can change back afterwards. A user's own ``pinned_use_cuda_host_register`` setting is left as it is.
-    """
-    import torch._C as C
-
-    get = getattr(C, "_accelerator_getAllocatorSettings", None)  # torch >= 2.9; before it, the environment
-    settings = get() if get is not None else (os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-                                              or os.environ.get("PYTORCH_ALLOC_CONF") or "")
-    if "pinned_use_cuda_host_register" in settings:
-        yield
-        return
-    put = getattr(C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    keep = f"{settings}," if settings else ""  # every parse resets the keys it is not given: give the user's again
-    put(f"{keep}pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}")
-    try:
-        yield
-    finally:
-        put(f"{keep}pinned_use_cuda_host_register:False")
+"""Threads that allocate the pinned slab pieces."""
 
 
 class Tier(enum.Enum):
@@ -245,8 +221,7 @@ class ExpertStore:
         self.cpu_bytes, self.nvme_bytes = cpu_used, nvme_used
 
     def _allocate(self) -> None:
-        """The slab pieces (pinned by a thread pool under :func:`host_register_pinning` when ``pin``) and the
-        swap file."""
+        """The slab pieces (pinned by cudaHostAlloc from a thread pool when ``pin``) and the swap file."""
         if self.report and self.pin and self.cpu_bytes:
             print(f"expert store: pinning {self.cpu_bytes / 2**30:.2f} GiB of host memory "
                   f"({len(self.piece_bytes)} pieces)", file=sys.stderr, flush=True)
@@ -254,7 +229,7 @@ class ExpertStore:
         self.slabs: list[torch.Tensor] = []
         if self.pin and self.piece_bytes:
             threads = max(1, min(PIN_THREADS, os.cpu_count() or 1))
-            with host_register_pinning(threads), ThreadPoolExecutor(min(threads, len(self.piece_bytes))) as pool:
+            with ThreadPoolExecutor(min(threads, len(self.piece_bytes))) as pool:
                 self.slabs = list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True),
                                            self.piece_bytes))
         else:
