@@ -216,13 +216,14 @@ def test_export_loads_in_transformers(workspace):
         torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("index", range(8))
-def test_feature_commands_run(workspace, index):
+def feature_commands() -> list[list[str]]:
+    """The README's ``fit`` examples with options of their own (the quickstart and chat fine-tune run as written)."""
+    return [argv for argv in readme_commands()[1:] if argv[1] == "fit" and len(argv) > 4]
+
+
+@pytest.mark.parametrize("argv", feature_commands(), ids=lambda argv: " ".join(argv[3:])[:60])
+def test_feature_commands_run(workspace, argv):
     """The offload, compression, paging, async-checkpoint and two-process examples run (a few steps each)."""
-    features = [argv for argv in readme_commands()[1:] if argv[1] == "fit" and len(argv) > 4]  # with options
-    if index >= len(features):
-        pytest.skip(f"the README has {len(features)} feature commands")
-    argv = features[index]
     if "recipes/tiny-chat.yaml" in argv and not (workspace.root / "runs/tiny/checkpoints/last").is_file():
         pytest.skip("needs the quickstart's run")
     # as written after the quickstart: each names its own run directory (runs/tiny holds the quickstart's run)
