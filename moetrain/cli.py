@@ -177,6 +177,9 @@ def _build_cli_class():
             return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                     "validate": {"model", "dataloaders", "datamodule"}}
 
+        prepared_data: Any = None
+        """The data module the preflight prepared (:func:`moetrain.preflight.prepare_data`) until it is adopted."""
+
         help_mode: Optional[str] = None
         """``brief`` or ``all`` while printing ``--help`` (see :func:`print_help`); None otherwise."""
 
@@ -238,6 +241,8 @@ def _build_cli_class():
                 if isinstance(err, (ConfigError, DataError)):
                     raise
                 raise InputError(_trainer_error_message(err, self._trainer_config())) from None
+            # the data last: reading and tokenizing it is the slowest check (and comes before a run is overwritten)
+            self.prepared_data = preflight.prepare_data(self.config[self.subcommand]["data"], self.subcommand)
             if self.subcommand == "fit":
                 config = self.config["fit"]
                 check_run_dir(trainer.get("default_root_dir") or Path.cwd(), resume=config.get("ckpt_path"),
@@ -254,6 +259,9 @@ def _build_cli_class():
                 if isinstance(err, (ConfigError, DataError)):
                     raise
                 raise InputError(_instantiation_error_message(err)) from None
+            if self.prepared_data is not None:
+                self.datamodule.adopt(self.prepared_data)  # the data the preflight prepared: not tokenized again
+                self.prepared_data = None
 
         def instantiate_trainer(self, **kwargs: Any) -> Any:
             try:

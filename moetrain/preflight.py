@@ -19,6 +19,11 @@ one paragraph and exits with status 2. In order:
    folder exists, is writable and has room for the swap; host memory holds what the plan pins there
    (and, without a GPU, the model, its gradients and optimizer state); ``gpu_budget_gb`` holds one expert.
 
+:func:`prepare_data` then reads, tokenizes and packs the data with the data module's own code (a split too small for
+one row of ``data.seq_len``, or a malformed record, fails here, not after the model build); the CLI hands the
+prepared data module to the one it instantiates (:meth:`~moetrain.training.data.TextDataModule.adopt`), so the data
+is tokenized once.
+
 :func:`check_trainer` builds a throwaway Lightning ``Trainer`` from the ``trainer`` section (Lightning's
 own value checks, e.g. ``max_steps >= -1``); it raises what Lightning raises, and the CLI names the key.
 
@@ -117,6 +122,24 @@ def _check_sections(sections: dict[str, Any]) -> None:
         values = sections.get(key)
         if values is not None:
             _build(key, lambda cls=cls, values=values: cls(**values))
+
+
+def prepare_data(data: Any, subcommand: str) -> Any:
+    """Build the ``data`` section's data module and prepare the splits ``subcommand`` uses, as its ``setup`` would.
+
+    Returns:
+        the prepared :class:`~moetrain.training.data.TextDataModule`, for the CLI to pass to the data module it
+        instantiates (:meth:`~moetrain.training.data.TextDataModule.adopt`) instead of tokenizing the data again.
+
+    Raises:
+        DataError: naming the file or setting (e.g. a split holding fewer tokens than one row of ``data.seq_len``).
+    """
+    from moetrain.training.data import TextDataModule
+
+    values = _plain(data)
+    module = _build("data", lambda: TextDataModule(**values))
+    module.prepare(subcommand)
+    return module
 
 
 def _check_tokenizer(data: dict[str, Any]) -> Any:

@@ -193,6 +193,36 @@ def test_init_from_with_a_tier_and_a_bad_nvme_path(repo_cwd, hf_dir, built_model
     assert "model.offload.nvme_path" in message and "does not exist" in message
 
 
+def test_data_too_small_for_one_row_fails_before_the_build(repo_cwd, built_models, capsys, tmp_path):
+    """A small corpus whose validation split holds less than one row: found by the data module's own packing."""
+    lines = Path("data/tiny/train.jsonl").read_text().splitlines()[:20]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines) + "\n")
+    message = fail_before_build(capsys, built_models, tmp_path / "run", f"--data.path={small}",
+                                "--data.val_path=null", "--data.val_split=0.05")
+    assert "fewer than one sequence of data.seq_len=128" in message and "lower data.seq_len" in message
+
+
+def test_a_run_tokenizes_its_data_once(repo_cwd, built_models, capsys, tmp_path, monkeypatch):
+    """The preflight prepares the data; the data module the CLI builds adopts it instead of reading it again."""
+    import moetrain.training.data as data_module
+
+    read = []
+    real = data_module.encode_records
+
+    def spy(path, *args, **kwargs):
+        read.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "encode_records", spy)
+    status = main(["fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                   "--trainer.max_steps=2"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert sorted(read) == ["data/tiny/train.jsonl", "data/tiny/val.jsonl"]
+    assert err.count("data (train):") == 1 and len(built_models) == 1
+
+
 # ---------------------------------------------------------------------------------------------- at run time
 def test_host_out_of_memory_names_the_settings():
     with pytest.raises(RuntimeError) as caught:

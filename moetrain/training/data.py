@@ -251,6 +251,7 @@ class TextDataModule(L.LightningDataModule):
             seed: data order seed (also picks the ``val_split`` documents).
             num_workers: DataLoader worker processes (rows are pre-built, so 0 is usually enough).
         """
+        settings = {key: value for key, value in locals().items() if key not in ("self", "__class__")}
         super().__init__()
         for key, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
             if value <= 0:
@@ -291,6 +292,8 @@ class TextDataModule(L.LightningDataModule):
         self.val_set: Optional[Dataset] = None
         self.reports: dict[str, DataReport] = {}
         """Per split (``train``, ``val``): what reading its data did (documents, skipped lines, truncations)."""
+        self.settings = settings
+        """The constructor's arguments: two data modules with equal settings prepare the same splits."""
 
     def load_tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
@@ -332,7 +335,13 @@ class TextDataModule(L.LightningDataModule):
         report = DataReport(path)
         return self._rows(self._read(path, report), report)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def prepare(self, stage: Optional[str] = None) -> None:
+        """Read, tokenize and pack the splits that ``stage`` uses and are not prepared yet (:meth:`setup` without
+        the data report); the preflight calls it before the model is built.
+
+        Raises:
+            DataError: a malformed record, or a split too small for one row of ``seq_len``.
+        """
         needs_train = stage in (None, "fit") and self.train_set is None
         needs_val = stage in (None, "fit", "validate") and self.val_set is None and (self.val_path or self.val_split)
         if needs_train or (needs_val and self.val_split):
@@ -346,6 +355,27 @@ class TextDataModule(L.LightningDataModule):
         if needs_val and self.val_path is not None:
             val = self.reports["val"] = DataReport(self.val_path)
             self.val_set = self._rows(self._read(self.val_path, val), val)
+
+    def adopt(self, prepared: TextDataModule) -> bool:
+        """Take the tokenizer, splits and reports of ``prepared`` (a data module that ran :meth:`prepare`) when its
+        settings equal this one's, so that :meth:`setup` does not read and tokenize the data again.
+
+        The preflight prepares the data before the model is built (a data error then costs no model build) and the
+        CLI hands that data module to the one LightningCLI instantiates from the ``data:`` section: the prepared
+        data is passed explicitly, not held in a cache on the class, so no other data module can pick it up.
+
+        Returns:
+            whether ``prepared`` was adopted (False: different settings; :meth:`setup` prepares the data itself).
+        """
+        if prepared.settings != self.settings:
+            return False
+        self.tokenizer = prepared.tokenizer
+        self.train_set, self.val_set = prepared.train_set, prepared.val_set
+        self.reports = dict(prepared.reports)
+        return True
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare(stage)
         if self.trainer is None or self.trainer.is_global_zero:
             for name, report in self.reports.items():
                 print(f"data ({name}): {report.summary()}", file=sys.stderr)
