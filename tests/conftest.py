@@ -3,8 +3,12 @@ family (saved as sharded checkpoints by ``save_hf``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_HF_VOCAB = 128
 _BASE = dict(vocab_size=TINY_HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -21,6 +25,21 @@ TINY_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """``moetrain.cli.main`` called in-process applies a recipe's ``cpu_threads`` (the tiny recipe: 1) to this
+    process: put torch's thread count back after every test so that it never leaks into the next."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def repo_cwd(monkeypatch):
+    """Recipes name their data relative to the repository: run from there."""
+    monkeypatch.chdir(REPO)
 
 
 def _randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:

@@ -28,15 +28,6 @@ HUGE = "deepseek-v3"  # 671 B parameters: its expert state (7 TiB and more) fits
 
 
 @pytest.fixture
-def repo_cwd(monkeypatch):
-    """Recipes name their data relative to the repository; the tiny recipe sets one torch thread (restored)."""
-    monkeypatch.chdir(REPO)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def built_models(monkeypatch):
     """Every MoEForCausalLM constructed while the test runs (the real constructor still runs)."""
     calls = []

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from moetrain.cli import main
 from moetrain.offload.nvme import SwapFile, find_stale_swap_files, remove_stale_swap_files
@@ -57,14 +56,6 @@ def training(run_dir: Path, swap: Path):
     """True once the run holds its swap file and has logged a step (its signal handlers are in place then)."""
     metrics = run_dir / "metrics.jsonl"
     return lambda: bool(swap_files(swap)) and metrics.is_file() and metrics.read_text().strip() != ""
-
-
-@pytest.fixture
-def repo_cwd(monkeypatch):
-    monkeypatch.chdir(REPO)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_finished_run_deletes_its_swap_file(repo_cwd, tmp_path, capsys):

@@ -6,7 +6,6 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
 import torch
 
 from moetrain.cli import main
@@ -65,9 +64,3 @@ def test_a_heatmap_every_n_steps_when_logging_is_sparser(tmp_path):
         width, height = png_size(image.read_bytes())
         assert width >= 800 and height >= 450
 
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the recipe's cpu_threads must not leak into other tests
