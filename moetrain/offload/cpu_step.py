@@ -17,17 +17,13 @@ On a CPU-only machine streams and events collapse and the copies are plain copie
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 
 from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord
-
-
-def _event(device: torch.device) -> Optional[torch.cuda.Event]:
-    return torch.cuda.Event() if device.type == "cuda" else None
+from moetrain.offload.streams import event, on, side_stream
 
 
 class CpuStepper:
@@ -52,17 +48,14 @@ class CpuStepper:
         self.mark_transfer = mark_transfer  # opens the step's paging window (telemetry)
         self.chunk_numel = chunk_numel
         cuda = device.type == "cuda"
-        self.down_stream = torch.cuda.Stream(device) if cuda else None
-        self.up_stream = torch.cuda.Stream(device) if cuda else None
+        self.down_stream = side_stream(device)
+        self.up_stream = side_stream(device)
         self.grad_bufs = [torch.empty(chunk_numel, dtype=dtype, pin_memory=cuda) for _ in range(2)]
         self.weight_bufs = [torch.empty(chunk_numel, dtype=dtype, pin_memory=cuda) for _ in range(2)]
         self.grad32 = torch.empty(chunk_numel, dtype=torch.float32)  # the upcast gradients CPU Adam reads
-        self.down_events = [_event(device) for _ in range(2)]
-        self.up_events = [_event(device) for _ in range(2)]
+        self.down_events = [event(device) for _ in range(2)]
+        self.up_events = [event(device) for _ in range(2)]
         self.up_used = [False, False]
-
-    def _stream(self, s):
-        return torch.cuda.stream(s) if s is not None else nullcontext()
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
         """Consecutive groups of records of at most ``chunk_numel`` parameters (one record at least)."""
@@ -79,7 +72,7 @@ class CpuStepper:
     def _down(self, chunk: list[ExpertRecord], k: int, ready: Optional[torch.cuda.Event]) -> None:
         """Gradients of ``chunk`` into grad buffer ``k`` (non_blocking on the down stream); None -> zeros."""
         buf, off = self.grad_bufs[k], 0
-        with self._stream(self.down_stream):
+        with on(self.down_stream):
             if ready is not None:
                 self.down_stream.wait_event(ready)
             self.mark_transfer(self.down_stream)
@@ -97,7 +90,7 @@ class CpuStepper:
     def _up(self, chunk: list[ExpertRecord], k: int) -> None:
         """Weight buffer ``k`` into the parameters of ``chunk`` (in place, non_blocking on the up stream)."""
         buf, off = self.weight_bufs[k], 0
-        with self._stream(self.up_stream):
+        with on(self.up_stream):
             self.mark_transfer(self.up_stream)
             for rec in chunk:
                 for p in rec.params:

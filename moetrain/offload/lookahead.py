@@ -1,14 +1,11 @@
-"""Routing foresight: the next layer's router applied to the current layer's input, and the routing trace.
+"""Routing foresight: the next layer's router applied to the current layer's input.
 
 * Look-ahead: a forward pre-hook on MoE block i scores its input with block i+1's router (one small
   (T, H) x (H, E) matmul) and keeps the predicted top-k set as an (E,) mask on the device. When block
   i+1 routes, predicted and actual sets are compared on the device (no host sync); the host reads the
   totals once per optimizer step as precision (predicted experts that were used) and recall (used
   experts that were predicted).
-* Trace: each layer's routing counts are copied to pinned host memory with ``non_blocking=True`` and an
-  event; backward-time prefetch polls the event (``query``: never blocks) and pages in the state of the
-  experts that layer has used so far. State does not change until its step, so any page-in after the
-  routing is known is valid.
+* The routing trace (:mod:`moetrain.offload.routing_trace`) is what drives prefetch.
 
 With compute weights resident, what must move before a step is the state of the experts that were
 actually used, which the trace gives exactly; so prefetch is driven by the trace, and the look-ahead
@@ -16,8 +13,6 @@ is measured (its precision and recall are what paging compute weights per expert
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -67,57 +62,3 @@ class Lookahead:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-class RoutingTrace:
-    """Per-layer union of the experts routed so far in this optimizer step, learned without a host sync."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.inflight: dict[int, list[tuple[torch.Tensor, Optional[torch.cuda.Event]]]] = {}
-        self.known: dict[int, torch.Tensor] = {}
-        self.history: dict[int, list[tuple[torch.Tensor, Optional[torch.cuda.Event]]]] = {}
-
-    def record(self, layer: int, counts: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            host.copy_(counts, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = counts.clone(), None
-        self.inflight.setdefault(layer, []).append((host, event))
-        self.history.setdefault(layer, []).append((host, event))
-
-    def host_counts(self, layer: int) -> Optional[torch.Tensor]:
-        """(E,) tokens per expert of ``layer`` summed over the micro-batches recorded so far, on the host.
-
-        Waits only for the small copies queued in forward (each behind its own event), not for the
-        device's other streams: unlike ``counts.cpu()``, it does not queue behind page-outs.
-        """
-        recorded = self.history.get(layer)
-        if not recorded:
-            return None
-        total = None
-        for host, event in recorded:
-            if event is not None:
-                event.synchronize()
-            total = host.clone() if total is None else total + host
-        return total
-
-    def poll(self, layer: int) -> Optional[torch.Tensor]:
-        """(E,) bool of experts known to be routed in ``layer`` so far (None if nothing arrived yet)."""
-        waiting = []
-        for host, event in self.inflight.get(layer, []):
-            if event is None or event.query():
-                seen = host > 0
-                self.known[layer] = seen if layer not in self.known else self.known[layer] | seen
-            else:
-                waiting.append((host, event))
-        self.inflight[layer] = waiting
-        return self.known.get(layer)
-
-    def reset(self) -> None:
-        self.inflight.clear()
-        self.known.clear()
-        self.history.clear()

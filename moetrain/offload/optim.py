@@ -62,11 +62,13 @@ import torch.nn as nn
 from moetrain.offload.adam import CpuAdam, adamw
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.cpu_step import CpuStepper
-from moetrain.offload.lookahead import Lookahead, RoutingTrace
+from moetrain.offload.lookahead import Lookahead
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.rates import Rates, measure, split
+from moetrain.offload.routing_trace import RoutingTrace
 from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
+from moetrain.offload.streams import event as _event
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.weight_pager import ExpertWeightPager
 from moetrain.optim import (
@@ -82,8 +84,6 @@ from moetrain.optim import (
 PARTS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def _event(device: torch.device, timing: bool = False) -> Optional[torch.cuda.Event]:
-    return torch.cuda.Event(enable_timing=timing) if device.type == "cuda" else None
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 CPU_CHUNK_NUMEL = 1 << 25  # parameters per CPU-path chunk: 64 MiB of bf16 per pinned buffer, 4 of them
 

@@ -10,15 +10,18 @@ Streams and events (CUDA; on the CPU every stream is the current one and events 
 same bookkeeping runs in CI)::
 
     compute  ──fwd L0..Ln──bwd Ln........................L0──| step Ln | step Ln-1 | ... | fwd L0 ...
-    page-in      (trace known async) ─ H2D Ln ─ H2D Ln-1 ─ ... (slot s ready: event_in[s])
-    page-out                                                   ─ D2H Ln ─ D2H Ln-1 ─ ... (event_out[s])
-    NVMe         aio reads into staging[s] ahead of H2D;  aio writes from staging[s] after D2H
+    page-in      (trace known async) ─ H2D Ln ─ H2D Ln-1 ─ ... (slot ready: its in_event)
+    page-out                                                   ─ D2H Ln ─ D2H Ln-1 ─ ... (its out_event)
+    NVMe         aio reads into the slot's staging ahead of H2D;  aio writes from it after D2H
+
+Each slot is a :class:`Slot` record (what it holds, its state, its events and staging buffer); the
+regular pool's slots come first in ``Swapper.slots``, then the hot-expert cache's (``Slot.hot``).
 
 * page-in: ``copy_(non_blocking=True)`` from pinned host memory on ``in_stream``, one event per slot;
   the compute stream waits on that event only (``wait_event``: no host sync) right before the expert's
   fused step, so experts already present are stepped while the others arrive.
 * page-out: after the step, ``out_stream`` waits on an event recorded on the compute stream, copies
-  the slot back, and records ``event_out[s]``; the slot is reused only after the in-stream waits on it.
+  the slot back, and records the slot's ``out_event``; the slot is reused only after the in-stream waits on it.
 * NVMe: reads into a pinned, aligned staging buffer paired with the slot, then H2D; write-back is
   D2H into that staging buffer, then an aio write issued when the D2H event has completed (the host
   waits on that event only when it drains writes, at the end of the step, off the compute path).
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +38,7 @@ import torch
 
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
+from moetrain.offload.streams import event, on, side_stream
 
 
 class SlotState(enum.Enum):
@@ -45,6 +48,37 @@ class SlotState(enum.Enum):
     READING = "reading"  # NVMe read into the slot's staging buffer in flight; H2D not yet issued
     READY = "ready"  # page-in issued (arrival marked by the slot's in-event) or data already there
     IN_USE = "in_use"  # being stepped
+
+
+@dataclass
+class Slot:
+    """One device slot: room for one record's flat ``[master | exp_avg | exp_avg_sq]`` and what it holds.
+
+    Attributes:
+        data: (slot_numel,) fp32 on the device.
+        hot: the slot belongs to the hot-expert cache (added by :meth:`Swapper.grow_hot_cache`).
+        key: (layer, expert) of the record held, None when empty.
+        state: see :class:`SlotState`.
+        reserved: prefetched for a coming step and not used yet: not evictable.
+        dirty: holds a stepped state not yet written back (hot records only).
+        in_event: recorded on the page-in stream after the last copy into the slot (CUDA).
+        out_event: recorded on the page-out stream after the last copy out of the slot (CUDA).
+        staging: pinned, aligned host buffer of the slot's NVMe reads and writes (None without NVMe records).
+    """
+
+    data: torch.Tensor
+    hot: bool = False
+    key: Optional[tuple[int, int]] = None
+    state: SlotState = SlotState.EMPTY
+    reserved: bool = False
+    dirty: bool = False
+    in_event: Optional[torch.cuda.Event] = None
+    out_event: Optional[torch.cuda.Event] = None
+    staging: Optional[torch.Tensor] = None
+
+    def view(self, numel: int) -> torch.Tensor:
+        """The first ``numel`` floats of the slot."""
+        return self.data[:numel]
 
 
 @dataclass
@@ -58,10 +92,6 @@ class TransferStats:
     prefetched: int = 0
     stall_s: float = 0.0  # host time blocked on NVMe reads or on a slot becoming free
     window_start: Optional[torch.cuda.Event] = None  # timing event before the step's first transfer (CUDA)
-
-
-def _event(device: torch.device) -> Optional[torch.cuda.Event]:
-    return torch.cuda.Event() if device.type == "cuda" else None
 
 
 class Swapper:
@@ -78,22 +108,15 @@ class Swapper:
         self.device = device
         self.num_slots = num_slots
         self.slot_numel = store.max_padded
-        self.slots = torch.zeros(num_slots, self.slot_numel, dtype=torch.float32, device=device)
-        self.hot_slots: Optional[torch.Tensor] = None  # (hot_capacity, slot_numel): the hot-expert cache's slots
+        self.pool = torch.zeros(num_slots, self.slot_numel, dtype=torch.float32, device=device)  # regular slots
+        self.hot_pool: Optional[torch.Tensor] = None  # (hot_capacity, slot_numel): the hot-expert cache's slots
         self.hot_capacity = 0
         self.hot: set[tuple[int, int]] = set()  # records kept resident (written back only when they cool)
-        self.dirty: list[bool] = [False] * num_slots  # holds a stepped state not yet written back
-        cuda = device.type == "cuda"
-        self.in_stream = torch.cuda.Stream(device) if cuda else None
-        self.out_stream = torch.cuda.Stream(device) if cuda else None
-        self.key_of: list[Optional[tuple[int, int]]] = [None] * num_slots
-        self.state = [SlotState.EMPTY] * num_slots
-        self.reserved = [False] * num_slots  # prefetched, not yet used: not evictable
+        self.in_stream = side_stream(device)
+        self.out_stream = side_stream(device)
+        self.has_nvme = any(r.tier is Tier.NVME for r in store)
+        self.slots: list[Slot] = [self._new_slot(row, hot=False) for row in self.pool]
         self.slot_of: dict[tuple[int, int], int] = {}
-        self.in_event = [_event(device) for _ in range(num_slots)]
-        self.out_event = [_event(device) for _ in range(num_slots)]
-        has_nvme = any(r.tier is Tier.NVME for r in store)
-        self.staging = [aligned_empty(self.slot_numel, store.pin) for _ in range(num_slots)] if has_nvme else []
         self.pending_writes: list[tuple[Optional[torch.cuda.Event], int, ExpertRecord]] = []
         # slot whose page-out last wrote a CPU-tier record: its next page-in (maybe into another slot)
         # must wait for that write to land in host memory
@@ -101,38 +124,28 @@ class Swapper:
         self.inflight_writes: set[tuple[tuple[int, int], int]] = set()  # (record, slot) written, not waited for
         self.stats = TransferStats()
 
+    def _new_slot(self, data: torch.Tensor, hot: bool) -> Slot:
+        staging = aligned_empty(self.slot_numel, self.store.pin) if self.has_nvme else None
+        return Slot(data, hot=hot, in_event=event(self.device), out_event=event(self.device), staging=staging)
+
     @property
     def device_bytes(self) -> int:
         """Device memory held by the slots (the hot-expert cache's included)."""
-        hot = 0 if self.hot_slots is None else self.hot_slots.numel() * self.hot_slots.element_size()
-        return self.slots.numel() * self.slots.element_size() + hot
+        hot = 0 if self.hot_pool is None else self.hot_pool.numel() * self.hot_pool.element_size()
+        return self.pool.numel() * self.pool.element_size() + hot
 
     @property
     def total_slots(self) -> int:
-        return self.num_slots + self.hot_capacity
-
-    def _slot(self, s: int, numel: int) -> torch.Tensor:
-        """The first ``numel`` floats of slot ``s`` (the regular pool first, then the hot cache's slots)."""
-        if s < self.num_slots:
-            return self.slots[s, :numel]
-        return self.hot_slots[s - self.num_slots, :numel]
+        return len(self.slots)
 
     # ------------------------------------------------------------------ hot-expert cache
     def grow_hot_cache(self, capacity: int) -> None:
         """Add ``capacity`` slots that keep the hottest records' state resident between steps (once)."""
-        if capacity <= 0 or self.hot_slots is not None:
+        if capacity <= 0 or self.hot_pool is not None:
             return
-        self.hot_slots = torch.zeros(capacity, self.slot_numel, dtype=torch.float32, device=self.device)
+        self.hot_pool = torch.zeros(capacity, self.slot_numel, dtype=torch.float32, device=self.device)
         self.hot_capacity = capacity
-        extra = range(capacity)
-        self.key_of += [None for _ in extra]
-        self.state += [SlotState.EMPTY for _ in extra]
-        self.reserved += [False for _ in extra]
-        self.dirty += [False for _ in extra]
-        self.in_event += [_event(self.device) for _ in extra]
-        self.out_event += [_event(self.device) for _ in extra]
-        if self.staging:
-            self.staging += [aligned_empty(self.slot_numel, self.store.pin) for _ in extra]
+        self.slots += [self._new_slot(row, hot=True) for row in self.hot_pool]
 
     def revise_hot(self) -> None:
         """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency (end of a
@@ -143,14 +156,11 @@ class Swapper:
         new = {r.key for r in ranked[: self.hot_capacity]}
         cooled = [self.store.records[k] for k in self.hot - new if k in self.slot_of]
         self.hot = new
-        self._write_back([r for r in cooled if self.dirty[self.slot_of[r.key]]])
+        self._write_back([r for r in cooled if self.slots[self.slot_of[r.key]].dirty])
 
     def reset_stats(self) -> TransferStats:
         done, self.stats = self.stats, TransferStats()
         return done
-
-    def _stream(self, s):
-        return torch.cuda.stream(s) if s is not None else nullcontext()
 
     def mark_transfer(self, stream: Optional[torch.cuda.Stream]) -> None:
         """Call on ``stream`` right before a copy is queued: the first call of a step opens the paging window."""
@@ -165,89 +175,91 @@ class Swapper:
     def _victim(self, protect: set[int]) -> Optional[int]:
         """An empty slot, else the evictable slot whose record has the lowest routing frequency."""
         best, best_freq = None, float("inf")
-        for s in range(self.total_slots):
-            if s in protect or self.reserved[s] or self.state[s] in (SlotState.IN_USE, SlotState.READING):
+        for s, slot in enumerate(self.slots):
+            if s in protect or slot.reserved or slot.state in (SlotState.IN_USE, SlotState.READING):
                 continue
-            if self.key_of[s] is None:
+            if slot.key is None:
                 return s
-            if self.key_of[s] in self.hot or self.dirty[s]:
+            if slot.key in self.hot or slot.dirty:
                 continue  # the hot cache's records stay; a dirty slot is never dropped unwritten
-            freq = self.store.records[self.key_of[s]].frequency
+            freq = self.store.records[slot.key].frequency
             if freq < best_freq:
                 best, best_freq = s, freq
         return best
 
-    def _assign(self, rec: ExpertRecord, slot: int) -> None:
-        old = self.key_of[slot]
+    def _assign(self, rec: ExpertRecord, s: int) -> None:
+        old = self.slots[s].key
         if old is not None:
             del self.slot_of[old]
-        self.key_of[slot] = rec.key
-        self.slot_of[rec.key] = slot
+        self.slots[s].key = rec.key
+        self.slot_of[rec.key] = s
 
     # ------------------------------------------------------------------ page-in
     def _page_in(self, recs: list[ExpertRecord], protect: set[int], reserve: bool) -> list[ExpertRecord]:
         """Issue page-ins for ``recs`` (not present); returns those that got a slot."""
         placed: list[tuple[ExpertRecord, int]] = []
         for rec in recs:
-            slot = self._victim(protect)
-            if slot is None and not reserve:
+            s = self._victim(protect)
+            if s is None and not reserve:
                 self.unreserve()  # a prefetch is a hint: a record needed now may take its slot
-                slot = self._victim(protect)
-            if slot is None:
+                s = self._victim(protect)
+            if s is None:
                 break
-            self._assign(rec, slot)
-            protect.add(slot)
-            self.reserved[slot] = reserve
-            placed.append((rec, slot))
+            self._assign(rec, s)
+            protect.add(s)
+            self.slots[s].reserved = reserve
+            placed.append((rec, s))
         disk = [(r, s) for r, s in placed if r.tier is Tier.NVME]
         writing = {rec.key for _, _, rec in self.pending_writes} | {k for k, _ in self.inflight_writes}
-        busy = {slot for _, slot, _ in self.pending_writes} | {s for _, s in self.inflight_writes}
+        busy = {s for _, s, _ in self.pending_writes} | {s for _, s in self.inflight_writes}
         if any(r.key in writing or s in busy for r, s in disk):
             # a record being written back must land before it is read again, and a staging buffer
             # must be written out before it is refilled
             self.drain_writes(wait=True)
-        for rec, slot in disk:
-            if self.in_event[slot] is not None:
-                self.in_event[slot].synchronize()  # the staging buffer's last H2D has left (copy engine only)
-            self.store.swap.submit_read(self.staging[slot][:rec.padded], rec.offset)
-            self.state[slot] = SlotState.READING
-        for rec, slot in placed:
+        for rec, s in disk:
+            slot = self.slots[s]
+            if slot.in_event is not None:
+                slot.in_event.synchronize()  # the staging buffer's last H2D has left (copy engine only)
+            self.store.swap.submit_read(slot.staging[:rec.padded], rec.offset)
+            slot.state = SlotState.READING
+        for rec, s in placed:
             if rec.tier is Tier.CPU:
-                self._h2d(rec, slot, self.store.host_view(rec))
+                self._h2d(rec, s, self.store.host_view(rec))
         return [r for r, _ in placed]
 
-    def _h2d(self, rec: ExpertRecord, slot: int, src: torch.Tensor) -> None:
-        with self._stream(self.in_stream):
+    def _h2d(self, rec: ExpertRecord, s: int, src: torch.Tensor) -> None:
+        slot = self.slots[s]
+        with on(self.in_stream):
             if self.in_stream is not None:
-                self.in_stream.wait_event(self.out_event[slot])  # the slot's previous page-out has left
+                self.in_stream.wait_event(slot.out_event)  # the slot's previous page-out has left
                 source = self.written_from.get(rec.key)
-                if source is not None and source != slot:
-                    self.in_stream.wait_event(self.out_event[source])  # the record's last write-back landed
+                if source is not None and source != s:
+                    self.in_stream.wait_event(self.slots[source].out_event)  # the record's last write-back landed
                 self.mark_transfer(self.in_stream)
-            self._slot(slot, rec.padded).copy_(src, non_blocking=True)
-            if self.in_event[slot] is not None:
-                self.in_event[slot].record(self.in_stream)
-        self.state[slot] = SlotState.READY
+            slot.view(rec.padded).copy_(src, non_blocking=True)
+            if slot.in_event is not None:
+                slot.in_event.record(self.in_stream)
+        slot.state = SlotState.READY
         self.stats.h2d_bytes += rec.state_bytes
 
     def _finish_disk_reads(self) -> None:
         """Wait for outstanding NVMe reads and push their staging buffers to the device."""
-        reading = [s for s in range(self.total_slots) if self.state[s] is SlotState.READING]
+        reading = [s for s, slot in enumerate(self.slots) if slot.state is SlotState.READING]
         if not reading:
             return
         t0 = time.perf_counter()
         self.store.swap.wait_reads()
         self.stats.stall_s += time.perf_counter() - t0
         for s in reading:
-            rec = self.store.records[self.key_of[s]]
-            self._h2d(rec, s, self.staging[s][:rec.padded])
+            rec = self.store.records[self.slots[s].key]
+            self._h2d(rec, s, self.slots[s].staging[:rec.padded])
 
     def prefetch(self, recs: list[ExpertRecord]) -> int:
         """Start page-ins of ``recs`` that are absent, as far as free or evictable slots allow (no wait)."""
         missing = [r for r in recs if r.key not in self.slot_of]
         protect = {self.slot_of[r.key] for r in recs if r.key in self.slot_of}
         for s in protect:
-            self.reserved[s] = True
+            self.slots[s].reserved = True
         placed = self._page_in(missing, protect, reserve=True)
         self.stats.prefetched += len(placed)
         return len(placed)
@@ -262,24 +274,24 @@ class Swapper:
         protect = set()
         missing = []
         for rec in recs:
-            slot = self.slot_of.get(rec.key)
-            if slot is None:
+            s = self.slot_of.get(rec.key)
+            if s is None:
                 missing.append(rec)
                 self.stats.misses += 1
             else:
-                protect.add(slot)
+                protect.add(s)
                 self.stats.hits += 1
         placed = self._page_in(missing, protect, reserve=False)
         assert len(placed) == len(missing), "no evictable slot: release slots before acquiring more"
         self._finish_disk_reads()
         views = []
         for rec in recs:
-            slot = self.slot_of[rec.key]
-            self.reserved[slot] = False
-            self.state[slot] = SlotState.IN_USE
-            if self.in_event[slot] is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.in_event[slot])
-            views.append(self._slot(slot, rec.padded))
+            slot = self.slots[self.slot_of[rec.key]]
+            slot.reserved = False
+            slot.state = SlotState.IN_USE
+            if slot.in_event is not None:
+                torch.cuda.current_stream(self.device).wait_event(slot.in_event)
+            views.append(slot.view(rec.padded))
         return views
 
     # ------------------------------------------------------------------ page-out
@@ -288,50 +300,51 @@ class Swapper:
         Records of the hot set are not written back: their slot stays the current copy (dirty) until
         they cool down or :meth:`flush` is called."""
         for rec in recs:
-            self.state[self.slot_of[rec.key]] = SlotState.READY
+            self.slots[self.slot_of[rec.key]].state = SlotState.READY
         if not dirty:
             return
-        hot = [r for r in recs if r.key in self.hot]
-        for rec in hot:
-            self.dirty[self.slot_of[rec.key]] = True
+        for rec in recs:
+            if rec.key in self.hot:
+                self.slots[self.slot_of[rec.key]].dirty = True
         self._write_back([r for r in recs if r.key not in self.hot])
 
     def _write_back(self, recs: list[ExpertRecord]) -> None:
         """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far."""
         if not recs:
             return
-        done = _event(self.device)
+        done = event(self.device)
         if done is not None:
             done.record(torch.cuda.current_stream(self.device))
         for rec in recs:
-            slot = self.slot_of[rec.key]
-            self.dirty[slot] = False
-            with self._stream(self.out_stream):
+            s = self.slot_of[rec.key]
+            slot = self.slots[s]
+            slot.dirty = False
+            with on(self.out_stream):
                 if done is not None:
                     self.out_stream.wait_event(done)
                     self.mark_transfer(self.out_stream)
-                src = self._slot(slot, rec.padded)
+                src = slot.view(rec.padded)
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec).copy_(src, non_blocking=True)
-                    self.written_from[rec.key] = slot
+                    self.written_from[rec.key] = s
                 else:
-                    self.staging[slot][:rec.padded].copy_(src, non_blocking=True)
-                if self.out_event[slot] is not None:
-                    self.out_event[slot].record(self.out_stream)
+                    slot.staging[:rec.padded].copy_(src, non_blocking=True)
+                if slot.out_event is not None:
+                    slot.out_event.record(self.out_stream)
             self.stats.d2h_bytes += rec.state_bytes
             if rec.tier is Tier.NVME:
-                self.pending_writes.append((self.out_event[slot], slot, rec))
+                self.pending_writes.append((slot.out_event, s, rec))
 
     def drain_writes(self, wait: bool = False) -> None:
         """Issue the NVMe writes whose D2H copies are done; with ``wait``, block until they are on disk."""
         if not self.pending_writes and not wait:
             return
         t0 = time.perf_counter()
-        for event, slot, rec in self.pending_writes:
-            if event is not None:
-                event.synchronize()
-            self.store.swap.submit_write(self.staging[slot][:rec.padded], rec.offset)
-            self.inflight_writes.add((rec.key, slot))
+        for done, s, rec in self.pending_writes:
+            if done is not None:
+                done.synchronize()
+            self.store.swap.submit_write(self.slots[s].staging[:rec.padded], rec.offset)
+            self.inflight_writes.add((rec.key, s))
         self.pending_writes.clear()
         if wait and self.store.swap is not None:
             self.store.swap.wait_writes()
@@ -341,33 +354,35 @@ class Swapper:
     def flush(self) -> None:
         """Every page-out has reached its tier (host memory or disk): the store is authoritative. Dirty
         hot-cache slots are written back first (they stay cached, now clean)."""
-        self._write_back([self.store.records[self.key_of[s]] for s in range(self.total_slots) if self.dirty[s]])
+        self._write_back([self.store.records[slot.key] for slot in self.slots if slot.dirty])
         if self.out_stream is not None:
             self.out_stream.synchronize()
         self.drain_writes(wait=True)
 
     def unreserve(self) -> None:
         """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
-        self.reserved = [False] * self.total_slots
+        for slot in self.slots:
+            slot.reserved = False
 
     def settle(self, recs: list[ExpertRecord]) -> None:
         """The tier of ``recs`` is current and no slot keeps a copy (before the CPU path steps them in
         their tier). Host-tier records wait only for their own last page-out, not for every one."""
-        self._write_back([r for r in recs if r.key in self.slot_of and self.dirty[self.slot_of[r.key]]])
+        self._write_back([r for r in recs if r.key in self.slot_of and self.slots[self.slot_of[r.key]].dirty])
         if any(r.tier is Tier.NVME for r in recs):
             self.flush()
         else:
-            for slot in {self.written_from[r.key] for r in recs if r.key in self.written_from}:
-                if self.out_event[slot] is not None:
-                    self.out_event[slot].synchronize()
+            for s in {self.written_from[r.key] for r in recs if r.key in self.written_from}:
+                if self.slots[s].out_event is not None:
+                    self.slots[s].out_event.synchronize()
         for rec in recs:
             self.invalidate(rec)
 
     def invalidate(self, rec: ExpertRecord) -> None:
         """Forget a cached copy (the tier was written directly, e.g. by a state load or the CPU path)."""
-        slot = self.slot_of.pop(rec.key, None)
-        if slot is not None:
-            assert not self.dirty[slot], f"{rec.prefix}: dropping a slot that was not written back"
-            self.key_of[slot] = None
-            self.state[slot] = SlotState.EMPTY
-            self.reserved[slot] = False
+        s = self.slot_of.pop(rec.key, None)
+        if s is not None:
+            slot = self.slots[s]
+            assert not slot.dirty, f"{rec.prefix}: dropping a slot that was not written back"
+            slot.key = None
+            slot.state = SlotState.EMPTY
+            slot.reserved = False

@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-
-def _event(device: torch.device) -> Optional[torch.cuda.Event]:
-    return torch.cuda.Event() if device.type == "cuda" else None
+from moetrain.offload.streams import event, on, side_stream
 
 
 @dataclass
@@ -104,11 +101,11 @@ class ExpertWeightPager:
                 self.host[block.layer_idx] = host
                 experts.pager, experts.layer_idx = self, block.layer_idx
         self.buffers = [_Buffer(torch.empty((self.num_experts, self.row_numel), dtype=dtype, device=device),
-                                ready=_event(device), freed=_event(device)) for _ in range(num_buffers)]
+                                ready=event(device), freed=event(device)) for _ in range(num_buffers)]
         self.layers = sorted(self.host)  # MoE layers in order (the neighbours prefetch walks to)
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.written = {layer: _event(device) for layer in self.host}  # host rows of a layer last written (D2H)
-        self.copied = {layer: _event(device) for layer in self.host}  # last H2D that read a layer's host rows
+        self.copy_stream = side_stream(device)
+        self.written = {layer: event(device) for layer in self.host}  # host rows of a layer last written (D2H)
+        self.copied = {layer: event(device) for layer in self.host}  # last H2D that read a layer's host rows
         self.last_routed: dict[int, list[int]] = {}  # experts each layer routed in its last forward
         self.stats = PagerStats()
         self._clock = 0
@@ -153,7 +150,7 @@ class ExpertWeightPager:
             if missing:
                 host = self.host[layer]
                 stream = self.copy_stream
-                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                with on(stream):
                     if stream is not None:
                         stream.wait_event(buf.freed)  # its last reader (forward or backward GEMMs) is done
                         stream.wait_event(self.written[layer])  # new weights of a step have landed in host

@@ -21,7 +21,7 @@ def test_page_in_and_write_back():
     rec = store.records[(0, 1)]
     (flat,) = swapper.acquire([rec])
     assert torch.equal(flat, store.host_view(rec)) and flat.data_ptr() != store.host_view(rec).data_ptr()
-    assert swapper.state[swapper.slot_of[rec.key]] is SlotState.IN_USE
+    assert swapper.slots[swapper.slot_of[rec.key]].state is SlotState.IN_USE
     flat.add_(1.0)
     swapper.release([rec])
     swapper.flush()
