@@ -1,0 +1,358 @@
+"""The device-side expert cache: a fixed set of expert slots, a replacement policy, a copy stream.
+
+The device holds ``main`` slots managed by the policy (LRU or LFU) and a few ``staging`` slots (a ring) for
+experts the policy does not admit (LFU: routed less often than every cached expert) and for prefetches it
+does not admit. A slot is one expert row of the :class:`~moetrain.inference.store.HostExpertStore` (its
+weights, and its scales when int8). Hits and misses are counted per demanded (layer, expert) of a forward
+call; the demand order is kept as the routing trace from which :func:`ideal_static_hit_rate` computes what
+the best fixed set of experts of the same number of slots would have hit.
+
+Events (CUDA): ``ready[s]`` is recorded on the copy stream after the copy into slot ``s``, and the compute
+stream waits on it before reading the slot; ``freed[s]`` is recorded on the compute stream once the kernels
+reading slot ``s`` are queued, and the copy stream waits on it before overwriting the slot. Host rows never
+change during inference, so no other hazard exists. On the CPU both collapse and copies are plain copies;
+the bookkeeping (what is cached, what a prefetch may evict, what counts as a hit) is the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from moetrain.inference.store import HostExpertStore, dequantize_int8
+
+Key = tuple[int, int]
+"""(layer, expert)."""
+
+
+@dataclass
+class CacheStats:
+    """Counters since the last :meth:`ExpertCache.reset_stats`.
+
+    Attributes:
+        demands: (layer, expert) pairs forward calls needed (an expert counts once per layer per call).
+        hits: demands found on the device (cached, staged or prefetched) without a copy.
+        prefetched: experts copied ahead of their layer; prefetch_hits: demands those copies served.
+        bytes_paged: host-to-device bytes, demand misses and prefetches together.
+        evictions: cached experts replaced.
+    """
+
+    demands: int = 0
+    hits: int = 0
+    prefetched: int = 0
+    prefetch_hits: int = 0
+    bytes_paged: int = 0
+    evictions: int = 0
+
+    @property
+    def misses(self) -> int:
+        return self.demands - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.demands if self.demands else 0.0
+
+
+def ideal_static_hit_rate(trace: Sequence[Key], slots: int) -> float:
+    """The hit rate of the best fixed set of ``slots`` experts on ``trace`` (demanded (layer, expert) pairs).
+
+    Every expert takes one slot, so the best set is the ``slots`` most frequently demanded experts: its hits
+    are their demand counts.
+    """
+    if not trace:
+        return 0.0
+    counts = sorted(Counter(trace).values(), reverse=True)
+    return sum(counts[:slots]) / len(trace)
+
+
+class CachePolicy:
+    """Which cached expert makes room, and whether an incoming one deserves a main slot."""
+
+    def touch(self, key: Key) -> None:
+        """``key`` was demanded (hit or miss)."""
+        raise NotImplementedError
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        """Whether ``key`` (not cached) should replace ``victim`` (cached)."""
+        raise NotImplementedError
+
+    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
+        """The entry of ``cached`` (those that may be evicted now) to evict first, or None if empty."""
+        raise NotImplementedError
+
+    def inserted(self, key: Key) -> None:
+        """``key`` took a main slot."""
+
+    def evicted(self, key: Key) -> None:
+        """``key`` left its main slot."""
+
+
+class LRUPolicy(CachePolicy):
+    """Least recently used: every miss is cached, evicting the entry demanded longest ago."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        if key in self.order:
+            self.order.move_to_end(key)
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return True
+
+    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
+        allowed = set(cached)
+        return next((k for k in self.order if k in allowed), None)
+
+    def inserted(self, key: Key) -> None:
+        self.order[key] = None
+
+    def evicted(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+
+class LFUPolicy(CachePolicy):
+    """Least frequently used, with the counts of the whole run (evicted experts keep theirs): an expert
+    replaces the least frequent cached one only if it is now more frequent. On a stationary routing
+    distribution the cache converges to the most frequent experts, i.e. to the ideal static set."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[Key] = Counter()
+        self.last: dict[Key, int] = {}
+        self.clock = 0
+
+    def touch(self, key: Key) -> None:
+        self.clock += 1
+        self.counts[key] += 1
+        self.last[key] = self.clock
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self.counts[key] > self.counts[victim]
+
+    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
+        return min(cached, key=lambda k: (self.counts[k], self.last.get(k, 0)), default=None)
+
+
+def make_policy(name: str) -> CachePolicy:
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    raise ValueError(f"cache policy {name!r}: choose lru or lfu")
+
+
+@dataclass
+class _Slot:
+    key: Optional[Key] = None
+    staged: bool = False  # in the staging ring, not managed by the policy
+    prefetched: bool = False  # brought by a prefetch, not demanded since
+    ready: Optional[torch.cuda.Event] = None
+    freed: Optional[torch.cuda.Event] = None
+
+
+@dataclass
+class Acquired:
+    """Experts of one layer placed in slots for the compute that follows: ``slots[i]`` holds ``experts[i]``."""
+
+    layer: int
+    experts: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+
+class ExpertCache:
+    """Expert slots on ``device`` filled from ``store``.
+
+    Args:
+        store: the host rows.
+        num_slots: expert slots on the device in all (main and staging).
+        device: the compute device.
+        policy: ``lru`` or ``lfu``.
+        staging_slots: slots kept out of the policy's reach for experts it does not admit (default: a quarter of
+            the slots, at most 8, none when the cache holds every expert).
+    """
+
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, *, policy: str = "lru",
+                 staging_slots: Optional[int] = None) -> None:
+        if num_slots < 1:
+            raise ValueError(f"the expert cache needs at least one slot, got {num_slots}")
+        self.store, self.device = store, torch.device(device)
+        num_slots = min(num_slots, store.total_experts)
+        if staging_slots is None:
+            staging_slots = 0 if num_slots >= store.total_experts else min(8, max(1, num_slots // 4))
+        self.num_slots = num_slots
+        self.staging_slots = min(staging_slots, num_slots - 1)
+        self.policy_name = policy
+        self.policy = make_policy(policy)
+        cuda = self.device.type == "cuda"
+        self.data = torch.empty((num_slots, store.row_numel), dtype=store.storage_dtype, device=self.device)
+        self.scales = (torch.empty((num_slots, store.scale_numel), dtype=torch.float32, device=self.device)
+                       if store.quantized else None)
+        self.slots = [_Slot(staged=i >= num_slots - self.staging_slots,
+                            ready=torch.cuda.Event() if cuda else None, freed=torch.cuda.Event() if cuda else None)
+                      for i in range(num_slots)]
+        self.slot_of: dict[Key, int] = {}
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.protected: set[int] = set()  # slots the current layer's compute reads
+        self._stage_next = num_slots - self.staging_slots
+        self.stats = CacheStats()
+        self.trace: list[Key] = []
+        self.record_trace = True
+
+    # ------------------------------------------------------------------ sizes and counters
+    @property
+    def device_bytes(self) -> int:
+        return self.num_slots * self.store.row_bytes
+
+    @property
+    def main_slots(self) -> int:
+        return self.num_slots - self.staging_slots
+
+    def reset_stats(self) -> CacheStats:
+        """Start new counters and a new trace; returns the old counters."""
+        stats, self.stats = self.stats, CacheStats()
+        self.trace = []
+        return stats
+
+    def ideal_static_hit_rate(self) -> float:
+        """:func:`ideal_static_hit_rate` of this cache's trace at its number of slots."""
+        return ideal_static_hit_rate(self.trace, self.num_slots)
+
+    # ------------------------------------------------------------------ placing experts
+    def _copy_in(self, slot: int, key: Key) -> None:
+        """Queue the copy of ``key``'s host row into ``slot`` (the copy stream waits for the slot's readers)."""
+        layer, expert = key
+        s = self.slots[slot]
+        stream = self.copy_stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                stream.wait_event(s.freed)
+            self.data[slot].copy_(self.store.rows[layer][expert], non_blocking=True)
+            if self.scales is not None:
+                self.scales[slot].copy_(self.store.scales[layer][expert], non_blocking=True)
+            if stream is not None:
+                s.ready.record(stream)
+        self.stats.bytes_paged += self.store.row_bytes
+
+    def _unmap(self, slot: int) -> None:
+        s = self.slots[slot]
+        if s.key is not None:
+            del self.slot_of[s.key]
+            if not s.staged:
+                self.policy.evicted(s.key)
+                self.stats.evictions += 1
+        s.key, s.prefetched = None, False
+
+    def _main_slot_for(self, key: Key, use_free_only: bool = False) -> Optional[int]:
+        """A main slot for ``key``: a free one, else the policy's victim if the policy admits ``key``."""
+        main = range(self.main_slots)
+        free = next((i for i in main if self.slots[i].key is None and i not in self.protected), None)
+        if free is not None or use_free_only:
+            return free
+        evictable = [self.slots[i].key for i in main if i not in self.protected and self.slots[i].key is not None]
+        victim = self.policy.victim(evictable)
+        if victim is None or not self.policy.admit(key, victim):
+            return None
+        return self.slot_of[victim]
+
+    def _staging_slot(self) -> Optional[int]:
+        """The next staging slot not read by the current layer (a ring: the oldest staged expert goes first)."""
+        start = self.num_slots - self.staging_slots
+        for step in range(self.staging_slots):
+            i = start + (self._stage_next - start + step) % self.staging_slots
+            if i not in self.protected:
+                self._stage_next = start + (i - start + 1) % self.staging_slots
+                return i
+        return None
+
+    def _place(self, key: Key, prefetch: bool) -> Optional[int]:
+        slot = self._main_slot_for(key)
+        staged = slot is None
+        if staged:
+            slot = self._staging_slot()
+        if slot is None and not prefetch:  # every staging slot is read by this layer: take any unprotected slot
+            slot = next((i for i in range(self.num_slots) if i not in self.protected), None)
+            staged = slot is not None and self.slots[slot].staged
+        if slot is None:
+            return None
+        self._unmap(slot)
+        s = self.slots[slot]
+        s.key, s.prefetched = key, prefetch
+        self.slot_of[key] = slot
+        if not staged:
+            self.policy.inserted(key)
+        self._copy_in(slot, key)
+        return slot
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> Acquired:
+        """Place as many of ``layer``'s ``experts`` as the slots allow (hits first), protect their slots until
+        :meth:`release`, and count each as a demand. Always places at least one expert when given any.
+
+        Experts left out (more than the slots hold) are not counted: call again after :meth:`release`.
+        """
+        got = Acquired(layer)
+        hits = [e for e in experts if (layer, e) in self.slot_of]
+        misses = [e for e in experts if (layer, e) not in self.slot_of]
+        for e in hits + misses:
+            key = (layer, e)
+            slot = self.slot_of.get(key)
+            if slot is None:
+                slot = self._place(key, prefetch=False)
+                if slot is None:
+                    continue  # no unprotected slot left: the caller computes what it has and comes back
+            else:
+                self.stats.hits += 1
+                if self.slots[slot].prefetched:
+                    self.stats.prefetch_hits += 1
+            self.slots[slot].prefetched = False
+            self.stats.demands += 1
+            self.policy.touch(key)
+            if self.record_trace:
+                self.trace.append(key)
+            self.protected.add(slot)
+            got.experts.append(e)
+            got.slots.append(slot)
+        return got
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Start copying ``layer``'s ``experts`` that are not on the device into slots the current compute does
+        not read (evicting only what the policy lets go)."""
+        for e in experts:
+            key = (layer, e)
+            if key in self.slot_of:
+                continue
+            if self._place(key, prefetch=True) is None:
+                return
+            self.stats.prefetched += 1
+
+    def weights(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate (I, H), up (I, H), down (H, I)) of the expert in ``slot``, ready on the current stream."""
+        s = self.slots[slot]
+        if s.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(s.ready)
+        row = self.data[slot]
+        (i, h), _, _ = self.store.shapes()
+        ih = i * h
+        parts = (row[:ih].view(i, h), row[ih:2 * ih].view(i, h), row[2 * ih:].view(h, i))
+        if self.scales is None:
+            return tuple(p if p.dtype == dtype else p.to(dtype) for p in parts)  # type: ignore[return-value]
+        sc = self.scales[slot]
+        return (dequantize_int8(parts[0], sc[:i], dtype), dequantize_int8(parts[1], sc[i:2 * i], dtype),
+                dequantize_int8(parts[2], sc[2 * i:], dtype))
+
+    def release(self, got: Acquired) -> None:
+        """The kernels reading ``got``'s slots are queued: the slots may be refilled once they have run."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for slot in got.slots:
+            if stream is not None:
+                self.slots[slot].freed.record(stream)
+            self.protected.discard(slot)
+
+
+def slots_for_budget(budget_bytes: float, row_bytes: int, total_experts: int) -> int:
+    """How many expert slots of ``row_bytes`` fit ``budget_bytes`` (at least 1, at most every expert)."""
+    return max(1, min(total_experts, int(budget_bytes // row_bytes)))

@@ -1,0 +1,62 @@
+"""Settings of paged inference: where the routed experts' weights live and how the device cache is run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from moetrain.config import ConfigError
+
+ExpertWeights = Literal["resident", "paged"]
+CachePolicyName = Literal["lru", "lfu"]
+ExpertDType = Literal["auto", "int8"]
+
+
+@dataclass
+class InferenceConfig:
+    """How a model's routed experts are held for generation and validation.
+
+    Attributes:
+        expert_weights: ``resident``: every expert on the compute device (plain inference); ``paged``: the
+            experts' weights in host memory (pinned on a GPU host), only the routed ones paged onto the device
+            through a cache of expert slots.
+        gpu_memory_gb: device memory the expert cache may take (paged only); None: what is free once the dense
+            part is on the device, less a reserve for activations and the KV cache (on the CPU: every expert).
+        cache_slots: the number of expert slots, overriding ``gpu_memory_gb`` (tests and CPU runs).
+        cache_policy: which cached expert makes room: ``lru`` (least recently used) or ``lfu`` (least
+            frequently used over the whole run; an expert routed less often than every cached one is computed
+            from a staging slot instead of evicting a more frequent one).
+        expert_dtype: ``auto``: the model's dtype; ``int8``: per-output-channel int8 weights with fp32 scales,
+            dequantized on the device as each expert runs (about half the bytes of bf16, so about twice the
+            experts fit the cache and half the bytes cross the link).
+        prefetch: page in the next MoE layer's likely experts (its router applied to the current layer's input)
+            while the current layer computes.
+    """
+
+    expert_weights: ExpertWeights = "resident"
+    gpu_memory_gb: Optional[float] = None
+    cache_slots: Optional[int] = None
+    cache_policy: CachePolicyName = "lru"
+    expert_dtype: ExpertDType = "auto"
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.expert_weights not in ("resident", "paged"):
+            raise ConfigError(f"expert_weights={self.expert_weights!r}: choose resident or paged")
+        if self.cache_policy not in ("lru", "lfu"):
+            raise ConfigError(f"cache_policy={self.cache_policy!r}: choose lru or lfu")
+        if self.expert_dtype not in ("auto", "int8"):
+            raise ConfigError(f"expert_dtype={self.expert_dtype!r}: choose auto (the model's dtype) or int8")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise ConfigError(f"gpu_memory_gb={self.gpu_memory_gb}: need a positive size in GB (or leave it unset "
+                              "to size the cache from free memory)")
+        if self.cache_slots is not None and self.cache_slots < 1:
+            raise ConfigError(f"cache_slots={self.cache_slots}: need at least 1 expert slot")
+        if self.expert_weights == "resident" and (self.expert_dtype != "auto" or self.gpu_memory_gb is not None
+                                                  or self.cache_slots is not None):
+            raise ConfigError("expert_dtype, gpu_memory_gb and cache_slots apply to paged experts only; add "
+                              "expert_weights=paged (--expert_weights paged)")
+
+    @property
+    def paged(self) -> bool:
+        return self.expert_weights == "paged"
