@@ -18,6 +18,8 @@
 #         parallel over 2 GPUs),
 #         recipe:NAME (the front door: a random model directory of recipes/NAME.yaml's shape, then
 #         `moetrain fit` on the recipe as written for RECIPE_STEPS steps; plan beside measurement),
+#         compute:NAME (recipes/NAME.yaml's compute-only step: resident bf16 weights, no optimizer, same
+#         micro-batches; a kernel-family breakdown of two traced micro-batches),
 #         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
@@ -105,6 +107,8 @@ for s in $STAGES; do
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
     recipe:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe:}.yaml" \
         --steps "${RECIPE_STEPS:-3}" --out "$JSON" ;;
+    compute:*) stage "$s" python3 -m moetrain.bench.compute_only --recipe "recipes/${s#compute:}.yaml" --profile \
+        --out "$JSON" ;;
     recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \
         --steps "${RECIPE_STEPS:-3}" --gpu-gib 79 --out "$JSON" ;;
     *) echo "unknown stage $s" ;;

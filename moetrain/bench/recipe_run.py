@@ -54,6 +54,11 @@ class PeakSampler:
         self.period = period
         self.host_peak = 0
         self.gpu_peak = 0
+        # RSS summed over a process tree counts pages shared after fork (pinned buffers, the model) once per
+        # process; the machine's used memory (total - available) over its value before the run does not
+        vm = psutil.virtual_memory()
+        self.host_used_base = vm.total - vm.available
+        self.host_used_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -76,6 +81,8 @@ class PeakSampler:
             except psutil.Error:
                 rss = 0
             self.host_peak = max(self.host_peak, rss)
+            vm = psutil.virtual_memory()
+            self.host_used_peak = max(self.host_used_peak, vm.total - vm.available - self.host_used_base)
             self.gpu_peak = max(self.gpu_peak, self._gpu_used())
             self._stop.wait(self.period)
 
@@ -214,6 +221,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["rc"] = rc
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         result["host_peak_gib"] = round(sampler.host_peak / GiB, 2)
+        result["host_used_peak_gib"] = round(sampler.host_used_peak / GiB, 2)  # machine-wide, shared pages once
         result["gpu_peak_used_gib"] = round(sampler.gpu_peak / GiB, 2)
         metrics_file = root / "metrics.jsonl"
         metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []

@@ -1,0 +1,158 @@
+"""A recipe's compute-only step: forward and backward with resident bf16 weights and no optimizer.
+
+The front door's speed target is relative to this figure: the same model (the recipe's preset at full
+depth, random weights built on the GPU), the same micro-batch (``data.micro_batch_size`` x
+``data.seq_len``), the same expert implementation and activation checkpointing, and the same number of
+micro-batches an optimizer step (``model.accumulate_grad_batches``). Every parameter is bf16 and resident;
+gradients accumulate in bf16; nothing is paged and nothing is stepped. What the offloaded run spends
+beyond this is the optimizer's and the paging's.
+
+``--micro-batches K`` times K micro-batches after two warm-up ones and scales to the recipe's
+accumulation (each micro-batch costs the same: same shapes, random tokens). ``--profile`` traces two more
+micro-batches with ``torch.profiler`` and splits the GPU time by kernel family (GEMMs, grouped GEMMs,
+attention, the loss, elementwise and the rest) and the time the GPU sat idle inside the span (launch-
+and host-bound gaps).
+
+    python -m moetrain.bench.compute_only --recipe recipes/deepseek-moe-16b.yaml --profile --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from moetrain.config import ModelConfig
+from moetrain.models.random_init import build_random
+from moetrain.training.telemetry import peak_flops, training_flops_per_token
+
+KERNEL_FAMILIES = (  # first match wins: (family, substrings of a kernel's name, lower case)
+    ("grouped_gemm", ("grouped", "group_gemm", "gmm")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "sgemm", "hgemm")),
+    ("loss_softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("reduce_sort_scatter", ("reduce", "sort", "scatter", "gather", "index", "cumsum", "histc", "bincount", "topk")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "fill")),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in KERNEL_FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def kernel_breakdown(prof: torch.profiler.profile) -> dict[str, float]:
+    """Seconds of GPU kernel time per family, the busy union, the span and the idle share of a trace."""
+    spans: list[tuple[float, float]] = []
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start = ev.time_range.start
+        end = ev.time_range.end
+        spans.append((start, end))
+        per[family(ev.name)] += (end - start) / 1e6
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    out = {f"gpu_{k}_s": round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    out.update(gpu_busy_s=round(busy / 1e6, 4), gpu_span_s=round(span / 1e6, 4),
+               gpu_idle_share=round(1 - busy / span, 4) if span else 0.0)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches timed (after 2 warm-up ones)")
+    p.add_argument("--micro", type=int, default=None, help="rows a micro-batch (default: the recipe's)")
+    p.add_argument("--checkpoint-layers", default=None, choices=["true", "false"],
+                   help="activation checkpointing (default: the recipe's)")
+    p.add_argument("--profile", action="store_true", help="trace two more micro-batches: GPU time by kernel family")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("compute_only benchmark needs a CUDA device")
+    recipe = yaml.safe_load(Path(a.recipe).read_text())
+    model_cfg, data_cfg = recipe.get("model") or {}, recipe.get("data") or {}
+    cfg = ModelConfig.from_preset(model_cfg["preset"], **(model_cfg.get("config") or {}))
+    micro = a.micro or int(data_cfg.get("micro_batch_size", 1))
+    seq = int(data_cfg.get("seq_len", 2048))
+    accum = int(model_cfg.get("accumulate_grad_batches", 1))
+    ckpt = (a.checkpoint_layers == "true") if a.checkpoint_layers else bool(model_cfg.get("activation_checkpointing"))
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    model = build_random(cfg, 0, device=dev).to(torch.bfloat16)
+    model.set_expert_impl(model_cfg.get("expert_impl", "auto"))
+    model.set_activation_checkpointing(ckpt)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def micro_batch() -> None:
+        ids = torch.randint(0, cfg.vocab_size, (micro, seq), device=dev, generator=gen)
+        out = model(ids, labels=ids, return_logits=False)
+        (out.loss / accum).backward()
+
+    for _ in range(2):
+        micro_batch()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.micro_batches):
+        t = time.perf_counter()
+        micro_batch()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    per_micro = statistics.median(times)
+    step_s = per_micro * accum
+    tokens = micro * seq * accum
+    peak = peak_flops(dev)
+    mfu = training_flops_per_token(cfg) * tokens / step_s / peak if peak else None
+    res = {"bench": "compute_only", "recipe": a.recipe, "device": torch.cuda.get_device_name(0),
+           "params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+           "micro": micro, "seq": seq, "accum": accum, "activation_checkpointing": ckpt,
+           "build_s": round(build_s, 1), "micro_batch_s": round(per_micro, 4), "step_s": round(step_s, 3),
+           "tokens_per_s": round(tokens / step_s, 1), "mfu": None if mfu is None else round(mfu, 4),
+           "gpu_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                micro_batch()
+            torch.cuda.synchronize()
+        res["profile_2_micro_batches"] = kernel_breakdown(prof)
+        top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        print(top, flush=True)
+    print("RESULT " + json.dumps(res), flush=True)
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        name = Path(a.recipe).stem
+        (Path(a.out) / f"compute_only_{name}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
