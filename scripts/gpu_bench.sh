@@ -106,11 +106,11 @@ for s in $STAGES; do
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" \
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
     recipe:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe:}.yaml" \
-        --steps "${RECIPE_STEPS:-3}" --out "$JSON" ;;
+        --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --out "$JSON" ;;
     compute:*) stage "$s" python3 -m moetrain.bench.compute_only --recipe "recipes/${s#compute:}.yaml" --profile \
         --out "$JSON" ;;
     recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \
-        --steps "${RECIPE_STEPS:-3}" --gpu-gib 79 --out "$JSON" ;;
+        --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --gpu-gib 79 --out "$JSON" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
