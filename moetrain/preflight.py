@@ -209,6 +209,7 @@ def check_resources(sections: dict[str, Any], subcommand: str, model_config: Mod
     """
     from moetrain.offload import nvme
     from moetrain.offload.plan import GPU_RESERVE, HOST_RESERVE, make_plan, recipe_training
+    from moetrain.offload.schedule import num_state_slots
 
     if offload.nvme_path and Path(offload.nvme_path).is_dir():
         nvme.remove_stale_swap_files(offload.nvme_path)
@@ -220,10 +221,9 @@ def check_resources(sections: dict[str, Any], subcommand: str, model_config: Mod
         # each of them open a CUDA context on the first GPU (the planner asks it for its capacity)
         return
     plan = make_plan(model_config, offload, **recipe_training(sections))
-    if builds_store and offload.gpu_budget_gb * GiB < plan.record_bytes:
-        # the engine refuses this too (ExpertOffloadOptimizer._num_slots), but only once the model is built
-        raise ConfigError(f"model.offload.gpu_budget_gb={offload.gpu_budget_gb} holds no expert: one expert's state "
-                          f"takes {plan.record_bytes / 2**20:.1f} MiB; raise the budget")
+    if builds_store:
+        # a budget that holds no expert is refused here, before the build, by the rule the engine sizes its slots by
+        num_state_slots(offload, record_bytes=plan.record_bytes, num_records=plan.total_experts)
     if builds_store and plan.nvme_bytes:
         if not offload.nvme_path:
             raise nvme.NvmeError(f"{plan.nvme_bytes / GiB:.2f} GiB of expert state exceed model.offload."

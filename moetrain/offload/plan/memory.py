@@ -1,0 +1,250 @@
+"""Bytes per tier of one model under one offload config: :func:`make_plan`, the core of ``moetrain plan``.
+
+Per parameter, on the GPU: dense parameters keep fp32 weights, grads and two moments (16 B) plus the bf16 copies
+autocast makes of their matrices (2 B); routed experts keep compute weights (``compute_dtype``: 2 B in bf16, the
+default on a GPU, 4 B in fp32) and, with the grouped GEMM path, a gradient of the same size for every expert, or
+only one MoE layer's when layers are stepped and their gradients freed under backward
+(:func:`~moetrain.offload.schedule.layerwise_grads`); the device slots of state being stepped (``gpu_budget_gb``,
+:func:`~moetrain.offload.schedule.num_state_slots`); the hot-expert state cache (``hot_cache_gb``, null: what is
+left); an estimate of the activations of one micro-batch
+(:mod:`.activations`); and a reserve for the CUDA context and allocator slack. The routed experts' master weights
+and moments take ``state_bytes_per_param`` bytes (12 in fp32; 4.03 for bf16 masters with int8 moments) in host
+memory up to ``cpu_budget_gb``, and on NVMe past it.
+
+The load peak must fit too, and it depends on how the model starts: with ``init_from`` and an offload tier the
+experts' fp32 masters stream from the checkpoint straight into the store while their compute weights are built in
+``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32 (4 B/param) and the experts
+at their compute-weight bytes; random initialisation, or ``init_from`` without a tier, puts the whole model on the
+GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a random initialisation of a small model
+(:func:`random_init_in_host_memory`) builds the fp32 model in host memory first, next to the pinned expert state (a
+larger one is built on the GPU, with no host copy); ``init_from`` reads the checkpoint one shard at a time
+(:mod:`.disk`). While training, a checkpoint save holds about two shards in host memory (``max_shard_mb``), and
+``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from moetrain.config import ModelConfig
+from moetrain.offload.config import OffloadConfig
+from moetrain.offload.nvme import align_up
+from moetrain.offload.plan.activations import activation_bytes
+from moetrain.offload.plan.assumptions import (
+    DEFAULT_COMPUTE_TFLOPS,
+    GPU_RESERVE,
+    HOST_RESERVE,
+    LOAD_BYTES_PER_PARAM,
+    GiB,
+)
+from moetrain.offload.plan.disk import SAVE_SHARDS_IN_FLIGHT, Storage, checkpoint_bytes
+from moetrain.offload.plan.report import Plan
+from moetrain.offload.plan.step_time import compute_seconds, step_traffic
+from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
+from moetrain.offload.schedule import num_state_slots
+from moetrain.offload.state_format import state_bytes_per_param
+
+
+def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
+    """(dense params, routed-expert params, params of one expert).
+
+    From the config's arithmetic (``ModelConfig.param_counts``, checked against transformers in the tests):
+    building even a meta-device model runs every initialiser through torch's reference ops, about a minute
+    for a 30 B-parameter MoE.
+    """
+    counts = model_config.param_counts()
+    per_expert = 3 * model_config.hidden_size * model_config.moe_intermediate_size
+    return counts["dense"], counts["expert"], per_expert
+
+
+
+def random_init_in_host_memory(params: int) -> bool:
+    """Whether a random initialisation of a model of ``params`` parameters is built in host memory before it
+    moves to the GPU: models under ``SEEDED_INIT_MIN_PARAMS`` are (``MoEForCausalLM(config)`` on the CPU), larger
+    ones are filled on the GPU directly (training/module.py ``random_model``)."""
+    from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS
+
+    return params < SEEDED_INIT_MIN_PARAMS
+
+
+def machine_capacity() -> tuple[Optional[int], Optional[int]]:
+    """(GPU memory, physical host memory) of this machine in bytes; None where it cannot be known here."""
+    gpu = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        host = None
+    return gpu, host
+
+
+
+def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_per_step: int, *,
+              gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
+              disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
+              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
+              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
+              streamed_load: bool = False, activation_checkpointing: bool = False,
+              from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None) -> Plan:
+    """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
+
+    Args:
+        gpu_capacity / host_capacity / disk_free: bytes; default to this machine's (GPU memory, physical
+            host memory, free space at nvme_path). ``disk_free`` is the disk of the run: the ``init_from``
+            directory, the checkpoints and the swap (unless ``storage.swap_separate``).
+        link_gbps: defaults to the measured both-directions rate of the GPU machines (93 GB/s).
+        weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
+            from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
+        micro_batch_tokens: tokens of one forward/backward, for the activation estimate (default: the step's).
+        layerwise_grads: the engine steps each MoE layer and frees its expert gradients under backward
+            (:func:`~moetrain.offload.schedule.layerwise_grads`), so only the largest layer's expert gradients are
+            counted.
+        streamed_load: the model starts from ``init_from`` and the experts' masters stream into the tier, so the
+            load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
+            loads the whole model in fp32).
+        activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
+        from_checkpoint: the model starts from ``init_from`` (with any tier); None: as ``streamed_load``. False
+            is a random initialisation, built in fp32 in host memory first when it is small
+            (:func:`random_init_in_host_memory`), on the GPU otherwise.
+        storage: the ``init_from`` directory, the checkpoints and where the swap lives (:func:`.recipe_storage`);
+            None: nothing on disk but the swap, and no checkpoint saves.
+    """
+    dense, expert, per_expert = count_parameters(model_config)
+    n_moe = len(model_config.moe_layers)
+    total_experts = n_moe * model_config.num_experts
+    storage = storage if storage is not None else Storage()
+    gpu_cap, host_cap = machine_capacity()
+    gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
+    host_capacity = host_capacity if host_capacity is not None else host_cap
+    off = offload_config
+    if weight_bytes is None:
+        weight_bytes = 4 if off.compute_dtype == "fp32" else 2
+    paged_weights = off.tier != "none" and off.resident_weights == "no"
+    weight_buffers = 2 * weight_bytes * (expert // n_moe if n_moe else 0)  # the pager's two layer-sized buffers
+    bpp = state_bytes_per_param(off.master, off.moments, off.quant_block)
+    # one expert's state record as the store lays it: its formatted bytes, padded to the I/O alignment
+    record = align_up(math.ceil(bpp * per_expert))
+    state = record * total_experts
+    micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
+    rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense),
+                                        ("gpu", "dense matrices: bf16 autocast copies", 2 * dense)]
+    hot, host, nvme, layerwise = 0, 0, 0, False
+    if off.tier == "none":
+        rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
+    else:
+        layerwise = layerwise_grads
+        try:
+            slots = num_state_slots(off, record_bytes=record, num_records=total_experts)
+        except ValueError:
+            slots = 1  # the pre-flight and the engine refuse this budget; the plan still shows what one slot takes
+        grads = expert // n_moe if layerwise else expert  # every MoE layer has the same experts
+        if paged_weights:  # two layer-sized device buffers; the weights' home is host memory
+            rows.append(("gpu", f"experts: paged compute weights, 2 layer buffers ({weight_bytes} B/param)",
+                         weight_buffers))
+        else:
+            rows.append(("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert))
+        rows += [("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
+                         f"({weight_bytes} B/param)", weight_bytes * grads),
+                 ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
+        if off.tier == "cpu":
+            budget = None if off.cpu_budget_gb is None else int(off.cpu_budget_gb * GiB)
+            host = state if budget is None else min(state, budget // record * record)
+        nvme = state - host
+        staging = slots * record if nvme else 0
+    recomputed = ", layers recomputed" if activation_checkpointing else ""
+    rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate{recomputed})",
+              activation_bytes(model_config, micro, activation_checkpointing)),
+             ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
+    if off.tier != "none":
+        # the cache comes last: with hot_cache_gb null it takes what the GPU has left
+        used = sum(n for tier, _, n in rows if tier == "gpu")
+        if off.hot_cache_gb is None:
+            spare = 0 if gpu_capacity is None else max(0, gpu_capacity - used)
+        else:
+            spare = int(off.hot_cache_gb * GiB)
+        # up to every expert, where the engine (schedule.hot_capacity) stops at the records without a slot: the
+        # two differ only when the slots and the cache together could hold more than every expert
+        hot = min(total_experts, spare // record)
+        rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
+        rows.append(("host", "expert state (pinned)", host))
+        if paged_weights:
+            rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
+            host += weight_bytes * expert
+        if nvme:
+            swap_tier = "nvme" if storage.swap_separate else "disk"
+            rows += [("host", "NVMe staging buffers (pinned)", staging), (swap_tier, "expert state (NVMe swap)", nvme)]
+            host += staging
+    rows.append(("host", "process, data workers (reserve)", HOST_RESERVE))
+    host += HOST_RESERVE
+    # loading: a small random initialisation builds the fp32 model in host memory next to the pinned state (the
+    # store takes the experts' masters from it), a large one on the GPU; init_from reads one shard at a time
+    from_checkpoint = streamed_load if from_checkpoint is None else from_checkpoint
+    pinned = " next to the pinned expert state" if off.tier != "none" else ""
+    if from_checkpoint:
+        host_load = host + storage.load_shard_bytes
+        host_load_what = (f"init_from is read one shard at a time ({storage.load_shard_bytes / GiB:.2f} GiB)"
+                          + (pinned or " onto the GPU"))
+    elif random_init_in_host_memory(dense + expert):
+        host_load = host + LOAD_BYTES_PER_PARAM * (dense + expert)
+        host_load_what = ("random init builds the fp32 model in host memory first "
+                          f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)" + (pinned and "," + pinned))
+    else:
+        host_load = host
+        host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
+            ": host memory holds the pinned expert state" if pinned else "")
+    one = checkpoint_bytes(dense, expert, off)
+    if storage.checkpoints:
+        rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
+                             f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
+                     SAVE_SHARDS_IN_FLIGHT * min(storage.max_shard_bytes, one)))
+        if storage.async_save:  # the dense part is copied (experts too with tier none); expert state is read in place
+            snapshot = dense if off.tier != "none" else dense + expert
+            rows.append(("host", "checkpoint.async: host copy of fp32 weights + moments", 12 * snapshot))
+        host = sum(n for tier, _, n in rows if tier == "host")
+    disk_notes = []
+    if storage.model_dir_what:
+        rows.append(("disk", storage.model_dir_what, storage.model_dir_bytes))
+    if storage.checkpoints:
+        rows.append(("disk", f"checkpoints: {storage.checkpoints} x {one / GiB:.2f} GiB", storage.checkpoints * one))
+        moments = "fp32" if off.tier == "none" else off.moments
+        disk_notes.append(f"checkpoints: {storage.checkpoints_what}; each holds fp32 weights "
+                          f"({4 * (dense + expert) / GiB:.2f} GiB) and the AdamW moments (fp32 dense, "
+                          f"{moments} experts: {(one - 4 * (dense + expert)) / GiB:.2f} GiB)")
+    disk = sum(n for tier, _, n in rows if tier == "disk")
+    gpu = sum(n for tier, _, n in rows if tier == "gpu")
+    if disk_free is None and nvme and not storage.swap_separate and off.nvme_path and os.path.isdir(off.nvme_path):
+        disk_free = shutil.disk_usage(off.nvme_path).free
+    traffic = step_traffic(model_config, tokens_per_step=tokens_per_step, micro_batch_tokens=micro,
+                           per_expert=per_expert, state_bpp=bpp, hot_experts=hot, offloaded=off.tier != "none",
+                           paged_weights=paged_weights, weight_bytes=weight_bytes)
+    link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
+    streamed = streamed_load and off.tier != "none"
+    compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
+                                tokens_per_step=tokens_per_step, compute_tflops=compute_tflops)
+    return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
+                host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
+                active_experts=traffic.active_experts, total_experts=total_experts,
+                moved_bytes=traffic.moved_bytes, link_gbps=link, compute_s=compute_s,
+                transfer_s=traffic.moved_bytes / (link * 1e9), breakdown=rows,
+                gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed=streamed,
+                                               paged_buffer_bytes=weight_buffers if paged_weights else None),
+                master=off.master, moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
+                hot_cache_auto=off.hot_cache_gb is None, paged_experts=traffic.paged_experts, layerwise_grads=layerwise,
+                streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights,
+                host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,
+                swap_separate=storage.swap_separate, swap_free=storage.swap_free)
+
+
+def load_peak_bytes(dense: int, expert: int, weight_bytes: int, *, streamed: bool,
+                    paged_buffer_bytes: Optional[int] = None) -> int:
+    """GPU bytes while the model loads: the dense part in fp32, and the routed experts in fp32 too unless their
+    masters stream into the tier (``init_from`` with a tier), in which case only their compute weights
+    (``weight_bytes`` per parameter) are on the GPU; with paged weights not even those: only the pager's
+    ``paged_buffer_bytes`` of device buffers."""
+    if streamed and paged_buffer_bytes is not None:
+        return LOAD_BYTES_PER_PARAM * dense + paged_buffer_bytes
+    return LOAD_BYTES_PER_PARAM * dense + (weight_bytes if streamed else LOAD_BYTES_PER_PARAM) * expert

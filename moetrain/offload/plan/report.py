@@ -1,0 +1,197 @@
+"""The planner's answer: :class:`Plan` (bytes per tier, whether they fit, the floor of a step) and how
+``moetrain plan`` prints it; :func:`plan_overflows`, the lines a pre-flight check prints when it refuses a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from moetrain.offload.plan.assumptions import GiB
+from moetrain.offload.state_format import state_bytes_per_param
+
+
+@dataclass
+class Plan:
+    """Bytes per tier and the step floor of one model under one offload config.
+
+    Attributes:
+        gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training (host: with a checkpoint
+            save in flight; nvme: the swap, part of ``disk_bytes`` unless ``swap_separate``).
+        gpu_load_bytes: the GPU peak while loading: fp32 dense + the experts at their compute-weight bytes when
+            streamed (``streamed_load``: init_from with a tier), else the whole model in fp32.
+        host_load_bytes / host_load_what: the host peak while loading (the fp32 model of a random init, or one
+            shard of ``init_from``, next to the pinned state), and how it comes about.
+        disk_bytes: the run's disk: the ``init_from`` directory, the swap (unless ``swap_separate``) and the
+            checkpoints on disk at once; disk_notes: lines that explain the disk rows.
+        gpu_capacity / host_capacity / disk_free: what the machine has (None: unknown here); swap_free: the free
+            bytes of the swap's own filesystem when ``swap_separate``.
+        expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
+        master / moments / state_bpp: the experts' state format and its bytes per parameter.
+        record_bytes: one expert's state record as the store lays it (aligned).
+        hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized from what is left.
+        paged_experts: expected active experts per step whose state is paged (not in the hot cache).
+        layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
+        paged_weights: the experts' compute weights live in host memory (``resident_weights: no``).
+        moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
+        breakdown: (tier, what, bytes) lines.
+    """
+
+    tier: str
+    gpu_bytes: int
+    host_bytes: int
+    nvme_bytes: int
+    gpu_capacity: Optional[int]
+    host_capacity: Optional[int]
+    disk_free: Optional[int]
+    expert_params: int
+    dense_params: int
+    active_experts: float
+    total_experts: int
+    moved_bytes: float
+    link_gbps: float
+    compute_s: float
+    transfer_s: float
+    breakdown: list[tuple[str, str, int]] = field(default_factory=list)
+    gpu_load_bytes: int = 0
+    master: str = "fp32"
+    moments: str = "fp32"
+    state_bpp: float = 12.0
+    record_bytes: int = 0
+    hot_cache_experts: int = 0
+    hot_cache_auto: bool = False
+    paged_experts: float = 0.0
+    layerwise_grads: bool = False
+    streamed_load: bool = False
+    weight_bytes: int = 2
+    paged_weights: bool = False
+    host_load_bytes: int = 0
+    host_load_what: str = ""
+    disk_bytes: int = 0
+    disk_notes: list[str] = field(default_factory=list)
+    swap_separate: bool = False
+    swap_free: Optional[int] = None
+
+    def load_what(self) -> str:
+        """How the load peak comes about, in words."""
+        if self.streamed_load and self.paged_weights:
+            return ("init_from streams the experts' masters into the tier and their weights into host memory: "
+                    "fp32 dense + two layers of experts")
+        if self.streamed_load:
+            return (f"init_from streams the experts' masters into the tier: fp32 dense + "
+                    f"{self.weight_bytes} B/param experts")
+        return "the whole model in fp32 (random init, or init_from without an offload tier)"
+
+    @property
+    def floor_s(self) -> float:
+        return max(self.compute_s, self.transfer_s)
+
+    def fits(self) -> dict[str, Optional[bool]]:
+        """Per tier (``gpu``, ``host``, ``disk``, and ``nvme`` when the swap has its own filesystem): True /
+        False, or None when the capacity is unknown on this machine. The GPU and the host must hold both the
+        training footprint and the load peak."""
+        return {tier: verdict for tier, _, _, _, verdict in self._tiers()}
+
+    def _tiers(self) -> list[tuple[str, int, Optional[int], int, Optional[bool]]]:
+        """(tier, bytes while training, capacity, bytes at load, verdict) of every tier the plan weighs."""
+        def ok(used: int, cap: Optional[int]) -> Optional[bool]:
+            return None if cap is None else used <= cap
+        tiers = [("gpu", self.gpu_bytes, self.gpu_capacity, self.gpu_load_bytes),
+                 ("host", self.host_bytes, self.host_capacity, self.host_load_bytes),
+                 ("disk", self.disk_bytes, self.disk_free, 0)]
+        if self.swap_separate:
+            tiers.append(("nvme", self.nvme_bytes, self.swap_free, 0))
+        return [(tier, used, cap, load, ok(max(used, load), cap) if used or load else True)
+                for tier, used, cap, load in tiers]
+
+    def verdict_lines(self) -> dict[str, str]:
+        """The ``total`` line of every tier with something on it, as :meth:`format` prints it (unindented)."""
+        def gib(n: Optional[float]) -> str:
+            return "unknown" if n is None else f"{n / GiB:8.2f} GiB"
+
+        lines = {}
+        for tier, used, cap, load, verdict in self._tiers():
+            if not (used or load):
+                continue
+            state = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown here"}[verdict]
+            note = f" (peak at load: {load / GiB:.2f} GiB)" if load > used else ""
+            lines[tier] = f"{tier:<5} total {gib(used)} of {gib(cap)}: {state}{note}"
+        return lines
+
+    def load_lines(self) -> dict[str, str]:
+        """The ``peak at load`` line of the GPU and of the host (unindented)."""
+        return {"gpu": f"gpu   peak at load {self.gpu_load_bytes / GiB:8.2f} GiB: {self.load_what()}",
+                "host": f"host  peak at load {self.host_load_bytes / GiB:8.2f} GiB: {self.host_load_what}"}
+
+    def fits_all(self) -> bool:
+        """Every tier fits (an unknown capacity does not count as fitting)."""
+        return all(v is True for v in self.fits().values())
+
+    def format(self) -> str:
+        """A human-readable report (what ``moetrain plan`` prints)."""
+        def gib(n: Optional[float]) -> str:
+            return "unknown" if n is None else f"{n / GiB:8.2f} GiB"
+
+        def count(n: int) -> str:
+            return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+        def secs(t: float) -> str:
+            return f"{t:.3f} s" if t >= 0.1 else f"{t * 1e3:.3f} ms"
+
+        lines = [f"offload tier: {self.tier}   parameters: {count(self.dense_params)} dense + "
+                 f"{count(self.expert_params)} in routed experts"]
+        if self.tier != "none":
+            lines.append(f"expert state: master {self.master}, moments {self.moments}: {self.state_bpp:.3f} B/param "
+                         f"(fp32 state: {state_bytes_per_param():.0f}); expert gradients: "
+                         + ("one MoE layer's at a time (stepped under backward)" if self.layerwise_grads
+                            else "every expert's"))
+        lines.append("")
+        order = ("gpu", "host", "disk", "nvme")
+        lines += [f"  {tier:<5} {what:<56} {gib(n)}"
+                  for tier, what, n in sorted(self.breakdown, key=lambda row: order.index(row[0]))]
+        lines.append("")
+        lines += [f"  {line}" for line in self.verdict_lines().values()]
+        lines += [f"  {line}" for line in self.load_lines().values()]
+        lines += [f"  disk  {note}" for note in self.disk_notes]
+        if self.tier != "none":
+            cache = self.hot_cache_experts
+            how = "auto: what the GPU has left" if self.hot_cache_auto else "hot_cache_gb"
+            if self.hot_cache_auto and self.gpu_capacity is None:
+                how = "auto: GPU capacity unknown here, sized at start-up"
+            lines.append(f"  hot-expert state cache ({how}): {cache} of {self.total_experts} experts, "
+                         f"{cache * self.record_bytes / GiB:.2f} GiB")
+        bound = "link" if self.transfer_s > self.compute_s else "compute"
+        lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}"
+                  + (f", {self.paged_experts:.0f} paged" if self.hot_cache_experts else ""),
+                  f"  link: {self.moved_bytes / GiB:.3f} GiB per step at {self.link_gbps:.0f} GB/s -> "
+                  f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}",
+                  f"  floor of a step: {secs(self.floor_s)} ({bound}-bound)"]
+        return "\n".join(lines)
+
+
+def plan_overflows(plan: Plan) -> list[str]:
+    """The lines of ``plan`` that say something does not fit, as ``moetrain plan`` prints them (unindented): the
+    ``total`` line of every tier that overflows (``gpu``, ``host``, ``disk``, ``nvme``), each followed, for the GPU
+    and the host, by its ``peak at load`` line when the load peak is past the capacity. Empty when every tier
+    fits; a capacity unknown here is not an overflow. What a pre-flight check prints when it refuses a run, e.g.
+    the DeepSeek-MoE-16B recipe as it was (fp32 state, 110 GiB pinned + NVMe, 4 GiB checkpoint shards, 5
+    checkpoints kept) on one H200 with 125 GiB of host memory and 64 GiB of disk::
+
+        host  total   126.89 GiB of   125.00 GiB: DOES NOT FIT
+        disk  total  1002.70 GiB of    64.00 GiB: DOES NOT FIT
+
+    and a host that holds the training footprint but not the load peak (here a small model's random
+    initialisation, built in host memory)::
+
+        host  total     8.01 GiB of     8.02 GiB: DOES NOT FIT (peak at load: 8.02 GiB)
+        host  peak at load     8.02 GiB: random init builds the fp32 model in host memory first (0.01 GiB), ...
+    """
+    totals, loads = plan.verdict_lines(), plan.load_lines()
+    out = []
+    for tier, _, cap, load, verdict in plan._tiers():
+        if verdict is not False:
+            continue
+        out.append(totals[tier])
+        if tier in loads and cap is not None and load > cap:
+            out.append(loads[tier])
+    return out
+

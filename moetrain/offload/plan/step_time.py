@@ -1,0 +1,64 @@
+"""The floor of an optimizer step: ``max(compute, bytes moved / link)``.
+
+The active experts' state that is not in the hot cache goes up and comes back (``2 * state_bytes_per_param``
+B/param, both directions at once); with paged compute weights every micro-batch also pages its active experts'
+weights in for forward and again for backward, and the step writes the new weights of its active experts back.
+Compute is ``6 * active params * tokens`` FLOPs at an assumed sustained rate. The expected number of active
+experts of a layer is ``E * (1 - (1 - 1/E) ** (tokens * k))`` (uniform routing; balanced routers are close to
+it), and a cached expert is taken to be active as often as any other (the cache keeps the hottest, so fewer
+bytes move than this says).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from moetrain.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class StepTraffic:
+    """What one optimizer step moves over the host-GPU link.
+
+    Attributes:
+        active_experts: expected routed experts active in the step, all layers.
+        paged_experts: the active ones whose state is paged (not in the hot cache).
+        moved_bytes: bytes over the link per step (state up and back; paged weights too).
+    """
+
+    active_experts: float
+    paged_experts: float
+    moved_bytes: float
+
+
+def step_traffic(config: ModelConfig, *, tokens_per_step: int, micro_batch_tokens: int, per_expert: int,
+                 state_bpp: float, hot_experts: int, offloaded: bool, paged_weights: bool,
+                 weight_bytes: int) -> StepTraffic:
+    """The expected traffic of one step of ``tokens_per_step`` tokens in micro-batches of ``micro_batch_tokens``.
+
+    Args:
+        per_expert: parameters of one routed expert; state_bpp: bytes per parameter of its state.
+        hot_experts: experts whose state stays on the GPU; offloaded: the state lives off the GPU (tier not none).
+        paged_weights: the compute weights (``weight_bytes`` per parameter) live in host memory as well.
+    """
+    e, k, n_moe = config.num_experts, config.num_experts_per_tok, len(config.moe_layers)
+    total_experts = n_moe * e
+    active_per_layer = e * (1.0 - (1.0 - 1.0 / e) ** (tokens_per_step * k))
+    active = n_moe * active_per_layer
+    paged = active * (1.0 - hot_experts / total_experts) if offloaded else 0.0
+    moved = 2.0 * state_bpp * per_expert * paged
+    if paged_weights:
+        # every micro-batch pages in its active experts' weights for forward and again for backward; the
+        # step writes the new weights of the step's active experts back
+        micro_batches = max(1, math.ceil(tokens_per_step / micro_batch_tokens))
+        active_micro = n_moe * e * (1.0 - (1.0 - 1.0 / e) ** (micro_batch_tokens * k))
+        moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active)
+    return StepTraffic(active_experts=active, paged_experts=paged, moved_bytes=moved)
+
+
+def compute_seconds(config: ModelConfig, *, dense_params: int, per_expert: int, tokens_per_step: int,
+                    compute_tflops: float) -> float:
+    """Seconds of ``6 * active params * tokens`` FLOPs (forward 2, backward 4) at ``compute_tflops``."""
+    active_params_per_token = dense_params + len(config.moe_layers) * config.num_experts_per_tok * per_expert
+    return 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
