@@ -176,9 +176,15 @@ class TrainOptimizer(ABC):
         state changes before :meth:`step` is called."""
         return False
 
-    def set_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
-        """The routed-token counts ``(E,)`` of MoE layer ``layer`` summed over every rank; an optimizer that steps
-        only the experts that received tokens takes these rather than the counts it saw itself."""
+    def routed(self, layer: int, routing: Any, hidden: torch.Tensor) -> None:
+        """The model's routing sink (:class:`~moetrain.models.seam.RoutingSink`, attached by the optimizer that
+        uses it): MoE layer ``layer`` routed ``routing.counts`` (E,) tokens from ``hidden`` (T, H)."""
+        return None  # nothing to do unless an implementation has the feature
+
+    def add_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """Add ``counts`` (E,) tokens to those MoE layer ``layer`` routed in the coming step: the one way counts
+        reach an optimizer that steps only the experts that received tokens (its own :meth:`routed` calls it,
+        and the multi-rank wrapper adds the other ranks' counts through it)."""
         return None  # nothing to do unless an implementation has the feature
 
     def telemetry(self) -> dict[str, float]:

@@ -77,7 +77,8 @@ def test_dense_adamw_answers_every_optional_feature_with_nothing():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.begin_micro_batch(0, 1, 1e-3)
     assert not opt.steps_during_backward()
-    opt.set_routed_counts(1, torch.ones(4, dtype=torch.int64))
+    opt.routed(1, None, torch.zeros(3, 32))
+    opt.add_routed_counts(1, torch.ones(4, dtype=torch.int64))
     assert opt.telemetry() == {} and opt.routing_frequency() == {}
     opt.load_routing_frequency({1: [1.0] * 4})
     opt.finalize()

@@ -8,7 +8,6 @@ by the key maps in :mod:`moetrain.models.hf`.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,10 +20,10 @@ from moetrain.config import ModelConfig
 from moetrain.models.attention import Attention, KVCache, RMSNorm, build_attention_mask
 from moetrain.models.experts import SwiGLU
 from moetrain.models.mla import MultiHeadLatentAttention
-from moetrain.models.moe import MoEBlock, RoutingObserver
-from moetrain.models.recompute import recomputing
+from moetrain.models.moe import MoEBlock
 from moetrain.models.rope import rotary_for
 from moetrain.models.router import Routing, TopKRouter
+from moetrain.models.seam import ExpertWeights, RoutingSink
 
 IGNORE_INDEX = -100
 INIT_STD = 0.02
@@ -80,9 +79,18 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return total / count
 
 
-def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Contexts of a checkpointed layer's first forward (nothing) and of its recomputation in backward."""
-    return contextlib.nullcontext(), recomputing()
+class _CheckpointedLayer:
+    """A decoder layer as activation checkpointing calls it: its first call is the forward, every later call the
+    recomputation in backward, told to the layer as ``recomputing=True`` (its routing was already reported, and
+    paged weights must not prefetch the layer after it). One per layer and forward pass: no shared state."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        self.layer = layer
+        self.ran = False
+
+    def __call__(self, *args) -> tuple[torch.Tensor, Optional[Routing]]:
+        recomputing, self.ran = self.ran, True
+        return self.layer(*args, recomputing=recomputing)
 
 
 class DecoderLayer(nn.Module):
@@ -103,11 +111,14 @@ class DecoderLayer(nn.Module):
             else SwiGLU(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x, cos, sin, mask, valid, cache=None) -> tuple[torch.Tensor, Optional[Routing]]:
+    def forward(self, x, cos, sin, mask, valid, cache=None, *,
+                recomputing: bool = False) -> tuple[torch.Tensor, Optional[Routing]]:
+        """x: (B, L, H) -> ((B, L, H), the MoE layer's routing or None); ``recomputing``: activation
+        checkpointing's re-run of this layer in backward."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            out, routing = self.mlp(h, valid)
+            out, routing = self.mlp(h, valid, recomputing=recomputing)
             return x + out, routing
         return x + self.mlp(h), None
 
@@ -192,10 +203,25 @@ class MoEForCausalLM(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
-    def set_routing_observer(self, observer: Optional[RoutingObserver]) -> None:
-        """Install ``observer(layer_idx, routing)`` on every MoE block (the offload engine's hook)."""
+    def attach_offload(self, *, weights: Optional[ExpertWeights] = None, routing: Optional[RoutingSink] = None) -> None:
+        """The seam to an offload engine (:mod:`moetrain.models.seam`), attached once per part.
+
+        Args:
+            weights: where the routed experts' compute weights live when their parameters are placeholders
+                (``resident_weights: no``); every MoE layer's experts run through it from now on.
+            routing: told every MoE layer's routing before its experts run (the engine, or the multi-rank
+                wrapper standing in front of it); replaces the sink attached before.
+        """
         for block in self.moe_blocks():
-            block.observer = observer
+            if weights is not None:
+                block.experts.pager = weights
+            if routing is not None:
+                block.sink = routing
+
+    def detach_routing(self) -> None:
+        """No sink is told the routing any more (the engine closed). Paged weights stay: they hold the values."""
+        for block in self.moe_blocks():
+            block.sink = None
 
     def set_expert_impl(self, impl: str) -> None:
         """Choose the expert compute path: ``auto``, ``grouped`` or ``loop``."""
@@ -251,8 +277,8 @@ class MoEForCausalLM(nn.Module):
         checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
             if checkpoint:
-                x, routing = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, valid, use_reentrant=False,
-                                                               context_fn=_recompute_contexts)
+                x, routing = torch.utils.checkpoint.checkpoint(_CheckpointedLayer(layer), x, cos, sin, mask, valid,
+                                                               use_reentrant=False)
             else:
                 x, routing = layer(x, cos, sin, mask, valid, cache)
             if routing is not None:

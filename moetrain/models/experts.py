@@ -6,6 +6,8 @@ Two compute paths, chosen per call:
   stay on the device: the path never reads a GPU value on the host, so transfers queued on side
   streams keep overlapping with it. Idle experts receive zero gradients (the stacked weight's
   gradient is dense); the sparse optimizer knows the active set from the routing counts.
+* paged (``resident_weights: no``): the attached :class:`~moetrain.models.seam.ExpertWeights` runs the
+  experts (its autograd functions live in :mod:`moetrain.offload.paged_experts`).
 * ``loop``: per-expert matmuls (CPU, or any dtype/shape the grouped kernel rejects). Experts that
   got no tokens do not run, so their ``.grad`` stays ``None`` exactly as in plain PyTorch.
 
@@ -15,13 +17,14 @@ Shapes: ``T`` tokens, ``H`` hidden, ``I`` expert width, ``E`` experts, ``k`` top
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetrain.models.recompute import is_recomputing
 from moetrain.models.router import Routing
+from moetrain.models.seam import ExpertWeights
 
 
 class SwiGLU(nn.Module):
@@ -140,107 +143,6 @@ class GroupedSwiGLU(torch.autograd.Function):
         return (dx, None, None, None, None, None, *per_expert)
 
 
-class PagedGroupedSwiGLU(torch.autograd.Function):
-    """:class:`GroupedSwiGLU` with the weights paged in by an
-    :class:`~moetrain.offload.weight_pager.ExpertWeightPager`: fetched for the forward GEMMs and fetched
-    again (never saved) for the backward ones; each pass also starts the next layer's page-in.
-
-    forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, pager, layer, active (list of the
-    experts with rows), *expert_params (placeholders that receive the gradients)) -> (N, H)
-    """
-
-    @staticmethod
-    def forward(ctx, x, offsets, has_rows, pager, layer, active, *expert_params):
-        wg, wu, wd = pager.fetch(layer, active)
-        y, g, u = grouped_swiglu_forward(x, offsets, wg, wu, wd)
-        pager.release(layer)
-        _prefetch_next(pager, layer, +1)
-        ctx.save_for_backward(x, offsets, has_rows, g, u)
-        ctx.pager, ctx.layer, ctx.active, ctx.param_dtype = pager, layer, active, expert_params[0].dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, offsets, has_rows, g, u = ctx.saved_tensors
-        wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
-        _prefetch_next(ctx.pager, ctx.layer, -1)
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype)
-        ctx.pager.release(ctx.layer)
-        return (dx, None, None, None, None, None, *per_expert)
-
-
-class PagedLoopSwiGLU(torch.autograd.Function):
-    """The per-expert loop with paged weights (CPU, or GPUs without the grouped kernel).
-
-    Forward and backward run the very ops autograd runs for ``SwiGLU`` on a 2-D input (``mm`` with the
-    transposed weight, ``silu``, ``mul``; in backward ``mm`` for both operands and ``silu_backward``), so
-    the results equal the resident loop's bit for bit. Experts without rows get no gradient (``None``).
-
-    forward(x_sorted (N, H), pager, layer, sizes (rows per expert, host list), *expert_params) -> (N, H)
-    """
-
-    @staticmethod
-    def forward(ctx, x, pager, layer, sizes, *expert_params):
-        active = [e for e, n in enumerate(sizes) if n]
-        wg, wu, wd = pager.fetch(layer, active)
-        pieces, saved, start = [], [], 0
-        for n, w1, w2, w3 in zip(sizes, wg, wu, wd, strict=True):
-            if n:
-                xe = x[start:start + n]
-                g = xe.mm(w1.to(x.dtype).t())
-                u = xe.mm(w2.to(x.dtype).t())
-                a = F.silu(g)
-                h = a * u
-                pieces.append(h.mm(w3.to(x.dtype).t()))
-                saved += [g, u, a, h]
-            start += n
-        pager.release(layer)
-        _prefetch_next(pager, layer, +1)
-        ctx.save_for_backward(x, *saved)
-        ctx.pager, ctx.layer, ctx.sizes, ctx.active = pager, layer, sizes, active
-        ctx.param_dtype = expert_params[0].dtype
-        if not pieces:
-            return x.new_zeros(x.shape)
-        return torch.cat(pieces, 0)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, *saved = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
-        _prefetch_next(ctx.pager, ctx.layer, -1)
-        dx = torch.zeros_like(x)
-        pd = ctx.param_dtype
-        grads: list = []
-        start = 0
-        for n, w1, w2, w3 in zip(ctx.sizes, wg, wu, wd, strict=True):
-            if not n:
-                grads += [None, None, None]
-                continue
-            g, u, a, h = saved[:4]
-            saved = saved[4:]
-            xe, dye = x[start:start + n], dy[start:start + n]
-            dh = dye.mm(w3.to(x.dtype))
-            d_down = dye.t().mm(h)
-            da, du = dh * u, dh * a
-            dg = torch.ops.aten.silu_backward(da, g)
-            dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
-            grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), d_down.to(pd)]
-            start += n
-        ctx.pager.release(ctx.layer)
-        return (dx, None, None, None, *grads)
-
-
-def _prefetch_next(pager, layer: int, direction: int) -> None:
-    """Start paging in the neighbour layer of ``layer`` (``+1`` in forward: the experts it routed last
-    time; ``-1`` in backward: the experts it routed in this forward)."""
-    if direction > 0 and is_recomputing():  # a forward re-run inside backward: the next layer is done
-        return
-    nxt = pager.next_layer(layer, direction)
-    if nxt is not None:
-        pager.prefetch(nxt, pager.last_routed.get(nxt, []))
-
-
 class RoutedExperts(nn.ModuleList):
     """E independent SwiGLU experts: ``self[e].{gate,up,down}_proj.weight`` are separate parameters
     (Hugging Face names ``mlp.experts.{e}.*``), so each expert can be a separate record in the
@@ -249,10 +151,12 @@ class RoutedExperts(nn.ModuleList):
     ``impl`` is ``auto`` (grouped where supported, else loop), ``grouped`` or ``loop``.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto") -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto", *,
+                 layer_idx: int = -1) -> None:
         super().__init__(SwiGLU(hidden_size, intermediate_size) for _ in range(num_experts))
-        self.pager = None  # an ExpertWeightPager when compute weights are paged (resident_weights: no)
-        self.layer_idx = -1  # set with the pager: the layer this module's rows belong to
+        # paged compute weights (resident_weights: no), attached by MoEForCausalLM.attach_offload
+        self.pager: Optional[ExpertWeights] = None
+        self.layer_idx = layer_idx  # the MoE layer these experts belong to (the pager's rows are per layer)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -302,15 +206,18 @@ class RoutedExperts(nn.ModuleList):
             packed.append(stacked)
         return packed[0], packed[1], packed[2]
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x)."""
+    def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
+        """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing``: this is the
+        re-run of a checkpointed layer in backward (paged weights then prefetch no layer after this one)."""
         d = dispatch(routing)
         x_sorted = x[d.token_of]  # (N, H)
         if torch.is_autocast_enabled(x.device.type):
             # The grouped kernel is outside autocast's op list: cast the rows to the autocast dtype here.
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
         if self.pager is not None:
-            y = self._paged(x_sorted, d)
+            params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+            y = self.pager.run(self.layer_idx, x_sorted, d.counts, d.offsets, params,
+                               grouped=self.use_grouped(x_sorted), recomputing=recomputing)
         elif self.use_grouped(x_sorted):
             y = self._grouped(x_sorted, d.counts, d.offsets)
         else:
@@ -324,17 +231,6 @@ class RoutedExperts(nn.ModuleList):
         w_gate, w_up, w_down = self.packed_weights()
         params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
         return GroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, w_gate, w_up, w_down, *params)
-
-    def _paged(self, x_sorted: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        # The host must know which experts to page in: the layer's one read of its counts.
-        sizes = d.counts.tolist()
-        active = [e for e, n in enumerate(sizes) if n]
-        self.pager.routed(self.layer_idx, active)
-        params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
-        if self.use_grouped(x_sorted):
-            return PagedGroupedSwiGLU.apply(x_sorted.contiguous(), d.offsets, d.counts > 0, self.pager,
-                                            self.layer_idx, active, *params)
-        return PagedLoopSwiGLU.apply(x_sorted, self.pager, self.layer_idx, sizes, *params)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # One host read of the counts; fine on the CPU, and the fallback on GPUs without grouped GEMM.

@@ -1,6 +1,6 @@
 """Routing foresight: the next layer's router applied to the current layer's input.
 
-* Look-ahead: a forward pre-hook on MoE block i scores its input with block i+1's router (one small
+* Look-ahead: when MoE block i routes, its input is scored with block i+1's router (one small
   (T, H) x (H, E) matmul) and keeps the predicted top-k set as an (E,) mask on the device. When block
   i+1 routes, predicted and actual sets are compared on the device (no host sync); the host reads the
   totals once per optimizer step as precision (predicted experts that were used) and recall (used
@@ -17,25 +17,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moetrain.models.recompute import is_recomputing
-
 
 class Lookahead:
-    """Predicted-vs-actual accounting for the next MoE layer's experts (device counters)."""
+    """Predicted-vs-actual accounting for the next MoE layer's experts (device counters).
+
+    Driven by the engine's routing sink (:meth:`observe`, first training forwards only): no hook of its own
+    on the model.
+    """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         blocks = model.moe_blocks()
         self.next_block = {blocks[i].layer_idx: blocks[i + 1] for i in range(len(blocks) - 1)}
         self.pending: dict[int, torch.Tensor] = {}
         self.totals = torch.zeros(3, dtype=torch.int64, device=device)  # [hits, predicted, actual]
-        self.handles = [b.register_forward_pre_hook(self._predict) for b in blocks]
-
-    def _predict(self, block: nn.Module, args: tuple) -> None:
-        nxt = self.next_block.get(block.layer_idx)
-        if nxt is None or not torch.is_grad_enabled() or is_recomputing():  # first training forwards only
-            return
-        with torch.no_grad():
-            self.pending[nxt.layer_idx] = self._predicted_mask(nxt, args[0])
 
     @staticmethod
     def _predicted_mask(nxt: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -46,19 +40,19 @@ class Lookahead:
         return mask.index_fill_(0, idx, True)
 
     @torch.no_grad()
-    def observe(self, layer: int, counts: torch.Tensor) -> None:
+    def observe(self, layer: int, counts: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``layer`` routed ``counts`` (E,) from ``hidden`` (T, H): score the prediction made for it, then
+        predict the next MoE layer's set from the same input."""
         pred = self.pending.pop(layer, None)
-        if pred is None:
-            return
-        actual = counts > 0
-        self.totals += torch.stack([(pred & actual).sum(), pred.sum(), actual.sum()])
+        if pred is not None:
+            actual = counts > 0
+            self.totals += torch.stack([(pred & actual).sum(), pred.sum(), actual.sum()])
+        nxt = self.next_block.get(layer)
+        if nxt is not None:
+            self.pending[nxt.layer_idx] = self._predicted_mask(nxt, hidden)
 
     def read(self) -> tuple[float, float]:
         """(precision, recall) since the last read (host read: once per optimizer step)."""
         hits, predicted, actual = self.totals.tolist()
         self.totals.zero_()
         return (hits / predicted if predicted else 0.0, hits / actual if actual else 0.0)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()

@@ -193,7 +193,7 @@ class ExpertOffloadOptimizer(TrainOptimizer):
         self._closed = False
         self._hooks = [b.gate.weight.register_post_accumulate_grad_hook(self._make_backward_hook(b.layer_idx))
                        for b in model.moe_blocks()]
-        model.set_routing_observer(self._observe)
+        model.attach_offload(weights=self.pager, routing=self)
 
     def _num_slots(self) -> int:
         slot_bytes = self.store.max_padded * 4
@@ -223,18 +223,18 @@ class ExpertOffloadOptimizer(TrainOptimizer):
         self.swapper.grow_hot_cache(self._hot_capacity(max(0.0, spare)))
 
     # ------------------------------------------------------------------ hooks on the model
-    def _observe(self, layer: int, routing) -> None:
+    def routed(self, layer: int, routing, hidden: torch.Tensor) -> None:
         counts = routing.counts
         if self.offload.idle_experts == "dense" and self.step_index > 0:
             routed = torch.nonzero(counts).flatten().tolist()  # host read: the price of exact catch-up
             self._catch_up([self.store.records[(layer, e)] for e in routed])
         if not torch.is_grad_enabled():
             return  # evaluation: nothing will be stepped
-        self.counts[layer] += counts
+        self.add_routed_counts(layer, counts)
         if self.offload.prefetch:
             self.trace.record(layer, counts)
         if self.lookahead is not None:
-            self.lookahead.observe(layer, counts)
+            self.lookahead.observe(layer, counts, hidden)
 
     def _make_backward_hook(self, layer: int):
         """Runs when the router weight's gradient of ``layer`` is accumulated, i.e. backward is done with
@@ -315,9 +315,9 @@ class ExpertOffloadOptimizer(TrainOptimizer):
         :meth:`begin_micro_batch`): their records change before :meth:`step`."""
         return self._early_lr is not None
 
-    def set_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
-        """The (E,) routed-token counts of ``layer`` over every rank: the experts they call active are stepped."""
-        self.counts[layer].copy_(counts)
+    def add_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
+        """(E,) more routed tokens of ``layer`` this step: the experts the sum calls active are stepped."""
+        self.counts[layer] += counts
 
     @torch.no_grad()
     def _step_layer(self, i: int, counts: torch.Tensor, lr: float, early: bool = False) -> None:
@@ -810,11 +810,9 @@ class ExpertOffloadOptimizer(TrainOptimizer):
             return
         self._closed = True
         try:
-            self.model.set_routing_observer(None)
+            self.model.detach_routing()
             for h in self._hooks:
                 h.remove()
-            if self.lookahead is not None:
-                self.lookahead.remove()
             if self.cpu_pool is not None:
                 self.cpu_pool.shutdown(wait=True)
             self.swapper.flush()

@@ -53,6 +53,7 @@ def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.devi
             from moetrain.offload.weight_pager import ExpertWeightPager
 
             store.pager = ExpertWeightPager(model.moe_blocks(), device, dtype)
+            model.attach_offload(weights=store.pager)
     except BaseException:
         store.close()
         raise

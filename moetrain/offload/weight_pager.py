@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from moetrain.offload.paged_experts import run_paged
 from moetrain.offload.streams import event, on, side_stream
 
 
@@ -99,7 +100,6 @@ class ExpertWeightPager:
                         start += p.numel()
                         p.data = self._placeholder.expand(p.shape)  # values live in host[layer] now
                 self.host[block.layer_idx] = host
-                experts.pager, experts.layer_idx = self, block.layer_idx
         self.buffers = [_Buffer(torch.empty((self.num_experts, self.row_numel), dtype=dtype, device=device),
                                 ready=event(device), freed=event(device)) for _ in range(num_buffers)]
         self.layers = sorted(self.host)  # MoE layers in order (the neighbours prefetch walks to)
@@ -190,6 +190,12 @@ class ExpertWeightPager:
         """Start copying ``layer``'s rows of ``experts`` into a buffer that compute is not reading."""
         if layer in self.host and experts:
             self._load(layer, experts, for_compute=False)
+
+    def run(self, layer: int, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+            params: list[nn.Parameter], *, grouped: bool, recomputing: bool) -> torch.Tensor:
+        """The :class:`~moetrain.models.seam.ExpertWeights` entry: ``layer``'s experts over their sorted rows
+        with weights paged from here (see :func:`~moetrain.offload.paged_experts.run_paged`)."""
+        return run_paged(self, layer, x_sorted, counts, offsets, params, grouped=grouped, recomputing=recomputing)
 
     def routed(self, layer: int, experts: list[int]) -> None:
         """Remember the experts ``layer`` routed to in this forward (the next forward's prefetch guess)."""

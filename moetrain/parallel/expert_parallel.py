@@ -66,7 +66,7 @@ class ExpertParallelExperts(RoutedExperts):
         nn.ModuleList.__init__(view, self.local_modules())
         return RoutedExperts.packed_weights(view)
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
         """x: (T, H) local tokens; returns (T, H), the routed experts' combined output for them."""
         d = dispatch(routing)
         x_sorted = x[d.token_of]  # (N, H), sorted by global expert

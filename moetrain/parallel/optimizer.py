@@ -71,8 +71,7 @@ class ParallelOptimizer(TrainOptimizer):
         num_layers, num_experts = len(self.blocks), layout.num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)  # (M, E)
         self._layer_pos = {b.layer_idx: m for m, b in enumerate(self.blocks)}
-        for block in self.blocks:  # count routed tokens, then hand the routing on to the inner optimizer's observer
-            block.observer = self._make_observer(block.observer)
+        model.attach_offload(routing=self)  # stands in front of the inner optimizer: counts, then hands on
         self._synced = False
 
     # ------------------------------------------------------------------ set-up
@@ -92,22 +91,23 @@ class ParallelOptimizer(TrainOptimizer):
                     for p in _expert_params(expert):
                         dist.broadcast(p.data, src=self.layout.holder_ranks[0], group=self.layout.holder_group)
 
-    def _make_observer(self, inner_observer):
-        def observe(layer: int, routing) -> None:
-            if torch.is_grad_enabled():
-                self.counts[self._layer_pos[layer]] += routing.counts
-            if inner_observer is not None:
-                inner_observer(layer, routing)
-        return observe
+    def routed(self, layer: int, routing: Any, hidden: torch.Tensor) -> None:
+        """The model's routing sink: this rank's counts for the all-reduce, then the inner optimizer's own sink
+        (which counts them too, and prefetches from them)."""
+        if torch.is_grad_enabled():
+            self.counts[self._layer_pos[layer]] += routing.counts
+        self.inner.routed(layer, routing, hidden)
 
     # ------------------------------------------------------------------ gradient reductions
     @torch.no_grad()
     def synchronize_gradients(self) -> torch.Tensor:
         """Run the reductions of the step (once); returns the (M, E) global counts on the host."""
+        local = self.counts.clone()  # what the inner optimizer has counted itself
         dist.all_reduce(self.counts)
         counts = self.counts.cpu()  # the step's one host read of routing
+        others = self.counts - local  # the other ranks' tokens: the inner optimizer then holds the global counts
         for block in self.blocks:  # the offload engine steps the experts these counts call active
-            self.inner.set_routed_counts(block.layer_idx, self.counts[self._layer_pos[block.layer_idx]])
+            self.inner.add_routed_counts(block.layer_idx, others[self._layer_pos[block.layer_idx]])
         grads = [p.grad for p in self.dense_params if p.grad is not None]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -136,7 +136,8 @@ def test_hot_path_adds_no_host_sync(tmp_path, tier):
     with_engine = _syncs(model, data)
     print(f"host syncs in forward+backward: model alone {baseline}, with the offload engine {with_engine}")
     assert with_engine <= baseline  # the engine adds none (the first model-alone pass may pack the experts)
-    assert any(slot.reserved for slot in opt.swapper.slots), "backward should have reserved slots for the traced experts"
+    reserved = [slot.reserved for slot in opt.swapper.slots]
+    assert any(reserved), "backward should have reserved slots for the traced experts"
     opt.close()
 
 
