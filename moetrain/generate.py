@@ -11,12 +11,22 @@ checkpoint holds, else the recipe's ``data.tokenizer``, else ``--tokenizer``. ``
 prompt as a user message with the tokenizer's chat template (:mod:`moetrain.training.chat`) and stops
 at the end of the assistant's turn. Without ``--chat`` the text stops at the first special token the
 model emits (end of text, a chat model's ``<|im_end|>``, ...), and no special token is printed.
+
+``--expert_weights paged`` keeps the routed experts in host memory and pages the routed ones onto the device
+through an expert cache (:mod:`moetrain.inference`): ``--gpu_memory_gb`` (or ``--cache_slots``) sizes the cache,
+``--cache_policy lru|lfu`` picks what it evicts, ``--expert_dtype int8`` halves the bytes of an expert. The
+tokens are those of resident generation; the telemetry (hit rate beside the ideal static cache's, bytes paged
+per token, decode tokens/s) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +66,32 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class GenerationStats:
+    """Wall times of one :func:`generate` call (the device synchronized at each boundary).
+
+    Attributes:
+        prefill_s: the prompt's forward and its first token.
+        decode_s: every later token, one forward each.
+        decode_tokens: tokens produced by ``decode_s``.
+        on_prefill_done: called between the two phases (e.g. to start new cache counters for the decode).
+    """
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+    on_prefill_done: Optional[Callable[[], None]] = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def generate(
     model: MoEForCausalLM,
@@ -66,11 +102,12 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    stats: Optional[GenerationStats] = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` (1, L) by up to ``max_new_tokens`` tokens; returns the new ids (n,).
 
     Stops after emitting any of ``stop_ids``. Without the cache every step re-runs the whole sequence (the
-    reference that the cached path must equal).
+    reference that the cached path must equal). ``stats``, when given, receives the prefill and decode times.
     """
     if input_ids.shape[0] != 1:
         raise ValueError("generate() takes one prompt: input_ids of shape (1, L)")
@@ -80,11 +117,25 @@ def generate(
     sequence = input_ids
     step_input = input_ids
     new: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
         logits = model(step_input if use_cache else sequence, cache=cache).logits[:, -1]  # (1, V)
         token = next_token(logits, temperature, top_p, generator)  # (1,)
         new.append(token)
-        if int(token) in stop_ids:
+        stop = int(token) in stop_ids  # the host read that ends the step (a device sync)
+        if stats is not None:
+            now = time.perf_counter()
+            if step == 0:
+                stats.prefill_s += now - start
+                if stats.on_prefill_done is not None:
+                    stats.on_prefill_done()
+            else:
+                stats.decode_s += now - start
+                stats.decode_tokens += 1
+            start = time.perf_counter()
+        if stop:
             break
         step_input = token[:, None]  # (1, 1)
         sequence = torch.cat([sequence, step_input], dim=1)
@@ -166,7 +217,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None,
                         help="sampling seed, to repeat a sample (default: a fresh seed on every run)")
     parser.add_argument("--no_cache", action="store_true", help="re-run the whole sequence every step (slow)")
+    add_paging_arguments(parser)
     return parser
+
+
+def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--expert_weights``, ``--gpu_memory_gb``, ``--cache_slots``, ``--cache_policy``, ``--expert_dtype``."""
+    group = parser.add_argument_group("paged experts (models larger than the GPU)")
+    group.add_argument("--expert_weights", choices=("resident", "paged"), default="resident",
+                       help="paged: routed experts in host memory, the routed ones paged onto the device")
+    group.add_argument("--gpu_memory_gb", type=float, default=None,
+                       help="device memory for the expert cache (default: what is free, less a reserve)")
+    group.add_argument("--cache_slots", type=int, default=None, help="expert slots (overrides --gpu_memory_gb)")
+    group.add_argument("--cache_policy", choices=("lru", "lfu"), default="lru",
+                       help="lru: evict the least recently used expert; lfu: the least frequently used")
+    group.add_argument("--expert_dtype", choices=("auto", "int8"), default="auto",
+                       help="int8: per-channel int8 expert weights, dequantized on the device (paged only)")
+    group.add_argument("--no_prefetch", action="store_true", help="do not page in the next layer's likely experts")
+
+
+def inference_config(args: argparse.Namespace):
+    """The :class:`~moetrain.inference.config.InferenceConfig` of the command line's paging options."""
+    from moetrain.inference.config import InferenceConfig
+
+    return InferenceConfig(expert_weights=args.expert_weights, gpu_memory_gb=args.gpu_memory_gb,
+                           cache_slots=args.cache_slots, cache_policy=args.cache_policy,
+                           expert_dtype=args.expert_dtype, prefetch=not args.no_prefetch)
+
+
+def paging_report(cache, stats: GenerationStats) -> dict:
+    """The telemetry of a paged generation: the decode phase's cache counters and speed, and the hit rate the
+    best static set of the same number of slots would have reached on the same routing trace."""
+    counters = cache.stats
+    return {"cache_slots": cache.num_slots, "total_experts": cache.store.total_experts,
+            "cache_policy": cache.policy_name, "hit_rate": round(counters.hit_rate, 4),
+            "ideal_static_hit_rate": round(cache.ideal_static_hit_rate(), 4),
+            "bytes_paged_per_token": counters.bytes_paged / max(stats.decode_tokens, 1),
+            "prefetched": counters.prefetched, "prefetch_hits": counters.prefetch_hits,
+            "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3), "decode_tokens": stats.decode_tokens}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -194,7 +282,15 @@ def _run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(find_tokenizer(model_dir, args.tokenizer))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = moetrain.from_pretrained(model_dir, dtype=dtype, device=device)
+    paging = inference_config(args)
+    cache = None
+    if paging.paged:
+        from moetrain.inference import load_paged, paged_cache
+
+        model = load_paged(model_dir, paging, dtype=dtype, device=device)
+        cache = paged_cache(model)
+    else:
+        model = moetrain.from_pretrained(model_dir, dtype=dtype, device=device)
     stop_ids = {tokenizer.eos_id}
     stop_text: Optional[str] = None
     prompt = args.prompt
@@ -216,8 +312,9 @@ def _run(args: argparse.Namespace) -> int:
         generator.seed()  # from the OS: a new sample on every run
     else:
         generator.manual_seed(args.seed)
+    stats = GenerationStats(on_prefill_done=None if cache is None else cache.reset_stats)
     out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature, top_p,
-                   tuple(stop_ids), generator, use_cache=not args.no_cache)
+                   tuple(stop_ids), generator, use_cache=not args.no_cache, stats=stats)
     if not args.chat:
         text = tokenizer.tokenizer.decode(out.tolist(), skip_special_tokens=True)
     else:
@@ -228,4 +325,6 @@ def _run(args: argparse.Namespace) -> int:
             text = text[: -len(tokenizer.tokenizer.id_to_token(tokenizer.eos_id))]
     print(text)
     sys.stdout.flush()
+    if cache is not None:
+        print(f"paged experts: {json.dumps(paging_report(cache, stats))}", file=sys.stderr)
     return 0

@@ -8,9 +8,10 @@ The layers, lowest first (a module may import its own layer and the ones below):
     base       moetrain.config, .atomic, .shards, .progress (long-loop bars), .optim (optimizer config, dense AdamW)
     models     moetrain.models     the model and its Hugging Face files
     offload    moetrain.offload    expert state in tiers, the expert optimizer, the planner
+    inference  moetrain.inference  paged experts for generation and validation (an expert cache on the device)
     training   moetrain.training   the LightningModule, data, callbacks, checkpoints
     parallel   moetrain.parallel   several ranks (reads and writes the training layer's checkpoints)
-    entry      moetrain (the package), .cli, .preflight, .generate, .bench
+    entry      moetrain (the package), .cli, .preflight, .generate, .prune, .bench
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ LAYERS = {
     "base": ("moetrain.config", "moetrain.atomic", "moetrain.shards", "moetrain.progress", "moetrain.optim"),
     "models": ("moetrain.models",),
     "offload": ("moetrain.offload",),
+    "inference": ("moetrain.inference",),
     "training": ("moetrain.training",),
     "parallel": ("moetrain.parallel",),
-    "entry": ("moetrain", "moetrain.cli", "moetrain.preflight", "moetrain.generate", "moetrain.bench"),
+    "entry": ("moetrain", "moetrain.cli", "moetrain.preflight", "moetrain.generate", "moetrain.prune",
+              "moetrain.bench"),
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 

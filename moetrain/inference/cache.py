@@ -274,8 +274,14 @@ class ExpertCache:
         staged = slot is None
         if staged:
             slot = self._staging_slot()
-        if slot is None and not prefetch:  # every staging slot is read by this layer: take any unprotected slot
-            slot = next((i for i in range(self.num_slots) if i not in self.protected), None)
+        if slot is None and not prefetch:
+            # not admitted, and no staging slot free of this layer's reads: the expert must run all the same, so
+            # it takes the policy's victim (else any slot this layer does not read)
+            evictable = [self.slots[i].key for i in range(self.main_slots)
+                         if i not in self.protected and self.slots[i].key is not None]
+            victim = self.policy.victim(evictable)
+            slot = self.slot_of[victim] if victim is not None else next(
+                (i for i in range(self.num_slots) if i not in self.protected), None)
             staged = slot is not None and self.slots[slot].staged
         if slot is None:
             return None

@@ -39,6 +39,7 @@ from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.experts import dispatch
 from moetrain.models.router import Routing, TopKRouter
 
+_EXPERT_PARAM = ".mlp.experts."
 GPU_RESERVE_BYTES = 2 * 2**30
 """Device memory left free for activations, the KV cache and the allocator when the cache is sized from free
 memory (plus 10% of the device)."""
@@ -81,8 +82,9 @@ class PagedExperts(nn.Module):
         idx = router.select(scores)[1].reshape(-1)  # (T * k,)
         return torch.zeros(router.num_experts, dtype=torch.int64, device=x.device).index_fill_(0, idx, 1)
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x)."""
+    def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
+        """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing`` (a training
+        re-run of a checkpointed layer) does not arise in inference; it is accepted for the block's call."""
         d = dispatch(routing)
         x_sorted = x[d.token_of]  # (N, H)
         if torch.is_autocast_enabled(x.device.type):
@@ -189,7 +191,7 @@ def install_paged_experts(model: MoEForCausalLM, config: Optional[InferenceConfi
     Raises:
         ValueError: the experts are already paged, or MoE layers differ in expert shape.
     """
-    config = config or InferenceConfig(expert_weights="paged", **settings)
+    config = config or InferenceConfig(**{"expert_weights": "paged", **settings})
     if paged_cache(model) is not None:
         raise ValueError("the model's experts are already paged")
     blocks = _moe_blocks(model)
@@ -215,9 +217,9 @@ def load_paged(path: str | Path, config: Optional[InferenceConfig] = None, *, dt
     Raises:
         ConfigError, ShardError: as :func:`moetrain.models.hf.from_pretrained`.
     """
-    from moetrain.models.hf import empty_model, load_config, load_weights, resolve_model_path
+    from moetrain.models.hf import checked_tensors, empty_model, load_config, resolve_model_path
 
-    config = config or InferenceConfig(expert_weights="paged", **settings)
+    config = config or InferenceConfig(**{"expert_weights": "paged", **settings})
     device = torch.device(device)
     path = resolve_model_path(path)
     model_config = load_config(path)
@@ -225,8 +227,12 @@ def load_paged(path: str | Path, config: Optional[InferenceConfig] = None, *, dt
     blocks = _moe_blocks(model)
     store = HostExpertStore.from_blocks(blocks, dtype=dtype, quantize=config.expert_dtype == "int8",
                                         pin=device.type == "cuda")
-    for block in blocks:
-        block.experts.pager = store  # load_weights hands paged experts' tensors to the sink alone
-    load_weights(model, path, expert_sink=store.put_named)
+    targets = model.state_dict(keep_vars=True)  # the experts' entries are meta tensors: shapes, no memory
+    with torch.no_grad():
+        for name, value in checked_tensors(path, model_config, {n: tuple(t.shape) for n, t in targets.items()}):
+            if _EXPERT_PARAM in name:
+                store.put_named(name, value)
+            else:
+                targets[name].copy_(value)
     _install(model, store, config, device)
     return model.eval()

@@ -1,0 +1,144 @@
+"""Paged inference equals resident inference, for every family's tiny preset, with a cache smaller than the
+experts: greedy tokens identical (through the KV cache), losses of a padded batch equal (fp32), for LRU and
+LFU; int8 experts equal a resident model holding the same dequantized weights; the ideal static hit rate
+equals a brute-force search; LFU reaches the ideal static cache on a stationary routing trace."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import moetrain
+from moetrain.config import ModelConfig
+from moetrain.generate import generate
+from moetrain.inference import ExpertCache, HostExpertStore, ideal_static_hit_rate, paged_cache
+from moetrain.inference.store import dequantize_int8, quantize_int8
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.hf import export_hf
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_PRESETS = sorted(p.stem for p in (REPO / "configs" / "models").glob("tiny-*.yaml"))
+
+
+def _exported(preset: str, randomize, path: Path) -> Path:
+    model = randomize(MoEForCausalLM(ModelConfig.from_preset(preset)))
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            if block.gate.e_score_correction_bias is not None:  # a bias that changes DeepSeek-V3's choices
+                block.gate.e_score_correction_bias.normal_(0.0, 0.3)
+    export_hf(model, path, max_shard_bytes=200_000)
+    return path
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_every_family_has_a_tiny_preset():
+    families = {ModelConfig.from_preset(p).family for p in TINY_PRESETS}
+    assert families >= {"deepseek_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_paged_equals_resident(preset, policy, randomize, tmp_path):
+    path = _exported(preset, randomize, tmp_path / "hf")
+    resident = moetrain.from_pretrained(path)
+    total = len(resident.moe_blocks()) * resident.config.num_experts
+    slots = max(2, total // 3)  # a third of the experts fit: pages, evicts and stages
+    paged = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=slots, cache_policy=policy)
+    cache = paged_cache(paged)
+    assert cache.num_slots == slots < total
+    assert not any(".mlp.experts." in name for name in paged.state_dict())  # nothing of the experts on the model
+
+    prompt = torch.randint(0, resident.config.vocab_size, (1, 9))
+    expected = generate(resident, prompt, max_new_tokens=12)
+    assert generate(paged, prompt, max_new_tokens=12).tolist() == expected.tolist()
+    stats = cache.stats
+    assert stats.misses > 0 and stats.evictions + stats.prefetched > 0 and stats.bytes_paged > 0
+
+    batch = _batch(resident.config.vocab_size)
+    with torch.no_grad():
+        want, got = resident(**batch), paged(**batch)
+    assert torch.allclose(got.loss, want.loss, rtol=0, atol=1e-6)
+    assert torch.equal(got.logits, want.logits)  # the same ops in the same order: equal, not merely close
+
+
+def test_prefetch_pages_the_next_layer_under_the_current_one(randomize, tmp_path):
+    path = _exported("tiny-deepseek-moe", randomize, tmp_path / "hf")
+    paged = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=40, cache_policy="lru")
+    generate(paged, torch.randint(0, 4096, (1, 4)), max_new_tokens=8)
+    stats = paged_cache(paged).stats
+    assert stats.prefetched > 0 and 0 < stats.prefetch_hits <= stats.prefetched
+    off = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=40, cache_policy="lru", prefetch=False)
+    generate(off, torch.randint(0, 4096, (1, 4)), max_new_tokens=8)
+    assert paged_cache(off).stats.prefetched == 0
+
+
+def test_int8_experts_equal_a_resident_model_of_the_dequantized_weights(randomize, tmp_path):
+    path = _exported("tiny-qwen3-moe", randomize, tmp_path / "hf")
+    reference = moetrain.from_pretrained(path)
+    with torch.no_grad():
+        for block in reference.moe_blocks():
+            for expert in block.experts:
+                for linear in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                    linear.weight.copy_(dequantize_int8(*quantize_int8(linear.weight), torch.float32))
+    paged = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=5, expert_dtype="int8")
+    store = paged_cache(paged).store
+    assert store.row_bytes * 4 < 1.1 * store.row_numel * 4  # int8 rows: a quarter of fp32, scales aside
+    prompt = torch.randint(0, 256, (1, 7))
+    assert generate(paged, prompt, 10).tolist() == generate(reference, prompt, 10).tolist()
+    batch = _batch(256)
+    with torch.no_grad():
+        assert torch.allclose(paged(**batch).loss, reference(**batch).loss, rtol=0, atol=1e-6)
+
+
+def test_ideal_static_hit_rate_equals_brute_force():
+    rng = random.Random(0)
+    keys = [(layer, e) for layer in range(2) for e in range(3)]
+    trace = [rng.choice(keys[:2] * 3 + keys) for _ in range(40)]
+    for slots in range(len(keys) + 1):
+        best = max(sum(k in chosen for k in trace) for chosen in map(set, itertools.combinations(keys, slots)))
+        assert ideal_static_hit_rate(trace, slots) == pytest.approx(best / len(trace))
+    assert ideal_static_hit_rate([], 3) == 0.0
+
+
+def _replay(policy: str, trace: list[tuple[int, int]], slots: int, staging: int | None = None) -> ExpertCache:
+    store = HostExpertStore([0, 1], 16, 4, 4, dtype=torch.float32)
+    for rows in store.rows.values():
+        rows.zero_()
+    cache = ExpertCache(store, slots, torch.device("cpu"), policy=policy, staging_slots=staging)
+    for layer, expert in trace:
+        cache.release(cache.acquire(layer, [expert]))
+    return cache
+
+
+def test_lfu_reaches_the_ideal_static_cache_on_a_stationary_trace():
+    """Zipf-distributed routing over 32 experts, 12 slots: LFU (with admission) keeps the most frequent experts;
+    LRU, measured beside it, churns."""
+    rng = random.Random(1)
+    keys = [(layer, e) for layer in range(2) for e in range(16)]
+    rng.shuffle(keys)
+    weights = [1.0 / (rank + 1) for rank in range(len(keys))]
+    trace = rng.choices(keys, weights=weights, k=4000)
+    ideal = ideal_static_hit_rate(trace, 12)
+    lfu, lru = _replay("lfu", trace, 12), _replay("lru", trace, 12)
+    assert lfu.stats.demands == lru.stats.demands == len(trace)
+    assert lfu.stats.hit_rate >= 0.95 * ideal
+    assert lru.stats.hit_rate < lfu.stats.hit_rate
+
+
+def test_lru_evicts_the_least_recently_used_and_lfu_the_least_frequent():
+    trace = [(0, 0), (0, 1), (0, 1), (0, 2), (0, 0), (0, 3)]
+    lru = _replay("lru", trace, 3, staging=0)
+    assert set(lru.slot_of) == {(0, 0), (0, 2), (0, 3)} and lru.stats.hits == 2
+    lfu = _replay("lfu", trace + [(0, 3)], 3, staging=0)
+    assert set(lfu.slot_of) == {(0, 0), (0, 1), (0, 3)}  # (0, 2): once, and the least recently of the ones
