@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import from_pretrained, resolve_checkpoint
 from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
+from moetrain.models.train_selection import TrainSelection, apply_train_selection, resolve_train_selection
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.staged_init import restore_masters
@@ -153,6 +154,7 @@ class MoETrainingModule(L.LightningModule):
         log_every_n_steps: int = 1,
         expert_impl: str = "auto",
         activation_checkpointing: bool = False,
+        train: Union[Literal["all"], TrainSelection] = "all",
     ) -> None:
         """
         Args:
@@ -167,6 +169,8 @@ class MoETrainingModule(L.LightningModule):
             expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
             activation_checkpointing: keep only each decoder layer's input in forward and recompute the layer
                 in backward (less activation memory, about a third more compute).
+            train: what trains: ``all``, or a mapping of groups (embeddings, attention, norms, routers,
+                shared_experts, dense_mlp, lm_head: true/false; routed_experts: all, none or a selection file).
         """
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -182,11 +186,13 @@ class MoETrainingModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps
         self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
+        train = resolve_train_selection(train, offload_tier=self.offload_cfg.tier)  # before a build of minutes
         self.model = self._build_model(preset, config, init_from)
+        self.train_summary = apply_train_selection(self.model, train)
         self.model.set_expert_impl(expert_impl)
         self.model.set_activation_checkpointing(activation_checkpointing)
         # DeepSeek-V3's auxiliary-loss-free balancing (inactive for other routers, or at speed 0)
-        self.balancer = BiasBalancer(self.model)
+        self.balancer = BiasBalancer(self.model, speed=self.train_summary.bias_update_speed)
         self.train_optimizer: Optional[TrainOptimizer] = None
         self.last_step: Optional[StepStats] = None
         self.total_steps = 0
