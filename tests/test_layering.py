@@ -11,7 +11,7 @@ The layers, lowest first (a module may import its own layer and the ones below):
     inference  moetrain.inference  paged experts for generation and validation (an expert cache on the device)
     training   moetrain.training   the LightningModule, data, callbacks, checkpoints
     parallel   moetrain.parallel   several ranks (reads and writes the training layer's checkpoints)
-    entry      moetrain (the package), .cli, .preflight, .generate, .prune, .bench
+    entry      moetrain (the package), .cli, .lightning_cli (fit and validate), .preflight, .generate, .prune, .bench
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ LAYERS = {
     "inference": ("moetrain.inference",),
     "training": ("moetrain.training",),
     "parallel": ("moetrain.parallel",),
-    "entry": ("moetrain", "moetrain.cli", "moetrain.preflight", "moetrain.generate", "moetrain.prune",
-              "moetrain.bench"),
+    "entry": ("moetrain", "moetrain.cli", "moetrain.lightning_cli", "moetrain.preflight", "moetrain.generate",
+              "moetrain.prune", "moetrain.bench"),
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 
