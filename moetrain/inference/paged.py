@@ -236,3 +236,20 @@ def load_paged(path: str | Path, config: Optional[InferenceConfig] = None, *, dt
                 targets[name].copy_(value)
     _install(model, store, config, device)
     return model.eval()
+
+
+def replace_cache(model: MoEForCausalLM, *, num_slots: int, policy: str) -> ExpertCache:
+    """Give a paged model a new, empty expert cache over the same host store (another policy or size, without
+    reading the weights again); the old cache's device memory is freed."""
+    old = paged_cache(model)
+    if old is None:
+        raise ValueError("the model's experts are not paged")
+    store, device = old.store, old.device
+    old.data = old.scales = None  # type: ignore[assignment]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    cache = ExpertCache(store, num_slots, device, policy=policy)
+    for block in _moe_blocks(model):
+        block.experts.cache = cache
+    return cache

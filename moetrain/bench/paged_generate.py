@@ -1,0 +1,185 @@
+"""Paged generation against resident generation: decode tokens/s, expert cache hit rate beside the ideal static
+cache's, bytes paged per token, and the floor of the misses at the measured link rate.
+
+    moetrain bench paged_generate --preset mixtral-8x7b --layers 16 --make_dir /tmp/mixtral-16l --out /tmp/bench
+
+``--make_dir`` writes a random Hugging Face directory of the preset's shape first (``--layers`` cuts its
+depth for a machine with less disk or host memory; skipped when the directory already holds a model);
+``--model DIR`` runs an existing one. The resident model is loaded onto the device (skipped with a note when
+it does not fit), greedy-decodes ``--new_tokens`` after a random ``--prompt_tokens`` prompt, and is freed;
+then the paged model (experts in pinned host memory, a cache of ``--cache_fraction`` of the experts' weights)
+decodes the same prompt with each ``--policy``. Per policy:
+
+* ``decode_s_per_token`` and ``decode_tokens_per_s`` (the decode phase; the prefill is timed apart);
+* ``hit_rate`` of the decode phase and ``ideal_static_hit_rate``: the best fixed set of experts of the same
+  number of slots on the same routing trace (``hit_vs_ideal``, target >= 0.95);
+* ``bytes_paged_per_token`` (demand misses and prefetches) and ``miss_bytes_per_token`` (demand misses);
+* ``floor_s_per_token`` = resident decode time per token + miss bytes per token / the measured link rate,
+  and ``vs_floor`` = decode time per token / floor (target <= 1.3: the prefetch hides what can be hidden).
+
+Prints one ``RESULT {json}`` line and writes ``paged_generate.json`` under ``--out``. Runs on the CPU too (the
+link then is a host memory copy), which is what the smoke test does with a tiny preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from moetrain.generate import GenerationStats, generate
+
+
+def link_gb_per_s(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Host-to-device copy rate from pinned memory (GB/s): the median of ``repeats`` copies of ``nbytes``."""
+    cuda = device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first copy pays for the setup
+    return nbytes / times[len(times) // 2] / 1e9
+
+
+def _decode(model, prompt: torch.Tensor, new_tokens: int, on_prefill_done=None) -> tuple[list[int], GenerationStats]:
+    stats = GenerationStats(on_prefill_done=on_prefill_done)
+    tokens = generate(model, prompt, max_new_tokens=new_tokens, stats=stats)
+    return tokens.tolist(), stats
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_tokens: int, new_tokens: int,
+        expert_dtype: str = "auto", skip_resident: bool = False, seed: int = 0) -> dict:
+    """The measurements of the module docstring, as a dict."""
+    import moetrain
+    from moetrain.inference import load_paged
+    from moetrain.inference.paged import paged_cache, replace_cache
+    from moetrain.models.hf import load_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = load_config(model_dir)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(device)
+    result: dict = {"model": str(model_dir), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else "cpu", "dtype": str(dtype).removeprefix("torch."), "layers": config.num_hidden_layers,
+                    "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "cache_fraction": cache_fraction,
+                    "expert_dtype": expert_dtype}
+    result["link_gb_s"] = round(link_gb_per_s(device), 2)
+    link = result["link_gb_s"] * 1e9
+
+    resident_tokens: Optional[list[int]] = None
+    resident_s = None
+    if not skip_resident:
+        try:
+            model = moetrain.from_pretrained(model_dir, dtype=dtype, device=device)
+            _decode(model, prompt[:, :4], 2)  # warm-up: kernels and allocator
+            resident_tokens, stats = _decode(model, prompt, new_tokens)
+            resident_s = stats.decode_s / max(stats.decode_tokens, 1)
+            result["resident"] = {"decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
+                                  "decode_s_per_token": resident_s, "prefill_s": stats.prefill_s}
+            del model
+        except torch.OutOfMemoryError:
+            result["resident"] = {"skipped": "does not fit the device"}
+        _free(device)
+
+    model = load_paged(model_dir, dtype=dtype, device=device, cache_slots=1, expert_dtype=expert_dtype)
+    store = paged_cache(model).store
+    slots = max(1, int(cache_fraction * store.total_experts))
+    result.update(total_experts=store.total_experts, cache_slots=slots, expert_bytes=store.row_bytes,
+                  cache_gb=round(slots * store.row_bytes / 1e9, 3), experts_gb=round(store.nbytes / 1e9, 3))
+    result["paged"] = {}
+    for policy in policies:
+        cache = replace_cache(model, num_slots=slots, policy=policy)
+        _decode(model, prompt[:, :4], 2)  # warm-up
+        cache = replace_cache(model, num_slots=slots, policy=policy)  # measured from an empty cache
+        tokens, stats = _decode(model, prompt, new_tokens, on_prefill_done=cache.reset_stats)
+        n = max(stats.decode_tokens, 1)
+        per_token = stats.decode_s / n
+        counters = cache.stats
+        ideal = cache.ideal_static_hit_rate()
+        entry = {"decode_tokens_per_s": round(stats.decode_tokens_per_s, 3), "decode_s_per_token": per_token,
+                 "prefill_s": stats.prefill_s, "hit_rate": round(counters.hit_rate, 4),
+                 "ideal_static_hit_rate": round(ideal, 4),
+                 "hit_vs_ideal": round(counters.hit_rate / ideal, 4) if ideal else None,
+                 "bytes_paged_per_token": counters.bytes_paged / n,
+                 "miss_bytes_per_token": counters.misses * store.row_bytes / n,
+                 "prefetched": counters.prefetched, "prefetch_hits": counters.prefetch_hits,
+                 "tokens_equal_resident": None if resident_tokens is None else tokens == resident_tokens}
+        if resident_s is not None:
+            floor = resident_s + entry["miss_bytes_per_token"] / link
+            entry.update(floor_s_per_token=floor, vs_floor=round(per_token / floor, 3))
+        result["paged"][policy] = entry
+    del model
+    _free(device)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``moetrain bench paged_generate``: see the module docstring; returns the exit status (2 on bad input)."""
+    from moetrain.config import ConfigError
+    from moetrain.shards import ShardError
+
+    p = argparse.ArgumentParser(prog="moetrain bench paged_generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="a Hugging Face model directory to run")
+    p.add_argument("--preset", default=None, help="with --make_dir: the shape of the random model to write")
+    p.add_argument("--layers", type=int, default=None, help="with --preset: decoder layers (cut the depth)")
+    p.add_argument("--make_dir", type=Path, default=None, help="where to write the random model (kept if present)")
+    p.add_argument("--cache_fraction", type=float, default=0.7, help="share of the experts' weights the cache holds")
+    p.add_argument("--policy", choices=("lru", "lfu", "both"), default="both")
+    p.add_argument("--expert_dtype", choices=("auto", "int8"), default="auto")
+    p.add_argument("--prompt_tokens", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--skip_resident", action="store_true", help="do not run the resident model")
+    p.add_argument("--out", type=Path, default=None, help="folder for paged_generate.json")
+    args = p.parse_args(argv)
+    try:
+        model_dir = args.model
+        if model_dir is None:
+            if args.preset is None or args.make_dir is None:
+                raise ConfigError("pass --model DIR, or --preset NAME with --make_dir DIR to write a random model")
+            model_dir = args.make_dir
+            if not (model_dir / "config.json").is_file():
+                from moetrain.models.random_hf import preset_config, write_random_hf
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                write_random_hf(preset_config(args.preset, layers=args.layers), model_dir,
+                                dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        if not 0 < args.cache_fraction <= 1:
+            raise ConfigError(f"--cache_fraction {args.cache_fraction}: need 0 < fraction <= 1")
+        policies = ["lru", "lfu"] if args.policy == "both" else [args.policy]
+        result = run(model_dir, policies=policies, cache_fraction=args.cache_fraction,
+                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, expert_dtype=args.expert_dtype,
+                     skip_resident=args.skip_resident)
+    except (ConfigError, ShardError, FileNotFoundError) as err:
+        print(f"moetrain bench paged_generate: error: {err}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "paged_generate.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
