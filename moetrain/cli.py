@@ -36,7 +36,7 @@ __all__ = ["EXIT_BAD_INPUT", "PROG", "TOOLS", "USAGE", "InputError", "check_reci
 TOOLS = {
     # subcommand: (module, function taking argv and returning an exit status)
     "plan": ("moetrain.offload.plan", "main"),
-    "export": ("moetrain.models.hf", "export_main"),
+    "export": ("moetrain.models.hf_export", "export_main"),
     "bench": ("moetrain.bench", "main"),
     "generate": ("moetrain.generate", "main"),
     "build-ops": ("moetrain.offload.ops", "main"),

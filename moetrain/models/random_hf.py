@@ -36,8 +36,9 @@ import torch
 from moetrain.atomic import write_text
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.models import keymap
-from moetrain.models.hf import HF_CONFIG, TOKENIZER_FILES, write_model_code
-from moetrain.models.hf_configs import config_to_hf
+from moetrain.models.hf_config_write import config_to_hf
+from moetrain.models.hf_export import write_model_code
+from moetrain.models.hf_files import HF_CONFIG, TOKENIZER_FILES
 from moetrain.models.random_init import meta_model, random_tensors
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "examples" / "tokenizer"
