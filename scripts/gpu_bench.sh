@@ -107,7 +107,7 @@ for s in $STAGES; do
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
     recipe:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe:}.yaml" \
         --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --out "$JSON" ;;
-    compute:*) stage "$s" python3 -m moetrain.bench.compute_only --recipe "recipes/${s#compute:}.yaml" --profile \
+    compute:*) stage "$s" python3 -m moetrain.bench.compute_only --recipe "recipes/${s#compute:}.yaml" --profile ${COMPUTE_ARGS:-} \
         --out "$JSON" ;;
     recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \
         --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --gpu-gib 79 --out "$JSON" ;;
