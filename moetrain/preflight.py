@@ -106,7 +106,7 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
         import torch
 
         cuda = trainer.get("accelerator") not in ("cpu",) and torch.cuda.is_available()
-    check_resources(sections, subcommand, model_config, offload, cuda)
+    check_resources(sections, subcommand, model_config, offload=offload, cuda=cuda)
 
 
 def _check_sections(sections: dict[str, Any]) -> None:
@@ -194,7 +194,7 @@ def _check_resume(ckpt_path: Optional[str], run_dir: Optional[str], subcommand: 
 
 
 # ---------------------------------------------------------------------------------------------- resources
-def check_resources(sections: dict[str, Any], subcommand: str, model_config: ModelConfig, offload: Any,
+def check_resources(sections: dict[str, Any], subcommand: str, model_config: ModelConfig, *, offload: Any,
                     cuda: bool) -> None:
     """Swap folder, disk and host memory for the run, from the memory planner.
 

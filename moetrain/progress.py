@@ -51,7 +51,7 @@ def forced(enabled: Optional[bool]) -> Iterator[None]:
         set_forced(before)
 
 
-def progress_iter(iterable: Iterable[T], total: Optional[int] = None, desc: str = "", unit: str = "it",
+def progress_iter(iterable: Iterable[T], total: Optional[int] = None, desc: str = "", *, unit: str = "it",
                   enabled: Optional[bool] = None) -> Iterator[T]:
     """``iterable`` with a tqdm bar on stderr when it is a terminal (``enabled`` None), else unchanged.
 
@@ -67,7 +67,7 @@ def progress_iter(iterable: Iterable[T], total: Optional[int] = None, desc: str 
 
 
 def shard_progress(stream: Iterable[tuple[Path, str, Any]], total: Optional[int], desc: str,
-                   enabled: Optional[bool] = None) -> Iterator[tuple[Path, str, Any]]:
+                   *, enabled: Optional[bool] = None) -> Iterator[tuple[Path, str, Any]]:
     """``(shard path, name, tensor)`` items passed through, with a bar that counts shards as the path changes.
 
     ``total``: the number of shard files (None: unknown). Used by every streaming checkpoint read.
@@ -91,7 +91,7 @@ def shard_progress(stream: Iterable[tuple[Path, str, Any]], total: Optional[int]
 
 
 def tensor_progress(stream: Iterable[tuple[str, Any]], desc: str, total_bytes: Optional[int] = None,
-                    enabled: Optional[bool] = None) -> Iterator[tuple[str, Any]]:
+                    *, enabled: Optional[bool] = None) -> Iterator[tuple[str, Any]]:
     """``(name, tensor)`` items passed through, with a bar in bytes (for writes, whose shards are cut as the
     bytes arrive, so bytes are what is known ahead)."""
     if not shown(enabled):

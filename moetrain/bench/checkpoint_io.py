@@ -196,7 +196,7 @@ def synthetic_layers(gb: float, preset: str) -> int:
     return max(1, round((gb * 1e9 - one) / (two - one)) + 1)
 
 
-def write_synthetic_hf(out: Path, preset: str, layers: int, shard_bytes: int) -> int:
+def write_synthetic_hf(out: Path, preset: str, layers: int, *, shard_bytes: int) -> int:
     """A Hugging Face directory of ``preset`` with ``layers`` layers, bf16 weights, written tensor by tensor."""
     from moetrain.config import ModelConfig
     from moetrain.models import keymap
@@ -241,7 +241,7 @@ def init_from_rss(args: argparse.Namespace, device: torch.device) -> list[dict[s
         layers = synthetic_layers(gb, args.preset)
         out = args.scratch / f"hf-{gb}gb"
         shutil.rmtree(out, ignore_errors=True)
-        model_bytes = write_synthetic_hf(out, args.preset, layers, args.shard_mb << 20)
+        model_bytes = write_synthetic_hf(out, args.preset, layers, shard_bytes=args.shard_mb << 20)
         drop_cache(out)
         dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.init_dtype]
         res = subprocess.run([sys.executable, "-c", CHILD, str(out), device.type, dtype], capture_output=True,

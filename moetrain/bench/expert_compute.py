@@ -22,7 +22,7 @@ from moetrain.config import ModelConfig
 from moetrain.models.moe import MoEBlock
 
 
-def time_path(block: MoEBlock, x: torch.Tensor, impl: str, reps: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def time_path(block: MoEBlock, x: torch.Tensor, impl: str, *, reps: int) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Median seconds of forward+backward with ``impl``; also the output and the input grad."""
     block.experts.impl = impl
     times = []
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     for prm in block.parameters():
         torch.nn.init.normal_(prm, std=0.02)
     x = torch.randn(a.tokens // 2048 or 1, min(a.tokens, 2048), cfg.hidden_size, device="cuda")
-    t_loop, y_loop, g_loop = time_path(block, x, "loop", a.reps)
-    t_grp, y_grp, g_grp = time_path(block, x, "grouped", a.reps)
+    t_loop, y_loop, g_loop = time_path(block, x, "loop", reps=a.reps)
+    t_grp, y_grp, g_grp = time_path(block, x, "grouped", reps=a.reps)
     res = {
         "bench": "expert_compute",
         "device": torch.cuda.get_device_name(0),

@@ -75,7 +75,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def build_model(cfg: ModelConfig, device: torch.device, ep: int, rank: int) -> MoEForCausalLM:
+def build_model(cfg: ModelConfig, device: torch.device, ep: int, *, rank: int) -> MoEForCausalLM:
     """Random weights without an fp32 copy of all experts: built on the meta device, this rank's experts
     kept (expert parallel), experts cast to bf16, then materialised on ``device`` and initialised."""
     from moetrain.parallel.expert_parallel import apply_expert_parallel
@@ -107,7 +107,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         dist.init_process_group("nccl", device_id=device)
     cfg = ModelConfig.from_preset("deepseek-moe-16b", num_hidden_layers=a.layers, first_k_dense_replace=0,
                                   name=f"deepseek-moe-16b-{a.layers}L")
-    model = build_model(cfg, device, a.ep if world > 1 else 1, rank)
+    model = build_model(cfg, device, a.ep if world > 1 else 1, rank=rank)
     model.set_expert_impl(a.impl)
     runtime = ParallelRuntime(ParallelConfig(expert_parallel=a.ep if world > 1 else 1))
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)

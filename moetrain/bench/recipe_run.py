@@ -107,7 +107,7 @@ def plan_figures(text: str) -> dict[str, Any]:
     return out
 
 
-def prepare(recipe: dict, model_dir: Path, workdir: Path, log) -> dict[str, float]:
+def prepare(recipe: dict, model_dir: Path, workdir: Path, *, log) -> dict[str, float]:
     """Make the recipe's own paths real under ``workdir`` (the child's working directory)."""
     timings: dict[str, float] = {}
     model = recipe.get("model") or {}
@@ -196,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result: dict[str, Any] = {"bench": "recipe_run", "recipe": str(recipe_path), "steps": args.steps,
                               "gpu_cap_gib": args.gpu_gib}
     with open(log_path, "w") as log:
-        result.update(prepare(recipe, model_dir, workdir, log))
+        result.update(prepare(recipe, model_dir, workdir, log=log))
         result["model_dir_gib"] = round(sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / GiB, 2)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}

@@ -60,7 +60,7 @@ class ParallelPlan:
 
 
 def expert_parallel_plan(model_config: ModelConfig, world_size: int, weight_bytes: int = 2,
-                         state_bytes: float = STATE_BYTES) -> ParallelPlan:
+                         *, state_bytes: float = STATE_BYTES) -> ParallelPlan:
     """The per-GPU memory of ``model_config`` on ``world_size`` expert-parallel ranks; ``state_bytes``: the
     offloaded master weights and moments per parameter (``state_format.state_bytes_per_param``)."""
     if world_size <= 0:
@@ -80,7 +80,7 @@ def expert_parallel_plan(model_config: ModelConfig, world_size: int, weight_byte
 
 
 def plan_expert_parallel(model_config: ModelConfig, world_sizes: tuple[int, ...] = (1, 8, 64),
-                         state_bytes: float = STATE_BYTES, state_label: str = "fp32") -> str:
+                         state_bytes: float = STATE_BYTES, *, state_label: str = "fp32") -> str:
     """A table of memory per GPU per tier for each world size (what ``moetrain plan`` prints); the offloaded
     state takes ``state_bytes`` per parameter, in the format ``state_label`` names."""
     counts = model_config.param_counts()

@@ -178,7 +178,8 @@ def _global_position(trainer_state: Optional[dict[str, Any]], world: int) -> Opt
 
 def _write_rest(tmp: Path, model: nn.Module, step: int, trainer_state: Optional[dict[str, Any]],
                 recipe: Optional[str], tokenizer_dir: Optional[str | Path]) -> None:
-    write_side_files(tmp, model.config, next(model.parameters()).dtype, step, trainer_state, recipe, tokenizer_dir)
+    write_side_files(tmp, model.config, next(model.parameters()).dtype, step=step, trainer_state=trainer_state,
+                     recipe=recipe, tokenizer_dir=tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------------- load

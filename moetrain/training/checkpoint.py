@@ -214,7 +214,7 @@ def verify_checkpoint(ckpt_dir: str | Path, optimizer: bool = True) -> ModelConf
 
 # ---------------------------------------------------------------------------------------------- load
 @torch.no_grad()
-def write_side_files(tmp: Path, config: ModelConfig, dtype: torch.dtype, step: int,
+def write_side_files(tmp: Path, config: ModelConfig, dtype: torch.dtype, *, step: int,
                      trainer_state: Optional[dict[str, Any]], recipe: Optional[str],
                      tokenizer_dir: Optional[str | Path]) -> None:
     """Everything of a checkpoint directory but its tensor shards: the family's config.json, the moetrain
@@ -338,7 +338,8 @@ def write_checkpoint(
         write_sharded(shown, tmp, prefix="model", max_shard_bytes=max_shard_bytes)
         if write_optimizer is not None:
             write_optimizer(tmp)
-        write_side_files(tmp, config, dtype, step, trainer_state, recipe, tokenizer_dir)
+        write_side_files(tmp, config, dtype, step=step, trainer_state=trainer_state, recipe=recipe,
+                         tokenizer_dir=tokenizer_dir)
         if final.exists():
             shutil.rmtree(final)  # the same step saved again (a re-run into the same directory)
         tmp.rename(final)

@@ -52,7 +52,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield lineno, record
 
 
-def encode_records(path: str | Path, tokenizer: TextTokenizer, text_field: str = "text", fmt: str = "text",
+def encode_records(path: str | Path, tokenizer: TextTokenizer, text_field: str = "text", *, fmt: str = "text",
                    **kwargs) -> list[Document]:
     """Token ids and loss mask (True = trained on) of every record of a JSONL file.
 
@@ -101,7 +101,7 @@ class PackedSequences:
 
 
 def pack_documents(docs: list[tuple[list[int], list[bool]]], seq_len: int, eos_id: int,
-                   untrained_eos: frozenset[int] | set[int] = frozenset()) -> PackedSequences:
+                   *, untrained_eos: frozenset[int] | set[int] = frozenset()) -> PackedSequences:
     """Concatenate ``(ids, loss_mask)`` documents, each followed by EOS, into rows of ``seq_len`` tokens.
 
     The tail that does not fill a row is dropped. The EOS after a document whose index is in
@@ -155,7 +155,7 @@ class PackedDataset(Dataset):
 
 
 def pad_documents(docs: list[Document], seq_len: int, eos_id: int,
-                  untrained_eos: frozenset[int] | set[int] = frozenset()) -> dict[str, torch.Tensor]:
+                  *, untrained_eos: frozenset[int] | set[int] = frozenset()) -> dict[str, torch.Tensor]:
     """One row per document: its ids and EOS, then padding to ``seq_len`` (documents must fit: truncate first).
 
     Returns:
@@ -303,7 +303,7 @@ class TextDataModule(L.LightningDataModule):
     def _read(self, path: str, report: DataReport) -> list[Document]:
         tok = self.load_tokenizer()
         chat = ChatTemplate.from_tokenizer_dir(tok.path, use_template=self.chat_template == "auto")
-        return encode_records(path, tok, self.text_field, self.format, chat=chat, on_error=self.on_error,
+        return encode_records(path, tok, self.text_field, fmt=self.format, chat=chat, on_error=self.on_error,
                               report=report)
 
     def _rows(self, docs: list[Document], report: DataReport) -> Dataset:
@@ -325,9 +325,9 @@ class TextDataModule(L.LightningDataModule):
         report.tokens = sum(len(ids) + 1 for ids, _ in docs)
         report.trained_tokens = sum(sum(mask) + (i not in cut) for i, (_, mask) in enumerate(docs))
         if self.packing:
-            dataset: Dataset = PackedDataset(pack_documents(docs, self.seq_len, eos, cut))
+            dataset: Dataset = PackedDataset(pack_documents(docs, self.seq_len, eos, untrained_eos=cut))
         else:
-            dataset = RowDataset(pad_documents(docs, self.seq_len, eos, cut))
+            dataset = RowDataset(pad_documents(docs, self.seq_len, eos, untrained_eos=cut))
         report.rows = len(dataset)  # type: ignore[arg-type]
         return dataset
 
