@@ -40,6 +40,8 @@ TOOLS = {
     "bench": ("moetrain.bench", "main"),
     "generate": ("moetrain.generate", "main"),
     "build-ops": ("moetrain.offload.ops", "main"),
+    "select-experts": ("moetrain.select_experts", "main"),
+    "prune": ("moetrain.prune", "main"),
 }
 
 
@@ -55,7 +57,7 @@ def run_tool(name: str, argv: list[str]) -> int:
         return 1
 
 
-USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate,build-ops}} ...
+USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate,select-experts,prune,build-ops}} ...
 
   fit       train a model from a recipe: {PROG} fit --config recipes/tiny.yaml [--key.sub=value ...]
   validate  evaluate a model on a recipe's validation data
@@ -63,6 +65,10 @@ USAGE = f"""usage: {PROG} {{fit,validate,plan,export,bench,generate,build-ops}} 
   export    write a checkpoint as a Hugging Face model directory
   bench     run a benchmark: {PROG} bench --help lists them (link, offload_step, checkpoint_io, ...)
   generate  continue a prompt with a checkpoint: {PROG} generate --ckpt runs/tiny --prompt "Once"
+            (--expert_weights paged: routed experts in host memory, only the routed ones paged in)
+  select-experts  choose the routed experts a task uses (ESFT): routing statistics over the data, the experts
+            covering --top_p of the score per layer, a selection file for model.train.routed_experts
+  prune     remove the experts a task routes least: --ckpt DIR --data FILE (--keep N | --coverage P) --out DIR
   build-ops compile DeepSpeed's ops for this environment now (offload runs otherwise compile them on first use)
 
 '{PROG} SUBCOMMAND --help' lists a subcommand's options; '{PROG} fit --help=all' adds every Lightning
@@ -84,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return fail(str(err))
     if argv[0] not in ("fit", "validate"):
         return fail(f"unknown subcommand {argv[0]!r}; choose one of fit, validate, plan, export, bench, generate, "
-                     "build-ops")
+                    "select-experts, prune, build-ops")
     if any(arg in ("-h", "--help", "--help=all") for arg in argv[1:]):
         try:
             return print_help(argv)

@@ -6,12 +6,12 @@ alike: an import moved into a function to dodge a cycle is still a cycle), witho
 The layers, lowest first (a module may import its own layer and the ones below)::
 
     base       moetrain.config, .atomic, .shards, .progress (long-loop bars), .optim (optimizer config, dense AdamW)
-    models     moetrain.models     the model and its Hugging Face files
+    models     moetrain.models     the model and its Hugging Face files; .routing_stats (routing measured per expert)
     offload    moetrain.offload    expert state in tiers, the expert optimizer, the planner
     inference  moetrain.inference  paged experts for generation and validation (an expert cache on the device)
     training   moetrain.training   the LightningModule, data, callbacks, checkpoints
     parallel   moetrain.parallel   several ranks (reads and writes the training layer's checkpoints)
-    entry      moetrain (the package), .cli, .lightning_cli (fit and validate), .preflight, .generate, .prune, .bench
+    entry      moetrain (the package), .cli, .lightning_cli (fit and validate), .preflight, .generate, .prune, .select_experts, .bench
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moetrain"
 
 LAYERS = {
     "base": ("moetrain.config", "moetrain.atomic", "moetrain.shards", "moetrain.progress", "moetrain.optim"),
-    "models": ("moetrain.models",),
+    "models": ("moetrain.models", "moetrain.routing_stats"),
     "offload": ("moetrain.offload",),
     "inference": ("moetrain.inference",),
     "training": ("moetrain.training",),
     "parallel": ("moetrain.parallel",),
     "entry": ("moetrain", "moetrain.cli", "moetrain.lightning_cli", "moetrain.preflight", "moetrain.generate",
-              "moetrain.prune", "moetrain.bench"),
+              "moetrain.prune", "moetrain.select_experts", "moetrain.bench"),
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS.values()) for prefix in prefixes}
 
