@@ -268,7 +268,7 @@ def test_validate_the_last_checkpoint(tiny_run, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- --help
-SUBCOMMANDS = ("fit", "validate", "plan", "export", "bench", "generate")
+SUBCOMMANDS = ("fit", "validate", "plan", "export", "bench", "generate", "select-experts", "prune", "build-ops")
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -290,7 +290,7 @@ def help_entries(text: str) -> dict[str, str]:
 def test_top_level_help_lists_only_subcommands_that_answer_help(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert main(["--help"]) == 0
-    listed = re.findall(r"(?m)^  (\w+) ", capsys.readouterr().out)
+    listed = re.findall(r"(?m)^  ([\w-]+) ", capsys.readouterr().out)
     assert tuple(listed) == SUBCOMMANDS
     for name in listed:
         assert main([name, "--help"]) == 0, name
