@@ -126,7 +126,7 @@ class TrainOptimizer(ABC):
     an optimizer has a method).
 
     Implementations: :class:`DenseAdamW` (``tier: none``), the offload engine
-    (:class:`~moetrain.offload.optim.ExpertOffloadOptimizer`) and the multi-rank wrapper
+    (:class:`~moetrain.offload.composite.CompositeOptimizer`) and the multi-rank wrapper
     (:class:`~moetrain.parallel.optimizer.ParallelOptimizer`).
     """
 

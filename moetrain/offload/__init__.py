@@ -9,11 +9,18 @@ Modules, one job each:
 * ``nvme``: swap files (DeepSpeed async I/O, threaded fallback) and their pre-flight checks.
 * ``swapper``: bounded device slots, page-in/page-out streams and events, eviction by routing frequency, and
   the hot-expert state cache.
-* ``lookahead``: next-layer routing prediction (precision/recall) and the routing trace for backward prefetch.
-* ``cpu_step``: the CPU step path (grads down, DeepSpeed CPU Adam, weights up), pipelined through pinned buffers.
+* ``streams``: CUDA streams and events that collapse to nothing on a CPU device.
+* ``lookahead``: next-layer routing prediction (precision/recall); ``routing_trace``: the routing trace for
+  backward prefetch.
+* ``weight_pager`` / ``paged_experts``: paged compute weights and the autograd functions that run on them.
+* ``engine``: the expert engine, which wires the parts below; ``composite``: it joined with the dense AdamW;
+  ``build``: assembles both. ``schedule``: when a layer is stepped, and slot sizing (each rule once).
+* ``gpu_step`` / ``cpu_step``: the two step paths; ``catch_up``: idle experts' missed steps; ``telemetry``: the
+  step's figures; ``state_io`` / ``host_state``: named tensors out and in, records' host state;
+  ``compute_weights``: the compute dtype and where new weights go.
 * ``adam``: the AdamW arithmetic (fused on CUDA, torch's loop on the CPU, DeepSpeed CPU Adam).
 * ``rates``: link and CPU-Adam rates measured at start-up; the GPU/CPU split of ``step_on: auto``.
-* ``optim``: :class:`~moetrain.offload.optim.ExpertOffloadOptimizer`, the sparse expert optimizer.
+* ``optim``: the names callers import (:func:`~moetrain.offload.build.build_offload_optimizer`).
 * ``plan``: ``make_plan`` for ``moetrain plan``.
 """
 
@@ -30,9 +37,9 @@ from moetrain.optim import DenseAdamW, OptimizerConfig, TrainOptimizer
 def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadConfig,
                     store: Optional[Any] = None) -> TrainOptimizer:
     """The optimizer for ``model`` under ``offload``: ``tier: none`` is plain AdamW over every parameter;
-    ``cpu`` and ``nvme`` page routed experts' state (:class:`~moetrain.offload.optim.ExpertOffloadOptimizer`),
+    ``cpu`` and ``nvme`` page routed experts' state (:func:`~moetrain.offload.build.build_offload_optimizer`),
     on ``store`` if one was filled while loading (:func:`~moetrain.offload.staged_init.load_into_tiers`)."""
     if offload.tier == "none":
         return DenseAdamW(model, optim)
-    from moetrain.offload.optim import ExpertOffloadOptimizer
-    return ExpertOffloadOptimizer(model, optim, offload, store=store)
+    from moetrain.offload.build import build_offload_optimizer
+    return build_offload_optimizer(model, optim, offload, store=store)

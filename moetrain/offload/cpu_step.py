@@ -157,3 +157,47 @@ class CpuStepper:
         """The current (compute) stream waits for every weight upload issued so far (no host sync)."""
         if self.up_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
+
+
+class CpuShare:
+    """The CPU share of each layer's experts: stepped by a :class:`CpuStepper` on the records' host state, in a
+    thread beside the GPU share when ``pool`` is given (CUDA: the GPU share's launches are asynchronous).
+
+    Args:
+        stepper: the chunk pipeline.
+        host: reads and writes the records' state in their tier (its own NVMe channel).
+        weight_decay: AdamW's decoupled weight decay.
+        pool: one worker thread, or None to step in the caller's thread.
+    """
+
+    def __init__(self, stepper: CpuStepper, host, *, weight_decay: float, pool=None) -> None:
+        self.stepper, self.host, self.weight_decay, self.pool = stepper, host, weight_decay, pool
+        self.pending: list = []
+
+    def submit(self, recs: list[ExpertRecord], lr: float, clip_coef: Optional[torch.Tensor]) -> None:
+        """Queue one AdamW step of ``recs`` (already settled in their tier) after the compute stream's work so far:
+        their step numbers are read now (``rec.step`` moves on while the thread runs)."""
+        ready = event(self.stepper.device)  # the gradient copies wait for the compute stream
+        if ready is not None:
+            ready.record()
+        args = (recs, [r.step + 1 for r in recs], lr, ready, clip_coef)
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(self._step, *args))
+        else:
+            self._step(*args)
+
+    def _step(self, recs: list[ExpertRecord], steps: list[int], lr: float, ready: Optional[torch.cuda.Event],
+              clip_coef: Optional[torch.Tensor]) -> None:
+        coef = None if clip_coef is None else clip_coef.cpu()
+        self.stepper.step(recs, steps, lr, self.weight_decay, coef, ready, self.host.read, self.host.write)
+
+    def finish(self) -> None:
+        """Wait for the thread; the compute stream then waits for its weight uploads (no host sync)."""
+        for pending in self.pending:
+            pending.result()
+        self.pending.clear()
+        self.stepper.fence()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)

@@ -146,3 +146,19 @@ def split(numels: list[int], rates: Rates, grad_bytes: int, weight_bytes: int) -
             cpu.append(i)
             up, down, cpu_s = up + weight_bytes * n, down + grad_bytes * n, c_cpu
     return sorted(gpu), sorted(cpu)
+
+
+def split_records(recs: list, *, step_on: str, hot: set, rates: Rates) -> tuple[list, list]:
+    """(GPU share, CPU share) of the expert records ``recs`` under ``step_on``: hot-cached records are stepped
+    where they are (GPU); ``cpu`` sends the rest to the CPU; ``auto`` splits them by ``rates`` (:func:`split`)."""
+    if step_on == "gpu" or not recs:
+        return recs, []
+    resident = [r for r in recs if r.key in hot]
+    cold = [r for r in recs if r.key not in hot]
+    if not cold:
+        return resident, []
+    if step_on == "cpu":
+        return resident, cold
+    weight_bytes = cold[0].params[0].element_size()
+    gpu_idx, cpu_idx = split([r.numel for r in cold], rates, weight_bytes, weight_bytes)
+    return resident + [cold[i] for i in gpu_idx], [cold[i] for i in cpu_idx]

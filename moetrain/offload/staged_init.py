@@ -38,7 +38,7 @@ def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.devi
         ConfigError / ShardError: as :func:`moetrain.from_pretrained` (names the file and tensor).
     """
     from moetrain.models.hf import empty_model, load_config, load_weights
-    from moetrain.offload.optim import compute_dtype
+    from moetrain.offload.compute_weights import compute_dtype
 
     config = load_config(path)
     paged = offload.resident_weights == "no"

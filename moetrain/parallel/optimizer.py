@@ -15,7 +15,7 @@ Gradients of an expert that got no token anywhere stay None, as in a single proc
 skip`` semantics). The training loop scales each rank's loss so that the sum over ranks is the loss of
 the global batch (:func:`moetrain.parallel.loss.loss_for_backward`); the reductions are therefore sums.
 
-The inner optimizer is the single-process one: :class:`~moetrain.offload.optim.ExpertOffloadOptimizer`
+The inner optimizer is the single-process one: :class:`~moetrain.offload.composite.CompositeOptimizer`
 built with ``owns=`` (its store keeps only this rank's records), or, under ``tier: none``,
 :class:`~moetrain.optim.DenseAdamW` over the parameters this rank holds (state replicated on
 the holders: it is the reference, not the memory-saving path). Stepping layers under backward
@@ -65,9 +65,9 @@ class ParallelOptimizer(TrainOptimizer):
         if offload.tier == "none":
             self.inner = DenseAdamW(model, cfg)
         else:
-            from moetrain.offload.optim import ExpertOffloadOptimizer
+            from moetrain.offload.build import build_offload_optimizer
 
-            self.inner = ExpertOffloadOptimizer(model, cfg, offload, owns=layout.owns if layout.partition else None)
+            self.inner = build_offload_optimizer(model, cfg, offload, owns=layout.owns if layout.partition else None)
         num_layers, num_experts = len(self.blocks), layout.num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=self.device)  # (M, E)
         self._layer_pos = {b.layer_idx: m for m, b in enumerate(self.blocks)}

@@ -14,7 +14,9 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train, 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.cpu_step import CpuStepper
+from moetrain.offload.optim import build_offload_optimizer
 from moetrain.offload.rates import Rates
+from moetrain.offload.store import ExpertStore
 from moetrain.optim import DenseAdamW
 
 
@@ -75,12 +77,14 @@ def test_step_on_cpu_agrees(setup):
 
 def test_step_on_auto_uses_both_paths(setup, tmp_path):
     base, data, ref, _ = setup
-    model = clone(base)
-    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="nvme", nvme_path=str(tmp_path), step_on="auto",
-                                                      gpu_slots=4))
-    assert opt.telemetry() == {} and opt.rates.measured  # the CPU Adam rate was measured at start-up
+    offload = OffloadConfig(tier="nvme", nvme_path=str(tmp_path), step_on="auto", gpu_slots=4)
+    measured = build_optimizer(clone(base), OPTIM, offload)
+    assert measured.telemetry() == {} and measured.rates.measured  # the CPU Adam rate was measured at start-up
+    measured.close()
     # rates where one expert's CPU Adam takes as long as one GPU-path expert's paging: the split must use both
-    opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True)
+    model = clone(base)
+    opt = build_offload_optimizer(model, OPTIM, offload,
+                                  rates=Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True))
     seen: list[dict[str, float]] = []
     train(model, opt, data, on_step=lambda _: seen.append(opt.telemetry()))
     opt.close()
@@ -125,14 +129,19 @@ def test_cpu_share_in_a_thread_agrees(max_grad_norm):
     ref = clone(base)
     train(ref, DenseAdamW(ref, cfg), data, cfg=cfg, total=10)
     model = clone(base)
-    opt = build_optimizer(model, cfg, OffloadConfig(tier="cpu", step_on="auto", gpu_slots=4))
-    opt.cpu_pool = ThreadPoolExecutor(1)
-    opt.rates = Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True)
-    # one record per chunk: the two pinned buffer pairs are reused many times per layer
-    opt.cpu_stepper = CpuStepper(opt.cpu_adam, opt.device, opt.compute_dtype, opt.store.max_padded // 3)
+    offload = OffloadConfig(tier="cpu", step_on="auto", gpu_slots=4)
+    store = ExpertStore(model, offload)
     chunked = []
-    original = opt.cpu_stepper.chunks
-    opt.cpu_stepper.chunks = lambda recs: chunked.append(original(recs)) or chunked[-1]
+
+    class RecordingStepper(CpuStepper):
+        def chunks(self, recs):
+            chunked.append(super().chunks(recs))
+            return chunked[-1]
+
+    # one record per chunk: the two pinned buffer pairs are reused many times per layer
+    opt = build_offload_optimizer(model, cfg, offload, store=store, cpu_pool=ThreadPoolExecutor(1),
+                                  rates=Rates(h2d_gbps=12.0, d2h_gbps=12.0, cpu_adam_gparams=1.0, measured=True),
+                                  cpu_chunk_numel=store.max_padded // 3, cpu_stepper_cls=RecordingStepper)
     seen: list[dict[str, float]] = []
     train(model, opt, data, cfg=cfg, total=10, on_step=lambda _: seen.append(opt.telemetry()))
     assert max(len(c) for c in chunked) > 2 and all(len(chunk) == 1 for c in chunked for chunk in c)

@@ -1,0 +1,98 @@
+"""The GPU step path: routed experts' state paged into device slots, stepped by the fused AdamW kernel there.
+
+For each chunk of half the slots (the other half fills meanwhile)::
+
+    acquire(chunk)          hits, or H2D on the swapper's in_stream; compute waits on per-slot events
+    prefetch(next chunk)    ← overlaps the fused step below
+    decode (compressed)     fp32 scratch, groups of at most a quarter of gpu_budget_gb
+    _fused_adamw_           gradients scaled in-kernel by 1 / clip coefficient
+    encode, new weights     the record's format; compute weights written by the WeightWriter
+    release(chunk)          D2H on out_stream after an event ← under the next chunk, and the next forward
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from moetrain.offload.adam import adamw
+from moetrain.offload.compute_weights import WeightWriter
+from moetrain.offload.state_format import rounding_seed
+from moetrain.offload.store import ExpertRecord
+from moetrain.offload.swapper import Swapper
+from moetrain.optim import OptimizerConfig
+
+
+class GpuStep:
+    """Steps records in device slots.
+
+    Args:
+        swapper: the device slots and their streams.
+        cfg: AdamW hyperparameters.
+        writer: where new compute weights go.
+        compressed: the store's format is compressed (decoded into fp32 scratch, then encoded back).
+        scratch_bytes: the most fp32 scratch one fused call may decode into (compressed formats only).
+    """
+
+    def __init__(self, swapper: Swapper, cfg: OptimizerConfig, writer: WeightWriter, *, compressed: bool,
+                 scratch_bytes: float) -> None:
+        self.swapper, self.cfg, self.writer = swapper, cfg, writer
+        self.compressed, self.scratch_bytes = compressed, scratch_bytes
+
+    def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
+        """Consecutive groups of half the slots: half compute while the other half fills."""
+        size = max(1, self.swapper.num_slots // 2)
+        return [recs[i:i + size] for i in range(0, len(recs), size)]
+
+    def step(self, recs: list[ExpertRecord], lr: float, clip_coef: Optional[torch.Tensor] = None,
+             grad_scale: Optional[torch.Tensor] = None) -> None:
+        """One AdamW step of ``recs`` (their ``.grad``, None read as zero) at ``lr``; ``rec.step`` is left to
+        the caller. ``clip_coef``/``grad_scale``: device scalars of global-norm clipping, applied in-kernel."""
+        chunks = self.chunks(recs)
+        for c, chunk in enumerate(chunks):
+            flats = self.swapper.acquire(chunk)
+            if c + 1 < len(chunks):
+                self.swapper.prefetch(chunks[c + 1])
+            for group in self._scratch_groups(list(zip(chunk, flats, strict=True))):
+                ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
+                for rec, flat in group:
+                    master, exp_avg, exp_avg_sq = rec.parts(flat)
+                    decoded.append((rec, flat, master, exp_avg, exp_avg_sq))
+                    views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
+                    for p, w, m, v in views:
+                        ps.append(w)
+                        gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
+                        ms.append(m)
+                        vs.append(v)
+                        steps.append(rec.step + 1)
+                adamw(ps, gs, ms, vs, steps, lr, self.cfg.weight_decay, self.cfg, clip_coef=clip_coef,
+                      grad_scale=grad_scale)
+                for rec, flat, master, exp_avg, exp_avg_sq in decoded:
+                    self.store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step + 1)
+            self.swapper.release(chunk)
+
+    def _scratch_groups(self, pairs: list[tuple[ExpertRecord, torch.Tensor]]) -> list[list]:
+        """Records stepped by one fused call. fp32 state is stepped in place in its slots: the whole
+        chunk at once. Compressed state is decoded into fp32 scratch (12 bytes a parameter) and encoded
+        back: groups whose scratch stays within ``scratch_bytes`` (at least one record)."""
+        if not self.compressed:
+            return [pairs]
+        groups: list[list] = []
+        size = 0.0
+        for pair in pairs:
+            scratch = 12.0 * pair[0].numel
+            if not groups or size + scratch > self.scratch_bytes:
+                groups.append([])
+                size = 0.0
+            groups[-1].append(pair)
+            size += scratch
+        return groups
+
+    def store_stepped(self, rec: ExpertRecord, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
+                      exp_avg_sq: torch.Tensor, step: int) -> None:
+        """Encode a stepped record's fp32 state into its format (nothing to do for fp32) and write the new
+        compute weights (``step``: the record's AdamW step number after this update)."""
+        generator = rec.codec.record_generator(flat.device, rounding_seed(rec.layer, rec.expert, step))
+        rec.codec.encode(flat, master, exp_avg, exp_avg_sq, generator)
+        self.writer.write(rec, rec.codec.compute_weights(flat, master))
