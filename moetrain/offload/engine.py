@@ -177,11 +177,17 @@ class ExpertEngine:
 
     def _auto_hot_cache(self) -> None:
         """``hot_cache_gb: null``: after the first step, size the hot cache from the device memory that
-        step left unused (its peak known now), keeping a margin of 10% of the device plus 1 GiB for
-        allocator fragmentation; on a CPU stand-in device, a quarter of the available host memory."""
+        step left unused (its peak known now) within the process's share of the device (a memory fraction caps it)
+        and what other processes left free, keeping a margin of 10% of that share plus 1 GiB for allocator
+        fragmentation; on a CPU stand-in device, a quarter of the available host memory."""
         if self.device.type == "cuda":
+            # the process's share of the card (set_per_process_memory_fraction), and what other processes left
             total = torch.cuda.get_device_properties(self.device).total_memory
-            spare = total - torch.cuda.max_memory_reserved(self.device) - 0.1 * total - 2**30
+            allowed = total * min(1.0, torch.cuda.get_per_process_memory_fraction(self.device))
+            free, _ = torch.cuda.mem_get_info(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+            spare = min(allowed - torch.cuda.max_memory_reserved(self.device),
+                        free + reserved - torch.cuda.max_memory_reserved(self.device)) - 0.1 * allowed - 2**30
         else:
             import psutil
 
