@@ -13,6 +13,11 @@ under variants that each remove one suspect, printing the largest weight differe
     early_fenced   the compute stream waits for the CPU path's uploads after each early layer step
 
     python scripts/probe_early_cpu_step.py [--step-on auto|cpu]
+
+It patches the engine's private methods of its time (``ExpertOffloadOptimizer._step_layer``, ``_early_lr``,
+``cpu_pool``, ``_finish_cpu``), which the engine's split into parts (``offload/engine.py`` and its parts)
+removed: run it on the tree it was written for (``git worktree add ../probe e2a46c2``), where it produced
+benchmarks/README.md's run l1.
 """
 
 from __future__ import annotations
