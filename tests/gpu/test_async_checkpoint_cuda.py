@@ -19,7 +19,7 @@ import yaml
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "checkpoint"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
 from ckpt_harness import fit, shard_tensors, small_data, write_recipe  # noqa: E402
 
 import moetrain.shards as shards  # noqa: E402
