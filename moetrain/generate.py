@@ -14,8 +14,10 @@ model emits (end of text, a chat model's ``<|im_end|>``, ...), and no special to
 
 ``--expert_weights paged`` keeps the routed experts in host memory and pages the routed ones onto the device
 through an expert cache (:mod:`moetrain.inference`): ``--gpu_memory_gb`` (or ``--cache_slots``) sizes the cache,
-``--cache_policy lru|lfu`` picks what it evicts, ``--expert_dtype int8`` halves the bytes of an expert. The
-tokens are those of resident generation; the telemetry (hit rate beside the ideal static cache's, bytes paged
+``--cache_policy lru|lfu`` picks what it evicts, ``--expert_dtype int8`` halves the bytes of an expert,
+``--expert_source shards`` reads an expert from the model's memory-mapped shards when the cache misses it instead
+of holding every expert in host memory (a model larger than host memory). The tokens are those of resident
+generation; the telemetry (hit rate beside the ideal static cache's, bytes paged
 per token, decode tokens/s) goes to stderr.
 """
 
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--expert_weights``, ``--gpu_memory_gb``, ``--cache_slots``, ``--cache_policy``, ``--expert_dtype``."""
+    """``--expert_weights``, ``--gpu_memory_gb``, ``--cache_slots``, ``--cache_policy``, ``--expert_dtype``,
+    ``--expert_source``, ``--no_prefetch``."""
     group = parser.add_argument_group("paged experts (models larger than the GPU)")
     group.add_argument("--expert_weights", choices=("resident", "paged"), default="resident",
                        help="paged: routed experts in host memory, the routed ones paged onto the device")
@@ -231,8 +234,11 @@ def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache_slots", type=int, default=None, help="expert slots (overrides --gpu_memory_gb)")
     group.add_argument("--cache_policy", choices=("lru", "lfu"), default="lru",
                        help="lru: evict the least recently used expert; lfu: the least frequently used")
-    group.add_argument("--expert_dtype", choices=("auto", "int8"), default="auto",
+    group.add_argument("--expert_dtype", choices=("auto", "bf16", "int8"), default="auto",
                        help="int8: per-channel int8 expert weights, dequantized on the device (paged only)")
+    group.add_argument("--expert_source", choices=("host", "shards"), default="host",
+                       help="host: every expert in (pinned) host memory; shards: read an expert from the model's "
+                            "memory-mapped shards when the cache misses it (paged only)")
     group.add_argument("--no_prefetch", action="store_true", help="do not page in the next layer's likely experts")
 
 
@@ -242,7 +248,8 @@ def inference_config(args: argparse.Namespace):
 
     return InferenceConfig(expert_weights=args.expert_weights, gpu_memory_gb=args.gpu_memory_gb,
                            cache_slots=args.cache_slots, cache_policy=args.cache_policy,
-                           expert_dtype=args.expert_dtype, prefetch=not args.no_prefetch)
+                           expert_dtype=args.expert_dtype, expert_source=args.expert_source,
+                           prefetch=not args.no_prefetch)
 
 
 def paging_report(cache, stats: GenerationStats) -> dict:

@@ -231,9 +231,10 @@ class ExpertCache:
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             if stream is not None:
                 stream.wait_event(s.freed)
-            self.data[slot].copy_(self.store.rows[layer][expert], non_blocking=True)
+            row, scales = self.store.row(layer, expert)
+            self.data[slot].copy_(row, non_blocking=True)
             if self.scales is not None:
-                self.scales[slot].copy_(self.store.scales[layer][expert], non_blocking=True)
+                self.scales[slot].copy_(scales, non_blocking=True)
             if stream is not None:
                 s.ready.record(stream)
         self.stats.bytes_paged += self.store.row_bytes
@@ -349,6 +350,38 @@ class ExpertCache:
         sc = self.scales[slot]
         return (dequantize_int8(parts[0], sc[:i], dtype), dequantize_int8(parts[1], sc[i:2 * i], dtype),
                 dequantize_int8(parts[2], sc[2 * i:], dtype))
+
+    def grouped_weights(self, slots: Sequence[int], dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The weights of the experts in ``slots`` stacked for ``torch._grouped_mm``, ready on the current stream.
+
+        Returns:
+            (gate (G, I, H), up (G, I, H), down (G, H, I), position): ``position[i]`` is where ``slots[i]``'s
+            expert lies along G. Weights already of ``dtype`` are strided views of the whole slot buffer (G = S
+            slots, position = slot: no copy; groups of other slots must get no rows); int8 or other-dtype slots
+            are gathered and dequantized (G = len(slots), position = 0, 1, ...).
+        """
+        if self.slots[0].ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            for slot in slots:
+                stream.wait_event(self.slots[slot].ready)
+        (i, h), _, _ = self.store.shapes()
+        ih = i * h
+        if self.scales is None and self.data.dtype == dtype:
+            d = self.data  # (S, P): row s = gate | up | down of slot s's expert
+            return (d[:, :ih].unflatten(1, (i, h)), d[:, ih:2 * ih].unflatten(1, (i, h)),
+                    d[:, 2 * ih:].unflatten(1, (h, i)), list(slots))
+        index = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+        rows = self.data.index_select(0, index)  # (G, P)
+        parts = [rows[:, :ih].unflatten(1, (i, h)), rows[:, ih:2 * ih].unflatten(1, (i, h)),
+                 rows[:, 2 * ih:].unflatten(1, (h, i))]
+        if self.scales is None:
+            parts = [p.to(dtype) for p in parts]
+        else:  # as dequantize_int8, per expert: (q.float() * scale[:, None]).to(dtype)
+            sc = self.scales.index_select(0, index)  # (G, 2I + H)
+            bounds = ((0, i), (i, 2 * i), (2 * i, 2 * i + h))
+            parts = [(p.float() * sc[:, a:b, None]).to(dtype) for p, (a, b) in zip(parts, bounds, strict=True)]
+        return parts[0], parts[1], parts[2], list(range(len(slots)))
 
     def release(self, got: Acquired) -> None:
         """The kernels reading ``got``'s slots are queued: the slots may be refilled once they have run."""

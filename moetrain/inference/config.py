@@ -9,7 +9,8 @@ from moetrain.config import ConfigError
 
 ExpertWeights = Literal["resident", "paged"]
 CachePolicyName = Literal["lru", "lfu"]
-ExpertDType = Literal["auto", "int8"]
+ExpertDType = Literal["auto", "bf16", "int8"]
+ExpertSource = Literal["host", "shards"]
 
 
 @dataclass
@@ -26,9 +27,14 @@ class InferenceConfig:
         cache_policy: which cached expert makes room: ``lru`` (least recently used) or ``lfu`` (least
             frequently used over the whole run; an expert routed less often than every cached one is computed
             from a staging slot instead of evicting a more frequent one).
-        expert_dtype: ``auto``: the model's dtype; ``int8``: per-output-channel int8 weights with fp32 scales,
-            dequantized on the device as each expert runs (about half the bytes of bf16, so about twice the
-            experts fit the cache and half the bytes cross the link).
+        expert_dtype: ``auto``: the model's dtype (``moetrain validate`` on a GPU: bf16, the dtype its bf16
+            autocast computes the experts in); ``bf16``; ``int8``: per-output-channel int8 weights with fp32
+            scales, dequantized on the device as each expert runs (about half the bytes of bf16, so about twice
+            the experts fit the cache and half the bytes cross the link).
+        expert_source: ``host``: every expert's row in (pinned) host memory, read from the shards once at load;
+            ``shards``: none held, an expert's tensors are read from the model directory's memory-mapped
+            safetensors shards when the cache misses it (a model larger than host memory; the OS page cache
+            keeps what fits).
         prefetch: page in the next MoE layer's likely experts (its router applied to the current layer's input)
             while the current layer computes.
     """
@@ -38,6 +44,7 @@ class InferenceConfig:
     cache_slots: Optional[int] = None
     cache_policy: CachePolicyName = "lru"
     expert_dtype: ExpertDType = "auto"
+    expert_source: ExpertSource = "host"
     prefetch: bool = True
 
     def __post_init__(self) -> None:
@@ -45,17 +52,21 @@ class InferenceConfig:
             raise ConfigError(f"expert_weights={self.expert_weights!r}: choose resident or paged")
         if self.cache_policy not in ("lru", "lfu"):
             raise ConfigError(f"cache_policy={self.cache_policy!r}: choose lru or lfu")
-        if self.expert_dtype not in ("auto", "int8"):
-            raise ConfigError(f"expert_dtype={self.expert_dtype!r}: choose auto (the model's dtype) or int8")
+        if self.expert_dtype not in ("auto", "bf16", "int8"):
+            raise ConfigError(f"expert_dtype={self.expert_dtype!r}: choose auto (the model's dtype), bf16 or int8")
+        if self.expert_source not in ("host", "shards"):
+            raise ConfigError(f"expert_source={self.expert_source!r}: choose host (every expert in host memory) or "
+                              "shards (read from the model's shards on a miss)")
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
             raise ConfigError(f"gpu_memory_gb={self.gpu_memory_gb}: need a positive size in GB (or leave it unset "
                               "to size the cache from free memory)")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ConfigError(f"cache_slots={self.cache_slots}: need at least 1 expert slot")
         if self.expert_weights == "resident" and (self.expert_dtype != "auto" or self.gpu_memory_gb is not None
-                                                  or self.cache_slots is not None):
-            raise ConfigError("expert_dtype, gpu_memory_gb and cache_slots apply to paged experts only; add "
-                              "expert_weights=paged (--expert_weights paged)")
+                                                  or self.cache_slots is not None or self.expert_source != "host"):
+            raise ConfigError("expert_dtype, expert_source, gpu_memory_gb and cache_slots apply to paged experts "
+                              "only; add expert_weights=paged (--expert_weights paged, or "
+                              "--model.inference.expert_weights=paged for moetrain validate)")
 
     @property
     def paged(self) -> bool:

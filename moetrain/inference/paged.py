@@ -17,10 +17,19 @@ from one layer to the next. The last MoE layer prefetches the first layer's expe
 next decode step). Experts already on the device never wait; a layer that needs more experts than there are
 slots (a long prefill with a small cache) runs in groups, each group's slots reused by the next.
 
+Two compute paths per group of slots, chosen per call (``impl``, set by ``model.set_expert_impl``):
+
+* loop: ``F.linear`` per expert, concatenated in expert order, weighted and summed with ``index_add_``: the
+  ops of :class:`~moetrain.models.experts.RoutedExperts`' loop path, so outputs equal the resident model's
+  exactly. Decode (fewer than :data:`GROUPED_MIN_TOKENS` tokens), the CPU, and dtypes or shapes the grouped
+  kernel rejects.
+* grouped (``auto`` on CUDA sm90+ in bf16 from :data:`GROUPED_MIN_TOKENS` tokens, i.e. prefill and
+  validation; ``grouped`` forces it): three ``torch._grouped_mm`` over the slot buffer itself, viewed as
+  (S, I, H), (S, I, H), (S, H, I) (no copy of the weights; int8 slots are gathered and dequantized first).
+  The rows are permuted into slot order and each slot is one group (slots of other experts get none).
+
 On the CPU the copy stream and the events collapse into plain copies, so the same bookkeeping (what is
-cached, prefetched, hit) runs in CI. Outputs equal the resident model's: the experts run the ops of
-:class:`~moetrain.models.experts.RoutedExperts`' loop path (``F.linear`` per expert, concatenated in expert
-order, weighted and summed with ``index_add_``).
+cached, prefetched, hit) runs in CI.
 """
 
 from __future__ import annotations
@@ -34,15 +43,18 @@ import torch.nn.functional as F
 
 from moetrain.inference.cache import ExpertCache, slots_for_budget
 from moetrain.inference.config import InferenceConfig
-from moetrain.inference.store import HostExpertStore
+from moetrain.inference.store import HostExpertStore, ShardExpertStore
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.experts import dispatch
+from moetrain.models.experts import dispatch, grouped_mm_available, grouped_swiglu_forward
 from moetrain.models.router import Routing, TopKRouter
 
 _EXPERT_PARAM = ".mlp.experts."
 GPU_RESERVE_BYTES = 2 * 2**30
 """Device memory left free for activations, the KV cache and the allocator when the cache is sized from free
 memory (plus 10% of the device)."""
+GROUPED_MIN_TOKENS = 32
+"""Tokens of a call from which ``impl=auto`` runs a layer's experts as grouped GEMMs (on CUDA sm90+, bf16): a
+prefill or a validation batch. Decode steps (a token per sequence) keep the per-expert loop."""
 
 
 class PagedExperts(nn.Module):
@@ -67,6 +79,7 @@ class PagedExperts(nn.Module):
         object.__setattr__(self, "_next_router", next_router)
         self.next_layer = next_layer
         self.prefetch = prefetch
+        self.impl = "auto"  # auto, grouped or loop (MoEForCausalLM.set_expert_impl)
         self.last_routed: list[int] = []
 
     def extra_repr(self) -> str:
@@ -82,6 +95,17 @@ class PagedExperts(nn.Module):
         idx = router.select(scores)[1].reshape(-1)  # (T * k,)
         return torch.zeros(router.num_experts, dtype=torch.int64, device=x.device).index_fill_(0, idx, 1)
 
+    def use_grouped(self, x_sorted: torch.Tensor, tokens: int) -> bool:
+        """Whether this call runs grouped GEMMs (see the module docstring): ``x_sorted`` (N, H), ``tokens`` T."""
+        if self.impl == "loop":
+            return False
+        if self.impl == "grouped":
+            if not hasattr(torch, "_grouped_mm"):
+                raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm (torch >= 2.8); use 'auto' or 'loop'")
+            return True
+        return tokens >= GROUPED_MIN_TOKENS and grouped_mm_available(x_sorted, self.hidden_size,
+                                                                     self.intermediate_size)
+
     def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing`` (a training
         re-run of a checkpointed layer) does not arise in inference; it is accepted for the block's call."""
@@ -89,6 +113,7 @@ class PagedExperts(nn.Module):
         x_sorted = x[d.token_of]  # (N, H)
         if torch.is_autocast_enabled(x.device.type):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
+        grouped = self.use_grouped(x_sorted, x.shape[0])
         predicted = self._predict(x)
         # the host must know which experts to page: the layer's one read, the lookahead riding along
         both = d.counts if predicted is None else torch.cat([d.counts, predicted])
@@ -107,10 +132,13 @@ class PagedExperts(nn.Module):
             if first_group and len(got.experts) == len(todo):
                 self._start_prefetch(host[self.num_experts:] if predicted is not None else None)
             first_group = False
-            for e, slot in zip(got.experts, got.slots, strict=True):
-                wg, wu, wd = self.cache.weights(slot, x_sorted.dtype)
-                xe = x_sorted[starts[e]:starts[e + 1]]
-                pieces[e] = F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
+            if grouped:
+                pieces.update(self._grouped(x_sorted, starts, got.experts, got.slots))
+            else:
+                for e, slot in zip(got.experts, got.slots, strict=True):
+                    wg, wu, wd = self.cache.weights(slot, x_sorted.dtype)
+                    xe = x_sorted[starts[e]:starts[e + 1]]
+                    pieces[e] = F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd)
             self.cache.release(got)
             placed = set(got.experts)
             todo = [e for e in todo if e not in placed]
@@ -118,6 +146,31 @@ class PagedExperts(nn.Module):
         y = y * d.weight[:, None].to(y.dtype)  # (N, H)
         out = torch.zeros_like(x)
         out.index_add_(0, d.token_of, y.to(x.dtype))
+        return out
+
+    def _grouped(self, x_sorted: torch.Tensor, starts: list[int], experts: list[int],
+                 slots: list[int]) -> dict[int, torch.Tensor]:
+        """{expert: (n_e, H) output} of ``experts`` (held in ``slots``) by three grouped GEMMs.
+
+        ``x_sorted`` (N, H) holds expert e's rows at ``starts[e]:starts[e + 1]``. The rows are gathered in the
+        order of the experts' positions in the stacked weights (G groups, one per position; positions without
+        one of ``experts`` get no rows), so group g's rows meet weight g.
+        """
+        wg, wu, wd, position = self.cache.grouped_weights(slots, x_sorted.dtype)
+        counts = [0] * wg.shape[0]
+        for e, pos in zip(experts, position, strict=True):
+            counts[pos] = starts[e + 1] - starts[e]
+        ordered = [e for _, e in sorted(zip(position, experts, strict=True))]
+        rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for e in ordered])  # (n,) host
+        xs = x_sorted.index_select(0, rows.to(x_sorted.device, non_blocking=True))  # (n, H) in position order
+        ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)  # (G,)
+        y, _, _ = grouped_swiglu_forward(xs.contiguous(), ends.to(x_sorted.device, non_blocking=True), wg, wu, wd)
+        out: dict[int, torch.Tensor] = {}
+        start = 0
+        for e in ordered:
+            n = starts[e + 1] - starts[e]
+            out[e] = y[start:start + n]
+            start += n
         return out
 
     def _start_prefetch(self, predicted: Optional[list[int]]) -> None:
@@ -197,54 +250,154 @@ def install_paged_experts(model: MoEForCausalLM, config: Optional[InferenceConfi
     blocks = _moe_blocks(model)
     if not blocks:
         raise ValueError("the model has no MoE layer to page")
+    if config.expert_source != "host":
+        raise ValueError("a model already loaded pages its experts from host memory: expert_source=shards needs "
+                         "the model directory (load_paged)")
     device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
-    store = HostExpertStore.from_blocks(blocks, quantize=config.expert_dtype == "int8", pin=device.type == "cuda")
+    store = HostExpertStore.from_blocks(blocks, dtype=torch.bfloat16 if config.expert_dtype == "bf16" else None,
+                                        quantize=config.expert_dtype == "int8", pin=device.type == "cuda")
     store.fill_from(blocks)
     return _install(model, store, config, device)
+
+
+def _store_dtype(config: InferenceConfig, dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype the experts' rows are served in: bf16 for ``expert_dtype=bf16``, else ``dtype``."""
+    return torch.bfloat16 if config.expert_dtype == "bf16" else dtype
+
+
+def _read_dense(model: MoEForCausalLM, path: Path, store: HostExpertStore) -> None:
+    """Copy the checkpoint at ``path`` into ``model`` (routed experts paged): the dense tensors into the model's
+    parameters, the routed experts' into ``store`` (a :class:`ShardExpertStore` reads only the dense ones).
+
+    Raises:
+        ShardError: as :func:`moetrain.models.hf.checked_tensors` (unexpected, mis-shaped or missing tensors).
+    """
+    from moetrain.models.hf import checked_tensors
+    from moetrain.models.hf_load import _internal_tensors, _is_mtp_tensor, iter_shard_tensors, state_shapes
+    from moetrain.shards import ShardError
+
+    config = model.config
+    targets = model.state_dict(keep_vars=True)  # no routed expert in it: they are paged
+    if not isinstance(store, ShardExpertStore):
+        shapes = state_shapes(config)
+        for name, value in checked_tensors(path, config, shapes):
+            if _EXPERT_PARAM in name:
+                store.put_named(name, value)
+            else:
+                targets[name].copy_(value)
+        return
+    on_disk = {name for _, name, _ in store.location.values()}
+    shapes = {n: tuple(t.shape) for n, t in targets.items()}
+    seen: set[str] = set()
+    for shard, disk_name, tensor in iter_shard_tensors(path, names=None):
+        if disk_name in on_disk or _is_mtp_tensor(config, disk_name) or disk_name.endswith(".rotary_emb.inv_freq"):
+            continue
+        for name, value in _internal_tensors(config.family, disk_name, tensor, shard):
+            if config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if shapes.get(name) != tuple(value.shape):
+                raise ShardError(f"{shard}: tensor {disk_name!r} (maps to {name!r}) has shape {tuple(value.shape)}; "
+                                 f"the model expects {shapes.get(name)}")
+            targets[name].copy_(value)
+            seen.add(name)
+    missing = sorted(n for n in shapes if n not in seen and not (config.tie_word_embeddings and n == "lm_head.weight"))
+    if missing:
+        raise ShardError(f"{path}: no shard holds {missing[0]!r} ({len(missing)} tensors missing)")
+
+
+def _new_store(model: MoEForCausalLM, path: Optional[Path], config: InferenceConfig, dtype: torch.dtype,
+               device: torch.device) -> HostExpertStore:
+    """A store for ``model``'s MoE blocks (meta or paged experts) of ``config``'s source over the directory
+    ``path``, to be filled by :func:`_read_dense`; without ``path`` a placeholder holding no row."""
+    blocks = _moe_blocks(model)
+    quantize = config.expert_dtype == "int8"
+    if config.expert_source == "shards" and path is not None:
+        from moetrain.models.hf_load import _is_mtp_tensor
+        from moetrain.shards import read_weight_map
+
+        first = blocks[0].experts
+        skip = {n for n in read_weight_map(path) if _is_mtp_tensor(model.config, n)}
+        return ShardExpertStore(path, model.config.family, [b.layer_idx for b in blocks], first.num_experts,
+                                first.hidden_size, first.intermediate_size, dtype=_store_dtype(config, dtype),
+                                quantize=quantize, skip=skip)
+    return HostExpertStore.from_blocks(blocks, dtype=_store_dtype(config, dtype), quantize=quantize,
+                                       pin=device.type == "cuda", allocate=path is not None)
 
 
 def load_paged(path: str | Path, config: Optional[InferenceConfig] = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", **settings) -> MoEForCausalLM:
     """:func:`moetrain.from_pretrained` with paged experts: the dense part is loaded onto ``device``, the routed
-    experts' weights stream from the shards straight into host memory (never onto the device).
+    experts' weights stream from the shards straight into host memory (never onto the device), or, with
+    ``expert_source="shards"``, stay in the shards (memory-mapped) until the cache misses them.
 
     Args:
         path: a Hugging Face model directory, a moetrain checkpoint or a run directory.
         config: the paging settings, or their fields as keywords (``cache_policy="lfu"``, ``cache_slots=8``, ...).
-        dtype: the weights' dtype (experts: their compute dtype, unless ``expert_dtype="int8"``).
+        dtype: the weights' dtype (experts: their compute dtype, unless ``expert_dtype`` is bf16 or int8).
         device: the compute device.
 
     Raises:
         ConfigError, ShardError: as :func:`moetrain.models.hf.from_pretrained`.
     """
-    from moetrain.models.hf import checked_tensors, empty_model, load_config, resolve_model_path
+    from moetrain.models.hf import load_config, resolve_model_path
 
     config = config or InferenceConfig(**{"expert_weights": "paged", **settings})
     device = torch.device(device)
     path = resolve_model_path(path)
-    model_config = load_config(path)
-    model = empty_model(model_config, dtype=dtype, device=device, expert_device="meta")
-    blocks = _moe_blocks(model)
-    store = HostExpertStore.from_blocks(blocks, dtype=dtype, quantize=config.expert_dtype == "int8",
-                                        pin=device.type == "cuda")
-    targets = model.state_dict(keep_vars=True)  # the experts' entries are meta tensors: shapes, no memory
+    model = empty_paged(load_config(path), config, dtype=dtype, device=device, path=path)
     with torch.no_grad():
-        for name, value in checked_tensors(path, model_config, {n: tuple(t.shape) for n, t in targets.items()}):
-            if _EXPERT_PARAM in name:
-                store.put_named(name, value)
-            else:
-                targets[name].copy_(value)
-    _install(model, store, config, device)
+        _read_dense(model, path, paged_cache(model).store)
     return model.eval()
 
 
-def replace_cache(model: MoEForCausalLM, *, num_slots: int, policy: str) -> ExpertCache:
+def empty_paged(model_config, config: InferenceConfig, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", path: Optional[Path] = None) -> MoEForCausalLM:
+    """A model of ``model_config`` (a :class:`~moetrain.config.ModelConfig`) with paged experts and uninitialised
+    weights: the dense part on ``device``, no routed expert weight allocated on it. With ``path`` (the directory
+    :func:`_read_dense` will fill it from) the store is ready for it; without, it holds no row until
+    :func:`load_paged_weights`.
+    """
+    from moetrain.models.hf import empty_model
+
+    device = torch.device(device)
+    model = empty_model(model_config, dtype=dtype, device=device, expert_device="meta")
+    store = _new_store(model, path, config, dtype, device)
+    _install(model, store, config, device)
+    return model
+
+
+@torch.no_grad()
+def load_paged_weights(model: MoEForCausalLM, path: str | Path, config: InferenceConfig) -> None:
+    """Load the checkpoint or model directory at ``path`` into a model whose experts are paged (its config must
+    match): the dense weights into the model, the experts into a new store of ``config``'s source and dtype
+    (the old store is dropped; the cache keeps its size and policy and starts empty).
+
+    Raises:
+        ValueError: the model's experts are not paged. ShardError: as :func:`load_paged`.
+    """
+    from moetrain.models.hf import resolve_model_path
+
+    cache = paged_cache(model)
+    if cache is None:
+        raise ValueError("the model's experts are not paged")
+    path = resolve_model_path(path)
+    old = cache.store
+    cache.store = HostExpertStore(old.layers, old.num_experts, old.hidden, old.width, dtype=old.dtype,
+                                  allocate=False)  # the old rows go before the new ones are allocated
+    del old
+    store = _new_store(model, path, config, cache.store.dtype, cache.device)
+    _read_dense(model, path, store)
+    replace_cache(model, num_slots=cache.num_slots, policy=cache.policy_name, store=store)
+
+
+def replace_cache(model: MoEForCausalLM, *, num_slots: int, policy: str,
+                  store: Optional[HostExpertStore] = None) -> ExpertCache:
     """Give a paged model a new, empty expert cache over the same host store (another policy or size, without
-    reading the weights again); the old cache's device memory is freed."""
+    reading the weights again) or over ``store``; the old cache's device memory is freed."""
     old = paged_cache(model)
     if old is None:
         raise ValueError("the model's experts are not paged")
-    store, device = old.store, old.device
+    store, device = store or old.store, old.device
     old.data = old.scales = None  # type: ignore[assignment]
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -91,6 +91,10 @@ def build_cli_class() -> type:
                 from moetrain.parallel.strategy import register
 
                 trainer["strategy"] = register()  # DDP's processes; moetrain.parallel reduces the gradients
+            if self.subcommand == "fit" and self.config["fit"]["model"]["inference"]["expert_weights"] == "paged":
+                raise InputError("model.inference.expert_weights=paged is for validate (paged experts do not "
+                                 "train); drop it from fit, or train a model larger than the GPU with "
+                                 "model.offload.tier=cpu")
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")

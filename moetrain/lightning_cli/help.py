@@ -17,6 +17,7 @@ SECTION_TITLES = {
     "metrics": "metrics: metrics.jsonl, an experiment logger and expert-load heatmaps",
     "progress": "progress: the bar over optimizer steps",
     "parallel": "parallel: how the ranks of a several-GPU run share the model",
+    "model.inference": "model.inference: validate only: paged routed experts (a model larger than the GPU)",
 }
 TRAINER_COMMON = ("max_steps", "accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir",
                   "logger", "val_check_interval", "check_val_every_n_epoch", "limit_val_batches",

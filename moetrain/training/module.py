@@ -28,6 +28,7 @@ import lightning as L
 import torch
 
 from moetrain.config import ConfigError, ModelConfig
+from moetrain.inference.config import InferenceConfig
 from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import from_pretrained, resolve_checkpoint
@@ -155,6 +156,7 @@ class MoETrainingModule(L.LightningModule):
         expert_impl: str = "auto",
         activation_checkpointing: bool = False,
         train: Union[Literal["all"], TrainSelection] = "all",
+        inference: InferenceConfig = InferenceConfig(),  # noqa: B008
     ) -> None:
         """
         Args:
@@ -171,6 +173,8 @@ class MoETrainingModule(L.LightningModule):
                 in backward (less activation memory, about a third more compute).
             train: what trains: ``all``, or a mapping of groups (embeddings, attention, norms, routers,
                 shared_experts, dense_mlp, lm_head: true/false; routed_experts: all, none or a selection file).
+            inference: ``validate`` only: ``expert_weights: paged`` builds the model with its routed experts in
+                host memory, paged onto the device through an expert cache (:mod:`moetrain.inference`).
         """
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -183,11 +187,12 @@ class MoETrainingModule(L.LightningModule):
         # copies: the defaults in the signature are shared between instances
         self.optim_cfg = dataclasses.replace(optimizer)
         self.offload_cfg = dataclasses.replace(offload)
+        self.inference_cfg = dataclasses.replace(inference)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps
         self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
         train = resolve_train_selection(train, offload_tier=self.offload_cfg.tier)  # before a build of minutes
-        self.model = self._build_model(preset, config, init_from)
+        self.model = self._build_model(preset, config, init_from, train)
         self.train_summary = apply_train_selection(self.model, train)
         self.model.set_expert_impl(expert_impl)
         self.model.set_activation_checkpointing(activation_checkpointing)
@@ -211,8 +216,13 @@ class MoETrainingModule(L.LightningModule):
         self._logged_load: Optional[torch.Tensor] = None  # (M, E) of the logged steps, all ranks, not yet taken
         self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
 
-    def _build_model(self, preset: str, overrides: Optional[dict[str, Any]],
-                     init_from: Optional[str]) -> MoEForCausalLM:
+    def _build_model(self, preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str],
+                     train: Optional[TrainSelection] = None) -> MoEForCausalLM:
+        if self.inference_cfg.paged:  # validate: the routed experts straight into host memory, never on the GPU
+            from moetrain.inference.validation import build_paged_model
+
+            return build_paged_model(preset, overrides, init_from, self.inference_cfg, device=build_device(),
+                                     offload_tier=self.offload_cfg.tier)
         if init_from is None:
             return random_model(ModelConfig.from_preset(preset, **(overrides or {})))
         if overrides:
@@ -227,7 +237,8 @@ class MoETrainingModule(L.LightningModule):
             # the experts' masters go straight into pinned memory or NVMe, their compute weights onto the device
             from moetrain.offload.staged_init import load_into_tiers
 
-            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device)
+            # frozen experts (model.train) get no record in the store: it is laid out after the selection
+            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device, train=train)
             return model
         return from_pretrained(init_from, device=device).train()
 
@@ -277,6 +288,15 @@ class MoETrainingModule(L.LightningModule):
         if store is not None:
             store.close()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """With paged experts, validation reports the expert cache
+        (:class:`~moetrain.inference.validation.PagedValidation`)."""
+        if not self.inference_cfg.paged:
+            return []
+        from moetrain.inference.validation import PagedValidation
+
+        return [PagedValidation()]
+
     def configure_optimizers(self) -> OptimizerStepAdapter:
         store, self._prebuilt_store = self._prebuilt_store, None
         several = torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -307,6 +327,10 @@ class MoETrainingModule(L.LightningModule):
             raise ConfigError(f"{ckpt_dir}: the checkpoint's model config differs from the recipe's model section "
                               f"({', '.join(diff[:4])}); resume with the recipe the checkpoint was trained with "
                               "(its recipe.yaml)")
+        if self.inference_cfg.paged:
+            from moetrain.inference.paged import load_paged_weights
+
+            return load_paged_weights(self.model, ckpt_dir, self.inference_cfg)
         # experts whose masters already live in a store (init_from with a tier) take the saved masters there
         sink = self._prebuilt_store.write_master if self._prebuilt_store is not None else None
         load_weights_into(self.model, ckpt_dir, expert_sink=sink)

@@ -1,7 +1,8 @@
 """Paged inference equals resident inference, for every family's tiny preset, with a cache smaller than the
 experts: greedy tokens identical (through the KV cache), losses of a padded batch equal (fp32), for LRU and
-LFU; int8 experts equal a resident model holding the same dequantized weights; the ideal static hit rate
-equals a brute-force search; LFU reaches the ideal static cache on a stationary routing trace."""
+LFU; int8 experts equal a resident model holding the same dequantized weights; experts read from the shards
+(per expert or fused) equal the host rows; the grouped path over the slot buffer equals the loop; the ideal static
+hit rate equals a brute-force search; LFU reaches the ideal static cache on a stationary routing trace."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import moetrain
 from moetrain.config import ModelConfig
 from moetrain.generate import generate
 from moetrain.inference import ExpertCache, HostExpertStore, ideal_static_hit_rate, paged_cache
-from moetrain.inference.store import dequantize_int8, quantize_int8
+from moetrain.inference.store import ShardExpertStore, dequantize_int8, quantize_int8
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import export_hf
 
@@ -142,3 +143,78 @@ def test_lru_evicts_the_least_recently_used_and_lfu_the_least_frequent():
     assert set(lru.slot_of) == {(0, 0), (0, 2), (0, 3)} and lru.stats.hits == 2
     lfu = _replay("lfu", trace + [(0, 3)], 3, staging=0)
     assert set(lfu.slot_of) == {(0, 0), (0, 1), (0, 3)}  # (0, 2): once, and the least recently of the ones
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_experts_read_from_the_shards_equal_the_host_rows(preset, randomize, tmp_path):
+    """``expert_source="shards"``: no expert row in host memory, every miss read from the memory-mapped shards;
+    tokens and logits equal the host-memory source's (and so the resident model's)."""
+    path = _exported(preset, randomize, tmp_path / "hf")
+    host = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=4)
+    shards = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=4, expert_source="shards")
+    store = paged_cache(shards).store
+    assert isinstance(store, ShardExpertStore) and all(rows.numel() == 0 for rows in store.rows.values())
+    prompt = torch.randint(0, host.config.vocab_size, (1, 6))
+    assert generate(shards, prompt, max_new_tokens=8).tolist() == generate(host, prompt, max_new_tokens=8).tolist()
+    batch = _batch(host.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(shards(**batch).logits, host(**batch).logits)
+    assert store.reads == paged_cache(shards).stats.bytes_paged // store.row_bytes > 0  # one read per copy
+
+
+def _fused(path: Path, out: Path) -> Path:
+    """``path``'s checkpoint rewritten with each layer's experts fused (transformers-5's layout): one
+    ``gate_up_proj`` (E, 2I, H) and one ``down_proj`` (E, H, I) per layer, in one file."""
+    from safetensors.torch import save_file
+
+    from moetrain.shards import iter_sharded
+
+    tensors = dict(iter_sharded(path))
+    fused: dict[str, torch.Tensor] = {}
+    for layer in sorted({int(n.split(".")[2]) for n in tensors if ".mlp.experts." in n}):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        count = len({n for n in tensors if n.startswith(prefix + ".") and n.endswith(".gate_proj.weight")})
+        pop = [[tensors.pop(f"{prefix}.{e}.{p}.weight") for e in range(count)] for p in ("gate_proj", "up_proj",
+                                                                                          "down_proj")]
+        fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(pop[0], pop[1],
+                                                                                         strict=True)])
+        fused[f"{prefix}.down_proj"] = torch.stack(pop[2])
+    out.mkdir()
+    save_file({**tensors, **fused}, str(out / "model.safetensors"))
+    (out / "config.json").write_text((path / "config.json").read_text())
+    return out
+
+
+def test_shards_of_fused_experts_are_sliced_per_expert(randomize, tmp_path):
+    path = _exported("tiny-qwen3-moe", randomize, tmp_path / "hf")
+    fused = _fused(path, tmp_path / "fused")
+    host = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=5)
+    shards = moetrain.from_pretrained(fused, expert_weights="paged", cache_slots=5, expert_source="shards")
+    assert any(fuse is not None for _, _, fuse in paged_cache(shards).store.location.values())
+    batch = _batch(host.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(shards(**batch).logits, host(**batch).logits)
+
+
+@pytest.mark.parametrize("expert_dtype", ["auto", "int8"])
+def test_grouped_path_over_the_slot_buffer_equals_the_loop(expert_dtype, randomize, tmp_path, monkeypatch):
+    """The grouped path's bookkeeping (rows permuted into slot order, one group per slot, int8 slots gathered and
+    dequantized, a layer split into groups by a small cache) on the CPU, where ``torch._grouped_mm`` runs in
+    fp32: equal to the loop up to fp32 summation order (tests/gpu holds the CUDA kernel to it in bf16)."""
+    import moetrain.inference.paged as paged_module
+
+    calls = []
+    grouped = paged_module.grouped_swiglu_forward
+    monkeypatch.setattr(paged_module, "grouped_swiglu_forward", lambda *a: calls.append(a[2].shape) or grouped(*a))
+    path = _exported("tiny-mixtral", randomize, tmp_path / "hf")
+    model = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=3, expert_dtype=expert_dtype)
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        loop = model(**batch).logits
+        assert not calls  # auto on the CPU: the loop
+        model.set_expert_impl("grouped")
+        got = model(**batch).logits
+    # fp32 slots: views of all S = 3 slots; int8: the group's slots gathered (1 to 3)
+    assert all(shape[0] == 3 if expert_dtype == "auto" else 1 <= shape[0] <= 3 for shape in calls)
+    assert len(calls) > len(model.moe_blocks())  # 4 experts per layer, 3 slots: some layers ran in two groups
+    assert torch.allclose(got, loop, rtol=1e-5, atol=1e-5)
