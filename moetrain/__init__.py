@@ -16,7 +16,8 @@ def from_pretrained(path, expert_weights="resident", **kwargs):
 
     See :func:`moetrain.models.hf.from_pretrained`. ``expert_weights="paged"`` keeps the routed experts in host
     memory and pages the routed ones onto ``device`` (:func:`moetrain.inference.load_paged`, which takes the
-    cache settings as keywords: ``gpu_memory_gb``, ``cache_slots``, ``cache_policy``, ``expert_dtype``).
+    cache settings as keywords: ``gpu_memory_gb``, ``cache_slots``, ``cache_policy``, ``expert_dtype``,
+    ``expert_source``).
     """
     if expert_weights != "resident":
         from moetrain.inference import load_paged

@@ -1,21 +1,36 @@
 """``moetrain bench paged_generate`` on the CPU with a tiny preset: the paged tokens equal the resident ones, and
-the figures it prints are the ones the GPU run is judged by (hit rate beside the ideal static cache's, the floor)."""
+the figures it prints are the ones the GPU run is judged by (hit rate beside the ideal static cache's, the floor),
+for the model's dtype and int8 in the same run, each with its decode speed and validation loss."""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
+
+import pytest
 
 from moetrain.bench import main as bench_main
+
+TINY = Path(__file__).resolve().parents[2] / "data" / "tiny"
+
+
+def _result(capsys) -> dict:
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 def test_paged_generate_smoke(tmp_path, capsys):
     assert bench_main(["paged_generate", "--preset", "tiny-qwen3-moe", "--make_dir", str(tmp_path / "model"),
-                       "--prompt_tokens", "12", "--new_tokens", "10", "--out", str(tmp_path / "out")]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+                       "--prompt_tokens", "12", "--new_tokens", "10", "--val_batches", "2", "--val_seq_len", "16",
+                       "--out", str(tmp_path / "out")]) == 0
+    result = _result(capsys)
     assert result == json.loads((tmp_path / "out" / "paged_generate.json").read_text())
     assert result["cache_slots"] == int(0.7 * result["total_experts"]) < result["total_experts"]
     assert result["link_gb_s"] > 0 and result["resident"]["decode_tokens_per_s"] > 0
+    assert result["val_data"] == "random token ids (2x2x16)"
+    full, int8 = result["expert_dtypes"]["float32"], result["expert_dtypes"]["int8"]
+    assert result["paged"] == full["paged"] and result["expert_dtype"] == "float32"
     for policy in ("lru", "lfu"):
         paged = result["paged"][policy]
         assert paged["tokens_equal_resident"] is True
@@ -23,3 +38,29 @@ def test_paged_generate_smoke(tmp_path, capsys):
         assert paged["bytes_paged_per_token"] >= paged["miss_bytes_per_token"] > 0
         floor = result["resident"]["decode_s_per_token"] + paged["miss_bytes_per_token"] / (result["link_gb_s"] * 1e9)
         assert paged["floor_s_per_token"] == floor
+        assert int8["paged"][policy]["decode_tokens_per_s"] > 0
+    # the same cache bytes hold about four times the int8 experts of fp32 (scales aside), capped at every expert
+    assert int8["cache_slots"] == min(result["total_experts"],
+                                      full["cache_slots"] * full["expert_bytes"] // int8["expert_bytes"])
+    assert int8["expert_bytes"] < full["expert_bytes"] / 3
+    # paged validation in the model's dtype is resident validation; int8 moves the loss, a little
+    assert full["val_loss"] == pytest.approx(result["resident"]["val_loss"], abs=1e-6)
+    assert int8["val_loss"] != full["val_loss"] and abs(int8["val_loss"] - full["val_loss"]) < 0.01 * full["val_loss"]
+    compare = result["int8_vs_bf16"]
+    assert compare["val_loss_delta"] == int8["val_loss"] - full["val_loss"]
+    assert set(compare["decode_speedup"]) == {"lru", "lfu"} and all(v > 0 for v in compare["decode_speedup"].values())
+    assert math.isfinite(full["val_loss"]) and full["val_loss"] > 0
+
+
+def test_paged_generate_scores_a_data_file(tmp_path, capsys):
+    # tiny-deepseek-moe: 4096 ids, room for the 683-token tiny tokenizer
+    assert bench_main(["paged_generate", "--preset", "tiny-deepseek-moe", "--make_dir", str(tmp_path / "model"),
+                       "--prompt_tokens", "8", "--new_tokens", "4", "--policy", "lru", "--expert_dtype", "auto",
+                       "--skip_resident", "--val_data", str(TINY / "val.jsonl"), "--tokenizer",
+                       str(TINY / "tokenizer"), "--val_batches", "1", "--val_seq_len", "32"]) == 0
+    result = _result(capsys)
+    assert result["val_data"] == f"{TINY / 'val.jsonl'} (1x2x32 tokens)" and "int8_vs_bf16" not in result
+    assert list(result["expert_dtypes"]) == ["float32"] and result["expert_dtypes"]["float32"]["val_loss"] > 0
+    assert bench_main(["paged_generate", "--model", str(tmp_path / "model"), "--val_data",
+                       str(TINY / "val.jsonl")]) == 2
+    assert "--val_data needs --tokenizer" in capsys.readouterr().err
