@@ -70,6 +70,8 @@ def shape_help(parser: Any, subcommand: str, full: bool = False) -> None:
     trainer_group = groups["trainer"]
     first = [g for g in parser._action_groups if g not in groups.values()]  # positionals and options
     sections = [groups[name] for name in SECTION_TITLES if name in groups]
+    if subcommand == "fit" and "model.inference" in groups:  # validate only (fit refuses it): not in fit's help
+        sections.remove(groups["model.inference"])
     method = [g for name, g in groups.items() if name not in SECTION_TITLES and name != "trainer"]
     for name in SECTION_TITLES:
         if name in groups:
