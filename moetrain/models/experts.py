@@ -5,7 +5,8 @@ Two compute paths, chosen per call:
 * ``grouped``: one ``torch._grouped_mm`` per projection over all experts (CUDA, bf16). Token counts
   stay on the device: the path never reads a GPU value on the host, so transfers queued on side
   streams keep overlapping with it. Idle experts receive zero gradients (the stacked weight's
-  gradient is dense); the sparse optimizer knows the active set from the routing counts.
+  gradient is dense); the sparse optimizer knows the active set from the routing counts. Frozen experts
+  (``requires_grad`` off) receive none, and a layer with no trained expert runs no weight-gradient GEMM.
 * paged (``resident_weights: no``): the attached :class:`~moetrain.models.seam.ExpertWeights` runs the
   experts (its autograd functions live in :mod:`moetrain.offload.paged_experts`).
 * ``loop``: per-expert matmuls (CPU, or any dtype/shape the grouped kernel rejects). Experts that
@@ -94,9 +95,14 @@ def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, wg: torch.Ten
 
 def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, has_rows: torch.Tensor,
                             g: torch.Tensor, u: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                            param_dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                            param_dtype: torch.dtype, trains: Optional[list[bool]] = None
+                            ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
     """(dx (N, H), [d gate_0, d up_0, d down_0, d gate_1, ...]) of :func:`grouped_swiglu_forward`; the
-    weight grads are views of three (E, ...) tensors of ``param_dtype``, zero for experts without rows."""
+    weight grads are views of three (E, ...) tensors of ``param_dtype``, zero for experts without rows.
+
+    ``trains[e]``: expert e's weights take a gradient (None: every expert's do). A frozen expert's grads are None;
+    when no expert of the layer trains, the three weight-gradient GEMMs are skipped (dx only), and when some do,
+    their grads are copied out of the (E, ...) results (so only the trained experts' gradient memory stays)."""
     dy = dy.to(x.dtype).contiguous()
     sig = torch.sigmoid(g)
     silu = g * sig
@@ -105,16 +111,34 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Te
     dg = dh * u * (sig * (1 + g * (1 - sig)))
     du = dh * silu
     dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
+    num_experts = wg.shape[0]
+    if trains is not None and not any(trains):  # a frozen layer: the input gradient only
+        return dx, [None] * (3 * num_experts)
     # Weight grads: groups along the token dimension; an expert with no rows must read as zero,
     # which the kernel does not promise for empty groups, hence the mask.
     keep = has_rows[:, None, None]
     d_wd = torch.where(keep, torch._grouped_mm(dy.t(), h, offs=offsets), 0).to(param_dtype)  # (E, H, I)
     d_wg = torch.where(keep, torch._grouped_mm(dg.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
     d_wu = torch.where(keep, torch._grouped_mm(du.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
-    per_expert = []
-    for e in range(d_wg.shape[0]):
-        per_expert += [d_wg[e], d_wu[e], d_wd[e]]
+    per_expert: list[Optional[torch.Tensor]] = []
+    if trains is None or all(trains):
+        for e in range(num_experts):
+            per_expert += [d_wg[e], d_wu[e], d_wd[e]]
+        return dx, per_expert
+    chosen = [e for e in range(num_experts) if trains[e]]
+    index = torch.tensor(chosen, device=d_wg.device)
+    d_wg, d_wu, d_wd = d_wg.index_select(0, index), d_wu.index_select(0, index), d_wd.index_select(0, index)
+    at = {e: i for i, e in enumerate(chosen)}
+    for e in range(num_experts):
+        per_expert += [d_wg[at[e]], d_wu[at[e]], d_wd[at[e]]] if e in at else [None, None, None]
     return dx, per_expert
+
+
+def expert_trains(needs_input_grad: tuple[bool, ...]) -> Optional[list[bool]]:
+    """Per expert, whether its weights take a gradient, from an autograd function's ``needs_input_grad`` over the
+    expert parameters (three per expert); None when every expert's do."""
+    flags = [any(needs_input_grad[i:i + 3]) for i in range(0, len(needs_input_grad), 3)]
+    return None if all(flags) else flags
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -139,7 +163,8 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, offsets, has_rows, g, u, wg, wu, wd = ctx.saved_tensors
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype)
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype,
+                                                 expert_trains(ctx.needs_input_grad[6:]))
         return (dx, None, None, None, None, None, *per_expert)
 
 

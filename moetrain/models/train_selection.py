@@ -29,8 +29,9 @@ otherwise pull the hidden states, and through them the experts, toward balance).
 auxiliary-loss-free bias update is independent of the router weights; ``bias_update_speed`` sets it
 (``null``: ``model.config.bias_update_speed``; ``0`` freezes the bias).
 
-Phase limits: the offload engine still keeps state for every routed expert, so a partial ``routed_experts``
-needs ``model.offload.tier: none`` for now (:func:`resolve_train_selection` says so).
+Every offload tier takes a selection: the offload engine keeps state only for the routed experts that train
+(frozen experts have no record in its store, nothing in host memory or on NVMe, nothing paged, never stepped;
+see :mod:`moetrain.offload.frozen`), and the grouped expert GEMMs compute no weight gradient for them.
 """
 
 from __future__ import annotations
@@ -153,11 +154,12 @@ def resolve_train_selection(train: Union[str, dict, TrainSelection, None], *,
 
     Args:
         train: ``all`` (or None), a mapping of :class:`TrainSelection` fields, or one.
-        offload_tier: ``model.offload.tier``.
+        offload_tier: ``model.offload.tier`` (every tier takes any selection: the engine keeps no state for
+            frozen experts).
 
     Raises:
-        ConfigError: an unknown value or key, a missing selection file, a negative bias speed, nothing left to
-            train, or a partial ``routed_experts`` with an offload tier (phase 1: the engine keeps every expert).
+        ConfigError: an unknown value or key, a missing selection file, a negative bias speed, or nothing left to
+            train.
     """
     if train is None or train == "all":
         return TrainSelection()
@@ -173,14 +175,6 @@ def resolve_train_selection(train: Union[str, dict, TrainSelection, None], *,
     selection = dataclasses.replace(train)
     if selection.routed_experts not in ("all", "none"):
         load_expert_selection(selection.routed_experts)  # fail now, not after a build of minutes
-        if offload_tier != "none":
-            raise ConfigError(f"model.train.routed_experts={selection.routed_experts!r} with "
-                              f"model.offload.tier={offload_tier!r}: the offload engine does not yet leave frozen "
-                              "experts out of its store; train a partial expert selection with "
-                              "model.offload.tier: none, or set model.train.routed_experts: all")
-    elif selection.routed_experts == "none" and offload_tier != "none":
-        raise ConfigError(f"model.train.routed_experts='none' with model.offload.tier={offload_tier!r}: the offload "
-                          "engine does not yet leave frozen experts out of its store; use model.offload.tier: none")
     if selection.bias_update_speed is not None and selection.bias_update_speed < 0:
         raise ConfigError(f"model.train.bias_update_speed={selection.bias_update_speed} must be >= 0 (0 freezes the "
                           "bias) or null (the model config's)")

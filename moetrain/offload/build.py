@@ -43,7 +43,7 @@ def cpu_stepper_for(store: ExpertStore, cpu_adam: CpuAdam, device: torch.device,
     record, at most every record), paging-window marks on the swapper's telemetry, and new weights written to
     the pager when the compute weights are paged."""
     total = sum(r.numel for r in store)
-    chunk = max(min(chunk_numel, total), max(r.numel for r in store))
+    chunk = max(min(chunk_numel, total), max((r.numel for r in store), default=1))  # no record: every expert frozen
     return stepper_cls(cpu_adam, device, dtype, chunk, mark_transfer=swapper.mark_transfer,
                       write_weights=None if writer.pager is None else writer.write)
 
@@ -85,17 +85,19 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
         pager = store.pager  # staged init already moved them to host memory
         if pager is None:
             pager = ExpertWeightPager(model.moe_blocks(), device, dtype)
-    elif dtype != next(iter(store)).params[0].dtype:
-        cast_experts(model, dtype)  # after the store took its fp32 master from them
+            store.pager = pager  # frozen experts' weights are read and loaded there (they have no record)
+    elif dtype != next(iter([*store.records.values(), *store.frozen.values()])).params[0].dtype:
+        cast_experts(model, dtype)  # after the store took its fp32 master from them (frozen experts too: packed)
     record_bytes = store.max_padded * 4
+    records = len(store.records)  # experts that train (frozen ones have none): slots and cache follow them
     swapper = Swapper(store, device, schedule.num_state_slots(offload, record_bytes=record_bytes,
-                                                              num_records=len(store.records)))
+                                                              num_records=max(1, records)))
     if offload.hot_cache_gb:
         swapper.grow_hot_cache(schedule.hot_capacity(nbytes=offload.hot_cache_gb * 2**30, record_bytes=record_bytes,
-                                                     num_records=len(store.records), num_slots=swapper.num_slots))
+                                                     num_records=records, num_slots=swapper.num_slots))
     writer = WeightWriter(pager)
-    sample = next(iter(store))
-    gpu = GpuStep(swapper, cfg, writer, compressed=sample.layout.compressed,
+    sample = next(iter(store), None)  # None: every routed expert is frozen (the engine then steps nothing)
+    gpu = GpuStep(swapper, cfg, writer, compressed=sample is not None and sample.layout.compressed,
                   scratch_bytes=offload.gpu_budget_gb * 2**30 / 4)
     cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
     cpu = None
@@ -109,7 +111,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
         cpu = CpuShare(stepper, HostState(store), weight_decay=cfg.weight_decay, pool=pool)
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
         rates = (measure(device, cpu_adam, dtype, codec=sample.codec, state_bytes=sample.layout.nbytes / sample.numel)
-                 if offload.step_on == "auto" else Rates())
+                 if offload.step_on == "auto" and sample is not None else Rates())
     lookahead = Lookahead(model, device) if offload.lookahead else None
     telemetry = StepTelemetry(store, swapper, rates, pager=pager, lookahead=lookahead,
                               cpu_streams=cpu.stepper.transfer_streams() if cpu is not None else ())
@@ -125,6 +127,7 @@ def attach(model: nn.Module, cfg: OptimizerConfig, dense: torch.optim.Optimizer,
     """Join ``dense`` and ``engine`` and attach the engine to ``model``: the seam (paged weights, routing sink)
     and one hook per MoE layer that tells the engine when backward has finished the layer."""
     model.attach_offload(weights=pager, routing=engine)
+    # a frozen router accumulates no gradient: its layer is stepped in step() (nothing is prefetched under backward)
     hooks = [b.gate.weight.register_post_accumulate_grad_hook(lambda _p, layer=b.layer_idx: engine.backward_done(layer))
-             for b in model.moe_blocks()]
+             for b in model.moe_blocks() if b.gate.weight.requires_grad]
     return CompositeOptimizer(model, cfg, dense, engine, hooks=hooks)

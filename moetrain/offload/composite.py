@@ -102,9 +102,10 @@ class CompositeOptimizer(TrainOptimizer):
         return self.engine.telemetry.read()
 
     def routing_frequency(self) -> dict[int, list[float]]:
-        freq: dict[int, list[float]] = {}
-        for rec in self.engine.store:
-            freq.setdefault(rec.layer, []).append(float(rec.frequency))
+        store = self.engine.store  # experts without a record (frozen, or another rank's) read 0
+        freq = {layer: [0.0] * store.num_experts[layer] for layer in store.layers}
+        for rec in store:
+            freq[rec.layer][rec.expert] = float(rec.frequency)
         return freq
 
     def load_routing_frequency(self, frequency: dict[int, list[float]]) -> None:

@@ -65,7 +65,9 @@ class ExpertEngine:
         counts = routing.counts
         if self.catch_up.enabled and self.step_index > 0:
             routed = torch.nonzero(counts).flatten().tolist()  # host read: the price of exact catch-up
-            self.catch_up.run([self.store.records[(layer, e)] for e in routed], self.step_index, self.lr_history)
+            records = self.store.records  # frozen experts (and other ranks') have none: nothing to catch up
+            self.catch_up.run([records[(layer, e)] for e in routed if (layer, e) in records], self.step_index,
+                              self.lr_history)
         if not torch.is_grad_enabled():
             return  # evaluation: nothing will be stepped
         self.add_routed_counts(layer, counts)
@@ -207,13 +209,18 @@ class ExpertEngine:
         self.swapper.flush()
 
     def expert_steps(self) -> dict[str, int]:
-        """AdamW step count per expert parameter name (torch's per-parameter ``state['step']``)."""
+        """AdamW step count per expert parameter name (torch's per-parameter ``state['step']``); a frozen expert's
+        parameters are named with 0 (no state): their weights stream with the masters
+        (:meth:`ExpertStateIO.named_master_tensors`), so a checkpoint's model part comes whole from the engine."""
         self.finalize()
-        return {name: rec.step for rec in self.store for name in rec.names}
+        steps = {name: rec.step for rec in self.store for name in rec.names}
+        return steps | {name: 0 for fx in self.store.frozen.values() for name in fx.names}
 
     def load_steps(self, steps: dict[str, int], lr_history: list[float], step_index: int) -> None:
         self.lr_history, self.step_index = list(lr_history), int(step_index)
         for name, step in steps.items():
+            if name in self.store.frozen_by_name:
+                continue  # a frozen expert: no state, whatever the saving run did
             rec, _ = self.store.by_name[name]
             rec.step = int(step)
             rec.synced_to = self.step_index  # exported state was caught up to its step

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetrain.models.experts import grouped_swiglu_backward, grouped_swiglu_forward
+from moetrain.models.experts import expert_trains, grouped_swiglu_backward, grouped_swiglu_forward
 
 
 def run_paged(pager, layer: int, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
@@ -54,7 +54,8 @@ class PagedGroupedSwiGLU(torch.autograd.Function):
         x, offsets, has_rows, g, u = ctx.saved_tensors
         wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
         _prefetch_next(ctx.pager, ctx.layer, -1, False)
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype)
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype,
+                                                 expert_trains(ctx.needs_input_grad[7:]))
         ctx.pager.release(ctx.layer)
         return (dx, None, None, None, None, None, None, *per_expert)
 
@@ -104,7 +105,8 @@ class PagedLoopSwiGLU(torch.autograd.Function):
         pd = ctx.param_dtype
         grads: list = []
         start = 0
-        for n, w1, w2, w3 in zip(ctx.sizes, wg, wu, wd, strict=True):
+        trains = expert_trains(ctx.needs_input_grad[5:])
+        for e, (n, w1, w2, w3) in enumerate(zip(ctx.sizes, wg, wu, wd, strict=True)):
             if not n:
                 grads += [None, None, None]
                 continue
@@ -112,11 +114,13 @@ class PagedLoopSwiGLU(torch.autograd.Function):
             saved = saved[4:]
             xe, dye = x[start:start + n], dy[start:start + n]
             dh = dye.mm(w3.to(x.dtype))
-            d_down = dye.t().mm(h)
             da, du = dh * u, dh * a
             dg = torch.ops.aten.silu_backward(da, g)
             dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
-            grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), d_down.to(pd)]
+            if trains is None or trains[e]:
+                grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), dye.t().mm(h).to(pd)]
+            else:  # a frozen expert: no weight-gradient GEMMs
+                grads += [None, None, None]
             start += n
         ctx.pager.release(ctx.layer)
         return (dx, None, None, None, None, *grads)

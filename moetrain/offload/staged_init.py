@@ -18,7 +18,7 @@ The optimizer is then built on the same store (:func:`moetrain.offload.build_opt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -28,11 +28,13 @@ from moetrain.offload.store import ExpertStore
 
 
 def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.device,
-                    progress: Optional[bool] = None) -> tuple[MoEForCausalLM, ExpertStore]:
+                    progress: Optional[bool] = None, train: Any = None) -> tuple[MoEForCausalLM, ExpertStore]:
     """(model in train mode on ``device``, its expert store with every master written) from ``path``.
 
     ``progress``: report the store filling on stderr (None: for stores of 1 GiB or more; see
-    :class:`~moetrain.offload.store.ExpertStore`).
+    :class:`~moetrain.offload.store.ExpertStore`). ``train``: the ``model.train`` selection, applied to the empty
+    model before the store is laid out, so that frozen experts get no record (their weights load into the model,
+    or the pager); the caller applies it again to the loaded model (requires_grad is already as it says).
 
     Raises:
         ConfigError / ShardError: as :func:`moetrain.from_pretrained` (names the file and tensor).
@@ -45,6 +47,11 @@ def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.devi
     dtype = compute_dtype(offload, device)
     model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=dtype,
                         expert_device="cpu" if paged else None)
+    if train is not None:
+        from moetrain.models.train_selection import apply_train_selection
+
+        for hook in apply_train_selection(model, train).hooks:  # the caller's own application installs them
+            hook.remove()
     store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False, progress=progress)
     try:
         load_weights(model, path, expert_sink=store.write_master)
@@ -67,4 +74,7 @@ def restore_masters(model: MoEForCausalLM, store: ExpertStore) -> None:
     for rec in store:
         for p, master in zip(rec.params, store.master_weights(rec), strict=True):
             p.data = master.to(p.device)
+    for fx in store.frozen.values():  # frozen experts have no master: their weights, in fp32 as the rest
+        for p in fx.params:
+            p.data = p.data.float()
     store.close()

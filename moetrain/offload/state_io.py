@@ -58,10 +58,14 @@ class ExpertStateIO:
             yield rec, self.host.read(rec)
 
     def named_master_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(parameter name, fp32 master weight) of every expert parameter; tensors are fresh copies."""
+        """(parameter name, fp32 master weight) of every expert parameter; tensors are fresh copies. Frozen experts
+        (no record) follow with their weights as they are, in fp32: from the parameters, or from the pager's rows
+        when the compute weights are paged (the parameters are placeholders then)."""
         for rec, flat in self._each_state():
             for name, w in zip(rec.names, rec.split(rec.parts(flat)[0]), strict=True):
                 yield name, w.clone()
+        for fx in self.store.frozen.values():
+            yield from zip(fx.names, fx.weights(self.store.pager), strict=True)
 
     def named_optimizer_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(``{name}.exp_avg`` / ``{name}.exp_avg_sq``, tensor) of every expert parameter, in the stored
@@ -79,7 +83,8 @@ class ExpertStateIO:
     def load(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load tensors named as the streams yield them. fp32 moments load into any moment format (quantized or
         rounded here); stored bf16 / int8 moments load into the same format. NVMe records are
-        read-modified-written one tensor at a time."""
+        read-modified-written one tensor at a time. A frozen expert's master becomes its compute weight; its moments
+        (from a run that trained it) are dropped: it has no state."""
         self.swapper.flush()
         for name, tensor in named:
             which, absmax = "master", name.endswith(".absmax")
@@ -88,6 +93,11 @@ class ExpertStateIO:
             for suffix in MOMENTS:
                 if name.endswith("." + suffix):
                     name, which = name[: -len(suffix) - 1], suffix
+            if name in self.store.frozen_by_name:  # a frozen expert: its weight only (moments: it has none)
+                if which == "master" and not absmax:
+                    fx, idx = self.store.frozen_by_name[name]
+                    fx.write(idx, tensor, self.store.pager)
+                continue
             if name not in self.store.by_name:
                 raise KeyError(f"{name!r} is not an expert parameter of this model")
             rec, idx = self.store.by_name[name]

@@ -20,7 +20,11 @@ Tiers:
   record under ``tier: nvme``).
 
 The compute weights stay the model's own expert parameters (resident on the device); the store holds
-master weights and moments. The device-side slots are owned by :class:`~moetrain.offload.swapper.Swapper`.
+master weights and moments. Only experts whose parameters require a gradient get a record: a frozen expert
+(``model.train``, :mod:`moetrain.models.train_selection`) has no master, no moments, no place in a tier, and is
+never paged or stepped; the store only remembers where its weights are (``frozen``), so that
+checkpoints and loads still see the whole model (:mod:`moetrain.offload.frozen`). The device-side slots are owned
+by :class:`~moetrain.offload.swapper.Swapper`.
 
 Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
 
@@ -54,6 +58,7 @@ import torch.nn as nn
 
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.fill_progress import FillProgress
+from moetrain.offload.frozen import FrozenExpert, trains
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
 from moetrain.offload.state_format import StateCodec, StateLayout
 
@@ -150,6 +155,7 @@ class ExpertStore:
         pin: pin the host slab (True when CUDA is the compute device).
         owns: ``owns(layer, expert)``: keep only these records (a data-parallel rank's share, see
             :mod:`moetrain.parallel`); None keeps all. ``num_experts`` still counts every expert of a layer.
+            Experts whose parameters do not require a gradient get no record either (``frozen``).
         initialise: take the master weights from the model's expert parameters now. False: the masters
             arrive through :meth:`write_master` (a checkpoint streamed straight into the tiers, see
             :mod:`moetrain.offload.staged_init`), and :meth:`finish_staged` closes the stream.
@@ -164,6 +170,7 @@ class ExpertStore:
         self.pin = pin
         names = {id(p): n for n, p in model.named_parameters()}
         self.records: dict[tuple[int, int], ExpertRecord] = {}
+        self.frozen: dict[tuple[int, int], FrozenExpert] = {}  # this rank's experts that do not train: no state
         self.layers: list[int] = []
         for block in model.moe_blocks():
             self.layers.append(block.layer_idx)
@@ -172,6 +179,11 @@ class ExpertStore:
                     continue  # another rank's share (or an expert that lives on another rank)
                 params = [expert.gate_proj.weight, expert.up_proj.weight, expert.down_proj.weight]
                 full = [names[id(p)] for p in params]
+                if not trains(params, full[0]):
+                    self.frozen[(block.layer_idx, e)] = FrozenExpert(
+                        layer=block.layer_idx, expert=e, prefix=full[0].rsplit(".", 2)[0], params=params, names=full,
+                        shapes=[p.shape for p in params])
+                    continue
                 numel = sum(p.numel() for p in params)
                 layout = StateLayout(tuple(p.numel() for p in params), cfg.master, cfg.moments, cfg.quant_block)
                 rec = ExpertRecord(layer=block.layer_idx, expert=e, prefix=full[0].rsplit(".", 2)[0], params=params,
@@ -181,6 +193,7 @@ class ExpertStore:
         self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
         self.pager = None  # the experts' paged compute weights, when staged init built them (resident_weights: no)
         self.by_name = {name: (rec, i) for rec in self.records.values() for i, name in enumerate(rec.names)}
+        self.frozen_by_name = {name: (fx, i) for fx in self.frozen.values() for i, name in enumerate(fx.names)}
         self._place()
         self.report = progress if progress is not None else self.cpu_bytes + self.nvme_bytes >= PROGRESS_MIN_BYTES
         self._progress: Optional[FillProgress] = None
@@ -337,6 +350,10 @@ class ExpertStore:
         written in place; an NVMe record is assembled in a staging buffer and written once its last
         part arrived (so a record costs one write, and only records being assembled use host memory).
         """
+        if name in self.frozen_by_name:  # a frozen expert: its compute weight only
+            fx, idx = self.frozen_by_name[name]
+            fx.write(idx, weight, self.pager)
+            return
         rec, idx = self.by_name[name]
         if self._progress is None and self.report:
             self._progress = self._start_progress("loading masters into")

@@ -192,7 +192,7 @@ class MoETrainingModule(L.LightningModule):
         self.log_every_n_steps = log_every_n_steps
         self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
         train = resolve_train_selection(train, offload_tier=self.offload_cfg.tier)  # before a build of minutes
-        self.model = self._build_model(preset, config, init_from)
+        self.model = self._build_model(preset, config, init_from, train)
         self.train_summary = apply_train_selection(self.model, train)
         self.model.set_expert_impl(expert_impl)
         self.model.set_activation_checkpointing(activation_checkpointing)
@@ -216,8 +216,8 @@ class MoETrainingModule(L.LightningModule):
         self._logged_load: Optional[torch.Tensor] = None  # (M, E) of the logged steps, all ranks, not yet taken
         self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
 
-    def _build_model(self, preset: str, overrides: Optional[dict[str, Any]],
-                     init_from: Optional[str]) -> MoEForCausalLM:
+    def _build_model(self, preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str],
+                     train: Optional[TrainSelection] = None) -> MoEForCausalLM:
         if self.inference_cfg.paged:  # validate: the routed experts straight into host memory, never on the GPU
             from moetrain.inference.validation import build_paged_model
 
@@ -237,7 +237,8 @@ class MoETrainingModule(L.LightningModule):
             # the experts' masters go straight into pinned memory or NVMe, their compute weights onto the device
             from moetrain.offload.staged_init import load_into_tiers
 
-            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device)
+            # frozen experts (model.train) get no record in the store: it is laid out after the selection
+            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device, train=train)
             return model
         return from_pretrained(init_from, device=device).train()
 

@@ -101,6 +101,47 @@ def test_idle_expert_gets_no_gradient(randomize, impl):
             assert all(g is not None and g.abs().sum() > 0 for g in grads), f"expert {e} got no gradient"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("frozen", [(), (0, 3), tuple(range(6))])
+def test_frozen_experts_get_no_gradient_and_change_nothing_else(randomize, impl, frozen, monkeypatch):
+    """Frozen experts (requires_grad off) get no gradient, and the input and trained experts' gradients equal those
+    of the same experts all trained (the grouped path skips the frozen experts' weight-gradient GEMMs: every one
+    of them when the whole layer is frozen)."""
+    import moetrain.models.experts as experts_module
+
+    full = randomize(RoutedExperts(6, H, WIDTH, impl=impl))
+    part = RoutedExperts(6, H, WIDTH, impl=impl)
+    part.load_state_dict(full.state_dict())
+    for e in frozen:
+        part[e].requires_grad_(False)
+    routing = _routing(16, 6, 2, avoid=(4,))
+    x = torch.randn(16, H)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    full(xs[0], routing).pow(2).sum().backward()
+    weight_grads = []  # the weight-gradient GEMMs the grouped backward runs: (E, ...) results, 3 per layer pass
+    real = torch._grouped_mm
+
+    def counting(a, b, offs=None):
+        if a.dim() == 2 and b.dim() == 2:  # (rows' features)^T x rows: a weight gradient per group
+            weight_grads.append(1)
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    part(xs[1], routing).pow(2).sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+    for e in range(6):
+        for p_full, p_part in zip(full[e].parameters(), part[e].parameters(), strict=True):
+            if e in frozen:
+                assert p_part.grad is None, f"frozen expert {e} got a gradient"
+            elif p_full.grad is None:
+                assert p_part.grad is None
+            else:
+                torch.testing.assert_close(p_part.grad, p_full.grad, rtol=0, atol=0)
+    if impl == "grouped":
+        assert len(weight_grads) == (0 if len(frozen) == 6 else 3)
+    assert experts_module.expert_trains((True,) * 6) is None
+
+
 def _switch_loss_direct(logits: torch.Tensor, k: int) -> torch.Tensor:
     """E * sum_e (share of assignments to e) * (mean probability of e), from loops over tokens."""
     probs = logits.softmax(-1)

@@ -117,12 +117,11 @@ def test_bad_selections(tmp_path):
 
 
 @pytest.mark.parametrize("experts", ["none", "file"])
-def test_a_partial_expert_selection_needs_tier_none(tmp_path, experts):
+@pytest.mark.parametrize("tier", ["none", "cpu", "nvme"])
+def test_every_offload_tier_takes_a_partial_expert_selection(tmp_path, experts, tier):
     value = write_selection(tmp_path / "sel.json", {1: [0]}) if experts == "file" else "none"
-    with pytest.raises(ConfigError, match="model.train.routed_experts=.*model.offload.tier='cpu'"):
-        resolve_train_selection({"routed_experts": value}, offload_tier="cpu")
-    assert resolve_train_selection({"routed_experts": value}, offload_tier="none").routed_experts == value
-    assert resolve_train_selection({"routers": False}, offload_tier="nvme").routers is False
+    assert resolve_train_selection({"routed_experts": value}, offload_tier=tier).routed_experts == value
+    assert resolve_train_selection({"routers": False}, offload_tier=tier).routers is False
 
 
 def test_bias_update_speed_is_its_own_setting():
@@ -258,11 +257,22 @@ def masked_reference(init: Path, trained: set[str], aux: bool) -> dict[str, torc
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_selected_experts_fit_equals_a_masked_full_run(case, tmp_path, init_dir, repo_cwd):
+TIERS = {  # the offload engine keeps state for the selected experts only (tests/offload/test_frozen_experts.py)
+    "none": [],
+    "cpu": ["--model.offload.tier=cpu"],
+    "nvme": ["--model.offload.tier=nvme", "--model.offload.nvme_path={swap}"],
+    "paged-weights": ["--model.offload.tier=cpu", "--model.offload.resident_weights=no"],
+}
+
+
+@pytest.mark.parametrize("case,tier", [(c, "none") for c in CASES] + [("esft", t) for t in TIERS if t != "none"]
+                         + [("experts_routers_attention", "cpu")])
+def test_selected_experts_fit_equals_a_masked_full_run(case, tier, tmp_path, init_dir, repo_cwd):
     sel = write_selection(tmp_path / "sel.json", {1: [0, 4, 9], 2: [2, 15]})
     selection = {**CASES[case], "routed_experts": sel}
-    fit(tmp_path / "run", init_dir, "--model.train=" + json.dumps(selection))
+    (tmp_path / "swap").mkdir()
+    tiers = [arg.format(swap=tmp_path / "swap") for arg in TIERS[tier]]
+    fit(tmp_path / "run", init_dir, "--model.train=" + json.dumps(selection), *tiers)
     start = moetrain.from_pretrained(init_dir)
     model = moetrain.from_pretrained(tmp_path / "run")
     trained = {n for n, p in model.named_parameters()

@@ -89,7 +89,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
               streamed_load: bool = False, activation_checkpointing: bool = False,
-              from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None) -> Plan:
+              from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None,
+              trained_experts: Optional[int] = None, selection_source: Optional[str] = None) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Args:
@@ -112,10 +113,18 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             (:func:`random_init_in_host_memory`), on the GPU otherwise.
         storage: the ``init_from`` directory, the checkpoints and where the swap lives (:func:`.recipe_storage`);
             None: nothing on disk but the swap, and no checkpoint saves.
+        trained_experts: routed experts that train, all layers (``model.train.routed_experts``; None: every one).
+            Only they have state (host, NVMe, slots, hot cache), gradients, checkpointed moments, state paged
+            and weights written back, and a weight-gradient GEMM; frozen experts' weights are still computed
+            with (and paged for it under ``resident_weights: no``). ``selection_source``: where the count
+            comes from, for the report.
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
     total_experts = n_moe * model_config.num_experts
+    trained = total_experts if trained_experts is None else max(0, min(trained_experts, total_experts))
+    fraction = trained / total_experts if total_experts else 1.0
+    trained_params = round(expert * fraction)  # every routed expert has the same shape
     storage = storage if storage is not None else Storage()
     gpu_cap, host_cap = machine_capacity()
     gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
@@ -128,7 +137,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     bpp = state_bytes_per_param(off.master, off.moments, off.quant_block)
     # one expert's state record as the store lays it: its formatted bytes, padded to the I/O alignment
     record = align_up(math.ceil(bpp * per_expert))
-    state = record * total_experts
+    state = record * trained
     micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
     rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense),
                                         ("gpu", "dense matrices: bf16 autocast copies", 2 * dense)]
@@ -138,17 +147,19 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
     else:
         layerwise = layerwise_grads
         try:
-            slots = num_state_slots(off, record_bytes=record, num_records=total_experts)
+            slots = num_state_slots(off, record_bytes=record, num_records=max(1, trained))
         except ValueError:
             slots = 1  # the pre-flight and the engine refuse this budget; the plan still shows what one slot takes
-        grads = expert // n_moe if layerwise else expert  # every MoE layer has the same experts
+        grads = (expert // n_moe if layerwise else expert) * fraction  # every MoE layer has the same experts
         if paged_weights:  # two layer-sized device buffers; the weights' home is host memory
             rows.append(("gpu", f"experts: paged compute weights, 2 layer buffers ({weight_bytes} B/param)",
                          weight_buffers))
         else:
             rows.append(("gpu", f"experts: resident compute weights ({weight_bytes} B/param)", weight_bytes * expert))
-        rows += [("gpu", f"experts: gradients of {'one layer' if layerwise else 'every expert'} "
-                         f"({weight_bytes} B/param)", weight_bytes * grads),
+        whose = "gradients of " + ("one layer" if layerwise else "every expert")
+        if trained < total_experts:
+            whose = "one layer's trained gradients" if layerwise else "gradients of the trained experts"
+        rows += [("gpu", f"experts: {whose} ({weight_bytes} B/param)", round(weight_bytes * grads)),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
         if off.tier == "cpu":
             budget = None if off.cpu_budget_gb is None else int(off.cpu_budget_gb * GiB)
@@ -168,7 +179,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
             spare = int(off.hot_cache_gb * GiB)
         # up to every expert, where the engine (schedule.hot_capacity) stops at the records without a slot: the
         # two differ only when the slots and the cache together could hold more than every expert
-        hot = min(total_experts, spare // record)
+        hot = min(trained, spare // record)
         rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
         rows.append(("host", "expert state (pinned)", host))
         if paged_weights:
@@ -196,7 +207,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         host_load = host
         host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
             ": host memory holds the pinned expert state" if pinned else "")
-    one = checkpoint_bytes(dense, expert, off)
+    one = checkpoint_bytes(dense, expert, off, trained_expert=trained_params)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
                              f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
@@ -220,11 +231,12 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
         disk_free = shutil.disk_usage(off.nvme_path).free
     traffic = step_traffic(model_config, tokens_per_step=tokens_per_step, micro_batch_tokens=micro,
                            per_expert=per_expert, state_bpp=bpp, hot_experts=hot, offloaded=off.tier != "none",
-                           paged_weights=paged_weights, weight_bytes=weight_bytes)
+                           paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
-                                tokens_per_step=tokens_per_step, compute_tflops=compute_tflops)
+                                tokens_per_step=tokens_per_step, compute_tflops=compute_tflops,
+                                trained_fraction=fraction)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=traffic.active_experts, total_experts=total_experts,
@@ -236,7 +248,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_p
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=traffic.paged_experts, layerwise_grads=layerwise,
                 streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights,
                 host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,
-                swap_separate=storage.swap_separate, swap_free=storage.swap_free)
+                swap_separate=storage.swap_separate, swap_free=storage.swap_free,
+                trained_experts=trained if trained_experts is not None or selection_source else None,
+                selection_source=selection_source)
 
 
 def load_peak_bytes(dense: int, expert: int, weight_bytes: int, *, streamed: bool,

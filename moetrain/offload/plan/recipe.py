@@ -28,11 +28,33 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     # built from the two keys the gradient schedule reads: the others are the training run's to check
     optimizer = OptimizerConfig(max_grad_norm=clip)
     stepping = OffloadConfig(step_on=offload.get("step_on", OffloadConfig().step_on))
+    trained, source = recipe_selection(recipe)
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
+            "trained_experts": trained, "selection_source": source,
             "layerwise_grads": layerwise_grads(optimizer, stepping, accumulate_grad_batches=accumulation),
             "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none",
             "from_checkpoint": bool(model.get("init_from")),
             "activation_checkpointing": bool(model.get("activation_checkpointing", False))}
+
+
+def recipe_selection(recipe: dict[str, Any]) -> tuple[Optional[int], Optional[str]]:
+    """(routed experts that train, all layers; where that comes from) of a recipe's ``model.train.routed_experts``:
+    (None, None) for ``all`` (every expert trains), 0 for ``none``, the experts a selection file lists
+    (``moetrain select-experts`` writes it). A file not written yet plans full fine-tuning: (None, a phrase that
+    says so)."""
+    train = (recipe.get("model") or {}).get("train")
+    value = train.get("routed_experts", "all") if isinstance(train, dict) else getattr(train, "routed_experts", "all")
+    if value in (None, "all"):
+        return None, None
+    if value == "none":
+        return 0, "model.train.routed_experts none"
+    if not Path(str(value)).is_file():
+        return None, (f"model.train.routed_experts {value} is not here yet: planned as full fine-tuning; "
+                      "`moetrain select-experts` writes it")
+    from moetrain.models.train_selection import load_expert_selection
+
+    chosen = load_expert_selection(value)
+    return sum(len(ids) for ids in chosen.values()), f"model.train.routed_experts {value}"
 
 
 def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:

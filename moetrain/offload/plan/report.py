@@ -34,6 +34,8 @@ class Plan:
         paged_weights: the experts' compute weights live in host memory (``resident_weights: no``).
         moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
         breakdown: (tier, what, bytes) lines.
+        trained_experts: routed experts that train (``model.train.routed_experts``), None: every one, as the
+            plan of a recipe that trains them all; selection_source: where the count comes from.
     """
 
     tier: str
@@ -70,6 +72,8 @@ class Plan:
     disk_notes: list[str] = field(default_factory=list)
     swap_separate: bool = False
     swap_free: Optional[int] = None
+    trained_experts: Optional[int] = None
+    selection_source: Optional[str] = None
 
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
@@ -144,6 +148,10 @@ class Plan:
                          f"(fp32 state: {state_bytes_per_param():.0f}); expert gradients: "
                          + ("one MoE layer's at a time (stepped under backward)" if self.layerwise_grads
                             else "every expert's"))
+        if self.trained_experts is not None:
+            share = self.trained_experts / self.total_experts if self.total_experts else 1.0
+            lines.append(f"routed experts training: {self.trained_experts} of {self.total_experts} ({100 * share:.0f}%"
+                         + (f", {self.selection_source})" if self.selection_source else ")"))
         lines.append("")
         order = ("gpu", "host", "disk", "nvme")
         lines += [f"  {tier:<5} {what:<56} {gib(n)}"

@@ -34,31 +34,37 @@ class StepTraffic:
 
 def step_traffic(config: ModelConfig, *, tokens_per_step: int, micro_batch_tokens: int, per_expert: int,
                  state_bpp: float, hot_experts: int, offloaded: bool, paged_weights: bool,
-                 weight_bytes: int) -> StepTraffic:
+                 weight_bytes: int, trained_fraction: float = 1.0) -> StepTraffic:
     """The expected traffic of one step of ``tokens_per_step`` tokens in micro-batches of ``micro_batch_tokens``.
 
     Args:
         per_expert: parameters of one routed expert; state_bpp: bytes per parameter of its state.
         hot_experts: experts whose state stays on the GPU; offloaded: the state lives off the GPU (tier not none).
         paged_weights: the compute weights (``weight_bytes`` per parameter) live in host memory as well.
+        trained_fraction: the share of routed experts that train (``model.train.routed_experts``): only their state
+            is paged, only their new weights are written back (frozen experts' weights are still paged in to
+            compute with); ``hot_experts`` are among them.
     """
     e, k, n_moe = config.num_experts, config.num_experts_per_tok, len(config.moe_layers)
     total_experts = n_moe * e
     active_per_layer = e * (1.0 - (1.0 - 1.0 / e) ** (tokens_per_step * k))
     active = n_moe * active_per_layer
-    paged = active * (1.0 - hot_experts / total_experts) if offloaded else 0.0
+    trained_total = trained_fraction * total_experts
+    paged = active * trained_fraction * (1.0 - hot_experts / trained_total) if offloaded and trained_total else 0.0
     moved = 2.0 * state_bpp * per_expert * paged
     if paged_weights:
         # every micro-batch pages in its active experts' weights for forward and again for backward; the
         # step writes the new weights of the step's active experts back
         micro_batches = max(1, math.ceil(tokens_per_step / micro_batch_tokens))
         active_micro = n_moe * e * (1.0 - (1.0 - 1.0 / e) ** (micro_batch_tokens * k))
-        moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active)
+        moved += weight_bytes * per_expert * (2.0 * micro_batches * active_micro + active * trained_fraction)
     return StepTraffic(active_experts=active, paged_experts=paged, moved_bytes=moved)
 
 
 def compute_seconds(config: ModelConfig, *, dense_params: int, per_expert: int, tokens_per_step: int,
-                    compute_tflops: float) -> float:
-    """Seconds of ``6 * active params * tokens`` FLOPs (forward 2, backward 4) at ``compute_tflops``."""
-    active_params_per_token = dense_params + len(config.moe_layers) * config.num_experts_per_tok * per_expert
+                    compute_tflops: float, trained_fraction: float = 1.0) -> float:
+    """Seconds of ``6 * active params * tokens`` FLOPs (forward 2, backward 4) at ``compute_tflops``; a frozen
+    routed expert's backward is its input gradient only (2), so routed experts count ``4 + 2 * trained_fraction``."""
+    routed = len(config.moe_layers) * config.num_experts_per_tok * per_expert * (4.0 + 2.0 * trained_fraction) / 6.0
+    active_params_per_token = dense_params + routed
     return 6.0 * active_params_per_token * tokens_per_step / (compute_tflops * 1e12)
