@@ -4,6 +4,7 @@ activation estimate against what autograd saves; the fit verdicts, the step floo
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -394,3 +395,31 @@ def test_paged_compute_weights_are_the_last_resort_that_fits_a_smaller_gpu():
                     == (choice.tier, choice.master, choice.moments, choice.layerwise_grads))
     assert choice.plan.host_bytes - resident.plan.host_bytes == 2 * expert
     assert choice.plan.moved_bytes > resident.plan.moved_bytes  # the weights cross the link every micro-batch
+
+
+def test_the_plan_follows_the_trained_experts(tmp_path):
+    """model.train.routed_experts: expert state, host memory, checkpointed moments and bytes paged follow the
+    trained share; a selection file not written yet plans full fine-tuning and says so."""
+    from moetrain.offload.plan import plan_from_recipe
+
+    config = ModelConfig.from_preset("deepseek-moe-16b")
+    layers = list(config.moe_layers)
+    sel = tmp_path / "experts.json"
+    sel.write_text(json.dumps({"experts": {str(layer): list(range(13)) for layer in layers}}))
+    recipe = {"model": {"preset": "deepseek-moe-16b", "offload": {"tier": "cpu", "hot_cache_gb": 0}},
+              "data": {"seq_len": 2048, "micro_batch_size": 1}}
+    caps = dict(gpu_capacity=139 * GiB, host_capacity=1024 * GiB, disk_free=1024 * GiB)
+    full = plan_from_recipe(recipe, **caps)
+    esft = plan_from_recipe({**recipe, "model": {**recipe["model"], "train": {"routed_experts": str(sel)}}}, **caps)
+    missing = plan_from_recipe({**recipe, "model": {**recipe["model"], "train": {"routed_experts": "nope.json"}}},
+                               **caps)
+    share = 13 / 64
+    state = dict((what, n) for tier, what, n in full.breakdown if tier == "host")["expert state (pinned)"]
+    esft_state = dict((what, n) for tier, what, n in esft.breakdown if tier == "host")["expert state (pinned)"]
+    assert esft_state == pytest.approx(share * state, rel=1e-9)
+    assert esft.moved_bytes == pytest.approx(share * full.moved_bytes, rel=1e-9)
+    assert full.host_bytes - esft.host_bytes == state - esft_state
+    assert esft.compute_s < full.compute_s and esft.trained_experts == 13 * len(layers)
+    assert f"routed experts training: {13 * len(layers)} of {64 * len(layers)} (20%" in esft.format()
+    assert "routed experts training" not in full.format()
+    assert missing.host_bytes == full.host_bytes and "nope.json is not here yet" in missing.format()
