@@ -21,6 +21,9 @@ from moetrain.training.data import TextDataModule
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "tiny"
 SEQ = 64
+# the recipe fine-tunes on data/esft_task; these tests measure the toy corpus (text format)
+TOY_DATA = ["--data.path=data/tiny/train.jsonl", "--data.val_path=data/tiny/val.jsonl",
+            "--data.tokenizer=data/tiny/tokenizer", "--data.format=text"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def base_model(tmp_path_factory) -> Path:
 
 def select(out: Path, base: Path, *extra: str) -> int:
     return main(["--config", str(REPO / "recipes" / "tiny-esft.yaml"), "--ckpt", str(base), "--tokens", "1500",
-                 "--out", str(out), f"--data.seq_len={SEQ}", *extra])
+                 "--out", str(out), f"--data.seq_len={SEQ}", *TOY_DATA, *extra])
 
 
 def test_selection_is_reproducible_from_the_same_data_and_seed(tmp_path, base_model, repo_cwd, capsys):
