@@ -387,7 +387,8 @@ class MoETrainingModule(L.LightningModule):
         else:
             ce_loss, aux_loss, aux_scale = shares
             loss = ce_loss + aux_loss
-        self.manual_backward(loss / self.accumulate_grad_batches)
+        if loss.requires_grad:  # else no trained parameter is in this micro-batch's graph: it adds no gradient
+            self.manual_backward(loss / self.accumulate_grad_batches)
         for key, value in (("loss", loss), ("ce_loss", ce_loss), ("aux_loss", aux_loss)):
             value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
