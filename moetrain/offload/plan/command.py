@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrain.offload.plan.assumptions import GiB
-from moetrain.offload.plan.largest import Machine, format_largest, largest_line
+from moetrain.offload.plan.largest import Machine, format_largest, largest_line, plan_expert_share
 from moetrain.offload.plan.memory import machine_capacity
 from moetrain.offload.plan.recipe import plan_from_recipe, recipe_model, recipe_training
 from moetrain.offload.plan_parallel import plan_expert_parallel
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
         print(note)
     print(plan.format())
     print()
-    print(largest_line(here, micro))
+    print(largest_line(here, micro, plan_expert_share(plan)))
     print()
     print(parallel)
     return 0

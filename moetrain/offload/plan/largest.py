@@ -1,5 +1,9 @@
 """Which preset is the largest that one GPU fully fine-tunes, and with which tier, state formats and gradient
-schedule: the search behind ``moetrain plan --largest`` and the ``largest preset`` line of every plan."""
+schedule: the search behind ``moetrain plan --largest`` and the ``largest preset`` line of every plan.
+
+A recipe that trains a selection of routed experts (``model.train.routed_experts``: a selection file) asks the
+same question for the same share of every preset's routed experts (``expert_share``): only those have state,
+gradients, slots and checkpointed moments, so larger presets fit."""
 
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ class FitChoice:
 
 
 def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096, *,
-                gpu_budget_gb: float = 1.0, streamed_load: bool = True) -> list[FitChoice]:
+                gpu_budget_gb: float = 1.0, streamed_load: bool = True,
+                expert_share: Optional[float] = None) -> list[FitChoice]:
     """Every placement the search weighs, in order of preference, each with its plan.
 
     Preference: compute weights resident on the GPU before paged from host memory (slower: they cross the
@@ -73,9 +78,10 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     fine-tune starts from a checkpoint (``init_from``) whose experts' masters stream into the tier, so the
     load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32). The disk
     holds what such a run needs (:func:`.search_storage`): the downloaded model, the
-    swap and one checkpoint.
+    swap and one checkpoint. ``expert_share``: the share of the routed experts that train (None: all of them).
     """
     out = []
+    trained = trained_experts(model_config, expert_share)
     storage = search_storage(model_config, streamed_load)
     for paged, layerwise in itertools.product((False, True), (False, True)):
         for master in MASTERS:
@@ -85,7 +91,7 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
                 plan_of = partial(make_plan, model_config, tokens_per_step=micro_batch_tokens,
                                   gpu_capacity=machine.gpu, host_capacity=machine.host, disk_free=machine.disk,
                                   micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
-                                  streamed_load=streamed_load, storage=storage)
+                                  streamed_load=streamed_load, storage=storage, trained_experts=trained)
                 choices = [("cpu", plan_of(base))]
                 if machine.host is not None:
                     # every expert's state on NVMe: what the host holds besides the state, at its higher peak
@@ -97,9 +103,26 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     return out
 
 
-def best_fit(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096) -> Optional[FitChoice]:
+def trained_experts(model_config: ModelConfig, expert_share: Optional[float]) -> Optional[int]:
+    """Routed experts (all layers) that train when ``expert_share`` of them do (None: every one)."""
+    if expert_share is None:
+        return None
+    return round(expert_share * len(model_config.moe_layers) * model_config.num_experts)
+
+
+def plan_expert_share(plan: Plan) -> Optional[float]:
+    """The share of routed experts a recipe's plan trains, for the largest-preset line: None when every one
+    does (a selection file not written yet plans full fine-tuning)."""
+    if plan.trained_experts is None or not plan.total_experts or plan.trained_experts >= plan.total_experts:
+        return None
+    return plan.trained_experts / plan.total_experts
+
+
+def best_fit(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
+             expert_share: Optional[float] = None) -> Optional[FitChoice]:
     """The first placement of :func:`fit_options` under which every tier fits, or None."""
-    return next((c for c in fit_options(model_config, machine, micro_batch_tokens) if c.plan.fits_all()), None)
+    options = fit_options(model_config, machine, micro_batch_tokens, expert_share=expert_share)
+    return next((c for c in options if c.plan.fits_all()), None)
 
 
 def presets() -> list[ModelConfig]:
@@ -108,27 +131,31 @@ def presets() -> list[ModelConfig]:
     return sorted(configs, key=lambda c: -c.param_counts()["total"])
 
 
-def largest_preset(machine: Machine, micro_batch_tokens: int = 4096
+def largest_preset(machine: Machine, micro_batch_tokens: int = 4096, expert_share: Optional[float] = None
                    ) -> list[tuple[ModelConfig, Optional[FitChoice]]]:
     """Each preset, largest first, with the placement under which it fits one GPU of ``machine`` (or None).
     The first entry with a placement is the answer."""
-    return [(config, best_fit(config, machine, micro_batch_tokens)) for config in presets()]
+    return [(config, best_fit(config, machine, micro_batch_tokens, expert_share)) for config in presets()]
 
 
 def _largest_answer(results: list[tuple[ModelConfig, Optional[FitChoice]]]) -> Optional[tuple[ModelConfig, FitChoice]]:
     return next(((c, f) for c, f in results if f is not None), None)
 
 
-def largest_line(machine: Machine, micro_batch_tokens: int) -> str:
-    """One line for the plan printout: the largest preset one GPU of ``machine`` fully fine-tunes."""
+def largest_line(machine: Machine, micro_batch_tokens: int, expert_share: Optional[float] = None) -> str:
+    """One line for the plan printout: the largest preset one GPU of ``machine`` fully fine-tunes, or, with
+    ``expert_share`` (a recipe training a selection of routed experts), fine-tunes training that share of its
+    routed experts."""
+    what = ("fully fine-tunes" if expert_share is None else
+            f"fine-tunes training {100 * expert_share:.0f}% of its routed experts, as this recipe does")
     if machine.gpu is None:
-        return ("largest preset one GPU here fully fine-tunes: GPU capacity unknown here (no CUDA); "
+        return (f"largest preset one GPU here {what}: GPU capacity unknown here (no CUDA); "
                 "ask with --gpu-gb=N --host-gb=N --disk-gb=N")
-    answer = _largest_answer(largest_preset(machine, micro_batch_tokens))
+    answer = _largest_answer(largest_preset(machine, micro_batch_tokens, expert_share))
     if answer is None:
-        return f"largest preset one GPU fully fine-tunes ({machine.describe()}): none"
+        return f"largest preset one GPU {what} ({machine.describe()}): none"
     config, choice = answer
-    return (f"largest preset one GPU fully fine-tunes ({machine.describe()}, {micro_batch_tokens} tokens a "
+    return (f"largest preset one GPU {what} ({machine.describe()}, {micro_batch_tokens} tokens a "
             f"micro-batch): {config.name} ({config.param_counts()['total'] / 1e9:.1f} B), {choice.describe()}")
 
 
