@@ -20,7 +20,11 @@
 #         `moetrain fit` on the recipe as written for RECIPE_STEPS steps; plan beside measurement),
 #         compute:NAME (recipes/NAME.yaml's compute-only step: resident bf16 weights, no optimizer, same
 #         micro-batches; a kernel-family breakdown of two traced micro-batches),
-#         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card).
+#         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card),
+#         esft:NAME (an ESFT recipe, recipes/NAME.yaml with model.train.routed_experts: select-experts at
+#         ESFT_TOP_P (0.2) over ESFT_TOKENS (32768) on the random directory, then fit; then the same recipe with
+#         --model.train=all, one random directory for both: both RESULT lines and their ratios; ESFT_ARGS:
+#         recipe overrides for both, e.g. --model.accumulate_grad_batches=16).
 #
 # On a machine without the runtime packages, put their wheels (and the libaio debs) in .dev/ first;
 # they are installed into a private site folder.
@@ -111,6 +115,9 @@ for s in $STAGES; do
         --out "$JSON" ;;
     recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \
         --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --gpu-gib 79 --out "$JSON" ;;
+    esft:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#esft:}.yaml" --compare-full \
+        --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --top-p "${ESFT_TOP_P:-0.2}" \
+        --select-tokens "${ESFT_TOKENS:-32768}" --out "$JSON" ${ESFT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
 done

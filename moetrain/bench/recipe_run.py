@@ -14,11 +14,22 @@ recipe's own paths made real instead of overridden:
    holds a 16 B download but not its checkpoint, as the recipes' headers say) runs in a child process,
    while this process samples the child's host memory (RSS of the process tree) and the GPU's used memory.
 
-One JSON line (``RESULT {...}``) holds the measured step time, tokens/s, ``mfu``, GPU and host peaks, start-up
-time and the plan's predictions side by side. ``--gpu-gib`` caps the child's GPU memory with
-``torch.cuda.set_per_process_memory_fraction`` (an 80 GB card's claim checked on a larger one).
+One JSON line (``RESULT {...}``) holds the measured step time, tokens/s, ``mfu``, GPU and host peaks, bytes
+paged per step (the offload telemetry), start-up time and the plan's predictions side by side. ``--gpu-gib``
+caps the child's GPU memory with ``torch.cuda.set_per_process_memory_fraction`` (an 80 GB card's claim checked
+on a larger one). Arguments after the known ones (``--section.key=value``) override the recipe in the plan,
+``select-experts`` and the fit alike.
+
+An expert-specialized fine-tuning (ESFT) recipe, whose ``model.train.routed_experts`` names a selection file,
+first runs ``moetrain select-experts --config RECIPE --tokens N --top_p P`` on the random directory and the
+filled data (after the run directory is cleared, since the file usually lies in it), so the file exists when the
+plan and the fit read it; the result records its time and the experts selected. A random directory has no
+meaningful routing: the selection is arbitrary there, only its size and what it costs are measured.
+``--compare-full`` then runs the same recipe with ``--model.train=all`` (run directory ``<root>-full``, the same
+random directory) and prints its RESULT line too, and one more (``recipe_run_compare``) with the ratios:
 
     python -m moetrain.bench.recipe_run --recipe recipes/deepseek-moe-16b.yaml --steps 3 --out DIR
+    python -m moetrain.bench.recipe_run --recipe recipes/deepseek-moe-16b-esft.yaml --compare-full --steps 3
 """
 
 from __future__ import annotations
@@ -104,6 +115,10 @@ def plan_figures(text: str) -> dict[str, Any]:
         out["plan_step_s"] = float(m.group(1))
     if m := re.search(r"compute: ([\d.]+) s", text):
         out["plan_compute_s"] = float(m.group(1))
+    if m := re.search(r"link: ([\d.]+) GiB per step", text):
+        out["plan_paged_gib_per_step"] = float(m.group(1))
+    if m := re.search(r"^routed experts training: (\d+) of (\d+)", text, flags=re.M):
+        out["plan_trained_experts"], out["plan_total_experts"] = int(m.group(1)), int(m.group(2))
     return out
 
 
@@ -129,6 +144,10 @@ def prepare(recipe: dict, model_dir: Path, workdir: Path, *, log) -> dict[str, f
     # the tiny corpus (56 k tokens) repeated, so that the recipe's 1% validation split still holds whole rows
     corpus = TINY_CORPUS.read_text()
     data_path.write_text(corpus * CORPUS_REPEATS)
+    val_path = (recipe.get("data") or {}).get("val_path")
+    if val_path:  # a separate validation file: the corpus once
+        (workdir / val_path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / val_path).write_text(corpus)
     nvme = (model.get("offload") or {}).get("nvme_path")
     if nvme:
         (workdir / nvme).mkdir(parents=True, exist_ok=True)
@@ -140,10 +159,11 @@ def prepare(recipe: dict, model_dir: Path, workdir: Path, *, log) -> dict[str, f
     return timings
 
 
-def child_command(recipe_path: str, steps: int, gpu_gib: Optional[float]) -> list[str]:
+def child_command(recipe_path: str, steps: int, gpu_gib: Optional[float], overrides: tuple[str, ...] = ()
+                  ) -> list[str]:
     # nothing saved: a 64 GiB disk holds a 16 B download but not its checkpoint (the recipes' headers say so)
-    args = ["fit", "--config", recipe_path, f"--trainer.max_steps={steps}", "--checkpoint.every_n_steps=0",
-            "--checkpoint.save_final=false", "--checkpoint.save_on_signal=false"]
+    args = ["fit", "--config", recipe_path, *overrides, f"--trainer.max_steps={steps}",
+            "--checkpoint.every_n_steps=0", "--checkpoint.save_final=false", "--checkpoint.save_on_signal=false"]
     if gpu_gib is None:
         return [sys.executable, "-m", "moetrain.cli", *args]
     launcher = ("import sys, torch; "
@@ -168,45 +188,74 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
     out["gpu_peak_allocated_gib"] = max((r.get("gpu/mem_peak_gib", 0.0) for r in metrics), default=0.0)
     out["loss_first"], out["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
     out["offload"] = {k: v for k, v in metrics[-1].items() if k.startswith("offload/")}
+    paged = [sum(r.get(f"offload/{k}_bytes", 0.0) for k in ("h2d", "d2h", "nvme_read", "nvme_write")) for r in steady]
+    out["paged_gib_per_step"] = round(statistics.median(paged) / GiB, 3)  # host<->GPU both ways, and NVMe
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
-    p.add_argument("--model-dir", default=None, help="random model directory (made when missing; default "
-                   "/tmp/moetrain-models/<preset>)")
-    p.add_argument("--workdir", default=None, help="the run's working directory (default /tmp/moetrain-front/<name>)")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps to run")
-    p.add_argument("--gpu-gib", type=float, default=None, help="cap the run's GPU memory (GiB)")
-    p.add_argument("--timeout", type=float, default=540, help="seconds before the run is stopped (SIGTERM)")
-    p.add_argument("--out", default="bench-out")
-    args = p.parse_args(argv)
+def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
+    """The recipe with ``--section.key=value`` overrides set (values read as YAML, as ``moetrain plan`` does)."""
+    for arg in overrides:
+        key, eq, value = arg[2:].partition("=")
+        if not (arg.startswith("--") and eq):
+            raise SystemExit(f"recipe_run: unexpected argument {arg!r} (overrides are --section.key=value)")
+        node = recipe
+        for part in key.split(".")[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[key.split(".")[-1]] = yaml.safe_load(value)
+    return recipe
 
-    recipe_path = Path(args.recipe)
-    recipe = yaml.safe_load(recipe_path.read_text())
-    name = recipe_path.stem
-    preset = recipe["model"]["preset"]
-    model_dir = Path(args.model_dir or f"/tmp/moetrain-models/{preset}")
-    workdir = Path(args.workdir or f"/tmp/moetrain-front/{name}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"recipe_{name}.log"
-    result: dict[str, Any] = {"bench": "recipe_run", "recipe": str(recipe_path), "steps": args.steps,
-                              "gpu_cap_gib": args.gpu_gib}
+
+def selection_file(recipe: dict) -> Optional[str]:
+    """The selection file an ESFT recipe trains (``model.train.routed_experts: PATH``), else None."""
+    train = (recipe.get("model") or {}).get("train")
+    value = train.get("routed_experts") if isinstance(train, dict) else None
+    return None if value in (None, "all", "none") else str(value)
+
+
+def select_experts(recipe_path: str, selection: str, overrides: list[str], tokens: int, top_p: float, *,
+                   cwd: Path, env: dict, log) -> dict[str, Any]:
+    """``moetrain select-experts`` into ``selection`` (under ``cwd``): its time and the experts it selected."""
+    cmd = [sys.executable, "-m", "moetrain.cli", "select-experts", "--config", recipe_path, "--tokens", str(tokens),
+           "--top_p", str(top_p), *overrides]
+    print("$ " + " ".join(cmd), file=log, flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    out: dict[str, Any] = {"select_rc": rc, "select_s": round(time.perf_counter() - t0, 1), "select_top_p": top_p}
+    if rc == 0:
+        record = json.loads((cwd / selection).read_text())
+        model = record.get("model") or {}
+        out["selected_experts"] = record["selected"]
+        out["total_experts"] = len(model.get("moe_layers", [])) * int(model.get("num_experts", 0))
+        out["select_tokens"] = record["tokens"]
+    return out
+
+
+def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], label: str, args: argparse.Namespace, *,
+                model_dir: Path, workdir: Path, out_dir: Path, select: bool) -> dict[str, Any]:
+    """One ``moetrain fit`` of the recipe (with ``overrides``), measured; ``select``: run select-experts first."""
+    log_path = out_dir / f"recipe_{label}.log"
+    result: dict[str, Any] = {"bench": "recipe_run", "recipe": str(recipe_path), "variant": label,
+                              "overrides": overrides, "steps": args.steps, "gpu_cap_gib": args.gpu_gib}
+    config = str(REPO / recipe_path)
     with open(log_path, "w") as log:
         result.update(prepare(recipe, model_dir, workdir, log=log))
         result["model_dir_gib"] = round(sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file()) / GiB, 2)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-        plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", str(REPO / recipe_path)],
+        root = workdir / recipe["trainer"]["default_root_dir"]
+        shutil.rmtree(root, ignore_errors=True)  # before select-experts: its file usually lies in the run directory
+        selection = selection_file(recipe)
+        if select and selection:
+            result.update(select_experts(config, selection, overrides, args.select_tokens, args.top_p,
+                                         cwd=workdir, env=env, log=log))
+        plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", config, *overrides],
                               cwd=workdir, env=env, capture_output=True, text=True)
         print(plan.stdout + plan.stderr, file=log, flush=True)
         result.update(plan_figures(plan.stdout))
-        root = workdir / recipe["trainer"]["default_root_dir"]
-        shutil.rmtree(root, ignore_errors=True)
-        cmd = child_command(str(REPO / recipe_path), args.steps, args.gpu_gib)
+        cmd = child_command(config, args.steps, args.gpu_gib, tuple(overrides))
         print("$ " + " ".join(cmd), file=log, flush=True)
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -229,12 +278,73 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if metrics:
             result["startup_s"] = round(result["wall_s"] - metrics[-1]["elapsed_s"], 1)
     tail = log_path.read_text().splitlines()[-30:]
-    result["log_tail"] = tail if result.get("rc") else tail[-3:]
-    (out_dir / f"recipe_{name}.json").write_text(json.dumps(result, indent=2))
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}))
-    if result.get("rc"):
+    result["log_tail"] = tail if result.get("rc") or result.get("select_rc") else tail[-3:]
+    (out_dir / f"recipe_{label}.json").write_text(json.dumps(result, indent=2))
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+    if result.get("rc") or result.get("select_rc"):
         print("\n".join(tail))
     return result
+
+
+COMPARED = ("step_s", "tokens_per_s", "gpu_peak_used_gib", "gpu_peak_allocated_gib", "host_peak_gib",
+            "host_used_peak_gib", "paged_gib_per_step", "startup_s", "plan_step_s", "plan_gpu_gib", "plan_host_gib",
+            "plan_paged_gib_per_step")
+
+
+def compare(esft: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """ESFT beside full fine-tuning: each figure of both runs and ESFT's ratio to full."""
+    out: dict[str, Any] = {"bench": "recipe_run_compare", "recipe": esft["recipe"],
+                           "selected_experts": esft.get("selected_experts"), "total_experts": esft.get("total_experts"),
+                           "select_s": esft.get("select_s"), "rc": [esft.get("rc"), full.get("rc")]}
+    for key in COMPARED:
+        a, b = esft.get(key), full.get(key)
+        if a is None and b is None:
+            continue
+        out[key] = {"esft": a, "full": b, "ratio": round(a / b, 3) if a is not None and b else None}
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # the unknown --section.key=value are recipe overrides
+    p.add_argument("--recipe", required=True, help="recipes/NAME.yaml")
+    p.add_argument("--model-dir", default=None, help="random model directory (made when missing; default "
+                   "/tmp/moetrain-models/<preset>)")
+    p.add_argument("--workdir", default=None, help="the run's working directory (default /tmp/moetrain-front/<name>)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps to run")
+    p.add_argument("--gpu-gib", type=float, default=None, help="cap the run's GPU memory (GiB)")
+    p.add_argument("--timeout", type=float, default=540, help="seconds before a fit is stopped (SIGTERM)")
+    p.add_argument("--select-tokens", type=int, default=32768, help="tokens select-experts measures (ESFT recipes)")
+    p.add_argument("--top-p", type=float, default=0.2, help="select-experts --top_p (ESFT recipes)")
+    p.add_argument("--compare-full", action="store_true",
+                   help="an ESFT recipe, then the same recipe with --model.train=all (full fine-tuning)")
+    p.add_argument("--out", default="bench-out")
+    args, overrides = p.parse_known_args(argv)
+
+    recipe_path = Path(args.recipe)
+    recipe = apply_overrides(yaml.safe_load(recipe_path.read_text()), overrides)
+    name = recipe_path.stem
+    preset = recipe["model"]["preset"]
+    model_dir = Path(args.model_dir or f"/tmp/moetrain-models/{preset}")
+    workdir = Path(args.workdir or f"/tmp/moetrain-front/{name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.compare_full and selection_file(recipe) is None:
+        raise SystemExit(f"recipe_run: --compare-full needs an ESFT recipe (model.train.routed_experts: FILE); "
+                         f"{recipe_path} trains {(recipe['model'].get('train') or 'all')!r}")
+    where = dict(model_dir=model_dir, workdir=workdir, out_dir=out_dir)
+    result = run_variant(recipe_path, recipe, overrides, name, args, select=True, **where)
+    if not args.compare_full:
+        return result
+    root = recipe["trainer"]["default_root_dir"].rstrip("/")
+    full_overrides = [*overrides, "--model.train=all", f"--trainer.default_root_dir={root}-full"]
+    full = run_variant(recipe_path, apply_overrides(yaml.safe_load(recipe_path.read_text()), full_overrides),
+                       full_overrides, f"{name}-full", args, select=False, **where)
+    both = compare(result, full)
+    (out_dir / f"recipe_{name}-compare.json").write_text(json.dumps(both, indent=2))
+    print("RESULT " + json.dumps(both), flush=True)
+    return {"esft": result, "full": full, "compare": both}
 
 
 if __name__ == "__main__":
