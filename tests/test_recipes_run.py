@@ -17,7 +17,8 @@ from moetrain.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
-REAL = ["deepseek-moe-16b", "qwen3-30b-a3b", "qwen2-moe-a2.7b", "mixtral-8x7b", "olmoe-1b-7b"]
+REAL = ["deepseek-moe-16b", "qwen3-30b-a3b", "qwen2-moe-a2.7b", "mixtral-8x7b", "olmoe-1b-7b",
+        "deepseek-moe-16b-esft", "qwen3-30b-a3b-esft"]
 PLAN_COMMAND = re.compile(r"^#\s+moetrain plan (--config recipes/[\w.-]+\.yaml[^#]*?)\s*$")
 
 
@@ -117,6 +118,11 @@ def test_real_recipe_trains_two_steps_on_a_reduced_shape(name, tmp_path):
         # the recipe spills past its host budget to NVMe: keep that, with a budget small enough to spill here
         args += [f"--model.offload.nvme_path={swap}", "--model.offload.cpu_budget_gb=0.0005"]
     args += ["--model.offload.gpu_budget_gb=0.001", "--model.offload.step_on=gpu"]
+    if isinstance(recipe["model"].get("train"), dict):  # ESFT: two experts a layer of the reduced shape train
+        selection = tmp_path / "experts.json"
+        layers = ModelConfig.from_preset(recipe["model"]["preset"], **shape).moe_layers
+        selection.write_text(json.dumps({"experts": {str(i): [0, 1] for i in layers}}))
+        args.append(f"--model.train.routed_experts={selection}")
     assert main(args) == 0
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]
