@@ -11,21 +11,24 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 
 Family = Literal["deepseek_moe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"]
-FAMILIES: tuple[str, ...] = ("deepseek_moe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+FAMILIES: tuple[str, ...] = get_args(Family)
 DEEPSEEK_FAMILIES: tuple[str, ...] = ("deepseek_moe", "deepseek_v2", "deepseek_v3")
 """Families with DeepSeek's MoE layout: shared experts sized by num_shared_experts, first_k_dense_replace."""
 MLA_FAMILIES: tuple[str, ...] = ("deepseek_v2", "deepseek_v3")
 """Families with multi-head latent attention (see :mod:`moetrain.models.mla`)."""
-SCORING_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 YARN_KEYS = frozenset({"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                        "mscale", "mscale_all_dim", "attention_factor", "truncate"})
 AuxLossKind = Literal["switch", "seq", "token", "none"]
+ScoringFunc = Literal["softmax", "sigmoid"]
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
+QkNorm = Literal["none", "head", "full"]
+SCORING_FUNCS: tuple[str, ...] = get_args(ScoringFunc)
+TOPK_METHODS: tuple[str, ...] = get_args(TopkMethod)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
@@ -42,8 +45,9 @@ class ModelConfig:
     family uses them.
     """
 
-    family: str = "deepseek_moe"
-    """One of deepseek_moe, deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, mixtral, olmoe."""
+    family: Family = "deepseek_moe"
+    """One of deepseek_moe, deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, mixtral, olmoe (checked in validate: a
+    dataclass does not enforce its Literal types)."""
     name: str = "custom"
     """A label for logs and checkpoints."""
     vocab_size: int = 32000
@@ -62,7 +66,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     """Bias on q/k/v projections (qwen2_moe)."""
-    qk_norm: Literal["none", "head", "full"] = "none"
+    qk_norm: QkNorm = "none"
     """RMSNorm on queries and keys: per head (qwen3_moe) or over the full projection (olmoe)."""
     sliding_window: Optional[int] = None
     """Attend to at most this many previous positions (mixtral, when set)."""
@@ -82,9 +86,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     """Renormalise the top-k routing weights to sum to one."""
     routed_scaling_factor: float = 1.0
-    scoring_func: str = "softmax"
+    scoring_func: ScoringFunc = "softmax"
     """Router scores: softmax over experts, or an independent sigmoid per expert (deepseek_v3)."""
-    topk_method: str = "greedy"
+    topk_method: TopkMethod = "greedy"
     """greedy top-k; group_limited_greedy (DeepSeek-V2: keep the topk_group groups with the best expert, then
     top-k inside them); noaux_tc (DeepSeek-V3: groups ranked by the sum of their two best biased scores, experts
     picked by score + e_score_correction_bias, weights from the unbiased scores)."""
@@ -124,7 +128,7 @@ class ModelConfig:
     """... and i is not listed here."""
 
     # ---- auxiliary losses
-    aux_loss: str = "switch"
+    aux_loss: AuxLossKind = "switch"
     """switch (Mixtral/Qwen/OLMoE load-balancing loss), seq or token (DeepSeek), none."""
     aux_loss_coef: float = 0.01
     """Coefficient of the balance loss (router_aux_loss_coef / aux_loss_alpha)."""
@@ -217,9 +221,9 @@ class ModelConfig:
         """Raise :class:`ConfigError` naming the first inconsistent key."""
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family={self.family!r} is not supported; choose one of {', '.join(FAMILIES)}")
-        if self.aux_loss not in ("switch", "seq", "token", "none"):
+        if self.aux_loss not in get_args(AuxLossKind):
             raise ConfigError(f"model.aux_loss={self.aux_loss!r}: choose switch, seq, token or none")
-        if self.qk_norm not in ("none", "head", "full"):
+        if self.qk_norm not in get_args(QkNorm):
             raise ConfigError(f"model.qk_norm={self.qk_norm!r}: choose none, head or full")
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
                     "num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq", "decoder_sparse_step"]

@@ -15,7 +15,7 @@ one paragraph and exits with status 2. In order:
    safetensors shards are whole); the tokenizer's vocabulary fits the model's.
 3. ``--ckpt_path`` names a complete checkpoint.
 4. Resources, from the memory planner (:mod:`moetrain.offload.plan`) when an offload store will be built:
-   swap files that dead processes left in ``model.offload.nvme_path`` are deleted (and reported); the
+   swap files that dead processes left in ``model.offload.nvme.path`` are deleted (and reported); the
    folder exists, is writable and has room for the swap; host memory holds what the plan pins there
    (and, without a GPU, the model, its gradients and optimizer state); ``gpu_budget_gb`` holds one expert.
 
@@ -89,11 +89,12 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
     _check_sections(sections)
     tokenizer = _check_tokenizer(sections["data"])
     model = sections["model"]
-    from moetrain.offload.config import OffloadConfig
+    from moetrain.offload.config import OffloadSettings, resolve
     from moetrain.optim import OptimizerConfig
 
     _build("model.optimizer", lambda: OptimizerConfig(**(model.get("optimizer") or {})))
-    offload = _build("model.offload", lambda: OffloadConfig(**(model.get("offload") or {})))
+    # the section resolved as the training module resolves it: every rule of the section checked once, in resolve
+    offload = _build("model.offload", lambda: resolve(OffloadSettings.from_dict(model.get("offload"))))
     model_config = _check_model(model)
     if tokenizer.vocab_size > model_config.vocab_size:
         # the training module checks the same in setup(), after the build, for library use
@@ -227,8 +228,8 @@ def check_resources(sections: dict[str, Any], subcommand: str, model_config: Mod
     if builds_store and plan.nvme_bytes:
         if not offload.nvme_path:
             raise nvme.NvmeError(f"{plan.nvme_bytes / GiB:.2f} GiB of expert state exceed model.offload."
-                                 f"cpu_budget_gb={offload.cpu_budget_gb} and must go to NVMe: set "
-                                 "model.offload.nvme_path=DIR (a folder on a fast local disk), or raise the budget")
+                                 f"placement.cpu_budget_gb={offload.cpu_budget_gb} and must go to NVMe: set "
+                                 "model.offload.nvme.path=DIR (a folder on a fast local disk), or raise the budget")
         nvme.preflight(offload.nvme_path, plan.nvme_bytes)
     rows = [(what, n) for tier, what, n in plan.breakdown
             if (tier == "host" and n != HOST_RESERVE) or (not cuda and tier == "gpu" and n != GPU_RESERVE)]
@@ -245,10 +246,10 @@ def check_resources(sections: dict[str, Any], subcommand: str, model_config: Mod
             "GPU machine; `moetrain plan --config RECIPE` shows the plan")
     raise ConfigError(
         f"the offload plan pins {needed / GiB:.2f} GiB of host memory ({listed}) but {available / GiB:.2f} GiB are "
-        "available. Set model.offload.cpu_budget_gb below the available memory so that the rest of the expert "
-        "state goes to model.offload.nvme_path, store it compressed (model.offload.master=bf16_sr or bf16_kahan, "
-        "model.offload.moments=bf16 or int8), or use model.offload.tier=nvme; `moetrain plan --config RECIPE` "
-        "shows the plan")
+        "available. Set model.offload.placement.cpu_budget_gb below the available memory so that the rest of the "
+        "expert state goes to model.offload.nvme.path, store it compressed (model.offload.state.master=bf16_sr or "
+        "bf16_kahan, model.offload.state.moments=bf16 or int8), or use model.offload.placement.tier=nvme; "
+        "`moetrain plan --config RECIPE` shows the plan")
 
 
 def _read_int(path: Path) -> Optional[int]:
@@ -329,23 +330,26 @@ def resource_error_message(err: BaseException) -> Optional[str]:
 
     if isinstance(err, torch.OutOfMemoryError) or "cuda out of memory" in lower:
         return (f"the GPU ran out of memory ({_first_line(err)}). Lower data.micro_batch_size or data.seq_len, set "
-                "model.activation_checkpointing=true, or offload the experts' optimizer state (model.offload.tier=cpu; "
-                "under a tier, a smaller model.offload.gpu_budget_gb or hot_cache_gb, or resident_weights=no, leaves "
-                "more room); `moetrain plan --config RECIPE` shows where the GPU memory goes")
+                "model.activation_checkpointing=true, or offload the experts' optimizer state "
+                "(model.offload.placement.tier=cpu; under a tier, a smaller model.offload.placement.gpu_budget_gb or "
+                "hot_cache_gb, or resident_weights=no, leaves more room); `moetrain plan --config RECIPE` shows where "
+                "the GPU memory goes")
     # the CUDA runtime's own "out of memory" (not the caching allocator's) comes from page-locking host memory
     if any(key in lower for key in ("cuda error: out of memory", "cudahostalloc", "cachinghostallocator",
                                     "pinned memory")):
-        return (f"pinning host memory failed ({_first_line(err)}). Lower model.offload.cpu_budget_gb so that the "
-                "rest of the expert state goes to model.offload.nvme_path, store it compressed "
-                "(model.offload.master=bf16_sr, model.offload.moments=int8), or use model.offload.tier=nvme")
+        return (f"pinning host memory failed ({_first_line(err)}). Lower model.offload.placement.cpu_budget_gb so "
+                "that the rest of the expert state goes to model.offload.nvme.path, store it compressed "
+                "(model.offload.state.master=bf16_sr, model.offload.state.moments=int8), or use "
+                "model.offload.placement.tier=nvme")
     if isinstance(err, MemoryError) or "can't allocate memory" in lower or "cannot allocate memory" in lower:
-        return (f"host memory ran out ({_first_line(err)}). Lower model.offload.cpu_budget_gb (the rest of the expert "
-                "state goes to model.offload.nvme_path) or store it compressed (model.offload.master=bf16_sr, "
-                "model.offload.moments=int8); lower data.micro_batch_size or data.num_workers; without a GPU, train "
-                "a smaller model. `moetrain plan --config RECIPE` shows what goes to host memory")
+        return (f"host memory ran out ({_first_line(err)}). Lower model.offload.placement.cpu_budget_gb (the rest of "
+                "the expert state goes to model.offload.nvme.path) or store it compressed "
+                "(model.offload.state.master=bf16_sr, model.offload.state.moments=int8); lower "
+                "data.micro_batch_size or data.num_workers; without a GPU, train a smaller model. `moetrain plan "
+                "--config RECIPE` shows what goes to host memory")
     if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "no space left on device" in lower:
         where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
         return (f"the disk is full{where} ({_first_line(err)}). Free space there, or move what is written: swap files "
-                "to model.offload.nvme_path, checkpoints and metrics to trainer.default_root_dir "
+                "to model.offload.nvme.path, checkpoints and metrics to trainer.default_root_dir "
                 "(checkpoint.keep_last=N keeps only the newest N checkpoints)")
     return None

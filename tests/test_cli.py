@@ -205,9 +205,9 @@ def test_broken_data_line_names_file_and_line(run_main, tmp_path):
 
 
 def test_invalid_section_value(run_main):
-    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--model.offload.tier=gpu")
+    code, err = run_main("fit", "--config", "recipes/tiny.yaml", "--model.offload.placement.tier=gpu")
     assert code == 2
-    assert_one_paragraph(err, "model.offload.tier='gpu'", "none, cpu, nvme")
+    assert_one_paragraph(err, "model.offload.placement.tier='gpu'", "none, cpu, nvme")
 
 
 TRAINER_REFUSALS = [
@@ -331,7 +331,7 @@ def test_fit_help_leads_with_moetrain_sections_and_describes_every_key(capsys, m
             not in sections]  # the keys of moetrain's sections, not the sections' own --SECTION CONFIG
     assert len([k for k in keys if k.startswith("--model.offload.")]) >= 19
     assert not [k for k in keys if not entries[k]], "keys without a description"
-    assert "in pinned host memory" in entries["--model.offload.tier"]
+    assert "in pinned host memory" in entries["--model.offload.placement.tier"]
     trainer = [k for k in entries if k.startswith("--trainer.")]
     assert "--trainer.max_steps" in trainer and "--trainer.gradient_clip_val" not in trainer and len(trainer) <= 20
     assert "--help=all" in text and len(text.splitlines()) < 450

@@ -71,7 +71,8 @@ def hf_dir(tmp_path):
     (["--data.format=csv"], "data.format"),
     (["--data.tokenizer=no/such/tokenizer"], "data.tokenizer"),
     (["--model.config.vocab_size=256"], "model.config.vocab_size >= 683"),
-    (["--model.offload.tier=cpu", "--model.offload.gpu_budget_gb=0.000001"], "model.offload.gpu_budget_gb"),
+    (["--model.offload.placement.tier=cpu", "--model.offload.placement.gpu_budget_gb=0.000001"],
+     "model.offload.placement.gpu_budget_gb"),
     (["--checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps"),
     (["--parallel.expert_parallel=0"], "parallel.expert_parallel"),
     (["--trainer.max_steps=-5"], "trainer.max_steps"),
@@ -92,40 +93,40 @@ def test_validate_checks_before_the_build_too(repo_cwd, built_models, capsys, tm
 
 def test_nvme_path_missing_is_one_paragraph_before_the_build(repo_cwd, built_models, capsys, tmp_path):
     missing = tmp_path / "no-such-folder"
-    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.tier=nvme",
-                                f"--model.offload.nvme_path={missing}")
-    assert f"model.offload.nvme_path='{missing}' does not exist" in message
+    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.placement.tier=nvme",
+                                f"--model.offload.nvme.path={missing}")
+    assert f"model.offload.nvme.path='{missing}' does not exist" in message
 
 
 def test_nvme_path_that_is_a_file(repo_cwd, built_models, capsys, tmp_path):
     file = tmp_path / "a-file"
     file.write_text("")
-    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.tier=nvme",
-                                f"--model.offload.nvme_path={file}")
+    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.placement.tier=nvme",
+                                f"--model.offload.nvme.path={file}")
     assert "is not a folder" in message and str(file) in message
 
 
 def test_overflow_past_the_host_budget_needs_an_nvme_path(repo_cwd, built_models, capsys, tmp_path):
-    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.tier=cpu",
-                                "--model.offload.cpu_budget_gb=0.000001")
-    assert "model.offload.nvme_path=DIR" in message and "cpu_budget_gb" in message
+    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.placement.tier=cpu",
+                                "--model.offload.placement.cpu_budget_gb=0.000001")
+    assert "model.offload.nvme.path=DIR" in message and "cpu_budget_gb" in message
 
 
 def test_disk_too_small_for_the_swap(repo_cwd, built_models, capsys, tmp_path):
     swap = tmp_path / "swap"
     swap.mkdir()
     message = fail_before_build(capsys, built_models, tmp_path / "run", f"--model.preset={HUGE}", "--model.config=null",
-                                "--model.offload.tier=nvme", f"--model.offload.nvme_path={swap}",
+                                "--model.offload.placement.tier=nvme", f"--model.offload.nvme.path={swap}",
                                 "--data.tokenizer=data/tiny/tokenizer")
-    assert f"model.offload.nvme_path='{swap}' has" in message and "GiB of swap" in message
+    assert f"model.offload.nvme.path='{swap}' has" in message and "GiB of swap" in message
     assert not list(swap.iterdir()), "no swap file may be created for a plan that does not fit"
 
 
 def test_host_memory_too_small_for_the_expert_state(repo_cwd, built_models, capsys, tmp_path):
     message = fail_before_build(capsys, built_models, tmp_path / "run", f"--model.preset={HUGE}", "--model.config=null",
-                                "--model.offload.tier=cpu")
+                                "--model.offload.placement.tier=cpu")
     assert "GiB of host memory" in message and "GiB are available" in message
-    assert "model.offload.cpu_budget_gb" in message or "model.preset" in message  # with a GPU / without one
+    assert "model.offload.placement.cpu_budget_gb" in message or "model.preset" in message  # with a GPU / without one
 
 
 def test_pinned_state_check_names_the_offload_settings(repo_cwd, tmp_path):
@@ -134,7 +135,7 @@ def test_pinned_state_check_names_the_offload_settings(repo_cwd, tmp_path):
     from moetrain.config import ConfigError
 
     config = parse_config(["fit", "--config", "recipes/tiny.yaml", f"--model.preset={HUGE}", "--model.config=null",
-                           "--model.offload.tier=cpu", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+                           "--model.offload.placement.tier=cpu", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     sections = config.as_dict()
     plan = make_plan(ModelConfig.from_preset(HUGE), OffloadConfig(tier="cpu"), **recipe_training(sections))
     available = available_host_memory()
@@ -142,7 +143,8 @@ def test_pinned_state_check_names_the_offload_settings(repo_cwd, tmp_path):
         pytest.skip("this machine's memory is unknown, or holds the expert state of the largest preset")
     with pytest.raises(ConfigError, match="pins .* GiB of host memory") as err:
         check_config(config, "fit", cuda=True)
-    assert "model.offload.cpu_budget_gb" in str(err.value) and "model.offload.moments=bf16 or int8" in str(err.value)
+    assert "model.offload.placement.cpu_budget_gb" in str(err.value)
+    assert "model.offload.state.moments=bf16 or int8" in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the activations live in GPU memory")
@@ -172,16 +174,16 @@ def test_init_from_with_a_truncated_shard(repo_cwd, hf_dir, built_models, capsys
     shard = sorted(hf_dir.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
     message = fail_before_build(capsys, built_models, tmp_path / "run", f"--model.init_from={hf_dir}",
-                                "--model.config=null", "--model.offload.tier=cpu")
+                                "--model.config=null", "--model.offload.placement.tier=cpu")
     assert shard.name in message and "truncated" in message
 
 
 def test_init_from_with_a_tier_and_a_bad_nvme_path(repo_cwd, hf_dir, built_models, capsys, tmp_path):
     """init_from with a tier fills the expert store while loading: the swap folder is checked before that too."""
     message = fail_before_build(capsys, built_models, tmp_path / "run", f"--model.init_from={hf_dir}",
-                                "--model.config=null", "--model.offload.tier=nvme",
-                                f"--model.offload.nvme_path={tmp_path / 'nope'}")
-    assert "model.offload.nvme_path" in message and "does not exist" in message
+                                "--model.config=null", "--model.offload.placement.tier=nvme",
+                                f"--model.offload.nvme.path={tmp_path / 'nope'}")
+    assert "model.offload.nvme.path" in message and "does not exist" in message
 
 
 def test_data_too_small_for_one_row_fails_before_the_build(repo_cwd, built_models, capsys, tmp_path):
@@ -220,7 +222,7 @@ def test_host_out_of_memory_names_the_settings():
         torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: more than any address space
     message = resource_error_message(caught.value)
     assert message is not None and message.startswith("host memory ran out")
-    assert "model.offload.cpu_budget_gb" in message and "enforce fail" not in message
+    assert "model.offload.placement.cpu_budget_gb" in message and "enforce fail" not in message
 
 
 def test_full_disk_names_the_settings(tmp_path):
@@ -232,14 +234,14 @@ def test_full_disk_names_the_settings(tmp_path):
     assert caught.value.errno == errno.ENOSPC
     message = resource_error_message(caught.value)
     assert message is not None and "disk is full" in message
-    assert "model.offload.nvme_path" in message and "trainer.default_root_dir" in message
+    assert "model.offload.nvme.path" in message and "trainer.default_root_dir" in message
 
 
 def test_gpu_out_of_memory_names_the_settings():
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
                                  "79.11 GiB of which 3.12 GiB is free.")
     message = resource_error_message(err)
-    assert message is not None and "data.micro_batch_size" in message and "model.offload.tier=cpu" in message
+    assert message is not None and "data.micro_batch_size" in message and "model.offload.placement.tier=cpu" in message
 
 
 def test_other_errors_are_not_explained_as_resources():

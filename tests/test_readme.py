@@ -232,5 +232,5 @@ def test_feature_commands_run(workspace, argv):
     workspace.run(argv, (f"--trainer.max_steps={FEATURE_STEPS}",))
     records = jsonl(workspace.root / root / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, FEATURE_STEPS + 1))
-    if any(a.startswith("--model.offload.tier=") and not a.endswith("=none") for a in argv):
+    if any(a.startswith("--model.offload.placement.tier=") and not a.endswith("=none") for a in argv):
         assert any(key.startswith("offload/") for key in records[-1]), records[-1].keys()

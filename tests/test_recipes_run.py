@@ -114,10 +114,10 @@ def test_real_recipe_trains_two_steps_on_a_reduced_shape(name, tmp_path):
             f"--data.tokenizer={REPO / 'data' / 'examples' / 'tokenizer'}",
             "--data.seq_len=64", "--data.micro_batch_size=2", "--data.num_workers=0",
             "--metrics.logger=csv", "--metrics.heatmap_every_n_steps=2", "--checkpoint.max_shard_mb=1"]
-    if offload.get("nvme_path"):
+    if (offload.get("nvme") or {}).get("path"):
         # the recipe spills past its host budget to NVMe: keep that, with a budget small enough to spill here
-        args += [f"--model.offload.nvme_path={swap}", "--model.offload.cpu_budget_gb=0.0005"]
-    args += ["--model.offload.gpu_budget_gb=0.001", "--model.offload.step_on=gpu"]
+        args += [f"--model.offload.nvme.path={swap}", "--model.offload.placement.cpu_budget_gb=0.0005"]
+    args += ["--model.offload.placement.gpu_budget_gb=0.001", "--model.offload.schedule.step_on=gpu"]
     if isinstance(recipe["model"].get("train"), dict):  # ESFT: two experts a layer of the reduced shape train
         selection = tmp_path / "experts.json"
         layers = ModelConfig.from_preset(recipe["model"]["preset"], **shape).moe_layers

@@ -135,7 +135,7 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from moetrain.config import ModelConfig
     from moetrain.models.hf import empty_model
     from moetrain.offload import build_optimizer
-    from moetrain.offload.config import OffloadConfig
+    from moetrain.offload.config import resolve, settings_from_flat
     from moetrain.optim import OptimizerConfig
     from moetrain.training.checkpoint import load_weights_into, save_checkpoint
     from moetrain.training.optimizer_state import load_optimizer
@@ -143,7 +143,8 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     config = ModelConfig.from_preset(args.preset, num_hidden_layers=args.layers)
     model = empty_model(config, dtype=torch.float32, device=device)
     _fill_(model)
-    offload = OffloadConfig(tier=args.tier, nvme_path=str(args.scratch / "swap") if args.tier == "nvme" else None)
+    offload = resolve(settings_from_flat(tier=args.tier,
+                                         nvme_path=str(args.scratch / "swap") if args.tier == "nvme" else None))
     if offload.nvme_path:
         Path(offload.nvme_path).mkdir(parents=True, exist_ok=True)
     opt = build_optimizer(model, OptimizerConfig(), offload)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.rope import rotary_for
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan, resolve, settings_from_flat
 from moetrain.offload.optim import ExpertOffloadOptimizer, cast_experts
 from moetrain.optim import OptimizerConfig, TrainOptimizer
 from moetrain.parallel.config import ParallelConfig
@@ -111,8 +111,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     model.set_expert_impl(a.impl)
     runtime = ParallelRuntime(ParallelConfig(expert_parallel=a.ep if world > 1 else 1))
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
-    off_cfg = OffloadConfig(tier=a.tier, nvme_path=a.nvme_path, cpu_budget_gb=a.cpu_budget_gb,
-                            gpu_budget_gb=a.gpu_budget_gb, master=a.master, moments=a.moments)
+    off_cfg = resolve(settings_from_flat(tier=a.tier, nvme_path=a.nvme_path, cpu_budget_gb=a.cpu_budget_gb,
+                                         gpu_budget_gb=a.gpu_budget_gb, master=a.master, moments=a.moments))
     opt = _build_optimizer(runtime, model, opt_cfg, off_cfg)
     gen = torch.Generator(device=device).manual_seed(1 + rank)  # each rank its own tokens
     torch.cuda.synchronize()
@@ -191,7 +191,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _build_optimizer(runtime: Any, model: MoEForCausalLM, opt_cfg: OptimizerConfig,
-                     off_cfg: OffloadConfig) -> TrainOptimizer:
+                     off_cfg: OffloadPlan) -> TrainOptimizer:
     """The runtime's optimizer, for a model whose experts may already be split (built that way to save memory)."""
     from moetrain.parallel.expert_parallel import ExpertParallelExperts
 

@@ -32,7 +32,7 @@ import torch
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import resolve, settings_from_flat
 from moetrain.offload.optim import ExpertOffloadOptimizer
 from moetrain.optim import OptimizerConfig
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpu-budget-gb", type=float, default=4.0)
     p.add_argument("--checkpoint-layers", action="store_true",
                    help="activation checkpointing: decoder layers recomputed in backward")
-    p.add_argument("--resident-weights", default="auto", choices=["auto", "yes", "no"],
+    p.add_argument("--resident-weights", default="yes", choices=["yes", "no"],
                    help="no: experts' compute weights paged from host memory per layer and active expert")
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.set_expert_impl(a.impl)
     model.set_activation_checkpointing(a.checkpoint_layers)
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
-    off_cfg = OffloadConfig(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path, master=a.master,
-                            moments=a.moments, hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
-                            gpu_budget_gb=a.gpu_budget_gb, resident_weights=a.resident_weights)
+    off_cfg = resolve(settings_from_flat(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path, master=a.master,
+                                         moments=a.moments, hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
+                                         gpu_budget_gb=a.gpu_budget_gb, resident_weights=a.resident_weights))
     opt = build_optimizer(model, opt_cfg, off_cfg)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t_build

@@ -8,7 +8,7 @@ recipe's own paths made real instead of overridden:
    the recipe's ``model.init_from`` path is pointed at it (a symbolic link), so ``init_from`` loads it as it
    would load a download.
 2. The recipe's ``data.path`` is filled with the shipped tiny corpus repeated 50 times (2.8 M tokens), its
-   ``nvme_path`` folder is created as the header says, and ``moetrain plan`` prints its predictions.
+   ``nvme.path`` folder is created as the header says, and ``moetrain plan`` prints its predictions.
 3. ``moetrain fit --config RECIPE --trainer.max_steps=N`` with nothing saved (``--checkpoint.every_n_steps=0
    --checkpoint.save_final=false --checkpoint.save_on_signal=false``: the only overrides; a 64 GiB disk
    holds a 16 B download but not its checkpoint, as the recipes' headers say) runs in a child process,
@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from moetrain.offload.config import OffloadSettings
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "data" / "tiny" / "train.jsonl"
@@ -148,7 +150,7 @@ def prepare(recipe: dict, model_dir: Path, workdir: Path, *, log) -> dict[str, f
     if val_path:  # a separate validation file: the corpus once
         (workdir / val_path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / val_path).write_text(corpus)
-    nvme = (model.get("offload") or {}).get("nvme_path")
+    nvme = OffloadSettings.from_dict(model.get("offload")).nvme.path
     if nvme:
         (workdir / nvme).mkdir(parents=True, exist_ok=True)
     for name in ("recipes", "configs", "data/tiny", "data/examples"):

@@ -52,7 +52,7 @@ def build_paged_model(preset: str, overrides: Optional[dict[str, Any]], init_fro
 
     if offload_tier != "none":
         raise ConfigError(f"model.inference.expert_weights=paged pages the experts for validation; the offload tier "
-                          f"{offload_tier!r} is for training: leave model.offload.tier at none")
+                          f"{offload_tier!r} is for training: leave model.offload.placement.tier at none")
     if config.expert_dtype == "auto" and device.type == "cuda":
         config = dataclasses.replace(config, expert_dtype="bf16")
     if init_from is None:

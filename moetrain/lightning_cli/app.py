@@ -94,7 +94,7 @@ def build_cli_class() -> type:
             if self.subcommand == "fit" and self.config["fit"]["model"]["inference"]["expert_weights"] == "paged":
                 raise InputError("model.inference.expert_weights=paged is for validate (paged experts do not "
                                  "train); drop it from fit, or train a model larger than the GPU with "
-                                 "model.offload.tier=cpu")
+                                 "model.offload.placement.tier=cpu")
             if trainer.get("gradient_clip_val"):
                 raise InputError("trainer.gradient_clip_val is not used: set model.optimizer.max_grad_norm instead "
                                  "(the optimizer clips the global norm itself)")
@@ -121,7 +121,7 @@ def build_cli_class() -> type:
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError) as err:
-                # a section's constructor refused its values (OffloadConfig and friends validate in
+                # a section's constructor refused its values (OffloadPlan and friends validate in
                 # __post_init__); jsonargparse wraps that message in its own, so unwrap it
                 if isinstance(err, (ConfigError, DataError)):
                     raise

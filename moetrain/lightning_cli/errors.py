@@ -61,14 +61,54 @@ def check_recipe_file(path: str) -> None:
                          f"got a {type(data).__name__}")
 
 
+def check_input(argv: list[str]) -> None:
+    """Before parsing: every recipe file is readable YAML (:func:`check_recipe_file`), and neither a recipe nor a
+    command-line argument uses a key of the old flat ``model.offload`` section (or a value that is gone): such a
+    key fails here, naming the key that replaced it, instead of as an unknown key."""
+    for path in config_paths(argv):
+        check_recipe_file(path)
+    from moetrain.offload.config import moved_key_message
+
+    for path in config_paths(argv):
+        import yaml
+
+        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+        offload = model.get("offload") if isinstance(model, dict) else None
+        if isinstance(offload, dict) and (moved := moved_key_message(offload)):
+            raise InputError(f"{path}: {moved}")
+    prefix = "--model.offload."
+    for i, arg in enumerate(argv):
+        if not arg.startswith(prefix):
+            continue
+        key, eq, value = arg[len(prefix):].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        group, _, inner = key.partition(".")
+        moved = moved_key_message({group: {inner: value}} if inner else {group: value})
+        if moved:
+            raise InputError(moved)
+
+
+def _choice_message(text: str) -> Optional[str]:
+    """jsonargparse's refusal of a value outside a ``Literal`` as ``key='value': choose one of a, b, c``."""
+    match = re.search(r'Parser key "([\w.]+)":\s*Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)', text)
+    if match is None:
+        return None
+    choices = ", ".join(c.strip().strip("'\"") for c in match.group(2).split(","))
+    return f"{match.group(1)}={match.group(3).strip()!r}: choose one of {choices}"
+
+
 def parser_error_message(err: BaseException, argv: list[str]) -> str:
     """Turn jsonargparse's (often nested, multi-line) message into one paragraph naming key and file."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    recipes = config_paths(argv)
+    source = f" in {', '.join(recipes)} or the command line" if recipes else ""
+    choice = _choice_message(" ".join(lines))
+    if choice is not None:
+        return f"invalid configuration{source}: {choice}. Fix that key in the recipe or on the command line."
     # the innermost reasons are the most specific; keep the first line and the distinct last ones
     keep = lines[:1] + [ln for ln in lines[1:] if "Given value type" not in ln][-3:]
     detail = " ".join(keep) if keep else type(err).__name__
-    recipes = config_paths(argv)
-    source = f" in {', '.join(recipes)} or the command line" if recipes else ""
     return (f"invalid configuration{source}: {detail}. Check the key's spelling and type against "
             f"'{PROG} fit --help' (a recipe's sections are trainer, model, data, checkpoint, metrics).")
 

@@ -72,7 +72,17 @@ def shape_help(parser: Any, subcommand: str, full: bool = False) -> None:
     sections = [groups[name] for name in SECTION_TITLES if name in groups]
     if subcommand == "fit" and "model.inference" in groups:  # validate only (fit refuses it): not in fit's help
         sections.remove(groups["model.inference"])
-    method = [g for name, g in groups.items() if name not in SECTION_TITLES and name != "trainer"]
+    # a section's nested groups (model.offload.placement, ...) are listed inside it, each under its --GROUP line
+    nested = {name: max((s for s in SECTION_TITLES if name.startswith(f"{s}.")), key=len) for name in groups
+              if name not in SECTION_TITLES and any(name.startswith(f"{s}.") for s in SECTION_TITLES)}
+    for name, section in nested.items():
+        if section in groups:
+            for action in groups[name]._group_actions:
+                if action.dest == name and groups[name].title:  # the group's --GROUP CONFIG: say what it holds
+                    action.help = f"{' '.join(groups[name].title.split())} (a YAML file of the keys below)."
+            groups[section]._group_actions.extend(groups[name]._group_actions)
+    method = [g for name, g in groups.items() if name not in SECTION_TITLES and name not in nested
+              and name != "trainer"]
     for name in SECTION_TITLES:
         if name in groups:
             groups[name].title = SECTION_TITLES[name]

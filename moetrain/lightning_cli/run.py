@@ -9,8 +9,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from moetrain.lightning_cli import recipe_yaml
 from moetrain.lightning_cli.app import build_cli_class
-from moetrain.lightning_cli.errors import PROG, InputError, check_recipe_file, config_paths, fail, parser_error_message
+from moetrain.lightning_cli.errors import PROG, InputError, check_input, fail, parser_error_message
+
+
+def parser_kwargs() -> dict[str, Any]:
+    """The fit/validate parser's settings: moetrain's name, errors raised (not exit), recipes read as YAML whose only
+    booleans are true and false (:mod:`~moetrain.lightning_cli.recipe_yaml`)."""
+    return {"prog": PROG, "exit_on_error": False, "parser_mode": recipe_yaml.register()}
 
 
 def resume_command(argv: list[str], then: str = "--ckpt_path=last") -> str:
@@ -65,8 +72,7 @@ def print_help(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     full = "--help=all" in argv
     argv = ["--help" if arg == "--help=all" else arg for arg in argv]
-    for path in config_paths(argv):
-        check_recipe_file(path)
+    check_input(argv)
     cli_class = build_cli_class()
     cli_class.help_mode = "all" if full else "brief"
     # the section dataclasses describe their fields in attribute docstrings; parsing them costs about a second,
@@ -74,7 +80,7 @@ def print_help(argv: list[str]) -> int:
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         cli_class(MoETrainingModule, TextDataModule, args=argv, seed_everything_default=0,
-                  auto_configure_optimizers=False, parser_kwargs={"prog": PROG, "exit_on_error": False})
+                  auto_configure_optimizers=False, parser_kwargs=parser_kwargs())
     except SystemExit as done:
         return int(done.code or 0)
     finally:
@@ -101,11 +107,10 @@ def parse_config(argv: list[str]) -> Any:
     from moetrain.training.data import TextDataModule
     from moetrain.training.module import MoETrainingModule
 
-    for path in config_paths(argv):
-        check_recipe_file(path)
+    check_input(argv)
     try:
         ParseOnly(MoETrainingModule, TextDataModule, args=argv, seed_everything_default=0,
-                  auto_configure_optimizers=False, parser_kwargs={"prog": PROG, "exit_on_error": False})
+                  auto_configure_optimizers=False, parser_kwargs=parser_kwargs())
     except _ParsedOnly as parsed:
         return parsed.config
     raise AssertionError("unreachable: LightningCLI returned before instantiating classes")
@@ -126,8 +131,7 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
     from moetrain.training.data import DataError, TextDataModule
     from moetrain.training.module import MoETrainingModule
 
-    for path in config_paths(argv):
-        check_recipe_file(path)
+    check_input(argv)
     _quiet_lightning()
     # Lightning's own use of a deprecated torch pytree check warns on every run; it is not actionable here
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -141,7 +145,7 @@ def run_lightning(argv: list[str], from_sys_argv: bool = False) -> int:
         cli = cli_class(
             MoETrainingModule, TextDataModule, args=None if from_sys_argv else argv, seed_everything_default=0,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": PROG, "exit_on_error": False},
+            parser_kwargs=parser_kwargs(),
             save_config_kwargs={"overwrite": True},
         )
     except ArgumentError as err:

@@ -154,7 +154,7 @@ def resolve_train_selection(train: Union[str, dict, TrainSelection, None], *,
 
     Args:
         train: ``all`` (or None), a mapping of :class:`TrainSelection` fields, or one.
-        offload_tier: ``model.offload.tier`` (every tier takes any selection: the engine keeps no state for
+        offload_tier: ``model.offload.placement.tier`` (every tier takes any selection: the engine keeps no state for
             frozen experts).
 
     Raises:

@@ -2,7 +2,8 @@
 
 Modules, one job each:
 
-* ``config``: the ``model.offload`` recipe section.
+* ``config``: the ``model.offload`` recipe section (:class:`~moetrain.offload.config.OffloadSettings`) and its one
+  ``resolve`` into the flat :class:`~moetrain.offload.config.OffloadPlan` every part reads.
 * ``store``: one flat ``[master | exp_avg | exp_avg_sq]`` record per routed expert, in a host slab or a swap file.
 * ``state_format`` / ``quantize``: a record's byte layout, fp32 or compressed (bf16 master, bf16 or 8-bit moments).
 * ``staged_init``: a checkpoint streamed straight into the tiers (no fp32 copy of every expert anywhere).
@@ -30,11 +31,11 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.optim import DenseAdamW, OptimizerConfig, TrainOptimizer
 
 
-def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadConfig,
+def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadPlan,
                     store: Optional[Any] = None) -> TrainOptimizer:
     """The optimizer for ``model`` under ``offload``: ``tier: none`` is plain AdamW over every parameter;
     ``cpu`` and ``nvme`` page routed experts' state (:func:`~moetrain.offload.build.build_offload_optimizer`),

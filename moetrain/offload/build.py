@@ -18,7 +18,7 @@ from moetrain.offload.adam import CpuAdam
 from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.composite import CompositeOptimizer
 from moetrain.offload.compute_weights import WeightWriter, cast_experts, compute_dtype
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.cpu_step import CpuShare, CpuStepper
 from moetrain.offload.engine import ExpertEngine
 from moetrain.offload.gpu_step import GpuStep
@@ -48,7 +48,7 @@ def cpu_stepper_for(store: ExpertStore, cpu_adam: CpuAdam, device: torch.device,
                       write_weights=None if writer.pager is None else writer.write)
 
 
-def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig, *,
+def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: OffloadPlan, *,
                             owns: Optional[Callable[[int, int], bool]] = None, store: Optional[ExpertStore] = None,
                             rates: Optional[Rates] = None, cpu_pool: Optional[Executor] = None,
                             cpu_chunk_numel: int = CPU_CHUNK_NUMEL,
@@ -66,8 +66,8 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
         cpu_chunk_numel, cpu_stepper_cls: the CPU step path's chunk size and pipeline class.
     """
     if offload.resident_weights == "no" and owns is not None:
-        raise ValueError("model.offload.resident_weights=no is for one process: with data or expert parallel "
-                         "training keep resident_weights=auto")
+        raise ValueError("model.offload.placement.resident_weights=no is for one process: with data or expert parallel "
+                         "training keep resident_weights=yes")
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     cuda = device.type == "cuda"
@@ -112,7 +112,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
         rates = (measure(device, cpu_adam, dtype, codec=sample.codec, state_bytes=sample.layout.nbytes / sample.numel)
                  if offload.step_on == "auto" and sample is not None else Rates())
-    lookahead = Lookahead(model, device) if offload.lookahead else None
+    lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer
     telemetry = StepTelemetry(store, swapper, rates, pager=pager, lookahead=lookahead,
                               cpu_streams=cpu.stepper.transfer_streams() if cpu is not None else ())
     engine = ExpertEngine(cfg=cfg, offload=offload, store=store, swapper=swapper, gpu=gpu, cpu=cpu,

@@ -14,14 +14,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.store import ExpertRecord
 from moetrain.offload.weight_pager import ExpertWeightPager
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def compute_dtype(offload: OffloadConfig, device: torch.device) -> torch.dtype:
+def compute_dtype(offload: OffloadPlan, device: torch.device) -> torch.dtype:
     """The routed experts' compute-weight dtype under ``offload.compute_dtype``."""
     if offload.compute_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -25,7 +25,7 @@ import torch
 
 from moetrain.offload import schedule
 from moetrain.offload.catch_up import CatchUp
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.cpu_step import CpuShare
 from moetrain.offload.gpu_step import GpuStep
 from moetrain.offload.lookahead import Lookahead
@@ -41,7 +41,7 @@ from moetrain.optim import OptimizerConfig
 class ExpertEngine:
     """Steps the routed experts whose state ``store`` holds; every collaborator is an argument."""
 
-    def __init__(self, *, cfg: OptimizerConfig, offload: OffloadConfig, store: ExpertStore, swapper: Swapper,
+    def __init__(self, *, cfg: OptimizerConfig, offload: OffloadPlan, store: ExpertStore, swapper: Swapper,
                  gpu: GpuStep, cpu: Optional[CpuShare], catch_up: CatchUp, telemetry: StepTelemetry,
                  state_io: ExpertStateIO, trace: RoutingTrace, rates: Rates,
                  lookahead: Optional[Lookahead] = None) -> None:

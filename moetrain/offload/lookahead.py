@@ -9,7 +9,8 @@
 
 With compute weights resident, what must move before a step is the state of the experts that were
 actually used, which the trace gives exactly; so prefetch is driven by the trace, and the look-ahead
-is measured (its precision and recall are what paging compute weights per expert would rely on).
+is measured (its precision and recall are what paging compute weights per expert would rely on). It is always on
+(one small matmul a layer, first training forwards only): no recipe key turns it off.
 """
 
 from __future__ import annotations

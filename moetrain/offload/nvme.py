@@ -155,6 +155,6 @@ def open_swap(folder: Optional[str], size: int, **kw) -> Optional[SwapFile]:
     if size <= 0:
         return None
     if not folder:
-        raise NvmeError(f"{size / 2**30:.2f} GiB of expert state exceed model.offload.cpu_budget_gb and must go to "
-                        "NVMe: set model.offload.nvme_path=DIR")
+        raise NvmeError(f"{size / 2**30:.2f} GiB of expert state exceed model.offload.placement.cpu_budget_gb and "
+                        "must go to NVMe: set model.offload.nvme.path=DIR")
     return SwapFile(folder, size, **kw)

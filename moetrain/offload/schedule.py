@@ -24,7 +24,7 @@ Device memory of the expert state::
 from __future__ import annotations
 
 from moetrain.config import ConfigError
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.optim import OptimizerConfig
 
 GiB = 2**30
@@ -37,7 +37,7 @@ def steps_under_backward(optimizer: OptimizerConfig, *, micro_batch: int, micro_
     return micro_batch == micro_batches - 1 and optimizer.max_grad_norm == 0
 
 
-def layerwise_grads(optimizer: OptimizerConfig, offload: OffloadConfig, *, accumulate_grad_batches: int) -> bool:
+def layerwise_grads(optimizer: OptimizerConfig, offload: OffloadPlan, *, accumulate_grad_batches: int) -> bool:
     """Whether only one MoE layer's expert gradients are alive at a time: every backward steps under backward
     (:func:`steps_under_backward` of a single micro-batch, ``accumulate_grad_batches == 1``), and every expert is
     stepped on the GPU (``step_on: gpu``), which frees a layer's gradients right after its step; the CPU share's
@@ -46,7 +46,7 @@ def layerwise_grads(optimizer: OptimizerConfig, offload: OffloadConfig, *, accum
     return every_backward and offload.step_on == "gpu"
 
 
-def num_state_slots(offload: OffloadConfig, *, record_bytes: int, num_records: int) -> int:
+def num_state_slots(offload: OffloadPlan, *, record_bytes: int, num_records: int) -> int:
     """Device slots for expert state being stepped: as many records of ``record_bytes`` (the largest record, as the
     store lays it out: aligned) as ``gpu_budget_gb`` holds, at most ``gpu_slots`` and at most ``num_records``.
 
@@ -55,8 +55,8 @@ def num_state_slots(offload: OffloadConfig, *, record_bytes: int, num_records: i
     """
     slots = int(offload.gpu_budget_gb * GiB) // record_bytes
     if slots < 1:
-        raise ConfigError(f"model.offload.gpu_budget_gb={offload.gpu_budget_gb} holds no expert: one expert's state "
-                          f"takes {record_bytes / 2**20:.1f} MiB; raise the budget")
+        raise ConfigError(f"model.offload.placement.gpu_budget_gb={offload.gpu_budget_gb} holds no expert: one "
+                          f"expert's state takes {record_bytes / 2**20:.1f} MiB; raise the budget")
     if offload.gpu_slots is not None:
         slots = min(slots, offload.gpu_slots)
     return min(slots, num_records)

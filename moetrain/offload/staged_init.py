@@ -23,11 +23,11 @@ from typing import Any, Optional
 import torch
 
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.store import ExpertStore
 
 
-def load_into_tiers(path: str | Path, offload: OffloadConfig, device: torch.device,
+def load_into_tiers(path: str | Path, offload: OffloadPlan, device: torch.device,
                     progress: Optional[bool] = None, train: Any = None) -> tuple[MoEForCausalLM, ExpertStore]:
     """(model in train mode on ``device``, its expert store with every master written) from ``path``.
 

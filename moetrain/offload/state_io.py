@@ -20,7 +20,7 @@ from moetrain.offload.store import ExpertRecord, ExpertStore
 from moetrain.offload.swapper import Swapper
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_INT8_HINT = "the checkpoint holds 8-bit moments; resume with model.offload.moments=int8 (or from a checkpoint " \
+_INT8_HINT = "the checkpoint holds 8-bit moments; resume with model.offload.state.moments=int8 (or from a checkpoint " \
              "with fp32 moments)"
 
 

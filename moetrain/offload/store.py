@@ -4,7 +4,7 @@ Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimiz
 buffer (float32 elements, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes) laid out by its
 :class:`~moetrain.offload.state_format.StateLayout`: by default fp32 ``[master | exp_avg | exp_avg_sq]``
 (3 * n floats, n = the expert's parameter count), or a compressed layout (bf16 master, bf16 or 8-bit
-moments: ``model.offload.master`` / ``moments``), so that paging a record in or out is a single large
+moments: ``model.offload.state.master`` / ``moments``), so that paging a record in or out is a single large
 transfer (one ``copy_`` or one aio request), never 9 small ones. Inside each part the expert's
 parameters follow in a fixed order (gate_proj, up_proj, down_proj), so a part splits into views
 shaped like the parameters without copying.
@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.fill_progress import FillProgress
 from moetrain.offload.frozen import FrozenExpert, trains
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
@@ -163,7 +163,7 @@ class ExpertStore:
             for stores of :data:`PROGRESS_MIN_BYTES` or more.
     """
 
-    def __init__(self, model: nn.Module, cfg: OffloadConfig, pin: bool = False,
+    def __init__(self, model: nn.Module, cfg: OffloadPlan, pin: bool = False,
                  owns: Optional[Callable[[int, int], bool]] = None, initialise: bool = True,
                  progress: Optional[bool] = None) -> None:
         self.cfg = cfg

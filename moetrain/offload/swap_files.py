@@ -53,19 +53,19 @@ def preflight(path: str, needed_bytes: int) -> Path:
     """
     folder = Path(path)
     if not folder.exists():
-        raise NvmeError(f"model.offload.nvme_path={path!r} does not exist: create the folder on a fast local disk "
+        raise NvmeError(f"model.offload.nvme.path={path!r} does not exist: create the folder on a fast local disk "
                         "or point nvme_path at one")
     if not folder.is_dir():
-        raise NvmeError(f"model.offload.nvme_path={path!r} is not a folder")
+        raise NvmeError(f"model.offload.nvme.path={path!r} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise NvmeError(f"model.offload.nvme_path={path!r} is not writable by this user: fix its permissions or "
+        raise NvmeError(f"model.offload.nvme.path={path!r} is not writable by this user: fix its permissions or "
                         "choose another folder")
     remove_stale_swap_files(folder)  # their space counts as free: they hold nothing anyone can use
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise NvmeError(f"model.offload.nvme_path={path!r} has {free / 2**30:.2f} GiB free but the offload plan needs "
+        raise NvmeError(f"model.offload.nvme.path={path!r} has {free / 2**30:.2f} GiB free but the offload plan needs "
                         f"{needed_bytes / 2**30:.2f} GiB of swap: free space there, choose a larger disk, or raise "
-                        "model.offload.cpu_budget_gb to keep more state in host memory")
+                        "model.offload.placement.cpu_budget_gb to keep more state in host memory")
     return folder
 
 
@@ -87,7 +87,7 @@ def create_swap_file(folder: Path, name: str, size: int) -> tuple[Path, int]:
         file.unlink(missing_ok=True)
         os.close(fd)
         raise NvmeError(f"cannot preallocate {size / 2**30:.2f} GiB for swap file {str(file)!r}: {err}; free space "
-                        "on that disk or point model.offload.nvme_path at a larger one") from None
+                        "on that disk or point model.offload.nvme.path at a larger one") from None
     return file, fd
 
 

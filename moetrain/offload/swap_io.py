@@ -117,8 +117,8 @@ def open_backend(file: Path, backend: str, *, block_size: int, queue_depth: int,
     if aio_available():
         return AioBackend(file, block_size, queue_depth)
     if backend == "aio":
-        raise NvmeError("model.offload.nvme_backend=aio but DeepSpeed's async I/O op cannot be built here: install "
-                        "libaio (apt-get install libaio-dev) or set nvme_backend=auto")
+        raise NvmeError("model.offload.nvme.backend=aio but DeepSpeed's async I/O op cannot be built here: install "
+                        "libaio (apt-get install libaio-dev) or set nvme.backend=auto")
     log.warning("libaio is missing: the NVMe tier uses threaded pread/pwrite, which is slower than DeepSpeed's async "
                 "I/O; install libaio-dev for the fast path")
     return ThreadBackend(file, threads)

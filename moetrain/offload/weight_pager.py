@@ -1,5 +1,5 @@
 """Routed experts' compute weights kept in host memory and paged onto the device per active expert
-(``model.offload.resident_weights: no``).
+(``model.offload.placement.resident_weights: no``).
 
 Layout. ``host[layer]`` is an (E, P) tensor of the compute dtype (pinned when the device is a GPU): row
 ``e`` is expert ``e``'s ``gate_proj | up_proj | down_proj`` weights flattened, the order of its expert

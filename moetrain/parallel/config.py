@@ -22,7 +22,7 @@ class ParallelConfig:
     partition_expert_state: bool = True
     """Each expert's master weights and Adam moments on one rank of those holding its compute weights
     (gradients reduced to it, new weights broadcast from it). False replicates the state on every such rank.
-    ``model.offload.tier: none`` always replicates (its reference AdamW steps every parameter it holds)."""
+    ``model.offload.placement.tier: none`` always replicates (its reference AdamW steps every parameter it holds)."""
 
     def __post_init__(self) -> None:
         if self.expert_parallel < 1:

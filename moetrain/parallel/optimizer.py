@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moetrain.config import ConfigError
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.optim import CheckpointState, DenseAdamW, OptimizerConfig, SavedOptimizerState, TrainOptimizer
 from moetrain.parallel.layout import ParallelLayout
 
@@ -51,9 +51,10 @@ class ParallelOptimizer(TrainOptimizer):
         cfg: AdamW settings; ``offload``: the ``model.offload`` section (tier none, cpu or nvme).
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadConfig, layout: ParallelLayout) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, offload: OffloadPlan, layout: ParallelLayout) -> None:
         if offload.idle_experts == "dense":
-            raise ConfigError("model.offload.idle_experts=dense is not supported with several ranks yet; use skip")
+            raise ConfigError("model.offload.schedule.idle_experts=dense is not supported with several ranks yet; "
+                              "use skip")
         self.model, self.cfg, self.layout = model, cfg, layout
         self.blocks = model.moe_blocks()
         expert_names = model.expert_parameter_names()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moetrain.offload import build_optimizer
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.optim import OptimizerConfig, TrainOptimizer
 from moetrain.parallel.checkpoint import load_optimizer_partitioned, save_checkpoint_distributed
 from moetrain.parallel.config import ParallelConfig
@@ -36,7 +36,7 @@ class ParallelRuntime:
     def active(self) -> bool:
         return self.layout is not None
 
-    def build_optimizer(self, model: nn.Module, optim: OptimizerConfig, offload: OffloadConfig) -> TrainOptimizer:
+    def build_optimizer(self, model: nn.Module, optim: OptimizerConfig, offload: OffloadPlan) -> TrainOptimizer:
         """Split the model's experts over the expert-parallel group (if any) and build the optimizer."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             if self.config.expert_parallel > 1:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -35,77 +33,13 @@ from moetrain.models.hf import from_pretrained, resolve_checkpoint
 from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
 from moetrain.models.train_selection import TrainSelection, apply_train_selection, resolve_train_selection
 from moetrain.offload import build_optimizer
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan, OffloadSettings, resolve
 from moetrain.offload.staged_init import restore_masters
 from moetrain.optim import OptimizerConfig, TrainOptimizer, lr_at
 from moetrain.training import trainer_state
 from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
 from moetrain.training.optimizer_state import load_optimizer
-
-
-class OptimizerStepAdapter(torch.optim.Optimizer):
-    """Presents a :class:`TrainOptimizer` to Lightning as a ``torch.optim.Optimizer``.
-
-    Lightning counts its ``step`` calls (that is ``trainer.global_step``) and runs its precision
-    plugin and hooks around them. The parameter groups are the model's trainable parameters so that
-    tools reading ``param_groups[i]["lr"]`` see the learning rate; the optimizer state itself lives in
-    the wrapped optimizer (``state`` here stays empty).
-    """
-
-    def __init__(self, inner: TrainOptimizer, params: list[torch.nn.Parameter]) -> None:
-        super().__init__(params, {"lr": 0.0})
-        self.inner = inner
-
-    def step(self, closure: Optional[Callable[[], Any]] = None, lr: float = 0.0) -> Any:  # type: ignore[override]
-        # Lightning's closure runs its on_before_optimizer_step hooks; the loss was already backpropagated
-        result = closure() if closure is not None else None
-        for group in self.param_groups:
-            group["lr"] = lr
-        self.inner.step(lr)
-        return result
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did (tensors stay on the device until a logger reads them).
-
-    Attributes:
-        step: optimizer steps completed, this one included (1-based).
-        loss: mean over the step's micro-batches of cross-entropy + aux loss.
-        ce_loss: mean cross-entropy.
-        aux_loss: mean auxiliary (load-balancing) loss.
-        grad_norm: global gradient norm before clipping.
-        lr: learning rate used by this step.
-        tokens: input tokens in this step (all micro-batches, all ranks).
-        total_tokens: input tokens trained on since step 0 of the run, this step included (a resumed run
-            continues the count of its checkpoint).
-        should_log: whether this step is one of the logged ones (``log_every_n_steps``, and the last).
-        layer_aux_loss: (M,) mean auxiliary loss of each of the M MoE layers, or None for a model without any.
-
-    Under several ranks the losses are those of the global batch (the ranks' shares summed) on the logged
-    steps (``should_log``); on the others they are this rank's shares, which nothing reads.
-    """
-
-    step: int
-    loss: torch.Tensor
-    ce_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    grad_norm: torch.Tensor
-    lr: float
-    tokens: int
-    should_log: bool
-    layer_aux_loss: Optional[torch.Tensor] = None
-    total_tokens: int = 0
-
+from moetrain.training.step_adapter import OptimizerStepAdapter, StepStats
 
 ANNOUNCE_MIN_PARAMS = 1_000_000_000
 """Models from this many parameters on print what is built and how long it took (stderr)."""
@@ -150,7 +84,7 @@ class MoETrainingModule(L.LightningModule):
         config: Optional[dict[str, Any]] = None,
         init_from: Optional[str] = None,
         optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008  (a frozen-by-convention default)
-        offload: OffloadConfig = OffloadConfig(),  # noqa: B008
+        offload: OffloadSettings = OffloadSettings(),  # noqa: B008
         accumulate_grad_batches: int = 1,
         log_every_n_steps: int = 1,
         expert_impl: str = "auto",
@@ -165,7 +99,8 @@ class MoETrainingModule(L.LightningModule):
             init_from: a Hugging Face model directory (or moetrain checkpoint) to fine-tune; None trains from
                 a random initialisation of ``preset``.
             optimizer: AdamW, schedule and clipping settings.
-            offload: where the routed experts' optimizer state lives (``tier: none|cpu|nvme``).
+            offload: where the routed experts' optimizer state lives (``placement.tier: none|cpu|nvme``), resolved
+                once into :attr:`offload_cfg`.
             accumulate_grad_batches: micro-batches per optimizer step.
             log_every_n_steps: write a ``metrics.jsonl`` line every this many optimizer steps (and at the last).
             expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
@@ -186,7 +121,7 @@ class MoETrainingModule(L.LightningModule):
         self.automatic_optimization = False
         # copies: the defaults in the signature are shared between instances
         self.optim_cfg = dataclasses.replace(optimizer)
-        self.offload_cfg = dataclasses.replace(offload)
+        self.offload_cfg: OffloadPlan = resolve(offload)  # every rule of the section checked once, here
         self.inference_cfg = dataclasses.replace(inference)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps

@@ -34,7 +34,7 @@ def test_async_checkpoints_equal_synchronous_ones_taken_at_the_same_boundary(tmp
     recipe = write_recipe(tmp_path, small_data(tmp_path), tier, every_n_steps=2)
     text = yaml.safe_load(recipe.read_text())
     text["trainer"].update(accelerator="gpu", devices=1)
-    text["model"]["offload"]["step_on"] = step_on
+    text["model"]["offload"]["schedule"] = {"step_on": step_on}
     text["model"]["optimizer"]["max_grad_norm"] = max_grad_norm
     recipe.write_text(yaml.safe_dump(text))
     reference = tmp_path / "reference"

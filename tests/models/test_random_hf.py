@@ -127,7 +127,7 @@ def test_fit_and_plan_take_the_generated_directory(tmp_path, capsys):
     write_random_hf(config, model_dir, dtype="bf16", seed=3, max_shard_bytes=2**20)
     run = tmp_path / "run"
     assert cli_main(["fit", "--config", str(ROOT / "recipes" / "tiny.yaml"), f"--model.init_from={model_dir}",
-                     "--model.config=null", "--model.offload.tier=cpu", "--trainer.accelerator=cpu",
+                     "--model.config=null", "--model.offload.placement.tier=cpu", "--trainer.accelerator=cpu",
                      "--trainer.max_steps=2", "--data.seq_len=32", "--data.micro_batch_size=2",
                      f"--data.path={DATA / 'train.jsonl'}", f"--data.tokenizer={model_dir}",
                      f"--trainer.default_root_dir={run}"]) == 0

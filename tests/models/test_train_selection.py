@@ -259,9 +259,9 @@ def masked_reference(init: Path, trained: set[str], aux: bool) -> dict[str, torc
 
 TIERS = {  # the offload engine keeps state for the selected experts only (tests/offload/test_frozen_experts.py)
     "none": [],
-    "cpu": ["--model.offload.tier=cpu"],
-    "nvme": ["--model.offload.tier=nvme", "--model.offload.nvme_path={swap}"],
-    "paged-weights": ["--model.offload.tier=cpu", "--model.offload.resident_weights=no"],
+    "cpu": ["--model.offload.placement.tier=cpu"],
+    "nvme": ["--model.offload.placement.tier=nvme", "--model.offload.nvme.path={swap}"],
+    "paged-weights": ["--model.offload.placement.tier=cpu", "--model.offload.placement.resident_weights=no"],
 }
 
 

@@ -51,7 +51,7 @@ def _offload_run(base, data, checkpointed: bool, **offload):
     return values, seen
 
 
-@pytest.mark.parametrize("resident_weights", ["auto", "no"])
+@pytest.mark.parametrize("resident_weights", ["yes", "no"])
 def test_offload_engine_sees_each_routing_once(setup, resident_weights):
     base, data, ref = setup
     plain, plain_seen = _offload_run(base, data, False, resident_weights=resident_weights)

@@ -36,18 +36,18 @@ def _fit(run_dir: Path, *overrides: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def resident(tmp_path_factory):
-    return _fit(tmp_path_factory.mktemp("none"), "--model.offload.tier=none")
+    return _fit(tmp_path_factory.mktemp("none"), "--model.offload.placement.tier=none")
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme", "cpu-paged"])
 def test_offloaded_fit_ends_with_the_resident_checkpoint(resident, tier, tmp_path):
     """``cpu-paged``: tier cpu with the compute weights paged from host memory too (resident_weights=no)."""
-    args = [f"--model.offload.tier={tier.removesuffix('-paged')}"]
+    args = [f"--model.offload.placement.tier={tier.removesuffix('-paged')}"]
     if tier.endswith("-paged"):
-        args.append("--model.offload.resident_weights=no")
+        args.append("--model.offload.placement.resident_weights=no")
     if tier == "nvme":
         (tmp_path / "swap").mkdir()
-        args.append(f"--model.offload.nvme_path={tmp_path / 'swap'}")
+        args.append(f"--model.offload.nvme.path={tmp_path / 'swap'}")
     offloaded = _fit(tmp_path / "run", *args)
     assert offloaded.keys() == resident.keys()
     experts = [n for n in resident if ".mlp.experts." in n]

@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 200
 TAIL = 20  # the end loss is the mean of the last 20 steps (one step's loss is one batch's noise)
 OPTIONS = {
-    "fp32": ["--model.offload.tier=none"],
-    "bf16 moments": ["--model.offload.moments=bf16"],
-    "int8 moments": ["--model.offload.moments=int8"],
-    "bf16 master, stochastic rounding": ["--model.offload.master=bf16_sr"],
-    "bf16 master, Kahan": ["--model.offload.master=bf16_kahan"],
+    "fp32": ["--model.offload.placement.tier=none"],
+    "bf16 moments": ["--model.offload.state.moments=bf16"],
+    "int8 moments": ["--model.offload.state.moments=int8"],
+    "bf16 master, stochastic rounding": ["--model.offload.state.master=bf16_sr"],
+    "bf16 master, Kahan": ["--model.offload.state.master=bf16_kahan"],
 }
 
 
@@ -35,7 +35,8 @@ def _command() -> list[str]:
 def _end_loss(run_dir: Path, overrides: list[str]) -> float:
     args = ["fit", "--config", "recipes/tiny.yaml", f"--trainer.max_steps={STEPS}",
             f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
-            "--checkpoint.save_final=false", "--model.offload.tier=cpu", "--data.micro_batch_size=4", *overrides]
+            "--checkpoint.save_final=false", "--model.offload.placement.tier=cpu", "--data.micro_batch_size=4",
+            *overrides]
     done = subprocess.run([*_command(), *args], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

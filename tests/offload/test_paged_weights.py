@@ -12,7 +12,7 @@ import torch
 from offload_harness import OPTIM, batches, clone, tiny_model, train, zero_idle_expert_grads
 
 from moetrain.offload import build_optimizer
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadConfig, resolve, settings_from_flat
 from moetrain.optim import DenseAdamW
 
 STEPS = 12
@@ -112,4 +112,4 @@ def test_only_active_experts_move_and_device_buffers_do_not_grow_with_depth(setu
 
 def test_paged_weights_need_an_offload_tier():
     with pytest.raises(ValueError, match="resident_weights=no.*tier=cpu or nvme"):
-        OffloadConfig(tier="none", resident_weights="no")
+        resolve(settings_from_flat(tier="none", resident_weights="no"))

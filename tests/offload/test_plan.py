@@ -122,14 +122,15 @@ def test_hot_cache_auto_takes_what_is_left_and_a_number_is_checked():
 
 def test_layerwise_gradients_only_with_accumulation_1_no_clipping_and_the_gpu_path():
     recipe = {"model": {"preset": "tiny-deepseek-moe", "accumulate_grad_batches": 1,
-                        "optimizer": {"max_grad_norm": 0.0}, "offload": {"tier": "cpu", "step_on": "gpu"}},
+                        "optimizer": {"max_grad_norm": 0.0},
+                        "offload": {"placement": {"tier": "cpu"}, "schedule": {"step_on": "gpu"}}},
               "data": {"seq_len": 64, "micro_batch_size": 2}}
     config = ModelConfig.from_preset("tiny-deepseek-moe")
     _, expert, _ = count_parameters(config)
     layerwise = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=GiB)
     assert layerwise.layerwise_grads
     for key, value in (("accumulate_grad_batches", 2), ("optimizer", {"max_grad_norm": 1.0}),
-                       ("offload", {"tier": "cpu", "step_on": "auto"})):
+                       ("offload", {"placement": {"tier": "cpu"}, "schedule": {"step_on": "auto"}})):
         other = {**recipe, "model": {**recipe["model"], key: value}}
         plan = plan_from_recipe(other, gpu_capacity=GiB, host_capacity=GiB)
         assert not plan.layerwise_grads
@@ -183,13 +184,13 @@ def test_recipe_decides_the_load_path_and_plans_before_the_download(tmp_path, ca
     from moetrain.offload.plan import main, recipe_model
 
     missing = str(tmp_path / "not-downloaded")
-    base = {"model": {"preset": "tiny-mixtral", "init_from": missing, "offload": {"tier": "cpu"}},
+    base = {"model": {"preset": "tiny-mixtral", "init_from": missing, "offload": {"placement": {"tier": "cpu"}}},
             "data": {"seq_len": 16}}
     config, note = recipe_model(base)
     assert config == ModelConfig.from_preset("tiny-mixtral") and missing in note and "tiny-mixtral" in note
     dense, expert, _ = count_parameters(config)
     assert plan_from_recipe(base, gpu_capacity=GiB).gpu_load_bytes == 4 * dense + 2 * expert
-    for key, value in (("init_from", None), ("offload", {"tier": "none"})):
+    for key, value in (("init_from", None), ("offload", {"placement": {"tier": "none"}})):
         other = {**base, "model": {**base["model"], key: value}}
         assert plan_from_recipe(other, gpu_capacity=GiB).gpu_load_bytes == 4 * (dense + expert)
     with pytest.raises(ConfigError, match="model.preset"):
@@ -406,7 +407,7 @@ def test_the_plan_follows_the_trained_experts(tmp_path):
     layers = list(config.moe_layers)
     sel = tmp_path / "experts.json"
     sel.write_text(json.dumps({"experts": {str(layer): list(range(13)) for layer in layers}}))
-    recipe = {"model": {"preset": "deepseek-moe-16b", "offload": {"tier": "cpu", "hot_cache_gb": 0}},
+    recipe = {"model": {"preset": "deepseek-moe-16b", "offload": {"placement": {"tier": "cpu", "hot_cache_gb": 0}}},
               "data": {"seq_len": 2048, "micro_batch_size": 1}}
     caps = dict(gpu_capacity=139 * GiB, host_capacity=1024 * GiB, disk_free=1024 * GiB)
     full = plan_from_recipe(recipe, **caps)

@@ -53,8 +53,8 @@ def test_plan_largest_for_another_machine(capsys):
 
 
 def test_plan_prints_the_state_format_and_the_largest_line(capsys):
-    args = ["--preset=deepseek-moe-16b", "--model.offload.tier=cpu", "--model.offload.master=bf16_sr",
-            "--model.offload.moments=int8", "--gpu-gb=139", "--host-gb=125", "--disk-gb=64"]
+    args = ["--preset=deepseek-moe-16b", "--model.offload.placement.tier=cpu", "--model.offload.state.master=bf16_sr",
+            "--model.offload.state.moments=int8", "--gpu-gb=139", "--host-gb=125", "--disk-gb=64"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "expert state: master bf16_sr, moments int8: 4.031 B/param" in out

@@ -19,7 +19,7 @@ from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.models.hf import load_config
 from moetrain.offload import build_optimizer
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadConfig, resolve_section
 from moetrain.offload.plan import (
     CHECKPOINT_DEFAULTS,
     HF_SHARD_BYTES,
@@ -102,7 +102,8 @@ def tiny_recipe(init_from: str, swap: str, run_dir: str, **checkpoint) -> dict:
     _, expert, _ = count_parameters(config)
     return {"trainer": {"max_steps": 100, "default_root_dir": run_dir},
             "model": {"preset": "tiny-mixtral", "init_from": init_from,
-                      "offload": {"tier": "cpu", "cpu_budget_gb": 3 * expert / 4 / GiB, "nvme_path": swap}},
+                      "offload": {"placement": {"tier": "cpu", "cpu_budget_gb": 3 * expert / 4 / GiB},
+                                  "nvme": {"path": swap}}},
             "data": {"seq_len": 16}, "checkpoint": {"every_n_steps": 25, "keep_last": 1, "max_shard_mb": 1,
                                                     **checkpoint}}
 
@@ -115,7 +116,7 @@ def test_disk_tier_counts_the_model_directory_the_swap_and_the_checkpoints(tmp_p
     recipe = tiny_recipe(str(missing), str(swap), str(tmp_path / "run"))
     config = ModelConfig.from_preset("tiny-mixtral")
     dense, expert, _ = count_parameters(config)
-    off = OffloadConfig(**recipe["model"]["offload"])
+    off = resolve_section(recipe["model"]["offload"])
     plan = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=64 * GiB, disk_free=GiB)
     assert plan.nvme_bytes > 0 and "nvme" not in plan.fits()  # one disk: the swap is part of the disk tier
     one = checkpoint_bytes(dense, expert, off)

@@ -92,7 +92,8 @@ def test_fit_from_hf_weights_with_an_offload_tier_equals_resident(tmp_path):
         try:
             assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=3",
                          f"--trainer.default_root_dir={run}", f"--model.init_from={tmp_path / 'hf'}",
-                         "--model.config=null", f"--model.offload.tier={tier}", "--data.micro_batch_size=2"]) == 0
+                         "--model.config=null", f"--model.offload.placement.tier={tier}",
+                         "--data.micro_batch_size=2"]) == 0
         finally:
             torch.set_num_threads(threads)
             os.chdir(cwd)
@@ -118,11 +119,11 @@ def test_fit_from_hf_weights_with_an_offload_tier_equals_resident(tmp_path):
     try:
         assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=5",
                      f"--trainer.default_root_dir={resumed}", f"--model.init_from={tmp_path / 'hf'}",
-                     "--model.config=null", "--model.offload.tier=cpu", "--data.micro_batch_size=2",
+                     "--model.config=null", "--model.offload.placement.tier=cpu", "--data.micro_batch_size=2",
                      "--ckpt_path=last"]) == 0
         assert main(["fit", "--config", "recipes/tiny.yaml", "--trainer.max_steps=5",
                      f"--trainer.default_root_dir={tmp_path / 'straight'}", f"--model.init_from={tmp_path / 'hf'}",
-                     "--model.config=null", "--model.offload.tier=cpu", "--data.micro_batch_size=2"]) == 0
+                     "--model.config=null", "--model.offload.placement.tier=cpu", "--data.micro_batch_size=2"]) == 0
     finally:
         torch.set_num_threads(threads)
         os.chdir(cwd)

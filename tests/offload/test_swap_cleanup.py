@@ -23,7 +23,7 @@ from moetrain.cli import main
 from moetrain.offload.nvme import SwapFile, find_stale_swap_files, remove_stale_swap_files
 
 REPO = Path(__file__).resolve().parents[2]
-NVME = ["--model.offload.tier=nvme", "--model.offload.nvme_backend=threads"]
+NVME = ["--model.offload.placement.tier=nvme", "--model.offload.nvme.backend=threads"]
 
 
 def swap_files(folder: Path) -> list[Path]:
@@ -37,7 +37,7 @@ def moetrain_command() -> list[str]:
 
 def start_fit(run_dir: Path, swap: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([*moetrain_command(), "fit", "--config", "recipes/tiny.yaml",
-                             f"--trainer.default_root_dir={run_dir}", *NVME, f"--model.offload.nvme_path={swap}",
+                             f"--trainer.default_root_dir={run_dir}", *NVME, f"--model.offload.nvme.path={swap}",
                              *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -62,7 +62,7 @@ def test_a_finished_run_deletes_its_swap_file(repo_cwd, tmp_path, capsys):
     swap = tmp_path / "swap"
     swap.mkdir()
     status = main(["fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}",
-                   "--trainer.max_steps=2", *NVME, f"--model.offload.nvme_path={swap}"])
+                   "--trainer.max_steps=2", *NVME, f"--model.offload.nvme.path={swap}"])
     assert status == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
     assert swap_files(swap) == []
@@ -75,7 +75,7 @@ def test_a_failed_run_deletes_its_swap_file(repo_cwd, tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("")
     status = main(["fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={run_dir}",
-                   "--trainer.max_steps=3", "--checkpoint.every_n_steps=1", *NVME, f"--model.offload.nvme_path={swap}"])
+                   "--trainer.max_steps=3", "--checkpoint.every_n_steps=1", *NVME, f"--model.offload.nvme.path={swap}"])
     err = " ".join(capsys.readouterr().err.split())
     assert status == 2 and "writing checkpoint step-1 failed" in err, err
     assert swap_files(swap) == []
@@ -159,7 +159,7 @@ def test_a_killed_run_leaves_a_swap_file_that_the_next_start_reports_and_deletes
     assert str(proc.pid) in left.name
 
     status = main(["fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'next'}",
-                   "--trainer.max_steps=1", *NVME, f"--model.offload.nvme_path={swap}"])
+                   "--trainer.max_steps=1", *NVME, f"--model.offload.nvme.path={swap}"])
     err = " ".join(capsys.readouterr().err.split())
     assert status == 0, err
     assert f"deleted 1 stale swap file(s) in {swap}" in err and left.name in err and f"process {proc.pid}" in err
@@ -173,7 +173,7 @@ def test_stale_swap_files_are_reported_before_the_model_is_built(repo_cwd, tmp_p
     proc.communicate(timeout=60)
     assert file.is_file()
     status = main(["fit", "--config", "recipes/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'run'}",
-                   *NVME, f"--model.offload.nvme_path={tmp_path}", "--trainer.max_steps=-5"])
+                   *NVME, f"--model.offload.nvme.path={tmp_path}", "--trainer.max_steps=-5"])
     err = " ".join(capsys.readouterr().err.split())
     assert status == 2 and "trainer.max_steps" in err
     assert file.name in err and not file.exists()

@@ -21,7 +21,8 @@ DATA = ROOT / "data" / "tiny"
 # eps 1e-4: some attention weights (keys along softmax's shift direction) have an exact gradient of zero; Adam with
 # eps 1e-8 turns the fp32 rounding left there, which differs with the batch split, into lr-sized steps of either sign
 COMMON = ["fit", "--config", str(ROOT / "recipes" / "tiny.yaml"), "--trainer.accelerator=cpu", "--trainer.max_steps=3",
-          "--model.offload.tier=cpu", "--model.config=null", "--model.optimizer.eps=1e-4", "--data.seq_len=32",
+          "--model.offload.placement.tier=cpu", "--model.config=null", "--model.optimizer.eps=1e-4",
+          "--data.seq_len=32",
           f"--data.path={DATA / 'train.jsonl'}",
           f"--data.tokenizer={DATA / 'tokenizer'}", f"--data.val_path={DATA / 'val.jsonl'}"]
 

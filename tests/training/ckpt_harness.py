@@ -38,8 +38,8 @@ def write_recipe(tmp: Path, data: Path, tier: str = "none", **checkpoint: Any) -
     model["config"] = dict(SMALL_MODEL)
     model["accumulate_grad_batches"] = 2
     model["optimizer"].update(lr=1e-2, warmup_steps=2, max_steps=TOTAL_STEPS)
-    model["offload"] = {"tier": tier, "nvme_path": str(tmp / "swap") if tier == "nvme" else None, "gpu_slots": 2,
-                      **({"nvme_backend": "threads"} if tier == "nvme" else {})}
+    model["offload"] = {"placement": {"tier": tier, "gpu_slots": 2},
+                        "nvme": {"path": str(tmp / "swap"), "backend": "threads"} if tier == "nvme" else {}}
     recipe["data"].update(path=str(data), tokenizer=str(TINY / "tokenizer"), val_path=None, seq_len=32,
                           micro_batch_size=2, shuffle=True, seed=5)
     recipe["checkpoint"].update(checkpoint)

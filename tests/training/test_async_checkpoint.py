@@ -68,7 +68,7 @@ VARIANTS = {
     # no clipping: the last micro-batch's backward steps the experts, so the training thread waits there
     "cpu-step-in-backward": ("cpu", {"optimizer": {"max_grad_norm": 0.0}}),
     # idle experts catch up in the forward, which then writes the store: the wait comes before the batch
-    "cpu-idle-dense": ("cpu", {"offload": {"idle_experts": "dense"}}),
+    "cpu-idle-dense": ("cpu", {"offload": {"schedule": {"idle_experts": "dense"}}}),
 }
 
 

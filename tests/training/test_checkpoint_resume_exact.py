@@ -80,7 +80,7 @@ def test_resume_under_another_tier(runs, before, after, atol):
     recipe = write_recipe(tmp, runs["data"], after.removesuffix("-paged"))
     run = tmp / f"{before}-to-{after}"
     ckpt = runs[before][1] / "checkpoints" / f"step-{HALF}"
-    paged = ["--model.offload.resident_weights=no"] if after.endswith("-paged") else []
+    paged = ["--model.offload.placement.resident_weights=no"] if after.endswith("-paged") else []
     assert fit(recipe, run, f"--ckpt_path={ckpt}", *paged) == 0
     straight = last(runs[before][0])
     assert last(run).name == straight.name

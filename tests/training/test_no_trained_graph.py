@@ -43,8 +43,9 @@ def test_micro_batches_that_reach_no_trained_expert_add_nothing(tmp_path, monkey
     train = ",".join(f'"{g}": false' for g in FROZEN)
     assert main(["fit", "--config", str(REPO / "recipes" / "tiny.yaml"), f"--trainer.default_root_dir={run_dir}",
                  "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--model.accumulate_grad_batches=2",
-                 f"--model.train={{{train}, \"routed_experts\": \"{selection}\"}}", f"--model.offload.tier={tier}",
-                 "--model.offload.step_on=gpu", f"--data.path={REPO / 'data' / 'tiny' / 'train.jsonl'}",
+                 f"--model.train={{{train}, \"routed_experts\": \"{selection}\"}}",
+                 f"--model.offload.placement.tier={tier}",
+                 "--model.offload.schedule.step_on=gpu", f"--data.path={REPO / 'data' / 'tiny' / 'train.jsonl'}",
                  f"--data.tokenizer={REPO / 'data' / 'tiny' / 'tokenizer'}", "--data.micro_batch_size=2",
                  "--checkpoint.save_final=false"]) == 0
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

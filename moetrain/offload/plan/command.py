@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moetrain.offload.config import OffloadSettings
 from moetrain.offload.plan.assumptions import GiB
 from moetrain.offload.plan.largest import Machine, format_largest, largest_line, plan_expert_share
 from moetrain.offload.plan.memory import machine_capacity
@@ -38,7 +39,7 @@ fully fine-tunes, and the memory per GPU under expert parallelism.
   -c, --config RECIPE   the recipe YAML to plan (as given to 'moetrain fit --config')
   --preset=NAME         plan a model shape under configs/models/ with the default settings instead
   --largest             every preset's verdict on this machine (or the one the flags below describe)
-  --section.key=value   a recipe override, as on 'moetrain fit' (e.g. --model.offload.tier=cpu)
+  --section.key=value   a recipe override, as on 'moetrain fit' (e.g. --model.offload.placement.tier=cpu)
   --gpu-gb=N, --host-gb=N, --disk-gb=N
                         plan for another machine: GPU memory, host memory and free disk in GiB
                         (default: this machine's)
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
             _set_dotted(recipe, key, value)
         plan = plan_from_recipe(recipe, **machine)
         if here.disk is None:
-            nvme_path = ((recipe.get("model") or {}).get("offload") or {}).get("nvme_path")
+            nvme_path = OffloadSettings.from_dict((recipe.get("model") or {}).get("offload")).nvme.path
             here = replace(here, disk=shutil.disk_usage(nvme_path if nvme_path and os.path.isdir(nvme_path)
                                                         else ".").free)
         micro = tokens or recipe_training(recipe)["micro_batch_tokens"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moetrain.config import ModelConfig
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan, OffloadSettings
 from moetrain.offload.plan.assumptions import LOAD_BYTES_PER_PARAM
 from moetrain.offload.state_format import state_bytes_per_param
 
@@ -59,7 +59,7 @@ class Storage:
 
 
 
-def checkpoint_bytes(dense: int, expert: int, offload: OffloadConfig, trained_expert: Optional[int] = None) -> int:
+def checkpoint_bytes(dense: int, expert: int, offload: OffloadPlan, trained_expert: Optional[int] = None) -> int:
     """Bytes of one checkpoint's tensors (training/checkpoint.py, training/optimizer_state.py): every weight in
     fp32 (the offloaded experts' masters are decoded to fp32 whatever their stored format), the dense AdamW
     moments in fp32 (8 B/param), and the routed experts' moments as the store keeps them (fp32 8 B, bf16 4 B,
@@ -144,12 +144,11 @@ def recipe_storage(recipe: dict[str, Any], model_config: ModelConfig,
     ``checkpoint`` section and ``trainer.max_steps``. With ``disk_free`` given (``--disk-gb``) it is one disk, free
     before the download, that holds all of it. Measured here instead, it is the filesystem of the run directory
     (``trainer.default_root_dir``, or the nearest folder above it that exists): an ``init_from`` directory already
-    on it is in its used space and is not counted again, and a swap folder (``model.offload.nvme_path``) on
+    on it is in its used space and is not counted again, and a swap folder (``model.offload.nvme.path``) on
     another filesystem is the separate ``nvme`` tier, with that filesystem's free space.
     """
     model = recipe.get("model") or {}
     trainer = recipe.get("trainer") or {}
-    offload = model.get("offload") or {}
     section = {**CHECKPOINT_DEFAULTS, **(recipe.get("checkpoint") or {})}
     kept, why = checkpoints_on_disk(int(section["every_n_steps"]), trainer.get("max_steps", -1),
                                     bool(section["save_final"]), int(section["keep_last"]))
@@ -172,7 +171,7 @@ def recipe_storage(recipe: dict[str, Any], model_config: ModelConfig,
             model_dir = ("init_from directory, not here yet (on another filesystem)", 0)
         else:
             model_dir = ("init_from directory, not here yet (the preset in bf16)", download)
-    swap = offload.get("nvme_path")
+    swap = OffloadSettings.from_dict(model.get("offload")).nvme.path
     separate = bool(measured and swap and not _same_filesystem(Path(swap), run_dir))
     if measured:
         disk_free = shutil.disk_usage(_existing(run_dir)).free

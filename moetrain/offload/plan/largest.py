@@ -13,7 +13,7 @@ from functools import partial
 from typing import Optional
 
 from moetrain.config import CONFIGS_DIR, ModelConfig
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import resolve, settings_from_flat
 from moetrain.offload.plan.assumptions import GiB
 from moetrain.offload.plan.disk import search_storage
 from moetrain.offload.plan.memory import make_plan
@@ -86,8 +86,9 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     for paged, layerwise in itertools.product((False, True), (False, True)):
         for master in MASTERS:
             for moments in MOMENTS:
-                base = OffloadConfig(tier="cpu", master=master, moments=moments, gpu_budget_gb=gpu_budget_gb,
-                                     resident_weights="no" if paged else "auto")
+                base = resolve(settings_from_flat(tier="cpu", master=master, moments=moments,
+                                                  gpu_budget_gb=gpu_budget_gb,
+                                                  resident_weights="no" if paged else "yes"))
                 plan_of = partial(make_plan, model_config, tokens_per_step=micro_batch_tokens,
                                   gpu_capacity=machine.gpu, host_capacity=machine.host, disk_free=machine.disk,
                                   micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,

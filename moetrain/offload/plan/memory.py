@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from moetrain.config import ModelConfig
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan
 from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
@@ -83,7 +83,7 @@ def machine_capacity() -> tuple[Optional[int], Optional[int]]:
 
 
 
-def make_plan(model_config: ModelConfig, offload_config: OffloadConfig, tokens_per_step: int, *,
+def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per_step: int, *,
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,

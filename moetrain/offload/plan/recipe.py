@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moetrain.config import ConfigError, ModelConfig
-from moetrain.offload.config import OffloadConfig
+from moetrain.offload.config import OffloadPlan, OffloadSettings, resolve_section
 from moetrain.offload.plan.disk import recipe_storage
 from moetrain.offload.plan.memory import make_plan
 from moetrain.offload.plan.report import Plan
@@ -24,15 +24,15 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     micro = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048))
     accumulation = int(model.get("accumulate_grad_batches", 1))
     clip = float((model.get("optimizer") or {}).get("max_grad_norm", OptimizerConfig().max_grad_norm))
-    offload = model.get("offload") or {}
+    offload = OffloadSettings.from_dict(model.get("offload"))
     # built from the two keys the gradient schedule reads: the others are the training run's to check
     optimizer = OptimizerConfig(max_grad_norm=clip)
-    stepping = OffloadConfig(step_on=offload.get("step_on", OffloadConfig().step_on))
+    stepping = OffloadPlan(step_on=offload.schedule.step_on)
     trained, source = recipe_selection(recipe)
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
             "trained_experts": trained, "selection_source": source,
             "layerwise_grads": layerwise_grads(optimizer, stepping, accumulate_grad_batches=accumulation),
-            "streamed_load": bool(model.get("init_from")) and offload.get("tier", OffloadConfig().tier) != "none",
+            "streamed_load": bool(model.get("init_from")) and offload.placement.tier != "none",
             "from_checkpoint": bool(model.get("init_from")),
             "activation_checkpointing": bool(model.get("activation_checkpointing", False))}
 
@@ -60,7 +60,7 @@ def recipe_selection(recipe: dict[str, Any]) -> tuple[Optional[int], Optional[st
 def plan_from_recipe(recipe: dict[str, Any], **machine: Any) -> Plan:
     """The plan of a recipe (the parsed YAML with overrides applied); ``machine``: make_plan's capacities
     (``disk_free``: see :func:`.recipe_storage`)."""
-    offload = OffloadConfig(**((recipe.get("model") or {}).get("offload") or {}))
+    offload = resolve_section((recipe.get("model") or {}).get("offload"))
     config = recipe_model(recipe)[0]
     storage, disk_free = recipe_storage(recipe, config, machine.pop("disk_free", None))
     return make_plan(config, offload, **recipe_training(recipe), **machine, disk_free=disk_free, storage=storage)
