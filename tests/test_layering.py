@@ -11,7 +11,8 @@ The layers, lowest first (a module may import its own layer and the ones below):
     inference  moetrain.inference  paged experts for generation and validation (an expert cache on the device)
     training   moetrain.training   the LightningModule, data, callbacks, checkpoints
     parallel   moetrain.parallel   several ranks (reads and writes the training layer's checkpoints)
-    entry      moetrain (the package), .cli, .lightning_cli (fit and validate), .preflight, .generate, .prune, .select_experts, .bench
+    entry      moetrain (the package), .cli, .lightning_cli (fit and validate), .preflight, .generate, .prune,
+               .select_experts, .bench
 """
 
 from __future__ import annotations
@@ -165,3 +166,32 @@ def test_every_import_points_down_the_layers():
              for module, targets in GRAPH.items() for target, line in targets.items()
              if RANK[_layer(target)] > RANK[_layer(module)]]
     assert not wrong, "imports that point up the layers (see this file's docstring):\n" + "\n".join(wrong)
+
+
+MAX_LINES = 450
+
+
+def test_no_module_is_longer_than_a_newcomer_reads_in_one_sitting():
+    """Every file of the package stays under 450 lines: a file that grows past it has taken a second job."""
+    long = {str(path.relative_to(PACKAGE.parent)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by job (lines): {long}"
+
+
+def test_no_optimizer_feature_is_discovered_by_getattr():
+    """Optional optimizer features are methods of the protocol (moetrain.optim.TrainOptimizer), not probed for."""
+    probes = []
+    for path in (PACKAGE / "training").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ("getattr(" in line or "hasattr(" in line) and ("optimizer" in line or "opt," in line or "opt)" in line):
+                probes.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not probes, "\n".join(probes)
+
+
+def test_models_keep_no_thread_local_or_global_state():
+    """``models/`` is pure: no thread-local, no ``global`` statement (state passes as arguments, e.g. recomputing)."""
+    found = [f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+             for path in (PACKAGE / "models").rglob("*.py")
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if "threading.local" in line or line.lstrip().startswith("global ")]
+    assert not found, "\n".join(found)
