@@ -234,3 +234,63 @@ def test_feature_commands_run(workspace, argv):
     assert [r["step"] for r in records] == list(range(1, FEATURE_STEPS + 1))
     if any(a.startswith("--model.offload.placement.tier=") and not a.endswith("=none") for a in argv):
         assert any(key.startswith("offload/") for key in records[-1]), records[-1].keys()
+
+
+def section_commands(title: str) -> list[list[str]]:
+    """The ``moetrain`` commands of the README section that starts with ``title``."""
+    section = README[README.index(title):]
+    section = section[:section.index("\n## ", 1)]
+    return [argv for block in bash_blocks(section) for argv in commands(block)]
+
+
+def test_esft_section_selects_and_trains_only_the_selected_experts(workspace):
+    """The ESFT section: select-experts writes the selection the recipe names, and the fit trains those experts only
+    (every other parameter equal to the base's)."""
+    import torch
+
+    import moetrain
+
+    base, select, esft = section_commands("## Train only what the task needs")
+    base_dir = workspace.root / next(a.split("=", 1)[1] for a in base if a.startswith("--trainer.default_root_dir="))
+    if not (base_dir / "metrics.jsonl").is_file():  # the feature test ran it already (a few steps)
+        workspace.run(base, (f"--trainer.max_steps={FEATURE_STEPS}",))
+    workspace.run(select)
+    selection = json.loads((workspace.root / "runs/tiny-esft/experts.json").read_text())
+    assert "0.2" in " ".join(select) and selection
+    workspace.run(esft, (f"--trainer.max_steps={FEATURE_STEPS}",))
+    before = moetrain.from_pretrained(base_dir, dtype=torch.float32, device=torch.device("cpu")).state_dict()
+    after = moetrain.from_pretrained(workspace.root / "runs/tiny-esft", dtype=torch.float32,
+                                     device=torch.device("cpu")).state_dict()
+    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert changed and all(".experts." in name for name in changed), changed[:5]
+
+
+def test_paged_inference_section_equals_resident(workspace):
+    """Paged generation prints the resident text; paged validation gives the resident loss (to 1e-6)."""
+    if not (workspace.root / "runs/tiny/checkpoints/last").is_file():
+        pytest.skip("needs the quickstart's run")
+    generate, validate = section_commands("## Inference larger than the GPU")
+    resident_generate = generate[:generate.index("--expert_weights")]  # the same prompt, every expert resident
+    assert workspace.run(generate).stdout == workspace.run(resident_generate).stdout
+
+    def val_loss(argv: list[str]) -> float:
+        out = workspace.run(argv).stdout
+        return float(re.search(r"val_loss\s*[│|]\s*([\d.]+)", out).group(1))
+
+    resident_validate = [a for a in validate if not a.startswith("--model.inference.")]
+    assert abs(val_loss(validate) - val_loss(resident_validate)) <= 1e-6
+    assert "the same text" in " ".join(README.split()) and "the same validation loss" in " ".join(README.split())
+
+
+def test_prune_section_writes_a_smaller_model_with_its_report(workspace):
+    if not (workspace.root / "runs/tiny/checkpoints/last").is_file():
+        pytest.skip("needs the quickstart's run")
+    (prune,) = section_commands("## Prune the experts")
+    workspace.run(prune)
+    out = workspace.root / prune[prune.index("--out") + 1]
+    keep = int(prune[prune.index("--keep") + 1])
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["experts_after"] == keep < report["experts_before"]
+    assert report["val_loss_before"] > 0 and report["val_loss_after"] > 0
+    assert "validation loss before and after" in " ".join(README.split())
+    assert json.loads((out / "config.json").read_text())["n_routed_experts"] == keep
