@@ -59,7 +59,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The next token of each row of (B, V) logits: argmax at temperature 0, else a top-p sample. Returns (B,)."""
     if temperature <= 0.0:
@@ -98,6 +98,7 @@ def _sync(device: torch.device) -> None:
 def generate(
     model: MoEForCausalLM,
     input_ids: torch.Tensor,
+    *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -124,7 +125,7 @@ def generate(
     start = time.perf_counter()
     for step in range(max_new_tokens):
         logits = model(step_input if use_cache else sequence, cache=cache).logits[:, -1]  # (1, V)
-        token = next_token(logits, temperature, top_p, generator)  # (1,)
+        token = next_token(logits, temperature=temperature, top_p=top_p, generator=generator)  # (1,)
         new.append(token)
         stop = int(token) in stop_ids  # the host read that ends the step (a device sync)
         if stats is not None:
@@ -320,8 +321,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         generator.manual_seed(args.seed)
     stats = GenerationStats(on_prefill_done=None if cache is None else cache.reset_stats)
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature, top_p,
-                   tuple(stop_ids), generator, use_cache=not args.no_cache, stats=stats)
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                   temperature=temperature, top_p=top_p,
+                   stop_ids=tuple(stop_ids), generator=generator, use_cache=not args.no_cache, stats=stats)
     if not args.chat:
         text = tokenizer.tokenizer.decode(out.tolist(), skip_special_tokens=True)
     else:

@@ -135,7 +135,8 @@ def _data_module(recipe: Any, data_path: Optional[str]) -> Any:
     return data
 
 
-def sample_batches(dataset: Any, batch_size: int, seed: int, digest: Any = None) -> Iterator[dict[str, torch.Tensor]]:
+def sample_batches(dataset: Any, *, batch_size: int, seed: int,
+                   digest: Any = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` rows of ``dataset`` in a seeded random order (each row at most once).
 
     Args:
@@ -248,7 +249,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"the tokenizer {data.tokenizer_path} has {data.load_tokenizer().vocab_size} tokens but the "
                          f"model's vocab_size is {model.config.vocab_size}; use the model's tokenizer")
     digest = hashlib.sha256()
-    batches = sample_batches(data.train_set, args.batch_size or data.micro_batch_size, args.seed, digest)
+    batches = sample_batches(data.train_set, batch_size=args.batch_size or data.micro_batch_size, seed=args.seed,
+                             digest=digest)
     stats = collect_routing_stats(model, batches, max_tokens=args.tokens)
     if stats.tokens < args.tokens:
         print(f"moetrain select-experts: the data holds only {stats.tokens} tokens (--tokens {args.tokens})",

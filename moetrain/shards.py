@@ -35,7 +35,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional
 def write_sharded(
     tensors: Iterable[tuple[str, torch.Tensor]],
     out_dir: str | Path,
-    prefix: str = "model",
+    *, prefix: str = "model",
     max_shard_bytes: int = 2 * 2**30,
     metadata: Optional[dict[str, str]] = None,
     on_tensor: Optional[Callable[[str, int], None]] = None,

@@ -34,7 +34,8 @@ def test_cached_greedy_equals_full_recompute(preset, randomize):
 def test_cached_sampling_equals_full_recompute_with_the_same_seed(randomize):
     model = randomize(MoEForCausalLM(ModelConfig.from_preset("tiny-olmoe")))
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
-    runs = [generate(model, prompt, 10, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3),
+    runs = [generate(model, prompt, max_new_tokens=10, temperature=0.8, top_p=0.9,
+                     generator=torch.Generator().manual_seed(3),
                      use_cache=cache) for cache in (True, False)]
     assert runs[0].tolist() == runs[1].tolist()
 
@@ -102,7 +103,8 @@ def test_readme_walkthrough_pretrain_chat_fine_tune_generate(tmp_path, capsys):
     prompt = template.render([{"role": "user", "content": question}], add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode_batch([prompt])[0]])
     end = tokenizer.tokenizer.token_to_id("<|im_end|>")
-    new = generate(moetrain.from_pretrained(ckpt), ids, 12, stop_ids=(tokenizer.eos_id, end), use_cache=False)
+    new = generate(moetrain.from_pretrained(ckpt), ids, max_new_tokens=12, stop_ids=(tokenizer.eos_id, end),
+                   use_cache=False)
     expected = tokenizer.decode(new.tolist()).split("<|im_end|>")[0]
     assert printed == expected.removesuffix("<|endoftext|>")
 
@@ -160,7 +162,7 @@ def test_raw_generation_stops_at_special_tokens_and_never_prints_them(tmp_path, 
         model.lm_head.weight.zero_()
         model.lm_head.weight[word] = h1 / (h1 @ h1)  # logit 1 at step 1, every other token 0 (end: orthogonal)
         model.lm_head.weight[end] = 100 * across / (across @ across)  # logit 100 at step 2
-    assert generate(model, prompt, 2).tolist() == [word, end]  # the premise
+    assert generate(model, prompt, max_new_tokens=2).tolist() == [word, end]  # the premise
     export_hf(model, ckpt)
     printed = _generate_cli(capsys, "--ckpt", str(ckpt), "--prompt", "Once upon", "--max_new_tokens", "6")
     assert printed == tokenizer.decode([word]) and "<|im_end|>" not in printed
@@ -172,9 +174,9 @@ def test_top_p_alone_samples_at_temperature_one(tmp_path, randomize, capsys):
     model = moetrain.from_pretrained(ckpt)
     prompt = torch.tensor([tokenizer.encode_batch(["Once upon"])[0]])
     specials = tuple(tokenizer.tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    sampled = generate(model, prompt, 12, temperature=1.0, top_p=0.9, stop_ids=specials,
+    sampled = generate(model, prompt, max_new_tokens=12, temperature=1.0, top_p=0.9, stop_ids=specials,
                        generator=torch.Generator().manual_seed(7))
-    greedy = generate(model, prompt, 12, stop_ids=specials)
+    greedy = generate(model, prompt, max_new_tokens=12, stop_ids=specials)
     assert sampled.tolist() != greedy.tolist()  # the premise: sampling shows
     printed = _generate_cli(capsys, "--ckpt", str(ckpt), "--prompt", "Once upon", "--max_new_tokens", "12",
                             "--top_p", "0.9", "--seed", "7")

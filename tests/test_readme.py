@@ -154,7 +154,7 @@ def chat_model(run_dir: Path):
 
     def ask(question: str) -> str:
         prompt = template.render([{"role": "user", "content": question}], add_generation_prompt=True)
-        new = generate(model, torch.tensor([tokenizer.encode_batch([prompt])[0]]), 32, stop_ids=stop)
+        new = generate(model, torch.tensor([tokenizer.encode_batch([prompt])[0]]), max_new_tokens=32, stop_ids=stop)
         return tokenizer.decode(new.tolist()).split(end)[0].strip()
 
     return ask

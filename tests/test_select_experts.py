@@ -67,7 +67,8 @@ def test_scores_and_selection_equal_the_library_on_the_same_sample(tmp_path, bas
                           micro_batch_size=8)
     data.prepare("fit")
     model = moetrain.from_pretrained(base_model)
-    expected = collect_routing_stats(model, sample_batches(data.train_set, 3, 1), max_tokens=1500, progress=False)
+    expected = collect_routing_stats(model, sample_batches(data.train_set, batch_size=3, seed=1), max_tokens=1500,
+                                     progress=False)
     saved = RoutingStats.load(tmp_path / "sel.stats.json")
     assert saved.tokens == expected.tokens == 1500
     for layer in expected.layers:
@@ -82,12 +83,12 @@ def test_scores_and_selection_equal_the_library_on_the_same_sample(tmp_path, bas
 
 def test_sample_batches_is_a_seeded_permutation():
     rows = [{"input_ids": torch.full((4,), i), "labels": torch.full((4,), i)} for i in range(7)]
-    first = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, 3, seed=9)]
-    again = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, 3, seed=9)]
-    other = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, 3, seed=10)]
+    first = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, batch_size=3, seed=9)]
+    again = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, batch_size=3, seed=9)]
+    other = [b["input_ids"][:, 0].tolist() for b in sample_batches(rows, batch_size=3, seed=10)]
     assert first == again != other
     assert [len(b) for b in first] == [3, 3, 1] and sorted(sum(first, [])) == list(range(7))
-    assert "labels" not in next(sample_batches(rows, 3, seed=9))
+    assert "labels" not in next(sample_batches(rows, batch_size=3, seed=9))
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -164,7 +164,8 @@ class PagedExperts(nn.Module):
         rows = torch.cat([torch.arange(starts[e], starts[e + 1]) for e in ordered])  # (n,) host
         xs = x_sorted.index_select(0, rows.to(x_sorted.device, non_blocking=True))  # (n, H) in position order
         ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)  # (G,)
-        y, _, _ = grouped_swiglu_forward(xs.contiguous(), ends.to(x_sorted.device, non_blocking=True), wg, wu, wd)
+        y, _, _ = grouped_swiglu_forward(xs.contiguous(), ends.to(x_sorted.device, non_blocking=True), wg=wg, wu=wu,
+                                         wd=wd)
         out: dict[int, torch.Tensor] = {}
         start = 0
         for e in ordered:

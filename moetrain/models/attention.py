@@ -67,7 +67,7 @@ def build_attention_mask(
     batch: int,
     q_len: int,
     kv_len: int,
-    device: torch.device,
+    *, device: torch.device,
     key_valid: Optional[torch.Tensor] = None,
     document_ids: Optional[torch.Tensor] = None,
     sliding_window: Optional[int] = None,

@@ -57,7 +57,7 @@ def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    chunk_tokens: int = 4096) -> torch.Tensor:
+                    *, chunk_tokens: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising all logits.
 
     Each chunk of ``chunk_tokens`` rows computes its (n, V) logits, sums its token losses and drops
@@ -269,8 +269,9 @@ class MoEForCausalLM(nn.Module):
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask.bool()
-        mask = build_attention_mask(b, seq, past + seq, input_ids.device, key_valid, document_ids,
-                                    self.config.sliding_window)
+        mask = build_attention_mask(b, seq, past + seq, device=input_ids.device, key_valid=key_valid,
+                                    document_ids=document_ids,
+                                    sliding_window=self.config.sliding_window)
         valid = None if key_valid is None else key_valid[:, past:]  # (B, L) real query tokens
         layer_aux: list[torch.Tensor] = []
         routings: dict[int, Routing] = {}

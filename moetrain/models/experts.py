@@ -83,7 +83,7 @@ def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
     )
 
 
-def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, *, wg: torch.Tensor, wu: torch.Tensor,
                            wd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (N, H), g (N, I), u (N, I)) of every expert's SwiGLU over expert-sorted rows ``x`` (N, H);
     ``wg``/``wu`` (E, I, H), ``wd`` (E, H, I) in ``x``'s dtype."""
@@ -93,7 +93,7 @@ def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, wg: torch.Ten
     return y, g, u
 
 
-def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, has_rows: torch.Tensor,
+def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, *, has_rows: torch.Tensor,
                             g: torch.Tensor, u: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
                             param_dtype: torch.dtype, trains: Optional[list[bool]] = None
                             ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
@@ -155,7 +155,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     def forward(ctx, x, offsets, has_rows, w_gate, w_up, w_down, *expert_params):
         dt = x.dtype
         wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
-        y, g, u = grouped_swiglu_forward(x, offsets, wg, wu, wd)
+        y, g, u = grouped_swiglu_forward(x, offsets, wg=wg, wu=wu, wd=wd)
         ctx.save_for_backward(x, offsets, has_rows, g, u, wg, wu, wd)
         ctx.param_dtype = w_gate.dtype
         return y
@@ -163,8 +163,9 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, offsets, has_rows, g, u, wg, wu, wd = ctx.saved_tensors
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype,
-                                                 expert_trains(ctx.needs_input_grad[6:]))
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows=has_rows, g=g, u=u, wg=wg, wu=wu, wd=wd,
+                                                 param_dtype=ctx.param_dtype,
+                                                 trains=expert_trains(ctx.needs_input_grad[6:]))
         return (dx, None, None, None, None, None, *per_expert)
 
 

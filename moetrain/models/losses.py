@@ -20,7 +20,7 @@ def _token_weights(valid: Optional[torch.Tensor], num_tokens: int, like: torch.T
 
 
 def switch_load_balancing_loss(
-    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, valid: Optional[torch.Tensor] = None
+    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, *, valid: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """The Switch/Mixtral balance loss of one layer, equal to transformers' ``load_balancing_loss_func``.
 
@@ -43,7 +43,7 @@ def switch_load_balancing_loss(
 
 
 def deepseek_seq_balance_loss(
-    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, batch_size: int,
+    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, *, batch_size: int,
     valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DeepSeek's sequence-level balance loss (``seq_aux=True``), padding excluded.
@@ -69,7 +69,7 @@ def deepseek_seq_balance_loss(
 
 
 def deepseek_token_balance_loss(
-    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, valid: Optional[torch.Tensor] = None
+    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, *, valid: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """DeepSeek's token-level balance loss (``seq_aux=False``): sum_e (E * ce_e) * P_e with
     ce_e = assignments to e / (T * k), padding excluded."""

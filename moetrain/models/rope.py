@@ -50,7 +50,7 @@ def yarn_attention_factor(scaling: dict[str, Any], max_position_embeddings: int)
 
 
 def yarn_inv_freq(
-    dim: int, theta: float, scaling: dict[str, Any], max_position_embeddings: int, device: torch.device
+    dim: int, theta: float, scaling: dict[str, Any], *, max_position_embeddings: int, device: torch.device
 ) -> torch.Tensor:
     """(dim/2,) fp32 inverse frequencies with YaRN's interpolation/extrapolation blend."""
     factor = _factor(scaling, max_position_embeddings)
@@ -94,7 +94,8 @@ class ScaledRotaryEmbedding(RotaryEmbedding):
         super().__init__(dim, theta)
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        return yarn_inv_freq(self.dim, self.theta, self.scaling, self.max_position_embeddings, device)
+        return yarn_inv_freq(self.dim, self.theta, self.scaling, max_position_embeddings=self.max_position_embeddings,
+                             device=device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, L) -> cos, sin of shape (B, 1, L, dim), scaled in fp32 before the cast."""

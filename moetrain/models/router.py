@@ -131,12 +131,14 @@ class TopKRouter(nn.Module):
         aux = logits.new_zeros(())
         if self.aux_coef > 0:
             if self.aux_kind == "switch":
-                aux = aux + self.aux_coef * losses.switch_load_balancing_loss(probs, topk_idx, self.num_experts, valid)
+                aux = aux + self.aux_coef * losses.switch_load_balancing_loss(probs, topk_idx, self.num_experts,
+                                                                              valid=valid)
             elif self.aux_kind == "seq":
                 aux = aux + self.aux_coef * losses.deepseek_seq_balance_loss(
-                    probs, topk_idx, self.num_experts, batch_size, valid)
+                    probs, topk_idx, self.num_experts, batch_size=batch_size, valid=valid)
             elif self.aux_kind == "token":
-                aux = aux + self.aux_coef * losses.deepseek_token_balance_loss(probs, topk_idx, self.num_experts, valid)
+                aux = aux + self.aux_coef * losses.deepseek_token_balance_loss(probs, topk_idx, self.num_experts,
+                                                                               valid=valid)
         if self.z_coef > 0:
             aux = aux + self.z_coef * losses.router_z_loss(logits, valid)
         return Routing(topk_idx=topk_idx, topk_weight=topk_weight, counts=counts, logits=logits, aux_loss=aux)

@@ -42,7 +42,7 @@ class PagedGroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offsets, has_rows, pager, layer, active, recomputing, *expert_params):
         wg, wu, wd = pager.fetch(layer, active)
-        y, g, u = grouped_swiglu_forward(x, offsets, wg, wu, wd)
+        y, g, u = grouped_swiglu_forward(x, offsets, wg=wg, wu=wu, wd=wd)
         pager.release(layer)
         _prefetch_next(pager, layer, +1, recomputing)
         ctx.save_for_backward(x, offsets, has_rows, g, u)
@@ -54,8 +54,9 @@ class PagedGroupedSwiGLU(torch.autograd.Function):
         x, offsets, has_rows, g, u = ctx.saved_tensors
         wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
         _prefetch_next(ctx.pager, ctx.layer, -1, False)
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows, g, u, wg, wu, wd, ctx.param_dtype,
-                                                 expert_trains(ctx.needs_input_grad[7:]))
+        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows=has_rows, g=g, u=u, wg=wg, wu=wu, wd=wd,
+                                                 param_dtype=ctx.param_dtype,
+                                                 trains=expert_trains(ctx.needs_input_grad[7:]))
         ctx.pager.release(ctx.layer)
         return (dx, None, None, None, None, None, None, *per_expert)
 

@@ -96,7 +96,8 @@ def test_int8_experts_equal_a_resident_model_of_the_dequantized_weights(randomiz
     store = paged_cache(paged).store
     assert store.row_bytes * 4 < 1.1 * store.row_numel * 4  # int8 rows: a quarter of fp32, scales aside
     prompt = torch.randint(0, 256, (1, 7))
-    assert generate(paged, prompt, 10).tolist() == generate(reference, prompt, 10).tolist()
+    assert generate(paged, prompt, max_new_tokens=10).tolist() == generate(reference, prompt,
+                                                                           max_new_tokens=10).tolist()
     batch = _batch(256)
     with torch.no_grad():
         assert torch.allclose(paged(**batch).loss, reference(**batch).loss, rtol=0, atol=1e-6)
@@ -205,7 +206,8 @@ def test_grouped_path_over_the_slot_buffer_equals_the_loop(expert_dtype, randomi
 
     calls = []
     grouped = paged_module.grouped_swiglu_forward
-    monkeypatch.setattr(paged_module, "grouped_swiglu_forward", lambda *a: calls.append(a[2].shape) or grouped(*a))
+    monkeypatch.setattr(paged_module, "grouped_swiglu_forward", lambda *a,
+                        **k: calls.append(k["wg"].shape) or grouped(*a, **k))
     path = _exported("tiny-mixtral", randomize, tmp_path / "hf")
     model = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=3, expert_dtype=expert_dtype)
     batch = _batch(model.config.vocab_size)

@@ -140,7 +140,7 @@ def test_sigmoid_seq_balance_loss_is_the_v3_formula():
             p = sum((scores[t, i] / scores[t].sum()).item() for t in rows) / seq
             total += f * p
     torch.testing.assert_close(routing.aux_loss, torch.tensor(0.3 * total / b), rtol=1e-5, atol=1e-7)
-    direct = losses.deepseek_seq_balance_loss(scores / scores.sum(-1, keepdim=True), routing.topk_idx, e, b)
+    direct = losses.deepseek_seq_balance_loss(scores / scores.sum(-1, keepdim=True), routing.topk_idx, e, batch_size=b)
     torch.testing.assert_close(routing.aux_loss, 0.3 * direct)
 
 
