@@ -162,7 +162,7 @@ def save_load(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     shutil.rmtree(run, ignore_errors=True)
     with PeakRss() as save_mem:
         t0 = time.perf_counter()
-        ckpt = save_checkpoint(run, 1, model, opt, trainer_state={}, max_shard_bytes=args.shard_mb << 20)
+        ckpt = save_checkpoint(run, 1, model, optimizer=opt, trainer_state={}, max_shard_bytes=args.shard_mb << 20)
         save_s = time.perf_counter() - t0
     nbytes = dir_bytes(ckpt)
     drop_cache(ckpt)

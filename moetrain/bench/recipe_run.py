@@ -161,7 +161,7 @@ def prepare(recipe: dict, model_dir: Path, workdir: Path, *, log) -> dict[str, f
     return timings
 
 
-def child_command(recipe_path: str, steps: int, gpu_gib: Optional[float], overrides: tuple[str, ...] = ()
+def child_command(recipe_path: str, *, steps: int, gpu_gib: Optional[float], overrides: tuple[str, ...] = ()
                   ) -> list[str]:
     # nothing saved: a 64 GiB disk holds a 16 B download but not its checkpoint (the recipes' headers say so)
     args = ["fit", "--config", recipe_path, *overrides, f"--trainer.max_steps={steps}",
@@ -217,7 +217,7 @@ def selection_file(recipe: dict) -> Optional[str]:
     return None if value in (None, "all", "none") else str(value)
 
 
-def select_experts(recipe_path: str, selection: str, overrides: list[str], tokens: int, top_p: float, *,
+def select_experts(recipe_path: str, selection: str, *, overrides: list[str], tokens: int, top_p: float,
                    cwd: Path, env: dict, log) -> dict[str, Any]:
     """``moetrain select-experts`` into ``selection`` (under ``cwd``): its time and the experts it selected."""
     cmd = [sys.executable, "-m", "moetrain.cli", "select-experts", "--config", recipe_path, "--tokens", str(tokens),
@@ -235,7 +235,7 @@ def select_experts(recipe_path: str, selection: str, overrides: list[str], token
     return out
 
 
-def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], label: str, args: argparse.Namespace, *,
+def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label: str, args: argparse.Namespace,
                 model_dir: Path, workdir: Path, out_dir: Path, select: bool) -> dict[str, Any]:
     """One ``moetrain fit`` of the recipe (with ``overrides``), measured; ``select``: run select-experts first."""
     log_path = out_dir / f"recipe_{label}.log"
@@ -251,13 +251,14 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], label: st
         shutil.rmtree(root, ignore_errors=True)  # before select-experts: its file usually lies in the run directory
         selection = selection_file(recipe)
         if select and selection:
-            result.update(select_experts(config, selection, overrides, args.select_tokens, args.top_p,
+            result.update(select_experts(config, selection, overrides=overrides, tokens=args.select_tokens,
+                                         top_p=args.top_p,
                                          cwd=workdir, env=env, log=log))
         plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", config, *overrides],
                               cwd=workdir, env=env, capture_output=True, text=True)
         print(plan.stdout + plan.stderr, file=log, flush=True)
         result.update(plan_figures(plan.stdout))
-        cmd = child_command(config, args.steps, args.gpu_gib, tuple(overrides))
+        cmd = child_command(config, steps=args.steps, gpu_gib=args.gpu_gib, overrides=tuple(overrides))
         print("$ " + " ".join(cmd), file=log, flush=True)
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -336,13 +337,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(f"recipe_run: --compare-full needs an ESFT recipe (model.train.routed_experts: FILE); "
                          f"{recipe_path} trains {(recipe['model'].get('train') or 'all')!r}")
     where = dict(model_dir=model_dir, workdir=workdir, out_dir=out_dir)
-    result = run_variant(recipe_path, recipe, overrides, name, args, select=True, **where)
+    result = run_variant(recipe_path, recipe, overrides, label=name, args=args, select=True, **where)
     if not args.compare_full:
         return result
     root = recipe["trainer"]["default_root_dir"].rstrip("/")
     full_overrides = [*overrides, "--model.train=all", f"--trainer.default_root_dir={root}-full"]
     full = run_variant(recipe_path, apply_overrides(yaml.safe_load(recipe_path.read_text()), full_overrides),
-                       full_overrides, f"{name}-full", args, select=False, **where)
+                       full_overrides, label=f"{name}-full", args=args, select=False, **where)
     both = compare(result, full)
     (out_dir / f"recipe_{name}-compare.json").write_text(json.dumps(both, indent=2))
     print("RESULT " + json.dumps(both), flush=True)

@@ -31,8 +31,8 @@ from moetrain.inference.store import ShardExpertStore
 from moetrain.models.decoder import MoEForCausalLM
 
 
-def build_paged_model(preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str],
-                      config: InferenceConfig, *, device: torch.device, offload_tier: str = "none") -> MoEForCausalLM:
+def build_paged_model(preset: str, *, overrides: Optional[dict[str, Any]], init_from: Optional[str],
+                      config: InferenceConfig, device: torch.device, offload_tier: str = "none") -> MoEForCausalLM:
     """The model of ``moetrain validate`` with ``model.inference.expert_weights=paged``: fp32 dense weights on
     ``device`` (validation's bf16 autocast computes in bf16 on a GPU), routed experts in host memory (or in the
     shards), their rows in bf16 on a GPU unless ``expert_dtype`` says otherwise.

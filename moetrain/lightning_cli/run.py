@@ -56,7 +56,7 @@ def _report_stop(cli: Any, argv: list[str]) -> None:
         print(signals.forced_stop_message(signum, newest, command), file=sys.stderr)
         return
     saved = next((cb.saved_path for cb in trainer.callbacks if isinstance(cb, CheckpointCallback)), None)
-    print(signals.stop_message(signum, trainer.global_step, saved, resume_command(argv)), file=sys.stderr)
+    print(signals.stop_message(signum, trainer.global_step, saved=saved, resume=resume_command(argv)), file=sys.stderr)
 
 
 def print_help(argv: list[str]) -> int:

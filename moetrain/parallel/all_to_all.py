@@ -44,6 +44,6 @@ class AllToAll(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], *, group: Any) -> torch.Tensor:
     """Send ``x``'s rows in blocks of ``in_splits`` to the group's ranks; receive blocks of ``out_splits``."""
     return AllToAll.apply(x, out_splits, in_splits, group)

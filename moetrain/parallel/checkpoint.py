@@ -107,6 +107,7 @@ def save_checkpoint_distributed(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
+    *,
     optimizer: TrainOptimizer,
     layout: ParallelLayout,
     trainer_state: Optional[dict[str, Any]] = None,

@@ -76,14 +76,14 @@ class ExpertParallelExperts(RoutedExperts):
         received = exchange_counts(routing.counts, self.group)  # (G, E_loc)
         send_splits = routing.counts.view(-1, size).sum(1).tolist()  # rows to each rank
         recv_splits = received.sum(1).tolist()  # rows from each rank
-        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)  # (R, H) in (source, expert) order
+        x_recv = all_to_all(x_sorted, recv_splits, send_splits, group=self.group)  # (R, H) in (source, expert) order
         local_counts = received.sum(0)  # (E_loc,)
         expert_of_row = torch.repeat_interleave(
             torch.arange(size, device=x.device).repeat(received.shape[0]), received.reshape(-1))  # (R,)
         order = torch.argsort(expert_of_row, stable=True)  # (expert, source) order
         y_local = self._compute_local(x_recv[order], local_counts)  # (R, H)
         y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)  # back to (source, expert) order
-        y = all_to_all(y_recv, send_splits, recv_splits, self.group)  # (N, H), sorted like x_sorted
+        y = all_to_all(y_recv, send_splits, recv_splits, group=self.group)  # (N, H), sorted like x_sorted
         y = y * d.weight[:, None].to(y.dtype)
         out = torch.zeros_like(x)
         out.index_add_(0, d.token_of, y.to(x.dtype))

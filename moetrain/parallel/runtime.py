@@ -76,11 +76,12 @@ class ParallelRuntime:
             return load_optimizer(optimizer, model, ckpt_dir)
         load_optimizer_partitioned(optimizer, model, ckpt_dir)
 
-    def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, optimizer: Any, **kwargs: Any) -> Path:
+    def save_checkpoint(self, run_dir: str | Path, step: int, model: nn.Module, *, optimizer: Any,
+                        **kwargs: Any) -> Path:
         """Collective when active (every rank calls it); else :func:`~moetrain.training.checkpoint.save_checkpoint`."""
         if not self.active:
             from moetrain.training.checkpoint import save_checkpoint
 
-            return save_checkpoint(run_dir, step, model, optimizer, **kwargs)
+            return save_checkpoint(run_dir, step, model, optimizer=optimizer, **kwargs)
         assert self.layout is not None
-        return save_checkpoint_distributed(run_dir, step, model, optimizer, self.layout, **kwargs)
+        return save_checkpoint_distributed(run_dir, step, model, optimizer=optimizer, layout=self.layout, **kwargs)

@@ -115,7 +115,7 @@ class AsyncSaver:
 
     # ------------------------------------------------------------------ saving
     @torch.no_grad()
-    def save(self, run_dir: str | Path, step: int, model: MoEForCausalLM, optimizer: Optional[TrainOptimizer] = None,
+    def save(self, run_dir: str | Path, step: int, model: MoEForCausalLM, *, optimizer: Optional[TrainOptimizer] = None,
              trainer_state: Optional[dict[str, Any]] = None, recipe: Optional[str] = None,
              max_shard_bytes: int = 2 * 2**30, keep_last: int = 0,
              tokenizer_dir: Optional[str | Path] = None) -> None:
@@ -136,14 +136,15 @@ class AsyncSaver:
 
         def write_optimizer(out: Path) -> None:
             try:
-                save_optimizer(snapshot, model, out, max_shard_bytes, step_index=step)
+                save_optimizer(snapshot, model, out, max_shard_bytes=max_shard_bytes, step_index=step)
             finally:
                 self._store_free.set()  # the rest of the save does not read the store
 
         def job() -> Path:
             return write_checkpoint(
-                run_dir, step, model.config, dtype, model_tensors(model, snapshot, state=state),
-                write_optimizer if snapshot is not None else None, trainer_state=trainer_state, recipe=recipe,
+                run_dir, step, model.config, dtype=dtype, tensors=model_tensors(model, snapshot, state=state),
+                write_optimizer=write_optimizer if snapshot is not None else None, trainer_state=trainer_state,
+                recipe=recipe,
                 max_shard_bytes=max_shard_bytes, keep_last=keep_last, tokenizer_dir=tokenizer_dir,
                 progress=False)  # a second bar from this thread would garble the training bar
 

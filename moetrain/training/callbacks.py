@@ -210,7 +210,8 @@ class MetricsLogger(L.Callback):
             sink.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step)
             if heatmap_due:
                 title = f"expert load, steps {self._heat_from}-{step}"
-                sink.log_image("routing/expert_load", figure_png(load_heatmap(self._heat_load, layers, title)), step)
+                sink.log_image("routing/expert_load", figure_png(load_heatmap(self._heat_load, layers, title=title)),
+                               step)
         if heatmap_due:
             self._heat_load, self._heat_from = None, step + 1
 
@@ -221,8 +222,8 @@ class MetricsLogger(L.Callback):
 
             recipe = getattr(pl_module, "resolved_recipe", None)
             config = yaml.safe_load(recipe) if recipe else {}
-            self.sink = make_sink(self.logger, Path(trainer.default_root_dir), config or {}, self.project,
-                                  self.run_name, self.tags, self.run_id, self.wandb_mode)
+            self.sink = make_sink(self.logger, Path(trainer.default_root_dir), config or {}, project=self.project,
+                                  name=self.run_name, tags=self.tags, run_id=self.run_id, wandb_mode=self.wandb_mode)
             assert self.sink is not None
             self.run_id = self.sink.run_id
         return self.sink

@@ -270,6 +270,7 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: MoEForCausalLM,
+    *,
     optimizer: Optional[TrainOptimizer] = None,
     trainer_state: Optional[dict[str, Any]] = None,
     recipe: Optional[str] = None,
@@ -295,11 +296,11 @@ def save_checkpoint(
 
     def write_optimizer(out: Path) -> None:
         assert saved is not None
-        save_optimizer(saved, model, out, max_shard_bytes, step_index=step)
+        save_optimizer(saved, model, out, max_shard_bytes=max_shard_bytes, step_index=step)
 
     return write_checkpoint(
-        run_dir, step, model.config, next(model.parameters()).dtype, model_tensors(model, saved),
-        write_optimizer if saved is not None else None, trainer_state=trainer_state, recipe=recipe,
+        run_dir, step, model.config, dtype=next(model.parameters()).dtype, tensors=model_tensors(model, saved),
+        write_optimizer=write_optimizer if saved is not None else None, trainer_state=trainer_state, recipe=recipe,
         max_shard_bytes=max_shard_bytes, keep_last=keep_last, tokenizer_dir=tokenizer_dir,
         total_bytes=model_bytes(model, saved))
 
@@ -308,6 +309,7 @@ def write_checkpoint(
     run_dir: str | Path,
     step: int,
     config: ModelConfig,
+    *,
     dtype: torch.dtype,
     tensors: Iterable[tuple[str, torch.Tensor]],
     write_optimizer: Optional[Callable[[Path], None]] = None,

@@ -85,8 +85,9 @@ class CheckpointCallback(L.Callback):
         if collective:
             save = parallel.save_checkpoint  # synchronous: a collective over every rank
         save(
-            trainer.default_root_dir, step, pl_module.model, pl_module.train_optimizer,
-            trainer_state=trainer_state.capture(trainer, pl_module, self._epoch, self._epoch_batches),
+            trainer.default_root_dir, step, pl_module.model, optimizer=pl_module.train_optimizer,
+            trainer_state=trainer_state.capture(trainer, pl_module, epoch=self._epoch,
+                                                batches_in_epoch=self._epoch_batches),
             recipe=getattr(pl_module, "resolved_recipe", None), max_shard_bytes=self.max_shard_bytes,
             keep_last=self.keep_last, tokenizer_dir=getattr(datamodule, "tokenizer_path", None),
         )

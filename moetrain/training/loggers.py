@@ -110,7 +110,7 @@ class TensorBoardSink:
         self.logger.finalize("success")
 
 
-def make_sink(kind: str, run_dir: Path, config: dict[str, Any], project: str = "moetrain",
+def make_sink(kind: str, run_dir: Path, config: dict[str, Any], *, project: str = "moetrain",
               name: Optional[str] = None, tags: Optional[list[str]] = None, run_id: Optional[str] = None,
               wandb_mode: Optional[str] = None) -> Optional[Sink]:
     """The sink for ``metrics.logger`` (None for ``none``)."""

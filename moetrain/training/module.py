@@ -156,7 +156,8 @@ class MoETrainingModule(L.LightningModule):
         if self.inference_cfg.paged:  # validate: the routed experts straight into host memory, never on the GPU
             from moetrain.inference.validation import build_paged_model
 
-            return build_paged_model(preset, overrides, init_from, self.inference_cfg, device=build_device(),
+            return build_paged_model(preset, overrides=overrides, init_from=init_from, config=self.inference_cfg,
+                                     device=build_device(),
                                      offload_tier=self.offload_cfg.tier)
         if init_from is None:
             return random_model(ModelConfig.from_preset(preset, **(overrides or {})))

@@ -49,7 +49,7 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_optimizer(saved: CheckpointState, model: nn.Module, out_dir: Path, max_shard_bytes: int,
+def save_optimizer(saved: CheckpointState, model: nn.Module, out_dir: Path, *, max_shard_bytes: int,
                    step_index: int) -> None:
     """Write an optimizer's state ``saved`` (:meth:`~moetrain.optim.TrainOptimizer.checkpoint_state`) into
     ``out_dir`` in the by-name format (tensors stream shard by shard)."""

@@ -88,7 +88,7 @@ def describe(signum: int) -> str:
     return f"Ctrl-C ({name})" if signum == signal.SIGINT else name
 
 
-def stop_message(signum: int, step: int, saved: Optional[Path], resume: str) -> str:
+def stop_message(signum: int, step: int, *, saved: Optional[Path], resume: str) -> str:
     """What a run stopped by ``signum`` after optimizer step ``step`` tells the user: the checkpoint ``saved``
     (None: none this run) and the command ``resume`` that continues it."""
     if saved is not None:

@@ -68,7 +68,7 @@ def load_entropy(load: torch.Tensor) -> torch.Tensor:
     return (h / torch.log(torch.tensor(float(load.shape[1])))).float()
 
 
-def load_heatmap(load: torch.Tensor, layer_ids: list[int], title: str = "", share: bool = True) -> Any:
+def load_heatmap(load: torch.Tensor, layer_ids: list[int], *, title: str = "", share: bool = True) -> Any:
     """A matplotlib Figure: MoE layers (rows) by experts (columns), coloured by each expert's load.
 
     At least 8 x 4.5 inches (800 x 450 pixels at :func:`figure_png`'s 100 dpi), larger for many experts or

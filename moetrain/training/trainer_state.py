@@ -86,7 +86,7 @@ def _routing_state(pl_module: L.LightningModule) -> dict[str, dict[str, list[flo
     return {"expert_frequency": {str(layer): values for layer, values in frequency.items()}}
 
 
-def capture(trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
+def capture(trainer: L.Trainer, pl_module: L.LightningModule, *, epoch: int, batches_in_epoch: int) -> dict[str, Any]:
     """The trainer state at the current optimizer-step boundary.
 
     The token count is the module's own (``tokens_seen``, advanced inside the optimizer step), so it is the

@@ -41,8 +41,8 @@ def test_async_checkpoints_equal_synchronous_ones_taken_at_the_same_boundary(tmp
     save = AsyncSaver.save
 
     def save_twice(self, run_dir, step, model, optimizer=None, **kwargs):
-        save_checkpoint(reference, step, model, optimizer, **kwargs)  # synchronous, same boundary
-        save(self, run_dir, step, model, optimizer, **kwargs)
+        save_checkpoint(reference, step, model, optimizer=optimizer, **kwargs)  # synchronous, same boundary
+        save(self, run_dir, step, model, optimizer=optimizer, **kwargs)
 
     save_shard = shards._save_shard
 

@@ -82,8 +82,8 @@ def test_grouped_path_over_the_slots_equals_the_loop(quantize, monkeypatch):
 
     calls = []
     grouped = paged_module.grouped_swiglu_forward
-    monkeypatch.setattr(paged_module, "grouped_swiglu_forward", lambda *a,
-                        **k: calls.append(k["wg"].shape) or grouped(*a, **k))
+    monkeypatch.setattr(paged_module, "grouped_swiglu_forward",
+                        lambda *a, **k: calls.append(k["wg"].shape) or grouped(*a, **k))
     with torch.no_grad():
         experts.impl = "loop"
         loop = experts(x, routing).double()

@@ -206,8 +206,8 @@ def test_grouped_path_over_the_slot_buffer_equals_the_loop(expert_dtype, randomi
 
     calls = []
     grouped = paged_module.grouped_swiglu_forward
-    monkeypatch.setattr(paged_module, "grouped_swiglu_forward", lambda *a,
-                        **k: calls.append(k["wg"].shape) or grouped(*a, **k))
+    monkeypatch.setattr(paged_module, "grouped_swiglu_forward",
+                        lambda *a, **k: calls.append(k["wg"].shape) or grouped(*a, **k))
     path = _exported("tiny-mixtral", randomize, tmp_path / "hf")
     model = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=3, expert_dtype=expert_dtype)
     batch = _batch(model.config.vocab_size)

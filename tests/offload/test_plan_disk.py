@@ -57,7 +57,7 @@ def test_checkpoint_bytes_are_what_a_save_writes(tmp_path, tier, master, moments
     off = OffloadConfig(tier=tier, master=master, moments=moments, gpu_slots=4)
     opt = build_optimizer(model, OPTIM, off)
     train(model, opt, batches(steps=2, tokens=256), total=2)  # 256 tokens x top-2: every expert gets state
-    ckpt = save_checkpoint(tmp_path, 2, model, opt)
+    ckpt = save_checkpoint(tmp_path, 2, model, optimizer=opt)
     dense, expert, _ = count_parameters(model.config)
     params = {name for name, _ in model.named_parameters()}
     buffers = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name not in params)

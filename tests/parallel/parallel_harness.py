@@ -114,7 +114,7 @@ def reference(tier: str, starved: Optional[range] = None, checkpoint_at: Optiona
         train(model, opt, range(STEPS), norms=norms)
     else:
         train(model, opt, range(checkpoint_at), norms=norms)
-        save_checkpoint(run_dir, checkpoint_at, model, opt)
+        save_checkpoint(run_dir, checkpoint_at, model, optimizer=opt)
         train(model, opt, range(checkpoint_at, STEPS), norms=norms)
     return {"weights": weights(model, opt), "norms": norms}
 
@@ -156,7 +156,7 @@ def _run(name: str, tier: str, ep: int, out_dir: Path, starved: Optional[range] 
     norms: list[float] = []
     if checkpoint_at is not None:
         train(model, opt, range(start, checkpoint_at), rows, runtime.loss_for_backward, norms)
-        runtime.save_checkpoint(out_dir / f"{name}_run", checkpoint_at, model, opt)
+        runtime.save_checkpoint(out_dir / f"{name}_run", checkpoint_at, model, optimizer=opt)
         start = checkpoint_at
     train(model, opt, range(start, STEPS), rows, runtime.loss_for_backward, norms)
     store = getattr(opt.inner, "store", None)

@@ -29,7 +29,7 @@ def test_exported_checkpoint_loads_in_transformers_with_equal_logits(family, tin
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     model(ids, labels=ids).loss.backward()  # one real step, so the checkpoint carries optimizer state too
     opt.step(1e-2)
-    ckpt = save_checkpoint(tmp_path / "run", 1, model, opt, max_shard_bytes=64 * 1024)
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, optimizer=opt, max_shard_bytes=64 * 1024)
     out = tmp_path / "hf"
     assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
     assert not list(out.glob("optimizer*")), "an export holds the model only"

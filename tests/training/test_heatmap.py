@@ -40,7 +40,7 @@ def test_heatmap_labels_its_axes_and_colour_bar():
 
 
 def test_heatmap_of_a_small_model_is_readable():
-    width, height = png_size(figure_png(load_heatmap(tiny_load(), [1, 2, 3], "expert load, steps 1-50")))
+    width, height = png_size(figure_png(load_heatmap(tiny_load(), [1, 2, 3], title="expert load, steps 1-50")))
     assert width >= 800 and height >= 450
     # many experts: the figure grows, so that each expert's column keeps its width
     wide, _ = png_size(figure_png(load_heatmap(torch.ones(4, 128), [1, 2, 3, 4])))
