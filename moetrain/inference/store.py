@@ -92,7 +92,7 @@ class HostExpertStore:
         return (self.width, self.hidden), (self.width, self.hidden), (self.hidden, self.width)
 
     @torch.no_grad()
-    def put(self, layer: int, expert: int, proj: int, weight: torch.Tensor) -> None:
+    def put(self, layer: int, expert: int, proj: int, *, weight: torch.Tensor) -> None:
         """Store projection ``proj`` (0 gate, 1 up, 2 down) of ``expert`` in ``layer``: ``weight`` (O, K), any
         dtype and device."""
         shape = self.shapes()[proj]
@@ -120,7 +120,7 @@ class HostExpertStore:
         m = _EXPERT_NAME_RE.match(name)
         if m is None:
             raise ValueError(f"{name!r} is not a routed expert's weight")
-        self.put(int(m.group(1)), int(m.group(2)), _PROJ_INDEX[m.group(3)], weight)
+        self.put(int(m.group(1)), int(m.group(2)), _PROJ_INDEX[m.group(3)], weight=weight)
 
     @classmethod
     def from_blocks(cls, blocks: list[nn.Module], *, dtype: Optional[torch.dtype] = None, quantize: bool = False,
@@ -146,7 +146,7 @@ class HostExpertStore:
         for block in blocks:
             for e, expert in enumerate(block.experts):
                 for proj, linear in enumerate((expert.gate_proj, expert.up_proj, expert.down_proj)):
-                    self.put(block.layer_idx, e, proj, linear.weight)
+                    self.put(block.layer_idx, e, proj, weight=linear.weight)
 
 
 class ShardExpertStore(HostExpertStore):
@@ -215,7 +215,7 @@ class ShardExpertStore(HostExpertStore):
         self.reads += 1
         return row, scales
 
-    def put(self, layer: int, expert: int, proj: int, weight: torch.Tensor) -> None:
+    def put(self, layer: int, expert: int, proj: int, *, weight: torch.Tensor) -> None:
         """Nothing to store: the shards are the rows (weights loaded with the model are dropped)."""
 
     def close(self) -> None:

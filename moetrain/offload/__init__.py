@@ -36,7 +36,7 @@ from moetrain.optim import DenseAdamW, OptimizerConfig, TrainOptimizer
 
 
 def build_optimizer(model: nn.Module, optim: OptimizerConfig, offload: OffloadPlan,
-                    store: Optional[Any] = None) -> TrainOptimizer:
+                    *, store: Optional[Any] = None) -> TrainOptimizer:
     """The optimizer for ``model`` under ``offload``: ``tier: none`` is plain AdamW over every parameter;
     ``cpu`` and ``nvme`` page routed experts' state (:func:`~moetrain.offload.build.build_offload_optimizer`),
     on ``store`` if one was filled while loading (:func:`~moetrain.offload.staged_init.load_into_tiers`)."""

@@ -23,7 +23,7 @@ from moetrain.optim import OptimizerConfig
 
 
 def fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], lr: float, weight_decay: float,
+                exp_avg_sqs: list[torch.Tensor], *, steps: list[torch.Tensor], lr: float, weight_decay: float,
                 cfg: OptimizerConfig, grad_scale: Optional[torch.Tensor] = None) -> None:
     """One AdamW step over fp32 tensors in place.
 
@@ -39,7 +39,7 @@ def fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
 
 
 def reference_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                    exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, weight_decay: float,
+                    exp_avg_sqs: list[torch.Tensor], *, steps: list[int], lr: float, weight_decay: float,
                     cfg: OptimizerConfig, clip_coef: Optional[torch.Tensor] = None) -> None:
     """The ops of ``torch.optim.adam._single_tensor_adam`` (decoupled decay), in the same order.
 
@@ -61,7 +61,7 @@ def reference_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_a
 
 
 def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-          exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, weight_decay: float, cfg: OptimizerConfig,
+          exp_avg_sqs: list[torch.Tensor], *, steps: list[int], lr: float, weight_decay: float, cfg: OptimizerConfig,
           clip_coef: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None) -> None:
     """One AdamW step in place: fused on CUDA (``grad_scale`` = 1/coef), the reference loop elsewhere.
 
@@ -73,10 +73,12 @@ def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
     device = params[0].device
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]  # bf16 compute grads, fp32 master
     if device.type == "cuda":
-        fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step_tensors(steps, device), lr, weight_decay, cfg,
+        fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps=step_tensors(steps, device), lr=lr,
+                    weight_decay=weight_decay, cfg=cfg,
                     grad_scale=grad_scale)
     else:
-        reference_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, weight_decay, cfg, clip_coef=clip_coef)
+        reference_adamw(params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr, weight_decay=weight_decay, cfg=cfg,
+                        clip_coef=clip_coef)
 
 
 def step_tensors(steps: list[int], device: torch.device) -> list[torch.Tensor]:
@@ -104,7 +106,7 @@ class CpuAdam:
         self.op.create_adam(self.opt_id, cfg.lr, cfg.betas[0], cfg.betas[1], cfg.eps, cfg.weight_decay, True, False)
 
     def step(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-             step: int, lr: float, weight_decay: float) -> None:
+             *, step: int, lr: float, weight_decay: float) -> None:
         """One AdamW update of the flat fp32 host tensors (``step`` is the step number after it)."""
         self.op.adam_update(self.opt_id, step, lr, self.cfg.betas[0], self.cfg.betas[1], self.cfg.eps, weight_decay,
                             True, param, grad, exp_avg, exp_avg_sq)

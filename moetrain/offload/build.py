@@ -36,7 +36,7 @@ from moetrain.optim import OptimizerConfig, decays, param_groups
 CPU_CHUNK_NUMEL = 1 << 25  # parameters per CPU-path chunk: 64 MiB of bf16 per pinned buffer, 4 of them
 
 
-def cpu_stepper_for(store: ExpertStore, cpu_adam: CpuAdam, device: torch.device, dtype: torch.dtype, *,
+def cpu_stepper_for(store: ExpertStore, cpu_adam: CpuAdam, device: torch.device, *, dtype: torch.dtype,
                     swapper: Swapper, writer: WeightWriter, chunk_numel: int = CPU_CHUNK_NUMEL,
                     stepper_cls: type[CpuStepper] = CpuStepper) -> CpuStepper:
     """The CPU step path's pipeline for ``store``: chunks of ``chunk_numel`` parameters (at least the largest
@@ -102,7 +102,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
     cpu = None
     if cpu_adam is not None:
-        stepper = cpu_stepper_for(store, cpu_adam, device, dtype, swapper=swapper, writer=writer,
+        stepper = cpu_stepper_for(store, cpu_adam, device, dtype=dtype, swapper=swapper, writer=writer,
                                   chunk_numel=cpu_chunk_numel, stepper_cls=cpu_stepper_cls)
         # on CUDA the CPU share runs in a thread beside the GPU share, whose launches are asynchronous
         pool = cpu_pool
@@ -119,10 +119,10 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
                           catch_up=CatchUp(gpu, enabled=offload.idle_experts == "dense"), telemetry=telemetry,
                           state_io=None, trace=RoutingTrace(device), rates=rates, lookahead=lookahead)
     engine.state_io = ExpertStateIO(store, swapper, HostState(store), writer, finalize=engine.finalize)
-    return attach(model, cfg, dense, engine, pager)
+    return attach(model, cfg, dense=dense, engine=engine, pager=pager)
 
 
-def attach(model: nn.Module, cfg: OptimizerConfig, dense: torch.optim.Optimizer, engine: ExpertEngine,
+def attach(model: nn.Module, cfg: OptimizerConfig, *, dense: torch.optim.Optimizer, engine: ExpertEngine,
            pager: Optional[ExpertWeightPager]) -> CompositeOptimizer:
     """Join ``dense`` and ``engine`` and attach the engine to ``model``: the seam (paged weights, routing sink)
     and one hook per MoE layer that tells the engine when backward has finished the layer."""

@@ -50,7 +50,8 @@ class CatchUp:
                     rec.step += 1
                     rec.synced_to = s + 1
                 gs = [torch.zeros_like(p) for p in ps]
-                adamw(ps, gs, ms, vs, steps, lr_history[s], cfg.weight_decay, cfg)
+                adamw(ps, gs, ms, vs, steps=steps, lr=lr_history[s], weight_decay=cfg.weight_decay, cfg=cfg)
                 for rec, flat, master, exp_avg, exp_avg_sq in decoded:
-                    self.gpu.store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step)
+                    self.gpu.store_stepped(rec, flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                                           step=rec.step)
             swapper.release(chunk)

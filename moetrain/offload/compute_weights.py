@@ -63,7 +63,7 @@ class WeightWriter:
         for p, w in zip(rec.params, rec.split(weights), strict=True):
             p.data.copy_(w, non_blocking=non_blocking)
 
-    def write_param(self, rec: ExpertRecord, idx: int, weights: torch.Tensor, elems: slice) -> None:
+    def write_param(self, rec: ExpertRecord, idx: int, weights: torch.Tensor, *, elems: slice) -> None:
         """Parameter ``idx`` of the record takes ``weights[elems]`` (the record's whole (n,) compute weights)."""
         if self.pager is not None:  # this parameter's part of the row
             self.pager.write(rec.layer, rec.expert, weights[elems], start=elems.start)

@@ -102,7 +102,7 @@ class CpuStepper:
         self.up_used[k] = True
 
     @torch.no_grad()
-    def step(self, recs: list[ExpertRecord], steps: list[int], lr: float, weight_decay: float,
+    def step(self, recs: list[ExpertRecord], steps: list[int], lr: float, *, weight_decay: float,
              coef: Optional[torch.Tensor],
              ready: Optional[torch.cuda.Event], host_state: Callable[[ExpertRecord], torch.Tensor],
              put_host_state: Callable[[ExpertRecord, torch.Tensor], None]) -> None:
@@ -137,10 +137,11 @@ class CpuStepper:
                 flat = host_state(rec)
                 master, exp_avg, exp_avg_sq = rec.parts(flat)
                 step = step_of[rec.key]
-                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, step, lr, weight_decay)
+                self.cpu_adam.step(master, grads[off:off + rec.numel], exp_avg, exp_avg_sq, step=step, lr=lr,
+                                   weight_decay=weight_decay)
                 # compressed formats: back into the record's format (nothing to do for fp32 state)
                 gen = rec.codec.record_generator(master.device, rounding_seed(rec.layer, rec.expert, step))
-                rec.codec.encode(flat, master, exp_avg, exp_avg_sq, gen)
+                rec.codec.encode(flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, generator=gen)
                 if self.write_weights is not None:
                     self.write_weights(rec, rec.codec.compute_weights(flat, master))
                 else:
@@ -189,7 +190,8 @@ class CpuShare:
     def _step(self, recs: list[ExpertRecord], steps: list[int], lr: float, ready: Optional[torch.cuda.Event],
               clip_coef: Optional[torch.Tensor]) -> None:
         coef = None if clip_coef is None else clip_coef.cpu()
-        self.stepper.step(recs, steps, lr, self.weight_decay, coef, ready, self.host.read, self.host.write)
+        self.stepper.step(recs, steps, lr, weight_decay=self.weight_decay, coef=coef, ready=ready,
+                          host_state=self.host.read, put_host_state=self.host.write)
 
     def finish(self) -> None:
         """Wait for the thread; the compute stream then waits for its weight uploads (no host sync)."""

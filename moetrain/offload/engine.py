@@ -131,7 +131,7 @@ class ExpertEngine:
             if grads:
                 sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
                 self.early_sq = sq if self.early_sq is None else self.early_sq + sq
-        self.gpu.step(gpu_recs, lr, self.clip_coef, self.grad_scale)
+        self.gpu.step(gpu_recs, lr, self.clip_coef, grad_scale=self.grad_scale)
         if early:  # the fused step was queued on this stream: memory freed here is reused only after it ran
             for rec in gpu_recs:
                 for p in rec.params:

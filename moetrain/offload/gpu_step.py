@@ -46,7 +46,7 @@ class GpuStep:
         return [recs[i:i + size] for i in range(0, len(recs), size)]
 
     def step(self, recs: list[ExpertRecord], lr: float, clip_coef: Optional[torch.Tensor] = None,
-             grad_scale: Optional[torch.Tensor] = None) -> None:
+             *, grad_scale: Optional[torch.Tensor] = None) -> None:
         """One AdamW step of ``recs`` (their ``.grad``, None read as zero) at ``lr``; ``rec.step`` is left to
         the caller. ``clip_coef``/``grad_scale``: device scalars of global-norm clipping, applied in-kernel."""
         chunks = self.chunks(recs)
@@ -66,10 +66,12 @@ class GpuStep:
                         ms.append(m)
                         vs.append(v)
                         steps.append(rec.step + 1)
-                adamw(ps, gs, ms, vs, steps, lr, self.cfg.weight_decay, self.cfg, clip_coef=clip_coef,
+                adamw(ps, gs, ms, vs, steps=steps, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
+                      clip_coef=clip_coef,
                       grad_scale=grad_scale)
                 for rec, flat, master, exp_avg, exp_avg_sq in decoded:
-                    self.store_stepped(rec, flat, master, exp_avg, exp_avg_sq, rec.step + 1)
+                    self.store_stepped(rec, flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                                       step=rec.step + 1)
             self.swapper.release(chunk)
 
     def _scratch_groups(self, pairs: list[tuple[ExpertRecord, torch.Tensor]]) -> list[list]:
@@ -89,10 +91,10 @@ class GpuStep:
             size += scratch
         return groups
 
-    def store_stepped(self, rec: ExpertRecord, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
+    def store_stepped(self, rec: ExpertRecord, flat: torch.Tensor, *, master: torch.Tensor, exp_avg: torch.Tensor,
                       exp_avg_sq: torch.Tensor, step: int) -> None:
         """Encode a stepped record's fp32 state into its format (nothing to do for fp32) and write the new
         compute weights (``step``: the record's AdamW step number after this update)."""
         generator = rec.codec.record_generator(flat.device, rounding_seed(rec.layer, rec.expert, step))
-        rec.codec.encode(flat, master, exp_avg, exp_avg_sq, generator)
+        rec.codec.encode(flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, generator=generator)
         self.writer.write(rec, rec.codec.compute_weights(flat, master))

@@ -75,7 +75,7 @@ def nearest_code(normed: torch.Tensor, signed: bool) -> torch.Tensor:
     return below[key] + (mid[key] < normed).to(torch.int32)
 
 
-def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool) -> None:
+def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, block: int, signed: bool) -> None:
     """Quantize ``x`` (n,) fp32 into codes ``q`` (n,) uint8 and per-block absmax ``scale`` (ceil(n/block),) fp32.
 
     A block of zeros keeps scale 0 (and dequantizes to zeros).
@@ -98,7 +98,7 @@ def quantize_blockwise(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bl
         q[full:].copy_(nearest_code(normed, signed))
 
 
-def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int, signed: bool,
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, *, block: int, signed: bool,
                          out: torch.Tensor) -> torch.Tensor:
     """Codes ``q`` (n,) uint8 and scales (ceil(n/block),) into ``out`` (n,) fp32; returns ``out``."""
     n = q.numel()

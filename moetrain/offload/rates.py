@@ -71,7 +71,7 @@ def measure_link(device: torch.device, nbytes: int = 64 << 20) -> tuple[float, f
     return rates[0], rates[1], rates[2]
 
 
-def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.bfloat16, codec=None) -> float:
+def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.bfloat16, *, codec=None) -> float:
     """G params/s of the CPU path's host work per parameter: upcast a ``dtype`` gradient, decode the state,
     one step of ``cpu_adam`` (a :class:`~moetrain.offload.adam.CpuAdam`), encode the state back and cast the
     new weight to ``dtype``, as :class:`~moetrain.offload.cpu_step.CpuStepper` does for a record.
@@ -94,7 +94,7 @@ def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.
         copies = max(1, min(numel // n, 16))  # records of the real size; a few of them for a small model
         flats = [torch.zeros((codec.layout.nbytes + 3) // 4, dtype=torch.float32) for _ in range(copies)]
         for flat in flats:  # a valid record: zero master and moments in the store's format
-            codec.encode(flat, torch.zeros(n), torch.zeros(n), torch.zeros(n))
+            codec.encode(flat, master=torch.zeros(n), exp_avg=torch.zeros(n), exp_avg_sq=torch.zeros(n))
         grad32, grad, weight = torch.zeros(n), torch.zeros(n, dtype=dtype), torch.empty(n, dtype=dtype)
 
         def once(step: int) -> int:
@@ -103,7 +103,7 @@ def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.
                 master, exp_avg, exp_avg_sq = codec.decode(flat)
                 cpu_adam.step(master, grad32, exp_avg, exp_avg_sq, step=step, lr=1e-3, weight_decay=0.0)
                 generator = codec.record_generator(flat.device, k + step)
-                codec.encode(flat, master, exp_avg, exp_avg_sq, generator)
+                codec.encode(flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, generator=generator)
                 weight.copy_(codec.compute_weights(flat, master))
             return n * len(flats)
 
@@ -113,7 +113,7 @@ def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.
     return done / (time.perf_counter() - t0) / 1e9
 
 
-def measure(device: torch.device, cpu_adam=None, dtype: torch.dtype = torch.bfloat16, codec=None,
+def measure(device: torch.device, cpu_adam=None, dtype: torch.dtype = torch.bfloat16, *, codec=None,
             state_bytes: float = GPU_PATH_BYTES) -> Rates:
     """Measure what this machine offers; unmeasurable rates keep their defaults.
 
@@ -129,7 +129,7 @@ def measure(device: torch.device, cpu_adam=None, dtype: torch.dtype = torch.bflo
     return rates
 
 
-def split(numels: list[int], rates: Rates, grad_bytes: int, weight_bytes: int) -> tuple[list[int], list[int]]:
+def split(numels: list[int], rates: Rates, *, grad_bytes: int, weight_bytes: int) -> tuple[list[int], list[int]]:
     """Indices of experts for the (GPU path, CPU path): each expert, largest first, goes where the step's
     finishing time max(link time of every byte queued, CPU time) grows least (ties to the GPU)."""
     up = down = cpu_s = 0.0
@@ -160,5 +160,5 @@ def split_records(recs: list, *, step_on: str, hot: set, rates: Rates) -> tuple[
     if step_on == "cpu":
         return resident, cold
     weight_bytes = cold[0].params[0].element_size()
-    gpu_idx, cpu_idx = split([r.numel for r in cold], rates, weight_bytes, weight_bytes)
+    gpu_idx, cpu_idx = split([r.numel for r in cold], rates, grad_bytes=weight_bytes, weight_bytes=weight_bytes)
     return resident + [cold[i] for i in gpu_idx], [cold[i] for i in cpu_idx]

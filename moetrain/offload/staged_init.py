@@ -28,7 +28,7 @@ from moetrain.offload.store import ExpertStore
 
 
 def load_into_tiers(path: str | Path, offload: OffloadPlan, device: torch.device,
-                    progress: Optional[bool] = None, train: Any = None) -> tuple[MoEForCausalLM, ExpertStore]:
+                    *, progress: Optional[bool] = None, train: Any = None) -> tuple[MoEForCausalLM, ExpertStore]:
     """(model in train mode on ``device``, its expert store with every master written) from ``path``.
 
     ``progress``: report the store filling on stderr (None: for stores of 1 GiB or more; see

@@ -169,7 +169,8 @@ class StateCodec:
         out = torch.empty(self.layout.numel, dtype=torch.float32, device=flat.device)
         scale = v["m_scale" if which == "exp_avg" else "v_scale"]
         for elems, blocks in self.whole:
-            dequantize_blockwise(v[which][elems], scale[blocks], self.layout.block, which == "exp_avg", out[elems])
+            dequantize_blockwise(v[which][elems], scale[blocks], block=self.layout.block, signed=which == "exp_avg",
+                                 out=out[elems])
         return out
 
     def decode(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,9 +206,10 @@ class StateCodec:
 
         scale = v["m_scale" if which == "exp_avg" else "v_scale"]
         for elems, blocks in self.whole:
-            quantize_blockwise(value[elems], v[which][elems], scale[blocks], self.layout.block, which == "exp_avg")
+            quantize_blockwise(value[elems], v[which][elems], scale[blocks], block=self.layout.block,
+                               signed=which == "exp_avg")
 
-    def encode(self, flat: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    def encode(self, flat: torch.Tensor, *, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                generator: torch.Generator | None = None) -> None:
         """Store the stepped fp32 state back into the record."""
         self.encode_master(flat, master, generator)

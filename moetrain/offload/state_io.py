@@ -120,7 +120,7 @@ class ExpertStateIO:
                 master = master.clone()
             _copy_checked(master[elems].view(rec.shapes[idx]), tensor, label)
             rec.codec.encode_master(flat, master)
-            self.writer.write_param(rec, idx, rec.codec.compute_weights(flat, master), elems)
+            self.writer.write_param(rec, idx, rec.codec.compute_weights(flat, master), elems=elems)
         elif tensor.dtype == views[which].dtype:  # the stored format itself: copied as is
             _copy_checked(views[which][elems].view(rec.shapes[idx]), tensor, label)
         elif tensor.dtype == torch.uint8:

@@ -213,7 +213,7 @@ class ExpertWeightPager:
                 buf.rows.discard(expert)
 
     @torch.no_grad()
-    def write(self, layer: int, expert: int, weights: torch.Tensor, start: int = 0) -> None:
+    def write(self, layer: int, expert: int, weights: torch.Tensor, *, start: int = 0) -> None:
         """Replace expert ``expert`` of ``layer``'s weights from element ``start`` on by ``weights`` (flat, in
         record order: (P,) for the whole row, or one parameter's part; any dtype, on the device or in host
         memory). From the device the copy is queued on the current stream (no host sync); the next page-in

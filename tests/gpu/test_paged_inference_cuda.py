@@ -45,7 +45,7 @@ def _experts(quantize: bool) -> tuple[PagedExperts, list[tuple[torch.Tensor, ...
     store = HostExpertStore([0], E, H, WIDTH, dtype=torch.bfloat16, quantize=quantize, pin=True)
     for e in range(E):
         for proj, shape in enumerate(store.shapes()):
-            store.put(0, e, proj, torch.randn(shape) * 0.2)
+            store.put(0, e, proj, weight=torch.randn(shape) * 0.2)
     cache = ExpertCache(store, SLOTS, torch.device("cuda"), staging_slots=1)
     served = []
     for e in range(E):

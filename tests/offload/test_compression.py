@@ -52,7 +52,8 @@ class RoundedAdamW(DenseAdamW):
             m = torch.cat([s["exp_avg"].reshape(-1) for s in states])
             v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in states])
             step = int(states[0]["step"])
-            codec.encode(flat, w, m, v, codec.record_generator(w.device, rounding_seed(layer, expert, step)))
+            generator = codec.record_generator(w.device, rounding_seed(layer, expert, step))
+            codec.encode(flat, master=w, exp_avg=m, exp_avg_sq=v, generator=generator)
             w2, m2, v2 = codec.decode(flat)
             at = 0
             for p, s in zip(ps, states, strict=True):

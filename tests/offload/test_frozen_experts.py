@@ -73,7 +73,8 @@ def test_frozen_experts_have_no_state_and_the_rest_equals_torch_adamw(tmp_path, 
         opt.pager.write = lambda layer, e, *a, **k: (written.add((layer, e)), write(layer, e, *a, **k))[1]
     if opt.engine.cpu is not None:
         cpu_step = opt.engine.cpu.stepper.step
-        opt.engine.cpu.stepper.step = lambda recs, *a: (stepped.update(r.key for r in recs), cpu_step(recs, *a))[1]
+        opt.engine.cpu.stepper.step = lambda recs, *a, **k: (stepped.update(r.key for r in recs),
+                                                             cpu_step(recs, *a, **k))[1]
     grads_seen: list[bool] = []
 
     def check_grads(m):

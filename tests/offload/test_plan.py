@@ -360,7 +360,7 @@ def test_streamed_load_lets_mixtral_load_on_an_h200_machine():
     assert 4 * dense + 2 * expert < h200.gpu < 4 * (dense + expert)
     fp32 = fit_options(config, h200, 2048, streamed_load=False)
     assert not any(c.plan.fits_all() for c in fp32) and all(c.plan.fits()["gpu"] is False for c in fp32)
-    choice = best_fit(config, h200, 2048)
+    choice = best_fit(config, h200, micro_batch_tokens=2048)
     assert choice is not None and choice.plan.streamed_load and choice.layerwise_grads
     assert choice.plan.gpu_load_bytes == 4 * dense + 2 * expert < choice.plan.gpu_bytes <= h200.gpu
 
@@ -388,7 +388,7 @@ def test_paged_compute_weights_are_the_last_resort_that_fits_a_smaller_gpu():
     machine = Machine(gpu=64 * GiB, host=512 * GiB, disk=1024 * GiB)
     options = fit_options(config, machine, 2048)
     assert not any(c.plan.fits_all() for c in options if not c.paged_weights)
-    choice = best_fit(config, machine, 2048)
+    choice = best_fit(config, machine, micro_batch_tokens=2048)
     assert choice is not None and choice.paged_weights and "resident_weights no" in choice.describe()
     n_moe = len(config.moe_layers)
     assert choice.plan.gpu_load_bytes == 4 * dense + int(2 * expert * 2 / n_moe)

@@ -61,8 +61,8 @@ def test_checkpoint_bytes_are_what_a_save_writes(tmp_path, tier, master, moments
     dense, expert, _ = count_parameters(model.config)
     params = {name for name, _ in model.named_parameters()}
     buffers = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name not in params)
-    assert buffers < 1e-2 * checkpoint_bytes(dense, expert, off)
-    assert tensor_bytes(ckpt) == checkpoint_bytes(dense, expert, off) + buffers
+    assert buffers < 1e-2 * checkpoint_bytes(dense, expert, offload=off)
+    assert tensor_bytes(ckpt) == checkpoint_bytes(dense, expert, offload=off) + buffers
     if hasattr(opt, "close"):
         opt.close()
 
@@ -85,7 +85,7 @@ def test_checkpoints_on_disk_are_the_most_the_rotation_leaves(tmp_path, every, m
         most = max(most, sum(1 for p in root.iterdir() if p.is_dir()))
         if keep_last:
             rotate(root, keep_last)
-    assert checkpoints_on_disk(every, max_steps, save_final, keep_last)[0] == most
+    assert checkpoints_on_disk(every, max_steps, save_final=save_final, keep_last=keep_last)[0] == most
 
 
 def test_checkpoint_defaults_are_the_callbacks():
@@ -119,7 +119,7 @@ def test_disk_tier_counts_the_model_directory_the_swap_and_the_checkpoints(tmp_p
     off = resolve_section(recipe["model"]["offload"])
     plan = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=64 * GiB, disk_free=GiB)
     assert plan.nvme_bytes > 0 and "nvme" not in plan.fits()  # one disk: the swap is part of the disk tier
-    one = checkpoint_bytes(dense, expert, off)
+    one = checkpoint_bytes(dense, expert, offload=off)
     assert plan.disk_bytes == 2 * (dense + expert) + plan.nvme_bytes + 2 * one
     rows = {what: n for tier, what, n in plan.breakdown if tier == "disk"}
     assert rows == {"expert state (NVMe swap)": plan.nvme_bytes, "checkpoints: 2 x 0.00 GiB": 2 * one,
@@ -136,7 +136,7 @@ def test_disk_tier_counts_the_model_directory_the_swap_and_the_checkpoints(tmp_p
     shards = sum(f.stat().st_size for f in downloaded.glob("*.safetensors"))
     given = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=64 * GiB, disk_free=GiB)
     dense, expert, _ = count_parameters(load_config(downloaded))  # the downloaded shape, not the preset's
-    one = checkpoint_bytes(dense, expert, off)
+    one = checkpoint_bytes(dense, expert, offload=off)
     assert given.disk_bytes == shards + given.nvme_bytes + 2 * one
     measured = plan_from_recipe(recipe, gpu_capacity=GiB, host_capacity=64 * GiB)
     assert measured.disk_bytes == measured.nvme_bytes + 2 * one

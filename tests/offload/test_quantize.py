@@ -56,8 +56,8 @@ def test_blockwise_quantizer_picks_the_nearest_code(signed, n, block):
     x = wide_range(n, signed)
     q = torch.empty(n, dtype=torch.uint8)
     scale = torch.empty(-(-n // block), dtype=torch.float32)
-    quantize_blockwise(x, q, scale, block, signed)
-    got = dequantize_blockwise(q, scale, block, signed, torch.empty(n)).double()
+    quantize_blockwise(x, q, scale, block=block, signed=signed)
+    got = dequantize_blockwise(q, scale, block=block, signed=signed, out=torch.empty(n)).double()
     ref, ref_dist = reference_quantize(x, block, signed)
     scales = torch.repeat_interleave(scale.double(), block)[:n]
     # the chosen code is the nearest one (ties decided by fp32 rounding of x / absmax)
@@ -75,18 +75,18 @@ def test_quantizing_a_dequantized_block_is_exact(signed):
     n, block = 2048, 256
     x = wide_range(n, signed, seed=3)
     q, scale = torch.empty(n, dtype=torch.uint8), torch.empty(n // block)
-    quantize_blockwise(x, q, scale, block, signed)
-    y = dequantize_blockwise(q, scale, block, signed, torch.empty(n))
+    quantize_blockwise(x, q, scale, block=block, signed=signed)
+    y = dequantize_blockwise(q, scale, block=block, signed=signed, out=torch.empty(n))
     q2, scale2 = torch.empty_like(q), torch.empty_like(scale)
-    quantize_blockwise(y, q2, scale2, block, signed)
+    quantize_blockwise(y, q2, scale2, block=block, signed=signed)
     assert torch.equal(q, q2) and torch.equal(scale, scale2)
 
 
 def test_zero_block_stays_zero():
     x = torch.zeros(512)
     q, scale = torch.empty(512, dtype=torch.uint8), torch.empty(2)
-    quantize_blockwise(x, q, scale, 256, signed=False)
-    assert torch.equal(dequantize_blockwise(q, scale, 256, False, torch.empty(512)), x)
+    quantize_blockwise(x, q, scale, block=256, signed=False)
+    assert torch.equal(dequantize_blockwise(q, scale, block=256, signed=False, out=torch.empty(512)), x)
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
@@ -130,7 +130,7 @@ def test_record_codec_round_trip_and_size(master, moments):
     flat = torch.zeros(-(-layout.nbytes // 4), dtype=torch.float32)
     n = sum(sizes)
     w, m, v = wide_range(n, True, 1), wide_range(n, True, 2) * 1e-3, wide_range(n, False, 3) * 1e-6
-    codec.encode(flat, w, m, v, torch.Generator().manual_seed(0))
+    codec.encode(flat, master=w, exp_avg=m, exp_avg_sq=v, generator=torch.Generator().manual_seed(0))
     w2, m2, v2 = codec.decode(flat)
     tol = {"fp32": 0.0, "bf16": 2**-8, "int8": 0.9 / 64}[moments]  # relative to the value / the block maximum
     scale = 1.0 if moments != "int8" else 0.0
@@ -140,7 +140,7 @@ def test_record_codec_round_trip_and_size(master, moments):
     assert ((w2 - w).abs() <= wtol * w.abs()).all()
     # encoding what was decoded changes nothing (checkpoints resume exactly)
     again = flat.clone()
-    codec.encode(again, w2, m2, v2, None)
+    codec.encode(again, master=w2, exp_avg=m2, exp_avg_sq=v2, generator=None)
     assert torch.equal(codec.decode(again)[1], m2) and torch.equal(codec.decode(again)[2], v2)
     assert torch.equal(codec.decode(again)[0], w2)
 

@@ -115,7 +115,7 @@ def test_zero_moments_equal_the_codec_encoding_of_zero(master, moments):
     assert torch.equal(fresh, reference)
     encoded = torch.full((layout.nbytes,), 0x5A, dtype=torch.uint8)
     zero = torch.zeros(layout.numel)
-    codec.encode(encoded, torch.cat(weights), zero, zero)
+    codec.encode(encoded, master=torch.cat(weights), exp_avg=zero, exp_avg_sq=zero)
     for which in ("exp_avg", "exp_avg_sq"):
         got, want = codec.decode_moment(fresh, which), codec.decode_moment(encoded, which)
         assert torch.equal(got, want) and torch.equal(got, zero)

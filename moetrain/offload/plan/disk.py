@@ -59,7 +59,7 @@ class Storage:
 
 
 
-def checkpoint_bytes(dense: int, expert: int, offload: OffloadPlan, trained_expert: Optional[int] = None) -> int:
+def checkpoint_bytes(dense: int, expert: int, *, offload: OffloadPlan, trained_expert: Optional[int] = None) -> int:
     """Bytes of one checkpoint's tensors (training/checkpoint.py, training/optimizer_state.py): every weight in
     fp32 (the offloaded experts' masters are decoded to fp32 whatever their stored format), the dense AdamW
     moments in fp32 (8 B/param), and the routed experts' moments as the store keeps them (fp32 8 B, bf16 4 B,
@@ -74,7 +74,7 @@ def checkpoint_bytes(dense: int, expert: int, offload: OffloadPlan, trained_expe
     return LOAD_BYTES_PER_PARAM * (dense + expert) + 8 * dense + math.ceil(moments * trained)
 
 
-def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], save_final: bool,
+def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], *, save_final: bool,
                         keep_last: int) -> tuple[int, str]:
     """(checkpoints on disk at once, why) for a run's ``checkpoint`` section and ``trainer.max_steps``.
 
@@ -151,7 +151,7 @@ def recipe_storage(recipe: dict[str, Any], model_config: ModelConfig,
     trainer = recipe.get("trainer") or {}
     section = {**CHECKPOINT_DEFAULTS, **(recipe.get("checkpoint") or {})}
     kept, why = checkpoints_on_disk(int(section["every_n_steps"]), trainer.get("max_steps", -1),
-                                    bool(section["save_final"]), int(section["keep_last"]))
+                                    save_final=bool(section["save_final"]), keep_last=int(section["keep_last"]))
     run_dir = Path(trainer.get("default_root_dir") or ".")
     measured = disk_free is None
     init_from, model_dir, shard = model.get("init_from"), ("", 0), HF_SHARD_BYTES

@@ -119,7 +119,7 @@ def plan_expert_share(plan: Plan) -> Optional[float]:
     return plan.trained_experts / plan.total_experts
 
 
-def best_fit(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096,
+def best_fit(model_config: ModelConfig, machine: Machine, *, micro_batch_tokens: int = 4096,
              expert_share: Optional[float] = None) -> Optional[FitChoice]:
     """The first placement of :func:`fit_options` under which every tier fits, or None."""
     options = fit_options(model_config, machine, micro_batch_tokens, expert_share=expert_share)
@@ -136,7 +136,8 @@ def largest_preset(machine: Machine, micro_batch_tokens: int = 4096, expert_shar
                    ) -> list[tuple[ModelConfig, Optional[FitChoice]]]:
     """Each preset, largest first, with the placement under which it fits one GPU of ``machine`` (or None).
     The first entry with a placement is the answer."""
-    return [(config, best_fit(config, machine, micro_batch_tokens, expert_share)) for config in presets()]
+    return [(config, best_fit(config, machine, micro_batch_tokens=micro_batch_tokens,
+                              expert_share=expert_share)) for config in presets()]
 
 
 def _largest_answer(results: list[tuple[ModelConfig, Optional[FitChoice]]]) -> Optional[tuple[ModelConfig, FitChoice]]:

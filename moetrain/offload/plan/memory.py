@@ -207,7 +207,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         host_load = host
         host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
             ": host memory holds the pinned expert state" if pinned else "")
-    one = checkpoint_bytes(dense, expert, off, trained_expert=trained_params)
+    one = checkpoint_bytes(dense, expert, offload=off, trained_expert=trained_params)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
                              f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
