@@ -195,3 +195,41 @@ def test_models_keep_no_thread_local_or_global_state():
              for number, line in enumerate(path.read_text().splitlines(), 1)
              if "threading.local" in line or line.lstrip().startswith("global ")]
     assert not found, "\n".join(found)
+
+
+# Public functions whose positional parameters are fixed by something outside this package, or are one
+# parallel group that reads best in order: (file, name) -> the positional parameters allowed.
+POSITIONAL_ALLOWED = {
+    # the seam's ExpertWeights.run protocol method and its implementations (models/seam.py)
+    ("moetrain/models/seam.py", "run"): 5,
+    ("moetrain/offload/weight_pager.py", "run"): 5,
+    ("moetrain/offload/paged_experts.py", "run_paged"): 6,  # the pager, then run's parameters
+    # a Jinja filter: the template engine passes json's arguments by position
+    ("moetrain/training/chat.py", "tojson"): 5,
+    # AdamW over four parallel lists (or tensors) of the same experts: params, grads, exp_avgs, exp_avg_sqs
+    ("moetrain/offload/adam.py", "fused_adamw"): 4,
+    ("moetrain/offload/adam.py", "reference_adamw"): 4,
+    ("moetrain/offload/adam.py", "adamw"): 4,
+    ("moetrain/offload/adam.py", "step"): 4,
+}
+
+
+def _framework_signature(name: str) -> bool:
+    """Signatures torch and Lightning call: nn.Module/autograd.Function forward and backward, Lightning hooks."""
+    return name in ("forward", "backward") or name.startswith("on_")
+
+
+def test_public_functions_take_at_most_three_positional_parameters():
+    """Past three (self, cls and ctx not counted), parameters are keyword-only so that call sites read by name."""
+    wide = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(PACKAGE.parent).as_posix())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            if _framework_signature(node.name):
+                continue
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls", "ctx")]
+            if len(positional) > POSITIONAL_ALLOWED.get((where, node.name), 3):
+                wide.append(f"{where}:{node.lineno} {node.name}({', '.join(positional)})")
+    assert not wide, "make the parameters past the third keyword-only (`*`):\n" + "\n".join(wide)
