@@ -42,6 +42,24 @@ def repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """Run ``moetrain`` in-process from the repository root; returns (exit status, stderr)."""
+    from moetrain.cli import main
+
+    monkeypatch.chdir(REPO)
+    threads = torch.get_num_threads()
+
+    def _run(*args: str) -> tuple[int, str]:
+        try:
+            code = main(list(args))
+        finally:
+            torch.set_num_threads(threads)  # the recipe's cpu_threads must not leak into the next call
+        return code, capsys.readouterr().err
+
+    return _run
+
+
 def _randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
     """Re-draw every parameter so that no test passes on an initialisation symmetry: matrices N(0, std),
     norm weights 1 + N(0, std), other vectors (biases) N(0, std). Routers get decisive, untied logits."""

@@ -137,22 +137,6 @@ def test_resume_from_last(tiny_run):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-@pytest.fixture
-def run_main(capsys, monkeypatch):
-    """Run ``moetrain`` in-process from the repository root; returns (exit status, stderr)."""
-    monkeypatch.chdir(REPO)
-    threads = torch.get_num_threads()
-
-    def _run(*args: str) -> tuple[int, str]:
-        try:
-            code = main(list(args))
-        finally:
-            torch.set_num_threads(threads)  # the recipe's cpu_threads must not leak into other tests
-        return code, capsys.readouterr().err
-
-    return _run
-
-
 def assert_one_paragraph(err: str, *needles: str) -> None:
     assert "Traceback" not in err
     text = err.strip()
