@@ -45,7 +45,7 @@ from moetrain.inference.cache import ExpertCache, slots_for_budget
 from moetrain.inference.config import InferenceConfig
 from moetrain.inference.store import HostExpertStore, ShardExpertStore
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.experts import dispatch, grouped_mm_available, grouped_swiglu_forward
+from moetrain.models.experts import choose_grouped, dispatch, grouped_swiglu_forward
 from moetrain.models.router import Routing, TopKRouter
 
 _EXPERT_PARAM = ".mlp.experts."
@@ -97,14 +97,9 @@ class PagedExperts(nn.Module):
 
     def use_grouped(self, x_sorted: torch.Tensor, tokens: int) -> bool:
         """Whether this call runs grouped GEMMs (see the module docstring): ``x_sorted`` (N, H), ``tokens`` T."""
-        if self.impl == "loop":
-            return False
-        if self.impl == "grouped":
-            if not hasattr(torch, "_grouped_mm"):
-                raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm (torch >= 2.8); use 'auto' or 'loop'")
-            return True
-        return tokens >= GROUPED_MIN_TOKENS and grouped_mm_available(x_sorted, self.hidden_size,
-                                                                     self.intermediate_size)
+        if self.impl == "auto" and tokens < GROUPED_MIN_TOKENS:
+            return False  # decode: the per-expert loop over the few routed experts
+        return choose_grouped(self.impl, x_sorted, hidden=self.hidden_size, width=self.intermediate_size)
 
     def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing`` (a training

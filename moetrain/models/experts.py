@@ -83,6 +83,18 @@ def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
     )
 
 
+def choose_grouped(impl: str, x: torch.Tensor, *, hidden: int, width: int) -> bool:
+    """Whether expert ``impl`` (``auto``, ``grouped`` or ``loop``) runs grouped GEMMs on rows ``x`` (N, H):
+    ``grouped`` forces them (the CPU too, for tests), ``auto`` takes them where :func:`grouped_mm_available`."""
+    if impl == "loop":
+        return False
+    if impl == "grouped":
+        if not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm (torch >= 2.8); use 'auto' or 'loop'")
+        return True
+    return grouped_mm_available(x, hidden, width)
+
+
 def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, *, wg: torch.Tensor, wu: torch.Tensor,
                            wd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (N, H), g (N, I), u (N, I)) of every expert's SwiGLU over expert-sorted rows ``x`` (N, H);
@@ -198,13 +210,7 @@ class RoutedExperts(nn.ModuleList):
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         """``auto`` takes the grouped path where it is fast; ``grouped`` forces it (CPU too, for tests)."""
-        if self.impl == "loop":
-            return False
-        if self.impl == "grouped":
-            if not hasattr(torch, "_grouped_mm"):
-                raise RuntimeError("expert impl 'grouped' needs torch._grouped_mm (torch >= 2.8); use 'auto' or 'loop'")
-            return True
-        return grouped_mm_available(x, self.hidden_size, self.intermediate_size)
+        return choose_grouped(self.impl, x, hidden=self.hidden_size, width=self.intermediate_size)
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(E, I, H), (E, I, H), (E, H, I) tensors whose slices ARE the experts' parameters.
