@@ -54,7 +54,7 @@ def preflight(path: str, needed_bytes: int) -> Path:
     folder = Path(path)
     if not folder.exists():
         raise NvmeError(f"model.offload.nvme.path={path!r} does not exist: create the folder on a fast local disk "
-                        "or point nvme_path at one")
+                        "or point it at one")
     if not folder.is_dir():
         raise NvmeError(f"model.offload.nvme.path={path!r} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
