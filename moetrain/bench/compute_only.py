@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import yaml
 
+from moetrain.bench.stream_overlap import length, union
 from moetrain.config import ModelConfig
 from moetrain.models.random_init import build_random
 from moetrain.training.telemetry import peak_flops, training_flops_per_token
@@ -63,18 +64,8 @@ def kernel_breakdown(prof: torch.profiler.profile) -> dict[str, float]:
         end = ev.time_range.end
         spans.append((start, end))
         per[family(ev.name)] += (end - start) / 1e6
-    spans.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    busy = length(union(spans))
+    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
     out = {f"gpu_{k}_s": round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
     out.update(gpu_busy_s=round(busy / 1e6, 4), gpu_span_s=round(span / 1e6, 4),
                gpu_idle_share=round(1 - busy / span, 4) if span else 0.0)

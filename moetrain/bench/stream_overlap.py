@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -21,7 +21,7 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def _length(intervals: list[tuple[float, float]]) -> float:
+def length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
@@ -44,17 +44,17 @@ def overlap_summary(events: list[tuple[str, float, float]]) -> dict[str, float]:
     Returns seconds busy per kind, seconds where both copy directions ran, where copies ran under
     compute, and the span of the trace.
     """
-    by = {k: _union([(s, e) for kind, s, e in events if kind == k]) for k in ("h2d", "d2h", "kernel")}
-    copies = _union(by["h2d"] + by["d2h"])
+    by = {k: union([(s, e) for kind, s, e in events if kind == k]) for k in ("h2d", "d2h", "kernel")}
+    copies = union(by["h2d"] + by["d2h"])
     span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0.0
     return {
         "span_s": span / 1e6,
-        "h2d_busy_s": _length(by["h2d"]) / 1e6,
-        "d2h_busy_s": _length(by["d2h"]) / 1e6,
-        "compute_busy_s": _length(by["kernel"]) / 1e6,
-        "both_directions_s": _length(_intersect(by["h2d"], by["d2h"])) / 1e6,
-        "copies_busy_s": _length(copies) / 1e6,
-        "copies_under_compute_s": _length(_intersect(copies, by["kernel"])) / 1e6,
+        "h2d_busy_s": length(by["h2d"]) / 1e6,
+        "d2h_busy_s": length(by["d2h"]) / 1e6,
+        "compute_busy_s": length(by["kernel"]) / 1e6,
+        "both_directions_s": length(_intersect(by["h2d"], by["d2h"])) / 1e6,
+        "copies_busy_s": length(copies) / 1e6,
+        "copies_under_compute_s": length(_intersect(copies, by["kernel"])) / 1e6,
     }
 
 
