@@ -1,7 +1,7 @@
 """The one seam between the model and an offload engine: what the model calls, never what it imports.
 
-The model knows two small protocols and nothing of the engine behind them; both are attached once, by
-:meth:`~moetrain.models.decoder.MoEForCausalLM.attach_offload`:
+The model knows three small protocols and nothing of the engine behind them; the first two are attached once,
+by :meth:`~moetrain.models.decoder.MoEForCausalLM.attach_offload`:
 
 * :class:`ExpertWeights`: where the routed experts' compute weights live when they are not the model's
   parameters (``resident_weights: no``: host memory, paged onto the device per active expert). The
@@ -10,6 +10,10 @@ The model knows two small protocols and nothing of the engine behind them; both 
   for look-ahead), before the experts run; evaluation forwards too (``torch.is_grad_enabled()`` tells them
   apart: an engine that catches idle experts up must do so before they compute). The recomputation that activation
   checkpointing makes in backward is not reported again.
+
+A third, :class:`BackwardSink`, is attached per MoE block (:meth:`~moetrain.models.moe.MoEBlock.notify_backward`):
+told when backward has finished the layer, for layers whose router does not train (a trained router's weight
+gradient is that signal without the model's help).
 
 "recomputing" (this forward is that re-run) is an argument passed down the layers, not ambient state.
 """
@@ -47,3 +51,11 @@ class RoutingSink(Protocol):
 
     def routed(self, layer: int, routing: Routing, hidden: torch.Tensor) -> None:
         """``routing.counts`` (E,) are the tokens ``layer`` sent to each expert; ``hidden`` (T, H) its input."""
+
+
+class BackwardSink(Protocol):
+    """Told when backward has finished an MoE layer: the gradient of the layer's input is computed, so every
+    gradient of the layer (router, routed and shared experts) is final for this backward."""
+
+    def backward_done(self, layer: int) -> None:
+        """Backward has finished ``layer`` (once per backward that reaches it: every micro-batch's)."""

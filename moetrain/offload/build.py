@@ -1,7 +1,7 @@
 """Assembles the offload optimizer from its parts: the one place that constructs them (tests construct their own).
 
 Order matters in two places: the store takes its fp32 masters from the model before the compute weights are
-cast (or moved into the pager), and the engine is attached to the model (routing sink, backward hooks) last.
+cast (or moved into the pager), and the engine is attached to the model (routing sink, backward signals) last.
 """
 
 from __future__ import annotations
@@ -125,9 +125,20 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
 def attach(model: nn.Module, cfg: OptimizerConfig, *, dense: torch.optim.Optimizer, engine: ExpertEngine,
            pager: Optional[ExpertWeightPager]) -> CompositeOptimizer:
     """Join ``dense`` and ``engine`` and attach the engine to ``model``: the seam (paged weights, routing sink)
-    and one hook per MoE layer that tells the engine when backward has finished the layer."""
+    and one signal per MoE layer that tells the engine when backward has finished the layer.
+
+    The signal is the router weight's post-accumulate-grad hook where the router trains (the router's backward
+    runs after the experts'), else the gradient of the block's input (``MoEBlock.notify_backward``: after every
+    part of the layer). Neither reads the routed experts' parameters: their gradients need not be accumulated
+    into them. A frozen-router layer whose input needs no gradient (everything before it frozen) gets no signal
+    and is stepped in step(); its backward is then the last of the step's anyway.
+    """
     model.attach_offload(weights=pager, routing=engine)
-    # a frozen router accumulates no gradient: its layer is stepped in step() (nothing is prefetched under backward)
-    hooks = [b.gate.weight.register_post_accumulate_grad_hook(lambda _p, layer=b.layer_idx: engine.backward_done(layer))
-             for b in model.moe_blocks() if b.gate.weight.requires_grad]
+    hooks = []
+    for block in model.moe_blocks():
+        if block.gate.weight.requires_grad:
+            hooks.append(block.gate.weight.register_post_accumulate_grad_hook(
+                lambda _p, layer=block.layer_idx: engine.backward_done(layer)))
+        else:
+            hooks.append(block.notify_backward(engine))
     return CompositeOptimizer(model, cfg, dense, engine, hooks=hooks)
