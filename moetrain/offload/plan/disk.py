@@ -59,19 +59,21 @@ class Storage:
 
 
 
-def checkpoint_bytes(dense: int, expert: int, *, offload: OffloadPlan, trained_expert: Optional[int] = None) -> int:
+def checkpoint_bytes(dense: int, expert: int, *, offload: OffloadPlan, trained_expert: Optional[int] = None,
+                     trained_dense: Optional[int] = None) -> int:
     """Bytes of one checkpoint's tensors (training/checkpoint.py, training/optimizer_state.py): every weight in
     fp32 (the offloaded experts' masters are decoded to fp32 whatever their stored format), the dense AdamW
     moments in fp32 (8 B/param), and the routed experts' moments as the store keeps them (fp32 8 B, bf16 4 B,
     int8 2 B plus one fp32 scale a block of each). The configs, trainer state and tokenizer copy are kilobytes
-    to megabytes and are left out. ``trained_expert``: routed-expert parameters that train (None: all); frozen
-    experts have weights in a checkpoint but no moments."""
+    to megabytes and are left out. ``trained_expert`` / ``trained_dense``: routed-expert / dense parameters that
+    train (None: all); frozen ones have weights in a checkpoint but no moments."""
     if offload.tier == "none":
         moments = 8.0
     else:
         moments = state_bytes_per_param("fp32", offload.moments, offload.quant_block) - 4
     trained = expert if trained_expert is None else trained_expert
-    return LOAD_BYTES_PER_PARAM * (dense + expert) + 8 * dense + math.ceil(moments * trained)
+    dense_moments = 8 * (dense if trained_dense is None else trained_dense)
+    return LOAD_BYTES_PER_PARAM * (dense + expert) + dense_moments + math.ceil(moments * trained)
 
 
 def checkpoints_on_disk(every_n_steps: int, max_steps: Optional[int], *, save_final: bool,

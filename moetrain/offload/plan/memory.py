@@ -1,13 +1,14 @@
 """Bytes per tier of one model under one offload config: :func:`make_plan`, the core of ``moetrain plan``.
 
-Per parameter, on the GPU: dense parameters keep fp32 weights, grads and two moments (16 B) plus the bf16 copies
-autocast makes of their matrices (2 B); routed experts keep compute weights (``compute_dtype``: 2 B in bf16, the
-default on a GPU, 4 B in fp32) and, with the grouped GEMM path, a gradient of the same size for every expert, or
-only one MoE layer's when layers are stepped and their gradients freed under backward
-(:func:`~moetrain.offload.schedule.layerwise_grads`); the device slots of state being stepped (``gpu_budget_gb``,
-:func:`~moetrain.offload.schedule.num_state_slots`); the hot-expert state cache (``hot_cache_gb``, null: what is
-left); an estimate of the activations of one micro-batch
-(:mod:`.activations`); and a reserve for the CUDA context and allocator slack. The routed experts' master weights
+Per parameter, on the GPU: dense parameters keep fp32 weights, grads and two moments (16 B), or only the fp32
+weight (4 B) in a group ``model.train`` freezes (:mod:`.trained`), plus the bf16 copies autocast makes of their
+matrices (2 B, frozen or not: they are still computed with); routed experts keep compute weights
+(``compute_dtype``: 2 B in bf16, the default on a GPU, 4 B in fp32) and, with the grouped GEMM path, a gradient of
+the same size for every expert, or only one MoE layer's when layers are stepped and their gradients freed under
+backward (:func:`~moetrain.offload.schedule.layerwise_grads`); the device slots of state being stepped
+(``gpu_budget_gb``, :func:`~moetrain.offload.schedule.num_state_slots`); the hot-expert state cache
+(``hot_cache_gb``, null: what is left); an estimate of the activations of one micro-batch (:mod:`.activations`);
+and a reserve for the CUDA context and allocator slack. The routed experts' master weights
 and moments take ``state_bytes_per_param`` bytes (12 in fp32; 4.03 for bf16 masters with int8 moments) in host
 memory up to ``cpu_budget_gb``, and on NVMe past it.
 
@@ -45,6 +46,7 @@ from moetrain.offload.plan.assumptions import (
 from moetrain.offload.plan.disk import SAVE_SHARDS_IN_FLIGHT, Storage, checkpoint_bytes
 from moetrain.offload.plan.report import Plan
 from moetrain.offload.plan.step_time import compute_seconds, step_traffic
+from moetrain.offload.plan.trained import dense_group_params
 from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
 from moetrain.offload.schedule import num_state_slots
 from moetrain.offload.state_format import state_bytes_per_param
@@ -90,7 +92,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
               streamed_load: bool = False, activation_checkpointing: bool = False,
               from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None,
-              trained_experts: Optional[int] = None, selection_source: Optional[str] = None) -> Plan:
+              trained_experts: Optional[int] = None, selection_source: Optional[str] = None,
+              frozen_groups: tuple[str, ...] = ()) -> Plan:
     """Plan ``model_config`` under ``offload_config`` for ``tokens_per_step`` tokens per optimizer step.
 
     Args:
@@ -118,6 +121,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             and weights written back, and a weight-gradient GEMM; frozen experts' weights are still computed
             with (and paged for it under ``resident_weights: no``). ``selection_source``: where the count
             comes from, for the report.
+        frozen_groups: dense ``model.train`` groups that do not train (:func:`.frozen_dense_groups`): their
+            parameters keep only the fp32 weight (no gradient, no moments, none in a checkpoint) and have no
+            weight-gradient GEMM.
     """
     dense, expert, per_expert = count_parameters(model_config)
     n_moe = len(model_config.moe_layers)
@@ -125,6 +131,10 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     trained = total_experts if trained_experts is None else max(0, min(trained_experts, total_experts))
     fraction = trained / total_experts if total_experts else 1.0
     trained_params = round(expert * fraction)  # every routed expert has the same shape
+    groups = dense_group_params(model_config)
+    frozen_groups = tuple(g for g in frozen_groups if groups.get(g))  # a group the model lacks freezes nothing
+    frozen_dense = sum(groups[g] for g in frozen_groups)
+    trained_dense = dense - frozen_dense
     storage = storage if storage is not None else Storage()
     gpu_cap, host_cap = machine_capacity()
     gpu_capacity = gpu_capacity if gpu_capacity is not None else gpu_cap
@@ -139,11 +149,19 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     record = align_up(math.ceil(bpp * per_expert))
     state = record * trained
     micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
-    rows: list[tuple[str, str, int]] = [("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * dense),
-                                        ("gpu", "dense matrices: bf16 autocast copies", 2 * dense)]
+    rows: list[tuple[str, str, int]] = []
+    if trained_dense:
+        rows.append(("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * trained_dense))
+    if frozen_dense:
+        rows.append(("gpu", "frozen dense weights (fp32; no grads, no moments)", 4 * frozen_dense))
+    rows.append(("gpu", "dense matrices: bf16 autocast copies", 2 * dense))
     hot, host, nvme, layerwise = 0, 0, 0, False
     if off.tier == "none":
-        rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
+        if trained_params < expert:  # frozen experts: the fp32 weight only
+            rows.append(("gpu", "experts: weights (fp32), grads and moments of the trained ones",
+                         4 * expert + 12 * trained_params))
+        else:
+            rows.append(("gpu", "experts: weights, grads, moments (fp32)", 16 * expert))
     else:
         layerwise = layerwise_grads
         try:
@@ -207,14 +225,15 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         host_load = host
         host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
             ": host memory holds the pinned expert state" if pinned else "")
-    one = checkpoint_bytes(dense, expert, offload=off, trained_expert=trained_params)
+    one = checkpoint_bytes(dense, expert, offload=off, trained_expert=trained_params, trained_dense=trained_dense)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
                              f"(max_shard_mb {storage.max_shard_bytes // 2**20})",
                      SAVE_SHARDS_IN_FLIGHT * min(storage.max_shard_bytes, one)))
         if storage.async_save:  # the dense part is copied (experts too with tier none); expert state is read in place
-            snapshot = dense if off.tier != "none" else dense + expert
-            rows.append(("host", "checkpoint.async: host copy of fp32 weights + moments", 12 * snapshot))
+            weights, moments = (dense, trained_dense) if off.tier != "none" else (dense + expert,
+                                                                                 trained_dense + trained_params)
+            rows.append(("host", "checkpoint.async: host copy of fp32 weights + moments", 4 * weights + 8 * moments))
         host = sum(n for tier, _, n in rows if tier == "host")
     disk_notes = []
     if storage.model_dir_what:
@@ -222,9 +241,12 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     if storage.checkpoints:
         rows.append(("disk", f"checkpoints: {storage.checkpoints} x {one / GiB:.2f} GiB", storage.checkpoints * one))
         moments = "fp32" if off.tier == "none" else off.moments
+        kinds = f"fp32 dense, {moments} experts"
+        if frozen_dense:
+            kinds = f"fp32 trained dense, {moments} experts" if trained_dense else f"{moments} experts; dense frozen"
         disk_notes.append(f"checkpoints: {storage.checkpoints_what}; each holds fp32 weights "
-                          f"({4 * (dense + expert) / GiB:.2f} GiB) and the AdamW moments (fp32 dense, "
-                          f"{moments} experts: {(one - 4 * (dense + expert)) / GiB:.2f} GiB)")
+                          f"({4 * (dense + expert) / GiB:.2f} GiB) and the AdamW moments ({kinds}: "
+                          f"{(one - 4 * (dense + expert)) / GiB:.2f} GiB)")
     disk = sum(n for tier, _, n in rows if tier == "disk")
     gpu = sum(n for tier, _, n in rows if tier == "gpu")
     if disk_free is None and nvme and not storage.swap_separate and off.nvme_path and os.path.isdir(off.nvme_path):
@@ -236,7 +258,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     streamed = streamed_load and off.tier != "none"
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
                                 tokens_per_step=tokens_per_step, compute_tflops=compute_tflops,
-                                trained_fraction=fraction)
+                                trained_fraction=fraction, frozen_dense_params=frozen_dense)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=traffic.active_experts, total_experts=total_experts,
@@ -250,7 +272,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,
                 swap_separate=storage.swap_separate, swap_free=storage.swap_free,
                 trained_experts=trained if trained_experts is not None or selection_source else None,
-                selection_source=selection_source)
+                selection_source=selection_source, frozen_groups=frozen_groups, frozen_dense_params=frozen_dense)
 
 
 def load_peak_bytes(dense: int, expert: int, weight_bytes: int, *, streamed: bool,

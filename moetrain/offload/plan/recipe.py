@@ -11,14 +11,16 @@ from moetrain.offload.config import OffloadPlan, OffloadSettings, resolve_sectio
 from moetrain.offload.plan.disk import recipe_storage
 from moetrain.offload.plan.memory import make_plan
 from moetrain.offload.plan.report import Plan
+from moetrain.offload.plan.trained import frozen_dense_groups
 from moetrain.offload.schedule import layerwise_grads
 from moetrain.optim import OptimizerConfig
 
 
 def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
-    """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, whether
-    expert gradients are freed layer by layer (:func:`~moetrain.offload.schedule.layerwise_grads`), and whether
-    the model loads by streaming the experts' masters into their tier (``init_from`` with tier cpu or nvme)."""
+    """What the planner needs from a recipe besides the model: tokens per micro-batch and per step, what trains
+    (``model.train``: the routed experts, and the dense groups frozen), whether expert gradients are freed layer by
+    layer (:func:`~moetrain.offload.schedule.layerwise_grads`), and whether the model loads by streaming the
+    experts' masters into their tier (``init_from`` with tier cpu or nvme)."""
     model = recipe.get("model") or {}
     data = recipe.get("data") or {}
     micro = int(data.get("micro_batch_size", 1)) * int(data.get("seq_len", 2048))
@@ -31,6 +33,7 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
     trained, source = recipe_selection(recipe)
     return {"tokens_per_step": micro * accumulation, "micro_batch_tokens": micro,
             "trained_experts": trained, "selection_source": source,
+            "frozen_groups": frozen_dense_groups(model.get("train")),
             "layerwise_grads": layerwise_grads(optimizer, stepping, accumulate_grad_batches=accumulation),
             "streamed_load": bool(model.get("init_from")) and offload.placement.tier != "none",
             "from_checkpoint": bool(model.get("init_from")),

@@ -36,6 +36,7 @@ class Plan:
         breakdown: (tier, what, bytes) lines.
         trained_experts: routed experts that train (``model.train.routed_experts``), None: every one, as the
             plan of a recipe that trains them all; selection_source: where the count comes from.
+        frozen_groups / frozen_dense_params: the dense ``model.train`` groups frozen and their parameters.
     """
 
     tier: str
@@ -74,6 +75,8 @@ class Plan:
     swap_free: Optional[int] = None
     trained_experts: Optional[int] = None
     selection_source: Optional[str] = None
+    frozen_groups: tuple[str, ...] = ()
+    frozen_dense_params: int = 0
 
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
@@ -152,6 +155,9 @@ class Plan:
             share = self.trained_experts / self.total_experts if self.total_experts else 1.0
             lines.append(f"routed experts training: {self.trained_experts} of {self.total_experts} ({100 * share:.0f}%"
                          + (f", {self.selection_source})" if self.selection_source else ")"))
+        if self.frozen_groups:
+            lines.append(f"dense frozen: {', '.join(self.frozen_groups)} ({count(self.frozen_dense_params)}: fp32 "
+                         "weights, no gradients, no moments)")
         lines.append("")
         order = ("gpu", "host", "disk", "nvme")
         lines += [f"  {tier:<5} {what:<56} {gib(n)}"
