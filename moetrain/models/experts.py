@@ -4,8 +4,10 @@ Two compute paths, chosen per call:
 
 * ``grouped``: one ``torch._grouped_mm`` per projection over all experts (CUDA, bf16). Token counts
   stay on the device: the path never reads a GPU value on the host, so transfers queued on side
-  streams keep overlapping with it. Idle experts receive zero gradients (the stacked weight's
-  gradient is dense); the sparse optimizer knows the active set from the routing counts. Frozen experts
+  streams keep overlapping with it. Idle experts receive zero gradients; the sparse
+  optimizer knows the active set from the routing counts. The weight gradients go into one stacked tensor
+  per layer and matrix whose slices are the experts' ``.grad`` (:mod:`moetrain.models.expert_grads`): three
+  adds a layer instead of one autograd accumulation per expert parameter. Frozen experts
   (``requires_grad`` off) receive none, and a layer with no trained expert runs no weight-gradient GEMM.
 * paged (``resident_weights: no``): the attached :class:`~moetrain.models.seam.ExpertWeights` runs the
   experts (its autograd functions live in :mod:`moetrain.offload.paged_experts`).
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moetrain.models.expert_grads import accumulate_expert_grads, empty_groups_read_zero, grad_anchor, trained_experts
 from moetrain.models.router import Routing
 from moetrain.models.seam import ExpertWeights
 
@@ -105,80 +108,78 @@ def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, *, wg: torch.
     return y, g, u
 
 
-def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, *, has_rows: torch.Tensor,
-                            g: torch.Tensor, u: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                            param_dtype: torch.dtype, trains: Optional[list[bool]] = None
-                            ) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
-    """(dx (N, H), [d gate_0, d up_0, d down_0, d gate_1, ...]) of :func:`grouped_swiglu_forward`; the
-    weight grads are views of three (E, ...) tensors of ``param_dtype``, zero for experts without rows.
+def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, *, saved: tuple,
+                            weights: tuple, params: list[nn.Parameter], trained: list[int]) -> torch.Tensor:
+    """dx (N, H) of :func:`grouped_swiglu_forward`; the trained experts' weight gradients are added to their
+    ``.grad`` (:func:`~moetrain.models.expert_grads.accumulate_expert_grads`), not returned.
 
-    ``trains[e]``: expert e's weights take a gradient (None: every expert's do). A frozen expert's grads are None;
-    when no expert of the layer trains, the three weight-gradient GEMMs are skipped (dx only), and when some do,
-    their grads are copied out of the (E, ...) results (so only the trained experts' gradient memory stays)."""
+    ``saved``: (g, u) (N, I) and ``has_rows`` (E,) bool from forward; ``weights``: (wg, wu, wd) in ``x``'s dtype;
+    ``params``: the experts' parameters (3 per expert, they set the gradients' dtype); ``trained``: the experts whose
+    weights train. An idle expert's gradient is zero; a frozen expert's stays None, and when no expert of the layer
+    trains the three weight-gradient GEMMs are skipped (dx only)."""
+    g, u, has_rows = saved
+    wg, wu, wd = weights
     dy = dy.to(x.dtype).contiguous()
     sig = torch.sigmoid(g)
     silu = g * sig
-    h = silu * u
     dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
     dg = dh * u * (sig * (1 + g * (1 - sig)))
     du = dh * silu
     dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
-    num_experts = wg.shape[0]
-    if trains is not None and not any(trains):  # a frozen layer: the input gradient only
-        return dx, [None] * (3 * num_experts)
-    # Weight grads: groups along the token dimension; an expert with no rows must read as zero,
-    # which the kernel does not promise for empty groups, hence the mask.
-    keep = has_rows[:, None, None]
-    d_wd = torch.where(keep, torch._grouped_mm(dy.t(), h, offs=offsets), 0).to(param_dtype)  # (E, H, I)
-    d_wg = torch.where(keep, torch._grouped_mm(dg.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
-    d_wu = torch.where(keep, torch._grouped_mm(du.t(), x, offs=offsets), 0).to(param_dtype)  # (E, I, H)
-    per_expert: list[Optional[torch.Tensor]] = []
-    if trains is None or all(trains):
-        for e in range(num_experts):
-            per_expert += [d_wg[e], d_wu[e], d_wd[e]]
-        return dx, per_expert
-    chosen = [e for e in range(num_experts) if trains[e]]
-    index = torch.tensor(chosen, device=d_wg.device)
-    d_wg, d_wu, d_wd = d_wg.index_select(0, index), d_wu.index_select(0, index), d_wd.index_select(0, index)
-    at = {e: i for i, e in enumerate(chosen)}
-    for e in range(num_experts):
-        per_expert += [d_wg[at[e]], d_wu[at[e]], d_wd[at[e]]] if e in at else [None, None, None]
-    return dx, per_expert
-
-
-def expert_trains(needs_input_grad: tuple[bool, ...]) -> Optional[list[bool]]:
-    """Per expert, whether its weights take a gradient, from an autograd function's ``needs_input_grad`` over the
-    expert parameters (three per expert); None when every expert's do."""
-    flags = [any(needs_input_grad[i:i + 3]) for i in range(0, len(needs_input_grad), 3)]
-    return None if all(flags) else flags
+    if not trained:  # a frozen layer: the input gradient only
+        return dx
+    # Weight grads: groups along the token dimension. An expert with no rows must read as zero; the kernels
+    # here write zeros for empty groups (probed once per device), else a masking pass makes them.
+    d_w = [torch._grouped_mm(dg.t(), x, offs=offsets),  # (E, I, H)
+           torch._grouped_mm(du.t(), x, offs=offsets),  # (E, I, H)
+           torch._grouped_mm(dy.t(), silu * u, offs=offsets)]  # (E, H, I)
+    if not empty_groups_read_zero(x.device):
+        d_w = [torch.where(has_rows[:, None, None], d, 0) for d in d_w]
+    if len(trained) < wg.shape[0]:  # some experts are frozen: keep only the trained ones' gradient memory
+        index = torch.tensor(trained, device=x.device)
+        d_w = [d.index_select(0, index) for d in d_w]
+    dtype = params[3 * trained[0]].dtype
+    accumulate_expert_grads(params, [d.to(dtype) for d in d_w], trained=trained)
+    return dx
 
 
 class GroupedSwiGLU(torch.autograd.Function):
     """All experts' SwiGLU over expert-sorted rows with three grouped GEMMs, forward and backward.
 
-    The per-expert parameters are inputs (so each gets its own ``.grad``), but the math runs on the
-    packed (E, ...) tensors they are views of: no per-call ``torch.stack`` copy of the weights.
+    The math runs on the packed (E, ...) tensors the per-expert parameters are views of (no per-call
+    ``torch.stack`` copy of the weights). The weight gradients go straight into stacked ``.grad`` buffers
+    (:mod:`moetrain.models.expert_grads`) instead of through autograd, so no parameter is an input: ``anchor``
+    (a trained expert parameter, or None) only makes the output require a gradient.
 
-    forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, w_gate (E, I, H), w_up (E, I, H),
-    w_down (E, H, I), *expert_params) -> (N, H)
+    forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, packed (w_gate (E, I, H), w_up (E, I, H),
+    w_down (E, H, I)), anchor, params (3 per expert), trained (expert indices)) -> (N, H)
     """
 
     @staticmethod
-    def forward(ctx, x, offsets, has_rows, w_gate, w_up, w_down, *expert_params):
+    def forward(ctx, x, offsets, has_rows, packed, anchor, params, trained):
         dt = x.dtype
-        wg, wu, wd = w_gate.to(dt), w_up.to(dt), w_down.to(dt)
+        wg, wu, wd = (w.to(dt) for w in packed)
         y, g, u = grouped_swiglu_forward(x, offsets, wg=wg, wu=wu, wd=wd)
         ctx.save_for_backward(x, offsets, has_rows, g, u, wg, wu, wd)
-        ctx.param_dtype = w_gate.dtype
+        ctx.params, ctx.trained = params, trained
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, has_rows, g, u, wg, wu, wd = ctx.saved_tensors
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows=has_rows, g=g, u=u, wg=wg, wu=wu, wd=wd,
-                                                 param_dtype=ctx.param_dtype,
-                                                 trains=expert_trains(ctx.needs_input_grad[6:]))
-        return (dx, None, None, None, None, None, *per_expert)
+        dx = grouped_swiglu_backward(dy, x, offsets, saved=(g, u, has_rows), weights=(wg, wu, wd),
+                                     params=ctx.params, trained=ctx.trained)
+        return dx, None, None, None, None, None, None
+
+
+def run_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, *,
+                packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], params: list[nn.Parameter]) -> torch.Tensor:
+    """(N, H) outputs of every expert over expert-sorted ``x_sorted`` (N, H) with :class:`GroupedSwiGLU`;
+    ``counts`` (E,) rows per expert, ``offsets`` their int32 cumulative ends, ``packed`` the (E, ...) weights whose
+    slices are ``params`` (gate, up, down per expert)."""
+    trained = trained_experts(params)
+    return GroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, packed, grad_anchor(params), params,
+                               trained)
 
 
 class RoutedExperts(nn.ModuleList):
@@ -260,9 +261,8 @@ class RoutedExperts(nn.ModuleList):
         return out
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        w_gate, w_up, w_down = self.packed_weights()
         params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
-        return GroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, w_gate, w_up, w_down, *params)
+        return run_grouped(x_sorted, counts, offsets, packed=self.packed_weights(), params=params)
 
     def _loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # One host read of the counts; fine on the CPU, and the fallback on GPUs without grouped GEMM.

@@ -133,9 +133,14 @@ class ExpertEngine:
                 self.early_sq = sq if self.early_sq is None else self.early_sq + sq
         self.gpu.step(gpu_recs, lr, self.clip_coef, grad_scale=self.grad_scale)
         if early:  # the fused step was queued on this stream: memory freed here is reused only after it ran
-            for rec in gpu_recs:
-                for p in rec.params:
-                    p.grad = None
+            # Every record but the CPU share's (its gradients are still being copied out) drops its gradient,
+            # idle experts' zeros included: they are views of the layer's stacked gradient, which is freed once
+            # no view is left (moetrain.models.expert_grads).
+            on_cpu = {id(rec) for rec in cpu_recs}
+            for rec in self.store.layer_records(layer):
+                if id(rec) not in on_cpu:
+                    for p in rec.params:
+                        p.grad = None
         for rec in recs:
             rec.step += 1
             rec.synced_to = self.step_index + 1

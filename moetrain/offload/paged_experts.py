@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetrain.models.experts import expert_trains, grouped_swiglu_backward, grouped_swiglu_forward
+from moetrain.models.expert_grads import grad_anchor, trained_experts
+from moetrain.models.experts import grouped_swiglu_backward, grouped_swiglu_forward
 
 
 def run_paged(pager, layer: int, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
@@ -26,7 +27,7 @@ def run_paged(pager, layer: int, x_sorted: torch.Tensor, counts: torch.Tensor, o
     pager.routed(layer, active)
     if grouped:
         return PagedGroupedSwiGLU.apply(x_sorted.contiguous(), offsets, counts > 0, pager, layer, active,
-                                        recomputing, *params)
+                                        recomputing, grad_anchor(params), params, trained_experts(params))
     return PagedLoopSwiGLU.apply(x_sorted, pager, layer, sizes, recomputing, *params)
 
 
@@ -36,29 +37,30 @@ class PagedGroupedSwiGLU(torch.autograd.Function):
     again (never saved) for the backward ones; each pass also starts the next layer's page-in.
 
     forward(x_sorted (N, H), offsets (E,) int32, has_rows (E,) bool, pager, layer, active (list of the
-    experts with rows), recomputing, *expert_params (placeholders that receive the gradients)) -> (N, H)
+    experts with rows), recomputing, anchor, params (placeholders, 3 per expert), trained (expert indices)) -> (N, H)
+    The weight gradients go into the placeholders' stacked ``.grad`` (:mod:`moetrain.models.expert_grads`);
+    ``anchor`` (a trained placeholder, or None) only makes the output require a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, offsets, has_rows, pager, layer, active, recomputing, *expert_params):
+    def forward(ctx, x, offsets, has_rows, pager, layer, active, recomputing, anchor, params, trained):
         wg, wu, wd = pager.fetch(layer, active)
         y, g, u = grouped_swiglu_forward(x, offsets, wg=wg, wu=wu, wd=wd)
         pager.release(layer)
         _prefetch_next(pager, layer, +1, recomputing)
         ctx.save_for_backward(x, offsets, has_rows, g, u)
-        ctx.pager, ctx.layer, ctx.active, ctx.param_dtype = pager, layer, active, expert_params[0].dtype
+        ctx.pager, ctx.layer, ctx.active, ctx.params, ctx.trained = pager, layer, active, params, trained
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, has_rows, g, u = ctx.saved_tensors
-        wg, wu, wd = ctx.pager.fetch(ctx.layer, ctx.active)
+        weights = ctx.pager.fetch(ctx.layer, ctx.active)
         _prefetch_next(ctx.pager, ctx.layer, -1, False)
-        dx, per_expert = grouped_swiglu_backward(dy, x, offsets, has_rows=has_rows, g=g, u=u, wg=wg, wu=wu, wd=wd,
-                                                 param_dtype=ctx.param_dtype,
-                                                 trains=expert_trains(ctx.needs_input_grad[7:]))
+        dx = grouped_swiglu_backward(dy, x, offsets, saved=(g, u, has_rows), weights=weights, params=ctx.params,
+                                     trained=ctx.trained)
         ctx.pager.release(ctx.layer)
-        return (dx, None, None, None, None, None, None, *per_expert)
+        return (dx, *[None] * 10)
 
 
 class PagedLoopSwiGLU(torch.autograd.Function):
@@ -106,7 +108,7 @@ class PagedLoopSwiGLU(torch.autograd.Function):
         pd = ctx.param_dtype
         grads: list = []
         start = 0
-        trains = expert_trains(ctx.needs_input_grad[5:])
+        trains = [any(ctx.needs_input_grad[i:i + 3]) for i in range(5, len(ctx.needs_input_grad), 3)]
         for e, (n, w1, w2, w3) in enumerate(zip(ctx.sizes, wg, wu, wd, strict=True)):
             if not n:
                 grads += [None, None, None]
@@ -118,7 +120,7 @@ class PagedLoopSwiGLU(torch.autograd.Function):
             da, du = dh * u, dh * a
             dg = torch.ops.aten.silu_backward(da, g)
             dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
-            if trains is None or trains[e]:
+            if trains[e]:
                 grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), dye.t().mm(h).to(pd)]
             else:  # a frozen expert: no weight-gradient GEMMs
                 grads += [None, None, None]

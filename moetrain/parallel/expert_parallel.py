@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moetrain.models.experts import GroupedSwiGLU, RoutedExperts, dispatch
+from moetrain.models.experts import RoutedExperts, dispatch, run_grouped
 from moetrain.models.router import Routing
 from moetrain.parallel.all_to_all import all_to_all, exchange_counts
 
@@ -99,11 +99,10 @@ class ExpertParallelExperts(RoutedExperts):
         if sum(sizes) == 0:
             return rows * 0
         if self.use_grouped(rows):
-            w_gate, w_up, w_down = self.packed_weights()
             params = [p for e in self.local_modules() for p in (e.gate_proj.weight, e.up_proj.weight,
                                                                 e.down_proj.weight)]
             offsets = torch.cumsum(counts, 0).to(torch.int32)
-            return GroupedSwiGLU.apply(rows.contiguous(), offsets, counts > 0, w_gate, w_up, w_down, *params)
+            return run_grouped(rows, counts, offsets, packed=self.packed_weights(), params=params)
         pieces, start = [], 0
         for expert, n in zip(self.local_modules(), sizes, strict=True):
             if n:
