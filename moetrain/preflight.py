@@ -117,9 +117,11 @@ def _check_sections(sections: dict[str, Any]) -> None:
     from moetrain.training.checkpoint_callback import CheckpointCallback
     from moetrain.training.data import TextDataModule
     from moetrain.training.progress import StepProgress
+    from moetrain.training.step_profiler import StepProfiler
 
     for key, cls in (("data", TextDataModule), ("checkpoint", CheckpointCallback), ("metrics", MetricsLogger),
-                     ("progress", StepProgress), ("parallel", ParallelConfig)):
+                     ("progress", StepProgress), ("profile", StepProfiler),
+                     ("parallel", ParallelConfig)):
         values = sections.get(key)
         if values is not None:
             _build(key, lambda cls=cls, values=values: cls(**values))

@@ -17,7 +17,8 @@
 #         multi_gpu (1 GPU vs 2 GPUs data parallel and expert parallel), multi_gpu28 (full depth, expert
 #         parallel over 2 GPUs),
 #         recipe:NAME (the front door: a random model directory of recipes/NAME.yaml's shape, then
-#         `moetrain fit` on the recipe as written for RECIPE_STEPS steps; plan beside measurement),
+#         `moetrain fit` on the recipe as written for RECIPE_STEPS steps; plan beside measurement; RECIPE_ARGS:
+#         recipe overrides, e.g. --profile.step=2 for where step 2's time went),
 #         compute:NAME (recipes/NAME.yaml's compute-only step: resident bf16 weights, no optimizer, same
 #         micro-batches; a kernel-family breakdown of two traced micro-batches),
 #         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card),
@@ -110,7 +111,7 @@ for s in $STAGES; do
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" \
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;
     recipe:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe:}.yaml" \
-        --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --out "$JSON" ;;
+        --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --out "$JSON" ${RECIPE_ARGS:-} ;;
     compute:*) stage "$s" python3 -m moetrain.bench.compute_only --recipe "recipes/${s#compute:}.yaml" --profile ${COMPUTE_ARGS:-} \
         --out "$JSON" ;;
     recipe79:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#recipe79:}.yaml" \

@@ -22,54 +22,16 @@ import argparse
 import json
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 import yaml
 
-from moetrain.bench.stream_overlap import length, union
 from moetrain.config import ModelConfig
 from moetrain.models.random_init import build_random
+from moetrain.training.step_profiler import kernel_breakdown
 from moetrain.training.telemetry import peak_flops, training_flops_per_token
-
-KERNEL_FAMILIES = (  # first match wins: (family, substrings of a kernel's name, lower case)
-    ("grouped_gemm", ("grouped", "group_gemm", "gmm")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "sgemm", "hgemm")),
-    ("loss_softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
-    ("copy", ("memcpy", "memset", "copy")),
-    ("reduce_sort_scatter", ("reduce", "sort", "scatter", "gather", "index", "cumsum", "histc", "bincount", "topk")),
-    ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "fill")),
-)
-
-
-def family(name: str) -> str:
-    low = name.lower()
-    for fam, keys in KERNEL_FAMILIES:
-        if any(k in low for k in keys):
-            return fam
-    return "other"
-
-
-def kernel_breakdown(prof: torch.profiler.profile) -> dict[str, float]:
-    """Seconds of GPU kernel time per family, the busy union, the span and the idle share of a trace."""
-    spans: list[tuple[float, float]] = []
-    per: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        start = ev.time_range.start
-        end = ev.time_range.end
-        spans.append((start, end))
-        per[family(ev.name)] += (end - start) / 1e6
-    busy = length(union(spans))
-    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
-    out = {f"gpu_{k}_s": round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
-    out.update(gpu_busy_s=round(busy / 1e6, 4), gpu_span_s=round(span / 1e6, 4),
-               gpu_idle_share=round(1 - busy / span, 4) if span else 0.0)
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

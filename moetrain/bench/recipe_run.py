@@ -280,6 +280,8 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label:
         result.update(summarize(metrics))
         if metrics:
             result["startup_s"] = round(result["wall_s"] - metrics[-1]["elapsed_s"], 1)
+        for profile in sorted(root.glob("profile_step_*.json")):  # --profile.step=N: where that step's time went
+            result[profile.stem] = json.loads(profile.read_text())
     tail = log_path.read_text().splitlines()[-30:]
     result["log_tail"] = tail if result.get("rc") or result.get("select_rc") else tail[-3:]
     (out_dir / f"recipe_{label}.json").write_text(json.dumps(result, indent=2))

@@ -10,19 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
-def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def length(intervals: list[tuple[float, float]]) -> float:
-    return sum(end - start for start, end in intervals)
+from moetrain.training.step_profiler import length, union
 
 
 def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -28,6 +28,7 @@ def build_cli_class() -> type:
     from moetrain.training.module import MoETrainingModule
     from moetrain.training.progress import StepProgress
     from moetrain.training.run_dir import check_run_dir
+    from moetrain.training.step_profiler import StepProfiler
 
     class MoeTrainCLI(LightningCLI):
         """LightningCLI with moetrain's sections, defaults and checkpoint resolution."""
@@ -56,6 +57,7 @@ def build_cli_class() -> type:
             parser.add_lightning_class_args(CheckpointCallback, "checkpoint")
             parser.add_lightning_class_args(MetricsLogger, "metrics")
             parser.add_lightning_class_args(StepProgress, "progress")
+            parser.add_lightning_class_args(StepProfiler, "profile")
             parser.add_class_arguments(ParallelConfig, "parallel")
             parser.add_argument(
                 "--cpu_threads", type=Optional[int], default=None,

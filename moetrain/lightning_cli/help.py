@@ -16,6 +16,7 @@ SECTION_TITLES = {
     "checkpoint": "checkpoint: sharded checkpoints under <run directory>/checkpoints/",
     "metrics": "metrics: metrics.jsonl, an experiment logger and expert-load heatmaps",
     "progress": "progress: the bar over optimizer steps",
+    "profile": "profile: trace the end of one optimizer step (profile_step_N.json: GPU kernels, host ops)",
     "parallel": "parallel: how the ranks of a several-GPU run share the model",
     "model.inference": "model.inference: validate only: paged routed experts (a model larger than the GPU)",
 }

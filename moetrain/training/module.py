@@ -40,6 +40,7 @@ from moetrain.training import trainer_state
 from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
 from moetrain.training.optimizer_state import load_optimizer
 from moetrain.training.step_adapter import OptimizerStepAdapter, StepStats
+from moetrain.training.step_profiler import OPTIMIZER_RANGE
 
 ANNOUNCE_MIN_PARAMS = 1_000_000_000
 """Models from this many parameters on print what is built and how long it took (stderr)."""
@@ -340,9 +341,10 @@ class MoETrainingModule(L.LightningModule):
         opt = self.optimizers()
         step = self.trainer.global_step  # steps completed before this one
         lr = lr_at(self.optim_cfg, step, self.total_steps)
-        grad_norm = self.train_optimizer.clip_grad_norm_(self.optim_cfg.max_grad_norm)
-        opt.step(lr=lr)
-        opt.zero_grad()
+        with torch.profiler.record_function(OPTIMIZER_RANGE):  # profile.step's summary times this range
+            grad_norm = self.train_optimizer.clip_grad_norm_(self.optim_cfg.max_grad_norm)
+            opt.step(lr=lr)
+            opt.zero_grad()
         if self.balancer.active:
             self.balancer.step()  # after the step, from the load of the whole step, as DeepSeek-V3 does
         n = self._micro

@@ -1,0 +1,157 @@
+"""Where one optimizer step's time goes: ``profile.step: N`` traces the end of step N of a ``moetrain fit``.
+
+The trace covers the step's last ``profile.micro_batches`` micro-batches and its optimizer step (clipping, the
+dense AdamW, the experts' paging and step), the part of a step an offloaded run adds to the compute. A whole step
+of a large model is millions of events; its micro-batches are alike, so two of them say what each costs. The
+summary goes to ``profile_step_N.json`` in the run directory:
+
+* ``gpu``: seconds of GPU kernel time by kernel family (GEMMs, grouped GEMMs, attention, the loss, copies,
+  reductions and sorts, elementwise), the busy time (the union of every kernel), the span, and the share of the
+  span the GPU sat idle: a host-bound step shows it there;
+* ``optimizer_step_s``: the wall time of the optimizer step (its ``moetrain.optimizer_step`` range);
+* ``cpu_ops``: the host operators with the most self time (Python-side overhead shows as many small ones);
+* ``kernels``: the GPU kernels with the most time.
+
+It runs on the CPU as well (no GPU part then). The trace itself (Chrome format) is kept with ``profile.trace:
+true``; it can be large.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+OPTIMIZER_RANGE = "moetrain.optimizer_step"
+"""The ``torch.profiler.record_function`` range the training module wraps its optimizer step in."""
+
+KERNEL_FAMILIES = (  # first match wins: (family, substrings of a kernel's name, lower case)
+    ("grouped_gemm", ("grouped", "group_gemm", "gmm")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "sgemm", "hgemm")),
+    ("loss_softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("reduce_sort_scatter", ("reduce", "sort", "scatter", "gather", "index", "cumsum", "histc", "bincount", "topk")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "silu", "mul", "add", "fill")),
+)
+
+
+def family(name: str) -> str:
+    """The kernel family (:data:`KERNEL_FAMILIES`) a GPU kernel's name belongs to, ``other`` if none."""
+    low = name.lower()
+    for fam, keys in KERNEL_FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``intervals`` (start, end) merged into disjoint ones, in order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def length(intervals: list[tuple[float, float]]) -> float:
+    """Total length of disjoint ``intervals``."""
+    return sum(end - start for start, end in intervals)
+
+
+def kernel_breakdown(prof: torch.profiler.profile) -> dict[str, float]:
+    """Seconds of GPU kernel time per family, the busy union, the span and the idle share of a trace."""
+    spans: list[tuple[float, float]] = []
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        spans.append((ev.time_range.start, ev.time_range.end))
+        per[family(ev.name)] += (ev.time_range.end - ev.time_range.start) / 1e6
+    busy = length(union(spans))
+    span = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else 0.0
+    out = {f"gpu_{k}_s": round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    out.update(gpu_busy_s=round(busy / 1e6, 4), gpu_span_s=round(span / 1e6, 4),
+               gpu_idle_share=round(1 - busy / span, 4) if span else 0.0)
+    return out
+
+
+def summarize(prof: torch.profiler.profile, *, top: int = 15) -> dict[str, Any]:
+    """The ``profile_step_N.json`` summary of a trace (see the module docstring)."""
+    events = prof.key_averages()
+    cpu_ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)[:top]
+    opt = [e for e in prof.events() if e.name == OPTIMIZER_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
+    return {
+        "gpu": kernel_breakdown(prof),
+        "optimizer_step_s": round(sum(e.time_range.elapsed_us() for e in opt) / 1e6, 4),
+        "cpu_ops": [{"name": e.key, "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 4)}
+                    for e in cpu_ops],
+        "kernels": [{"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 4)}
+                    for e in kernels],
+    }
+
+
+class StepProfiler(Callback):
+    """Trace the end of optimizer step ``step`` (1-based) and write its summary (see the module docstring)."""
+
+    def __init__(self, step: Optional[int] = None, micro_batches: int = 2, trace: bool = False) -> None:
+        """
+        Args:
+            step: the optimizer step to trace (None: none). Step 1 includes one-time warm-up costs; 3 or later
+                shows the steady state.
+            micro_batches: how many of the step's last micro-batches the trace covers (besides its optimizer step).
+            trace: also write the Chrome trace ``profile_step_N.trace.json`` (large for big models).
+        """
+        if step is not None and step < 1:
+            raise ValueError(f"profile.step must be >= 1 (an optimizer step, counted from 1), got {step}")
+        if micro_batches < 1:
+            raise ValueError(f"profile.micro_batches must be >= 1, got {micro_batches}")
+        self.step = step
+        self.micro_batches = micro_batches
+        self.trace = trace
+        self._prof: Optional[torch.profiler.profile] = None
+        self.summary: Optional[dict[str, Any]] = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.step is None or self._prof is not None or trainer.global_step + 1 != self.step:
+            return
+        first = max(0, pl_module.accumulate_grad_batches - self.micro_batches)
+        if pl_module.micro_batch != first:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._prof is None or trainer.global_step < self.step:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        self.summary = {"step": self.step, "micro_batches": min(self.micro_batches, pl_module.accumulate_grad_batches),
+                        **summarize(prof)}
+        if trainer.is_global_zero:
+            out = Path(trainer.default_root_dir) / f"profile_step_{self.step}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(self.summary, indent=1) + "\n")
+            if self.trace:
+                prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
+            gpu = self.summary["gpu"]
+            print(f"profile: step {self.step}: {out} (GPU idle {gpu.get('gpu_idle_share', 0):.0%} of "
+                  f"{gpu.get('gpu_span_s', 0):.3f} s; optimizer step {self.summary['optimizer_step_s']:.3f} s)",
+                  flush=True)
