@@ -5,7 +5,7 @@ One module per question the planner answers::
     memory.py       bytes per tier (GPU, host, disk/NVMe) of one model under one offload config: make_plan
     activations.py  what autograd keeps for backward from one micro-batch
     disk.py         the run's disk (init_from, swap, checkpoints) and the host memory its files cost
-    step_time.py    the floor of a step: max(compute, bytes moved / link)
+    step_time.py    the floor of a step: max(compute, bytes moved / link, bytes swapped / NVMe)
     trained.py      what trains: each dense model.train group's parameters, and the groups a recipe freezes
     report.py       Plan, the answer, and how it prints; the lines that say what does not fit
     largest.py      the largest preset one GPU fully fine-tunes, and how
@@ -21,6 +21,7 @@ is :mod:`moetrain.offload.plan_parallel`.
 from moetrain.offload.plan.activations import LOSS_CHUNK_TOKENS, activation_bytes, layer_activation_bytes
 from moetrain.offload.plan.assumptions import (
     DEFAULT_COMPUTE_TFLOPS,
+    DEFAULT_NVME_GBPS,
     GPU_RESERVE,
     HOST_RESERVE,
     LOAD_BYTES_PER_PARAM,
@@ -63,12 +64,13 @@ from moetrain.offload.plan.step_time import StepTraffic, compute_seconds, step_t
 from moetrain.offload.plan.trained import DENSE_GROUPS, dense_group_params, frozen_dense_groups
 
 __all__ = [
-    "CHECKPOINT_DEFAULTS", "DEFAULT_COMPUTE_TFLOPS", "DEFAULT_SHARD_MB", "DENSE_GROUPS", "GPU_RESERVE", "HELP",
-    "HF_SHARD_BYTES", "HOST_RESERVE", "LOAD_BYTES_PER_PARAM", "LOSS_CHUNK_TOKENS", "MACHINE_FLAGS", "MASTERS",
-    "MOMENTS", "SAVE_SHARDS_IN_FLIGHT", "USAGE", "FitChoice", "GiB", "Machine", "Plan", "StepTraffic", "Storage",
-    "activation_bytes", "best_fit", "checkpoint_bytes", "checkpoints_on_disk", "compute_seconds", "count_parameters",
-    "dense_group_params", "fit_options", "format_largest", "frozen_dense_groups", "largest_line", "largest_preset",
-    "layer_activation_bytes", "load_peak_bytes", "machine_capacity", "main", "make_plan", "plan_from_recipe",
-    "plan_overflows", "presets", "random_init_in_host_memory", "recipe_model", "recipe_storage", "recipe_training",
-    "search_storage", "step_traffic",
+    "CHECKPOINT_DEFAULTS", "DEFAULT_COMPUTE_TFLOPS", "DEFAULT_NVME_GBPS", "DEFAULT_SHARD_MB", "DENSE_GROUPS",
+    "GPU_RESERVE", "HELP", "HF_SHARD_BYTES", "HOST_RESERVE", "LOAD_BYTES_PER_PARAM", "LOSS_CHUNK_TOKENS",
+    "MACHINE_FLAGS", "MASTERS", "MOMENTS", "SAVE_SHARDS_IN_FLIGHT", "USAGE", "FitChoice", "GiB", "Machine", "Plan",
+    "StepTraffic", "Storage", "activation_bytes", "best_fit", "checkpoint_bytes", "checkpoints_on_disk",
+    "compute_seconds", "count_parameters", "dense_group_params", "fit_options", "format_largest",
+    "frozen_dense_groups", "largest_line", "largest_preset", "layer_activation_bytes", "load_peak_bytes",
+    "machine_capacity", "main", "make_plan", "plan_from_recipe", "plan_overflows", "presets",
+    "random_init_in_host_memory", "recipe_model", "recipe_storage", "recipe_training", "search_storage",
+    "step_traffic",
 ]

@@ -28,7 +28,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 USAGE = ("usage: moetrain plan --config RECIPE | --preset=NAME | --largest [--section.key=value ...] "
-         "[--gpu-gb=N] [--host-gb=N] [--disk-gb=N] [--tokens=N] [--link_gbps=GBPS] [--world_sizes=1,8,64]")
+         "[--gpu-gb=N] [--host-gb=N] [--disk-gb=N] [--tokens=N] [--link_gbps=GBPS] [--nvme_gbps=GBPS] "
+         "[--world_sizes=1,8,64]")
 MACHINE_FLAGS = {"--gpu-gb": "gpu_capacity", "--host-gb": "host_capacity", "--disk-gb": "disk_free"}
 HELP = f"""{USAGE}
 
@@ -47,6 +48,8 @@ fully fine-tunes, and the memory per GPU under expert parallelism.
                         data.micro_batch_size x data.seq_len; 4096 with --largest)
   --link_gbps=GBPS      host<->GPU link rate, both directions at once, of the step-time floor
                         (default: 93 GB/s, measured on the GPU machines)
+  --nvme_gbps=GBPS      NVMe swap rate, reads and writes together, of the step-time floor
+                        (default: 3 GB/s, assumed for one PCIe 4.0 drive: plan/assumptions.py)
   --world_sizes=1,8,64  GPU counts of the expert-parallel table
   -h, --help            show this help and exit"""
 
@@ -83,8 +86,8 @@ def main(argv: list[str]) -> int:
                 machine[MACHINE_FLAGS[name]] = int(float(value) * GiB)
             elif name == "--world_sizes" and eq:
                 world_sizes = tuple(int(x) for x in value.split(",") if x)
-            elif name == "--link_gbps" and eq:
-                machine["link_gbps"] = float(value)
+            elif name in ("--link_gbps", "--nvme_gbps") and eq:
+                machine[name[2:]] = float(value)
             elif name.startswith("--") and eq:
                 overrides[name[2:]] = yaml.safe_load(value)
             else:

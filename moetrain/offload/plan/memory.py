@@ -38,6 +38,7 @@ from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
     DEFAULT_COMPUTE_TFLOPS,
+    DEFAULT_NVME_GBPS,
     GPU_RESERVE,
     HOST_RESERVE,
     LOAD_BYTES_PER_PARAM,
@@ -88,6 +89,7 @@ def machine_capacity() -> tuple[Optional[int], Optional[int]]:
 def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per_step: int, *,
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
+              nvme_gbps: float = DEFAULT_NVME_GBPS,
               compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
               streamed_load: bool = False, activation_checkpointing: bool = False,
@@ -101,6 +103,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             host memory, free space at nvme_path). ``disk_free`` is the disk of the run: the ``init_from``
             directory, the checkpoints and the swap (unless ``storage.swap_separate``).
         link_gbps: defaults to the measured both-directions rate of the GPU machines (93 GB/s).
+        nvme_gbps: the NVMe swap's rate for reads and writes together (an assumption: :data:`.DEFAULT_NVME_GBPS`).
         weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
             from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
         micro_batch_tokens: tokens of one forward/backward, for the activation estimate (default: the step's).
@@ -253,7 +256,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         disk_free = shutil.disk_usage(off.nvme_path).free
     traffic = step_traffic(model_config, tokens_per_step=tokens_per_step, micro_batch_tokens=micro,
                            per_expert=per_expert, state_bpp=bpp, hot_experts=hot, offloaded=off.tier != "none",
-                           paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction)
+                           paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction,
+                           swap_per_record=nvme / trained if trained else 0.0)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
@@ -263,7 +267,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=traffic.active_experts, total_experts=total_experts,
                 moved_bytes=traffic.moved_bytes, link_gbps=link, compute_s=compute_s,
-                transfer_s=traffic.moved_bytes / (link * 1e9), breakdown=rows,
+                transfer_s=traffic.moved_bytes / (link * 1e9), breakdown=rows, nvme_moved_bytes=traffic.nvme_bytes,
+                nvme_gbps=nvme_gbps, nvme_s=traffic.nvme_bytes / (nvme_gbps * 1e9),
                 gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed=streamed,
                                                paged_buffer_bytes=weight_buffers if paged_weights else None),
                 master=off.master, moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,

@@ -33,6 +33,8 @@ class Plan:
         layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
         paged_weights: the experts' compute weights live in host memory (``resident_weights: no``).
         moved_bytes: bytes over the link per step; link_gbps: the rate used; compute_s / transfer_s / floor_s.
+        nvme_moved_bytes: bytes the NVMe swap reads and writes per step (together); nvme_gbps: the rate assumed;
+            nvme_s: their time.
         breakdown: (tier, what, bytes) lines.
         trained_experts: routed experts that train (``model.train.routed_experts``), None: every one, as the
             plan of a recipe that trains them all; selection_source: where the count comes from.
@@ -77,6 +79,9 @@ class Plan:
     selection_source: Optional[str] = None
     frozen_groups: tuple[str, ...] = ()
     frozen_dense_params: int = 0
+    nvme_moved_bytes: float = 0.0
+    nvme_gbps: float = 0.0
+    nvme_s: float = 0.0
 
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
@@ -90,7 +95,14 @@ class Plan:
 
     @property
     def floor_s(self) -> float:
-        return max(self.compute_s, self.transfer_s)
+        """The slowest of compute, the host-GPU link and the NVMe swap (they overlap)."""
+        return max(self.compute_s, self.transfer_s, self.nvme_s)
+
+    @property
+    def bound(self) -> str:
+        """What sets the floor: ``compute``, ``link`` or ``nvme``."""
+        return max((self.compute_s, "compute"), (self.transfer_s, "link"), (self.nvme_s, "nvme"),
+                   key=lambda t: t[0])[1]
 
     def fits(self) -> dict[str, Optional[bool]]:
         """Per tier (``gpu``, ``host``, ``disk``, and ``nvme`` when the swap has its own filesystem): True /
@@ -173,12 +185,15 @@ class Plan:
                 how = "auto: GPU capacity unknown here, sized at start-up"
             lines.append(f"  hot-expert state cache ({how}): {cache} of {self.total_experts} experts, "
                          f"{cache * self.record_bytes / GiB:.2f} GiB")
-        bound = "link" if self.transfer_s > self.compute_s else "compute"
         lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}"
                   + (f", {self.paged_experts:.0f} paged" if self.hot_cache_experts else ""),
                   f"  link: {self.moved_bytes / GiB:.3f} GiB per step at {self.link_gbps:.0f} GB/s -> "
-                  f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}",
-                  f"  floor of a step: {secs(self.floor_s)} ({bound}-bound)"]
+                  f"{secs(self.transfer_s)};  compute: {secs(self.compute_s)}"]
+        if self.nvme_moved_bytes:
+            half = self.nvme_moved_bytes / 2 / GiB
+            lines.append(f"  nvme: {half:.3f} GiB read + {half:.3f} GiB written per step at {self.nvme_gbps:g} GB/s "
+                         f"(assumed; --nvme_gbps) -> {secs(self.nvme_s)}")
+        lines.append(f"  floor of a step: {secs(self.floor_s)} ({self.bound}-bound)")
         return "\n".join(lines)
 
 
