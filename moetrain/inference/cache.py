@@ -7,6 +7,11 @@ weights, and its scales when int8). Hits and misses are counted per demanded (la
 call; the demand order is kept as the routing trace from which :func:`ideal_static_hit_rate` computes what
 the best fixed set of experts of the same number of slots would have hit.
 
+A layer that routes to more experts than there are slots (a prefill or a validation batch on a small cache) runs
+in groups (:meth:`ExpertCache.acquire`): the experts the policy keeps stay in their main slots, the rest pass
+through the staging slots, and nothing demanded earlier in the same call is evicted for a later group, so the next
+call hits what was kept.
+
 Events (CUDA): ``ready[s]`` is recorded on the copy stream after the copy into slot ``s``, and the compute
 stream waits on it before reading the slot; ``freed[s]`` is recorded on the compute stream once the kernels
 reading slot ``s`` are queued, and the copy stream waits on it before overwriting the slot. Host rows never
@@ -77,8 +82,9 @@ class CachePolicy:
         """``key`` was demanded (hit or miss)."""
         raise NotImplementedError
 
-    def admit(self, key: Key, victim: Key) -> bool:
-        """Whether ``key`` (not cached) should replace ``victim`` (cached)."""
+    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
+        """Whether ``key`` (not cached) should replace ``victim`` (cached). ``scan``: ``key``'s layer routes to more
+        experts in this call than the cache has slots (a prefill or validation batch on a small cache)."""
         raise NotImplementedError
 
     def victim(self, cached: Iterable[Key]) -> Optional[Key]:
@@ -93,7 +99,13 @@ class CachePolicy:
 
 
 class LRUPolicy(CachePolicy):
-    """Least recently used: every miss is cached, evicting the entry demanded longest ago."""
+    """Least recently used: every miss is cached, evicting the entry demanded longest ago; except a scan's.
+
+    A layer that routes to more experts than the cache has slots cannot keep them all, and if its misses evicted
+    the other layers' experts, every layer after it would do the same: the whole cache turns over in each call and
+    the next call finds nothing (LRU on a cyclic trace longer than the cache hits nothing). Its misses therefore
+    take free main slots only, and pass through the staging slots otherwise (scan resistance).
+    """
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()
@@ -102,8 +114,8 @@ class LRUPolicy(CachePolicy):
         if key in self.order:
             self.order.move_to_end(key)
 
-    def admit(self, key: Key, victim: Key) -> bool:
-        return True
+    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
+        return not scan
 
     def victim(self, cached: Iterable[Key]) -> Optional[Key]:
         allowed = set(cached)
@@ -131,8 +143,8 @@ class LFUPolicy(CachePolicy):
         self.counts[key] += 1
         self.last[key] = self.clock
 
-    def admit(self, key: Key, victim: Key) -> bool:
-        return self.counts[key] > self.counts[victim]
+    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
+        return self.counts[key] > self.counts[victim]  # a scan too: the counts already resist it
 
     def victim(self, cached: Iterable[Key]) -> Optional[Key]:
         return min(cached, key=lambda k: (self.counts[k], self.last.get(k, 0)), default=None)
@@ -248,15 +260,19 @@ class ExpertCache:
                 self.stats.evictions += 1
         s.key, s.prefetched = None, False
 
-    def _main_slot_for(self, key: Key, use_free_only: bool = False) -> Optional[int]:
-        """A main slot for ``key``: a free one, else the policy's victim if the policy admits ``key``."""
+    def _evictable(self, keep: frozenset[Key]) -> list[Key]:
+        """Main-slot entries that may make room: not read by the current compute, not kept for this layer."""
+        return [s.key for i, s in enumerate(self.slots[:self.main_slots])
+                if i not in self.protected and s.key is not None and s.key not in keep]
+
+    def _main_slot_for(self, key: Key, keep: frozenset[Key], scan: bool) -> Optional[int]:
+        """A main slot for ``key``: a free one, else the policy's victim (outside ``keep``) if it admits ``key``."""
         main = range(self.main_slots)
         free = next((i for i in main if self.slots[i].key is None and i not in self.protected), None)
-        if free is not None or use_free_only:
+        if free is not None:
             return free
-        evictable = [self.slots[i].key for i in main if i not in self.protected and self.slots[i].key is not None]
-        victim = self.policy.victim(evictable)
-        if victim is None or not self.policy.admit(key, victim):
+        victim = self.policy.victim(self._evictable(keep))
+        if victim is None or not self.policy.admit(key, victim, scan=scan):
             return None
         return self.slot_of[victim]
 
@@ -270,17 +286,17 @@ class ExpertCache:
                 return i
         return None
 
-    def _place(self, key: Key, prefetch: bool) -> Optional[int]:
-        slot = self._main_slot_for(key)
+    def _place(self, key: Key, *, prefetch: bool, keep: frozenset[Key] = frozenset(), scan: bool = False,
+               must: bool = False) -> Optional[int]:
+        """Map ``key`` to a slot and queue its copy: a main slot the policy gives, else a staging slot; None when
+        neither is free of the current compute's reads. ``must`` (the group has no expert yet: it must make
+        progress) then takes the policy's victim outside ``keep``, else any slot the compute does not read."""
+        slot = self._main_slot_for(key, keep, scan)
         staged = slot is None
         if staged:
             slot = self._staging_slot()
-        if slot is None and not prefetch:
-            # not admitted, and no staging slot free of this layer's reads: the expert must run all the same, so
-            # it takes the policy's victim (else any slot this layer does not read)
-            evictable = [self.slots[i].key for i in range(self.main_slots)
-                         if i not in self.protected and self.slots[i].key is not None]
-            victim = self.policy.victim(evictable)
+        if slot is None and must:
+            victim = self.policy.victim(self._evictable(keep))
             slot = self.slot_of[victim] if victim is not None else next(
                 (i for i in range(self.num_slots) if i not in self.protected), None)
             staged = slot is not None and self.slots[slot].staged
@@ -295,22 +311,30 @@ class ExpertCache:
         self._copy_in(slot, key)
         return slot
 
-    def acquire(self, layer: int, experts: Sequence[int]) -> Acquired:
+    def acquire(self, layer: int, experts: Sequence[int], *, done: Iterable[int] = ()) -> Acquired:
         """Place as many of ``layer``'s ``experts`` as the slots allow (hits first), protect their slots until
         :meth:`release`, and count each as a demand. Always places at least one expert when given any.
 
-        Experts left out (more than the slots hold) are not counted: call again after :meth:`release`.
+        Experts left out (more than the slots hold) are not counted: call again after :meth:`release`, with the
+        experts computed so far in ``done``. A layer that routes to more experts than there are slots is thus
+        computed in groups: its cached experts (hits, and the misses the policy gave a main slot) stay where they
+        are, and the rest pass through the staging slots, a group at a time. A miss never evicts an expert of
+        ``done`` nor of the current group: they were demanded in this same call, so no policy ranks them below
+        the newcomer, and evicting them would leave the next call nothing of this layer to hit. Such a layer is a
+        scan to the policy (:meth:`CachePolicy.admit`): under LRU its misses evict no other layer's expert either.
         """
         got = Acquired(layer)
+        keep = frozenset((layer, e) for e in done)
+        scan = len(experts) + len(keep) > self.num_slots  # the layer runs in groups
         hits = [e for e in experts if (layer, e) in self.slot_of]
         misses = [e for e in experts if (layer, e) not in self.slot_of]
         for e in hits + misses:
             key = (layer, e)
             slot = self.slot_of.get(key)
             if slot is None:
-                slot = self._place(key, prefetch=False)
+                slot = self._place(key, prefetch=False, keep=keep, scan=scan, must=not got.experts)
                 if slot is None:
-                    continue  # no unprotected slot left: the caller computes what it has and comes back
+                    continue  # no slot left to this group: the caller computes what it has and comes back
             else:
                 self.stats.hits += 1
                 if self.slots[slot].prefetched:

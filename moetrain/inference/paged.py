@@ -15,7 +15,8 @@ The lookahead is the idea of :mod:`moetrain.offload.lookahead`: the next layer's
 layer's normalized input predicts the next layer's experts well, because the residual stream changes little
 from one layer to the next. The last MoE layer prefetches the first layer's experts of the previous call (the
 next decode step). Experts already on the device never wait; a layer that needs more experts than there are
-slots (a long prefill with a small cache) runs in groups, each group's slots reused by the next.
+slots (a long prefill with a small cache) runs in groups: its cached experts stay in their slots for the next call,
+and the rest pass through the staging slots, each group's reused by the next (:meth:`ExpertCache.acquire`).
 
 Two compute paths per group of slots, chosen per call (``impl``, set by ``model.set_expert_impl``):
 
@@ -123,7 +124,7 @@ class PagedExperts(nn.Module):
         todo = list(active)
         first_group = True
         while todo:
-            got = self.cache.acquire(self.layer_idx, todo)
+            got = self.cache.acquire(self.layer_idx, todo, done=pieces.keys())
             if first_group and len(got.experts) == len(todo):
                 self._start_prefetch(host[self.num_experts:] if predicted is not None else None)
             first_group = False

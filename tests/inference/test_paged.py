@@ -146,6 +146,60 @@ def test_lru_evicts_the_least_recently_used_and_lfu_the_least_frequent():
     assert set(lfu.slot_of) == {(0, 0), (0, 1), (0, 3)}  # (0, 2): once, and the least recently of the ones
 
 
+def _run_layer(cache: ExpertCache, layer: int, experts: list[int]) -> list[list[int]]:
+    """The groups in which :class:`PagedExperts` computes ``layer``'s ``experts`` (acquire, compute, release)."""
+    groups: list[list[int]] = []
+    done: list[int] = []
+    todo = list(experts)
+    while todo:
+        got = cache.acquire(layer, todo, done=done)
+        groups.append(got.experts)
+        cache.release(got)
+        done += got.experts
+        todo = [e for e in todo if e not in got.experts]
+    return groups
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_layer_routing_more_experts_than_slots_keeps_what_fits(policy):
+    """Three layers each routing 12 of 16 experts through 8 slots (6 main, 2 staging), call after call (a
+    validation loop): each layer runs in groups, the cache keeps the main slots' experts from one call to the next
+    (the experts of a layer's own call are never evicted for its later groups, and LRU lets no such scan evict the
+    other layers'), so every call after the first hits them; the groups compute every expert exactly once."""
+    store = HostExpertStore([0, 1, 2], 16, 4, 4, dtype=torch.float32)
+    cache = ExpertCache(store, 8, torch.device("cpu"), policy=policy, staging_slots=2)
+    routed = {layer: list(range(layer, layer + 12)) for layer in range(3)}
+    for call in range(4):
+        cache.reset_stats()
+        for layer, experts in routed.items():
+            groups = _run_layer(cache, layer, experts)
+            assert sorted(e for g in groups for e in g) == experts and len(groups) > 1
+        assert cache.stats.demands == 36
+        assert cache.stats.hits == (0 if call == 0 else cache.main_slots)
+        assert cache.stats.hits <= ideal_static_hit_rate(cache.trace, cache.num_slots) * 36
+    kept = {key for key, slot in cache.slot_of.items() if slot < cache.main_slots}
+    assert len(kept) == cache.main_slots
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_a_cache_smaller_than_a_layer_s_experts_hits_on_repeated_calls(policy, randomize, tmp_path):
+    """The model: a batch routes more experts per layer than the cache has slots; repeated calls equal the resident
+    model's logits exactly and, after the first, hit the experts the cache kept (it used to end each call holding
+    only the last layer's last group: no hit at all)."""
+    path = _exported("tiny-deepseek-moe", randomize, tmp_path / "hf")
+    resident = moetrain.from_pretrained(path)
+    paged = moetrain.from_pretrained(path, expert_weights="paged", cache_slots=8, cache_policy=policy)
+    cache = paged_cache(paged)
+    ids = torch.randint(0, resident.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        want = resident(ids).logits
+        for call in range(3):
+            cache.reset_stats()
+            assert torch.equal(paged(ids).logits, want)
+            assert max(len(b.experts.last_routed) for b in paged.moe_blocks()) > cache.num_slots
+            assert cache.stats.hits >= (cache.main_slots if call else 0)
+
+
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_experts_read_from_the_shards_equal_the_host_rows(preset, randomize, tmp_path):
     """``expert_source="shards"``: no expert row in host memory, every miss read from the memory-mapped shards;
