@@ -27,7 +27,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -94,6 +95,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DECODE_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+"""The attention kernels a decode step may use: every one of torch's but cuDNN's (see :func:`decode_kernels`)."""
+
+
+@contextmanager
+def decode_kernels(model: MoEForCausalLM) -> Iterator[None]:
+    """The kernels of the decode steps (a token a row against the KV cache), in place while the context is open.
+
+    * Attention without cuDNN. Where torch prefers cuDNN's attention (recent releases on sm90 and sm100), it builds
+      and caches one execution graph per problem shape, the key length among its keys; a decode step's key length
+      is one more than the last step's, so every step would pay a new graph build on the host (tens of ms, more
+      than a whole step's kernels), the first time a process meets that length. The other kernels carry no per
+      shape state. The prompt's forward keeps torch's choice (one graph per prompt length, at most).
+    * Resident routed experts whose ``impl`` is ``auto`` run the per-expert loop, the path of paged inference
+      below :data:`~moetrain.inference.paged.GROUPED_MIN_TOKENS` tokens: a step computes only its k routed
+      experts, and resident decoding is the baseline of paged decoding with the same compute (grouped GEMMs over
+      all E experts are for prefill and training batches). Paged experts choose by themselves.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moetrain.models.experts import RoutedExperts
+
+    switched = [b.experts for b in model.moe_blocks()
+                if isinstance(b.experts, RoutedExperts) and b.experts.impl == "auto"]
+    with sdpa_kernel([getattr(SDPBackend, name) for name in DECODE_ATTENTION]):
+        for experts in switched:
+            experts.impl = "loop"
+        try:
+            yield
+        finally:
+            for experts in switched:
+                experts.impl = "auto"
+
+
 @torch.no_grad()
 def generate(
     model: MoEForCausalLM,
@@ -110,7 +145,8 @@ def generate(
     """Continue ``input_ids`` (1, L) by up to ``max_new_tokens`` tokens; returns the new ids (n,).
 
     Stops after emitting any of ``stop_ids``. Without the cache every step re-runs the whole sequence (the
-    reference that the cached path must equal). ``stats``, when given, receives the prefill and decode times.
+    reference that the cached path must equal). With it, the steps after the prompt's run under
+    :func:`decode_kernels`. ``stats``, when given, receives the prefill and decode times.
     """
     if input_ids.shape[0] != 1:
         raise ValueError("generate() takes one prompt: input_ids of shape (1, L)")
@@ -123,25 +159,28 @@ def generate(
     device = input_ids.device
     _sync(device)
     start = time.perf_counter()
-    for step in range(max_new_tokens):
-        logits = model(step_input if use_cache else sequence, cache=cache).logits[:, -1]  # (1, V)
-        token = next_token(logits, temperature=temperature, top_p=top_p, generator=generator)  # (1,)
-        new.append(token)
-        stop = int(token) in stop_ids  # the host read that ends the step (a device sync)
-        if stats is not None:
-            now = time.perf_counter()
-            if step == 0:
-                stats.prefill_s += now - start
-                if stats.on_prefill_done is not None:
-                    stats.on_prefill_done()
-            else:
-                stats.decode_s += now - start
-                stats.decode_tokens += 1
-            start = time.perf_counter()
-        if stop:
-            break
-        step_input = token[:, None]  # (1, 1)
-        sequence = torch.cat([sequence, step_input], dim=1)
+    with ExitStack() as decoding:
+        for step in range(max_new_tokens):
+            if step == 1 and use_cache:
+                decoding.enter_context(decode_kernels(model))
+            logits = model(step_input if use_cache else sequence, cache=cache).logits[:, -1]  # (1, V)
+            token = next_token(logits, temperature=temperature, top_p=top_p, generator=generator)  # (1,)
+            new.append(token)
+            stop = int(token) in stop_ids  # the host read that ends the step (a device sync)
+            if stats is not None:
+                now = time.perf_counter()
+                if step == 0:
+                    stats.prefill_s += now - start
+                    if stats.on_prefill_done is not None:
+                        stats.on_prefill_done()
+                else:
+                    stats.decode_s += now - start
+                    stats.decode_tokens += 1
+                start = time.perf_counter()
+            if stop:
+                break
+            step_input = token[:, None]  # (1, 1)
+            sequence = torch.cat([sequence, step_input], dim=1)
     model.train(was_training)
     return torch.cat(new) if new else input_ids.new_zeros(0)
 

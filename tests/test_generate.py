@@ -31,6 +31,29 @@ def test_cached_greedy_equals_full_recompute(preset, randomize):
     assert cached.tolist() == full.tolist() and len(cached) == 12
 
 
+def test_decode_steps_run_the_expert_loop_and_attention_without_cudnn(randomize):
+    """The prompt's forward keeps the model's kernels; each cached decode step runs resident ``auto`` experts as
+    the per-expert loop (paged inference's decode path) and attention without cuDNN (no graph build per key
+    length); both come back after generation. Without the cache, no step is a decode step."""
+    model = randomize(MoEForCausalLM(ModelConfig.from_preset("tiny-qwen3-moe")))
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    seen: list[tuple[int, str, bool]] = []
+    experts = model.moe_blocks()[0].experts
+    handle = experts.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape[0], module.impl, torch.backends.cuda.cudnn_sdp_enabled())))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7))
+    generate(model, prompt, max_new_tokens=4)
+    assert seen == [(7, "auto", cudnn)] + [(1, "loop", False)] * 3
+    assert experts.impl == "auto" and torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+    seen.clear()
+    generate(model, prompt, max_new_tokens=3, use_cache=False)
+    assert seen == [(7, "auto", cudnn), (8, "auto", cudnn), (9, "auto", cudnn)]
+    model.set_expert_impl("grouped")  # an explicit choice stays
+    generate(model, prompt, max_new_tokens=2)
+    assert [impl for _, impl, _ in seen[3:]] == ["grouped", "grouped"]
+    handle.remove()
+
+
 def test_cached_sampling_equals_full_recompute_with_the_same_seed(randomize):
     model = randomize(MoEForCausalLM(ModelConfig.from_preset("tiny-olmoe")))
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
