@@ -23,13 +23,14 @@ ESFT = dict(embeddings=False, attention=False, norms=False, routers=False, share
             lm_head=False)
 
 
-def _run(base, data, groups, offload: dict, *, checkpointed: bool = False):
+def _run(base, data, groups, offload: dict, *, checkpointed: bool = False, impl: str = "loop"):
     """Train a copy of ``base`` with the offload engine; returns it, its optimizer (closed) and the layers stepped
     under backward per step."""
     model = clone(base)
     if groups is not None:
         apply_train_selection(model, groups)
     model.set_activation_checkpointing(checkpointed)  # the input's hook is set in the first pass, fires in the re-run
+    model.set_expert_impl(impl)  # grouped: the experts' gradients go to stacked per-layer buffers, not the parameters
     opt = build_optimizer(model, NO_CLIP, OffloadConfig(**offload))
     early: list[float] = []
     train(model, opt, data, cfg=NO_CLIP, total=len(data) // 2,
@@ -61,15 +62,19 @@ def test_a_frozen_router_layer_is_stepped_under_backward(name, groups, early):
     assert max_diff(model, ref) <= 1e-6
 
 
-def test_the_cpu_share_of_a_frozen_router_layer_is_stepped_under_backward(monkeypatch):
-    """``step_on: cpu`` (DeepSpeed's CPU Adam, which rounds unlike torch's AdamW): stepped under backward, the
-    result equals the same engine stepping every layer in step()."""
+@pytest.mark.parametrize("name, offload, impl", [
+    ("step_on-cpu", dict(tier="cpu", step_on="cpu"), "loop"),
+    ("grouped", dict(tier="cpu", gpu_slots=3), "grouped"),
+])
+def test_a_frozen_router_layer_is_stepped_under_backward_on_every_path(monkeypatch, name, offload, impl):
+    """``step_on: cpu`` (DeepSpeed's CPU Adam, which rounds unlike torch's AdamW) and the grouped expert GEMM
+    (whose weight gradients go to stacked per-layer buffers; it sums in another order than the reference's loop):
+    stepped under backward, the result equals the same engine stepping every layer in step()."""
     base, data = tiny_model(), batches(steps=4, tokens=16)
-    offload = dict(tier="cpu", step_on="cpu")
-    model, early = _run(base, data, FROZEN_ROUTERS, offload)
+    model, early = _run(base, data, FROZEN_ROUTERS, offload, impl=impl)
     assert early == [2] * 4
     monkeypatch.setattr(schedule, "steps_under_backward", lambda *a, **k: False)
-    late, never = _run(base, data, FROZEN_ROUTERS, offload)
+    late, never = _run(base, data, FROZEN_ROUTERS, offload, impl=impl)
     assert never == [0] * 4
     assert max_diff(model, late) <= 1e-6
 
