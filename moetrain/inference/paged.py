@@ -20,7 +20,7 @@ and the rest pass through the staging slots, each group's reused by the next (:m
 
 Two compute paths per group of slots, chosen per call (``impl``, set by ``model.set_expert_impl``):
 
-* loop: ``F.linear`` per expert, concatenated in expert order, weighted and summed with ``index_add_``: the
+* loop: ``F.linear`` per expert, concatenated in expert order, weighted and summed by ``combine``: the
   ops of :class:`~moetrain.models.experts.RoutedExperts`' loop path, so outputs equal the resident model's
   exactly. Decode (fewer than :data:`GROUPED_MIN_TOKENS` tokens), the CPU, and dtypes or shapes the grouped
   kernel rejects.
@@ -46,7 +46,7 @@ from moetrain.inference.cache import ExpertCache, slots_for_budget
 from moetrain.inference.config import InferenceConfig
 from moetrain.inference.store import HostExpertStore, ShardExpertStore
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.models.experts import choose_grouped, dispatch, grouped_swiglu_forward
+from moetrain.models.experts import choose_grouped, combine, dispatch, grouped_swiglu_forward, sort_rows
 from moetrain.models.router import Routing, TopKRouter
 
 _EXPERT_PARAM = ".mlp.experts."
@@ -106,7 +106,7 @@ class PagedExperts(nn.Module):
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing`` (a training
         re-run of a checkpointed layer) does not arise in inference; it is accepted for the block's call."""
         d = dispatch(routing)
-        x_sorted = x[d.token_of]  # (N, H)
+        x_sorted = sort_rows(x, d)  # (N, H)
         if torch.is_autocast_enabled(x.device.type):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
         grouped = self.use_grouped(x_sorted, x.shape[0])
@@ -139,10 +139,7 @@ class PagedExperts(nn.Module):
             placed = set(got.experts)
             todo = [e for e in todo if e not in placed]
         y = torch.cat([pieces[e] for e in active], 0) if active else x_sorted.new_zeros(x_sorted.shape)
-        y = y * d.weight[:, None].to(y.dtype)  # (N, H)
-        out = torch.zeros_like(x)
-        out.index_add_(0, d.token_of, y.to(x.dtype))
-        return out
+        return combine(y, d, x.dtype)
 
     def _grouped(self, x_sorted: torch.Tensor, starts: list[int], experts: list[int],
                  slots: list[int]) -> dict[int, torch.Tensor]:

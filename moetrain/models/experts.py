@@ -53,12 +53,18 @@ class Dispatch:
         weight: (N,) combine weight of each sorted row.
         counts: (E,) rows per expert (device).
         offsets: (E,) int32 cumulative end offsets, as ``torch._grouped_mm`` takes them.
+        order: (N,) the token-major assignment (``t * k + slot``) of each sorted row.
+        inverse: (N,) the sorted row of each token-major assignment (``order``'s inverse permutation).
+        token_weight: (T, k) combine weights in token-major order.
     """
 
     token_of: torch.Tensor
     weight: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
+    order: torch.Tensor
+    inverse: torch.Tensor
+    token_weight: torch.Tensor
 
 
 def dispatch(routing: Routing) -> Dispatch:
@@ -66,12 +72,61 @@ def dispatch(routing: Routing) -> Dispatch:
     k = routing.topk_idx.shape[1]
     flat = routing.topk_idx.reshape(-1)  # (N,)
     order = torch.argsort(flat, stable=True)  # rows of expert 0 first, then 1, ...
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return Dispatch(
         token_of=order // k,
         weight=routing.topk_weight.reshape(-1)[order],
         counts=routing.counts,
         offsets=torch.cumsum(routing.counts, 0).to(torch.int32),
+        order=order,
+        inverse=inverse,
+        token_weight=routing.topk_weight,
     )
+
+
+class _SortRows(torch.autograd.Function):
+    """x (T, H) -> its rows in expert order (N, H); backward gathers each token's k rows back and sums them
+    (autograd's own backward of ``x[token_of]`` accumulates with a sort-based scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, token_of, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, token_of)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse)  # (N, H), token-major
+        return rows.view(-1, ctx.k, rows.shape[-1]).sum(1), None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """y (N, H) in expert order -> token-major (N, H); backward is the opposite gather (a permutation: no
+    ``index_add_`` atomics either way)."""
+
+    @staticmethod
+    def forward(ctx, y, inverse, order):
+        ctx.save_for_backward(order)
+        return y.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
+def sort_rows(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """x (T, H) -> (N, H): each token's row once per expert it routes to, grouped by expert."""
+    return _SortRows.apply(x, d.token_of, d.inverse, d.token_weight.shape[1])
+
+
+def combine(y: torch.Tensor, d: Dispatch, dtype: torch.dtype) -> torch.Tensor:
+    """(T, H) in ``dtype``: each token's sum over its k experts of weight * output, from ``y`` (N, H) in expert
+    order. The k terms are gathered next to each other and summed in ``dtype`` (deterministic, no atomics)."""
+    tokens, k = d.token_weight.shape
+    rows = _UnsortRows.apply(y, d.inverse, d.order).view(tokens, k, y.shape[-1])  # (T, k, H)
+    return (rows * d.token_weight.unsqueeze(-1).to(y.dtype)).sum(1, dtype=dtype)
 
 
 def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
@@ -120,10 +175,9 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Te
     g, u, has_rows = saved
     wg, wu, wd = weights
     dy = dy.to(x.dtype).contiguous()
-    sig = torch.sigmoid(g)
-    silu = g * sig
+    silu = F.silu(g)
     dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
-    dg = dh * u * (sig * (1 + g * (1 - sig)))
+    dg = torch.ops.aten.silu_backward(dh * u, g)  # one kernel for dh * u * silu'(g), computed in fp32
     du = dh * silu
     dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
     if not trained:  # a frozen layer: the input gradient only
@@ -243,7 +297,7 @@ class RoutedExperts(nn.ModuleList):
         """x: (T, H); returns (T, H) = sum over chosen experts of weight * expert(x). ``recomputing``: this is the
         re-run of a checkpointed layer in backward (paged weights then prefetch no layer after this one)."""
         d = dispatch(routing)
-        x_sorted = x[d.token_of]  # (N, H)
+        x_sorted = sort_rows(x, d)  # (N, H)
         if torch.is_autocast_enabled(x.device.type):
             # The grouped kernel is outside autocast's op list: cast the rows to the autocast dtype here.
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
@@ -255,10 +309,7 @@ class RoutedExperts(nn.ModuleList):
             y = self._grouped(x_sorted, d.counts, d.offsets)
         else:
             y = self._loop(x_sorted, d.counts)
-        y = y * d.weight[:, None].to(y.dtype)  # (N, H)
-        out = torch.zeros_like(x)
-        out.index_add_(0, d.token_of, y.to(x.dtype))
-        return out
+        return combine(y, d, x.dtype)
 
     def _grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         params = [p for e in self for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moetrain.models.experts import RoutedExperts, dispatch, run_grouped
+from moetrain.models.experts import RoutedExperts, combine, dispatch, run_grouped, sort_rows
 from moetrain.models.router import Routing
 from moetrain.parallel.all_to_all import all_to_all, exchange_counts
 
@@ -69,7 +69,7 @@ class ExpertParallelExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, routing: Routing, *, recomputing: bool = False) -> torch.Tensor:
         """x: (T, H) local tokens; returns (T, H), the routed experts' combined output for them."""
         d = dispatch(routing)
-        x_sorted = x[d.token_of]  # (N, H), sorted by global expert
+        x_sorted = sort_rows(x, d)  # (N, H), sorted by global expert
         if torch.is_autocast_enabled(x.device.type):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
         size = len(self.local)
@@ -84,10 +84,7 @@ class ExpertParallelExperts(RoutedExperts):
         y_local = self._compute_local(x_recv[order], local_counts)  # (R, H)
         y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)  # back to (source, expert) order
         y = all_to_all(y_recv, send_splits, recv_splits, group=self.group)  # (N, H), sorted like x_sorted
-        y = y * d.weight[:, None].to(y.dtype)
-        out = torch.zeros_like(x)
-        out.index_add_(0, d.token_of, y.to(x.dtype))
-        return out
+        return combine(y, d, x.dtype)
 
     def _compute_local(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows: (R, H) sorted by local expert, ``counts`` (E_loc,) -> (R, H).
