@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from moetrain.offload import schedule
+from moetrain.offload.auto_split import AutoSplit
 from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.config import OffloadPlan
 from moetrain.offload.cpu_step import CpuShare
@@ -59,6 +60,7 @@ class ExpertEngine:
         self.early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self.stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._counts_host: Optional[torch.Tensor] = None
+        self.auto = AutoSplit(offload.step_on, self.device)  # step_on auto: the split, or all on the GPU if faster
 
     # ------------------------------------------------------------------ routing sink (the model calls it)
     def routed(self, layer: int, routing, hidden: torch.Tensor) -> None:
@@ -83,6 +85,8 @@ class ExpertEngine:
     # ------------------------------------------------------------------ schedule
     def begin_micro_batch(self, index: int, count: int, lr: Optional[float] = None) -> None:
         """Micro-batch ``index`` of ``count`` is about to run forward; ``lr``: the coming step's learning rate."""
+        if index == 0:
+            self.auto.step_started()
         under = lr is not None and schedule.steps_under_backward(self.cfg, micro_batch=index, micro_batches=count)
         self.early_lr = lr if under else None
 
@@ -109,7 +113,7 @@ class ExpertEngine:
             self.swapper.prefetch(self._split(recs)[0])
 
     def _split(self, recs: list) -> tuple[list, list]:
-        return split_records(recs, step_on=self.offload.step_on, hot=self.swapper.hot, rates=self.rates)
+        return split_records(recs, step_on=self.auto.step_on(), hot=self.swapper.hot, rates=self.rates)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -180,6 +184,7 @@ class ExpertEngine:
         self.trace.reset()
         self.clip_coef = self.grad_scale = None  # a step without clipping must not reuse this one's
         self.telemetry.record(counts, on_gpu=on_gpu, on_cpu=on_cpu, early_layers=early_layers)
+        self.telemetry.figures.update(self.auto.figures())
         self.swapper.reset_stats()  # the next step's counters include the page-ins its backward starts
 
     def _auto_hot_cache(self) -> None:

@@ -1,0 +1,78 @@
+"""``step_on: auto`` keeps the faster of its two schedules, timed on the run's own steps.
+
+The cost model (:func:`moetrain.offload.rates.split`) splits each layer's active experts between the GPU path
+and the CPU path as if the layer's CPU share ran beside the link from the moment it is handed over. But one CPU
+thread takes the shares of successive layers in turn, and the layers backward finishes last have no backward left
+to hide their share under: it runs after backward, while the GPU waits. On the 4-layer DeepSeek-MoE-16B shape
+with fp32 state (one H200, 32 768 tokens a step) the split's step took 1.255 s against 1.003 s with every expert
+on the GPU, and 0.546 s of it was the tail after backward waiting for the CPU share (0.040 s on the GPU path).
+Where the CPU is fast and backward is long (many micro-batches' worth of layers to hide under), the split wins.
+
+A model of the whole queue would need each layer's backward time on this machine; timing both schedules is
+simpler and cannot be wrong about this run: the process's first step (warm-up, not timed) and its second run
+the split, its third runs every expert on the GPU, and from the fourth on the faster of the two timed steps is
+kept (a resumed run times them again: the machine may have changed). A step is timed from the start of its first
+micro-batch to the start of the next step's, the device synchronized at those marks only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+SPLIT_STEP, GPU_STEP = 1, 2  # the process's steps timed (0-based): the cost model's split, then all on the GPU
+
+
+class AutoSplit:
+    """Which schedule a step of ``step_on: auto`` runs: ``auto`` (the cost model's split) or ``gpu``."""
+
+    def __init__(self, step_on: str, device: torch.device) -> None:
+        self.enabled = step_on == "auto"
+        self.configured = step_on
+        self.device = device
+        self.seconds: dict[int, float] = {}  # timed step -> seconds
+        self.choice: Optional[str] = None  # ``auto`` or ``gpu`` once both are timed
+        self._open: Optional[tuple[int, float]] = None  # (step being timed, its start)
+        self._step = -1  # this process's current step, 0-based
+
+    def step_on(self) -> str:
+        """The schedule the current step runs."""
+        if not self.enabled:
+            return self.configured
+        if self.choice is not None:
+            return self.choice
+        return "gpu" if self._step == GPU_STEP else "auto"
+
+    def step_started(self) -> None:
+        """A step's first micro-batch is about to run: close the timed step before it, open this one if timed."""
+        self._step += 1
+        step_index = self._step
+        if not self.enabled or self.choice is not None:
+            return
+        if self._open is None and step_index not in (SPLIT_STEP, GPU_STEP):
+            return
+        self._sync()
+        now = time.perf_counter()
+        if self._open is not None:
+            timed, start = self._open
+            self.seconds[timed] = now - start
+            self._open = None
+        if SPLIT_STEP in self.seconds and GPU_STEP in self.seconds:
+            self.choice = "auto" if self.seconds[SPLIT_STEP] < self.seconds[GPU_STEP] else "gpu"
+        elif step_index in (SPLIT_STEP, GPU_STEP):
+            self._open = (step_index, now)
+
+    def figures(self) -> dict[str, float]:
+        """Telemetry: the timed steps' seconds and whether auto now keeps every expert on the GPU."""
+        if not self.enabled:
+            return {}
+        out = {f"offload/auto_trial_{'split' if k == SPLIT_STEP else 'gpu'}_s": v for k, v in self.seconds.items()}
+        if self.choice is not None:
+            out["offload/auto_on_gpu"] = float(self.choice == "gpu")
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
