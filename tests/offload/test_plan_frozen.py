@@ -17,7 +17,6 @@ from moetrain.models.train_selection import TrainSelection, apply_train_selectio
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.plan import (
-    DEFAULT_COMPUTE_TFLOPS,
     DENSE_GROUPS,
     GiB,
     Storage,
@@ -27,6 +26,7 @@ from moetrain.offload.plan import (
     frozen_dense_groups,
     make_plan,
     plan_from_recipe,
+    sustained_tflops,
 )
 from moetrain.training.checkpoint import save_checkpoint
 
@@ -121,9 +121,9 @@ def test_the_recipe_plan_leaves_frozen_dense_groups_out():
     assert "dense weights, grads, AdamW moments (fp32)" not in _rows(esft)
     assert _rows(esft)["frozen dense weights (fp32; no grads, no moments)"] == 4 * dense
     assert full.gpu_bytes - routers.gpu_bytes == 12 * groups["routers"]
-    assert full.compute_s - esft.compute_s == pytest.approx(2 * dense * 2048 / (DEFAULT_COMPUTE_TFLOPS * 1e12))
+    assert full.compute_s - esft.compute_s == pytest.approx(2 * dense * 2048 / (sustained_tflops(2048) * 1e12))
     assert full.compute_s - routers.compute_s == pytest.approx(
-        2 * groups["routers"] * 2048 / (DEFAULT_COMPUTE_TFLOPS * 1e12))
+        2 * groups["routers"] * 2048 / (sustained_tflops(2048) * 1e12))
     assert full.frozen_groups == () and "dense frozen" not in full.format()
     assert "dense frozen: embeddings, attention, norms, routers, shared_experts, dense_mlp, lm_head" in esft.format()
     full_ckpt, esft_ckpt = ({w: n for w, n in _rows(p, "disk").items() if w.startswith("checkpoints:")}

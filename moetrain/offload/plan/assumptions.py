@@ -5,12 +5,24 @@ from."""
 from __future__ import annotations
 
 GiB = 2**30
-DEFAULT_COMPUTE_TFLOPS = 110.0
-"""Sustained bf16 training throughput assumed for the compute estimate: what the full-depth DeepSeek-MoE-16B
-reaches with resident weights and no optimizer at 1 x 2048 tokens a micro-batch on an H200 (108 TFLOP/s, ``mfu``
-0.109; 2 x 2048: 167; 4 x 2048 with activation checkpointing: 208; benchmarks/README.md, runs m2 and m3).
-Small per-expert GEMMs, one gradient accumulation per expert parameter and host-bound launches keep it far below
-the card's peak."""
+DEFAULT_COMPUTE_TFLOPS = 190.0
+"""Sustained bf16 training throughput of ``moetrain fit``'s forward and backward at 4 096 tokens a micro-batch
+and more: the full-depth DeepSeek-MoE-16B recipe (2 x 2048 tokens, 32 accumulated, fp32 dense master under bf16
+autocast, resident bf16 expert weights) spent 11.71 s of its 14.07 s step outside the optimizer step on an H200,
+193 TFLOP/s (benchmarks/README.md, run p3). Smaller micro-batches are host-bound: see
+:func:`sustained_tflops`."""
+HOST_BOUND_SHARE = 0.60
+"""The share of :data:`DEFAULT_COMPUTE_TFLOPS` a 2 048-token micro-batch reaches: the compute-only step of the same
+model (resident bf16 weights, no optimizer) reached ``mfu`` 0.166 at 1 x 2048 tokens and 0.275 at 2 x 2048 on an H200
+(runs p1 and p2), the launches of one micro-batch costing about the same host time at either size."""
+
+
+def sustained_tflops(micro_batch_tokens: int) -> float:
+    """TFLOP/s the step's forward and backward sustain at ``micro_batch_tokens`` tokens a micro-batch:
+    :data:`DEFAULT_COMPUTE_TFLOPS` from 4 096 tokens, :data:`HOST_BOUND_SHARE` of it at 2 048 and below, linear
+    between."""
+    share = HOST_BOUND_SHARE + (1.0 - HOST_BOUND_SHARE) * min(1.0, max(0.0, (micro_batch_tokens - 2048) / 2048))
+    return DEFAULT_COMPUTE_TFLOPS * share
 DEFAULT_NVME_GBPS = 3.0
 """Bytes per second (GB/s) the NVMe swap moves for the step's reads and writes together, assumed: no run with an
 NVMe swap has measured it on the GPU machines yet (benchmarks/README.md). One PCIe 4.0 x4 NVMe drive's data sheet

@@ -37,12 +37,12 @@ from moetrain.offload.config import OffloadPlan
 from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
-    DEFAULT_COMPUTE_TFLOPS,
     DEFAULT_NVME_GBPS,
     GPU_RESERVE,
     HOST_RESERVE,
     LOAD_BYTES_PER_PARAM,
     GiB,
+    sustained_tflops,
 )
 from moetrain.offload.plan.disk import SAVE_SHARDS_IN_FLIGHT, Storage, checkpoint_bytes
 from moetrain.offload.plan.report import Plan
@@ -90,8 +90,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
               gpu_capacity: Optional[int] = None, host_capacity: Optional[int] = None,
               disk_free: Optional[int] = None, link_gbps: Optional[float] = None,
               nvme_gbps: float = DEFAULT_NVME_GBPS,
-              compute_tflops: float = DEFAULT_COMPUTE_TFLOPS, weight_bytes: Optional[int] = None,
-              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False,
+              compute_tflops: Optional[float] = None, weight_bytes: Optional[int] = None,
+              micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False, overlapped: bool = True,
               streamed_load: bool = False, activation_checkpointing: bool = False,
               from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None,
               trained_experts: Optional[int] = None, selection_source: Optional[str] = None,
@@ -106,7 +106,13 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         nvme_gbps: the NVMe swap's rate for reads and writes together (an assumption: :data:`.DEFAULT_NVME_GBPS`).
         weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
             from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
-        micro_batch_tokens: tokens of one forward/backward, for the activation estimate (default: the step's).
+        compute_tflops: the forward and backward's sustained rate (default: :func:`.sustained_tflops` of the
+            micro-batch's tokens).
+        micro_batch_tokens: tokens of one forward/backward, for the activation estimate and the compute rate
+            (default: the step's).
+        overlapped: the experts' state moves under backward (no clipping: layers are stepped as backward
+            finishes them), so the step is the slowest of compute, link and NVMe; False (global-norm clipping):
+            the state moves after backward, and the step is compute plus the slower of the other two.
         layerwise_grads: the engine steps each MoE layer and frees its expert gradients under backward
             (:func:`~moetrain.offload.schedule.layerwise_grads`), so only the largest layer's expert gradients are
             counted.
@@ -260,13 +266,14 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                            swap_per_record=nvme / trained if trained else 0.0)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
+    tflops = compute_tflops if compute_tflops is not None else sustained_tflops(micro)
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
-                                tokens_per_step=tokens_per_step, compute_tflops=compute_tflops,
+                                tokens_per_step=tokens_per_step, compute_tflops=tflops,
                                 trained_fraction=fraction, frozen_dense_params=frozen_dense)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=traffic.active_experts, total_experts=total_experts,
-                moved_bytes=traffic.moved_bytes, link_gbps=link, compute_s=compute_s,
+                moved_bytes=traffic.moved_bytes, link_gbps=link, compute_s=compute_s, overlapped=overlapped,
                 transfer_s=traffic.moved_bytes / (link * 1e9), breakdown=rows, nvme_moved_bytes=traffic.nvme_bytes,
                 nvme_gbps=nvme_gbps, nvme_s=traffic.nvme_bytes / (nvme_gbps * 1e9),
                 gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed=streamed,

@@ -12,7 +12,7 @@ from moetrain.offload.plan.disk import recipe_storage
 from moetrain.offload.plan.memory import make_plan
 from moetrain.offload.plan.report import Plan
 from moetrain.offload.plan.trained import frozen_dense_groups
-from moetrain.offload.schedule import layerwise_grads
+from moetrain.offload.schedule import layerwise_grads, steps_under_backward
 from moetrain.optim import OptimizerConfig
 
 
@@ -35,6 +35,7 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
             "trained_experts": trained, "selection_source": source,
             "frozen_groups": frozen_dense_groups(model.get("train")),
             "layerwise_grads": layerwise_grads(optimizer, stepping, accumulate_grad_batches=accumulation),
+            "overlapped": steps_under_backward(optimizer, micro_batch=accumulation - 1, micro_batches=accumulation),
             "streamed_load": bool(model.get("init_from")) and offload.placement.tier != "none",
             "from_checkpoint": bool(model.get("init_from")),
             "activation_checkpointing": bool(model.get("activation_checkpointing", False))}

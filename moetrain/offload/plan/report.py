@@ -66,6 +66,7 @@ class Plan:
     hot_cache_auto: bool = False
     paged_experts: float = 0.0
     layerwise_grads: bool = False
+    overlapped: bool = True
     streamed_load: bool = False
     weight_bytes: int = 2
     paged_weights: bool = False
@@ -95,12 +96,17 @@ class Plan:
 
     @property
     def floor_s(self) -> float:
-        """The slowest of compute, the host-GPU link and the NVMe swap (they overlap)."""
+        """The slowest of compute, the host-GPU link and the NVMe swap where they overlap (``overlapped``); with
+        clipping the state moves after backward: compute plus the slower of link and NVMe."""
+        if not self.overlapped:
+            return self.compute_s + max(self.transfer_s, self.nvme_s)
         return max(self.compute_s, self.transfer_s, self.nvme_s)
 
     @property
     def bound(self) -> str:
-        """What sets the floor: ``compute``, ``link`` or ``nvme``."""
+        """What sets the floor: ``compute``, ``link`` or ``nvme`` (``compute + link`` after backward)."""
+        if not self.overlapped:
+            return "compute + " + ("nvme" if self.nvme_s > self.transfer_s else "link")
         return max((self.compute_s, "compute"), (self.transfer_s, "link"), (self.nvme_s, "nvme"),
                    key=lambda t: t[0])[1]
 
