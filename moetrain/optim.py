@@ -211,11 +211,35 @@ class TrainOptimizer(ABC):
 
 
 def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """L2 norm over all existing gradients, in fp32, on the device of the first gradient."""
+    """L2 norm over all existing gradients, in fp32, on the device of the first gradient.
+
+    Gradients that are the slices of one stacked tensor, every slice present (the routed experts' per-layer
+    stacks, :mod:`moetrain.models.expert_grads`), are normed as that one tensor: one kernel instead of one per
+    expert parameter. The norms run as one ``_foreach_norm`` per device, in fp32 without fp32 copies."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    tensors = _whole_stacks(grads)
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        per_device.setdefault(t.device, []).append(t)
+    device = grads[0].device
+    norms = [n.to(device) for ts in per_device.values() for n in torch._foreach_norm(ts, 2.0, dtype=torch.float32)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _whole_stacks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` with each complete set of slices of one stacked tensor (``g._base[i]`` for every i, each once)
+    replaced by that tensor; the rest as they are."""
+    slices: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        base = g._base
+        if base is not None and base.dim() == g.dim() + 1 and g.shape == base.shape[1:]:
+            slices.setdefault(id(base), []).append(g)
+    whole = {key for key, gs in slices.items() if len(gs) == gs[0]._base.shape[0]
+             and len({g.data_ptr() for g in gs}) == len(gs)}
+    out = [g for g in grads if g._base is None or id(g._base) not in whole]
+    return out + [slices[key][0]._base for key in whole]
 
 
 def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:

@@ -99,3 +99,18 @@ def test_a_gradient_left_outside_the_stack_is_folded_in():
 
 def test_cpu_grouped_kernel_writes_zero_for_empty_groups():
     assert empty_groups_read_zero(torch.device("cpu"))
+
+
+def test_global_norm_reads_a_whole_stack_once_and_a_partial_one_slice_by_slice():
+    from moetrain.optim import global_grad_norm
+
+    torch.manual_seed(3)
+    experts = RoutedExperts(E, H, WIDTH, impl="grouped")
+    _loss(experts, torch.randn(T, H), _routing(4))
+    params = list(experts.parameters())
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    torch.testing.assert_close(global_grad_norm(params), expected, rtol=1e-6, atol=0)
+    experts[1].up_proj.weight.grad = None  # freed (as the engine does after a step): its stale slice must not count
+    rest = [p for p in params if p.grad is not None]
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rest]))
+    torch.testing.assert_close(global_grad_norm(params), expected, rtol=1e-6, atol=0)
