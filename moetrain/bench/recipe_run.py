@@ -188,6 +188,8 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
     if "mfu" in steady[-1]:
         out["mfu"] = round(statistics.median(r["mfu"] for r in steady), 4)
     out["gpu_peak_allocated_gib"] = max((r.get("gpu/mem_peak_gib", 0.0) for r in metrics), default=0.0)
+    if "gpu/alloc_retries" in metrics[-1]:  # memory pressure: cudaMalloc failed, cache freed, tried again
+        out["gpu_alloc_retries"] = metrics[-1]["gpu/alloc_retries"]
     out["loss_first"], out["loss_last"] = metrics[0]["loss"], metrics[-1]["loss"]
     out["offload"] = {k: v for k, v in metrics[-1].items() if k.startswith("offload/")}
     paged = [sum(r.get(f"offload/{k}_bytes", 0.0) for k in ("h2d", "d2h", "nvme_read", "nvme_write")) for r in steady]

@@ -44,13 +44,18 @@ def peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
 
 
 def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
-    """Allocated, peak-allocated and reserved GPU memory in GiB (empty on the CPU)."""
+    """Allocated, peak-allocated and reserved GPU memory in GiB (empty on the CPU), and the caching allocator's
+    retries so far: each is a failed ``cudaMalloc`` after which it freed its cached blocks (a device-wide sync) and
+    tried again. A run whose count grows from step to step is slowed by memory pressure (a smaller
+    ``hot_cache_gb`` or micro-batch helps)."""
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return {}
     gib = float(2**30)
+    stats = torch.cuda.memory_stats(device)
     return {"gpu/mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
             "gpu/mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib,
-            "gpu/mem_reserved_gib": torch.cuda.memory_reserved(device) / gib}
+            "gpu/mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+            "gpu/alloc_retries": float(stats.get("num_alloc_retries", 0))}
 
 
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
