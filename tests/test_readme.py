@@ -234,6 +234,9 @@ def test_feature_commands_run(workspace, argv):
     assert [r["step"] for r in records] == list(range(1, FEATURE_STEPS + 1))
     if any(a.startswith("--model.offload.placement.tier=") and not a.endswith("=none") for a in argv):
         assert any(key.startswith("offload/") for key in records[-1]), records[-1].keys()
+    for step in (a.split("=", 1)[1] for a in argv if a.startswith("--profile.step=")):
+        summary = json.loads((workspace.root / root / f"profile_step_{step}.json").read_text())
+        assert summary["optimizer_step_s"] > 0 and summary["cpu_ops"], summary
 
 
 def section_commands(title: str) -> list[list[str]]:
