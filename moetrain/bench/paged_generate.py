@@ -27,6 +27,9 @@ and policy:
 * ``hit_rate`` of the decode phase and ``ideal_static_hit_rate``: the best fixed set of experts of the same
   number of slots on the same routing trace (``hit_vs_ideal``, target >= 0.95);
 * ``bytes_paged_per_token`` (demand misses and prefetches) and ``miss_bytes_per_token`` (demand misses);
+  ``wasted_prefetch_bytes_per_token``: prefetched experts no demand used (replaced first, or still unused when the
+  run ends), whose link time the floor does not count; ``prefetch_skipped``: guesses the cache did not copy (the
+  link still carried the layer's misses, or every expert on the device was worth more);
   ``link_s_per_token``: the link's time for all the bytes paged (where a decode step computes for less time than
   an expert takes to copy, as with Mixtral's, a prefetch hides little and a step costs about this), and
   ``retained_hit_rate``: the hits the cache held without a prefetch (``hit_rate`` counts a prefetched expert's
@@ -237,7 +240,10 @@ def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_t
                      "hit_vs_ideal": round(counters.hit_rate / ideal, 4) if ideal else None,
                      "bytes_paged_per_token": counters.bytes_paged / n,
                      "miss_bytes_per_token": counters.misses * store.row_bytes / n,
+                     "wasted_prefetch_bytes_per_token": (counters.prefetch_wasted + cache.unused_prefetches())
+                     * store.row_bytes / n,
                      "prefetched": counters.prefetched, "prefetch_hits": counters.prefetch_hits,
+                     "prefetch_skipped": counters.prefetch_skipped,
                      "retained_hit_rate": round((counters.hits - counters.prefetch_hits) / max(counters.demands, 1), 4),
                      "link_s_per_token": counters.bytes_paged / n / link,
                      "tokens_equal_resident": None if resident_tokens is None else tokens == resident_tokens}
@@ -272,8 +278,8 @@ def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_t
 
 def summary_lines(result: dict) -> list[str]:
     """The figures the issue judges, side by side: per expert dtype and policy, decode tokens/s, the hit rate
-    beside the ideal static cache's, GB paged (and missed) per token, the resident time per token, the floor and
-    paged / floor."""
+    beside the ideal static cache's, GB paged per token (of it, prefetched for nothing; and missed), the resident
+    time per token, the floor and paged / floor."""
     resident = result.get("resident") or {}
     lines = [f"link {result['link_gb_s']} GB/s; resident: " + (
         f"{resident['decode_s_per_token']:.4f} s/token ({resident['decode_tokens_per_s']} tokens/s), prefill "
@@ -281,12 +287,12 @@ def summary_lines(result: dict) -> list[str]:
         f"prefill {resident['first_pass_prefill_s']:.3f} s" if "decode_s_per_token" in resident
         else resident.get("skipped", "not run"))]
     head = ("experts", "policy", "slots", "tokens/s", "s/token", "hit", "ideal", "hit/ideal", "GB/token",
-            "miss GB/token", "resident s/token", "floor s/token", "paged/floor")
+            "wasted prefetch GB/token", "miss GB/token", "resident s/token", "floor s/token", "paged/floor")
     rows = [head]
     columns = (("decode_tokens_per_s", ".1f", 1), ("decode_s_per_token", ".4f", 1), ("hit_rate", ".3f", 1),
                ("ideal_static_hit_rate", ".3f", 1), ("hit_vs_ideal", ".2f", 1), ("bytes_paged_per_token", ".3f", 1e9),
-               ("miss_bytes_per_token", ".3f", 1e9), ("resident_s_per_token", ".4f", 1),
-               ("floor_s_per_token", ".4f", 1), ("vs_floor", ".2f", 1))
+               ("wasted_prefetch_bytes_per_token", ".3f", 1e9), ("miss_bytes_per_token", ".3f", 1e9),
+               ("resident_s_per_token", ".4f", 1), ("floor_s_per_token", ".4f", 1), ("vs_floor", ".2f", 1))
     for dtype, found in result["expert_dtypes"].items():
         for policy, entry in found["paged"].items():
             rows.append((dtype, policy, str(found["cache_slots"]), *(

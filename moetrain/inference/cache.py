@@ -1,8 +1,8 @@
 """The device-side expert cache: a fixed set of expert slots, a replacement policy, a copy stream.
 
-The device holds ``main`` slots managed by the policy (LRU or LFU) and a few ``staging`` slots (a ring) for
-experts the policy does not admit (LFU: routed less often than every cached expert) and for prefetches it
-does not admit. A slot is one expert row of the :class:`~moetrain.inference.store.HostExpertStore` (its
+The device holds ``main`` slots managed by the policy (LRU or LFU, :mod:`moetrain.inference.policy`) and a few
+``staging`` slots (a ring) for experts the policy does not admit (LFU: routed less often than every cached expert).
+A slot is one expert row of the :class:`~moetrain.inference.store.HostExpertStore` (its
 weights, and its scales when int8). Hits and misses are counted per demanded (layer, expert) of a forward
 call; the demand order is kept as the routing trace from which :func:`ideal_static_hit_rate` computes what
 the best fixed set of experts of the same number of slots would have hit.
@@ -11,6 +11,15 @@ A layer that routes to more experts than there are slots (a prefill or a validat
 in groups (:meth:`ExpertCache.acquire`): the experts the policy keeps stay in their main slots, the rest pass
 through the staging slots, and nothing demanded earlier in the same call is evicted for a later group, so the next
 call hits what was kept.
+
+Prefetch (:meth:`ExpertCache.prefetch`) copies guessed experts ahead of their layer, so it must not cost more than
+it saves: a wrong guess is link time the floor of the misses does not count, and can push out an expert that is
+needed later. It therefore (1) is skipped while the link still carries the current layer's demand misses
+(:meth:`ExpertCache.link_busy`): queued behind them, a wrong guess delays the next layer's own misses; (2) takes
+only free slots, staged entries of lower value, or the policy's victim where the policy lets a guess evict it
+(:meth:`~moetrain.inference.policy.CachePolicy.prefetch_may_evict`: LFU never evicts an expert demanded more
+often); (3) never replaces another guess for the same layer, while a guess its layer did not demand is the first
+staged entry to go. ``stats.prefetch_wasted`` counts guesses replaced before any demand.
 
 Events (CUDA): ``ready[s]`` is recorded on the copy stream after the copy into slot ``s``, and the compute
 stream waits on it before reading the slot; ``freed[s]`` is recorded on the compute stream once the kernels
@@ -21,7 +30,7 @@ the bookkeeping (what is cached, what a prefetch may evict, what counts as a hit
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,10 +38,8 @@ from typing import Optional
 
 import torch
 
+from moetrain.inference.policy import Key, make_policy
 from moetrain.inference.store import HostExpertStore, dequantize_int8
-
-Key = tuple[int, int]
-"""(layer, expert)."""
 
 
 @dataclass
@@ -43,6 +50,9 @@ class CacheStats:
         demands: (layer, expert) pairs forward calls needed (an expert counts once per layer per call).
         hits: demands found on the device (cached, staged or prefetched) without a copy.
         prefetched: experts copied ahead of their layer; prefetch_hits: demands those copies served.
+        prefetch_wasted: prefetched experts replaced before any demand (their bytes crossed the link for nothing;
+            those still waiting at the end are :meth:`ExpertCache.unused_prefetches`).
+        prefetch_skipped: guessed experts not copied: the link was busy, or no slot of lower value was free.
         bytes_paged: host-to-device bytes, demand misses and prefetches together.
         evictions: cached experts replaced.
     """
@@ -51,6 +61,8 @@ class CacheStats:
     hits: int = 0
     prefetched: int = 0
     prefetch_hits: int = 0
+    prefetch_wasted: int = 0
+    prefetch_skipped: int = 0
     bytes_paged: int = 0
     evictions: int = 0
 
@@ -73,89 +85,6 @@ def ideal_static_hit_rate(trace: Sequence[Key], slots: int) -> float:
         return 0.0
     counts = sorted(Counter(trace).values(), reverse=True)
     return sum(counts[:slots]) / len(trace)
-
-
-class CachePolicy:
-    """Which cached expert makes room, and whether an incoming one deserves a main slot."""
-
-    def touch(self, key: Key) -> None:
-        """``key`` was demanded (hit or miss)."""
-        raise NotImplementedError
-
-    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
-        """Whether ``key`` (not cached) should replace ``victim`` (cached). ``scan``: ``key``'s layer routes to more
-        experts in this call than the cache has slots (a prefill or validation batch on a small cache)."""
-        raise NotImplementedError
-
-    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
-        """The entry of ``cached`` (those that may be evicted now) to evict first, or None if empty."""
-        raise NotImplementedError
-
-    def inserted(self, key: Key) -> None:
-        """``key`` took a main slot."""
-
-    def evicted(self, key: Key) -> None:
-        """``key`` left its main slot."""
-
-
-class LRUPolicy(CachePolicy):
-    """Least recently used: every miss is cached, evicting the entry demanded longest ago; except a scan's.
-
-    A layer that routes to more experts than the cache has slots cannot keep them all, and if its misses evicted
-    the other layers' experts, every layer after it would do the same: the whole cache turns over in each call and
-    the next call finds nothing (LRU on a cyclic trace longer than the cache hits nothing). Its misses therefore
-    take free main slots only, and pass through the staging slots otherwise (scan resistance).
-    """
-
-    def __init__(self) -> None:
-        self.order: OrderedDict[Key, None] = OrderedDict()
-
-    def touch(self, key: Key) -> None:
-        if key in self.order:
-            self.order.move_to_end(key)
-
-    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
-        return not scan
-
-    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
-        allowed = set(cached)
-        return next((k for k in self.order if k in allowed), None)
-
-    def inserted(self, key: Key) -> None:
-        self.order[key] = None
-
-    def evicted(self, key: Key) -> None:
-        self.order.pop(key, None)
-
-
-class LFUPolicy(CachePolicy):
-    """Least frequently used, with the counts of the whole run (evicted experts keep theirs): an expert
-    replaces the least frequent cached one only if it is now more frequent. On a stationary routing
-    distribution the cache converges to the most frequent experts, i.e. to the ideal static set."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[Key] = Counter()
-        self.last: dict[Key, int] = {}
-        self.clock = 0
-
-    def touch(self, key: Key) -> None:
-        self.clock += 1
-        self.counts[key] += 1
-        self.last[key] = self.clock
-
-    def admit(self, key: Key, victim: Key, *, scan: bool = False) -> bool:
-        return self.counts[key] > self.counts[victim]  # a scan too: the counts already resist it
-
-    def victim(self, cached: Iterable[Key]) -> Optional[Key]:
-        return min(cached, key=lambda k: (self.counts[k], self.last.get(k, 0)), default=None)
-
-
-def make_policy(name: str) -> CachePolicy:
-    if name == "lru":
-        return LRUPolicy()
-    if name == "lfu":
-        return LFUPolicy()
-    raise ValueError(f"cache policy {name!r}: choose lru or lfu")
 
 
 @dataclass
@@ -211,6 +140,9 @@ class ExpertCache:
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.protected: set[int] = set()  # slots the current layer's compute reads
         self._stage_next = num_slots - self.staging_slots
+        self._step = 0  # layer calls so far (a call computed in groups counts once)
+        self._miss_step = -1  # the layer call in which the last demand miss was queued
+        self._miss_slot: Optional[int] = None  # the slot that miss went to
         self.stats = CacheStats()
         self.trace: list[Key] = []
         self.record_trace = True
@@ -225,8 +157,11 @@ class ExpertCache:
         return self.num_slots - self.staging_slots
 
     def reset_stats(self) -> CacheStats:
-        """Start new counters and a new trace; returns the old counters."""
+        """Start new counters and a new trace; returns the old counters. Experts prefetched before count as cached
+        from now on (their bytes are the old counters'), so the new ones describe the new window alone."""
         stats, self.stats = self.stats, CacheStats()
+        for s in self.slots:
+            s.prefetched = False
         self.trace = []
         return stats
 
@@ -251,6 +186,24 @@ class ExpertCache:
                 s.ready.record(stream)
         self.stats.bytes_paged += self.store.row_bytes
 
+    def link_busy(self) -> bool:
+        """Whether the copy stream still carries the current layer call's demand misses.
+
+        A prefetch queued behind them would start only when they are done, and every guess that turns out wrong
+        then delays the next layer's own misses by a whole copy. On CUDA the last miss's ``ready`` event says
+        whether it is done (a prefetch is offered right after the misses are queued: for an expert as large as
+        Mixtral-8x7B's, 352 MB or 6.5 ms at 54 GB/s, it never is). On the CPU copies are plain and synchronous, and
+        a miss counts as running through its layer call, so the CPU makes the decisions a GPU makes there.
+        """
+        if self._miss_step != self._step or self._miss_slot is None:
+            return False
+        ready = self.slots[self._miss_slot].ready
+        return ready is None or not ready.query()
+
+    def unused_prefetches(self) -> int:
+        """Prefetched experts on the device that no demand has used yet."""
+        return sum(s.prefetched for s in self.slots)
+
     def _unmap(self, slot: int) -> None:
         s = self.slots[slot]
         if s.key is not None:
@@ -258,6 +211,8 @@ class ExpertCache:
             if not s.staged:
                 self.policy.evicted(s.key)
                 self.stats.evictions += 1
+            if s.prefetched:
+                self.stats.prefetch_wasted += 1
         s.key, s.prefetched = None, False
 
     def _evictable(self, keep: frozenset[Key]) -> list[Key]:
@@ -277,8 +232,14 @@ class ExpertCache:
         return self.slot_of[victim]
 
     def _staging_slot(self) -> Optional[int]:
-        """The next staging slot not read by the current layer (a ring: the oldest staged expert goes first)."""
+        """A staging slot not read by the current layer: a free one, else one holding a guess no demand used (its
+        layer has been computed since: a prefetch is for the next layer only), else the next of the ring (the
+        oldest staged expert goes first)."""
         start = self.num_slots - self.staging_slots
+        idle = [i for i in range(start, self.num_slots) if i not in self.protected]
+        for i in idle:
+            if self.slots[i].key is None or self.slots[i].prefetched:
+                return i
         for step in range(self.staging_slots):
             i = start + (self._stage_next - start + step) % self.staging_slots
             if i not in self.protected:
@@ -286,30 +247,55 @@ class ExpertCache:
                 return i
         return None
 
-    def _place(self, key: Key, *, prefetch: bool, keep: frozenset[Key] = frozenset(), scan: bool = False,
+    def _place(self, key: Key, *, keep: frozenset[Key] = frozenset(), scan: bool = False,
                must: bool = False) -> Optional[int]:
-        """Map ``key`` to a slot and queue its copy: a main slot the policy gives, else a staging slot; None when
-        neither is free of the current compute's reads. ``must`` (the group has no expert yet: it must make
+        """Map demanded ``key`` to a slot and queue its copy: a main slot the policy gives, else a staging slot; None
+        when neither is free of the current compute's reads. ``must`` (the group has no expert yet: it must make
         progress) then takes the policy's victim outside ``keep``, else any slot the compute does not read."""
         slot = self._main_slot_for(key, keep, scan)
-        staged = slot is None
-        if staged:
+        if slot is None:
             slot = self._staging_slot()
         if slot is None and must:
             victim = self.policy.victim(self._evictable(keep))
             slot = self.slot_of[victim] if victim is not None else next(
                 (i for i in range(self.num_slots) if i not in self.protected), None)
-            staged = slot is not None and self.slots[slot].staged
         if slot is None:
             return None
+        self._fill(slot, key, prefetch=False)
+        self._miss_step, self._miss_slot = self._step, slot
+        return slot
+
+    def _fill(self, slot: int, key: Key, *, prefetch: bool) -> None:
+        """Map ``key`` to ``slot`` (dropping what it held) and queue its copy."""
         self._unmap(slot)
         s = self.slots[slot]
         s.key, s.prefetched = key, prefetch
         self.slot_of[key] = slot
-        if not staged:
-            self.policy.inserted(key)
+        if not s.staged:
+            self.policy.inserted(key, prefetch=prefetch)
         self._copy_in(slot, key)
-        return slot
+
+    def _prefetch_slot(self, key: Key, keep: frozenset[Key]) -> Optional[int]:
+        """A slot a guess of ``key`` may take: free, else the policy's main victim if the policy lets a guess evict
+        it, else the least valued staged entry the policy lets it evict (a guess no demand used goes first; LRU
+        ranks no staged entry: the oldest), never a slot the compute reads nor one of ``keep`` (this call's
+        other guesses). None: every expert on the device is worth more than the guess."""
+        free = next((i for i, s in enumerate(self.slots) if s.key is None and i not in self.protected), None)
+        if free is not None:
+            return free
+        victim = self.policy.victim(self._evictable(keep))
+        if victim is not None and self.policy.prefetch_may_evict(key, victim):
+            return self.slot_of[victim]
+        staged = [i for i in range(self.main_slots, self.num_slots)
+                  if i not in self.protected and self.slots[i].key not in keep]
+        stale = next((i for i in staged if self.slots[i].prefetched), None)
+        if stale is not None:
+            return stale
+        victim = self.policy.victim(self.slots[i].key for i in staged)
+        if victim is None:  # LRU ranks main entries only: the ring's next
+            slot = self._staging_slot()
+            victim = None if slot is None or slot not in staged else self.slots[slot].key
+        return self.slot_of[victim] if victim is not None and self.policy.prefetch_may_evict(key, victim) else None
 
     def acquire(self, layer: int, experts: Sequence[int], *, done: Iterable[int] = ()) -> Acquired:
         """Place as many of ``layer``'s ``experts`` as the slots allow (hits first), protect their slots until
@@ -324,6 +310,8 @@ class ExpertCache:
         scan to the policy (:meth:`CachePolicy.admit`): under LRU its misses evict no other layer's expert either.
         """
         got = Acquired(layer)
+        if not done:
+            self._step += 1  # a new layer call (later groups of the same call pass ``done``)
         keep = frozenset((layer, e) for e in done)
         scan = len(experts) + len(keep) > self.num_slots  # the layer runs in groups
         hits = [e for e in experts if (layer, e) in self.slot_of]
@@ -332,7 +320,7 @@ class ExpertCache:
             key = (layer, e)
             slot = self.slot_of.get(key)
             if slot is None:
-                slot = self._place(key, prefetch=False, keep=keep, scan=scan, must=not got.experts)
+                slot = self._place(key, keep=keep, scan=scan, must=not got.experts)
                 if slot is None:
                     continue  # no slot left to this group: the caller computes what it has and comes back
             else:
@@ -349,16 +337,24 @@ class ExpertCache:
             got.slots.append(slot)
         return got
 
-    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
-        """Start copying ``layer``'s ``experts`` that are not on the device into slots the current compute does
-        not read (evicting only what the policy lets go)."""
-        for e in experts:
-            key = (layer, e)
-            if key in self.slot_of:
+    def prefetch(self, layer: int, experts: Iterable[int]) -> int:
+        """Start copying ``layer``'s ``experts`` (most likely first) that are not on the device, if the link is
+        idle (:meth:`link_busy`), into slots the current compute does not read and whose entries the policy
+        values less than a guess (:meth:`_prefetch_slot`). Returns the number of copies started."""
+        wanted = [(layer, e) for e in experts if (layer, e) not in self.slot_of]
+        if wanted and self.link_busy():
+            self.stats.prefetch_skipped += len(wanted)
+            return 0
+        started = 0
+        for key in wanted:
+            slot = self._prefetch_slot(key, frozenset(wanted))
+            if slot is None:
+                self.stats.prefetch_skipped += 1
                 continue
-            if self._place(key, prefetch=True) is None:
-                return
+            self._fill(slot, key, prefetch=True)
             self.stats.prefetched += 1
+            started += 1
+        return started
 
     def weights(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate (I, H), up (I, H), down (H, I)) of the expert in ``slot``, ready on the current stream."""

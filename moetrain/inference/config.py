@@ -35,8 +35,9 @@ class InferenceConfig:
             ``shards``: none held, an expert's tensors are read from the model directory's memory-mapped
             safetensors shards when the cache misses it (a model larger than host memory; the OS page cache
             keeps what fits).
-        prefetch: page in the next MoE layer's likely experts (its router applied to the current layer's input)
-            while the current layer computes.
+        prefetch: page in the next MoE layer's top-k likely experts (its router applied to the current layer's
+            input) while the current layer computes, when the link is not carrying the current layer's misses and
+            into slots whose experts are worth less than the guess (see :mod:`moetrain.inference.cache`).
     """
 
     expert_weights: ExpertWeights = "resident"

@@ -7,16 +7,20 @@ One MoE layer ``l`` of a forward on CUDA (decode: a few tokens; prefill: many)::
     compute stream   router(l)  lookahead: router(l+1) on x_l   | host reads counts(l) and the predicted
                                                                  | set of l+1 together (the layer's one sync)
                      wait ready[slots of l's misses] -> experts of l (per-expert SwiGLU) -> combine -> ...
-    copy stream      (prefetched rows of l, queued during l-1) | H2D misses of l | H2D predicted experts of l+1
-                                                                                  '-- runs under l's GEMMs
+    copy stream      (prefetched rows of l, queued during l-1) | H2D misses of l, or, if l missed none, the
+                                                                  top-k predicted experts of l+1 (under l's GEMMs)
                      the copy into a slot first waits on freed[slot]: the last kernel that read it
 
 The lookahead is the idea of :mod:`moetrain.offload.lookahead`: the next layer's router applied to this
 layer's normalized input predicts the next layer's experts well, because the residual stream changes little
 from one layer to the next. The last MoE layer prefetches the first layer's experts of the previous call (the
-next decode step). Experts already on the device never wait; a layer that needs more experts than there are
-slots (a long prefill with a small cache) runs in groups: its cached experts stay in their slots for the next call,
-and the rest pass through the staging slots, each group's reused by the next (:meth:`ExpertCache.acquire`).
+next decode step). A prefetch is a guess, and a wrong one costs link time that no demand needed: only the
+model's top-k experts (k = experts per token) of the prediction, most voted first (a batch's tokens vote), are
+offered, and the cache starts them only when the link is not still carrying the current layer's misses and only
+into slots whose experts are worth less than a guess (:meth:`~moetrain.inference.cache.ExpertCache.prefetch`).
+Experts already on the device never wait; a layer that needs more experts than there are slots (a long prefill
+with a small cache) runs in groups: its cached experts stay in their slots for the next call, and the rest pass
+through the staging slots, each group's reused by the next (:meth:`ExpertCache.acquire`).
 
 Two compute paths per group of slots, chosen per call (``impl``, set by ``model.set_expert_impl``):
 
@@ -82,19 +86,21 @@ class PagedExperts(nn.Module):
         self.prefetch = prefetch
         self.impl = "auto"  # auto, grouped or loop (MoEForCausalLM.set_expert_impl)
         self.last_routed: list[int] = []
+        self.last_counts: list[int] = []  # tokens per expert of the last call (E,)
+        self.top_k = 1  # experts per token, as the last call routed
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, experts={self.num_experts}, paged"
 
     def _predict(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """(E,) int64 mask of the experts the next layer's router picks for ``x`` (T, H), on the device."""
+        """(E,) int64 votes: how many tokens of ``x`` (T, H) the next layer's router sends to each expert."""
         router = self._next_router
         if router is None or not self.prefetch:
             return None
         logits = F.linear(x.float(), router.weight.float())  # (T, E)
         scores = logits.softmax(dim=-1) if router.scoring_func == "softmax" else logits.sigmoid()
         idx = router.select(scores)[1].reshape(-1)  # (T * k,)
-        return torch.zeros(router.num_experts, dtype=torch.int64, device=x.device).index_fill_(0, idx, 1)
+        return torch.bincount(idx, minlength=router.num_experts)
 
     def use_grouped(self, x_sorted: torch.Tensor, tokens: int) -> bool:
         """Whether this call runs grouped GEMMs (see the module docstring): ``x_sorted`` (N, H), ``tokens`` T."""
@@ -119,7 +125,7 @@ class PagedExperts(nn.Module):
         for n in sizes:
             starts.append(starts[-1] + n)
         active = [e for e, n in enumerate(sizes) if n]
-        self.last_routed = active
+        self.last_routed, self.last_counts, self.top_k = active, sizes, routing.topk_idx.shape[-1]
         pieces: dict[int, torch.Tensor] = {}
         todo = list(active)
         first_group = True
@@ -167,16 +173,15 @@ class PagedExperts(nn.Module):
             start += n
         return out
 
-    def _start_prefetch(self, predicted: Optional[list[int]]) -> None:
-        """Queue the next layer's likely experts behind this layer's misses on the copy stream."""
+    def _start_prefetch(self, votes: Optional[list[int]]) -> None:
+        """Offer the cache the next layer's ``top_k`` likeliest experts (most ``votes`` (E,) first) to prefetch."""
         if not self.prefetch or self.next_layer is None:
             return
-        if predicted is not None:
-            experts = [e for e, hit in enumerate(predicted) if hit]
-        else:  # the last layer: the first layer's experts of this call, for the next call
+        if votes is None:  # the last layer: the first layer's experts of this call, for the next call
             first = self._first_block_experts
-            experts = first.last_routed if first is not None else []
-        self.cache.prefetch(self.next_layer, experts)
+            votes = first.last_counts if first is not None else []
+        likely = sorted((e for e, n in enumerate(votes) if n), key=lambda e: -votes[e])  # stable: ties by id
+        self.cache.prefetch(self.next_layer, likely[:self.top_k])
 
     _first_block_experts: Optional[PagedExperts] = None
 

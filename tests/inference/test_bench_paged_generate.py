@@ -43,6 +43,10 @@ def test_paged_generate_smoke(tmp_path, capsys):
         assert paged["tokens_equal_resident"] is True
         assert 0 < paged["ideal_static_hit_rate"] <= 1 and 0 <= paged["hit_rate"] <= 1
         assert paged["bytes_paged_per_token"] >= paged["miss_bytes_per_token"] > 0
+        # prefetched bytes no demand used: part of the bytes the decode paged beyond its misses
+        wasted = paged["wasted_prefetch_bytes_per_token"]
+        assert 0 <= wasted <= paged["bytes_paged_per_token"] - paged["miss_bytes_per_token"]
+        assert paged["prefetch_skipped"] >= 0
         assert paged["resident_s_per_token"] == resident["decode_s_per_token"]
         assert paged["link_s_per_token"] == pytest.approx(paged["bytes_paged_per_token"] / (result["link_gb_s"] * 1e9))
         assert paged["retained_hit_rate"] <= paged["hit_rate"]
@@ -55,8 +59,8 @@ def test_paged_generate_smoke(tmp_path, capsys):
     # the table: a row per expert dtype and policy, the figures of the RESULT line beside each other
     assert table[0].startswith(f"link {result['link_gb_s']} GB/s; resident: {resident['decode_s_per_token']:.4f}")
     assert table[1].split() == ["experts", "policy", "slots", "tokens/s", "s/token", "hit", "ideal", "hit/ideal",
-                                "GB/token", "miss", "GB/token", "resident", "s/token", "floor", "s/token",
-                                "paged/floor"]
+                                "GB/token", "wasted", "prefetch", "GB/token", "miss", "GB/token", "resident", "s/token",
+                                "floor", "s/token", "paged/floor"]
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in table[2:]}
     assert set(rows) == {(d, p) for d in ("float32", "int8") for p in ("lru", "lfu")}
     for (dtype, policy), cells in rows.items():
@@ -64,7 +68,9 @@ def test_paged_generate_smoke(tmp_path, capsys):
         assert cells == [str(result["expert_dtypes"][dtype]["cache_slots"]), f"{entry['decode_tokens_per_s']:.1f}",
                          f"{entry['decode_s_per_token']:.4f}", f"{entry['hit_rate']:.3f}",
                          f"{entry['ideal_static_hit_rate']:.3f}", f"{entry['hit_vs_ideal']:.2f}",
-                         f"{entry['bytes_paged_per_token'] / 1e9:.3f}", f"{entry['miss_bytes_per_token'] / 1e9:.3f}",
+                         f"{entry['bytes_paged_per_token'] / 1e9:.3f}",
+                         f"{entry['wasted_prefetch_bytes_per_token'] / 1e9:.3f}",
+                         f"{entry['miss_bytes_per_token'] / 1e9:.3f}",
                          f"{entry['resident_s_per_token']:.4f}", f"{entry['floor_s_per_token']:.4f}",
                          f"{entry['vs_floor']:.2f}"]
     # the same cache bytes hold about four times the int8 experts of fp32 (scales aside), capped at every expert
