@@ -5,6 +5,7 @@ accumulation of the same grouped GEMMs on stacked leaf weights gives, to bf16 ro
 
 import pytest
 import torch
+from grouped_reference import grouped_reference
 
 from moetrain.models.expert_grads import empty_groups_read_zero
 from moetrain.models.experts import RoutedExperts
@@ -39,15 +40,7 @@ def test_stacked_grads_equal_autograd_on_stacked_leaves():
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         routing = _routing(seed, avoid)
         experts(x, routing).float().pow(2).sum().backward()
-        k = routing.topk_idx.shape[1]
-        order = torch.argsort(routing.topk_idx.reshape(-1), stable=True)
-        rows = x[order // k]
-        offs = torch.cumsum(routing.counts, 0).to(torch.int32)
-        g = torch._grouped_mm(rows, stacks[0].transpose(1, 2), offs=offs)
-        u = torch._grouped_mm(rows, stacks[1].transpose(1, 2), offs=offs)
-        y = torch._grouped_mm(torch.nn.functional.silu(g) * u, stacks[2].transpose(1, 2), offs=offs)
-        y = y * routing.topk_weight.reshape(-1)[order][:, None].to(y.dtype)
-        torch.zeros_like(x).index_add_(0, order // k, y).float().pow(2).sum().backward()
+        grouped_reference(x, routing, stacks).float().pow(2).sum().backward()
     for m, name in enumerate(("gate_proj", "up_proj", "down_proj")):
         got = torch.stack([getattr(e, name).weight.grad for e in experts])
         assert torch.equal(got[3], torch.zeros_like(got[3])), f"{name}: the idle expert's gradient is not zero"

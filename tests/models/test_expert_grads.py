@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from grouped_reference import grouped_reference
 
 from moetrain.models.expert_grads import accumulate_expert_grads, empty_groups_read_zero
 from moetrain.models.experts import RoutedExperts
@@ -28,16 +29,7 @@ def _reference_grads(experts: RoutedExperts, batches: list[tuple[torch.Tensor, R
     stacks = [torch.stack([getattr(e, name).weight.detach() for e in experts]).requires_grad_(True)
               for name in ("gate_proj", "up_proj", "down_proj")]
     for x, routing in batches:
-        k = routing.topk_idx.shape[1]
-        order = torch.argsort(routing.topk_idx.reshape(-1), stable=True)
-        rows = x[order // k]
-        offs = torch.cumsum(routing.counts, 0).to(torch.int32)
-        g = torch._grouped_mm(rows, stacks[0].transpose(1, 2), offs=offs)
-        u = torch._grouped_mm(rows, stacks[1].transpose(1, 2), offs=offs)
-        y = torch._grouped_mm(torch.nn.functional.silu(g) * u, stacks[2].transpose(1, 2), offs=offs)
-        y = y * routing.topk_weight.reshape(-1)[order][:, None]
-        out = torch.zeros_like(x).index_add_(0, order // k, y)
-        out.pow(2).sum().backward()
+        grouped_reference(x, routing, stacks).pow(2).sum().backward()
     return [s.grad for s in stacks]
 
 
