@@ -8,8 +8,9 @@ the signatures of :class:`~moetrain.training.module.MoETrainingModule` (``model:
 :class:`~moetrain.training.callbacks.MetricsLogger` (``metrics:``).
 
 ``moetrain fit --help`` lists moetrain's sections (``model``, ``model.optimizer``, ``model.offload``, ``data``,
-``checkpoint``, ``metrics``, ``progress``, ``parallel``) with every key described (the attribute docstrings of the
-section dataclasses), then the Trainer keys that recipes set; ``--help=all`` adds every Lightning Trainer option.
+``checkpoint``, ``metrics``, ``progress``, ``profile``, ``parallel``) with every key described (the attribute
+docstrings of the section dataclasses), then the Trainer keys that recipes set; ``--help=all`` adds every
+Lightning Trainer option.
 
 Bad input (a malformed recipe, an unknown key, a missing file, a broken data line) ends with one
 paragraph naming the file, line or key and what to do, exit status 2, and no traceback.

@@ -308,7 +308,8 @@ def test_fit_help_leads_with_moetrain_sections_and_describes_every_key(capsys, m
     assert main(["fit", "--help"]) == 0
     text = capsys.readouterr().out
     headers = re.findall(r"(?m)^([a-z][\w.]*): .*:$", text)  # group titles
-    sections = ["model", "model.optimizer", "model.offload", "data", "checkpoint", "metrics", "progress", "parallel"]
+    sections = ["model", "model.optimizer", "model.offload", "data", "checkpoint", "metrics", "progress", "profile",
+                "parallel"]
     assert headers[:len(sections)] == sections and headers[-1] == "trainer"
     entries = help_entries(text)
     keys = [k for k in entries if k.split(".")[0].removeprefix("--") in sections and k.removeprefix("--")
