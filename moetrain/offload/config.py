@@ -96,7 +96,9 @@ class ScheduleSettings:
 
     step_on: Literal["gpu", "cpu", "auto"] = "gpu"
     """``gpu`` (state paged in, fused AdamW), ``cpu`` (DeepSpeedCPUAdam in host memory, gradients down and weights
-    up) or ``auto`` (both at once, split by a cost model fed with rates measured at start-up)."""
+    up) or ``auto`` (both at once, split by a cost model fed with rates measured at start-up; the run's second
+    step is timed with that split and its third with every expert on the GPU, and the faster schedule is kept:
+    ``offload/auto_on_gpu``)."""
     idle_experts: Literal["skip", "dense"] = "skip"
     """``skip``: an expert that got no tokens is untouched (torch AdamW with grad None). ``dense``: the
     zero-gradient steps a dense AdamW would have applied are caught up exactly when the expert is next routed, or
