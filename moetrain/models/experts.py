@@ -50,7 +50,6 @@ class Dispatch:
 
     Attributes:
         token_of: (N,) index of the source token of each sorted row.
-        weight: (N,) combine weight of each sorted row.
         counts: (E,) rows per expert (device).
         offsets: (E,) int32 cumulative end offsets, as ``torch._grouped_mm`` takes them.
         order: (N,) the token-major assignment (``t * k + slot``) of each sorted row.
@@ -59,7 +58,6 @@ class Dispatch:
     """
 
     token_of: torch.Tensor
-    weight: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
     order: torch.Tensor
@@ -75,7 +73,6 @@ def dispatch(routing: Routing) -> Dispatch:
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return Dispatch(
         token_of=order // k,
-        weight=routing.topk_weight.reshape(-1)[order],
         counts=routing.counts,
         offsets=torch.cumsum(routing.counts, 0).to(torch.int32),
         order=order,
