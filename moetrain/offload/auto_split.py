@@ -34,7 +34,7 @@ class AutoSplit:
         self.device = device
         self.seconds: dict[int, float] = {}  # timed step -> seconds
         self.choice: Optional[str] = None  # ``auto`` or ``gpu`` once both are timed
-        self._open: Optional[tuple[int, float]] = None  # (step being timed, its start)
+        self._start: Optional[float] = None  # when the step being timed began
         self._step = -1  # this process's current step, 0-based
 
     def step_on(self) -> str:
@@ -48,21 +48,15 @@ class AutoSplit:
     def step_started(self) -> None:
         """A step's first micro-batch is about to run: close the timed step before it, open this one if timed."""
         self._step += 1
-        step_index = self._step
-        if not self.enabled or self.choice is not None:
-            return
-        if self._open is None and step_index not in (SPLIT_STEP, GPU_STEP):
+        if not self.enabled or self.choice is not None or self._step not in (SPLIT_STEP, GPU_STEP, GPU_STEP + 1):
             return
         self._sync()
         now = time.perf_counter()
-        if self._open is not None:
-            timed, start = self._open
-            self.seconds[timed] = now - start
-            self._open = None
-        if SPLIT_STEP in self.seconds and GPU_STEP in self.seconds:
+        if self._start is not None:  # the timed steps are consecutive: the one before this was timed
+            self.seconds[self._step - 1] = now - self._start
+        self._start = now
+        if GPU_STEP in self.seconds:
             self.choice = "auto" if self.seconds[SPLIT_STEP] < self.seconds[GPU_STEP] else "gpu"
-        elif step_index in (SPLIT_STEP, GPU_STEP):
-            self._open = (step_index, now)
 
     def figures(self) -> dict[str, float]:
         """Telemetry: the timed steps' seconds and whether auto now keeps every expert on the GPU."""
