@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Optional
 
+from moetrain import cuda_alloc
 from moetrain.lightning_cli.errors import EXIT_BAD_INPUT, PROG, InputError, check_recipe_file, fail
 from moetrain.lightning_cli.help import shape_help
 from moetrain.lightning_cli.run import parse_config, print_help, resume_command, run_lightning
@@ -79,6 +80,7 @@ Trainer option.
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``moetrain`` console script; returns the exit status."""
+    cuda_alloc.apply_defaults()  # before anything touches the GPU: the allocator reads its settings once
     from_sys_argv = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import yaml
 
+from moetrain import cuda_alloc
 from moetrain.config import ModelConfig
 from moetrain.models.random_init import build_random
 from moetrain.training.step_profiler import kernel_breakdown
@@ -35,6 +36,7 @@ from moetrain.training.telemetry import peak_flops, training_flops_per_token
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    cuda_alloc.apply_defaults()  # the allocator settings of `moetrain fit`, before CUDA is touched
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True)
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches timed (after 2 warm-up ones)")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from moetrain import cuda_alloc
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload import build_optimizer
@@ -38,6 +39,7 @@ from moetrain.optim import OptimizerConfig
 
 
 def main(argv: list[str] | None = None) -> dict:
+    cuda_alloc.apply_defaults()  # the allocator settings of `moetrain fit`, before CUDA is touched
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tier", default="none", choices=["none", "cpu", "nvme"])
     p.add_argument("--step-on", default="gpu", choices=["gpu", "cpu", "auto"])

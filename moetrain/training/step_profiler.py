@@ -1,14 +1,19 @@
 """Where one optimizer step's time goes: ``profile.step: N`` traces the end of step N of a ``moetrain fit``.
 
-The trace covers the step's last ``profile.micro_batches`` micro-batches and its optimizer step (clipping, the
-dense AdamW, the experts' paging and step), the part of a step an offloaded run adds to the compute. A whole step
-of a large model is millions of events; its micro-batches are alike, so two of them say what each costs. The
-summary goes to ``profile_step_N.json`` in the run directory:
+The trace covers ``profile.micro_batches`` micro-batches of the step, the ones right before its last: what each
+micro-batch's forward and backward cost in a real ``fit`` (hooks, autocast, the engine's bookkeeping included).
+With ``profile.optimizer: true`` it covers the step's last micro-batches and its optimizer step instead (clipping,
+the dense AdamW, the experts' paging and step); tracing the optimizer step of a 16 B-parameter model takes minutes
+(a million events), and ``offload/step_s`` in ``metrics.jsonl`` times it anyway. A whole step of a large model is
+millions of events; its micro-batches are alike, so two of them say what each costs. The summary goes to
+``profile_step_N.json`` in the run directory:
 
 * ``gpu``: seconds of GPU kernel time by kernel family (GEMMs, grouped GEMMs, attention, the loss, copies,
   reductions and sorts, elementwise), the busy time (the union of every kernel), the span, and the share of the
   span the GPU sat idle: a host-bound step shows it there;
-* ``optimizer_step_s``: the wall time of the optimizer step (its ``moetrain.optimizer_step`` range);
+* ``micro_batch_s``: the traced micro-batches' wall time, per micro-batch;
+* ``optimizer_step_s``: the wall time of the optimizer step (its ``moetrain.optimizer_step`` range; 0 unless
+  ``profile.optimizer: true``);
 * ``cpu_ops``: the host operators with the most self time (Python-side overhead shows as many small ones);
 * ``kernels``: the GPU kernels with the most time.
 
@@ -19,6 +24,7 @@ true``; it can be large.
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -103,12 +109,15 @@ def summarize(prof: torch.profiler.profile, *, top: int = 15) -> dict[str, Any]:
 class StepProfiler(Callback):
     """Trace the end of optimizer step ``step`` (1-based) and write its summary (see the module docstring)."""
 
-    def __init__(self, step: Optional[int] = None, micro_batches: int = 2, trace: bool = False) -> None:
+    def __init__(self, step: Optional[int] = None, micro_batches: int = 2, optimizer: bool = False,
+                 trace: bool = False) -> None:
         """
         Args:
             step: the optimizer step to trace (None: none). Step 1 includes one-time warm-up costs; 3 or later
                 shows the steady state.
-            micro_batches: how many of the step's last micro-batches the trace covers (besides its optimizer step).
+            micro_batches: how many micro-batches the trace covers (the ones before the step's last; fewer if the
+                step has fewer).
+            optimizer: trace the step's last micro-batches and its optimizer step instead (minutes at 16 B).
             trace: also write the Chrome trace ``profile_step_N.trace.json`` (large for big models).
         """
         if step is not None and step < 1:
@@ -117,34 +126,54 @@ class StepProfiler(Callback):
             raise ValueError(f"profile.micro_batches must be >= 1, got {micro_batches}")
         self.step = step
         self.micro_batches = micro_batches
+        self.optimizer = optimizer
         self.trace = trace
+        self._traced = 0  # micro-batches in the trace
+        self._t0 = 0.0
         self._prof: Optional[torch.profiler.profile] = None
         self.summary: Optional[dict[str, Any]] = None
 
+    def _window(self, accumulate: int) -> tuple[int, int]:
+        """(first, end): the step's micro-batches ``first .. end - 1`` are traced; ``end == accumulate`` takes the
+        optimizer step in (``profile.optimizer``, or a step of one micro-batch, which has nothing before its last)."""
+        if self.optimizer or accumulate == 1:
+            return max(0, accumulate - self.micro_batches), accumulate
+        return max(0, accumulate - 1 - self.micro_batches), accumulate - 1
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.step is None or self._prof is not None or trainer.global_step + 1 != self.step:
+        if self.step is None or trainer.global_step + 1 != self.step:
             return
-        first = max(0, pl_module.accumulate_grad_batches - self.micro_batches)
-        if pl_module.micro_batch != first:
+        first, end = self._window(pl_module.accumulate_grad_batches)
+        if self._prof is not None:
+            if pl_module.micro_batch == end:  # the micro-batches are done; the step's last is not traced
+                self._finish(trainer, pl_module)
+            return
+        if pl_module.micro_batch != first or self.summary is not None:
             return
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
+        self._traced = end - first
         self._prof = torch.profiler.profile(activities=activities)
         self._prof.__enter__()
+        self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._prof is None or trainer.global_step < self.step:
             return
+        self._finish(trainer, pl_module)  # the optimizer step was in the trace
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
-        self.summary = {"step": self.step, "micro_batches": min(self.micro_batches, pl_module.accumulate_grad_batches),
-                        **summarize(prof)}
+        self.summary = {"step": self.step, "micro_batches": self._traced,
+                        "micro_batch_s": round(wall / max(1, self._traced), 4), **summarize(prof)}
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir) / f"profile_step_{self.step}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,5 +182,7 @@ class StepProfiler(Callback):
                 prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
             gpu = self.summary["gpu"]
             print(f"profile: step {self.step}: {out} (GPU idle {gpu.get('gpu_idle_share', 0):.0%} of "
-                  f"{gpu.get('gpu_span_s', 0):.3f} s; optimizer step {self.summary['optimizer_step_s']:.3f} s)",
+                  f"{gpu.get('gpu_span_s', 0):.3f} s; {self._traced} micro-batches, "
+                  f"{self.summary['micro_batch_s']:.3f} s each; "
+                  f"optimizer step {self.summary['optimizer_step_s']:.3f} s)",
                   flush=True)
