@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params_B": round(model.num_parameters() / 1e9, 3),
         "tokens_per_step": tokens,
         "median_step_s": round(med, 4),
+        "step_times_s": [round(t, 4) for t in times],
         "tokens_per_s": round(tokens / med),
         "gpu_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "build_s": round(build_s, 1),
