@@ -72,6 +72,9 @@ class PeakSampler:
         vm = psutil.virtual_memory()
         self.host_used_base = vm.total - vm.available
         self.host_used_peak = 0
+        self.timeline: list[dict[str, float]] = []  # every ``every`` s: where the machine's used memory sits
+        self.every = 5.0
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -97,7 +100,29 @@ class PeakSampler:
             vm = psutil.virtual_memory()
             self.host_used_peak = max(self.host_used_peak, vm.total - vm.available - self.host_used_base)
             self.gpu_peak = max(self.gpu_peak, self._gpu_used())
+            elapsed = time.perf_counter() - self._t0
+            if not self.timeline or elapsed - self.timeline[-1]["t"] >= self.every:
+                self.timeline.append(self._breakdown(elapsed, vm))
             self._stop.wait(self.period)
+
+    def _breakdown(self, elapsed: float, vm) -> dict[str, float]:
+        """GiB of the machine's memory by kind (/proc/meminfo) and of the fit process's own RSS by kind: which
+        of anonymous, file-backed, shared or locked memory grows when the host fills."""
+        out = {"t": round(elapsed, 1), "used": round((vm.total - vm.available - self.host_used_base) / GiB, 2)}
+        fields = {"AnonPages": "anon", "Shmem": "shmem", "Cached": "cached", "Dirty": "dirty", "Mlocked": "mlocked",
+                  "Unevictable": "unevictable", "AnonHugePages": "anon_huge", "Buffers": "buffers"}
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = round(int(rest.split()[0]) * 1024 / GiB, 2)
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem", "VmPin", "VmLck"):
+                    out[f"proc_{key}"] = round(int(rest.split()[0]) * 1024 / GiB, 2)
+        except (OSError, ValueError, IndexError):
+            pass
+        return out
 
     def stop(self) -> None:
         self._stop.set()
@@ -277,6 +302,7 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label:
         result["host_peak_gib"] = round(sampler.host_peak / GiB, 2)
         result["host_used_peak_gib"] = round(sampler.host_used_peak / GiB, 2)  # machine-wide, shared pages once
         result["gpu_peak_used_gib"] = round(sampler.gpu_peak / GiB, 2)
+        result["host_timeline"] = sampler.timeline
         metrics_file = root / "metrics.jsonl"
         metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
         result.update(summarize(metrics))
@@ -287,7 +313,8 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label:
     tail = log_path.read_text().splitlines()[-30:]
     result["log_tail"] = tail if result.get("rc") or result.get("select_rc") else tail[-3:]
     (out_dir / f"recipe_{label}.json").write_text(json.dumps(result, indent=2))
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+    print("RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "host_timeline")}),
+          flush=True)
     if result.get("rc") or result.get("select_rc"):
         print("\n".join(tail))
     return result
