@@ -15,8 +15,9 @@ and keeps, per layer, the fewest experts, best first, whose share of the layer's
 :func:`collect_routing_stats` runs the model without gradients and reads each MoE layer's
 :class:`~moetrain.models.router.Routing` from a forward hook on its router: no engine hook is taken, and the
 forward stops after the last MoE layer's router (the remaining experts, layers and the LM head would only
-cost time). The model must fit where it is; streaming a larger model through one layer at a time is not
-implemented here.
+cost time). The model must fit where it is. :func:`stream_routing_stats` measures a model directory larger
+than the device one decoder layer at a time (only that layer's weights on the device), with the same
+:class:`RoutingTally`, so that its statistics are those of :func:`collect_routing_stats` to the bit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -117,6 +118,69 @@ def _as_kwargs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: batch[k].to(device) for k in keys if batch.get(k) is not None}
 
 
+def counted_tokens(kwargs: Mapping[str, torch.Tensor], max_tokens: Optional[int], tokens: int) -> torch.Tensor:
+    """(T,) bool: the batch's tokens that count, row-major: real tokens (``attention_mask`` 1), and with
+    ``max_tokens`` only the first ``max_tokens - tokens`` of them (``tokens``: counted by earlier batches)."""
+    ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")  # (B, L) each
+    valid = torch.ones(ids.numel(), dtype=torch.bool, device=ids.device) if mask is None \
+        else mask.reshape(-1).bool()  # (T,)
+    if max_tokens is not None:
+        valid = valid & (torch.cumsum(valid.long(), 0) <= max_tokens - tokens)
+    return valid
+
+
+class RoutingTally:
+    """Per-layer running sums of the routing over counted tokens, in float64 on the model's device.
+
+    One :meth:`add` per (layer, batch); the sums depend only on the order of the batches within a layer, so a
+    forward pass that visits the layers batch by batch (:func:`collect_routing_stats`) and one that visits the
+    batches layer by layer (:mod:`moetrain.routing_stream`) give the same bits.
+
+    Args:
+        layers: the MoE layer indices.
+        experts: E, routed experts per layer.
+        device: where the sums live (the routing's device).
+    """
+
+    def __init__(self, layers: list[int], experts: int, device: torch.device) -> None:
+        self.layers = list(layers)
+        self.gate_sum = {i: torch.zeros(experts, dtype=torch.float64, device=device) for i in layers}  # (E,) each
+        self.hits = {i: torch.zeros(experts, dtype=torch.float64, device=device) for i in layers}  # (E,) each
+
+    def add(self, layer: int, routing: Routing, counted: torch.Tensor) -> None:
+        """Add one batch's routing of ``layer``: ``counted`` (T,) float64, 1 for a counted token, else 0."""
+        k = routing.topk_idx.shape[1]
+        idx = routing.topk_idx.reshape(-1)  # (T * k,)
+        weight = routing.topk_weight.to(torch.float64) * counted[:, None]  # (T, k)
+        self.gate_sum[layer].index_add_(0, idx, weight.reshape(-1))
+        self.hits[layer].index_add_(0, idx, counted[:, None].expand(-1, k).reshape(-1))
+
+    def stats(self, tokens: int) -> RoutingStats:
+        """The means over ``tokens`` counted tokens (float64 on the CPU).
+
+        Raises:
+            ValueError: no token was counted.
+        """
+        if tokens == 0:
+            raise ValueError("no token was counted: the batches are empty (or all padding)")
+        return RoutingStats(
+            layers=self.layers,
+            gate_score={i: (self.gate_sum[i] / tokens).cpu() for i in self.layers},
+            token_ratio={i: (self.hits[i] / tokens).cpu() for i in self.layers},
+            tokens=tokens,
+        )
+
+
+def progress_bar(total: Optional[int], progress: bool, *, desc: str = "routing", unit: str = "tok") -> Any:
+    """A tqdm bar on stderr when it is a terminal and ``progress`` is on, else None."""
+    if not shown(None if progress else False):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", file=sys.stderr, dynamic_ncols=True,
+                leave=False)
+
+
 @torch.no_grad()
 def collect_routing_stats(model: nn.Module, batches: Iterable[Batch], *, max_tokens: Optional[int] = None,
                           progress: bool = True) -> RoutingStats:
@@ -143,20 +207,13 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[Batch], *, max_tok
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens}: need at least 1 token")
     blocks = _moe_blocks(model)
-    layers = [b.layer_idx for b in blocks]
     device = next(model.parameters()).device
-    experts = blocks[0].gate.num_experts
-    gate_sum = {i: torch.zeros(experts, dtype=torch.float64, device=device) for i in layers}  # (E,) each
-    hits = {i: torch.zeros(experts, dtype=torch.float64, device=device) for i in layers}  # (E,) each
+    tally = RoutingTally([b.layer_idx for b in blocks], blocks[0].gate.num_experts, device)
     counted = torch.zeros(0, dtype=torch.float64, device=device)  # (T,) 1 for a counted token of this batch
 
     def observe(layer: int, last: bool):
         def hook(module: nn.Module, args: tuple, routing: Routing) -> None:
-            k = routing.topk_idx.shape[1]
-            idx = routing.topk_idx.reshape(-1)  # (T * k,)
-            weight = routing.topk_weight.to(torch.float64) * counted[:, None]  # (T, k)
-            gate_sum[layer].index_add_(0, idx, weight.reshape(-1))
-            hits[layer].index_add_(0, idx, counted[:, None].expand(-1, k).reshape(-1))
+            tally.add(layer, routing, counted)
             if last:
                 raise _StopForward
 
@@ -165,12 +222,7 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[Batch], *, max_tok
     handles = [b.gate.register_forward_hook(observe(b.layer_idx, b is blocks[-1])) for b in blocks]
     was_training = model.training
     model.eval()
-    bar = None
-    if shown(None if progress else False):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_tokens, desc="routing", unit="tok", unit_scale=True, file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
+    bar = progress_bar(max_tokens, progress)
     tokens = 0
     try:
         iterator = iter(batches)
@@ -179,13 +231,7 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[Batch], *, max_tok
             if batch is None:
                 break
             kwargs = _as_kwargs(batch, device)
-            ids = kwargs["input_ids"]  # (B, L)
-            mask = kwargs.get("attention_mask")
-            valid = torch.ones(ids.numel(), dtype=torch.bool, device=device) if mask is None \
-                else mask.reshape(-1).bool()  # (T,)
-            if max_tokens is not None:
-                # keep only the first (max_tokens - tokens) valid tokens of the batch, in row-major order
-                valid = valid & (torch.cumsum(valid.long(), 0) <= max_tokens - tokens)
+            valid = counted_tokens(kwargs, max_tokens, tokens)  # (T,)
             counted = valid.to(torch.float64)
             try:
                 model(**kwargs)
@@ -201,14 +247,7 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[Batch], *, max_tok
         model.train(was_training)
         if bar is not None:
             bar.close()
-    if tokens == 0:
-        raise ValueError("no token was counted: the batches are empty (or all padding)")
-    return RoutingStats(
-        layers=layers,
-        gate_score={i: (gate_sum[i] / tokens).cpu() for i in layers},
-        token_ratio={i: (hits[i] / tokens).cpu() for i in layers},
-        tokens=tokens,
-    )
+    return tally.stats(tokens)
 
 
 def select_by_coverage(scores: dict[int, torch.Tensor], top_p: float) -> dict[int, list[int]]:
@@ -243,3 +282,133 @@ def select_by_coverage(scores: dict[int, torch.Tensor], top_p: float) -> dict[in
         count = min(int((covered < top_p - 1e-9).sum()) + 1, score.numel())
         selected[layer] = sorted(order[:count].tolist())
     return selected
+
+
+# ---------------------------------------------------------------------------------------------- layer by layer
+@dataclass
+class StreamReport:
+    """What :func:`stream_routing_stats` held, measured from the model's tensors as it ran.
+
+    Attributes:
+        model_bytes: every weight of the model (what :func:`collect_routing_stats` holds on the device).
+        peak_weight_bytes: the most weight bytes materialised at once (just before each layer ran).
+        peak_expert_bytes: the most routed-expert weight bytes materialised at once.
+        expert_layers_at_once: the most MoE layers whose routed experts were materialised at the same time.
+        activation_bytes: the sample's hidden states, kept in host memory between layers.
+        per_layer: decoder layer -> (weight bytes, routed-expert bytes, layers holding routed experts) measured
+            while it ran.
+    """
+
+    model_bytes: int = 0
+    peak_weight_bytes: int = 0
+    peak_expert_bytes: int = 0
+    expert_layers_at_once: int = 0
+    activation_bytes: int = 0
+    per_layer: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
+
+
+def _stop_with_routing(module: nn.Module, args: tuple, routing: Routing) -> None:
+    """The last MoE layer's router hook: its routing is all that is needed; the exception carries it out."""
+    raise _StopForward(routing)
+
+
+@torch.no_grad()
+def stream_routing_stats(path: str | Path, batches: Iterable[Batch], *, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, max_tokens: Optional[int] = None,
+                         progress: bool = True) -> tuple[RoutingStats, StreamReport]:
+    """:func:`collect_routing_stats` of the model directory at ``path`` with one decoder layer's weights
+    materialised at a time (:mod:`moetrain.models.layer_stream`)::
+
+        embed every batch of the sample          -> (B, L, H) hidden states per batch, in host memory
+        for each decoder layer up to the last MoE layer's router:
+            read the layer's tensors from the shards onto ``device``
+            run every batch's hidden states through it (the routing tallied as collect_routing_stats tallies it)
+            give the layer's weights back
+
+    Every weight is read once; the last MoE layer's routed experts are never read (its router's input is all
+    that is needed). Each batch meets each layer with the inputs, shapes and ops of the resident forward, and
+    each layer's routing is added batch by batch in the same order by the same :class:`RoutingTally`: on the
+    same device the statistics equal :func:`collect_routing_stats`' to the bit.
+
+    Args:
+        path: a Hugging Face model directory, moetrain checkpoint or run directory.
+        batches, max_tokens, progress: as :func:`collect_routing_stats` (the bar counts layers).
+        device: where each layer runs.
+        dtype: the weights' and activations' dtype.
+
+    Returns:
+        (the statistics, float64 on the CPU; what was held, measured).
+
+    Raises:
+        ValueError: no MoE layer, ``max_tokens`` below 1, or no token counted.
+        ConfigError, ShardError: not a model directory, or tensors that do not match its config.
+    """
+    from moetrain.models import layer_stream
+    from moetrain.models.hf_files import load_config, resolve_model_path
+
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: need at least 1 token")
+    device, path = torch.device(device), resolve_model_path(path)
+    model = layer_stream.skeleton(load_config(path), dtype, device)
+    blocks = _moe_blocks(model)
+    tally = RoutingTally([b.layer_idx for b in blocks], blocks[0].gate.num_experts, device)
+    report = StreamReport(model_bytes=layer_stream.weight_bytes(model))
+
+    def measure(layer: int) -> None:
+        held = report.per_layer[layer] = layer_stream.resident_bytes(model)
+        report.peak_weight_bytes = max(report.peak_weight_bytes, held[0])
+        report.peak_expert_bytes = max(report.peak_expert_bytes, held[1])
+        report.expert_layers_at_once = max(report.expert_layers_at_once, len(held[2]))
+
+    reader = layer_stream.ShardReader(path, model.config)
+    embed = model.model.embed_tokens
+    try:
+        layer_stream.materialise(embed, "model.embed_tokens", reader, layer=None, device=device)
+        report.peak_weight_bytes = layer_stream.resident_bytes(model)[0]
+        sample: list[list] = []  # per batch: [its inputs (host), counted (T,) float64 (host), hidden (B, L, H)]
+        tokens = 0
+        iterator = iter(batches)
+        while max_tokens is None or tokens < max_tokens:  # the batches collect_routing_stats would draw
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            kwargs = _as_kwargs(batch, device)
+            valid = counted_tokens(kwargs, max_tokens, tokens)
+            tokens += int(valid.sum())
+            sample.append([{k: v.cpu() for k, v in kwargs.items()}, valid.to(torch.float64).cpu(),
+                           embed(kwargs["input_ids"]).cpu()])
+        layer_stream.release(embed)
+        if tokens == 0:
+            raise ValueError("no token was counted: the batches are empty (or all padding)")
+        report.activation_bytes = sum(h.numel() * h.element_size() for _, _, h in sample)
+        last = blocks[-1].layer_idx
+        layers = [layer for layer in model.model.layers if layer.layer_idx <= last]
+        bar = progress_bar(len(layers), progress, desc="routing, layer by layer", unit="layer")
+        for layer in layers:
+            idx, prefix = layer.layer_idx, f"model.layers.{layer.layer_idx}"
+            skip = (f"{prefix}.mlp.experts.",) if idx == last else ()
+            layer_stream.materialise(layer, prefix, reader, layer=idx, device=device, skip=skip)
+            measure(idx)
+            hook = layer.mlp.gate.register_forward_hook(_stop_with_routing) if idx == last else None
+            try:
+                for entry in sample:
+                    kwargs = {k: v.to(device) for k, v in entry[0].items()}
+                    cos, sin, mask, valid = layer_stream.attention_inputs(model, kwargs, dtype)
+                    try:
+                        hidden, routing = layer(entry[2].to(device), cos, sin, mask, valid)
+                        entry[2] = hidden.cpu()
+                    except _StopForward as stopped:
+                        routing = stopped.args[0]
+                    if routing is not None:
+                        tally.add(idx, routing, entry[1].to(device))
+            finally:
+                if hook is not None:
+                    hook.remove()
+            layer_stream.release(layer)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        reader.close()
+    return tally.stats(tokens), report

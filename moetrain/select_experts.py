@@ -19,7 +19,10 @@ The model is ``--ckpt`` (a checkpoint, run directory or Hugging Face directory),
 ``model.init_from``, else a random initialisation of the recipe's preset (seeded by ``seed_everything``:
 only useful to try the pipeline). The data is ``--data``, else the recipe's ``data.path``, tokenized and
 packed by the recipe's ``data`` settings as ``moetrain fit`` would. Arguments after the known ones are
-recipe overrides (``--data.seq_len=256``). The model must fit on one device (GPU if present, else CPU).
+recipe overrides (``--data.seq_len=256``). The model runs on one device (GPU if present, else CPU): whole
+when its weights fit there, else layer by layer (``--stream``, :func:`moetrain.routing_stats.stream_routing_stats`:
+one decoder layer's weights on the device at a time, read from the model directory's shards, the sample's hidden
+states kept in host memory between layers; the scores are the same to the bit).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from moetrain.routing_stats import RoutingStats, collect_routing_stats, select_by_coverage
+from moetrain.routing_stats import RoutingStats, collect_routing_stats, select_by_coverage, stream_routing_stats
 
 SELECTION_FORMAT = "moetrain-expert-selection"
 
@@ -59,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the rows sampled from the data (default 0)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="rows per forward pass (default: the recipe's data.micro_batch_size)")
+    parser.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                        help="run the model one decoder layer at a time, only that layer's weights on the device "
+                             "(auto, the default: when the model's weights do not fit the device's free memory; "
+                             "needs a model directory)")
     parser.add_argument("--out", default=None,
                         help="selection file to write (default: the recipe's model.train.routed_experts when it "
                              "names a file, else expert-selection.json)")
@@ -122,6 +131,78 @@ def _load_model(recipe: Any, ckpt: Optional[str], device: torch.device) -> tuple
     print(f"moetrain select-experts: no --ckpt and no model.init_from: measuring a random init of "
           f"{recipe.model.preset} (seed {seed})", file=sys.stderr)
     return MoEForCausalLM(config).to(device=device, dtype=dtype).eval(), f"random init of {recipe.model.preset}"
+
+
+def _weights_fit(config: Any, dtype: torch.dtype, device: torch.device) -> tuple[bool, int, int]:
+    """(whether the model's weights fit the device with room to spare, their bytes, the device's free bytes).
+
+    Free bytes: the CUDA device's free memory, or the host's available memory (``MemAvailable``) on the CPU. The
+    weights fit when they take at most 80% of it: the rest is for the activations of a batch.
+    """
+    from moetrain.models.hf_load import state_shapes
+
+    weights = sum(math.prod(shape) for shape in state_shapes(config).values()) * dtype.itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _host_available()
+    return weights <= 0.8 * free, weights, free
+
+
+def _host_available() -> int:
+    """Host memory available to a new allocation (``MemAvailable`` of /proc/meminfo; else free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _measure(recipe: Any, args: argparse.Namespace, data: Any, batches: Iterator[dict[str, torch.Tensor]],
+             device: torch.device) -> tuple[RoutingStats, Any, str]:
+    """(routing statistics over ``batches``, the model's config, where the model came from): the whole model on
+    ``device`` when it fits (or ``--stream off``), else layer by layer from the model directory."""
+    from moetrain.generate import resolve_model_dir
+    from moetrain.models.hf_files import load_config
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source = args.ckpt or recipe.model.init_from
+    model_dir = resolve_model_dir(source) if source is not None else None
+    stream = args.stream == "on"
+    if args.stream != "off" and model_dir is not None:
+        config = load_config(model_dir)
+        fits, weights, free = _weights_fit(config, dtype, device)
+        stream = stream or not fits
+    if stream and model_dir is None:
+        raise ValueError("--stream on needs a model directory (--ckpt or the recipe's model.init_from); a random "
+                         "initialisation is built whole")
+    if not stream:
+        model, source = _load_model(recipe, args.ckpt, device)
+        _check_vocab(data, model.config)
+        return collect_routing_stats(model, batches, max_tokens=args.tokens), model.config, source
+    _check_vocab(data, config)
+    why = "--stream on" if args.stream == "on" else \
+        f"its {_size(weights)} of weights do not fit the {_size(free)} free on {device.type}"
+    print(f"moetrain select-experts: running the model one decoder layer at a time ({why})", file=sys.stderr)
+    stats, held = stream_routing_stats(model_dir, batches, device=device, dtype=dtype, max_tokens=args.tokens)
+    print(f"moetrain select-experts: at most {_size(held.peak_weight_bytes)} of the model's "
+          f"{_size(held.model_bytes)} of weights were on {device.type} at once (routed experts of "
+          f"{held.expert_layers_at_once} layer at a time, {_size(held.peak_expert_bytes)}); the sample's hidden "
+          f"states: {_size(held.activation_bytes)} in host memory", file=sys.stderr)
+    return stats, config, str(source)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_vocab(data: Any, config: Any) -> None:
+    vocab = data.load_tokenizer().vocab_size
+    if vocab > config.vocab_size:
+        raise ValueError(f"the tokenizer {data.tokenizer_path} has {vocab} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; use the model's tokenizer")
 
 
 def _data_module(recipe: Any, data_path: Optional[str]) -> Any:
@@ -244,19 +325,14 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     out = Path(args.out or (named if named not in (None, "all", "none") else "expert-selection.json"))
     data = _data_module(recipe, args.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, source = _load_model(recipe, args.ckpt, device)
-    if data.load_tokenizer().vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer {data.tokenizer_path} has {data.load_tokenizer().vocab_size} tokens but the "
-                         f"model's vocab_size is {model.config.vocab_size}; use the model's tokenizer")
     digest = hashlib.sha256()
     batches = sample_batches(data.train_set, batch_size=args.batch_size or data.micro_batch_size, seed=args.seed,
                              digest=digest)
-    stats = collect_routing_stats(model, batches, max_tokens=args.tokens)
+    stats, config, source = _measure(recipe, args, data, batches, device)
     if stats.tokens < args.tokens:
         print(f"moetrain select-experts: the data holds only {stats.tokens} tokens (--tokens {args.tokens})",
               file=sys.stderr)
     selected = select_by_coverage(stats.scores(args.score), args.top_p)
-    config = model.config
     record = selection_record(
         stats, selected, score=args.score, top_p=args.top_p, seed=args.seed, data=str(data.path),
         data_sha256=file_sha256(data.path), tokens_sha256=digest.hexdigest(),

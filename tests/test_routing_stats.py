@@ -1,14 +1,17 @@
-"""Routing statistics against a naive per-token loop over the model's own routing, and ESFT's coverage selection
-against a naive loop over sorted scores."""
+"""Routing statistics against a naive per-token loop over the model's own routing, the layer-by-layer measurement
+against the resident one (to the bit, one layer's experts held at a time), and ESFT's coverage selection against a
+naive loop over sorted scores."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import moetrain
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
-from moetrain.routing_stats import RoutingStats, collect_routing_stats, select_by_coverage
+from moetrain.models.random_hf import preset_config, write_random_hf
+from moetrain.routing_stats import RoutingStats, collect_routing_stats, select_by_coverage, stream_routing_stats
 
 PRESETS = ("tiny-deepseek-moe", "tiny-deepseek-v3", "tiny-qwen2-moe", "tiny-mixtral")
 
@@ -166,3 +169,82 @@ def test_coverage_edges():
         select_by_coverage({3: torch.zeros(4)}, 0.5)
     with pytest.raises(ValueError, match="negative"):
         select_by_coverage({3: torch.tensor([1.0, -1.0])}, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- layer by layer
+def packed_batches(vocab: int, seed: int) -> list[dict]:
+    """Three (2, 12) batches: plain, padded (attention_mask), and packed (document_ids, restarting positions)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"input_ids": torch.randint(0, vocab, (2, 12), generator=g)} for _ in range(3)]
+    batches[1]["attention_mask"] = torch.ones(2, 12, dtype=torch.long)
+    batches[1]["attention_mask"][0, 8:] = 0
+    docs = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])  # (2, 12)
+    batches[2]["document_ids"] = docs
+    batches[2]["position_ids"] = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]),
+                                              torch.cat([torch.arange(9), torch.arange(3)])])
+    return batches
+
+
+@pytest.fixture
+def expert_residency(monkeypatch):
+    """Spy on stream_routing_stats' model: before every decoder layer runs, record (that layer, the layers whose
+    routed experts are materialised anywhere in the model, their bytes), read from the model's own tensors."""
+    from moetrain.models import layer_stream
+    from moetrain.models.decoder import DecoderLayer
+
+    seen: list[tuple[int, list[int], int]] = []
+    models = []
+    real = layer_stream.skeleton
+    monkeypatch.setattr(layer_stream, "skeleton", lambda *a, **k: models.append(real(*a, **k)) or models[-1])
+
+    def before(module, args):
+        if isinstance(module, DecoderLayer) and models:
+            held = {n: t for n, t in models[-1].state_dict(keep_vars=True).items()
+                    if ".mlp.experts." in n and not t.is_meta}
+            layers = sorted({int(n.split(".")[2]) for n in held})
+            seen.append((module.layer_idx, layers, sum(t.numel() * t.element_size() for t in held.values())))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(before)
+    yield seen
+    handle.remove()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_streamed_layer_by_layer_equals_resident_to_the_bit(preset, tmp_path, expert_residency):
+    """The same statistics as the resident model over the same batches (padding, packing, a max_tokens cut), with
+    the routed experts of one layer materialised at a time, measured before every layer's run."""
+    config = preset_config(preset, layers=4, overrides={"vocab_size": 64})
+    write_random_hf(config, tmp_path / "m", dtype="fp32", seed=3, max_shard_bytes=200_000, tokenizer=None)
+    batches = packed_batches(64, seed=4)
+    resident = collect_routing_stats(moetrain.from_pretrained(tmp_path / "m"), batches, max_tokens=60,
+                                     progress=False)
+    seen = expert_residency
+    streamed, report = stream_routing_stats(tmp_path / "m", batches, max_tokens=60, progress=False)
+    assert streamed.tokens == resident.tokens == 60 and streamed.layers == resident.layers
+    for layer in resident.layers:
+        assert torch.equal(streamed.gate_score[layer], resident.gate_score[layer])
+        assert torch.equal(streamed.token_ratio[layer], resident.token_ratio[layer])
+    moe, last = config.moe_layers, config.moe_layers[-1]
+    one_layer = 3 * config.moe_intermediate_size * config.hidden_size * config.num_experts * 4  # fp32 bytes
+    assert {layer for layer, _, _ in seen} == set(range(last + 1))  # every layer up to the last router ran
+    assert len(seen) == 3 * (last + 1)  # each batch once through each layer
+    for layer, held, nbytes in seen:
+        # while a layer runs, only its own routed experts exist; the last MoE layer's are never read
+        assert held == ([layer] if layer in moe and layer != last else []), (layer, held)
+        assert nbytes == (one_layer if held else 0)
+    assert report.expert_layers_at_once == 1 and report.peak_expert_bytes == one_layer
+    assert report.model_bytes > len(moe) * one_layer > report.peak_weight_bytes
+    assert report.activation_bytes == 3 * 2 * 12 * config.hidden_size * 4
+
+
+def test_streamed_reads_a_transformers_directory(tiny_hf, save_hf):
+    """A sharded transformers save (its own expert layout and names), as the resident load reads it."""
+    path = save_hf(tiny_hf("deepseek_v3"), "v3")
+    batches = packed_batches(128, seed=5)
+    resident = collect_routing_stats(moetrain.from_pretrained(path), batches, progress=False)
+    streamed, report = stream_routing_stats(path, batches, progress=False)
+    assert streamed.tokens == resident.tokens == 3 * 24 - 4
+    for layer in resident.layers:
+        assert torch.equal(streamed.gate_score[layer], resident.gate_score[layer])
+        assert torch.equal(streamed.token_ratio[layer], resident.token_ratio[layer])
+    assert report.expert_layers_at_once == 1

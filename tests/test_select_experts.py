@@ -121,3 +121,27 @@ def test_the_esft_recipe_selects_then_fits(tmp_path, base_model, repo_cwd, capsy
     expected = {f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for layer, ids in chosen.items() for e in ids
                 for proj in ("gate_proj", "up_proj", "down_proj")}
     assert changed <= expected and len(changed) >= len(expected) // 2  # a chosen expert may get no token in 2 steps
+
+
+def test_a_model_that_does_not_fit_is_measured_layer_by_layer(tmp_path, base_model, repo_cwd, capsys, monkeypatch):
+    """--stream auto runs one decoder layer at a time when the weights do not fit the device (here: a host with
+    1 MiB available), and writes the same files, to the byte, as the whole model on the device (--stream off)."""
+    assert select(tmp_path / "whole" / "sel.json", base_model, "--stream", "off", "--seed", "2") == 0
+    assert "layer at a time" not in capsys.readouterr().err
+    monkeypatch.setattr("moetrain.select_experts._host_available", lambda: 2**20)
+    assert select(tmp_path / "streamed" / "sel.json", base_model, "--seed", "2") == 0
+    err = capsys.readouterr().err
+    assert "one decoder layer at a time (its 5.1 MiB of weights do not fit the 1.0 MiB free on cpu)" in err
+    assert "routed experts of 1 layer at a time" in err
+    for name in ("sel.json", "sel.stats.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    monkeypatch.undo()
+    assert select(tmp_path / "on" / "sel.json", base_model, "--stream", "on", "--seed", "2") == 0
+    assert "(--stream on)" in capsys.readouterr().err
+    assert (tmp_path / "whole" / "sel.json").read_bytes() == (tmp_path / "on" / "sel.json").read_bytes()
+
+
+def test_streaming_needs_a_model_directory(tmp_path, repo_cwd, capsys):
+    assert main(["--config", "recipes/tiny-esft.yaml", "--model.init_from=null", "--stream", "on", "--tokens", "100",
+                 "--out", str(tmp_path / "sel.json"), f"--data.seq_len={SEQ}", *TOY_DATA]) == 2
+    assert "--stream on needs a model directory" in capsys.readouterr().err
