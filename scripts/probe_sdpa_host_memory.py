@@ -1,11 +1,15 @@
 """Probe (GPU machine): does attention with a mask grow the process's host memory, and on which SDPA backend?
 
 A ``moetrain fit`` of packed documents on one H200 grew its anonymous host memory by about 1 GiB a second until the
-OOM killer ended it (benchmarks/README.md, runs q1 and q2); the 4-layer benchmark, whose attention is causal without
+OOM killer ended it (benchmarks/README.md, runs q1 to q3); the 4-layer benchmark, whose attention is causal without
 a mask, did not. This runs forward and backward of DeepSeek-MoE-16B-sized attention (2 x 2048 tokens, 16 heads of
 128, bf16) ``--iters`` times per variant, a new packed-document mask each time, and prints how much the process's
 RssAnon grew and the time per iteration: causal without a mask; the mask on torch's default backends; the mask
 on each backend alone.
+
+Run q3 (H200, torch 2.13): no variant grew host memory (0.0 GiB over 200 iterations each), so attention is not the
+leak; per iteration causal 0.67 ms, the mask on the default backends 1.22 ms, cuDNN 1.34, memory-efficient 2.44,
+math 8.06. Masked attention stays on torch's choice.
 
     python3 scripts/probe_sdpa_host_memory.py
 """

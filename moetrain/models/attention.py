@@ -95,30 +95,6 @@ def build_attention_mask(
     return mask | (diag & ~mask.any(-1, keepdim=True))
 
 
-MASKED_ATTENTION = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")
-"""SDPA backends for attention with an explicit mask (packed documents, padding, sliding windows): not cuDNN's.
-
-On one H200 (torch 2.13), a ``moetrain fit`` of packed documents, whose masked attention torch sent to cuDNN, grew
-the process's anonymous host memory by about 1 GiB a second (0.4 GiB a 2 x 2048-token micro-batch of
-DeepSeek-MoE-16B) until the kernel's OOM killer ended it; unmasked causal attention in the same model did not.
-Memory-efficient attention takes the same boolean mask without that growth (``scripts/probe_sdpa_host_memory.py``
-measures each backend)."""
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-           scale: Optional[float] = None) -> torch.Tensor:
-    """Scaled dot-product attention of (B, n, L, d) queries over (B, n, S, d) keys/values: causal when ``mask`` is
-    None (and L > 1), else under the (B, 1, L, S) boolean ``mask`` through :data:`MASKED_ATTENTION`'s backends."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([getattr(SDPBackend, name) for name in MASKED_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 class KVCache:
     """Per-layer key/value tensors of shape (B, nkv, S, hd), grown by concatenation."""
 
@@ -185,6 +161,9 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = attend(q, k, v, mask)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)  # (B, L, nh*hd)
         return self.o_proj(out)

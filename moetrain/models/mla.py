@@ -29,9 +29,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
-from moetrain.models.attention import KVCache, RMSNorm, apply_rotary, attend
+from moetrain.models.attention import KVCache, RMSNorm, apply_rotary
 from moetrain.models.rope import mla_softmax_scale
 
 LATENT_NORM_EPS = 1e-6
@@ -99,6 +100,9 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rot.expand(-1, nh, -1, -1)), dim=-1)  # (B, nh, L, dn + dr)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, .)
-        out = attend(q, k, v, mask, scale=self.scaling)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         out = out.transpose(1, 2).reshape(b, seq, nh * self.v_dim)  # (B, L, nh * dv)
         return self.o_proj(out)
