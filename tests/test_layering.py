@@ -5,7 +5,8 @@ alike: an import moved into a function to dodge a cycle is still a cycle), witho
 
 The layers, lowest first (a module may import its own layer and the ones below)::
 
-    base       moetrain.config, .atomic, .shards, .progress (long-loop bars), .optim (optimizer config, dense AdamW)
+    base       moetrain.config, .atomic, .shards, .progress (long-loop bars), .optim (optimizer config, dense AdamW),
+               .cuda_alloc (the CUDA allocator settings)
     models     moetrain.models     the model and its Hugging Face files; .routing_stats (routing measured per expert)
     offload    moetrain.offload    expert state in tiers, the expert optimizer, the planner
     inference  moetrain.inference  paged experts for generation and validation (an expert cache on the device)
@@ -25,7 +26,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "moetrain"
 
 LAYERS = {
-    "base": ("moetrain.config", "moetrain.atomic", "moetrain.shards", "moetrain.progress", "moetrain.optim"),
+    "base": ("moetrain.config", "moetrain.atomic", "moetrain.shards", "moetrain.progress", "moetrain.optim",
+             "moetrain.cuda_alloc"),
     "models": ("moetrain.models", "moetrain.routing_stats"),
     "offload": ("moetrain.offload",),
     "inference": ("moetrain.inference",),

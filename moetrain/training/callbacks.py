@@ -27,6 +27,7 @@ from moetrain.training.loggers import LOGGERS, Sink, make_sink
 from moetrain.training.telemetry import (
     figure_png,
     gpu_memory,
+    host_memory,
     load_entropy,
     load_heatmap,
     peak_flops,
@@ -193,6 +194,7 @@ class MetricsLogger(L.Callback):
         if peak and self._flops_per_token:
             out["mfu"] = round(self._flops_per_token * tokens_per_s / peak, 5)
         out.update({k: round(v, 4) for k, v in gpu_memory(pl_module.device).items()})
+        out.update({k: round(v, 3) for k, v in host_memory().items()})
         return out
 
     def _to_sink(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict[str, Any], step: int) -> None:

@@ -58,6 +58,23 @@ def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
             "gpu/alloc_retries": float(stats.get("num_alloc_retries", 0))}
 
 
+def host_memory() -> dict[str, float]:
+    """This process's host memory in GiB, from ``/proc/self/status`` (empty where there is none): ``host/rss_anon_gib``
+    (its private heap: what grows if something accumulates from step to step) and ``host/rss_shared_gib`` (shared
+    and pinned pages, e.g. the expert store's pinned state, which CUDA maps as shared memory)."""
+    fields = {"RssAnon": "host/rss_anon_gib", "RssShmem": "host/rss_shared_gib"}
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = int(rest.split()[0]) / 2**20
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
     """Normalised entropy of each layer's expert load.
 
