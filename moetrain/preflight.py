@@ -344,7 +344,10 @@ def resource_error_message(err: BaseException) -> Optional[str]:
                 "(model.offload.state.master=bf16_sr, model.offload.state.moments=int8), or use "
                 "model.offload.placement.tier=nvme")
     if isinstance(err, MemoryError) or "can't allocate memory" in lower or "cannot allocate memory" in lower:
-        return (f"host memory ran out ({_first_line(err)}). Lower model.offload.placement.cpu_budget_gb (the rest of "
+        from moetrain.training.host_guard import HostMemoryLow
+
+        what = text if isinstance(err, HostMemoryLow) else _first_line(err)  # the guard's figures, whole
+        return (f"host memory ran out ({what}). Lower model.offload.placement.cpu_budget_gb (the rest of "
                 "the expert state goes to model.offload.nvme.path) or store it compressed "
                 "(model.offload.state.master=bf16_sr, model.offload.state.moments=int8); lower "
                 "data.micro_batch_size or data.num_workers; without a GPU, train a smaller model. `moetrain plan "

@@ -226,13 +226,17 @@ class MoETrainingModule(L.LightningModule):
             store.close()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """With paged experts, validation reports the expert cache
+        """The host memory guard (:class:`~moetrain.training.host_guard.HostMemoryGuard`: a clean stop before the
+        OOM killer's); with paged experts, validation reports the expert cache
         (:class:`~moetrain.inference.validation.PagedValidation`)."""
-        if not self.inference_cfg.paged:
-            return []
-        from moetrain.inference.validation import PagedValidation
+        from moetrain.training.host_guard import HostMemoryGuard
 
-        return [PagedValidation()]
+        callbacks: list[L.Callback] = [HostMemoryGuard()]
+        if self.inference_cfg.paged:
+            from moetrain.inference.validation import PagedValidation
+
+            callbacks.append(PagedValidation())
+        return callbacks
 
     def configure_optimizers(self) -> OptimizerStepAdapter:
         store, self._prebuilt_store = self._prebuilt_store, None
