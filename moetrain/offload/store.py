@@ -28,12 +28,11 @@ by :class:`~moetrain.offload.swapper.Swapper`.
 
 Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
 
-    pin the slab        power-of-two pieces (PyTorch's pinned allocator rounds each allocation up to one:
-                        a single 56 GiB slab pinned 64), each by cudaHostAlloc (about 1.6-1.9 GiB/s on an
-                        H200 host). Not cudaHostRegister of malloc'd pages (6-11 GiB/s there): the kernel
-                        copies DMA-pinned anonymous pages into a forked child, so the first DataLoader
-                        worker of the DeepSeek-MoE-16B recipe copied its 84 GiB store and the run was
-                        killed for memory (cudaHostAlloc's driver mappings are not copied on fork)
+    pin the slab        power-of-two pieces (the cudaHostAlloc fallback rounds each allocation up to one),
+                        each its own anonymous mapping marked MADV_DONTFORK and page-locked by
+                        cudaHostRegister from a thread pool (6-11 GiB/s on an H200 host, against
+                        cudaHostAlloc's 1.6-1.9): a forked DataLoader worker copies none of it
+                        (:mod:`moetrain.offload.pinned`); cudaHostAlloc where registering is unavailable
     encode              records are encoded where the weights are: on the GPU, a chunk of consecutive
                         records (<= 256 MiB) at a time into one device buffer (master rounded, zero moments)
     copy out            one device-to-host copy per chunk into its piece of the slab (or into a pinned
@@ -60,6 +59,7 @@ from moetrain.offload.config import OffloadPlan
 from moetrain.offload.fill_progress import FillProgress
 from moetrain.offload.frozen import FrozenExpert, trains
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
+from moetrain.offload.pinned import RegisteredSlab, register_supported
 from moetrain.offload.state_format import StateCodec, StateLayout
 
 STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
@@ -240,11 +240,30 @@ class ExpertStore:
                   f"({len(self.piece_bytes)} pieces)", file=sys.stderr, flush=True)
         start = time.perf_counter()
         self.slabs: list[torch.Tensor] = []
+        self.registered: list[RegisteredSlab] = []  # pieces pinned by cudaHostRegister (unlocked by close())
         if self.pin and self.piece_bytes:
-            threads = max(1, min(PIN_THREADS, os.cpu_count() or 1))
-            with ThreadPoolExecutor(min(threads, len(self.piece_bytes))) as pool:
-                self.slabs = list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True),
-                                           self.piece_bytes))
+            threads = min(max(1, min(PIN_THREADS, os.cpu_count() or 1)), len(self.piece_bytes))
+            if register_supported():
+                with ThreadPoolExecutor(threads) as pool:
+                    futures = [pool.submit(RegisteredSlab, n) for n in self.piece_bytes]
+                pieces, errors = [], []
+                for future in futures:
+                    try:
+                        pieces.append(future.result())
+                    except (RuntimeError, OSError, ValueError) as err:
+                        errors.append(err)
+                if errors:  # fall back to cudaHostAlloc for every piece
+                    print(f"expert store: cudaHostRegister failed ({errors[0]}); pinning by cudaHostAlloc instead",
+                          file=sys.stderr, flush=True)
+                    for piece in pieces:
+                        piece.unregister()
+                else:
+                    self.registered = pieces
+                    self.slabs = [piece.tensor for piece in pieces]
+            if not self.slabs:
+                with ThreadPoolExecutor(threads) as pool:
+                    self.slabs = list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True),
+                                               self.piece_bytes))
         else:
             self.slabs = [torch.empty(n // 4, dtype=torch.float32) for n in self.piece_bytes]
         self.pin_seconds = time.perf_counter() - start if self.pin else 0.0
@@ -420,7 +439,10 @@ class ExpertStore:
         return None if self.swap is None else self.swap.backend
 
     def close(self) -> None:
-        """Delete the swap file (idempotent); the host slab goes with the last reference to the store."""
+        """Delete the swap file and unlock registered host pieces (idempotent); the host slab goes with the last
+        reference to the store."""
+        for piece in getattr(self, "registered", []):
+            piece.unregister()
         swap, self.swap = self.swap, None
         if swap is not None:
             swap.close()
