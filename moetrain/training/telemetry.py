@@ -60,8 +60,9 @@ def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
 
 def host_memory() -> dict[str, float]:
     """This process's host memory in GiB, from ``/proc/self/status`` (empty where there is none): ``host/rss_anon_gib``
-    (its private heap: what grows if something accumulates from step to step) and ``host/rss_shared_gib`` (shared
-    and pinned pages, e.g. the expert store's pinned state, which CUDA maps as shared memory)."""
+    (its private memory, the expert store's registered pieces included: what grows if something accumulates from
+    step to step) and ``host/rss_shared_gib`` (shared pages, e.g. memory pinned by cudaHostAlloc, which the driver
+    maps as shared)."""
     fields = {"RssAnon": "host/rss_anon_gib", "RssShmem": "host/rss_shared_gib"}
     out: dict[str, float] = {}
     try:
