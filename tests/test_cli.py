@@ -23,7 +23,8 @@ from moetrain.training.checkpoint import load_model
 from moetrain.training.data import TextDataModule
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC_KEYS = {"step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+METRIC_KEYS = {"step", "loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s",
+               "startup_s"}
 
 
 def moetrain_command() -> list[str]:

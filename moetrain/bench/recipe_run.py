@@ -307,7 +307,9 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label:
         metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
         result.update(summarize(metrics))
         if metrics:
-            result["startup_s"] = round(result["wall_s"] - metrics[-1]["elapsed_s"], 1)
+            # the fit's own figure (process start to training start); older runs: wall time less training time,
+            # which also counts the time after the last step (teardown, unpinning) and a killed run's stall
+            result["startup_s"] = metrics[0].get("startup_s") or round(result["wall_s"] - metrics[-1]["elapsed_s"], 1)
         for profile in sorted(root.glob("profile_step_*.json")):  # --profile.step=N: where that step's time went
             result[profile.stem] = json.loads(profile.read_text())
     tail = log_path.read_text().splitlines()[-30:]

@@ -1,7 +1,8 @@
 """Training callbacks: ``metrics.jsonl``, one JSON object per logged optimizer step, and an experiment logger.
 
 Each line is written and flushed as soon as the step is logged, so a crash loses nothing that was
-logged. Fields: ``step, loss, ce_loss, aux_loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s``,
+logged. Fields: ``step, loss, ce_loss, aux_loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, startup_s``
+(seconds from the process's start to training's), ``host/rss_anon_gib`` and ``host/rss_shared_gib`` (Linux),
 ``aux_loss/layer_<i>`` and ``routing/entropy_layer_<i>`` per MoE layer (``routing/entropy_mean``),
 ``mfu`` and ``gpu/mem_*_gib`` on a GPU, plus whatever the optimizer's optional ``telemetry()``
 returns (the offload engine's counters). The same numbers go to the experiment logger
@@ -110,6 +111,7 @@ class MetricsLogger(L.Callback):
         self.path: Optional[Path] = None
         self._file: Optional[IO[str]] = None
         self._start = 0.0
+        self._startup_s = 0.0
         self._window_start = 0.0
         self._window_tokens = 0
         self._seen_step = -1
@@ -119,6 +121,10 @@ class MetricsLogger(L.Callback):
             self.path = Path(trainer.default_root_dir) / self.filename
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._start = self._window_start = time.perf_counter()
+        import psutil
+
+        # start-up: from the process's start (imports, checks, the build, the load, the store's fill) to training
+        self._startup_s = round(time.time() - psutil.Process().create_time(), 1)
         self._seen_step = -1  # the first step seen opens the files (see _begin), also in a second fit
         config = getattr(pl_module, "model_config", None)
         if config is not None and self._flops_per_token is None:
@@ -146,6 +152,7 @@ class MetricsLogger(L.Callback):
             "tokens": stats.total_tokens,
             "tokens_per_s": round(self._window_tokens / max(now - self._window_start, 1e-9), 1),
             "elapsed_s": round(now - self._start, 3),
+            "startup_s": self._startup_s,
         }
         optimizer = pl_module.train_optimizer
         step_metrics = getattr(pl_module, "step_metrics", None)
