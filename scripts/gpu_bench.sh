@@ -22,6 +22,8 @@
 #         compute:NAME (recipes/NAME.yaml's compute-only step: resident bf16 weights, no optimizer, same
 #         micro-batches; a kernel-family breakdown of two traced micro-batches),
 #         recipe79:NAME (the same with the GPU capped to 79 GiB: an 80 GB H100's claim on a larger card),
+#         bisect_host (scripts/bisect_host_growth.sh: which setting grows the fit's private host memory; each
+#         variant's host/rss_anon_gib by step; BISECT_LAYERS, BISECT_STEPS),
 #         esft:NAME (an ESFT recipe, recipes/NAME.yaml with model.train.routed_experts: select-experts at
 #         ESFT_TOP_P (0.2) over ESFT_TOKENS (32768) on the random directory, then fit; then the same recipe with
 #         --model.train=all, one random directory for both: both RESULT lines and their ratios; ESFT_ARGS:
@@ -119,6 +121,7 @@ for s in $STAGES; do
     esft:*) stage "$s" python3 -m moetrain.bench.recipe_run --recipe "recipes/${s#esft:}.yaml" --compare-full \
         --steps "${RECIPE_STEPS:-3}" --timeout "${RECIPE_TIMEOUT:-540}" --top-p "${ESFT_TOP_P:-0.2}" \
         --select-tokens "${ESFT_TOKENS:-32768}" --out "$JSON" ${ESFT_ARGS:-} ;;
+    bisect_host) stage bisect_host bash scripts/bisect_host_growth.sh "${BISECT_LAYERS:-6}" "${BISECT_STEPS:-5}" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
