@@ -27,8 +27,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in fp32, as the Hugging Face families write it out; F.rms_norm is the same
+        # arithmetic (bit for bit on the CPU) in one fused kernel each way on CUDA instead of five forward and
+        # about eight backward: at 57 norms a micro-batch of DeepSeek-MoE-16B, a tenth of a host-bound step's launches
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)
 
 
