@@ -32,13 +32,16 @@ try:
 except OSError:
     rows = []
 cells = " ".join(f"{r.get('host/rss_anon_gib', float('nan')):.2f}/{r.get('elapsed_s', 0):.0f}s" for r in rows)
-print(f"RESULT {json.dumps({'variant': name, 'rc': int(rc), 'rss_anon_gib_by_step': [r.get('host/rss_anon_gib') for r in rows], 'elapsed_s': [r.get('elapsed_s') for r in rows], 'hot_slots': rows[-1].get('offload/hot_cache_slots') if rows else None})}")
+keys = ("host/rss_anon_gib", "elapsed_s", "gpu/device_used_gib", "gpu/mem_reserved_gib", "gpu/mem_peak_gib",
+        "gpu/alloc_retries", "offload/step_s", "offload/experts_stepped_cpu", "offload/hot_cache_slots")
+print("RESULT " + json.dumps({"variant": name, "rc": int(rc), **{k: [r.get(k) for r in rows] for k in keys}}))
 print(f"{name:>14} rc={rc}  {cells}", flush=True)
 PY
 }
 mkdir -p /tmp/moetrain-bisect
 variant as_written
 variant no_hot_cache --model.offload.placement.hot_cache_gb=0
+PYTORCH_ALLOC_CONF=expandable_segments:False variant expandable_off
 variant step_on_gpu --model.offload.schedule.step_on=gpu
 variant no_prefetch --model.offload.schedule.prefetch=false
 variant no_clipping --model.optimizer.max_grad_norm=0

@@ -44,7 +44,9 @@ def peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
 
 
 def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
-    """Allocated, peak-allocated and reserved GPU memory in GiB (empty on the CPU), and the caching allocator's
+    """Allocated, peak-allocated and reserved GPU memory in GiB (empty on the CPU), the device's used memory as the
+    driver counts it (``gpu/device_used_gib``: what nvidia-smi shows, beyond PyTorch's reserve the CUDA context and
+    libraries' own allocations), and the caching allocator's
     retries so far: each is a failed ``cudaMalloc`` after which it freed its cached blocks (a device-wide sync) and
     tried again. A run whose count grows from step to step is slowed by memory pressure (a smaller
     ``hot_cache_gb`` or micro-batch helps)."""
@@ -52,7 +54,9 @@ def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
         return {}
     gib = float(2**30)
     stats = torch.cuda.memory_stats(device)
-    return {"gpu/mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
+    free, total = torch.cuda.mem_get_info(device)
+    return {"gpu/device_used_gib": (total - free) / gib,  # the driver's view, as nvidia-smi shows it
+            "gpu/mem_allocated_gib": torch.cuda.memory_allocated(device) / gib,
             "gpu/mem_peak_gib": torch.cuda.max_memory_allocated(device) / gib,
             "gpu/mem_reserved_gib": torch.cuda.memory_reserved(device) / gib,
             "gpu/alloc_retries": float(stats.get("num_alloc_retries", 0))}
