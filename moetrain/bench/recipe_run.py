@@ -219,6 +219,10 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
     out["offload"] = {k: v for k, v in metrics[-1].items() if k.startswith("offload/")}
     paged = [sum(r.get(f"offload/{k}_bytes", 0.0) for k in ("h2d", "d2h", "nvme_read", "nvme_write")) for r in steady]
     out["paged_gib_per_step"] = round(statistics.median(paged) / GiB, 3)  # host<->GPU both ways, and NVMe
+    # every step's figures, side by side: a step that slows, or memory that grows, shows here
+    out["by_step"] = {key: [r.get(key) for r in metrics] for key in (
+        "elapsed_s", "host/rss_anon_gib", "gpu/device_used_gib", "gpu/mem_reserved_gib", "gpu/alloc_retries",
+        "offload/step_s", "offload/hot_cache_slots", "offload/experts_stepped_cpu") if key in metrics[-1]}
     return out
 
 
