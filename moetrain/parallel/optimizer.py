@@ -109,12 +109,25 @@ class ParallelOptimizer(TrainOptimizer):
         others = self.counts - local  # the other ranks' tokens: the inner optimizer then holds the global counts
         for block in self.blocks:  # the offload engine steps the experts these counts call active
             self.inner.add_routed_counts(block.layer_idx, others[self._layer_pos[block.layer_idx]])
-        grads = [p.grad for p in self.dense_params if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.dense_params:
+            # every rank sends every dense gradient (zeros where it has none: a rank whose micro-batches put no
+            # trained parameter in the graph skipped backward) and one presence flag each, in one collective, so
+            # the ranks' buffers always match; a parameter no rank has a gradient for stays None, as in one process
+            flat = torch.cat([p.grad.reshape(-1).to(self.dense_params[0].dtype) if p.grad is not None
+                              else torch.zeros(p.numel(), dtype=self.dense_params[0].dtype, device=p.device)
+                              for p in self.dense_params]
+                             + [torch.tensor([float(p.grad is not None) for p in self.dense_params],
+                                             dtype=self.dense_params[0].dtype, device=self.dense_params[0].device)])
             dist.all_reduce(flat)
-            for g, reduced in zip(grads, torch.split(flat, [g.numel() for g in grads]), strict=True):
-                g.copy_(reduced.view(g.shape))
+            sizes = [p.numel() for p in self.dense_params]
+            *reduced, present = torch.split(flat, [*sizes, len(sizes)])
+            for p, g, here in zip(self.dense_params, reduced, present.tolist(), strict=True):
+                if here == 0:
+                    continue
+                if p.grad is None:
+                    p.grad = g.view(p.shape).to(p.dtype).clone()
+                else:
+                    p.grad.copy_(g.view(p.shape))
         for m, block in enumerate(self.blocks):
             self._reduce_layer(block, counts[m])
         self._synced = True
