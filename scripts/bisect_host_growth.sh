@@ -40,6 +40,11 @@ PY
 }
 mkdir -p /tmp/moetrain-bisect
 variant as_written
+# as the recipe runs: weights loaded from a Hugging Face directory (streamed into the store) instead of drawn
+INIT=/tmp/moetrain-bisect/init-$LAYERS
+[ -d "$INIT" ] || python3 scripts/make_random_hf.py --preset deepseek-moe-16b --layers "$LAYERS" --out "$INIT" \
+  > /tmp/moetrain-bisect-init.log 2>&1
+variant init_from --model.init_from="$INIT"
 variant no_hot_cache --model.offload.placement.hot_cache_gb=0
 PYTORCH_ALLOC_CONF=expandable_segments:False variant expandable_off
 variant step_on_gpu --model.offload.schedule.step_on=gpu
