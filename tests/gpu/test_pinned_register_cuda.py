@@ -23,16 +23,16 @@ from offload_harness import tiny_model  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
 from moetrain.offload.pinned import RegisteredSlab, dontfork_flag  # noqa: E402
 from moetrain.offload.store import ExpertStore  # noqa: E402
+from moetrain.training.host_guard import read_meminfo  # noqa: E402
 
 GiB = 2**30
 
 
 def _available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable")
+    """MemAvailable in bytes."""
+    info = read_meminfo()
+    assert info is not None, "no /proc/meminfo"
+    return int(info[0] * GiB)
 
 
 def test_registered_piece_is_pinned_and_round_trips_through_the_gpu():
