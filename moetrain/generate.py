@@ -16,9 +16,10 @@ model emits (end of text, a chat model's ``<|im_end|>``, ...), and no special to
 through an expert cache (:mod:`moetrain.inference`): ``--gpu_memory_gb`` (or ``--cache_slots``) sizes the cache,
 ``--cache_policy lru|lfu`` picks what it evicts, ``--expert_dtype int8`` halves the bytes of an expert,
 ``--expert_source shards`` reads an expert from the model's memory-mapped shards when the cache misses it instead
-of holding every expert in host memory (a model larger than host memory). The tokens are those of resident
-generation; the telemetry (hit rate beside the ideal static cache's, bytes paged
-per token, decode tokens/s) goes to stderr.
+of holding every expert in host memory (a model larger than host memory), ``--prefetch_when_busy
+never|first|always`` which of the next layer's guessed experts are copied while the link still carries the current
+layer's misses (:mod:`moetrain.inference.policy`). The tokens are those of resident generation; the telemetry (hit
+rate beside the ideal static cache's, bytes paged per token, decode tokens/s) goes to stderr.
 """
 
 from __future__ import annotations
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
     """``--expert_weights``, ``--gpu_memory_gb``, ``--cache_slots``, ``--cache_policy``, ``--expert_dtype``,
-    ``--expert_source``, ``--no_prefetch``."""
+    ``--expert_source``, ``--no_prefetch``, ``--prefetch_when_busy``."""
+    from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY
+
     group = parser.add_argument_group("paged experts (models larger than the GPU)")
     group.add_argument("--expert_weights", choices=("resident", "paged"), default="resident",
                        help="paged: routed experts in host memory, the routed ones paged onto the device")
@@ -280,6 +283,10 @@ def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
                        help="host: every expert in (pinned) host memory; shards: read an expert from the model's "
                             "memory-mapped shards when the cache misses it (paged only)")
     group.add_argument("--no_prefetch", action="store_true", help="do not page in the next layer's likely experts")
+    group.add_argument("--prefetch_when_busy", choices=PREFETCH_WHEN_BUSY, default=DEFAULT_PREFETCH_WHEN_BUSY,
+                       help="which of the next layer's guesses to copy while the link still carries the current "
+                            "layer's misses: never, first (the likeliest only) or always (default: "
+                            f"{DEFAULT_PREFETCH_WHEN_BUSY})")
 
 
 def inference_config(args: argparse.Namespace):
@@ -289,7 +296,7 @@ def inference_config(args: argparse.Namespace):
     return InferenceConfig(expert_weights=args.expert_weights, gpu_memory_gb=args.gpu_memory_gb,
                            cache_slots=args.cache_slots, cache_policy=args.cache_policy,
                            expert_dtype=args.expert_dtype, expert_source=args.expert_source,
-                           prefetch=not args.no_prefetch)
+                           prefetch=not args.no_prefetch, prefetch_when_busy=args.prefetch_when_busy)
 
 
 def paging_report(cache, stats: GenerationStats) -> dict:
@@ -297,7 +304,8 @@ def paging_report(cache, stats: GenerationStats) -> dict:
     best static set of the same number of slots would have reached on the same routing trace."""
     counters = cache.stats
     return {"cache_slots": cache.num_slots, "total_experts": cache.store.total_experts,
-            "cache_policy": cache.policy_name, "hit_rate": round(counters.hit_rate, 4),
+            "cache_policy": cache.policy_name, "prefetch_when_busy": cache.prefetch_when_busy,
+            "hit_rate": round(counters.hit_rate, 4),
             "ideal_static_hit_rate": round(cache.ideal_static_hit_rate(), 4),
             "bytes_paged_per_token": counters.bytes_paged / max(stats.decode_tokens, 1),
             "prefetched": counters.prefetched, "prefetch_hits": counters.prefetch_hits,

@@ -29,7 +29,8 @@ and policy:
 * ``bytes_paged_per_token`` (demand misses and prefetches) and ``miss_bytes_per_token`` (demand misses);
   ``wasted_prefetch_bytes_per_token``: prefetched experts no demand used (replaced first, or still unused when the
   run ends), whose link time the floor does not count; ``prefetch_skipped``: guesses the cache did not copy (the
-  link still carried the layer's misses, or every expert on the device was worth more);
+  link still carried the layer's misses and ``--prefetch_when_busy`` left them out, or every expert on the device
+  was worth more);
   ``link_s_per_token``: the link's time for all the bytes paged (where a decode step computes for less time than
   an expert takes to copy, as with Mixtral's, a prefetch hides little and a step costs about this), and
   ``retained_hit_rate``: the hits the cache held without a prefetch (``hit_rate`` counts a prefetched expert's
@@ -170,12 +171,14 @@ def validation_loss(model, batches: torch.Tensor) -> float:
 
 def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_tokens: int, new_tokens: int,
         expert_dtypes: tuple[str, ...] = ("auto",), skip_resident: bool = False, seed: int = 0,
-        val: Optional[tuple[torch.Tensor, str]] = None) -> dict:
+        val: Optional[tuple[torch.Tensor, str]] = None, prefetch_when_busy: Optional[str] = None) -> dict:
     """The measurements of the module docstring, as a dict. ``val``: the batches to score and their source
-    (default: :func:`validation_batches` of random ids, 2 batches of 2 x 128)."""
+    (default: :func:`validation_batches` of random ids, 2 batches of 2 x 128). ``prefetch_when_busy``: the
+    caches' setting (default: :data:`~moetrain.inference.policy.DEFAULT_PREFETCH_WHEN_BUSY`)."""
     import moetrain
     from moetrain.inference import load_paged
     from moetrain.inference.paged import paged_cache, replace_cache
+    from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY
     from moetrain.models.hf import load_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +192,8 @@ def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_t
     result: dict = {"model": str(model_dir), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "dtype": str(dtype).removeprefix("torch."), "layers": config.num_hidden_layers,
                     "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "cache_fraction": cache_fraction,
-                    "expert_dtype": labels[expert_dtypes[0]], "val_data": val_source}
+                    "expert_dtype": labels[expert_dtypes[0]], "val_data": val_source,
+                    "prefetch_when_busy": prefetch_when_busy or DEFAULT_PREFETCH_WHEN_BUSY}
     result["link_gb_s"] = round(link_gb_per_s(device), 2)
     link = result["link_gb_s"] * 1e9
 
@@ -215,7 +219,8 @@ def run(model_dir: Path, *, policies: list[str], cache_fraction: float, prompt_t
     budget = None  # the cache's bytes: cache_fraction of the experts' weights in the model's dtype
     result["expert_dtypes"] = {}
     for expert_dtype in expert_dtypes:
-        model = load_paged(model_dir, dtype=dtype, device=device, cache_slots=1, expert_dtype=expert_dtype)
+        model = load_paged(model_dir, dtype=dtype, device=device, cache_slots=1, expert_dtype=expert_dtype,
+                           prefetch_when_busy=result["prefetch_when_busy"])
         store = paged_cache(model).store
         if budget is None:
             full_row = 3 * store.hidden * store.width * torch.empty((), dtype=dtype).element_size()
@@ -305,6 +310,7 @@ def summary_lines(result: dict) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     """``moetrain bench paged_generate``: see the module docstring; returns the exit status (2 on bad input)."""
     from moetrain.config import ConfigError
+    from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY
     from moetrain.shards import ShardError
 
     p = argparse.ArgumentParser(prog="moetrain bench paged_generate", description=__doc__.split("\n\n")[0])
@@ -325,6 +331,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prompt_tokens", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--skip_resident", action="store_true", help="do not run the resident model")
+    p.add_argument("--prefetch_when_busy", choices=PREFETCH_WHEN_BUSY, default=DEFAULT_PREFETCH_WHEN_BUSY,
+                   help="which guessed experts the caches copy while the link carries the layer's misses")
     p.add_argument("--out", type=Path, default=None, help="folder for paged_generate.json")
     args = p.parse_args(argv)
     try:
@@ -350,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run(model_dir, policies=policies, cache_fraction=args.cache_fraction,
                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      expert_dtypes=("auto", "int8") if args.expert_dtype == "both" else (args.expert_dtype,),
-                     skip_resident=args.skip_resident, val=val)
+                     skip_resident=args.skip_resident, val=val, prefetch_when_busy=args.prefetch_when_busy)
     except (ConfigError, ShardError, FileNotFoundError) as err:
         print(f"moetrain bench paged_generate: error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,10 @@ From Python:
   model whose routed experts live in host memory (``expert_source="shards"``: in the memory-mapped shards).
 * :func:`install_paged_experts`: page the experts of a model already loaded.
 * :func:`paged_cache`: the cache of a paged model (its ``stats`` and routing ``trace``).
+
+What a prefetch may copy while the link is busy (``prefetch_when_busy``) and why the default is what it is:
+:mod:`moetrain.inference.policy`; the CPU surrogate those predictions come from (recorded routing replayed through
+the cache, timed by a model calibrated on an H200 run): :mod:`moetrain.inference.surrogate`.
 """
 
 from moetrain.inference.cache import CacheStats, ExpertCache, ideal_static_hit_rate

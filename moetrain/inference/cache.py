@@ -14,9 +14,11 @@ call hits what was kept.
 
 Prefetch (:meth:`ExpertCache.prefetch`) copies guessed experts ahead of their layer, so it must not cost more than
 it saves: a wrong guess is link time the floor of the misses does not count, and can push out an expert that is
-needed later. It therefore (1) is skipped while the link still carries the current layer's demand misses
-(:meth:`ExpertCache.link_busy`): queued behind them, a wrong guess delays the next layer's own misses; (2) takes
-only free slots, staged entries of lower value, or the policy's victim where the policy lets a guess evict it
+needed later. It therefore (1) copies, while the link still carries the current layer's demand misses
+(:meth:`ExpertCache.link_busy`), only the guesses ``prefetch_when_busy`` allows (default ``first``: the likeliest
+one; :func:`~moetrain.inference.policy.busy_guesses`): queued behind the misses, a right guess arrives when its
+own miss would have and counts as a hit, a wrong one delays the next layer's misses by a copy; (2) takes only free
+slots, staged entries of lower value, or the policy's victim where the policy lets a guess evict it
 (:meth:`~moetrain.inference.policy.CachePolicy.prefetch_may_evict`: LFU never evicts an expert demanded more
 often); (3) never replaces another guess for the same layer, while a guess its layer did not demand is the first
 staged entry to go. ``stats.prefetch_wasted`` counts guesses replaced before any demand.
@@ -38,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from moetrain.inference.policy import Key, make_policy
+from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY, Key, busy_guesses, make_policy
 from moetrain.inference.store import HostExpertStore, dequantize_int8
 
 
@@ -52,7 +54,8 @@ class CacheStats:
         prefetched: experts copied ahead of their layer; prefetch_hits: demands those copies served.
         prefetch_wasted: prefetched experts replaced before any demand (their bytes crossed the link for nothing;
             those still waiting at the end are :meth:`ExpertCache.unused_prefetches`).
-        prefetch_skipped: guessed experts not copied: the link was busy, or no slot of lower value was free.
+        prefetch_skipped: guessed experts not copied: the link was busy and ``prefetch_when_busy`` left them out,
+            or no slot of lower value was free.
         bytes_paged: host-to-device bytes, demand misses and prefetches together.
         evictions: cached experts replaced.
     """
@@ -113,14 +116,19 @@ class ExpertCache:
         num_slots: expert slots on the device in all (main and staging).
         device: the compute device.
         policy: ``lru`` or ``lfu``.
+        prefetch_when_busy: which guesses :meth:`prefetch` copies while :meth:`link_busy`: ``never``, ``first``
+            (the likeliest) or ``always`` (:data:`~moetrain.inference.policy.PREFETCH_WHEN_BUSY`).
         staging_slots: slots kept out of the policy's reach for experts it does not admit (default: a quarter of
             the slots, at most 8, none when the cache holds every expert).
     """
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, *, policy: str = "lru",
-                 staging_slots: Optional[int] = None) -> None:
+                 staging_slots: Optional[int] = None, prefetch_when_busy: str = DEFAULT_PREFETCH_WHEN_BUSY) -> None:
         if num_slots < 1:
             raise ValueError(f"the expert cache needs at least one slot, got {num_slots}")
+        if prefetch_when_busy not in PREFETCH_WHEN_BUSY:
+            raise ValueError(f"prefetch_when_busy={prefetch_when_busy!r}: choose one of "
+                             f"{', '.join(PREFETCH_WHEN_BUSY)}")
         self.store, self.device = store, torch.device(device)
         num_slots = min(num_slots, store.total_experts)
         if staging_slots is None:
@@ -146,6 +154,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.trace: list[Key] = []
         self.record_trace = True
+        self.prefetch_when_busy = prefetch_when_busy
 
     # ------------------------------------------------------------------ sizes and counters
     @property
@@ -338,15 +347,17 @@ class ExpertCache:
         return got
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
-        """Start copying ``layer``'s ``experts`` (most likely first) that are not on the device, if the link is
-        idle (:meth:`link_busy`), into slots the current compute does not read and whose entries the policy
-        values less than a guess (:meth:`_prefetch_slot`). Returns the number of copies started."""
+        """Start copying ``layer``'s ``experts`` (most likely first) that are not on the device (while the link is
+        busy (:meth:`link_busy`) only those ``prefetch_when_busy`` allows), into slots the current compute does not
+        read and whose entries the policy values less than a guess (:meth:`_prefetch_slot`). Returns the number of
+        copies started."""
         wanted = [(layer, e) for e in experts if (layer, e) not in self.slot_of]
+        allowed = wanted
         if wanted and self.link_busy():
-            self.stats.prefetch_skipped += len(wanted)
-            return 0
+            allowed = busy_guesses(self.prefetch_when_busy, wanted)
+            self.stats.prefetch_skipped += len(wanted) - len(allowed)
         started = 0
-        for key in wanted:
+        for key in allowed:
             slot = self._prefetch_slot(key, frozenset(wanted))
             if slot is None:
                 self.stats.prefetch_skipped += 1

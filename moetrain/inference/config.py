@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from moetrain.config import ConfigError
+from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY
 
 ExpertWeights = Literal["resident", "paged"]
 CachePolicyName = Literal["lru", "lfu"]
 ExpertDType = Literal["auto", "bf16", "int8"]
 ExpertSource = Literal["host", "shards"]
+PrefetchWhenBusy = Literal["never", "first", "always"]
 
 
 @dataclass
@@ -36,8 +38,11 @@ class InferenceConfig:
             safetensors shards when the cache misses it (a model larger than host memory; the OS page cache
             keeps what fits).
         prefetch: page in the next MoE layer's top-k likely experts (its router applied to the current layer's
-            input) while the current layer computes, when the link is not carrying the current layer's misses and
-            into slots whose experts are worth less than the guess (see :mod:`moetrain.inference.cache`).
+            input) while the current layer computes, into slots whose experts are worth less than the guess (see
+            :mod:`moetrain.inference.cache`).
+        prefetch_when_busy: which guesses are copied while the link still carries the current layer's misses:
+            ``never``, ``first`` (the likeliest one only; the default) or ``always`` (every guess). See
+            :mod:`moetrain.inference.policy` for the measurements and the predictions behind the default.
     """
 
     expert_weights: ExpertWeights = "resident"
@@ -47,6 +52,7 @@ class InferenceConfig:
     expert_dtype: ExpertDType = "auto"
     expert_source: ExpertSource = "host"
     prefetch: bool = True
+    prefetch_when_busy: PrefetchWhenBusy = DEFAULT_PREFETCH_WHEN_BUSY  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.expert_weights not in ("resident", "paged"):
@@ -58,6 +64,9 @@ class InferenceConfig:
         if self.expert_source not in ("host", "shards"):
             raise ConfigError(f"expert_source={self.expert_source!r}: choose host (every expert in host memory) or "
                               "shards (read from the model's shards on a miss)")
+        if self.prefetch_when_busy not in PREFETCH_WHEN_BUSY:
+            raise ConfigError(f"prefetch_when_busy={self.prefetch_when_busy!r}: choose never, first (the likeliest "
+                              "guess only) or always")
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
             raise ConfigError(f"gpu_memory_gb={self.gpu_memory_gb}: need a positive size in GB (or leave it unset "
                               "to size the cache from free memory)")

@@ -7,17 +7,19 @@ One MoE layer ``l`` of a forward on CUDA (decode: a few tokens; prefill: many)::
     compute stream   router(l)  lookahead: router(l+1) on x_l   | host reads counts(l) and the predicted
                                                                  | set of l+1 together (the layer's one sync)
                      wait ready[slots of l's misses] -> experts of l (per-expert SwiGLU) -> combine -> ...
-    copy stream      (prefetched rows of l, queued during l-1) | H2D misses of l, or, if l missed none, the
-                                                                  top-k predicted experts of l+1 (under l's GEMMs)
+    copy stream      (prefetched rows of l, queued during l-1) | H2D misses of l, then the top-k predicted experts
+                                                                  of l+1 (after misses: the likeliest only)
                      the copy into a slot first waits on freed[slot]: the last kernel that read it
 
 The lookahead is the idea of :mod:`moetrain.offload.lookahead`: the next layer's router applied to this
 layer's normalized input predicts the next layer's experts well, because the residual stream changes little
 from one layer to the next. The last MoE layer prefetches the first layer's experts of the previous call (the
 next decode step). A prefetch is a guess, and a wrong one costs link time that no demand needed: only the
-model's top-k experts (k = experts per token) of the prediction, most voted first (a batch's tokens vote), are
-offered, and the cache starts them only when the link is not still carrying the current layer's misses and only
-into slots whose experts are worth less than a guess (:meth:`~moetrain.inference.cache.ExpertCache.prefetch`).
+model's top-k experts (k = experts per token) of the prediction are offered, most voted first (a batch's tokens
+vote; equal votes, as one decode token's k choices, in the order of the router's weights: :func:`likely_experts`),
+and the cache copies only the likeliest while the link still carries the current layer's misses (the default of
+``prefetch_when_busy``) and only into slots whose experts are worth less than a guess
+(:meth:`~moetrain.inference.cache.ExpertCache.prefetch`).
 Experts already on the device never wait; a layer that needs more experts than there are slots (a long prefill
 with a small cache) runs in groups: its cached experts stay in their slots for the next call, and the rest pass
 through the staging slots, each group's reused by the next (:meth:`ExpertCache.acquire`).
@@ -87,20 +89,23 @@ class PagedExperts(nn.Module):
         self.impl = "auto"  # auto, grouped or loop (MoEForCausalLM.set_expert_impl)
         self.last_routed: list[int] = []
         self.last_counts: list[int] = []  # tokens per expert of the last call (E,)
+        self.last_mass: list[float] = []  # the routing weights per expert of the last call (E,), if feeds_wrap
+        self.feeds_wrap = False  # the first MoE layer: the last one's guess for the next call is its routing
         self.top_k = 1  # experts per token, as the last call routed
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, experts={self.num_experts}, paged"
 
     def _predict(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """(E,) int64 votes: how many tokens of ``x`` (T, H) the next layer's router sends to each expert."""
+        """(2, E) fp32: how many tokens of ``x`` (T, H) the next layer's router sends to each expert (votes), and
+        the router's scores of those choices summed per expert (mass, which orders experts of equal votes)."""
         router = self._next_router
         if router is None or not self.prefetch:
             return None
         logits = F.linear(x.float(), router.weight.float())  # (T, E)
         scores = logits.softmax(dim=-1) if router.scoring_func == "softmax" else logits.sigmoid()
-        idx = router.select(scores)[1].reshape(-1)  # (T * k,)
-        return torch.bincount(idx, minlength=router.num_experts)
+        weight, idx = router.select(scores)  # (T, k)
+        return _per_expert(idx, weight, router.num_experts)
 
     def use_grouped(self, x_sorted: torch.Tensor, tokens: int) -> bool:
         """Whether this call runs grouped GEMMs (see the module docstring): ``x_sorted`` (N, H), ``tokens`` T."""
@@ -117,22 +122,32 @@ class PagedExperts(nn.Module):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(x.device.type))
         grouped = self.use_grouped(x_sorted, x.shape[0])
         predicted = self._predict(x)
-        # the host must know which experts to page: the layer's one read, the lookahead riding along
-        both = d.counts if predicted is None else torch.cat([d.counts, predicted])
-        host = both.tolist()
-        sizes = host[:self.num_experts]
+        # the host must know which experts to page: the layer's one read, the lookahead riding along (and for the
+        # first layer its own routing weights per expert, which order the last layer's guess for the next call)
+        num = self.num_experts
+        rows = []
+        if self.feeds_wrap:
+            rows.append(_per_expert(routing.topk_idx, routing.topk_weight, num)[1])
+        if predicted is not None:
+            rows.append(predicted.flatten())
+        # fp64 holds every count exactly
+        host = torch.cat([d.counts.double(), *(r.double() for r in rows)]).tolist() if rows else d.counts.tolist()
+        sizes = [int(n) for n in host[:num]]
+        mass = host[num:2 * num] if self.feeds_wrap else []
         starts = [0]
         for n in sizes:
             starts.append(starts[-1] + n)
-        active = [e for e, n in enumerate(sizes) if n]
-        self.last_routed, self.last_counts, self.top_k = active, sizes, routing.topk_idx.shape[-1]
+        active = [i for i, n in enumerate(sizes) if n]
+        self.last_routed, self.last_counts, self.last_mass = active, sizes, mass
+        self.top_k = routing.topk_idx.shape[-1]
+        guess = self._guess(None if predicted is None else host[(2 if self.feeds_wrap else 1) * num:])
         pieces: dict[int, torch.Tensor] = {}
         todo = list(active)
         first_group = True
         while todo:
             got = self.cache.acquire(self.layer_idx, todo, done=pieces.keys())
-            if first_group and len(got.experts) == len(todo):
-                self._start_prefetch(host[self.num_experts:] if predicted is not None else None)
+            if first_group and len(got.experts) == len(todo) and guess:
+                self.cache.prefetch(self.next_layer, guess)
             first_group = False
             if grouped:
                 pieces.update(self._grouped(x_sorted, starts, got.experts, got.slots))
@@ -173,17 +188,41 @@ class PagedExperts(nn.Module):
             start += n
         return out
 
-    def _start_prefetch(self, votes: Optional[list[int]]) -> None:
-        """Offer the cache the next layer's ``top_k`` likeliest experts (most ``votes`` (E,) first) to prefetch."""
+    def _guess(self, predicted: Optional[list[float]]) -> list[int]:
+        """The next layer's ``top_k`` likeliest experts (:func:`likely_experts` of ``predicted``: (E,) votes then
+        (E,) mass), which the cache is offered to prefetch once this layer's experts are placed; none without
+        prefetch. The last layer offers the first layer's experts of this call, for the next call."""
         if not self.prefetch or self.next_layer is None:
-            return
-        if votes is None:  # the last layer: the first layer's experts of this call, for the next call
+            return []
+        if predicted is None:  # the last layer: the first layer's experts of this call, for the next call
             first = self._first_block_experts
-            votes = first.last_counts if first is not None else []
-        likely = sorted((e for e, n in enumerate(votes) if n), key=lambda e: -votes[e])  # stable: ties by id
-        self.cache.prefetch(self.next_layer, likely[:self.top_k])
+            if first is None:
+                return []
+            votes, mass = first.last_counts, first.last_mass
+        else:
+            votes, mass = predicted[:self.num_experts], predicted[self.num_experts:]
+        return likely_experts(votes, mass, self.top_k)
 
     _first_block_experts: Optional[PagedExperts] = None
+
+
+def _per_expert(idx: torch.Tensor, weight: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(2, E) fp32: the tokens choosing each expert in ``idx`` (T, k) and the sum of their ``weight`` (T, k)
+    (scatter_add_, not bincount: bincount on CUDA syncs the host to size its output)."""
+    flat = idx.reshape(-1)
+    out = torch.zeros(2, num_experts, dtype=torch.float32, device=idx.device)
+    out[0].scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    out[1].scatter_add_(0, flat, weight.reshape(-1).float())
+    return out
+
+
+def likely_experts(votes: list[float], mass: list[float], k: int) -> list[int]:
+    """The ``k`` experts the most tokens chose (``votes`` (E,)), those of equal votes ordered by the router's
+    summed weight for them (``mass`` (E,); one decode token's two choices are ordered by its router), then by id.
+    The first is the likeliest: what the cache copies first, and alone while its link is busy
+    (``prefetch_when_busy``)."""
+    chosen = [e for e, n in enumerate(votes) if n]
+    return sorted(chosen, key=lambda e: (-votes[e], -(mass[e] if mass else 0.0), e))[:k]
 
 
 # ---------------------------------------------------------------------------------------------- installing
@@ -206,7 +245,8 @@ def cache_slots(config: InferenceConfig, store: HostExpertStore, device: torch.d
 def _install(model: MoEForCausalLM, store: HostExpertStore, config: InferenceConfig,
              device: torch.device) -> ExpertCache:
     blocks = _moe_blocks(model)
-    cache = ExpertCache(store, cache_slots(config, store, device), device, policy=config.cache_policy)
+    cache = ExpertCache(store, cache_slots(config, store, device), device, policy=config.cache_policy,
+                        prefetch_when_busy=config.prefetch_when_busy)
     paged: list[PagedExperts] = []
     for i, block in enumerate(blocks):
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
@@ -216,6 +256,7 @@ def _install(model: MoEForCausalLM, store: HostExpertStore, config: InferenceCon
         block.experts = module
         paged.append(module)
     object.__setattr__(paged[-1], "_first_block_experts", paged[0])  # not a submodule
+    paged[0].feeds_wrap = config.prefetch
     return cache
 
 
@@ -390,18 +431,20 @@ def load_paged_weights(model: MoEForCausalLM, path: str | Path, config: Inferenc
 
 
 def replace_cache(model: MoEForCausalLM, *, num_slots: int, policy: str,
-                  store: Optional[HostExpertStore] = None) -> ExpertCache:
+                  store: Optional[HostExpertStore] = None, prefetch_when_busy: Optional[str] = None) -> ExpertCache:
     """Give a paged model a new, empty expert cache over the same host store (another policy or size, without
-    reading the weights again) or over ``store``; the old cache's device memory is freed."""
+    reading the weights again) or over ``store``; the old cache's device memory is freed. ``prefetch_when_busy``:
+    as :class:`InferenceConfig`'s (default: the old cache's)."""
     old = paged_cache(model)
     if old is None:
         raise ValueError("the model's experts are not paged")
     store, device = store or old.store, old.device
+    busy = old.prefetch_when_busy if prefetch_when_busy is None else prefetch_when_busy
     old.data = old.scales = None  # type: ignore[assignment]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    cache = ExpertCache(store, num_slots, device, policy=policy)
+    cache = ExpertCache(store, num_slots, device, policy=policy, prefetch_when_busy=busy)
     for block in _moe_blocks(model):
         block.experts.cache = cache
     return cache

@@ -36,6 +36,7 @@ def test_paged_generate_smoke(tmp_path, capsys):
     assert resident["first_pass_decode_s_per_token"] > 0 and resident["first_pass_prefill_s"] > 0
     assert resident["grouped_decode_s_per_token"] is None  # CUDA only
     assert result["val_data"] == "random token ids (2x2x16)"
+    assert result["prefetch_when_busy"] == "first"  # the default
     full, int8 = result["expert_dtypes"]["float32"], result["expert_dtypes"]["int8"]
     assert result["paged"] == full["paged"] and result["expert_dtype"] == "float32"
     for policy in ("lru", "lfu"):
@@ -91,8 +92,10 @@ def test_paged_generate_scores_a_data_file(tmp_path, capsys):
     assert bench_main(["paged_generate", "--preset", "tiny-deepseek-moe", "--make_dir", str(tmp_path / "model"),
                        "--prompt_tokens", "8", "--new_tokens", "4", "--policy", "lru", "--expert_dtype", "auto",
                        "--skip_resident", "--val_data", str(TINY / "val.jsonl"), "--tokenizer",
-                       str(TINY / "tokenizer"), "--val_batches", "1", "--val_seq_len", "32"]) == 0
+                       str(TINY / "tokenizer"), "--val_batches", "1", "--val_seq_len", "32",
+                       "--prefetch_when_busy", "never"]) == 0
     table, result = _output(capsys)
+    assert result["prefetch_when_busy"] == "never"
     assert result["val_data"] == f"{TINY / 'val.jsonl'} (1x2x32 tokens)" and "int8_vs_bf16" not in result
     assert table[0].endswith("resident: not run") and table[2].split()[-3:] == ["-", "-", "-"]  # no floor
     assert result["paged"]["lru"]["targets_met"]["vs_floor"] is None
