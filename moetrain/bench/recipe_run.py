@@ -50,6 +50,7 @@ from typing import Any, Optional
 import yaml
 
 from moetrain.offload.config import OffloadSettings
+from moetrain.training.telemetry import proc_gib
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO / "data" / "tiny" / "train.jsonl"
@@ -109,19 +110,11 @@ class PeakSampler:
         """GiB of the machine's memory by kind (/proc/meminfo) and of the fit process's own RSS by kind: which
         of anonymous, file-backed, shared or locked memory grows when the host fills."""
         out = {"t": round(elapsed, 1), "used": round((vm.total - vm.available - self.host_used_base) / GiB, 2)}
-        fields = {"AnonPages": "anon", "Shmem": "shmem", "Cached": "cached", "Dirty": "dirty", "Mlocked": "mlocked",
-                  "Unevictable": "unevictable", "AnonHugePages": "anon_huge", "Buffers": "buffers"}
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in fields:
-                    out[fields[key]] = round(int(rest.split()[0]) * 1024 / GiB, 2)
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "RssShmem", "VmPin", "VmLck"):
-                    out[f"proc_{key}"] = round(int(rest.split()[0]) * 1024 / GiB, 2)
-        except (OSError, ValueError, IndexError):
-            pass
+        out.update({k: round(v, 2) for k, v in proc_gib("/proc/meminfo", {
+            "AnonPages": "anon", "Shmem": "shmem", "Cached": "cached", "Dirty": "dirty", "Mlocked": "mlocked",
+            "Unevictable": "unevictable", "AnonHugePages": "anon_huge", "Buffers": "buffers"}).items()})
+        out.update({k: round(v, 2) for k, v in proc_gib(f"/proc/{self.process.pid}/status", {
+            key: f"proc_{key}" for key in ("RssAnon", "RssFile", "RssShmem", "VmPin", "VmLck")}).items()})
         return out
 
     def stop(self) -> None:

@@ -16,9 +16,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from moetrain.training.telemetry import host_memory
+from moetrain.training.telemetry import host_memory, proc_gib
 
-GiB = float(2**30)
 FLOOR_SHARE = 0.015  # of the machine's memory: 1.9 GiB of 125 GiB, a few seconds of a fast leak
 FLOOR_MIN_GIB = 1.0
 
@@ -29,18 +28,8 @@ class HostMemoryLow(MemoryError):
 
 def read_meminfo() -> Optional[tuple[float, float]]:
     """(MemAvailable, MemTotal) in GiB from ``/proc/meminfo``; None where there is none."""
-    found: dict[str, float] = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("MemAvailable", "MemTotal"):
-                    found[key] = int(rest.split()[0]) * 1024 / GiB
-                    if len(found) == 2:
-                        break
-    except (OSError, ValueError, IndexError):
-        return None
-    return (found["MemAvailable"], found["MemTotal"]) if len(found) == 2 else None
+    found = proc_gib("/proc/meminfo", {"MemAvailable": "available", "MemTotal": "total"})
+    return (found["available"], found["total"]) if len(found) == 2 else None
 
 
 class HostMemoryGuard(Callback):

@@ -62,22 +62,27 @@ def gpu_memory(device: Optional[torch.device] = None) -> dict[str, float]:
             "gpu/alloc_retries": float(stats.get("num_alloc_retries", 0))}
 
 
+def proc_gib(path: str, keys: dict[str, str]) -> dict[str, float]:
+    """GiB of the ``key: N kB`` lines of a /proc file (``/proc/meminfo``, ``/proc/PID/status``) named in ``keys``,
+    under the names ``keys`` maps them to; empty where the file cannot be read."""
+    out: dict[str, float] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in keys:
+                    out[keys[key]] = int(rest.split()[0]) / 2**20
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def host_memory() -> dict[str, float]:
     """This process's host memory in GiB, from ``/proc/self/status`` (empty where there is none): ``host/rss_anon_gib``
     (its private memory, the expert store's registered pieces included: what grows if something accumulates from
     step to step) and ``host/rss_shared_gib`` (shared pages, e.g. memory pinned by cudaHostAlloc, which the driver
     maps as shared)."""
-    fields = {"RssAnon": "host/rss_anon_gib", "RssShmem": "host/rss_shared_gib"}
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in fields:
-                    out[fields[key]] = int(rest.split()[0]) / 2**20
-    except (OSError, ValueError, IndexError):
-        return {}
-    return out
+    return proc_gib("/proc/self/status", {"RssAnon": "host/rss_anon_gib", "RssShmem": "host/rss_shared_gib"})
 
 
 def load_entropy(load: torch.Tensor) -> torch.Tensor:
