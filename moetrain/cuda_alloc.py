@@ -25,12 +25,3 @@ def apply_defaults() -> None:
     if not any(os.environ.get(name) for name in SETTINGS_ENV):
         os.environ[SETTINGS_ENV[0]] = DEFAULT
 
-
-def expandable_segments() -> bool:
-    """Whether the allocator's settings (as the environment gives them) turn expandable segments on."""
-    for name in SETTINGS_ENV:
-        value = os.environ.get(name)
-        if value:
-            opts = dict(kv.split(":", 1) for kv in value.replace(" ", "").split(",") if ":" in kv)
-            return opts.get("expandable_segments", "False").lower() == "true"
-    return False
