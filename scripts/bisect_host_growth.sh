@@ -8,7 +8,11 @@
 # corpus) once as written and once per changed setting, and prints host/rss_anon_gib of every step from
 # metrics.jsonl: the variant whose column stays flat names the cause.
 #
+# Beside each variant, scripts/host_growth_sampler.py reads the process's RssAnon every 2 s and, at its peak, where
+# the anonymous memory lies (/proc/PID/smaps: glibc's heap and arenas, mappings by size).
+#
 #   bash scripts/bisect_host_growth.sh [LAYERS] [STEPS]
+#   BISECT_VARIANTS="step_on_gpu malloc_fixed_gpu" bash scripts/bisect_host_growth.sh   # a chosen few, in order
 set -u
 LAYERS=${1:-6}
 STEPS=${2:-5}
@@ -21,9 +25,14 @@ variant() {
   local name=$1; shift
   local dir=/tmp/moetrain-bisect/$name
   rm -rf "$dir"
+  python3 scripts/host_growth_sampler.py --match "default_root_dir=$dir " --every 2 \
+    > "/tmp/moetrain-bisect-$name.sampler" 2>&1 &
+  local sampler=$!
   timeout "${VARIANT_TIMEOUT:-240}" python3 -m moetrain.cli fit --config "$RECIPE" "${BASE[@]}" \
     --trainer.default_root_dir="$dir" "$@" > "/tmp/moetrain-bisect-$name.log" 2>&1
   local rc=$?
+  wait "$sampler"
+  grep '^SAMPLER' "/tmp/moetrain-bisect-$name.sampler" | sed "s/^SAMPLER /SAMPLER {\"variant\": \"$name\"} /"
   python3 - "$name" "$rc" "$dir/metrics.jsonl" <<'PY'
 import json, sys
 name, rc, path = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -38,17 +47,29 @@ print("RESULT " + json.dumps({"variant": name, "rc": int(rc), **{k: [r.get(k) fo
 print(f"{name:>14} rc={rc}  {cells}", flush=True)
 PY
 }
-mkdir -p /tmp/moetrain-bisect
-variant as_written
-# as the recipe runs: weights loaded from a Hugging Face directory (streamed into the store) instead of drawn
+# glibc keeps freed memory in its arenas and raises its mmap threshold (up to 32 MiB) after each large free, so
+# later allocations of that size come from arenas too: a fixed threshold and two arenas return freed memory.
+MALLOC_FIXED="MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=1048576"
 INIT=/tmp/moetrain-bisect/init-$LAYERS
-[ -d "$INIT" ] || python3 scripts/make_random_hf.py --preset deepseek-moe-16b --layers "$LAYERS" --out "$INIT" \
-  > /tmp/moetrain-bisect-init.log 2>&1
-variant init_from --model.init_from="$INIT"
-variant no_hot_cache --model.offload.placement.hot_cache_gb=0
-PYTORCH_ALLOC_CONF=expandable_segments:False variant expandable_off
-variant step_on_gpu --model.offload.schedule.step_on=gpu
-variant no_prefetch --model.offload.schedule.prefetch=false
-variant no_clipping --model.optimizer.max_grad_norm=0
-variant no_workers --data.num_workers=0 --metrics.logger=none
-variant no_packing --data.packing=false
+mkdir -p /tmp/moetrain-bisect
+for v in ${BISECT_VARIANTS:-as_written step_on_gpu malloc_fixed init_from no_hot_cache expandable_off no_prefetch \
+                          no_clipping no_workers no_packing}; do
+  case $v in
+    as_written) variant as_written ;;
+    step_on_gpu) variant step_on_gpu --model.offload.schedule.step_on=gpu ;;
+    malloc_fixed) env $MALLOC_FIXED bash -c "$(declare -f variant); $(declare -p BASE RECIPE); variant malloc_fixed" ;;
+    malloc_fixed_gpu) env $MALLOC_FIXED bash -c "$(declare -f variant); $(declare -p BASE RECIPE); \
+        variant malloc_fixed_gpu --model.offload.schedule.step_on=gpu" ;;
+    init_from)  # as the recipe runs: weights streamed from a Hugging Face directory into the store
+      [ -d "$INIT" ] || python3 scripts/make_random_hf.py --preset deepseek-moe-16b --layers "$LAYERS" --out "$INIT" \
+        > /tmp/moetrain-bisect-init.log 2>&1
+      variant init_from --model.init_from="$INIT" ;;
+    no_hot_cache) variant no_hot_cache --model.offload.placement.hot_cache_gb=0 ;;
+    expandable_off) PYTORCH_ALLOC_CONF=expandable_segments:False variant expandable_off ;;
+    no_prefetch) variant no_prefetch --model.offload.schedule.prefetch=false ;;
+    no_clipping) variant no_clipping --model.optimizer.max_grad_norm=0 ;;
+    no_workers) variant no_workers --data.num_workers=0 --metrics.logger=none ;;
+    no_packing) variant no_packing --data.packing=false ;;
+    *) echo "unknown variant $v" ;;
+  esac
+done
