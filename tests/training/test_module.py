@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from moetrain.optim import OptimizerConfig, lr_at, param_groups
@@ -131,3 +132,19 @@ def test_resume_continues_steps_and_optimizer_state(tmp_path):
     steps = {int(s["step"]) for s in resumed.train_optimizer.state_dict()["state"].values()}
     assert steps <= {3, 4} and 4 in steps  # Adam's per-parameter step counters continued from 2
     assert (tmp_path / "checkpoints" / "last").read_text().strip() == "step-4"
+
+
+def test_strategy_teardown_leaves_the_model_where_it_is():
+    """Lightning's Strategy.teardown calls module.cpu() when fit ends or fails: for an offloaded model on a GPU that
+    copied every resident weight and gradient into host memory (an OOM kill). The parameters stay where they are
+    (here on the meta device, which any move would leave)."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    module = make_module().to("meta")
+    strategy = SingleDeviceStrategy(device=torch.device("cpu"), accelerator=CPUAccelerator())
+    strategy.connect(module)
+    strategy.teardown()
+    assert {p.device.type for p in module.parameters()} == {"meta"}
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # an explicit move still moves (meta has no data)
+        module.to("cpu")
