@@ -37,8 +37,9 @@ weights only afterwards). With ``init_from`` and a tier the experts are built at
 instead and their masters stream into the tier (training/module.py ``_build_model``, offload/staged_init.py)."""
 GPU_RESERVE = 2 * GiB
 """CUDA context, cuBLAS workspaces and the caching allocator's fragmentation: not in any tensor counted here."""
-HOST_RESERVE = 18 * GiB
+HOST_RESERVE = 8 * GiB
 """The OS, the Python process with torch and its CUDA context, data-loader workers, the metrics logger and the CPU
-step's pinned chunk buffers: host memory the expert state cannot have. Measured as the machine's used memory
-beyond the pinned store during ``moetrain fit`` on an H200 host: 18.0 GiB for OLMoE-1B-7B, 15.1 GiB for
-Qwen3-30B-A3B when the OOM killer stopped it (benchmarks/README.md, runs m2 and m3)."""
+step's pinned chunk buffers: host memory the expert state cannot have. Measured during ``moetrain fit`` of the
+DeepSeek-MoE-16B recipe (bf16_sr) on an H200 host (benchmarks/README.md, run r2): the process's peak resident memory
+was 6.1 GiB beyond the 56.1 GiB pinned store, the machine's used memory 3.9 GiB beyond it. The 15-18 GiB of runs m2
+and m3 included Lightning's teardown copying the model into host memory (fixed: ``MoETrainingModule.cpu``)."""
