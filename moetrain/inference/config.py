@@ -28,7 +28,8 @@ class InferenceConfig:
         cache_slots: the number of expert slots, overriding ``gpu_memory_gb`` (tests and CPU runs).
         cache_policy: which cached expert makes room: ``lru`` (least recently used) or ``lfu`` (least
             frequently used over the whole run; an expert routed less often than every cached one is computed
-            from a staging slot instead of evicting a more frequent one).
+            from a staging slot instead of evicting a more frequent one; the default, the faster of the two on
+            an H200, see :mod:`moetrain.inference.policy`).
         expert_dtype: ``auto``: the model's dtype (``moetrain validate`` on a GPU: bf16, the dtype its bf16
             autocast computes the experts in); ``bf16``; ``int8``: per-output-channel int8 weights with fp32
             scales, dequantized on the device as each expert runs (about half the bytes of bf16, so about twice
@@ -48,7 +49,7 @@ class InferenceConfig:
     expert_weights: ExpertWeights = "resident"
     gpu_memory_gb: Optional[float] = None
     cache_slots: Optional[int] = None
-    cache_policy: CachePolicyName = "lru"
+    cache_policy: CachePolicyName = "lfu"
     expert_dtype: ExpertDType = "auto"
     expert_source: ExpertSource = "host"
     prefetch: bool = True

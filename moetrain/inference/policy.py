@@ -27,7 +27,14 @@ p2, old prefetch, LRU         43.2      1.42      0.82       2.09
 p2, old prefetch, LFU         32.0      1.40      1.00       1.52      0.40            173/102
 q3, ``never``, LRU            30.4      1.041     0.879      1.197     0.134           65/41
 q3, ``never``, LFU            25.6      0.941     0.926      1.040     0.112           56/36
+r4, ``first``, LRU            28.1      1.340     0.946      1.348     0.263           119/72
+r4, ``first``, LFU            26.1      1.266     0.953      1.169     0.229           90/49
 ============================  ========  ========  =========  ========  ==============  ================
+
+Run r4 measured the default (``first``): LFU meets both targets (1.27 of the floor, 0.953 of the ideal's hit rate),
+LRU neither (1.34, 0.946), so the cache's default policy is LFU (:class:`~moetrain.inference.config.InferenceConfig`,
+``moetrain generate --cache_policy``). The surrogate below had predicted LFU ``first`` at 1.02 of the floor and 0.966
+of the ideal: the hit rate within its spread, the time ratio not (r4's floor is lower than q3's: fewer misses).
 
 ``never`` met the time target with room and missed the hit target (q3 offered a decode token's two guesses in
 the order of their ids; the router's order, now, moves the figures below by under 0.002). The choice among the
