@@ -7,6 +7,7 @@
 #         none / cpu / cpu_auto / cpu_clip / cpu_auto_clip (moetrain offload_step per tier; no
 #         clipping unless named, as in the peers' runs), zero_offload (DeepSpeed peer),
 #         checkpoint_io (save/load GB/s against the disk, init_from host memory),
+#         fused_step (the compressed expert step per record: the fused Triton kernel against decode/AdamW/encode),
 #         cpu_prof (tier cpu plus one traced step: copy directions and compute overlap),
 #         cpu_bf16 / cpu_int8 / cpu_sr / cpu_kahan / cpu_sr_int8 (compressed expert state),
 #         cpu_hot / cpu_bf16_hot / cpu_sr_int8_hot (hot-expert state cache sized automatically),
@@ -109,6 +110,7 @@ for s in $STAGES; do
     multi_gpu28) stage multi_gpu28 timeout "${MULTI_TIMEOUT:-420}" python3 -m moetrain.bench.multi_gpu --compare \
         --runs ep2 --layers 28 --master-format bf16_sr --moments int8 --micro "${FULL_MICRO:-1}" --seq "$SEQ" --accum 1 \
         --steps "${FULL_STEPS:-4}" --out "$JSON" ;;
+    fused_step) stage fused_step python3 -m moetrain.bench.fused_step --records 64 --out "$JSON" ;;
     checkpoint_io) stage checkpoint_io python3 -m moetrain.bench.checkpoint_io --out "$JSON" \
         --scratch "${SCRATCH:-/tmp/moetrain-ckpt-scratch}" --init-sizes-gb "${INIT_SIZES_GB:-8,24}" \
         --init-dtype "${INIT_DTYPE:-bf16}" ${CKPT_ARGS:-} ;;

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 PROG = "moetrain bench"
-NEEDS_CUDA = frozenset({"link", "expert_compute", "offload_step", "multi_gpu"})
+NEEDS_CUDA = frozenset({"link", "expert_compute", "offload_step", "multi_gpu", "fused_step"})
 """Benchmarks that measure a CUDA GPU and cannot run without one (``checkpoint_io`` runs on the CPU too)."""
 
 

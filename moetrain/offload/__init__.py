@@ -20,6 +20,8 @@ Modules, one job each:
   step's figures; ``state_io`` / ``host_state``: named tensors out and in, records' host state;
   ``compute_weights``: the compute dtype and where new weights go.
 * ``adam``: the AdamW arithmetic (fused on CUDA, torch's loop on the CPU, DeepSpeed CPU Adam).
+* ``fused_step`` / ``fused_step_kernels``: one Triton kernel a record for the GPU step of compressed state (decode,
+  AdamW and encode in registers; ``MOETRAIN_FUSED_STEP=0`` turns it off).
 * ``rates``: link and CPU-Adam rates measured at start-up; the GPU/CPU split of ``step_on: auto``.
 * ``optim``: the names callers import (:func:`~moetrain.offload.build.build_offload_optimizer`).
 * ``plan``: ``make_plan`` for ``moetrain plan``.

@@ -4,10 +4,17 @@ For each chunk of half the slots (the other half fills meanwhile)::
 
     acquire(chunk)          hits, or H2D on the swapper's in_stream; compute waits on per-slot events
     prefetch(next chunk)    ← overlaps the fused step below
-    decode (compressed)     fp32 scratch, groups of at most a quarter of gpu_budget_gb
-    _fused_adamw_           gradients scaled in-kernel by 1 / clip coefficient
-    encode, new weights     the record's format; compute weights written by the WeightWriter
+    compressed, CUDA        one Triton kernel a record (moetrain.offload.fused_step): decode, AdamW and encode
+                            in registers, in place in the slot; then the new compute weights
+    otherwise:
+      decode (compressed)   fp32 scratch, groups of at most a quarter of gpu_budget_gb
+      _fused_adamw_         gradients scaled in-kernel by 1 / clip coefficient
+      encode, new weights   the record's format; compute weights written by the WeightWriter
     release(chunk)          D2H on out_stream after an event ← under the next chunk, and the next forward
+
+The unfused path (decode, torch's fused AdamW, encode) stays for the fp32 format, the CPU, formats the kernel does
+not take (``bf16_kahan``), a machine without triton, and ``MOETRAIN_FUSED_STEP=0`` (benchmarks and tests compare
+the two). Under ``bf16_sr`` the two paths draw different stochastic-rounding bits (see ``fused_step``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from moetrain.offload.adam import adamw
 from moetrain.offload.compute_weights import WeightWriter
+from moetrain.offload.fused_step import fused_step_, fused_step_available
 from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord
 from moetrain.offload.swapper import Swapper
@@ -31,8 +39,9 @@ class GpuStep:
         swapper: the device slots and their streams.
         cfg: AdamW hyperparameters.
         writer: where new compute weights go.
-        compressed: the store's format is compressed (decoded into fp32 scratch, then encoded back).
-        scratch_bytes: the most fp32 scratch one fused call may decode into (compressed formats only).
+        compressed: the store's format is compressed (stepped by the fused kernel on CUDA, else decoded into fp32
+            scratch, then encoded back).
+        scratch_bytes: the most fp32 scratch one unfused call may decode into (compressed formats only).
     """
 
     def __init__(self, swapper: Swapper, cfg: OptimizerConfig, writer: WeightWriter, *, compressed: bool,
@@ -54,30 +63,55 @@ class GpuStep:
             flats = self.swapper.acquire(chunk)
             if c + 1 < len(chunks):
                 self.swapper.prefetch(chunks[c + 1])
-            for group in self._scratch_groups(list(zip(chunk, flats, strict=True))):
-                ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
-                for rec, flat in group:
-                    master, exp_avg, exp_avg_sq = rec.parts(flat)
-                    decoded.append((rec, flat, master, exp_avg, exp_avg_sq))
-                    views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
-                    for p, w, m, v in views:
-                        ps.append(w)
-                        gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
-                        ms.append(m)
-                        vs.append(v)
-                        steps.append(rec.step + 1)
-                adamw(ps, gs, ms, vs, steps=steps, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
-                      clip_coef=clip_coef,
-                      grad_scale=grad_scale)
-                for rec, flat, master, exp_avg, exp_avg_sq in decoded:
-                    self.store_stepped(rec, flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                                       step=rec.step + 1)
+            fused, rest = [], []
+            for pair in zip(chunk, flats, strict=True):
+                (fused if self.fuses(*pair) else rest).append(pair)
+            self.step_fused(fused, lr, grad_scale=grad_scale)
+            self.step_unfused(rest, lr, clip_coef=clip_coef, grad_scale=grad_scale)
             self.swapper.release(chunk)
+
+    def fuses(self, rec: ExpertRecord, flat: torch.Tensor) -> bool:
+        """``rec`` in ``flat`` is stepped by the fused kernel (compressed, on CUDA, a format it takes)."""
+        return self.compressed and rec.layout is not None and fused_step_available(rec.layout, flat.device)
+
+    def step_fused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
+                   grad_scale: Optional[torch.Tensor]) -> None:
+        """Step each (record, its slot) with one fused kernel in place, then write its compute weights: the stored
+        master itself (fp32, or the bf16 that stochastic rounding stored), as :meth:`store_stepped` writes them."""
+        for rec, flat in pairs:
+            master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
+                                 step=rec.step + 1, grad_scale=grad_scale)
+            self.writer.write(rec, rec.codec.compute_weights(flat, master))
+
+    def step_unfused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
+                     clip_coef: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor]) -> None:
+        """Step (record, its slot) pairs with torch's fused AdamW over fp32 state: in place under the fp32
+        format, else decoded into fp32 scratch and encoded back."""
+        for group in self._scratch_groups(pairs):
+            ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
+            for rec, flat in group:
+                master, exp_avg, exp_avg_sq = rec.parts(flat)
+                decoded.append((rec, flat, master, exp_avg, exp_avg_sq))
+                views = zip(rec.params, rec.split(master), rec.split(exp_avg), rec.split(exp_avg_sq), strict=True)
+                for p, w, m, v in views:
+                    ps.append(w)
+                    gs.append(p.grad if p.grad is not None else torch.zeros_like(p))
+                    ms.append(m)
+                    vs.append(v)
+                    steps.append(rec.step + 1)
+            adamw(ps, gs, ms, vs, steps=steps, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
+                  clip_coef=clip_coef,
+                  grad_scale=grad_scale)
+            for rec, flat, master, exp_avg, exp_avg_sq in decoded:
+                self.store_stepped(rec, flat, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                                   step=rec.step + 1)
 
     def _scratch_groups(self, pairs: list[tuple[ExpertRecord, torch.Tensor]]) -> list[list]:
         """Records stepped by one fused call. fp32 state is stepped in place in its slots: the whole
         chunk at once. Compressed state is decoded into fp32 scratch (12 bytes a parameter) and encoded
         back: groups whose scratch stays within ``scratch_bytes`` (at least one record)."""
+        if not pairs:
+            return []
         if not self.compressed:
             return [pairs]
         groups: list[list] = []

@@ -44,7 +44,9 @@ def state_bytes_per_param(master: str = "fp32", moments: str = "fp32", quant_blo
 
 def rounding_seed(layer: int, expert: int, step: int) -> int:
     """Seed of the stochastic rounding of an expert's master at its AdamW step ``step``: a function of
-    the record and the step only, so a resumed run, or the other step path, draws the same bits."""
+    the record and the step only, so a resumed run draws the same bits. It seeds a ``torch.Generator`` on the
+    unfused paths and keys the Philox counter of the fused GPU kernel (:mod:`moetrain.offload.fused_step`),
+    whose bits are its own."""
     return (step * 1_000_003 + layer * 65_537 + expert) & 0x7FFF_FFFF
 
 

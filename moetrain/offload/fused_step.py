@@ -1,0 +1,241 @@
+"""One fused GPU kernel per record for the AdamW step of compressed expert state.
+
+The unfused step of a compressed record decodes it into fp32 scratch, runs torch's fused AdamW there and encodes
+it back: dozens of small kernels a record (about 1.7 ms an expert of DeepSeek-MoE-16B on an H200, where the
+record's bytes take a few tens of microseconds to read and write). Here one Triton kernel
+(:mod:`moetrain.offload.fused_step_kernels`) reads each quantization block of a record once (gradient, master,
+moments and their scales), steps it in registers and writes it back in the record's format::
+
+    g       bf16 | fp32 gradient (None: zeros), divided by grad_scale (1 / clip coefficient) when given
+    decode  master fp32 | bf16; moments fp32 | bf16 | int8 (codebook[code] * block absmax)
+    AdamW   decoupled decay, bias-corrected moments, eps after the square root (torch.optim.AdamW's update)
+    encode  master: fp32, or bf16 rounded stochastically; moments: fp32, bf16 (nearest even), or int8 (new block
+            absmax, nearest code: the count of codebook midpoints below the value, as torch.bucketize counts)
+
+Supported: master ``fp32`` or ``bf16_sr`` with moments ``fp32``, ``bf16`` or ``int8`` (not fp32/fp32, which
+torch's fused AdamW steps in place already, nor ``bf16_kahan``, which keeps the unfused path), quantization blocks
+up to :data:`MAX_BLOCK`. The unfused path stays the fallback (CPU, no triton, other formats) and the reference of
+the tests.
+
+**Stochastic rounding bits.** The bf16 master is rounded with the rule of
+:func:`~moetrain.offload.quantize.round_bf16_stochastic` (16 random bits added below bf16's mantissa, then
+truncation), but its bits come from Triton's counter-based Philox (``tl.randint``) keyed by
+:func:`~moetrain.offload.state_format.rounding_seed` (layer, expert, step) and counted by the element's index in
+the record, not from a ``torch.Generator``: deterministic, so a resumed run draws the same bits, but not the bits
+the unfused path draws. Both are unbiased; the fused and unfused paths agree on the set of values each element
+may take (its two bf16 neighbours), not on which one.
+
+**Arithmetic.** fp32 in the order of ``torch.optim.AdamW``'s loop: the moments formed as torch's ``lerp_`` and
+``addcmul_`` form them on the CPU (the CPU tests compare moments, int8 codes and scales bit for bit), the decay as
+``p - lr*wd*p`` rounded once. Every multiply-add is an explicit fma, division and square root are IEEE-rounded and
+the compiler's own mul+add contraction is off (``enable_fp_fusion=False``), so the compiled kernel and Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, how the CPU tests run it) compute the same bits. On the GPU the unfused path
+runs torch's fused CUDA AdamW, which keeps some intermediates in fp64: the two agree to an ulp or so, and an int8
+code or a bf16 moment differs only where the value sits that close to a codebook midpoint or a rounding boundary.
+
+``MOETRAIN_FUSED_STEP=0`` in the environment forces the unfused path (read at every step: benchmarks and tests
+switch it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from moetrain.offload.quantize import _code
+from moetrain.offload.state_format import StateLayout, rounding_seed
+
+if TYPE_CHECKING:
+    from moetrain.offload.store import ExpertRecord
+    from moetrain.optim import OptimizerConfig
+
+KERNELS = "moetrain.offload.fused_step_kernels"
+"""The kernels' module (it imports triton at the top)."""
+
+ENV = "MOETRAIN_FUSED_STEP"
+"""Environment variable: ``0`` forces the unfused step."""
+
+MAX_BLOCK = 4096
+"""Largest int8 quantization block the kernel takes (a block is one row of a program's tile)."""
+
+TILE = 2048
+"""Elements a program steps (rows of whole quantization blocks under int8)."""
+
+NUM_WARPS = 8
+"""Warps a program (a GPU tuning knob, like :data:`TILE`; the benchmark can set both)."""
+
+PARAMS_PER_LAUNCH = 3
+"""Parameters one launch steps (an expert's gate, up and down projections)."""
+
+
+def enabled() -> bool:
+    """False when ``MOETRAIN_FUSED_STEP=0`` forces the unfused step."""
+    return os.environ.get(ENV, "1").strip() != "0"
+
+
+@lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(layout: StateLayout) -> bool:
+    """The kernel handles this record format (whatever the device)."""
+    return (layout.compressed and layout.master in ("fp32", "bf16_sr") and layout.moments in ("fp32", "bf16", "int8")
+            and (layout.moments != "int8" or layout.block <= MAX_BLOCK))
+
+
+def fused_step_available(layout: StateLayout, device: torch.device) -> bool:
+    """Records of ``layout`` in slots on ``device`` are stepped by the fused kernel: a CUDA device, a supported
+    compressed format, triton importable, and not switched off by ``MOETRAIN_FUSED_STEP=0``."""
+    return device.type == "cuda" and enabled() and supports(layout) and triton_importable()
+
+
+@lru_cache(maxsize=8)
+def code_table(device: torch.device) -> torch.Tensor:
+    """(1024,) fp32 on ``device``: signed codebook (255) | its midpoints (254) | unsigned codebook (256) | its
+    midpoints (255), each padded to 256 (codes with 0, midpoints with +inf). The same fp32 values the torch
+    quantizer uses, so decoding is exact and encoding matches ``bucketize``."""
+    table = torch.zeros(1024, dtype=torch.float32)
+    for at, signed in ((0, True), (512, False)):
+        code, mids = _code(signed, torch.device("cpu"))
+        table[at:at + code.numel()] = code
+        table[at + 256:at + 512] = float("inf")
+        table[at + 256:at + 256 + mids.numel()] = mids
+    return table.to(device)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a record: up to :data:`PARAMS_PER_LAUNCH` parameters.
+
+    Attributes:
+        params: indices of its parameters in the record.
+        sizes / starts / block_starts: per slot (padded with 0): elements, first element in the record, first
+            quantization block in the scale segments.
+        grid: (programs along the longest parameter, parameters).
+    """
+
+    params: tuple[int, ...]
+    sizes: tuple[int, int, int]
+    starts: tuple[int, int, int]
+    block_starts: tuple[int, int, int]
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A program's tile: ``rows`` blocks of ``block`` elements (``block_p2``: the power of two the tile spans)."""
+
+    block: int
+    block_p2: int
+    rows: int
+
+
+def geometry(layout: StateLayout, tile: int) -> Geometry:
+    """int8: whole quantization blocks, ``tile`` elements' worth; else a single row of ``tile`` elements."""
+    if layout.moments != "int8":
+        return Geometry(tile, tile, 1)
+    block_p2 = 1 << (layout.block - 1).bit_length()
+    return Geometry(layout.block, block_p2, max(1, tile // block_p2))
+
+
+@lru_cache(maxsize=64)
+def launches(layout: StateLayout, tile: int) -> tuple[Launch, ...]:
+    """The record's launches (one for an expert of three parameters)."""
+    geo = geometry(layout, tile)
+    starts, block_starts, at, blk = [], [], 0, 0
+    for size in layout.sizes:
+        starts.append(at)
+        block_starts.append(blk)
+        at, blk = at + size, blk + layout.blocks_of(size)
+    out = []
+    for first in range(0, len(layout.sizes), PARAMS_PER_LAUNCH):
+        idx = tuple(range(first, min(first + PARAMS_PER_LAUNCH, len(layout.sizes))))
+        pad = (0,) * (PARAMS_PER_LAUNCH - len(idx))
+
+        def pick(values: list[int], idx: tuple[int, ...] = idx, pad: tuple[int, ...] = pad) -> tuple[int, int, int]:
+            return tuple(values[i] for i in idx) + pad
+
+        longest = max(layout.sizes[i] for i in idx)
+        blocks = -(-longest // geo.block)
+        programs = -(-blocks // geo.rows)  # tiles of ``rows`` blocks along the longest parameter
+        out.append(Launch(idx, pick(list(layout.sizes)), pick(starts), pick(block_starts), (programs, len(idx))))
+    return tuple(out)
+
+
+def _launch_grads(grads: list[Optional[torch.Tensor]],
+                  fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], int]:
+    """(base, element offsets, has-gradient bits) of a launch's gradients ((n_i,) each, or None): the kernel reads
+    gradient i at ``base + offset_i``, the first at offset 0. Gradients of mixed dtypes are read as fp32 copies;
+    with none at all ``fallback`` stands in (never read)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return fallback, (0, 0, 0), 0
+    if len({g.dtype for g in present}) > 1:
+        grads = [g if g is None else g.float() for g in grads]
+        present = [g for g in grads if g is not None]
+    base, size = present[0], present[0].element_size()  # the first gradient when it exists: its offset is 0
+    offsets = []
+    for g in grads:
+        diff = 0 if g is None else g.data_ptr() - base.data_ptr()
+        assert diff % size == 0, "gradients must be aligned to their element size"
+        offsets.append(diff // size)
+    offsets += [0] * (PARAMS_PER_LAUNCH - len(offsets))
+    bits = sum(1 << i for i, g in enumerate(grads) if g is not None)
+    return base, (offsets[0], offsets[1], offsets[2]), bits
+
+
+def fused_step_(rec: ExpertRecord, flat: torch.Tensor, *, lr: float, weight_decay: float, cfg: OptimizerConfig,
+                step: int, grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One AdamW step of ``rec`` whose state is the record bytes ``flat`` (a device slot), in place; returns the
+    stored master, (n,) fp32 or bf16, a view of ``flat`` (what the compute weights become).
+
+    Gradients are the record's parameters' ``.grad`` (bf16 or fp32, shaped like the parameters; None reads as
+    zero); ``grad_scale``: 0-d fp32 tensor on the device that divides them (``1 / clip_coef``), or None.
+    ``step``: the record's AdamW step number after this update (bias corrections and the rounding seed).
+    """
+    kernels = importlib.import_module(KERNELS)  # imports triton; sys.modules' entry (the tests swap it)
+    layout = rec.layout
+    assert layout is not None and supports(layout), layout
+    views = layout.views(flat)
+    grads = [None if p.grad is None else p.grad.reshape(-1) for p in rec.params]  # contiguous: a view or a copy
+    table = code_table(flat.device)
+    elsewhere = flat.is_cuda and flat.device.index != torch.cuda.current_device()
+    with torch.cuda.device(flat.device) if elsewhere else nullcontext():  # Triton launches on the current device
+        _launch(kernels, rec, views, grads, grad_scale, table, lr=lr, weight_decay=weight_decay, cfg=cfg, step=step)
+    return views["master"]
+
+
+def _launch(kernels, rec: ExpertRecord, views: dict[str, torch.Tensor], grads: list[Optional[torch.Tensor]],
+            grad_scale: Optional[torch.Tensor], table: torch.Tensor, *, lr: float, weight_decay: float,
+            cfg: OptimizerConfig, step: int) -> None:
+    """The record's kernel launches (see :func:`fused_step_`)."""
+    layout = rec.layout
+    int8 = layout.moments == "int8"
+    beta1, beta2 = cfg.betas
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    geo = geometry(layout, TILE)
+    for launch in launches(layout, TILE):
+        base, goff, bits = _launch_grads([grads[i] for i in launch.params], views["master"])
+        kernels._adamw_record_kernel[launch.grid](
+            views["master"], views["exp_avg"], views["exp_avg_sq"],
+            views["m_scale"] if int8 else views["exp_avg"], views["v_scale"] if int8 else views["exp_avg_sq"],
+            base, grad_scale if grad_scale is not None else table, table,
+            *launch.sizes, *launch.starts, *launch.block_starts, goff[1], goff[2], bits,
+            rounding_seed(rec.layer, rec.expert, step), lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
+            lr / bias_correction1, bias_correction2 ** 0.5, cfg.eps,
+            BLOCK=geo.block, BLOCK_P2=geo.block_p2, ROWS=geo.rows, HAS_SCALE=grad_scale is not None,
+            MASTER_SR=layout.master == "bf16_sr", INT8=int8, BF16_MOMENTS=layout.moments == "bf16",
+            LERP_FROM_M=1 - beta1 < 0.5, num_warps=NUM_WARPS,
+            enable_fp_fusion=False)  # no implicit mul+add contraction: the explicit fmas are the only ones
