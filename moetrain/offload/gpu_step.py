@@ -19,6 +19,7 @@ the two). Under ``bf16_sr`` the two paths draw different stochastic-rounding bit
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -48,6 +49,7 @@ class GpuStep:
                  scratch_bytes: float) -> None:
         self.swapper, self.cfg, self.writer = swapper, cfg, writer
         self.compressed, self.scratch_bytes = compressed, scratch_bytes
+        self.fused_state: Optional[str] = None  # None: not tried yet; "ok"; "off": its first call failed
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
         """Consecutive groups of half the slots: half compute while the other half fills."""
@@ -66,22 +68,37 @@ class GpuStep:
             fused, rest = [], []
             for pair in zip(chunk, flats, strict=True):
                 (fused if self.fuses(*pair) else rest).append(pair)
-            self.step_fused(fused, lr, grad_scale=grad_scale)
+            rest += self.step_fused(fused, lr, grad_scale=grad_scale)
             self.step_unfused(rest, lr, clip_coef=clip_coef, grad_scale=grad_scale)
             self.swapper.release(chunk)
 
     def fuses(self, rec: ExpertRecord, flat: torch.Tensor) -> bool:
         """``rec`` in ``flat`` is stepped by the fused kernel (compressed, on CUDA, a format it takes)."""
-        return self.compressed and rec.layout is not None and fused_step_available(rec.layout, flat.device)
+        return (self.compressed and self.fused_state != "off" and rec.layout is not None
+                and fused_step_available(rec.layout, flat.device))
 
     def step_fused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
-                   grad_scale: Optional[torch.Tensor]) -> None:
+                   grad_scale: Optional[torch.Tensor]) -> list[tuple[ExpertRecord, torch.Tensor]]:
         """Step each (record, its slot) with one fused kernel in place, then write its compute weights: the stored
-        master itself (fp32, or the bf16 that stochastic rounding stored), as :meth:`store_stepped` writes them."""
-        for rec, flat in pairs:
-            master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
-                                 step=rec.step + 1, grad_scale=grad_scale)
+        master itself (fp32, or the bf16 that stochastic rounding stored), as :meth:`store_stepped` writes them.
+
+        Returns the pairs left for the unfused path: all of them when the kernel's first call fails (a Triton
+        that cannot compile it), which turns the fused path off for the run with one warning. Compilation fails
+        before the launch, so nothing of the record was written; later failures propagate."""
+        for i, (rec, flat) in enumerate(pairs):
+            try:
+                master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
+                                     step=rec.step + 1, grad_scale=grad_scale)
+            except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
+                if self.fused_state is not None:
+                    raise
+                self.fused_state = "off"
+                warnings.warn(f"the fused expert step failed to run ({type(err).__name__}: {err}); stepping the "
+                              "compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
+                return pairs[i:]
+            self.fused_state = "ok"
             self.writer.write(rec, rec.codec.compute_weights(flat, master))
+        return []
 
     def step_unfused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
                      clip_coef: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor]) -> None:

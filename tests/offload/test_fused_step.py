@@ -300,3 +300,35 @@ def test_gpu_step_fused_against_unfused(kernels, monkeypatch, master, steps):
             assert (a - b).abs().max() <= 2e-4, name
         else:
             assert ((a - b).abs() <= 2.0**-7 * torch.maximum(a.abs(), b.abs())).all(), name  # one bf16 spacing
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_unfused_path(monkeypatch):
+    """A Triton too old for the kernel fails at its first call, before anything is written: the step warns once and
+    takes the unfused path for that record and every later one, with the unfused path's result bit for bit."""
+    from moetrain.offload import build_optimizer, gpu_step
+    from moetrain.offload.config import OffloadConfig
+
+    def run(broken: bool) -> tuple[torch.nn.Module, list[int]]:
+        calls: list[int] = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("triton: cannot compile")
+
+        monkeypatch.setattr(gpu_step, "fused_step_available", lambda layout, device: broken)
+        monkeypatch.setattr(gpu_step, "fused_step_", failing)
+        torch.manual_seed(0)
+        model = tiny_model(num_experts=4, layers=1)
+        opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master="fp32", moments="int8", quant_block=24,
+                                                          gpu_slots=4))
+        train(model, opt, batches(steps=2), total=3)
+        opt.close()
+        return model, calls
+
+    reference, _ = run(False)
+    with pytest.warns(RuntimeWarning, match="fused expert step failed"):
+        fallback, calls = run(True)
+    assert calls == [1]  # tried once, then off for the run
+    ref = dict(reference.named_parameters())
+    for name, p in fallback.named_parameters():
+        assert torch.equal(p.detach(), ref[name].detach()), name
