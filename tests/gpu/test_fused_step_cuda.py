@@ -1,10 +1,13 @@
 """The fused compressed AdamW kernel compiled for CUDA: one record of the DeepSeek-MoE-16B expert shape (3 x 2048 x
 1408, bf16 gradients, int8 blocks of 256) against the unfused path on the GPU (decode, torch's fused AdamW, encode),
-the compiled kernel against Triton's CPU interpreter (the same bits), and the engine with the kernel on and off.
+the compiled kernel against Triton's CPU interpreter, and the engine with the kernel on and off.
 
-The unfused path's torch fused AdamW keeps some intermediates in fp64, so it agrees with the kernel to an ulp or so:
-int8 codes may differ by one step where the value sits within that of a codebook midpoint, bf16 moments where it
-sits at a rounding boundary, scales by an ulp; everything else is compared exactly.
+Neither comparison is bit for bit. Torch's fused CUDA AdamW rounds its moments its own way, and run r5 (Triton 3.6
+on an H200 against the 3.9 interpreter) found the compiled kernel's moments an ulp or two from the interpreter's.
+An ulp of a moment is measured against the terms that form it (``beta1 * m`` and ``(1 - beta1) * g``), not against
+the result, because the two can cancel. So int8 codes may differ by one step where the value sits that close to a
+codebook midpoint, bf16 values by one bf16 step where they sit at a rounding boundary, and scales by as much as
+their block's largest moment moved.
 
 Run on the GPU machine: ``python -m pytest -q tests/gpu/test_fused_step_cuda.py``.
 """
@@ -72,21 +75,51 @@ def unfused_step(rec, flat: torch.Tensor, *, step: int, grad_scale: torch.Tensor
     return out, exact
 
 
+def moment_bounds(rec, flat: torch.Tensor, grad_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) bounds on how far two correct fp32 computations of the new (exp_avg, exp_avg_sq) may differ: 4 ulps of
+    the terms each sum adds (different rounding orders and fused multiply-adds)."""
+    _, m, v = rec.codec.decode(flat.clone())
+    g = torch.cat([p.grad.reshape(-1).float() for p in rec.params]) / grad_scale
+    b1, b2 = CFG.betas
+    ulp = 4 * 2.0**-24
+    return ulp * (b1 * m.abs() + (1 - b1) * g.abs()), ulp * (b2 * v + (1 - b2) * g * g)
+
+
+def assert_scales_agree(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, *, block: int) -> None:
+    """Per-block absmax within the largest bound of the block's moments (plus an ulp of the scale)."""
+    n_blocks = want.numel()
+    padded = torch.zeros(n_blocks * block, device=bound.device)
+    padded[:bound.numel()] = bound
+    slack = padded.view(n_blocks, block).amax(dim=1) + 2.0**-23 * want.abs()
+    assert ((got - want).abs() <= slack).all()
+
+
+def assert_bf16_agree(got: torch.Tensor, value: torch.Tensor, bound: torch.Tensor, name: str) -> None:
+    """bf16 ``got`` is a bf16 neighbour of the fp32 ``value`` it rounds: the nearest one, or the other one where
+    ``value`` lies within ``bound`` of the midpoint between them (the other computation may have crossed it)."""
+    toward, away = bf16_neighbours(value)
+    got = got.float()
+    assert ((got == toward) | (got == away)).all(), name
+    nearest = torch.where((value - toward).abs() <= (away - value).abs(), toward, away)
+    at_midpoint = (value - (toward + away) / 2).abs() <= 2 * bound
+    assert ((got == nearest) | at_midpoint).all(), name
+
+
 def assert_codes_agree(got: torch.Tensor, want: torch.Tensor, value: torch.Tensor, scale: torch.Tensor, *,
-                       block: int, signed: bool) -> None:
-    """int8 codes equal but where the reference's normed value lies within 1e-4 (relative) of the midpoint between
-    the two codes, which differ by one, and rarely (torch's fp64 intermediates against the kernel's fp32 differ by
-    an ulp, more where 0.9 m and 0.1 g cancel)."""
+                       bound: torch.Tensor, block: int, signed: bool) -> None:
+    """int8 codes equal but one step apart where the reference's normed value lies within ``bound`` (relative to
+    the block's scale, plus 1e-5) of the midpoint between the two codes, and rarely."""
     diff = got.int() != want.int()
     if not diff.any():
         return
     assert ((got.int() - want.int()).abs()[diff] == 1).all()
     _, mids = _code(signed, got.device)
     s = torch.repeat_interleave(scale, block)[:value.numel()]
-    normed = (value / torch.where(s > 0, s, torch.ones_like(s)))[diff]
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    normed = (value / s)[diff]
     mid = mids[torch.minimum(got.long(), want.long())[diff]]
-    assert ((normed - mid).abs() <= 1e-4 * mid.abs().clamp_min(1e-6)).all()
-    assert diff.double().mean() < 1e-4
+    assert ((normed - mid).abs() <= (bound / s)[diff] * 4 + 1e-5 * mid.abs().clamp_min(1e-6)).all()
+    assert diff.double().mean() < 1e-3
 
 
 @pytest.mark.parametrize("master,moments", [("fp32", "int8"), ("bf16_sr", "int8"), ("bf16_sr", "bf16")])
@@ -96,20 +129,17 @@ def test_deepseek_record_against_unfused(master, moments):
     scale = torch.tensor(1.3, device=DEVICE)
     step = 7
     ref, (exact, m_exact, v_exact) = unfused_step(rec, flat, step=step, grad_scale=scale)
+    m_bound, v_bound = moment_bounds(rec, flat, scale)
     fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=step, grad_scale=scale)
     got, want = rec.layout.views(flat), rec.layout.views(ref)
     if moments == "int8":
-        for name, scale_name, value, signed in (("exp_avg", "m_scale", m_exact, True),
-                                                ("exp_avg_sq", "v_scale", v_exact, False)):
-            s_got, s_want = got[scale_name], want[scale_name]
-            assert ((s_got - s_want).abs() <= 2e-7 * s_want.abs()).all(), scale_name
-            assert_codes_agree(got[name], want[name], value, s_want, block=256, signed=signed)
+        for name, scale_name, value, bound, signed in (("exp_avg", "m_scale", m_exact, m_bound, True),
+                                                       ("exp_avg_sq", "v_scale", v_exact, v_bound, False)):
+            assert_scales_agree(got[scale_name], want[scale_name], bound, block=256)
+            assert_codes_agree(got[name], want[name], value, want[scale_name], bound=bound, block=256, signed=signed)
     else:
-        for name, value in (("exp_avg", m_exact), ("exp_avg_sq", v_exact)):
-            differ = got[name] != want[name]
-            toward, away = bf16_neighbours(value)
-            assert (differ <= ((got[name].float() == toward) | (got[name].float() == away))).all(), name
-            assert differ.double().mean() < 1e-3, name
+        for name, value, bound in (("exp_avg", m_exact, m_bound), ("exp_avg_sq", v_exact, v_bound)):
+            assert_bf16_agree(got[name], value, bound, name)
     if master == "fp32":
         assert_master_close(got["master"], exact, before)
     else:
@@ -125,9 +155,10 @@ def test_deepseek_record_against_unfused(master, moments):
         assert torch.equal(rec2.layout.views(flat2)["master"], got["master"])  # the same seed draws the same bits
 
 
-def test_compiled_kernel_equals_the_interpreter(tmp_path):
+def test_compiled_kernel_agrees_with_the_interpreter(tmp_path):
     """A small record (four parameters, partial blocks) stepped on the GPU and by the interpreter in a child process
-    on the CPU: the same bytes (explicit fma, IEEE division and square root, Philox bits)."""
+    on the CPU: the same Philox bits and the same arithmetic, up to the compiler's rounding of the moments (run r5:
+    a scale an ulp apart). fp32 segments within 4 ulps, codes and bf16 values at most one step apart, rarely."""
     sizes = (64 * 40, 64 * 24, 64 * 20 + 37, 300)
     results = {}
     for master, moments in (("bf16_sr", "int8"), ("fp32", "int8"), ("bf16_sr", "bf16")):
@@ -166,7 +197,18 @@ for path in glob.glob({str(tmp_path)!r} + "/*.pt"):
         cpu = torch.load(tmp_path / f"{master}-{moments}.pt.out")
         layout = StateLayout(sizes, master, moments, 64)
         for name, view in layout.views(gpu).items():
-            assert torch.equal(view.view(torch.uint8), layout.views(cpu)[name].view(torch.uint8)), (master, name)
+            assert_segments_agree(view, layout.views(cpu)[name], (master, moments, name))
+
+
+def assert_segments_agree(got: torch.Tensor, want: torch.Tensor, what) -> None:
+    """One record segment computed twice: fp32 within 4 ulps, bf16 values and uint8 codes one step apart at most,
+    at under 2% of the elements (the small record has a few thousand)."""
+    if want.dtype == torch.float32:
+        assert ((got - want).abs() <= 4 * 2.0**-23 * want.abs() + 1e-38).all(), what
+        return
+    as_int = (lambda t: t.view(torch.int16).int()) if want.dtype == torch.bfloat16 else (lambda t: t.int())
+    diff = (as_int(got) - as_int(want)).abs()  # bf16 of one sign: adjacent values are adjacent integers
+    assert (diff <= 1).all() and (diff > 0).double().mean() < 0.02, what
 
 
 def _train(model, opt, data, accum: int = 2) -> None:
