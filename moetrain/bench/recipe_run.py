@@ -278,7 +278,8 @@ def run_variant(recipe_path: Path, recipe: dict, overrides: list[str], *, label:
             result.update(select_experts(config, selection, overrides=overrides, tokens=args.select_tokens,
                                          top_p=args.top_p,
                                          cwd=workdir, env=env, log=log))
-        plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", config, *overrides],
+        cap = [f"--gpu-gb={args.gpu_gib}"] if args.gpu_gib else []  # the plan of the card the run is capped to
+        plan = subprocess.run([sys.executable, "-m", "moetrain.cli", "plan", "--config", config, *overrides, *cap],
                               cwd=workdir, env=env, capture_output=True, text=True)
         print(plan.stdout + plan.stderr, file=log, flush=True)
         result.update(plan_figures(plan.stdout))
