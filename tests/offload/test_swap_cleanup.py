@@ -101,7 +101,8 @@ SWAP_HOLDER = textwrap.dedent("""
     print(swap.path, flush=True)
     if sys.argv[2] == "raise":
         raise RuntimeError("an error after the swap file exists")
-    time.sleep(300)
+    for _ in range(3000):  # short sleeps: a signal that lands on a worker thread does not cut a long one short
+        time.sleep(0.1)
 """)
 
 
