@@ -57,9 +57,8 @@ for v in ${BISECT_VARIANTS:-as_written step_on_gpu malloc_fixed init_from no_hot
   case $v in
     as_written) variant as_written ;;
     step_on_gpu) variant step_on_gpu --model.offload.schedule.step_on=gpu ;;
-    malloc_fixed) env $MALLOC_FIXED bash -c "$(declare -f variant); $(declare -p BASE RECIPE); variant malloc_fixed" ;;
-    malloc_fixed_gpu) env $MALLOC_FIXED bash -c "$(declare -f variant); $(declare -p BASE RECIPE); \
-        variant malloc_fixed_gpu --model.offload.schedule.step_on=gpu" ;;
+    malloc_fixed) (export $MALLOC_FIXED; variant malloc_fixed) ;;
+    malloc_fixed_gpu) (export $MALLOC_FIXED; variant malloc_fixed_gpu --model.offload.schedule.step_on=gpu) ;;
     init_from)  # as the recipe runs: weights streamed from a Hugging Face directory into the store
       [ -d "$INIT" ] || python3 scripts/make_random_hf.py --preset deepseek-moe-16b --layers "$LAYERS" --out "$INIT" \
         > /tmp/moetrain-bisect-init.log 2>&1

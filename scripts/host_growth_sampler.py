@@ -16,6 +16,8 @@ import json
 import os
 import time
 
+from moetrain.training.telemetry import proc_gib
+
 
 def find_pid(match: str) -> int | None:
     """The newest pid whose command line contains ``match`` (not this sampler's)."""
@@ -31,17 +33,6 @@ def find_pid(match: str) -> int | None:
         if match in cmd and "host_growth_sampler" not in cmd and "timeout" not in cmd.split(" ")[0]:
             best = max(best or 0, int(name))
     return best
-
-
-def rss_anon_gib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
 
 
 def smaps_layout(pid: int) -> dict:
@@ -92,7 +83,7 @@ def main() -> None:
         return
     series, peak, layout = [], -1.0, {}
     while True:
-        gib = rss_anon_gib(pid)
+        gib = proc_gib(f"/proc/{pid}/status", {"RssAnon": "anon"}).get("anon")  # None once it has ended
         if gib is None:
             break
         series.append([round(time.monotonic() - t0, 1), round(gib, 2)])

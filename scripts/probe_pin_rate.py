@@ -5,8 +5,8 @@ mmap per piece, MADV_DONTFORK, cudaHostRegister from 8 threads), as slow as cuda
 malloc'd pages at 15 GiB/s. This pins ``--gib`` GiB in pieces of ``--piece-gib`` from 8 threads several ways and
 prints GiB/s for each:
 
-* ``mmap_register``: what the store does now;
-* ``mmap_touch_register``: the same, the pages first written by the thread (page faults apart from the pinning);
+* ``mmap_register``: what the store did until run r4;
+* ``mmap_touch_register``: the same, the pages first written by the thread (what the store does since r4);
 * ``mmap_hugepage_register``: MADV_HUGEPAGE before registering (2 MiB pages where the kernel allows it);
 * ``mmap_populate_register``: MAP_POPULATE (the kernel faults the mapping in at mmap);
 * ``torch_empty_register``: torch.empty (malloc) then cudaHostRegister, as in run l3 (no MADV_DONTFORK);
