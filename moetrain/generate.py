@@ -267,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
     """``--expert_weights``, ``--gpu_memory_gb``, ``--cache_slots``, ``--cache_policy``, ``--expert_dtype``,
     ``--expert_source``, ``--no_prefetch``, ``--prefetch_when_busy``."""
-    from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY
+    from moetrain.inference.policy import (
+        CACHE_POLICIES,
+        DEFAULT_CACHE_POLICY,
+        DEFAULT_PREFETCH_WHEN_BUSY,
+        PREFETCH_WHEN_BUSY,
+    )
 
     group = parser.add_argument_group("paged experts (models larger than the GPU)")
     group.add_argument("--expert_weights", choices=("resident", "paged"), default="resident",
@@ -275,7 +280,7 @@ def add_paging_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu_memory_gb", type=float, default=None,
                        help="device memory for the expert cache (default: what is free, less a reserve)")
     group.add_argument("--cache_slots", type=int, default=None, help="expert slots (overrides --gpu_memory_gb)")
-    group.add_argument("--cache_policy", choices=("lru", "lfu"), default="lfu",
+    group.add_argument("--cache_policy", choices=CACHE_POLICIES, default=DEFAULT_CACHE_POLICY,
                        help="lfu (default, the faster one measured): evict the least frequently used expert; "
                             "lru: the least recently used")
     group.add_argument("--expert_dtype", choices=("auto", "bf16", "int8"), default="auto",

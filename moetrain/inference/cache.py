@@ -40,7 +40,14 @@ from typing import Optional
 
 import torch
 
-from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY, Key, busy_guesses, make_policy
+from moetrain.inference.policy import (
+    DEFAULT_CACHE_POLICY,
+    DEFAULT_PREFETCH_WHEN_BUSY,
+    PREFETCH_WHEN_BUSY,
+    Key,
+    busy_guesses,
+    make_policy,
+)
 from moetrain.inference.store import HostExpertStore, dequantize_int8
 
 
@@ -115,15 +122,16 @@ class ExpertCache:
         store: the host rows.
         num_slots: expert slots on the device in all (main and staging).
         device: the compute device.
-        policy: ``lru`` or ``lfu``.
+        policy: ``lru`` or ``lfu`` (default :data:`~moetrain.inference.policy.DEFAULT_CACHE_POLICY`, lfu).
         prefetch_when_busy: which guesses :meth:`prefetch` copies while :meth:`link_busy`: ``never``, ``first``
             (the likeliest) or ``always`` (:data:`~moetrain.inference.policy.PREFETCH_WHEN_BUSY`).
         staging_slots: slots kept out of the policy's reach for experts it does not admit (default: a quarter of
             the slots, at most 8, none when the cache holds every expert).
     """
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, *, policy: str = "lru",
-                 staging_slots: Optional[int] = None, prefetch_when_busy: str = DEFAULT_PREFETCH_WHEN_BUSY) -> None:
+    def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device, *,
+                 policy: str = DEFAULT_CACHE_POLICY, staging_slots: Optional[int] = None,
+                 prefetch_when_busy: str = DEFAULT_PREFETCH_WHEN_BUSY) -> None:
         if num_slots < 1:
             raise ValueError(f"the expert cache needs at least one slot, got {num_slots}")
         if prefetch_when_busy not in PREFETCH_WHEN_BUSY:

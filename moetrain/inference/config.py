@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from moetrain.config import ConfigError
-from moetrain.inference.policy import DEFAULT_PREFETCH_WHEN_BUSY, PREFETCH_WHEN_BUSY
+from moetrain.inference.policy import (
+    CACHE_POLICIES,
+    DEFAULT_CACHE_POLICY,
+    DEFAULT_PREFETCH_WHEN_BUSY,
+    PREFETCH_WHEN_BUSY,
+)
 
 ExpertWeights = Literal["resident", "paged"]
 CachePolicyName = Literal["lru", "lfu"]
@@ -49,7 +54,7 @@ class InferenceConfig:
     expert_weights: ExpertWeights = "resident"
     gpu_memory_gb: Optional[float] = None
     cache_slots: Optional[int] = None
-    cache_policy: CachePolicyName = "lfu"
+    cache_policy: CachePolicyName = DEFAULT_CACHE_POLICY  # type: ignore[assignment]
     expert_dtype: ExpertDType = "auto"
     expert_source: ExpertSource = "host"
     prefetch: bool = True
@@ -58,7 +63,7 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.expert_weights not in ("resident", "paged"):
             raise ConfigError(f"expert_weights={self.expert_weights!r}: choose resident or paged")
-        if self.cache_policy not in ("lru", "lfu"):
+        if self.cache_policy not in CACHE_POLICIES:
             raise ConfigError(f"cache_policy={self.cache_policy!r}: choose lru or lfu")
         if self.expert_dtype not in ("auto", "bf16", "int8"):
             raise ConfigError(f"expert_dtype={self.expert_dtype!r}: choose auto (the model's dtype), bf16 or int8")

@@ -216,6 +216,10 @@ PREFETCH_WHEN_BUSY: tuple[str, ...] = ("never", "first", "always")
 """Which guesses :meth:`ExpertCache.prefetch` copies while the link still carries the current layer's misses."""
 DEFAULT_PREFETCH_WHEN_BUSY = "first"
 """The default of ``prefetch_when_busy`` (see the module docstring for the measurements and predictions)."""
+CACHE_POLICIES: tuple[str, ...] = ("lru", "lfu")
+"""The expert cache's replacement policies (:func:`make_policy`)."""
+DEFAULT_CACHE_POLICY = "lfu"
+"""The default policy: the one that met both targets of run r4 (module docstring)."""
 
 
 def busy_guesses(mode: str, wanted: list[Key]) -> list[Key]:
