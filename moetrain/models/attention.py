@@ -31,12 +31,7 @@ class RMSNorm(nn.Module):
         # arithmetic (bit for bit on the CPU) in one fused kernel each way on CUDA instead of five forward and
         # about eight backward: at 57 norms a micro-batch of DeepSeek-MoE-16B, a tenth of a host-bound step's launches
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        weight = self.weight
-        if weight.dtype != dtype and torch.is_autocast_enabled(x.device.type):
-            # the residual stream is in autocast's dtype (MoEForCausalLM.forward): so is the norm's output, as in a
-            # bf16 model, instead of an fp32 tensor that every consumer casts back, each way, every micro-batch
-            weight = weight.to(dtype)
-        return weight * x.to(dtype)
+        return self.weight * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):

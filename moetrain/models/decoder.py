@@ -265,12 +265,6 @@ class MoEForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(b, -1)
         x = self.model.embed_tokens(input_ids)  # (B, L, H)
-        if torch.is_autocast_enabled(x.device.type):
-            # The residual stream in autocast's dtype, as in a bf16 model (and the compute-only reference): with fp32
-            # weights it would otherwise be fp32 from the embedding on, and every norm, rotary, residual add and
-            # expert dispatch would cast it back and forth each way (run r7: about a tenth of a micro-batch's GPU
-            # time on DeepSeek-MoE-16B). Norms still compute in fp32; weights, gradients and the optimizer are fp32.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = self.model.rotary(position_ids, x.dtype)
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
