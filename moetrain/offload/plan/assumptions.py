@@ -6,23 +6,35 @@ from __future__ import annotations
 
 GiB = 2**30
 DEFAULT_COMPUTE_TFLOPS = 190.0
-"""Sustained bf16 training throughput of ``moetrain fit``'s forward and backward at 4 096 tokens a micro-batch
-and more: the full-depth DeepSeek-MoE-16B recipe (2 x 2048 tokens, 32 accumulated, fp32 dense master under bf16
-autocast, resident bf16 expert weights) spent 11.71 s of its 14.07 s step outside the optimizer step on an H200,
-193 TFLOP/s (benchmarks/README.md, run p3). Smaller micro-batches are host-bound: see
-:func:`sustained_tflops`."""
+"""Sustained bf16 training throughput of ``moetrain fit``'s forward and backward at 4 096 tokens a micro-batch:
+the full-depth DeepSeek-MoE-16B recipe (2 x 2048 tokens, 32 accumulated, fp32 dense master under bf16 autocast,
+resident bf16 expert weights) spent 11.71 s of its 14.07 s step outside the optimizer step on an H200,
+193 TFLOP/s (benchmarks/README.md, run p3). The step is host-bound at that size: smaller micro-batches are
+slower a token and larger ones faster (:func:`sustained_tflops`)."""
 HOST_BOUND_SHARE = 0.60
 """The share of :data:`DEFAULT_COMPUTE_TFLOPS` a 2 048-token micro-batch reaches: the compute-only step of the same
 model (resident bf16 weights, no optimizer) reached ``mfu`` 0.166 at 1 x 2048 tokens and 0.275 at 2 x 2048 on an H200
 (runs p1 and p2), the launches of one micro-batch costing about the same host time at either size."""
+LARGE_MICRO_GAIN = 1.2
+"""How much faster the forward and backward run a token at 8 192 tokens a micro-batch than at 4 096: ``moetrain fit``
+of the DeepSeek-MoE-16B recipe as written (fp32 master, int8 moments) spent 9.7-10.0 s of its last two steps
+outside the optimizer step at 32 micro-batches of 2 x 2048 tokens (benchmarks/README.md, run r3) and 8.0-8.6 s at
+16 of 4 x 2048 (run r9), on an H200: the host's work a micro-batch (Lightning, the engine's hooks, some 7 000
+kernel launches) stays about the same while the GPU's doubles. Not measured beyond 8 192 tokens: held there."""
 
 
 def sustained_tflops(micro_batch_tokens: int) -> float:
     """TFLOP/s the step's forward and backward sustain at ``micro_batch_tokens`` tokens a micro-batch:
-    :data:`DEFAULT_COMPUTE_TFLOPS` from 4 096 tokens, :data:`HOST_BOUND_SHARE` of it at 2 048 and below, linear
-    between."""
-    share = HOST_BOUND_SHARE + (1.0 - HOST_BOUND_SHARE) * min(1.0, max(0.0, (micro_batch_tokens - 2048) / 2048))
+    :data:`DEFAULT_COMPUTE_TFLOPS` at 4 096 tokens, :data:`HOST_BOUND_SHARE` of it at 2 048 and below,
+    :data:`LARGE_MICRO_GAIN` times it at 8 192 and above, linear between."""
+    t = micro_batch_tokens
+    if t <= 4096:
+        share = HOST_BOUND_SHARE + (1.0 - HOST_BOUND_SHARE) * max(0.0, (t - 2048) / 2048)
+    else:
+        share = 1.0 + (LARGE_MICRO_GAIN - 1.0) * min(1.0, (t - 4096) / 4096)
     return DEFAULT_COMPUTE_TFLOPS * share
+
+
 DEFAULT_NVME_GBPS = 3.0
 """Bytes per second (GB/s) the NVMe swap moves for the step's reads and writes together, assumed: no run with an
 NVMe swap has measured it on the GPU machines yet (benchmarks/README.md). One PCIe 4.0 x4 NVMe drive's data sheet
