@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -210,13 +210,26 @@ class TrainOptimizer(ABC):
         return None  # nothing to do unless an implementation has the feature
 
 
-def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+def global_grad_norm(params: Iterable[torch.Tensor], *, zero_if_none: Collection[int] = ()) -> torch.Tensor:
     """L2 norm over all existing gradients, in fp32, on the device of the first gradient.
 
     Gradients that are the slices of one stacked tensor, every slice present (the routed experts' per-layer
     stacks, :mod:`moetrain.models.expert_grads`), are normed as that one tensor: one kernel instead of one per
-    expert parameter. The norms run as one ``_foreach_norm`` per device, in fp32 without fp32 copies."""
-    grads = [p.grad for p in params if p.grad is not None]
+    expert parameter. The norms run as one ``_foreach_norm`` per device, in fp32 without fp32 copies.
+
+    ``zero_if_none``: ids of parameters whose missing gradient counts as a zero one (a dense AdamW's idle experts).
+    The norm then equals, in rounding too, the norm of the same gradients with those zeros filled in (a scalar
+    zero of the parameter's dtype stands for each: same place in the reduction, same dtypes for ``_foreach_norm``'s
+    choice of kernel, same zero norm, nothing of the parameter's size)."""
+    zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def zero(p: torch.Tensor) -> torch.Tensor:
+        key = (p.device, p.dtype)
+        if key not in zeros:
+            zeros[key] = torch.zeros((), device=p.device, dtype=p.dtype)
+        return zeros[key]
+
+    grads = [p.grad if p.grad is not None else zero(p) for p in params if p.grad is not None or id(p) in zero_if_none]
     if not grads:
         return torch.zeros(())
     tensors = _whole_stacks(grads)
@@ -230,7 +243,8 @@ def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
 
 def _whole_stacks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """``grads`` with each complete set of slices of one stacked tensor (``g._base[i]`` for every i, each once)
-    replaced by that tensor; the rest as they are."""
+    replaced by that tensor, at the place of its first slice; the rest as they are. The order is the gradients'
+    own, never that of a set of ids (memory addresses): the norm's reduction, and so its rounding, repeat run to run."""
     slices: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         base = g._base
@@ -238,8 +252,14 @@ def _whole_stacks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
             slices.setdefault(id(base), []).append(g)
     whole = {key for key, gs in slices.items() if len(gs) == gs[0]._base.shape[0]
              and len({g.data_ptr() for g in gs}) == len(gs)}
-    out = [g for g in grads if g._base is None or id(g._base) not in whole]
-    return out + [slices[key][0]._base for key in whole]
+    out: list[torch.Tensor] = []
+    for g in grads:
+        key = None if g._base is None else id(g._base)
+        if key not in whole:
+            out.append(g)
+        elif g is slices[key][0]:
+            out.append(g._base)
+    return out
 
 
 def clip_(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:

@@ -65,13 +65,12 @@ class CompositeOptimizer(TrainOptimizer):
         return norm
 
     def _dense_view_norm(self) -> torch.Tensor:
-        """The global norm as a dense AdamW sees it: idle experts contribute zero-gradient entries (equal in value
-        to :func:`global_grad_norm`, and in rounding to the reference that keeps zero gradients)."""
-        zero = torch.zeros((), device=self.device)
+        """The global norm as a dense AdamW sees it: an idle expert's missing gradient counts as a zero one, and
+        the reduction is :func:`global_grad_norm`'s over the reference's gradients, so it rounds as the reference
+        does whichever expert path made them (the loop's separate tensors, or the grouped GEMM's stacks, whose zero
+        slices for idle experts make them whole and normed as one tensor)."""
         expert_params = {id(p) for rec in self.engine.store for p in rec.params}
-        norms = [torch.linalg.vector_norm(p.grad.float()) if p.grad is not None else zero
-                 for p in self.params if p.grad is not None or id(p) in expert_params]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else zero
+        return global_grad_norm(self.params, zero_if_none=expert_params).to(self.device)
 
     @torch.no_grad()
     def step(self, lr: float) -> None:

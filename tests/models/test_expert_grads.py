@@ -106,3 +106,19 @@ def test_global_norm_reads_a_whole_stack_once_and_a_partial_one_slice_by_slice()
     rest = [p for p in params if p.grad is not None]
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in rest]))
     torch.testing.assert_close(global_grad_norm(params), expected, rtol=1e-6, atol=0)
+
+
+def test_global_norm_reduces_whole_stacks_in_the_gradients_order():
+    """A whole stack takes the place of its first slice, and a zero_if_none parameter without a gradient counts as
+    a zero one in its own place; the stacks once came last in the order of a set of ids (memory addresses), so the
+    norm's rounding changed from one run to the next."""
+    from moetrain.optim import _whole_stacks, global_grad_norm
+
+    a, b, dense = torch.randn(2, 3), torch.randn(2, 3), torch.randn(3)
+    out = _whole_stacks([b[0], dense, a[0], b[1], a[1]])
+    assert len(out) == 3 and out[0] is b and out[1] is dense and out[2] is a
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    params[0].grad, params[2].grad = torch.randn(3), torch.randn(3)
+    sparse = global_grad_norm(params, zero_if_none={id(params[1])})
+    params[1].grad = torch.zeros(3)
+    assert torch.equal(sparse, global_grad_norm(params))

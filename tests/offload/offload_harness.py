@@ -43,13 +43,16 @@ def batches(steps: int = STEPS, accum: int = ACCUM, tokens: int = 4, seed: int =
 def train(model: MoEForCausalLM, optimizer, data: list[torch.Tensor], cfg: OptimizerConfig = OPTIM,
           accum: int = ACCUM, before_step: Optional[Callable[[MoEForCausalLM], None]] = None,
           on_step: Optional[Callable[[int], None]] = None, start: int = 0,
-          total: int = STEPS, norms: Optional[list[float]] = None) -> MoEForCausalLM:
-    """Run ``len(data) // accum`` optimizer steps from step ``start`` of a ``total``-step schedule."""
+          total: int = STEPS, norms: Optional[list[float]] = None,
+          autocast: Optional[torch.dtype] = None) -> MoEForCausalLM:
+    """Run ``len(data) // accum`` optimizer steps from step ``start`` of a ``total``-step schedule; ``autocast``:
+    the forward passes run under CPU autocast to that dtype."""
     for i in range(len(data) // accum):
         lr = lr_at(cfg, start + i, total)
         for j, ids in enumerate(data[i * accum:(i + 1) * accum]):
             optimizer.begin_micro_batch(j, accum, lr)
-            out = model(ids, labels=ids)
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                out = model(ids, labels=ids)
             (out.loss / accum).backward()
         if before_step is not None:
             before_step(model)
