@@ -30,6 +30,7 @@ from moetrain.offload.state_io import ExpertStateIO
 from moetrain.offload.store import ExpertStore
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.telemetry import StepTelemetry
+from moetrain.offload.weight_masters import masters_from_weights, moments_from
 from moetrain.offload.weight_pager import ExpertWeightPager
 from moetrain.optim import OptimizerConfig, decays, param_groups
 
@@ -90,8 +91,10 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
         cast_experts(model, dtype)  # after the store took its fp32 master from them (frozen experts too: packed)
     record_bytes = store.max_padded * 4
     records = len(store.records)  # experts that train (frozen ones have none): slots and cache follow them
+    in_weights = masters_from_weights(offload.master, offload.resident_weights)
     swapper = Swapper(store, device, schedule.num_state_slots(offload, record_bytes=record_bytes,
-                                                              num_records=max(1, records)))
+                                                              num_records=max(1, records)),
+                      masters_from_weights=in_weights)
     if offload.hot_cache_gb:
         swapper.grow_hot_cache(schedule.hot_capacity(nbytes=offload.hot_cache_gb * 2**30, record_bytes=record_bytes,
                                                      num_records=records, num_slots=swapper.num_slots))
@@ -110,7 +113,8 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
             pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam")
         cpu = CpuShare(stepper, HostState(store), weight_decay=cfg.weight_decay, pool=pool)
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
-        rates = (measure(device, cpu_adam, dtype, codec=sample.codec, state_bytes=sample.layout.nbytes / sample.numel)
+        paged = sample.layout.nbytes - (moments_from(sample) * 4 if in_weights else 0)
+        rates = (measure(device, cpu_adam, dtype, codec=sample.codec, state_bytes=paged / sample.numel)
                  if offload.step_on == "auto" and sample is not None else Rates())
     lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer
     telemetry = StepTelemetry(store, swapper, rates, pager=pager, lookahead=lookahead,

@@ -39,6 +39,7 @@ import torch
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
+from moetrain.offload.weight_masters import fill_masters, moments_from, write_masters
 
 
 class SlotState(enum.Enum):
@@ -61,6 +62,8 @@ class Slot:
         state: see :class:`SlotState`.
         reserved: prefetched for a coming step and not used yet: not evictable.
         dirty: holds a stepped state not yet written back (hot records only).
+        master_pending: paged in without its master segment, which :meth:`Swapper.acquire` fills from the
+            compute weights (``masters_from_weights``).
         in_event: recorded on the page-in stream after the last copy into the slot (CUDA).
         out_event: recorded on the page-out stream after the last copy out of the slot (CUDA).
         staging: pinned, aligned host buffer of the slot's NVMe reads and writes (None without NVMe records).
@@ -72,6 +75,7 @@ class Slot:
     state: SlotState = SlotState.EMPTY
     reserved: bool = False
     dirty: bool = False
+    master_pending: bool = False
     in_event: Optional[torch.cuda.Event] = None
     out_event: Optional[torch.cuda.Event] = None
     staging: Optional[torch.Tensor] = None
@@ -101,10 +105,15 @@ class Swapper:
         store: the expert records and their host/NVMe tiers.
         device: the compute device (``cpu`` stands in for a GPU in tests).
         num_slots: slots of ``store.max_padded`` floats each.
+        masters_from_weights: the records' master is the compute weights (``bf16_sr``, resident weights): host-tier
+            records page their moments only (:mod:`moetrain.offload.weight_masters`).
     """
 
-    def __init__(self, store: ExpertStore, device: torch.device, num_slots: int) -> None:
+    def __init__(self, store: ExpertStore, device: torch.device, num_slots: int, *,
+                 masters_from_weights: bool = False) -> None:
         self.store = store
+        self.masters_from_weights = masters_from_weights
+        self.stale_masters: dict[tuple[int, int], ExpertRecord] = {}  # host master older than the weights
         self.device = device
         self.num_slots = num_slots
         self.slot_numel = store.max_padded
@@ -236,11 +245,18 @@ class Swapper:
                 if source is not None and source != s:
                     self.in_stream.wait_event(self.slots[source].out_event)  # the record's last write-back landed
                 self.mark_transfer(self.in_stream)
-            slot.view(rec.padded).copy_(src, non_blocking=True)
+            start = self._moments_start(rec)
+            slot.view(rec.padded)[start:].copy_(src[start:], non_blocking=True)
             if slot.in_event is not None:
                 slot.in_event.record(self.in_stream)
         slot.state = SlotState.READY
-        self.stats.h2d_bytes += rec.state_bytes
+        slot.master_pending = start > 0
+        self.stats.h2d_bytes += (rec.padded - start) * 4
+
+    def _moments_start(self, rec: ExpertRecord) -> int:
+        """Where a host-tier record's page-in and page-out begin: after its master when the compute weights hold
+        it, else at 0 (the whole record)."""
+        return moments_from(rec) if self.masters_from_weights and rec.tier is Tier.CPU else 0
 
     def _finish_disk_reads(self) -> None:
         """Wait for outstanding NVMe reads and push their staging buffers to the device."""
@@ -284,7 +300,7 @@ class Swapper:
         placed = self._page_in(missing, protect, reserve=False)
         assert len(placed) == len(missing), "no evictable slot: release slots before acquiring more"
         self._finish_disk_reads()
-        views = []
+        views, pending = [], []
         for rec in recs:
             slot = self.slots[self.slot_of[rec.key]]
             slot.reserved = False
@@ -292,6 +308,11 @@ class Swapper:
             if slot.in_event is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.in_event)
             views.append(slot.view(rec.padded))
+            if slot.master_pending:
+                pending.append((rec, views[-1]))
+                slot.master_pending = False
+        if pending:  # after the waits: the slot's previous page-out (its master included) has left
+            fill_masters([r for r, _ in pending], [v for _, v in pending])
         return views
 
     # ------------------------------------------------------------------ page-out
@@ -306,10 +327,11 @@ class Swapper:
         for rec in recs:
             if rec.key in self.hot:
                 self.slots[self.slot_of[rec.key]].dirty = True
-        self._write_back([r for r in recs if r.key not in self.hot])
+        self._write_back([r for r in recs if r.key not in self.hot], moments_only=True)
 
-    def _write_back(self, recs: list[ExpertRecord]) -> None:
-        """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far."""
+    def _write_back(self, recs: list[ExpertRecord], moments_only: bool = False) -> None:
+        """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far;
+        ``moments_only``: host-tier records leave their master in the compute weights (stale on the host)."""
         if not recs:
             return
         done = event(self.device)
@@ -324,14 +346,19 @@ class Swapper:
                     self.out_stream.wait_event(done)
                     self.mark_transfer(self.out_stream)
                 src = slot.view(rec.padded)
+                start = self._moments_start(rec) if moments_only else 0
                 if rec.tier is Tier.CPU:
-                    self.store.host_view(rec).copy_(src, non_blocking=True)
+                    self.store.host_view(rec)[start:].copy_(src[start:], non_blocking=True)
                     self.written_from[rec.key] = s
                 else:
                     slot.staging[:rec.padded].copy_(src, non_blocking=True)
                 if slot.out_event is not None:
                     slot.out_event.record(self.out_stream)
-            self.stats.d2h_bytes += rec.state_bytes
+            if start:
+                self.stale_masters[rec.key] = rec
+            else:
+                self.stale_masters.pop(rec.key, None)
+            self.stats.d2h_bytes += (rec.padded - start) * 4
             if rec.tier is Tier.NVME:
                 self.pending_writes.append((slot.out_event, s, rec))
 
@@ -355,9 +382,30 @@ class Swapper:
         """Every page-out has reached its tier (host memory or disk): the store is authoritative. Dirty
         hot-cache slots are written back first (they stay cached, now clean)."""
         self._write_back([self.store.records[slot.key] for slot in self.slots if slot.dirty])
+        self._write_masters(list(self.stale_masters.values()))
         if self.out_stream is not None:
             self.out_stream.synchronize()
         self.drain_writes(wait=True)
+
+    def _write_masters(self, recs: list[ExpertRecord]) -> Optional[torch.cuda.Event]:
+        """Queue the compute weights of ``recs`` (stale host masters) into their host masters on ``out_stream``
+        after the compute stream's work so far; returns the event that marks them landed (None on the CPU)."""
+        if not recs:
+            return None
+        done = event(self.device)
+        if done is not None:
+            done.record(torch.cuda.current_stream(self.device))  # the weights' last writer: the compute stream
+        with on(self.out_stream):
+            if done is not None:
+                self.out_stream.wait_event(done)
+            write_masters(recs, [self.store.host_view(r) for r in recs], non_blocking=self.out_stream is not None)
+            landed = event(self.device)
+            if landed is not None:
+                landed.record(self.out_stream)
+        for rec in recs:
+            del self.stale_masters[rec.key]
+            self.stats.d2h_bytes += rec.numel * rec.layout.offsets["master"][2].itemsize
+        return landed
 
     def unreserve(self) -> None:
         """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
@@ -368,6 +416,9 @@ class Swapper:
         """The tier of ``recs`` is current and no slot keeps a copy (before the CPU path steps them in
         their tier). Host-tier records wait only for their own last page-out, not for every one."""
         self._write_back([r for r in recs if r.key in self.slot_of and self.slots[self.slot_of[r.key]].dirty])
+        landed = self._write_masters([r for r in recs if r.key in self.stale_masters])
+        if landed is not None:
+            landed.synchronize()
         if any(r.tier is Tier.NVME for r in recs):
             self.flush()
         else:

@@ -1,0 +1,71 @@
+"""The compute weights as the master: under ``master: bf16_sr`` with resident weights, only moments cross the link.
+
+A ``bf16_sr`` record's master is bf16, and after every write the model's compute weights hold exactly that bf16
+(:meth:`~moetrain.offload.state_format.StateCodec.compute_weights`: the store's initial fill, every step on
+either path, a state load). The GPU already holds the master, then, so the swapper pages only the rest of a
+host-tier record (moments and their scales: 2 of its 4 bytes a parameter with int8 moments) and fills the slot's
+master segment from the weights on the device::
+
+    page-in    H2D  record[moments_from:]  → slot[moments_from:]       (in_stream, as before)
+               D2D  weights → slot master segment                      (compute stream, in ``acquire``)
+    page-out   D2H  slot[moments_from:]   → record[moments_from:]      (out_stream); the host master is stale
+    flush      D2H  weights → host master of every stale record        (before anything reads host state)
+
+The host master is stale between a page-out and the next flush (a checkpoint, a state load, the end of fit) or
+settle (before the CPU share steps a record in host memory); the weights are the master meanwhile. Records in
+the NVMe swap move whole, as their writes go to disk from the staging buffer.
+
+Shapes: a record of ``n`` parameters in ``padded`` floats; ``moments_from`` floats of master segment (``2 n``
+bytes, aligned to 64).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from moetrain.offload.store import ExpertRecord
+
+ENV = "MOETRAIN_MASTER_FROM_WEIGHTS"
+"""``MOETRAIN_MASTER_FROM_WEIGHTS=0`` pages whole records (benchmarks compare the two)."""
+
+
+def masters_from_weights(master: str, resident_weights: str) -> bool:
+    """Whether a store of ``master`` records whose compute weights are ``resident_weights`` keeps its master in the
+    weights: ``bf16_sr`` (the weights are the stored bf16 itself) and resident weights (the parameters hold them),
+    unless the environment turns it off."""
+    return master == "bf16_sr" and resident_weights != "no" and os.environ.get(ENV, "1") != "0"
+
+
+def moments_from(rec: ExpertRecord) -> int:
+    """Float offset in ``rec``'s flat state where what follows the master begins (its first moment)."""
+    at, _, _ = rec.layout.offsets["exp_avg"]
+    assert at % 4 == 0, "segments are 64-byte aligned"
+    return at // 4
+
+
+def _master_views(rec: ExpertRecord, flat: torch.Tensor) -> list[torch.Tensor]:
+    """The master segment of ``flat`` (the record's (padded,) state) split and shaped like its parameters."""
+    return rec.split(rec.layout.views(flat)["master"])
+
+
+def fill_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor]) -> None:
+    """Copy each record's compute weights into the master segment of its device state ``flats`` (on the current
+    stream: the weights' last writer's, the GPU step's)."""
+    dst = [v for rec, flat in zip(recs, flats, strict=True) for v in _master_views(rec, flat)]
+    src = [p.detach() for rec in recs for p in rec.params]
+    if dst:
+        torch._foreach_copy_(dst, src)  # bf16 to bf16 on CUDA; exact from fp32 weights too (bf16 values)
+
+
+def write_masters(recs: Sequence[ExpertRecord], hosts: Sequence[torch.Tensor], non_blocking: bool) -> None:
+    """Copy each record's compute weights into the master segment of its host state ``hosts`` (on the current
+    stream; ``non_blocking`` for pinned host memory)."""
+    dst = [v for rec, host in zip(recs, hosts, strict=True) for v in _master_views(rec, host)]
+    src = [p.detach() for rec in recs for p in rec.params]
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s, non_blocking=non_blocking)

@@ -1,0 +1,63 @@
+"""``master: bf16_sr`` on CUDA: paging moments only (the compute weights are the master) gives the same bits as
+paging whole records, with the page-ins on their own stream, the masters filled from the weights on the compute
+stream and written back at the flush (``moetrain.offload.weight_masters``).
+
+Run on the GPU machine: ``python -m pytest -q tests/gpu/test_weight_masters_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "offload"))
+from offload_harness import OPTIM, batches, clone, tiny_model  # noqa: E402
+
+from moetrain.offload import build_optimizer  # noqa: E402
+from moetrain.offload.config import OffloadConfig  # noqa: E402
+from moetrain.offload.weight_masters import ENV  # noqa: E402
+from moetrain.optim import lr_at  # noqa: E402
+
+STEPS = 12
+
+
+def _run(base, data, monkeypatch, *, on: bool, step_on: str, impl: str):
+    monkeypatch.setenv(ENV, "1" if on else "0")
+    model = clone(base).cuda()
+    model.set_expert_impl(impl)
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master="bf16_sr", moments="int8", quant_block=16,
+                                                      gpu_slots=3, step_on=step_on))
+    moved = 0
+    for i in range(STEPS):
+        for ids in data[2 * i:2 * i + 2]:
+            ids = ids.cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(ids, labels=ids)
+            (out.loss / 2).backward()
+        opt.clip_grad_norm_(OPTIM.max_grad_norm)
+        opt.step(lr_at(OPTIM, i, STEPS))
+        opt.zero_grad()
+        moved += opt.telemetry()["offload/h2d_bytes"]
+    exported = dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())  # flushes first
+    torch.cuda.synchronize()
+    opt.close()
+    return model, exported, moved
+
+
+# step_on: gpu only: auto's split follows measured rates, and the CPU path draws other rounding bits
+@pytest.mark.parametrize("step_on,impl", [("gpu", "loop"), ("gpu", "auto")])
+def test_moments_only_paging_equals_whole_records(monkeypatch, step_on, impl):
+    base, data = tiny_model(num_experts=16), batches(steps=STEPS, tokens=16)
+    whole, whole_tensors, whole_moved = _run(base, data, monkeypatch, on=False, step_on=step_on, impl=impl)
+    model, tensors, moved = _run(base, data, monkeypatch, on=True, step_on=step_on, impl=impl)
+    for (name, a), b in zip(model.named_parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert tensors.keys() == whole_tensors.keys()
+    for k in tensors:
+        assert torch.equal(tensors[k], whole_tensors[k]), k
+    assert 0 < moved < 0.7 * whole_moved
