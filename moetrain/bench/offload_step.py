@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "waits for the end of backward)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed steps, trace one more step: copy directions and compute overlap")
+    p.add_argument("--cprofile", action="store_true",
+                   help="profile the host side of the last step's optimizer step (cProfile): where its time goes")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -103,11 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
                 out = model(ids, labels=ids, return_logits=False)
             (out.loss / a.accum).backward()
         opt.clip_grad_norm_(opt_cfg.max_grad_norm)
+        if host_profile is not None:
+            host_profile.enable()
         opt.step(opt_cfg.lr)
+        if host_profile is not None:
+            host_profile.disable()
         opt.zero_grad()
         return out.loss
 
+    host_profile = None
+
     for step in range(a.steps):
+        if a.cprofile and step == a.steps - 1:
+            import cProfile
+
+            host_profile = cProfile.Profile()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = one_step()
@@ -129,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
             overlap[f"{k}_gbps_while_busy"] = moved / busy / 1e9 if busy else 0.0
         overlap = {k: round(v, 4) for k, v in overlap.items()}
         print("overlap of the traced step: " + json.dumps(overlap), flush=True)
+    if host_profile is not None:
+        host_profile.disable()
+        print(host_top(host_profile), flush=True)
     store = opt.store if isinstance(opt, ExpertOffloadOptimizer) else None
     res = {
         "bench": "offload_step",
@@ -168,6 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
                 f"_budget{a.gpu_budget_gb:g}.json")
         (Path(a.out) / name).write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def host_top(profile, rows: int = 30) -> str:
+    """The functions with the most host time of ``profile`` (a cProfile.Profile), package paths shortened."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).strip_dirs().sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
 
 
 if __name__ == "__main__":

@@ -215,7 +215,8 @@ def summarize(metrics: list[dict]) -> dict[str, Any]:
     # every step's figures, side by side: a step that slows, or memory that grows, shows here
     out["by_step"] = {key: [r.get(key) for r in metrics] for key in (
         "elapsed_s", "host/rss_anon_gib", "gpu/device_used_gib", "gpu/mem_reserved_gib", "gpu/alloc_retries",
-        "offload/step_s", "offload/hot_cache_slots", "offload/experts_stepped_cpu") if key in metrics[-1]}
+        "offload/step_s", "offload/step_host_s", "offload/hot_cache_slots", "offload/experts_stepped_cpu")
+        if key in metrics[-1]}
     return out
 
 

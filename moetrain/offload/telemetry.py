@@ -57,7 +57,8 @@ class StepTelemetry:
             "offload/h2d_bytes": float(st.h2d_bytes), "offload/d2h_bytes": float(st.d2h_bytes),
             "offload/nvme_read_bytes": float(nvme1[0] - nvme0[0]),
             "offload/nvme_write_bytes": float(nvme1[1] - nvme0[1]),
-            "offload/step_s": seconds, "offload/page_window_s": seconds, "offload/stall_s": st.stall_s,
+            "offload/step_s": seconds, "offload/step_host_s": seconds, "offload/page_window_s": seconds,
+            "offload/stall_s": st.stall_s,
             "offload/cache_hit_rate": st.hits / (st.hits + st.misses) if st.hits + st.misses else 0.0,
             "offload/prefetched": float(st.prefetched),
             "offload/experts_stepped_gpu": float(on_gpu), "offload/experts_stepped_cpu": float(on_cpu),
@@ -116,7 +117,8 @@ class StepTelemetry:
 
     def read(self) -> dict[str, float]:
         """Figures of the last step (flat). ``step_s``: from the start of the step to the end of the last work it
-        queued on any stream; ``page_window_s``: from the first transfer of the step (backward prefetch included)
+        queued on any stream; ``step_host_s``: the host's time issuing it (close to ``step_s``: the host sets the
+        pace); ``page_window_s``: from the first transfer of the step (backward prefetch included)
         to the end of the last; ``link_gbps``: (h2d + d2h bytes) / ``page_window_s``."""
         self._resolve_timing()
         return dict(self.figures)
