@@ -113,8 +113,10 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
             pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam")
         cpu = CpuShare(stepper, HostState(store), weight_decay=cfg.weight_decay, pool=pool)
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
-        paged = sample.layout.nbytes - (moments_from(sample) * 4 if in_weights else 0)
-        rates = (measure(device, cpu_adam, dtype, codec=sample.codec, state_bytes=paged / sample.numel)
+        # (a bf16_sr master stays in the compute weights: moetrain.offload.weight_masters)
+        rates = (measure(device, cpu_adam, dtype, codec=sample.codec,
+                         state_bytes=(sample.layout.nbytes - (moments_from(sample) * 4 if in_weights else 0))
+                         / sample.numel)
                  if offload.step_on == "auto" and sample is not None else Rates())
     lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer
     telemetry = StepTelemetry(store, swapper, rates, pager=pager, lookahead=lookahead,

@@ -181,20 +181,19 @@ class Swapper:
         return [s for s in (self.in_stream, self.out_stream) if s is not None]
 
     # ------------------------------------------------------------------ slot choice
-    def _victim(self, protect: set[int]) -> Optional[int]:
-        """An empty slot, else the evictable slot whose record has the lowest routing frequency."""
-        best, best_freq = None, float("inf")
+    def _victims(self, protect: set[int]) -> list[int]:
+        """The slots a page-in may take, in the order it takes them: empty slots, then evictable ones by the routing
+        frequency of their record (lowest first; ties by slot index). One scan serves a whole call of
+        :meth:`_page_in`: its own choices change nothing else of the order (they join ``protect``)."""
+        empty, used = [], []
         for s, slot in enumerate(self.slots):
             if s in protect or slot.reserved or slot.state in (SlotState.IN_USE, SlotState.READING):
                 continue
             if slot.key is None:
-                return s
-            if slot.key in self.hot or slot.dirty:
-                continue  # the hot cache's records stay; a dirty slot is never dropped unwritten
-            freq = self.store.records[slot.key].frequency
-            if freq < best_freq:
-                best, best_freq = s, freq
-        return best
+                empty.append(s)
+            elif slot.key not in self.hot and not slot.dirty:  # the hot cache stays; a dirty slot is written first
+                used.append((self.store.records[slot.key].frequency, s))
+        return empty + [s for _, s in sorted(used)]
 
     def _assign(self, rec: ExpertRecord, s: int) -> None:
         old = self.slots[s].key
@@ -207,11 +206,13 @@ class Swapper:
     def _page_in(self, recs: list[ExpertRecord], protect: set[int], reserve: bool) -> list[ExpertRecord]:
         """Issue page-ins for ``recs`` (not present); returns those that got a slot."""
         placed: list[tuple[ExpertRecord, int]] = []
+        order = iter(self._victims(protect)) if recs else iter(())
         for rec in recs:
-            s = self._victim(protect)
+            s = next(order, None)
             if s is None and not reserve:
                 self.unreserve()  # a prefetch is a hint: a record needed now may take its slot
-                s = self._victim(protect)
+                order = iter(self._victims(protect))
+                s = next(order, None)
             if s is None:
                 break
             self._assign(rec, s)
@@ -231,27 +232,29 @@ class Swapper:
                 slot.in_event.synchronize()  # the staging buffer's last H2D has left (copy engine only)
             self.store.swap.submit_read(slot.staging[:rec.padded], rec.offset)
             slot.state = SlotState.READING
-        for rec, s in placed:
-            if rec.tier is Tier.CPU:
-                self._h2d(rec, s, self.store.host_view(rec))
+        self._h2d([(rec, s, self.store.host_view(rec)) for rec, s in placed if rec.tier is Tier.CPU])
         return [r for r, _ in placed]
 
-    def _h2d(self, rec: ExpertRecord, s: int, src: torch.Tensor) -> None:
-        slot = self.slots[s]
+    def _h2d(self, copies: list[tuple[ExpertRecord, int, torch.Tensor]]) -> None:
+        """Queue (record, slot, host source) page-ins on ``in_stream`` (one stream switch for all of them)."""
+        if not copies:
+            return
         with on(self.in_stream):
-            if self.in_stream is not None:
-                self.in_stream.wait_event(slot.out_event)  # the slot's previous page-out has left
-                source = self.written_from.get(rec.key)
-                if source is not None and source != s:
-                    self.in_stream.wait_event(self.slots[source].out_event)  # the record's last write-back landed
-                self.mark_transfer(self.in_stream)
-            start = self._moments_start(rec)
-            slot.view(rec.padded)[start:].copy_(src[start:], non_blocking=True)
-            if slot.in_event is not None:
-                slot.in_event.record(self.in_stream)
-        slot.state = SlotState.READY
-        slot.master_pending = start > 0
-        self.stats.h2d_bytes += (rec.padded - start) * 4
+            for rec, s, src in copies:
+                slot = self.slots[s]
+                if self.in_stream is not None:
+                    self.in_stream.wait_event(slot.out_event)  # the slot's previous page-out has left
+                    source = self.written_from.get(rec.key)
+                    if source is not None and source != s:
+                        self.in_stream.wait_event(self.slots[source].out_event)  # the record's write-back landed
+                    self.mark_transfer(self.in_stream)
+                start = self._moments_start(rec)
+                slot.view(rec.padded)[start:].copy_(src[start:], non_blocking=True)
+                if slot.in_event is not None:
+                    slot.in_event.record(self.in_stream)
+                slot.state = SlotState.READY
+                slot.master_pending = start > 0
+                self.stats.h2d_bytes += (rec.padded - start) * 4
 
     def _moments_start(self, rec: ExpertRecord) -> int:
         """Where a host-tier record's page-in and page-out begin: after its master when the compute weights hold
@@ -266,9 +269,11 @@ class Swapper:
         t0 = time.perf_counter()
         self.store.swap.wait_reads()
         self.stats.stall_s += time.perf_counter() - t0
+        copies = []
         for s in reading:
             rec = self.store.records[self.slots[s].key]
-            self._h2d(rec, s, self.slots[s].staging[:rec.padded])
+            copies.append((rec, s, self.slots[s].staging[:rec.padded]))
+        self._h2d(copies)
 
     def prefetch(self, recs: list[ExpertRecord]) -> int:
         """Start page-ins of ``recs`` that are absent, as far as free or evictable slots allow (no wait)."""
@@ -337,14 +342,14 @@ class Swapper:
         done = event(self.device)
         if done is not None:
             done.record(torch.cuda.current_stream(self.device))
-        for rec in recs:
-            s = self.slot_of[rec.key]
-            slot = self.slots[s]
-            slot.dirty = False
-            with on(self.out_stream):
-                if done is not None:
-                    self.out_stream.wait_event(done)
-                    self.mark_transfer(self.out_stream)
+        with on(self.out_stream):
+            if done is not None:
+                self.out_stream.wait_event(done)
+                self.mark_transfer(self.out_stream)
+            for rec in recs:
+                s = self.slot_of[rec.key]
+                slot = self.slots[s]
+                slot.dirty = False
                 src = slot.view(rec.padded)
                 start = self._moments_start(rec) if moments_only else 0
                 if rec.tier is Tier.CPU:
@@ -354,13 +359,13 @@ class Swapper:
                     slot.staging[:rec.padded].copy_(src, non_blocking=True)
                 if slot.out_event is not None:
                     slot.out_event.record(self.out_stream)
-            if start:
-                self.stale_masters[rec.key] = rec
-            else:
-                self.stale_masters.pop(rec.key, None)
-            self.stats.d2h_bytes += (rec.padded - start) * 4
-            if rec.tier is Tier.NVME:
-                self.pending_writes.append((slot.out_event, s, rec))
+                if start:
+                    self.stale_masters[rec.key] = rec
+                else:
+                    self.stale_masters.pop(rec.key, None)
+                self.stats.d2h_bytes += (rec.padded - start) * 4
+                if rec.tier is Tier.NVME:
+                    self.pending_writes.append((slot.out_event, s, rec))
 
     def drain_writes(self, wait: bool = False) -> None:
         """Issue the NVMe writes whose D2H copies are done; with ``wait``, block until they are on disk."""
