@@ -74,6 +74,8 @@ def hf_dir(tmp_path):
     (["--model.offload.placement.tier=cpu", "--model.offload.placement.gpu_budget_gb=0.000001"],
      "model.offload.placement.gpu_budget_gb"),
     (["--checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps"),
+    (["--model.residual_dtype=fp16"], "model.residual_dtype='fp16'"),
+    (["--model.expert_impl=fast"], "model.expert_impl='fast'"),
     (["--parallel.expert_parallel=0"], "parallel.expert_parallel"),
     (["--trainer.max_steps=-5"], "trainer.max_steps"),
     (["--trainer.accelerator=abacus"], "trainer.accelerator"),

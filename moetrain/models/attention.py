@@ -31,7 +31,12 @@ class RMSNorm(nn.Module):
         # arithmetic (bit for bit on the CPU) in one fused kernel each way on CUDA instead of five forward and
         # about eight backward: at 57 norms a micro-batch of DeepSeek-MoE-16B, a tenth of a host-bound step's launches
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x.to(dtype)
+        weight = self.weight
+        if weight.dtype != dtype and torch.is_autocast_enabled(x.device.type):
+            # a bf16 residual stream under autocast over fp32 weights (MoEForCausalLM.set_residual_dtype): the
+            # output stays bf16, as in a bf16 model, instead of an fp32 tensor every consumer casts back
+            weight = weight.to(dtype)
+        return weight * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -147,6 +147,7 @@ class MoEForCausalLM(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.residual_dtype = "fp32"
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -233,6 +234,16 @@ class MoEForCausalLM(nn.Module):
         activation memory of one layer instead of all, for about a third more compute."""
         self.activation_checkpointing = on
 
+    def set_residual_dtype(self, name: str) -> None:
+        """``fp32``: under bf16 autocast over fp32 weights the residual stream is fp32 from the embedding on (as in
+        a Hugging Face model trained with autocast); every norm, rotary, residual add and expert dispatch then casts
+        it each way every micro-batch. ``bf16``: the embedding's output is cast to bf16 under bf16 autocast, so the
+        stream is bf16 as in a bf16 model (Megatron-LM's default); norms still compute in fp32, and weights,
+        gradients and the optimizer stay fp32. Without bf16 autocast (the CPU's ``32-true``) nothing changes."""
+        if name not in ("fp32", "bf16"):
+            raise ValueError(f"residual dtype {name!r}: choose fp32 or bf16")
+        self.residual_dtype = name
+
     def expert_parameter_names(self) -> set[str]:
         """Names of the routed experts' parameters (the part the offload engine owns)."""
         return {n for n, _ in self.named_parameters() if ".mlp.experts." in n}
@@ -265,6 +276,9 @@ class MoEForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device)[None].expand(b, -1)
         x = self.model.embed_tokens(input_ids)  # (B, L, H)
+        if (self.residual_dtype == "bf16" and torch.is_autocast_enabled(x.device.type)
+                and torch.get_autocast_dtype(x.device.type) == torch.bfloat16):
+            x = x.to(torch.bfloat16)  # the residual stream in bf16 (set_residual_dtype)
         cos, sin = self.model.rotary(position_ids, x.dtype)
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):

@@ -42,8 +42,7 @@ from moetrain.training.optimizer_state import load_optimizer
 from moetrain.training.step_adapter import OptimizerStepAdapter, StepStats
 from moetrain.training.step_profiler import OPTIMIZER_RANGE
 
-ANNOUNCE_MIN_PARAMS = 1_000_000_000
-"""Models from this many parameters on print what is built and how long it took (stderr)."""
+ANNOUNCE_MIN_PARAMS = 1_000_000_000  # models from this many parameters on print what is built, and how long (stderr)
 
 
 def build_device() -> torch.device:
@@ -90,6 +89,7 @@ class MoETrainingModule(L.LightningModule):
         log_every_n_steps: int = 1,
         expert_impl: str = "auto",
         activation_checkpointing: bool = False,
+        residual_dtype: str = "fp32",
         train: Union[Literal["all"], TrainSelection] = "all",
         inference: InferenceConfig = InferenceConfig(),  # noqa: B008
     ) -> None:
@@ -107,6 +107,8 @@ class MoETrainingModule(L.LightningModule):
             expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
             activation_checkpointing: keep only each decoder layer's input in forward and recompute the layer
                 in backward (less activation memory, about a third more compute).
+            residual_dtype: ``fp32`` or ``bf16``: the residual stream's dtype under bf16 autocast (bf16: fewer casts
+                each way, as a bf16 model; :meth:`~moetrain.models.decoder.MoEForCausalLM.set_residual_dtype`).
             train: what trains: ``all``, or a mapping of groups (embeddings, attention, norms, routers,
                 shared_experts, dense_mlp, lm_head: true/false; routed_experts: all, none or a selection file).
             inference: ``validate`` only: ``expert_weights: paged`` builds the model with its routed experts in
@@ -119,6 +121,8 @@ class MoETrainingModule(L.LightningModule):
             raise ConfigError(f"model.log_every_n_steps must be at least 1, got {log_every_n_steps}")
         if expert_impl not in ("auto", "grouped", "loop"):
             raise ConfigError(f"model.expert_impl={expert_impl!r}: choose auto, grouped or loop")
+        if residual_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"model.residual_dtype={residual_dtype!r}: choose fp32 or bf16")
         self.automatic_optimization = False
         # copies: the defaults in the signature are shared between instances
         self.optim_cfg = dataclasses.replace(optimizer)
@@ -132,22 +136,21 @@ class MoETrainingModule(L.LightningModule):
         self.train_summary = apply_train_selection(self.model, train)
         self.model.set_expert_impl(expert_impl)
         self.model.set_activation_checkpointing(activation_checkpointing)
+        self.model.set_residual_dtype(residual_dtype)
         # DeepSeek-V3's auxiliary-loss-free balancing (inactive for other routers, or at speed 0)
         self.balancer = BiasBalancer(self.model, speed=self.train_summary.bias_update_speed)
         self.train_optimizer: Optional[TrainOptimizer] = None
         self.last_step: Optional[StepStats] = None
         self.total_steps = 0
-        self.resolved_recipe: Optional[str] = None
-        """The resolved recipe as YAML; the CLI sets it, checkpoints store it."""
+        self.resolved_recipe: Optional[str] = None  # the resolved recipe as YAML; the CLI sets it, checkpoints store it
         self._resume_dir: Optional[Path] = None
+        # a moetrain.parallel.runtime.ParallelRuntime (the CLI's parallel: section; None: one process): builds the
+        # optimizer, scales the loss, reads and writes checkpoints across ranks
         self.parallel: Optional[Any] = None
-        """A :class:`~moetrain.parallel.runtime.ParallelRuntime` (the CLI's ``parallel:`` section): builds the
-        optimizer, scales the loss, reads and writes checkpoints across ranks; None: one process."""
         self._micro = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens = 0
-        self.tokens_seen = 0
-        """Input tokens trained on since step 0, all ranks (the one count: checkpoints save it, logs read it)."""
+        self.tokens_seen = 0  # input tokens trained on since step 0, all ranks (checkpoints save it, logs read it)
         self._expert_load: Optional[torch.Tensor] = None  # (M, E) routed tokens of the steps not yet reduced
         self._logged_load: Optional[torch.Tensor] = None  # (M, E) of the logged steps, all ranks, not yet taken
         self._val_ce = torch.zeros(2)  # [sum of token cross-entropies, target tokens] of this validation run
@@ -158,8 +161,7 @@ class MoETrainingModule(L.LightningModule):
             from moetrain.inference.validation import build_paged_model
 
             return build_paged_model(preset, overrides=overrides, init_from=init_from, config=self.inference_cfg,
-                                     device=build_device(),
-                                     offload_tier=self.offload_cfg.tier)
+                                     device=build_device(), offload_tier=self.offload_cfg.tier)
         if init_from is None:
             return random_model(ModelConfig.from_preset(preset, **(overrides or {})))
         if overrides:
@@ -185,8 +187,7 @@ class MoETrainingModule(L.LightningModule):
 
     @property
     def micro_batch(self) -> int:
-        """Micro-batches of the coming optimizer step already trained (forward and backward done): 0 to
-        ``accumulate_grad_batches - 1``."""
+        """Micro-batches of the coming optimizer step already trained (forward and backward): 0 to ``accum - 1``."""
         return self._micro
 
     @property

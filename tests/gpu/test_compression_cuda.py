@@ -53,8 +53,10 @@ def _model():
 @pytest.mark.parametrize("master,moments,hot", [("fp32", "int8", 0.0), ("bf16_sr", "bf16", 0.0),
                                                 ("bf16_kahan", "int8", 1e-4), ("fp32", "fp32", 1e-4)])
 def test_engine_equals_fused_adamw_with_rounded_state(master, moments, hot, monkeypatch):
-    if master == "bf16_sr":  # the reference rounds with torch.Generator bits: the engine's unfused path draws them
-        monkeypatch.setenv("MOETRAIN_FUSED_STEP", "0")  # (the fused kernel's Philox bits: test_fused_step_cuda.py)
+    # The reference encodes with the torch quantizer and torch.Generator bits, which the engine's unfused path
+    # shares; the fused kernel (its own Philox bits, scales an ulp apart that can move an int8 code) is held to the
+    # unfused path in test_fused_step_cuda.py. Here: paging, chunking and the hot cache add nothing to the rounding.
+    monkeypatch.setenv("MOETRAIN_FUSED_STEP", "0")
     base, data = _model(), batches(steps=STEPS, tokens=16)
     ref = clone(base)
     _train(ref, RoundedAdamW(ref, OPTIM, master, moments, 64), data)

@@ -211,7 +211,7 @@ def test_recipe_decides_the_load_path_and_plans_before_the_download(tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
 
 
-def saved_activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False) -> int:
+def saved_activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False, residual: str = "fp32") -> int:
     """Bytes of the tensors autograd saves for backward in one bf16-autocast forward with the loss
     (each storage once; parameters left out), on the CPU: the reference for the estimate. With
     ``checkpointed`` the layers' own tensors are not saved (recomputation makes them in backward)."""
@@ -219,6 +219,7 @@ def saved_activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool 
     model = MoEForCausalLM(config)
     model.set_expert_impl("grouped")
     model.set_activation_checkpointing(checkpointed)
+    model.set_residual_dtype(residual)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
     kept = []  # each storage counted stays alive, so that no later tensor reuses its address and hides it
@@ -257,6 +258,12 @@ def test_activation_estimate_against_what_autograd_saves(family, extra):
                      - activation_bytes(config, 256, checkpointed=True) + layer_activation_bytes(config, 256))
     assert kept < 0.3 * measured and kept_estimate < 0.3 * estimated, (kept, measured, kept_estimate, estimated)
     assert activation_bytes(config, 512, checkpointed=True) < activation_bytes(config, 512)
+    # a bf16 residual stream (model.residual_dtype): the norms' inputs and residual sums in bf16
+    measured = (saved_activation_bytes(config, 512, residual="bf16")
+                - saved_activation_bytes(config, 256, residual="bf16"))
+    estimated = activation_bytes(config, 512, residual_bytes=2) - activation_bytes(config, 256, residual_bytes=2)
+    assert abs(estimated - measured) < 0.2 * measured, (estimated, measured)
+    assert estimated < activation_bytes(config, 512) - activation_bytes(config, 256)
 
 
 def test_fit_verdicts_and_floor():

@@ -8,7 +8,7 @@ LOSS_CHUNK_TOKENS = 4096
 """Tokens per chunk of the training loss (``models.decoder.chunked_lm_loss``): one chunk's logits at a time."""
 
 
-def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False) -> int:
+def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False, residual_bytes: int = 4) -> int:
     """An estimate of what autograd keeps for backward from one micro-batch of ``tokens`` tokens.
 
     A tally of the tensors each layer saves under bf16 autocast, attention through SDPA (no (L, L) score
@@ -22,21 +22,24 @@ def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = Fals
 
     ``checkpointed`` (``model.activation_checkpointing``): every layer keeps only its fp32 input, and one
     layer's full set (the largest, :func:`layer_activation_bytes`) exists while backward recomputes it.
+    ``residual_bytes`` (``model.residual_dtype``): 4 for an fp32 residual stream, 2 for bf16 (each norm then saves
+    its bf16 input and residual sum; the fp32 copy it computes in stays).
     """
-    layers, largest, outside = _activation_parts(config)
+    layers, largest, outside = _activation_parts(config, residual_bytes)
     loss_chunk = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size  # fp32 logits and their gradient
     if checkpointed:
-        return tokens * (config.num_hidden_layers * 4 * config.hidden_size + largest + outside) + loss_chunk
+        inputs = config.num_hidden_layers * residual_bytes * config.hidden_size
+        return tokens * (inputs + largest + outside) + loss_chunk
     return tokens * (layers + outside) + loss_chunk
 
 
-def layer_activation_bytes(config: ModelConfig, tokens: int) -> int:
+def layer_activation_bytes(config: ModelConfig, tokens: int, residual_bytes: int = 4) -> int:
     """What the largest decoder layer saves for ``tokens`` tokens: with activation checkpointing, the part of
     :func:`activation_bytes` that exists only while backward recomputes that layer."""
-    return tokens * _activation_parts(config)[1]
+    return tokens * _activation_parts(config, residual_bytes)[1]
 
 
-def _activation_parts(config: ModelConfig) -> tuple[int, int, int]:
+def _activation_parts(config: ModelConfig, residual_bytes: int = 4) -> tuple[int, int, int]:
     """Bytes per token saved by (all decoder layers, the largest one, the final norm and what follows)."""
     h, nh = config.hidden_size, config.num_attention_heads
     if config.is_mla:
@@ -46,7 +49,9 @@ def _activation_parts(config: ModelConfig) -> tuple[int, int, int]:
     else:
         q = out = nh * config.attn_head_dim
         kv, latent = 2 * config.kv_heads * config.attn_head_dim, 0
-    norm = 3 * 4 * h + 2 * h  # per norm: fp32 input, fp32 normalised, fp32 residual sum; bf16 output
+    # per norm: the fp32 copy it computes in, its normalised output and the residual sum in the stream's dtype
+    # (fp32, or bf16 with model.residual_dtype: bf16), its bf16 output
+    norm = 4 * h + 2 * residual_bytes * h + 2 * h
     attention = 2 * (q + kv + out + latent) + 4 * nh
     if config.qk_norm != "none":
         attention += 2 * 4 * (q + kv // 2)  # fp32 input and normalised output of the query and key norms
@@ -58,5 +63,5 @@ def _activation_parts(config: ModelConfig) -> tuple[int, int, int]:
     base = 2 * norm + attention
     layers = config.num_hidden_layers * base + n_moe * moe + n_dense * dense_mlp
     largest = base + max(moe if n_moe else 0, dense_mlp if n_dense else 0)
-    return layers, largest, 4 * h
+    return layers, largest, residual_bytes * h
 

@@ -93,7 +93,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
               nvme_gbps: float = DEFAULT_NVME_GBPS,
               compute_tflops: Optional[float] = None, weight_bytes: Optional[int] = None,
               micro_batch_tokens: Optional[int] = None, layerwise_grads: bool = False, overlapped: bool = True,
-              streamed_load: bool = False, activation_checkpointing: bool = False,
+              streamed_load: bool = False, activation_checkpointing: bool = False, residual_bytes: int = 4,
               from_checkpoint: Optional[bool] = None, storage: Optional[Storage] = None,
               trained_experts: Optional[int] = None, selection_source: Optional[str] = None,
               frozen_groups: tuple[str, ...] = ()) -> Plan:
@@ -121,6 +121,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
             loads the whole model in fp32).
         activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
+        residual_bytes: 4 for an fp32 residual stream under autocast, 2 for bf16 (``model.residual_dtype``).
         from_checkpoint: the model starts from ``init_from`` (with any tier); None: as ``streamed_load``. False
             is a random initialisation, built in fp32 in host memory first when it is small
             (:func:`random_init_in_host_memory`), on the GPU otherwise.
@@ -194,9 +195,10 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             host = state if budget is None else min(state, budget // record * record)
         nvme = state - host
         staging = slots * record if nvme else 0
-    recomputed = ", layers recomputed" if activation_checkpointing else ""
+    recomputed = (", layers recomputed" if activation_checkpointing else "") + (
+        ", bf16 residual" if residual_bytes == 2 else "")
     rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate{recomputed})",
-              activation_bytes(model_config, micro, activation_checkpointing)),
+              activation_bytes(model_config, micro, activation_checkpointing, residual_bytes)),
              ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
     if off.tier != "none":
         # the cache comes last: with hot_cache_gb null it takes what the GPU has left

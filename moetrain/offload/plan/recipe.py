@@ -38,7 +38,8 @@ def recipe_training(recipe: dict[str, Any]) -> dict[str, Any]:
             "overlapped": steps_under_backward(optimizer, micro_batch=accumulation - 1, micro_batches=accumulation),
             "streamed_load": bool(model.get("init_from")) and offload.placement.tier != "none",
             "from_checkpoint": bool(model.get("init_from")),
-            "activation_checkpointing": bool(model.get("activation_checkpointing", False))}
+            "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
+            "residual_bytes": 2 if model.get("residual_dtype", "fp32") == "bf16" else 4}
 
 
 def recipe_selection(recipe: dict[str, Any]) -> tuple[Optional[int], Optional[str]]:
