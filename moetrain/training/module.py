@@ -105,10 +105,9 @@ class MoETrainingModule(L.LightningModule):
             accumulate_grad_batches: micro-batches per optimizer step.
             log_every_n_steps: write a ``metrics.jsonl`` line every this many optimizer steps (and at the last).
             expert_impl: expert compute path, ``auto``, ``grouped`` or ``loop``.
-            activation_checkpointing: keep only each decoder layer's input in forward and recompute the layer
-                in backward (less activation memory, about a third more compute).
-            residual_dtype: ``fp32`` or ``bf16``: the residual stream's dtype under bf16 autocast (bf16: fewer casts
-                each way, as a bf16 model; :meth:`~moetrain.models.decoder.MoEForCausalLM.set_residual_dtype`).
+            activation_checkpointing: keep each decoder layer's input only, recompute the layer in backward
+                (less activation memory, a third more compute).
+            residual_dtype: fp32 or bf16 residual stream under autocast.
             train: what trains: ``all``, or a mapping of groups (embeddings, attention, norms, routers,
                 shared_experts, dense_mlp, lm_head: true/false; routed_experts: all, none or a selection file).
             inference: ``validate`` only: ``expert_weights: paged`` builds the model with its routed experts in
