@@ -195,9 +195,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             host = state if budget is None else min(state, budget // record * record)
         nvme = state - host
         staging = slots * record if nvme else 0
-    recomputed = (", layers recomputed" if activation_checkpointing else "") + (
-        ", bf16 residual" if residual_bytes == 2 else "")
-    rows += [("gpu", f"activations, {micro} tokens a micro-batch (estimate{recomputed})",
+    recomputed = ", layers recomputed" if activation_checkpointing else ""
+    stream = ", bf16" if residual_bytes == 2 else ""  # model.residual_dtype
+    rows += [("gpu", f"activations, {micro} tokens a micro-batch{stream} (estimate{recomputed})",
               activation_bytes(model_config, micro, activation_checkpointing, residual_bytes)),
              ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
     if off.tier != "none":
