@@ -85,19 +85,23 @@ class GpuStep:
         Returns the pairs left for the unfused path: all of them when the kernel's first call fails (a Triton
         that cannot compile it), which turns the fused path off for the run with one warning. Compilation fails
         before the launch, so nothing of the record was written; later failures propagate."""
-        for i, (rec, flat) in enumerate(pairs):
-            try:
-                master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
-                                     step=rec.step + 1, grad_scale=grad_scale)
-            except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
-                if self.fused_state is not None:
-                    raise
-                self.fused_state = "off"
-                warnings.warn(f"the fused expert step failed to run ({type(err).__name__}: {err}); stepping the "
-                              "compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
-                return pairs[i:]
-            self.fused_state = "ok"
-            self.writer.write(rec, rec.codec.compute_weights(flat, master))
+        stepped: list[tuple[ExpertRecord, torch.Tensor]] = []  # (record, its new compute weights), written at once
+        try:
+            for i, (rec, flat) in enumerate(pairs):
+                try:
+                    master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
+                                         step=rec.step + 1, grad_scale=grad_scale)
+                except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
+                    if self.fused_state is not None:
+                        raise
+                    self.fused_state = "off"
+                    warnings.warn(f"the fused expert step failed to run ({type(err).__name__}: {err}); stepping "
+                                  "the compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
+                    return pairs[i:]
+                self.fused_state = "ok"
+                stepped.append((rec, rec.codec.compute_weights(flat, master)))
+        finally:
+            self.writer.write_many(stepped)
         return []
 
     def step_unfused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,

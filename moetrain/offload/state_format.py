@@ -271,6 +271,8 @@ class StateCodec:
         stored value (the rounded bf16 master, or bf16 master + compensation), so that compute and a
         checkpoint see the same weights."""
         if self.layout.master == "bf16_sr":
+            if master.dtype == torch.bfloat16:
+                return master  # the fused step hands back the stored bf16 itself (a view of flat): no new views
             return self.layout.views(flat)["master"]  # the stored bf16 itself (no fp32 copy on the hot path)
         return master if self.layout.master == "fp32" else self.decode_master(flat)
 
