@@ -8,7 +8,7 @@ LOSS_CHUNK_TOKENS = 4096
 """Tokens per chunk of the training loss (``models.decoder.chunked_lm_loss``): one chunk's logits at a time."""
 
 
-def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False, residual_bytes: int = 4) -> int:
+def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = False, *, residual_bytes: int = 4) -> int:
     """An estimate of what autograd keeps for backward from one micro-batch of ``tokens`` tokens.
 
     A tally of the tensors each layer saves under bf16 autocast, attention through SDPA (no (L, L) score
@@ -33,7 +33,7 @@ def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = Fals
     return tokens * (layers + outside) + loss_chunk
 
 
-def layer_activation_bytes(config: ModelConfig, tokens: int, residual_bytes: int = 4) -> int:
+def layer_activation_bytes(config: ModelConfig, tokens: int, *, residual_bytes: int = 4) -> int:
     """What the largest decoder layer saves for ``tokens`` tokens: with activation checkpointing, the part of
     :func:`activation_bytes` that exists only while backward recomputes that layer."""
     return tokens * _activation_parts(config, residual_bytes)[1]

@@ -198,7 +198,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     recomputed = ", layers recomputed" if activation_checkpointing else ""
     stream = ", bf16" if residual_bytes == 2 else ""  # model.residual_dtype
     rows += [("gpu", f"activations, {micro} tokens a micro-batch{stream} (estimate{recomputed})",
-              activation_bytes(model_config, micro, activation_checkpointing, residual_bytes)),
+              activation_bytes(model_config, micro, activation_checkpointing, residual_bytes=residual_bytes)),
              ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
     if off.tier != "none":
         # the cache comes last: with hot_cache_gb null it takes what the GPU has left
