@@ -57,22 +57,18 @@ class WeightWriter:
 
     def write(self, rec: ExpertRecord, weights: torch.Tensor, non_blocking: bool = True) -> None:
         """The record's compute weights become ``weights`` ((n,) in record order, any dtype)."""
-        if self.pager is not None:
-            self.pager.write(rec.layer, rec.expert, weights)
-            return
-        for p, w in zip(rec.params, rec.split(weights), strict=True):
-            p.data.copy_(w, non_blocking=non_blocking)
+        self.write_many([(rec, weights)], non_blocking=non_blocking)
 
-    def write_many(self, pairs: list[tuple[ExpertRecord, torch.Tensor]]) -> None:
+    def write_many(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], non_blocking: bool = True) -> None:
         """:meth:`write` of each (record, weights); resident weights take one multi-tensor copy for all of them."""
         if self.pager is not None:
             for rec, weights in pairs:
-                self.write(rec, weights)
+                self.pager.write(rec.layer, rec.expert, weights)
             return
         dst = [p.data for rec, _ in pairs for p in rec.params]
         src = [w for rec, weights in pairs for w in rec.split(weights)]
         if dst:
-            torch._foreach_copy_(dst, src, non_blocking=True)
+            torch._foreach_copy_(dst, src, non_blocking=non_blocking)
 
     def write_param(self, rec: ExpertRecord, idx: int, weights: torch.Tensor, *, elems: slice) -> None:
         """Parameter ``idx`` of the record takes ``weights[elems]`` (the record's whole (n,) compute weights)."""

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,7 +41,7 @@ import torch
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
-from moetrain.offload.weight_masters import fill_masters, moments_from, write_masters
+from moetrain.offload.weight_masters import copy_masters, moments_from
 
 
 class SlotState(enum.Enum):
@@ -317,7 +319,7 @@ class Swapper:
                 pending.append((rec, views[-1]))
                 slot.master_pending = False
         if pending:  # after the waits: the slot's previous page-out (its master included) has left
-            fill_masters([r for r, _ in pending], [v for _, v in pending])
+            copy_masters([r for r, _ in pending], [v for _, v in pending])
         return views
 
     # ------------------------------------------------------------------ page-out
@@ -339,13 +341,8 @@ class Swapper:
         ``moments_only``: host-tier records leave their master in the compute weights (stale on the host)."""
         if not recs:
             return
-        done = event(self.device)
-        if done is not None:
-            done.record(torch.cuda.current_stream(self.device))
-        with on(self.out_stream):
-            if done is not None:
-                self.out_stream.wait_event(done)
-                self.mark_transfer(self.out_stream)
+        with self._out_after_compute():
+            self.mark_transfer(self.out_stream)
             for rec in recs:
                 s = self.slot_of[rec.key]
                 slot = self.slots[s]
@@ -366,6 +363,17 @@ class Swapper:
                 self.stats.d2h_bytes += (rec.padded - start) * 4
                 if rec.tier is Tier.NVME:
                     self.pending_writes.append((slot.out_event, s, rec))
+
+    @contextmanager
+    def _out_after_compute(self) -> Iterator[None]:
+        """Queue the ``with`` body on ``out_stream``, after the work queued on the compute stream so far."""
+        done = event(self.device)
+        if done is not None:
+            done.record(torch.cuda.current_stream(self.device))
+        with on(self.out_stream):
+            if done is not None:
+                self.out_stream.wait_event(done)
+            yield
 
     def drain_writes(self, wait: bool = False) -> None:
         """Issue the NVMe writes whose D2H copies are done; with ``wait``, block until they are on disk."""
@@ -397,13 +405,8 @@ class Swapper:
         after the compute stream's work so far; returns the event that marks them landed (None on the CPU)."""
         if not recs:
             return None
-        done = event(self.device)
-        if done is not None:
-            done.record(torch.cuda.current_stream(self.device))  # the weights' last writer: the compute stream
-        with on(self.out_stream):
-            if done is not None:
-                self.out_stream.wait_event(done)
-            write_masters(recs, [self.store.host_view(r) for r in recs], non_blocking=self.out_stream is not None)
+        with self._out_after_compute():  # the weights' last writer: the compute stream
+            copy_masters(recs, [self.store.host_view(r) for r in recs], non_blocking=self.out_stream is not None)
             landed = event(self.device)
             if landed is not None:
                 landed.record(self.out_stream)

@@ -53,19 +53,11 @@ def _master_views(rec: ExpertRecord, flat: torch.Tensor) -> list[torch.Tensor]:
     return rec.split(rec.layout.views(flat)["master"])
 
 
-def fill_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor]) -> None:
-    """Copy each record's compute weights into the master segment of its device state ``flats`` (on the current
-    stream: the weights' last writer's, the GPU step's)."""
+def copy_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
+    """Copy each record's compute weights into the master segment of its state ``flats``, on the current stream: a
+    device slot (the page-in's fill) or the host record (a flush; ``non_blocking`` for pinned host memory). bf16 to
+    bf16 on CUDA, and exact from fp32 weights too (they hold bf16 values)."""
     dst = [v for rec, flat in zip(recs, flats, strict=True) for v in _master_views(rec, flat)]
     src = [p.detach() for rec in recs for p in rec.params]
     if dst:
-        torch._foreach_copy_(dst, src)  # bf16 to bf16 on CUDA; exact from fp32 weights too (bf16 values)
-
-
-def write_masters(recs: Sequence[ExpertRecord], hosts: Sequence[torch.Tensor], non_blocking: bool) -> None:
-    """Copy each record's compute weights into the master segment of its host state ``hosts`` (on the current
-    stream; ``non_blocking`` for pinned host memory)."""
-    dst = [v for rec, host in zip(recs, hosts, strict=True) for v in _master_views(rec, host)]
-    src = [p.detach() for rec in recs for p in rec.params]
-    for d, s in zip(dst, src, strict=True):
-        d.copy_(s, non_blocking=non_blocking)
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)  # across devices: one copy_ a tensor
