@@ -138,6 +138,10 @@ class Backbone(nn.Module):
         self.rotary = rotary_for(config)
 
 
+RESIDUAL_DTYPES = ("fp32", "bf16")
+"""The residual stream's dtypes :meth:`MoEForCausalLM.set_residual_dtype` takes."""
+
+
 class MoEForCausalLM(nn.Module):
     """Decoder-only MoE language model. ``forward(input_ids)`` returns :class:`MoEOutput`."""
 
@@ -240,7 +244,7 @@ class MoEForCausalLM(nn.Module):
         it each way every micro-batch. ``bf16``: the embedding's output is cast to bf16 under bf16 autocast, so the
         stream is bf16 as in a bf16 model (Megatron-LM's default); norms still compute in fp32, and weights,
         gradients and the optimizer stay fp32. Without bf16 autocast (the CPU's ``32-true``) nothing changes."""
-        if name not in ("fp32", "bf16"):
+        if name not in RESIDUAL_DTYPES:
             raise ValueError(f"residual dtype {name!r}: choose fp32 or bf16")
         self.residual_dtype = name
 

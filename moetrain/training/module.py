@@ -28,7 +28,7 @@ import torch
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.inference.config import InferenceConfig
 from moetrain.models.balance import BiasBalancer
-from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.decoder import RESIDUAL_DTYPES, MoEForCausalLM
 from moetrain.models.hf import from_pretrained, resolve_checkpoint
 from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
 from moetrain.models.train_selection import TrainSelection, apply_train_selection, resolve_train_selection
@@ -120,7 +120,7 @@ class MoETrainingModule(L.LightningModule):
             raise ConfigError(f"model.log_every_n_steps must be at least 1, got {log_every_n_steps}")
         if expert_impl not in ("auto", "grouped", "loop"):
             raise ConfigError(f"model.expert_impl={expert_impl!r}: choose auto, grouped or loop")
-        if residual_dtype not in ("fp32", "bf16"):
+        if residual_dtype not in RESIDUAL_DTYPES:
             raise ConfigError(f"model.residual_dtype={residual_dtype!r}: choose fp32 or bf16")
         self.automatic_optimization = False
         # copies: the defaults in the signature are shared between instances
