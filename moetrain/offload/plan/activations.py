@@ -23,7 +23,7 @@ def activation_bytes(config: ModelConfig, tokens: int, checkpointed: bool = Fals
     ``checkpointed`` (``model.activation_checkpointing``): every layer keeps only its fp32 input, and one
     layer's full set (the largest, :func:`layer_activation_bytes`) exists while backward recomputes it.
     ``residual_bytes`` (``model.residual_dtype``): 4 for an fp32 residual stream, 2 for bf16 (each norm then saves
-    its bf16 input and residual sum; the fp32 copy it computes in stays).
+    the fp32 copy it computes in and a bf16 normalised output: 8 h a token instead of 14 h).
     """
     layers, largest, outside = _activation_parts(config, residual_bytes)
     loss_chunk = 2 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * config.vocab_size  # fp32 logits and their gradient
@@ -49,9 +49,9 @@ def _activation_parts(config: ModelConfig, residual_bytes: int = 4) -> tuple[int
     else:
         q = out = nh * config.attn_head_dim
         kv, latent = 2 * config.kv_heads * config.attn_head_dim, 0
-    # per norm: the fp32 copy it computes in, its normalised output and the residual sum in the stream's dtype
-    # (fp32, or bf16 with model.residual_dtype: bf16), its bf16 output
-    norm = 4 * h + 2 * residual_bytes * h + 2 * h
+    # per norm, an fp32 stream: its fp32 input, fp32 normalised, fp32 residual sum and bf16 output (14 h); a bf16
+    # stream (model.residual_dtype: bf16): the fp32 copy it computes in, bf16 normalised and bf16 output (8 h)
+    norm = (3 * 4 * h if residual_bytes == 4 else 4 * h + 2 * h) + 2 * h
     attention = 2 * (q + kv + out + latent) + 4 * nh
     if config.qk_norm != "none":
         attention += 2 * 4 * (q + kv // 2)  # fp32 input and normalised output of the query and key norms
