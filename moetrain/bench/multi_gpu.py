@@ -60,7 +60,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--nvme-path", default=None)
     p.add_argument("--cpu-budget-gb", type=float, default=None, help="host memory for expert state per rank")
     p.add_argument("--gpu-budget-gb", type=float, default=4.0)
-    p.add_argument("--master-format", dest="master", default="fp32", choices=["fp32", "bf16_sr", "bf16_kahan"],
+    p.add_argument("--master-format", dest="master", default="fp32",
+                   choices=["fp32", "fp32_split", "bf16_sr", "bf16_kahan"],
                    help="master weights of offloaded experts (not --master: torchrun reserves that prefix)")
     p.add_argument("--moments", default="fp32", choices=["fp32", "bf16", "int8"])
     p.add_argument("--layers", type=int, default=4)

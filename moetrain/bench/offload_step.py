@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--full-depth", action="store_true",
                    help="the published DeepSeek-MoE-16B depth: 28 layers, the first one dense (overrides --layers)")
-    p.add_argument("--master", default="fp32", choices=["fp32", "bf16_sr", "bf16_kahan"])
+    p.add_argument("--master", default="fp32", choices=["fp32", "fp32_split", "bf16_sr", "bf16_kahan"])
     p.add_argument("--moments", default="fp32", choices=["fp32", "bf16", "int8"])
     p.add_argument("--hot-cache-gb", type=float, default=0.0, help="hot-expert state cache (negative: auto)")
     p.add_argument("--gpu-budget-gb", type=float, default=4.0)

@@ -30,7 +30,7 @@ from moetrain.offload.state_io import ExpertStateIO
 from moetrain.offload.store import ExpertStore
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.telemetry import StepTelemetry
-from moetrain.offload.weight_masters import masters_from_weights, moments_from
+from moetrain.offload.weight_masters import masters_from_weights, paged_from
 from moetrain.offload.weight_pager import ExpertWeightPager
 from moetrain.optim import OptimizerConfig, decays, param_groups
 
@@ -115,7 +115,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
         # (a bf16_sr master stays in the compute weights: moetrain.offload.weight_masters)
         rates = (measure(device, cpu_adam, dtype, codec=sample.codec,
-                         state_bytes=(sample.layout.nbytes - (moments_from(sample) * 4 if in_weights else 0))
+                         state_bytes=(sample.layout.nbytes - (paged_from(sample) * 4 if in_weights else 0))
                          / sample.numel)
                  if offload.step_on == "auto" and sample is not None else Rates())
     lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer

@@ -7,15 +7,16 @@ record's bytes take a few tens of microseconds to read and write). Here one Trit
 moments and their scales), steps it in registers and writes it back in the record's format::
 
     g       bf16 | fp32 gradient (None: zeros), divided by grad_scale (1 / clip coefficient) when given
-    decode  master fp32 | bf16; moments fp32 | bf16 | int8 (codebook[code] * block absmax)
+    decode  master fp32 | bf16 | bf16 half + int16 rest; moments fp32 | bf16 | int8 (codebook[code] * block absmax)
     AdamW   decoupled decay, bias-corrected moments, eps after the square root (torch.optim.AdamW's update)
-    encode  master: fp32, or bf16 rounded stochastically; moments: fp32, bf16 (nearest even), or int8 (new block
-            absmax, nearest code: the count of codebook midpoints below the value, as torch.bucketize counts)
+    encode  master: fp32, bf16 rounded stochastically, or split exactly (split_fp32); moments: fp32, bf16 (nearest
+            even), or int8 (new block absmax, nearest code: the count of codebook midpoints below the value, as
+            torch.bucketize counts)
 
-Supported: master ``fp32`` or ``bf16_sr`` with moments ``fp32``, ``bf16`` or ``int8`` (not fp32/fp32, which
-torch's fused AdamW steps in place already, nor ``bf16_kahan``, which keeps the unfused path), quantization blocks
-up to :data:`MAX_BLOCK`. The unfused path stays the fallback (CPU, no triton, other formats) and the reference of
-the tests.
+Supported: master ``fp32``, ``fp32_split`` or ``bf16_sr`` with moments ``fp32``, ``bf16`` or ``int8`` (not
+fp32/fp32, which torch's fused AdamW steps in place already, nor ``bf16_kahan``, which keeps the unfused path),
+quantization blocks up to :data:`MAX_BLOCK`. The unfused path stays the fallback (CPU, no triton, other formats) and
+the reference of the tests.
 
 **Stochastic rounding bits.** The bf16 master is rounded with the rule of
 :func:`~moetrain.offload.quantize.round_bf16_stochastic` (16 random bits added below bf16's mantissa, then
@@ -90,7 +91,8 @@ def triton_importable() -> bool:
 
 def supports(layout: StateLayout) -> bool:
     """The kernel handles this record format (whatever the device)."""
-    return (layout.compressed and layout.master in ("fp32", "bf16_sr") and layout.moments in ("fp32", "bf16", "int8")
+    return (layout.compressed and layout.master in ("fp32", "fp32_split", "bf16_sr")
+            and layout.moments in ("fp32", "bf16", "int8")
             and (layout.moments != "int8" or layout.block <= MAX_BLOCK))
 
 
@@ -198,7 +200,8 @@ def _launch_grads(grads: list[Optional[torch.Tensor]],
 def fused_step_(rec: ExpertRecord, flat: torch.Tensor, *, lr: float, weight_decay: float, cfg: OptimizerConfig,
                 step: int, grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One AdamW step of ``rec`` whose state is the record bytes ``flat`` (a device slot), in place; returns the
-    stored master, (n,) fp32 or bf16, a view of ``flat`` (what the compute weights become).
+    stored master, (n,) fp32 or bf16 (``fp32_split``: its bf16 half), a view of ``flat`` (what the compute weights
+    become).
 
     Gradients are the record's parameters' ``.grad`` (bf16 or fp32, shaped like the parameters; None reads as
     zero); ``grad_scale``: 0-d fp32 tensor on the device that divides them (``1 / clip_coef``), or None.
@@ -229,13 +232,14 @@ def _launch(kernels, rec: ExpertRecord, views: dict[str, torch.Tensor], grads: l
     for launch in launches(layout, TILE):
         base, goff, bits = _launch_grads([grads[i] for i in launch.params], views["master"])
         kernels._adamw_record_kernel[launch.grid](
-            views["master"], views["exp_avg"], views["exp_avg_sq"],
+            views["master"], views.get("rest", views["master"]), views["exp_avg"], views["exp_avg_sq"],
             views["m_scale"] if int8 else views["exp_avg"], views["v_scale"] if int8 else views["exp_avg_sq"],
             base, grad_scale if grad_scale is not None else table, table,
             *launch.sizes, *launch.starts, *launch.block_starts, goff[1], goff[2], bits,
             rounding_seed(rec.layer, rec.expert, step), lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
             lr / bias_correction1, bias_correction2 ** 0.5, cfg.eps,
             BLOCK=geo.block, BLOCK_P2=geo.block_p2, ROWS=geo.rows, HAS_SCALE=grad_scale is not None,
-            MASTER_SR=layout.master == "bf16_sr", INT8=int8, BF16_MOMENTS=layout.moments == "bf16",
+            MASTER_SR=layout.master == "bf16_sr", MASTER_SPLIT=layout.master == "fp32_split", INT8=int8,
+            BF16_MOMENTS=layout.moments == "bf16",
             LERP_FROM_M=1 - beta1 < 0.5, num_warps=NUM_WARPS,
             enable_fp_fusion=False)  # no implicit mul+add contraction: the explicit fmas are the only ones

@@ -87,15 +87,18 @@ def _quantize(x, mask, ok_row, q_ptr, scale_ptr, e, blocks, mids_ptr, STEPS: tl.
 
 
 @triton.jit(do_not_specialize=["g1", "g2", "has_grad", "seed"])  # change between records: no recompiles
-def _adamw_record_kernel(master_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, grad_ptr, grad_scale_ptr, table_ptr,
+def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, grad_ptr, grad_scale_ptr,
+                        table_ptr,
                         n0, n1, n2, e0, e1, e2, b0, b1, b2, g1, g2, has_grad,
                         seed, lr_wd, c1, beta2, c2, step_size, bc2_sqrt, eps,
                         BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        MASTER_SR: tl.constexpr, INT8: tl.constexpr, BF16_MOMENTS: tl.constexpr,
+                        MASTER_SR: tl.constexpr, MASTER_SPLIT: tl.constexpr, INT8: tl.constexpr,
+                        BF16_MOMENTS: tl.constexpr,
                         LERP_FROM_M: tl.constexpr):
     """One AdamW step of up to three parameters of a record, in place in its bytes.
 
-    Pointers: the record's segments (``master`` fp32 | bf16, ``exp_avg``/``exp_avg_sq`` fp32 | bf16 | uint8 codes,
+    Pointers: the record's segments (``master`` fp32 | bf16, ``rest`` int16 under ``MASTER_SPLIT``, else any,
+    ``exp_avg``/``exp_avg_sq`` fp32 | bf16 | uint8 codes,
     their (blocks,) fp32 scales under int8, else any), the first parameter's gradient (bf16 | fp32; the others at
     element offsets ``g1``/``g2`` from it), the fp32 ``grad_scale`` scalar (read if ``HAS_SCALE``) and the
     (1024,) codebook table (signed code | its midpoints | unsigned code | its midpoints, 256 apart).
@@ -119,7 +122,12 @@ def _adamw_record_kernel(master_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, gra
     if HAS_SCALE:
         scale = tl.zeros((ROWS, BLOCK_P2), tl.float32) + tl.load(grad_scale_ptr)  # 1 / the clip coefficient
         g = tl.div_rn(g, scale)
-    w = tl.load(master_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    if MASTER_SPLIT:  # the exact fp32: bits(bf16 half) * 2^16 + rest (split_fp32's layout)
+        hi = tl.load(master_ptr + e, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        lo = tl.load(rest_ptr + e, mask=mask, other=0).to(tl.int32)
+        w = ((hi << 16) + lo).to(tl.float32, bitcast=True)
+    else:
+        w = tl.load(master_ptr + e, mask=mask, other=0.0).to(tl.float32)
     if INT8:
         blocks = first_block + rows
         ok_row = (rows * BLOCK) < n
@@ -152,6 +160,16 @@ def _adamw_record_kernel(master_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, gra
         noise = (tl.randint(seed, e) & 0xFFFF).to(tl.int32)
         bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
         tl.store(master_ptr + e, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+    elif MASTER_SPLIT:  # split_fp32: the magnitude's bits rounded up from half way, the rest in [-2^15, 2^15)
+        bits = w.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        rest = mag - ((mag + 0x8000) & 0x7FFF0000)
+        hi = (bits - rest) >> 16  # arithmetic: the sign bit stays
+        nan = w != w
+        hi = tl.where(nan, 0x7FC0, hi)
+        rest = tl.where(nan, 0, rest)
+        tl.store(master_ptr + e, hi.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(rest_ptr + e, rest.to(tl.int16), mask=mask)
     else:
         tl.store(master_ptr + e, w, mask=mask)
     if INT8:

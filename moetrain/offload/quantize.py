@@ -130,3 +130,26 @@ def round_bf16_kahan(x: torch.Tensor, master: torch.Tensor, comp: torch.Tensor) 
     ``master + comp`` keeps about 16 bits of mantissa, so small updates are not lost to rounding."""
     master.copy_(x)
     comp.copy_(x - master.float())
+
+
+def split_fp32(x: torch.Tensor, hi: torch.Tensor, rest: torch.Tensor) -> None:
+    """Store fp32 ``x`` (n,) exactly as bf16 ``hi`` (its nearest bf16, ties away from zero) and int16 ``rest``, the
+    difference of their bit patterns: ``bits(x) = bits(hi) * 2^16 + rest`` (:func:`join_fp32` inverts it).
+
+    Rounding the magnitude's bits up from half way keeps that difference in [-2^15, 2^15), the range of an int16
+    (ties to even would need 2^15 itself). ``hi`` is then what the compute weights hold in bf16, and ``rest`` is
+    all that the record adds to them. NaN is stored as bf16 NaN with rest 0 (it joins to a NaN)."""
+    x = x.to(hi.device, torch.float32)
+    bits = x.view(torch.int32)
+    mag = bits & 0x7FFF_FFFF
+    rest_bits = mag - ((mag + 0x8000) & 0x7FFF_0000)  # in [-2^15, 2^15); wraps only for NaN patterns
+    hi_bits = torch.bitwise_right_shift(bits - rest_bits, 16)  # the sign stays: same sign bit on both sides
+    nan = torch.isnan(x)
+    hi.view(torch.int16).copy_(torch.where(nan, 0x7FC0, hi_bits))  # int32 -> int16 keeps the low 16 bits
+    rest.copy_(torch.where(nan, 0, rest_bits))
+
+
+def join_fp32(hi: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """The fp32 (n,) that :func:`split_fp32` stored as bf16 ``hi`` and int16 ``rest`` (a new tensor), bit for bit."""
+    bits = torch.bitwise_left_shift(hi.view(torch.int16).to(torch.int32), 16) + rest.to(torch.int32)
+    return bits.view(torch.float32)

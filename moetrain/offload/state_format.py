@@ -3,16 +3,21 @@
 A record is one flat byte buffer, so that paging it is still one transfer. Its segments, each starting
 at a multiple of :data:`SEGMENT_ALIGN` bytes::
 
-    master   (n,) fp32 | bf16            the master weights (``master: fp32 | bf16_sr | bf16_kahan``)
+    master   (n,) fp32 | bf16            the master weights (``master: fp32 | fp32_split | bf16_sr | bf16_kahan``)
     comp     (n,) bf16                   Kahan compensation (``bf16_kahan`` only)
+    rest     (n,) int16                  the fp32 master's bits below its bf16 half (``fp32_split`` only)
     exp_avg  (n,) fp32 | bf16 | uint8    first moment (``moments: fp32 | bf16 | int8``)
     exp_avg_sq                           second moment, same dtype
     m_scale  (ceil(n / block),) fp32     per-block absmax of exp_avg (``int8`` only)
     v_scale  (ceil(n / block),) fp32     per-block absmax of exp_avg_sq (``int8`` only)
 
-Bytes a parameter: master 4 / 2 / 4, moments 8 / 4 / 2 (+ 8 / block for the scales). The default
+Bytes a parameter: master 4 / 4 / 2 / 4, moments 8 / 4 / 2 (+ 8 / block for the scales). The default
 (fp32, fp32) is 12 bytes, the layout the engine had before compression: ``[master | exp_avg |
 exp_avg_sq]``.
+
+``fp32_split`` is the exact fp32 master stored in two halves: its nearest bf16 (``master``, what bf16 compute
+weights hold) and the 16 bits that make it exact (``rest``; :func:`~moetrain.offload.quantize.split_fp32`). With
+resident bf16 weights the first half never needs to cross the link (:mod:`moetrain.offload.weight_masters`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,13 @@ import torch
 SEGMENT_ALIGN = 64
 """Byte alignment of each segment inside a record (so that every typed view is aligned)."""
 
-MASTER_BYTES = {"fp32": 4, "bf16_sr": 2, "bf16_kahan": 4}
+MASTER_BYTES = {"fp32": 4, "fp32_split": 4, "bf16_sr": 2, "bf16_kahan": 4}
 MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
-MASTER_DTYPE = {"fp32": torch.float32, "bf16_sr": torch.bfloat16, "bf16_kahan": torch.bfloat16}
+MASTER_DTYPE = {"fp32": torch.float32, "fp32_split": torch.bfloat16, "bf16_sr": torch.bfloat16,
+                "bf16_kahan": torch.bfloat16}
+WEIGHT_HELD_BYTES = {"fp32_split": 2, "bf16_sr": 2}
+"""Bytes a parameter of the stored master that bf16 compute weights hold exactly (its ``master`` segment): the
+formats whose host records need not page that segment when the weights are resident."""
 MOMENT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 
 
@@ -93,6 +102,8 @@ class StateLayout:
         seg = [("master", n, MASTER_DTYPE[self.master])]
         if self.master == "bf16_kahan":
             seg.append(("comp", n, torch.bfloat16))
+        if self.master == "fp32_split":
+            seg.append(("rest", n, torch.int16))
         seg += [("exp_avg", n, MOMENT_DTYPE[self.moments]), ("exp_avg_sq", n, MOMENT_DTYPE[self.moments])]
         if self.moments == "int8":
             seg += [("m_scale", self.num_blocks, torch.float32), ("v_scale", self.num_blocks, torch.float32)]
@@ -154,6 +165,10 @@ class StateCodec:
         v = self.layout.views(flat)
         if self.layout.master == "fp32":
             return v["master"]
+        if self.layout.master == "fp32_split":
+            from moetrain.offload.quantize import join_fp32
+
+            return join_fp32(v["master"], v["rest"])
         master = v["master"].float()
         if self.layout.master == "bf16_kahan":
             master += v["comp"].float()
@@ -181,8 +196,8 @@ class StateCodec:
 
     def encode_master(self, flat: torch.Tensor, master: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Store fp32 ``master`` (n,): copied, rounded stochastically (``generator``; nearest without
-        one, e.g. when importing weights) or split into bf16 + compensation."""
-        from moetrain.offload.quantize import round_bf16_kahan, round_bf16_stochastic
+        one, e.g. when importing weights), split into bf16 + compensation, or split exactly into bf16 + rest."""
+        from moetrain.offload.quantize import round_bf16_kahan, round_bf16_stochastic, split_fp32
 
         v = self.layout.views(flat)
         master = master.to(flat.device)  # e.g. weights on the GPU, the record in host memory
@@ -191,6 +206,8 @@ class StateCodec:
                 v["master"].copy_(master)
         elif self.layout.master == "bf16_kahan":
             round_bf16_kahan(master, v["master"], v["comp"])
+        elif self.layout.master == "fp32_split":
+            split_fp32(master, v["master"], v["rest"])
         elif generator is not None:
             round_bf16_stochastic(master, v["master"], generator)
         else:
@@ -224,7 +241,7 @@ class StateCodec:
         makes any code 0; the codec itself encodes a signed zero as the codebook's 0.0, code 127, which decodes
         to the same 0), so fresh moments take no quantizer."""
         raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-        written = ("master", "comp") if self.layout.master == "bf16_kahan" else ("master",)
+        written = tuple(name for name in ("master", "comp", "rest") if name in self.layout.offsets)
         end = 0
         for name in written:  # the leading segments; zero the gap before each
             at, count, dtype = self.layout.offsets[name]
@@ -234,14 +251,18 @@ class StateCodec:
 
     def encode_master_part(self, flat: torch.Tensor, elems: slice, weight: torch.Tensor) -> None:
         """Store one parameter's weight (any float dtype and device) as the master of elements ``elems``: copied,
-        rounded to nearest (bf16), or split into bf16 + compensation; as :meth:`encode_master` without a generator
-        does for those elements."""
+        rounded to nearest (bf16), or split into bf16 + compensation or bf16 + rest; as :meth:`encode_master` without a
+        generator does for those elements."""
         views = self.layout.views(flat)
         value = weight.detach().reshape(-1).to(flat.device, torch.float32)  # no copy when it is fp32 there already
         if self.layout.master == "bf16_kahan":
             from moetrain.offload.quantize import round_bf16_kahan
 
             round_bf16_kahan(value, views["master"][elems], views["comp"][elems])
+        elif self.layout.master == "fp32_split":
+            from moetrain.offload.quantize import split_fp32
+
+            split_fp32(value, views["master"][elems], views["rest"][elems])
         else:
             views["master"][elems].copy_(value)  # fp32, or bf16 rounded to nearest
 
@@ -257,10 +278,11 @@ class StateCodec:
         for (elems, _), weight in zip(self.param_slices(), weights, strict=True):
             self.encode_master_part(flat, elems, weight)
 
-    def stored_master(self, flat: torch.Tensor, elems: slice) -> torch.Tensor:
-        """The stored master of elements ``elems`` as a tensor that converts exactly to any float dtype: a view
-        (fp32, or the bf16 itself under ``bf16_sr``) or, under ``bf16_kahan``, master + compensation in fp32.
-        Equal to ``decode_master(flat)[elems]`` once converted, without decoding the whole record."""
+    def compute_part(self, flat: torch.Tensor, elems: slice) -> torch.Tensor:
+        """What the compute weights of elements ``elems`` are, as a tensor that converts exactly to any float dtype:
+        :meth:`compute_weights`'s value for those elements without decoding the whole record. A view (fp32, the
+        stored bf16 under ``bf16_sr``, the bf16 half under ``fp32_split``) or, under ``bf16_kahan``, master +
+        compensation in fp32."""
         views = self.layout.views(flat)
         if self.layout.master == "bf16_kahan":
             return views["master"][elems].float() + views["comp"][elems].float()
@@ -269,8 +291,9 @@ class StateCodec:
     def compute_weights(self, flat: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
         """What the model's compute weights become after ``master`` (fp32, as stepped) was encoded: the
         stored value (the rounded bf16 master, or bf16 master + compensation), so that compute and a
-        checkpoint see the same weights."""
-        if self.layout.master == "bf16_sr":
+        checkpoint see the same weights. Under ``fp32_split`` they are the master's bf16 half (whatever dtype the
+        compute weights have): what lets the weights hold that half for the store."""
+        if self.layout.master in ("bf16_sr", "fp32_split"):
             if master.dtype == torch.bfloat16:
                 return master  # the fused step hands back the stored bf16 itself (a view of flat): no new views
             return self.layout.views(flat)["master"]  # the stored bf16 itself (no fp32 copy on the hot path)

@@ -358,7 +358,7 @@ class ExpertStore:
         if rec.layout.master == "fp32":
             return
         for p, (elems, _) in zip(rec.params, rec.codec.param_slices(), strict=True):
-            p.data.copy_(rec.codec.stored_master(flat, elems).view(p.shape))
+            p.data.copy_(rec.codec.compute_part(flat, elems).view(p.shape))
 
     # ------------------------------------------------------------------ masters streamed in
     @torch.no_grad()
@@ -388,7 +388,7 @@ class ExpertStore:
             return
         self._staged.pop(rec.key, None)
         if self.pager is not None:  # paged compute weights (a resume into staged tiers): from the stored master
-            self.pager.write(rec.layer, rec.expert, rec.codec.decode_master(buf))
+            self.pager.write(rec.layer, rec.expert, rec.codec.compute_weights(buf, rec.codec.decode_master(buf)))
         else:  # compute from the stored (rounded) master, as _initialise does
             self._use_stored_master(rec, buf)
         if rec.tier is Tier.NVME:

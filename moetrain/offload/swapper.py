@@ -41,7 +41,7 @@ import torch
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
-from moetrain.offload.weight_masters import copy_masters, moments_from
+from moetrain.offload.weight_masters import copy_masters, paged_from
 
 
 class SlotState(enum.Enum):
@@ -250,7 +250,7 @@ class Swapper:
                     if source is not None and source != s:
                         self.in_stream.wait_event(self.slots[source].out_event)  # the record's write-back landed
                     self.mark_transfer(self.in_stream)
-                start = self._moments_start(rec)
+                start = self._paged_start(rec)
                 slot.view(rec.padded)[start:].copy_(src[start:], non_blocking=True)
                 if slot.in_event is not None:
                     slot.in_event.record(self.in_stream)
@@ -258,10 +258,10 @@ class Swapper:
                 slot.master_pending = start > 0
                 self.stats.h2d_bytes += (rec.padded - start) * 4
 
-    def _moments_start(self, rec: ExpertRecord) -> int:
+    def _paged_start(self, rec: ExpertRecord) -> int:
         """Where a host-tier record's page-in and page-out begin: after its master when the compute weights hold
         it, else at 0 (the whole record)."""
-        return moments_from(rec) if self.masters_from_weights and rec.tier is Tier.CPU else 0
+        return paged_from(rec) if self.masters_from_weights and rec.tier is Tier.CPU else 0
 
     def _finish_disk_reads(self) -> None:
         """Wait for outstanding NVMe reads and push their staging buffers to the device."""
@@ -348,7 +348,7 @@ class Swapper:
                 slot = self.slots[s]
                 slot.dirty = False
                 src = slot.view(rec.padded)
-                start = self._moments_start(rec) if moments_only else 0
+                start = self._paged_start(rec) if moments_only else 0
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec)[start:].copy_(src[start:], non_blocking=True)
                     self.written_from[rec.key] = s

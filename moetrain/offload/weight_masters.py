@@ -1,21 +1,22 @@
-"""The compute weights as the master: under ``master: bf16_sr`` with resident weights, only moments cross the link.
+"""The compute weights as the master: with resident weights, the master's bf16 segment never crosses the link.
 
-A ``bf16_sr`` record's master is bf16, and after every write the model's compute weights hold exactly that bf16
-(:meth:`~moetrain.offload.state_format.StateCodec.compute_weights`: the store's initial fill, every step on
-either path, a state load). The GPU already holds the master, then, so the swapper pages only the rest of a
-host-tier record (moments and their scales: 2 of its 4 bytes a parameter with int8 moments) and fills the slot's
-master segment from the weights on the device::
+A ``bf16_sr`` record's master is bf16, and a ``fp32_split`` record's master segment is the bf16 half of its exact
+fp32 master (the other half is the ``rest`` segment). After every write the model's compute weights hold exactly
+that bf16 (:meth:`~moetrain.offload.state_format.StateCodec.compute_weights`: the store's initial fill, every step
+on either path, a state load). The GPU already holds the segment, then, so the swapper pages only what follows it in
+a host-tier record (``rest``, moments and their scales: 2 of 4 bytes a parameter for ``bf16_sr`` with int8
+moments, 4 of 6 for ``fp32_split``) and fills the slot's master segment from the weights on the device::
 
-    page-in    H2D  record[moments_from:]  → slot[moments_from:]       (in_stream, as before)
+    page-in    H2D  record[paged_from:]  → slot[paged_from:]           (in_stream, as before)
                D2D  weights → slot master segment                      (compute stream, in ``acquire``)
-    page-out   D2H  slot[moments_from:]   → record[moments_from:]      (out_stream); the host master is stale
+    page-out   D2H  slot[paged_from:]   → record[paged_from:]          (out_stream); the host master is stale
     flush      D2H  weights → host master of every stale record        (before anything reads host state)
 
 The host master is stale between a page-out and the next flush (a checkpoint, a state load, the end of fit) or
 settle (before the CPU share steps a record in host memory); the weights are the master meanwhile. Records in
 the NVMe swap move whole, as their writes go to disk from the staging buffer.
 
-Shapes: a record of ``n`` parameters in ``padded`` floats; ``moments_from`` floats of master segment (``2 n``
+Shapes: a record of ``n`` parameters in ``padded`` floats; ``paged_from`` floats of master segment (``2 n``
 bytes, aligned to 64).
 """
 
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moetrain.offload.state_format import WEIGHT_HELD_BYTES
+
 if TYPE_CHECKING:
     from moetrain.offload.store import ExpertRecord
 
@@ -35,15 +38,17 @@ ENV = "MOETRAIN_MASTER_FROM_WEIGHTS"
 
 
 def masters_from_weights(master: str, resident_weights: str) -> bool:
-    """Whether a store of ``master`` records whose compute weights are ``resident_weights`` keeps its master in the
-    weights: ``bf16_sr`` (the weights are the stored bf16 itself) and resident weights (the parameters hold them),
-    unless the environment turns it off."""
-    return master == "bf16_sr" and resident_weights != "no" and os.environ.get(ENV, "1") != "0"
+    """Whether a store of ``master`` records whose compute weights are ``resident_weights`` keeps its master segment
+    in the weights: ``bf16_sr`` or ``fp32_split`` (the weights are that stored bf16 itself) and resident weights
+    (the parameters hold them), unless the environment turns it off."""
+    return master in WEIGHT_HELD_BYTES and resident_weights != "no" and os.environ.get(ENV, "1") != "0"
 
 
-def moments_from(rec: ExpertRecord) -> int:
-    """Float offset in ``rec``'s flat state where what follows the master begins (its first moment)."""
-    at, _, _ = rec.layout.offsets["exp_avg"]
+def paged_from(rec: ExpertRecord) -> int:
+    """Float offset in ``rec``'s flat state where what follows the master segment begins (``rest`` or the first
+    moment)."""
+    after = rec.layout.segments[1][0]
+    at, _, _ = rec.layout.offsets[after]
     assert at % 4 == 0, "segments are 64-byte aligned"
     return at // 4
 

@@ -182,6 +182,29 @@ def test_deepseek_record_against_unfused(master, moments):
         assert torch.equal(rec2.layout.views(flat2)["master"], got["master"])  # the same seed draws the same bits
 
 
+@pytest.mark.parametrize("moments", ["int8", "bf16"])
+def test_split_master_steps_as_fp32(moments):
+    """``fp32_split`` is the fp32 master in two halves: the compiled kernel's step of a DeepSeek-MoE-16B record in
+    it is bit for bit its step of the same record in the fp32 layout (joined master, moments, codes, scales), and
+    the halves are the split of the new master (its bf16 half the nearest bf16, what the weights compute with)."""
+    out = {}
+    for master in ("fp32", "fp32_split"):
+        rec, flat = deepseek_record(master, moments)
+        fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=7,
+                               grad_scale=torch.tensor(1.3, device=DEVICE))
+        views = rec.layout.views(flat)
+        out[master] = (rec, flat, [rec.codec.decode_master(flat)] +
+                       [views[k] for k in ("exp_avg", "exp_avg_sq", "m_scale", "v_scale") if k in views])
+    for a, b in zip(out["fp32"][2], out["fp32_split"][2], strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    rec, flat, (master, *_) = out["fp32_split"]
+    again = flat.clone()
+    rec.codec.encode_master(again, master)  # the torch split of the joined master: the kernel's bytes
+    assert torch.equal(again.view(torch.int32), flat.view(torch.int32))
+    hi = rec.layout.views(flat)["master"].float()
+    assert ((hi - master).abs() <= (master.bfloat16().float() - master).abs()).all()  # nearest
+
+
 def test_compiled_kernel_agrees_with_the_interpreter(tmp_path):
     """A small record (four parameters, partial blocks) stepped on the GPU and by the interpreter in a child process
     on the CPU: the same Philox bits and the same arithmetic, up to the compiler's rounding of the moments (run r5:

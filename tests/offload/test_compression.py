@@ -20,32 +20,50 @@ from moetrain.optim import DenseAdamW
 
 class RoundedAdamW(DenseAdamW):
     """torch AdamW whose routed experts' (master, exp_avg, exp_avg_sq) are stored in ``master``/``moments``
-    format after each step, the per-expert records laid out as the store lays them out."""
+    format after each step, the per-expert records laid out as the store lays them out. The experts compute with
+    what the format's compute weights are (under ``fp32_split`` the master's bf16 half: the exact master is kept
+    aside and AdamW steps it)."""
 
     def __init__(self, model, cfg, master: str, moments: str, block: int) -> None:
         super().__init__(model, cfg)
         self.experts = [(b.layer_idx, e, [x.gate_proj.weight, x.up_proj.weight, x.down_proj.weight])
                         for b in model.moe_blocks() for e, x in enumerate(b.experts)]
         self.fmt = (master, moments, block)
+        self.masters: dict[int, torch.Tensor] = {}  # fp32_split: parameter id -> its exact master
+        self.compute: dict[int, torch.Tensor] = {}  # and its compute weights
         with torch.no_grad():  # the store keeps the initial master in its format too
             for _, _, ps in self.experts:
                 codec = StateCodec(StateLayout(tuple(p.numel() for p in ps), *self.fmt))
                 flat = torch.zeros(-(-codec.layout.nbytes // 4), device=ps[0].device)
                 codec.encode_master(flat, torch.cat([p.reshape(-1) for p in ps]))
-                w, at = codec.decode_master(flat), 0
-                for p in ps:
-                    p.copy_(w[at:at + p.numel()].view_as(p))
-                    at += p.numel()
+                self._set(ps, codec, flat, codec.decode_master(flat))
+
+    def _set(self, ps, codec: StateCodec, flat: torch.Tensor, w: torch.Tensor) -> None:
+        """The parameters take the compute weights of master ``w`` (decoded from ``flat``), the master kept aside."""
+        compute, at = codec.compute_weights(flat, w).float(), 0
+        for p in ps:
+            if self.fmt[0] == "fp32_split":
+                self.masters[id(p)] = w[at:at + p.numel()].view_as(p).clone()
+                self.compute[id(p)] = compute[at:at + p.numel()].view_as(p).clone()
+            p.copy_(compute[at:at + p.numel()].view_as(p))
+            at += p.numel()
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
         before = {id(p): int(self.opt.state[p]["step"]) if p in self.opt.state else 0
                   for _, _, ps in self.experts for p in ps}
+        for _, _, ps in self.experts:  # AdamW steps the exact master, not the compute weights
+            for p in ps:
+                if id(p) in self.masters:
+                    p.copy_(self.masters[id(p)])
         super().step(lr)
         for layer, expert, ps in self.experts:
             states = [self.opt.state.get(p) for p in ps]
             if any(s is None for s in states) or int(states[0]["step"]) == before[id(ps[0])]:
-                continue  # not stepped this time: untouched, as in the engine
+                for p in ps:  # not stepped this time: untouched, as in the engine (compute weights back)
+                    if id(p) in self.masters:
+                        p.copy_(self.compute[id(p)])
+                continue
             codec = StateCodec(StateLayout(tuple(p.numel() for p in ps), *self.fmt))
             flat = torch.zeros(-(-codec.layout.nbytes // 4), device=ps[0].device)  # as the engine's slots
             w = torch.cat([p.reshape(-1) for p in ps])
@@ -55,16 +73,16 @@ class RoundedAdamW(DenseAdamW):
             generator = codec.record_generator(w.device, rounding_seed(layer, expert, step))
             codec.encode(flat, master=w, exp_avg=m, exp_avg_sq=v, generator=generator)
             w2, m2, v2 = codec.decode(flat)
+            self._set(ps, codec, flat, w2)
             at = 0
             for p, s in zip(ps, states, strict=True):
                 n = p.numel()
-                p.copy_(w2[at:at + n].view_as(p))
                 s["exp_avg"].copy_(m2[at:at + n].view_as(p))
                 s["exp_avg_sq"].copy_(v2[at:at + n].view_as(p))
                 at += n
 
 
-FORMATS = [("fp32", "bf16"), ("fp32", "int8"), ("bf16_sr", "fp32"), ("bf16_kahan", "int8")]
+FORMATS = [("fp32", "bf16"), ("fp32", "int8"), ("bf16_sr", "fp32"), ("bf16_kahan", "int8"), ("fp32_split", "int8")]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ from moetrain.offload.state_format import StateCodec, StateLayout, rounding_seed
 from moetrain.optim import OptimizerConfig
 
 CFG = OptimizerConfig(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-FORMATS = [("fp32", "int8"), ("bf16_sr", "int8"), ("fp32", "bf16"), ("bf16_sr", "bf16"), ("bf16_sr", "fp32")]
+FORMATS = [("fp32", "int8"), ("bf16_sr", "int8"), ("fp32", "bf16"), ("bf16_sr", "bf16"), ("bf16_sr", "fp32"),
+           ("fp32_split", "int8"), ("fp32_split", "bf16")]
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -202,9 +203,32 @@ def test_fused_step_equals_unfused(kernels, master, moments, case):
             assert torch.equal(got[name], want[name]), name
     if master == "fp32":
         assert_master_close(got["master"], exact, before)
+    elif master == "fp32_split":  # the exact fp32 in two halves, encoded as split_fp32 encodes it
+        assert_master_close(rec.codec.decode_master(flat), exact, before)
+        again = flat.clone()
+        rec.codec.encode_master(again, rec.codec.decode_master(flat))
+        assert torch.equal(again.view(torch.int32), flat.view(torch.int32))  # bytes (a float view may hold NaNs)
     else:
         assert_bf16_neighbours(got["master"], exact, before)
         assert not torch.equal(got["master"], want["master"])  # Philox bits, not the torch.Generator's
+
+
+@pytest.mark.parametrize("moments", ["int8", "bf16"])
+def test_split_master_steps_as_fp32(kernels, moments):
+    """``fp32_split`` is the fp32 master stored in two halves: the kernel's step of it is bit for bit its step of
+    the fp32 layout (master joined, moments, codes and scales), with and without a clip scale."""
+    for scale in (None, 2.5):
+        grad_scale = None if scale is None else torch.tensor(scale)
+        results = {}
+        for master in ("fp32", "fp32_split"):
+            rec, flat = make_record((256, 200, 96), master, moments, 64, seed=11)
+            fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=3,
+                                   grad_scale=grad_scale)
+            views = rec.layout.views(flat)
+            moments_and_scales = [views[k] for k in views if k.startswith(("exp", "m_", "v_"))]
+            results[master] = [rec.codec.decode_master(flat)] + moments_and_scales
+        for a, b in zip(results["fp32"], results["fp32_split"], strict=True):
+            assert torch.equal(a, b)
 
 
 def test_lerp_of_large_weight(kernels):

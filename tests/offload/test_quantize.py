@@ -121,7 +121,7 @@ def test_kahan_pair_keeps_sixteen_bits():
 
 
 @pytest.mark.parametrize("master,moments", [("fp32", "fp32"), ("bf16_sr", "bf16"), ("bf16_kahan", "int8"),
-                                            ("fp32", "int8")])
+                                            ("fp32", "int8"), ("fp32_split", "int8")])
 def test_record_codec_round_trip_and_size(master, moments):
     sizes = (96, 96, 100)  # the last parameter ends in a partial block
     layout = StateLayout(sizes, master, moments, block=32)
@@ -136,7 +136,7 @@ def test_record_codec_round_trip_and_size(master, moments):
     scale = 1.0 if moments != "int8" else 0.0
     assert ((v2 - v).abs() <= tol * (scale * v.abs() + (1 - scale) * v.abs().max())).all()
     assert ((m2 - m).abs() <= tol * (scale * m.abs() + (1 - scale) * m.abs().max())).all()
-    wtol = {"fp32": 0.0, "bf16_sr": 2**-7, "bf16_kahan": 2**-15}[master]
+    wtol = {"fp32": 0.0, "fp32_split": 0.0, "bf16_sr": 2**-7, "bf16_kahan": 2**-15}[master]
     assert ((w2 - w).abs() <= wtol * w.abs()).all()
     # encoding what was decoded changes nothing (checkpoints resume exactly)
     again = flat.clone()

@@ -15,7 +15,7 @@ from moetrain.offload.adam import CpuAdam
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.rates import GPU_PATH_BYTES, Rates, measure_cpu_adam, split
 from moetrain.offload.state_format import StateCodec, StateLayout, state_bytes_per_param
-from moetrain.offload.weight_masters import moments_from
+from moetrain.offload.weight_masters import paged_from
 
 
 def _shares(rates: Rates) -> tuple[int, int]:
@@ -56,7 +56,7 @@ def test_the_engine_weighs_its_own_state_format():
     record = next(iter(opt.store))
     assert opt.rates.measured
     # not fp32's 12, and not the bf16 master either: the compute weights hold it (moetrain.offload.weight_masters)
-    assert opt.rates.state_bytes == (record.layout.nbytes - 4 * moments_from(record)) / record.numel < 3
+    assert opt.rates.state_bytes == (record.layout.nbytes - 4 * paged_from(record)) / record.numel < 3
     opt.close()
     plain = build_optimizer(tiny_model(), OPTIM, OffloadConfig(tier="cpu", step_on="auto"))
     assert plain.rates.state_bytes == 12

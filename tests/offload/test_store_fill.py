@@ -19,12 +19,13 @@ from moetrain.offload.state_format import StateCodec, StateLayout
 from moetrain.offload.store import ExpertStore, Tier
 from moetrain.progress import forced
 
-FORMATS = [("fp32", "fp32"), ("bf16_sr", "int8"), ("bf16_kahan", "bf16"), ("bf16_sr", "fp32"), ("fp32", "int8")]
+FORMATS = [("fp32", "fp32"), ("bf16_sr", "int8"), ("bf16_kahan", "bf16"), ("bf16_sr", "fp32"), ("fp32", "int8"),
+           ("fp32_split", "int8")]
 
 
 def _reference(model, cfg: OffloadConfig) -> tuple[dict, dict]:
     """What the store held before: per record, ``flat.zero_()`` then ``encode_master`` of the concatenated fp32
-    weights; the compute weights then the decoded stored master (compressed masters only)."""
+    weights; the compute weights then what the stored master computes with (compressed masters only)."""
     records, weights = {}, {}
     for block in model.moe_blocks():
         for e, expert in enumerate(block.experts):
@@ -35,9 +36,10 @@ def _reference(model, cfg: OffloadConfig) -> tuple[dict, dict]:
             codec.encode_master(flat, torch.cat([p.detach().reshape(-1).float() for p in params]))
             records[(block.layer_idx, e)] = flat
             master, start = codec.decode_master(flat), 0
+            compute = codec.compute_weights(flat, master).float()  # the stored master, or its bf16 half
             for p in params:
                 size = p.numel()
-                weights[id(p)] = (master[start:start + size].view(p.shape).clone() if cfg.master != "fp32"
+                weights[id(p)] = (compute[start:start + size].view(p.shape).clone() if cfg.master != "fp32"
                                   else p.detach().clone())
                 start += size
     return records, weights
@@ -99,7 +101,7 @@ def test_fill_across_pieces_chunks_and_nvme(tmp_path, monkeypatch, master, momen
     store.close()
 
 
-@pytest.mark.parametrize("master", ["fp32", "bf16_sr", "bf16_kahan"])
+@pytest.mark.parametrize("master", ["fp32", "fp32_split", "bf16_sr", "bf16_kahan"])
 @pytest.mark.parametrize("moments", ["fp32", "bf16", "int8"])
 def test_zero_moments_equal_the_codec_encoding_of_zero(master, moments):
     """A fresh record's moments are zero bytes, not quantizer output; they decode to what the codec's encoding of
@@ -121,7 +123,7 @@ def test_zero_moments_equal_the_codec_encoding_of_zero(master, moments):
         assert torch.equal(got, want) and torch.equal(got, zero)
     assert torch.equal(codec.decode_master(fresh), codec.decode_master(encoded))
     views = layout.views(fresh)
-    assert all(not views[name].view(torch.uint8).any() for name in views if name not in ("master", "comp"))
+    assert all(not views[name].view(torch.uint8).any() for name in views if name not in ("master", "comp", "rest"))
     if moments == "int8":
         scales = layout.views(encoded)
         assert not scales["m_scale"].any() and not scales["v_scale"].any()  # the codec's scale of zero is 0 too

@@ -50,7 +50,7 @@ from moetrain.offload.plan.step_time import compute_seconds, step_traffic
 from moetrain.offload.plan.trained import dense_group_params
 from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
 from moetrain.offload.schedule import num_state_slots
-from moetrain.offload.state_format import MASTER_BYTES, state_bytes_per_param
+from moetrain.offload.state_format import WEIGHT_HELD_BYTES, state_bytes_per_param
 from moetrain.offload.weight_masters import masters_from_weights
 
 
@@ -263,9 +263,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     gpu = sum(n for tier, _, n in rows if tier == "gpu")
     if disk_free is None and nvme and not storage.swap_separate and off.nvme_path and os.path.isdir(off.nvme_path):
         disk_free = shutil.disk_usage(off.nvme_path).free
-    link_bpp = bpp  # a paged record's bytes each way; under bf16_sr the weights hold the host tier's master
+    link_bpp = bpp  # a paged record's bytes each way; the weights may hold the host tier's master (or its bf16 half)
     if off.tier != "none" and state and masters_from_weights(off.master, off.resident_weights):
-        link_bpp -= MASTER_BYTES[off.master] * (state - nvme) / state
+        link_bpp -= WEIGHT_HELD_BYTES[off.master] * (state - nvme) / state
     traffic = step_traffic(model_config, tokens_per_step=tokens_per_step, micro_batch_tokens=micro,
                            per_expert=per_expert, state_bpp=link_bpp, hot_experts=hot, offloaded=off.tier != "none",
                            paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction,

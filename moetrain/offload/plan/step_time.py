@@ -1,10 +1,10 @@
 """The floor of an optimizer step: ``max(compute, bytes moved / link, bytes swapped / NVMe)``.
 
 The active experts' state that is not in the hot cache goes up and comes back (``2 * state_bytes_per_param``
-B/param, both directions at once; under ``master: bf16_sr`` with resident weights the host tier's records leave
-their master in the weights, :mod:`moetrain.offload.weight_masters`); with paged compute weights every
-micro-batch also pages its active experts' weights in for forward and again for backward, and the step writes
-the new weights of its active experts back.
+B/param, both directions at once; under ``master: bf16_sr | fp32_split`` with resident weights the host tier's
+records leave their master (or its bf16 half) in the weights, :mod:`moetrain.offload.weight_masters`); with paged
+compute weights every micro-batch also pages its active experts' weights in for forward and again for backward,
+and the step writes the new weights of its active experts back.
 A paged expert whose record lives in the NVMe swap is read from it before its step and written back after (hot
 records stay on the GPU and are written back only when they cool); the swap holds the deepest layers' records
 (the store fills host memory in layer order), and an expert there is taken to be active and cached as often as
