@@ -75,11 +75,9 @@ class StateSettings:
     """How the offloaded experts' state is stored, and the dtype they compute in (``model.offload.state``)."""
 
     master: Literal["fp32", "fp32_split", "bf16_sr", "bf16_kahan"] = "fp32"
-    """Master weights: ``fp32`` (default, exact), ``fp32_split`` (exact fp32 stored as its nearest bf16 plus 16
-    more bits: with resident bf16 compute weights, which hold the bf16 half, only the other half crosses the link;
-    the compute weights are that bf16, also under fp32 compute), ``bf16_sr`` (bf16 with stochastic rounding after
-    each update: 2 bytes a parameter) or ``bf16_kahan`` (bf16 plus a bf16 Kahan compensation term carrying the
-    rounding error: 4 bytes, close to fp32 accuracy)."""
+    """Master weights: ``fp32`` (default, exact), ``fp32_split`` (exact, as bf16 + 16 bits; resident bf16 weights
+    hold the bf16: a third less on the link), ``bf16_sr`` (bf16, stochastic rounding: 2 bytes) or ``bf16_kahan``
+    (bf16 + Kahan compensation: 4 bytes)."""
     moments: Literal["fp32", "bf16", "int8"] = "fp32"
     """Adam moments: ``fp32`` (default, exact), ``bf16`` or ``int8`` (block-wise dynamic quantization as in 8-bit
     Adam, dequantized on the compute device: about 1 byte a moment)."""
