@@ -37,6 +37,7 @@ from moetrain.offload.config import OffloadPlan
 from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
+    BF16_STREAM_GAIN,
     DEFAULT_NVME_GBPS,
     GPU_RESERVE,
     HOST_RESERVE,
@@ -108,7 +109,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         weight_bytes: size of an offloaded expert's resident compute weight and of its gradient; by default
             from ``compute_dtype`` (``auto`` is bf16 on a GPU: 2; ``fp32``: 4).
         compute_tflops: the forward and backward's sustained rate (default: :func:`.sustained_tflops` of the
-            micro-batch's tokens).
+            micro-batch's tokens, times :data:`.BF16_STREAM_GAIN` with a bf16 residual stream).
         micro_batch_tokens: tokens of one forward/backward, for the activation estimate and the compute rate
             (default: the step's).
         overlapped: the experts' state moves under backward (no clipping: layers are stepped as backward
@@ -272,7 +273,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                            swap_per_record=nvme / trained if trained else 0.0)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
-    tflops = compute_tflops if compute_tflops is not None else sustained_tflops(micro)
+    tflops = compute_tflops if compute_tflops is not None else (
+        sustained_tflops(micro) * (BF16_STREAM_GAIN if residual_bytes == 2 else 1.0))
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
                                 tokens_per_step=tokens_per_step, compute_tflops=tflops,
                                 trained_fraction=fraction, frozen_dense_params=frozen_dense)
