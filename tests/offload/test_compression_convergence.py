@@ -1,7 +1,8 @@
 """Convergence with compressed expert state: 200 steps of the tiny recipe (micro-batches of 4 rows, to keep
-CI short) with each storage option end within 2% of the loss that fp32 state reaches.
+CI short) with each storage option end within 2% of the loss that fp32 state reaches. (``fp32_split`` keeps the
+exact master, and the experts compute with its bf16 half, as bf16 compute weights on a GPU would.)
 
-The five runs are independent processes, two at a time (the tiny recipe uses one thread each). The
+The six runs are independent processes, two at a time (the tiny recipe uses one thread each). The
 fp32 reference runs with ``tier: none``: offloaded fp32 state equals it exactly (test_exactness.py).
 """
 
@@ -24,6 +25,7 @@ OPTIONS = {
     "int8 moments": ["--model.offload.state.moments=int8"],
     "bf16 master, stochastic rounding": ["--model.offload.state.master=bf16_sr"],
     "bf16 master, Kahan": ["--model.offload.state.master=bf16_kahan"],
+    "fp32 master split, bf16 compute": ["--model.offload.state.master=fp32_split"],
 }
 
 
