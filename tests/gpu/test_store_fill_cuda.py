@@ -32,7 +32,7 @@ def _bytes(store: ExpertStore, rec) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("master,moments", [("fp32", "fp32"), ("bf16_sr", "int8"), ("bf16_kahan", "bf16"),
-                                            ("bf16_sr", "fp32")])
+                                            ("bf16_sr", "fp32"), ("fp32_split", "int8")])
 def test_gpu_fill_equals_cpu_fill(tmp_path, monkeypatch, master, moments):
     model = tiny_model(num_experts=8)
     record = ExpertStore(model, OffloadConfig(tier="cpu", master=master, moments=moments),
