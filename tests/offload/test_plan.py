@@ -32,7 +32,7 @@ from moetrain.offload.plan import (
 from moetrain.offload.store import ExpertStore
 
 GiB = 2**30
-MASTER_BYTES = {"fp32": 4, "bf16_sr": 2, "bf16_kahan": 2 + 2}  # bf16 master + bf16 Kahan compensation
+MASTER_BYTES = {"fp32": 4, "fp32_split": 2 + 2, "bf16_sr": 2, "bf16_kahan": 2 + 2}  # bf16 + a 16-bit part
 MOMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 
 
@@ -74,7 +74,7 @@ def test_bytes_per_tier_and_overflow(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("master,moments", list(itertools.product(("fp32", "bf16_sr", "bf16_kahan"),
+@pytest.mark.parametrize("master,moments", list(itertools.product(("fp32", "fp32_split", "bf16_sr", "bf16_kahan"),
                                                                    ("fp32", "bf16", "int8"))))
 def test_compressed_state_bytes_per_tier_and_on_the_link(master, moments):
     model = tiny_model(num_experts=16)
@@ -85,10 +85,10 @@ def test_compressed_state_bytes_per_tier_and_on_the_link(master, moments):
                           tokens_per_step=10_000, host_capacity=GiB)
     assert host_only.host_bytes == n_records * record + HOST_RESERVE and host_only.nvme_bytes == 0
     assert host_only.state_bpp == state_bytes(per_expert, master, moments) / per_expert
-    # 10 k tokens touch every expert: each one's state goes up and comes back, but a bf16_sr master, which the
-    # resident compute weights hold (moetrain.offload.weight_masters)
+    # 10 k tokens touch every expert: each one's state goes up and comes back, but a bf16_sr master or the bf16
+    # half of a fp32_split one, which the resident compute weights hold (moetrain.offload.weight_masters)
     assert host_only.active_experts == pytest.approx(n_records)
-    paged = state_bytes(per_expert, master, moments) - (2 * per_expert if master == "bf16_sr" else 0)
+    paged = state_bytes(per_expert, master, moments) - (2 * per_expert if master in ("bf16_sr", "fp32_split") else 0)
     assert host_only.moved_bytes == pytest.approx(2 * n_records * paged)
     on_disk = make_plan(model.config, OffloadConfig(tier="nvme", nvme_path="unused", master=master, moments=moments,
                                                     gpu_slots=3), tokens_per_step=64, disk_free=GiB)
