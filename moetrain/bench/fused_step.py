@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-clip", action="store_true", help="no grad_scale (no gradient clipping)")
     p.add_argument("--tile", type=int, default=None, help="the kernel's elements per program (fused_step.TILE)")
     p.add_argument("--num-warps", type=int, default=None, help="the kernel's warps per program")
+    p.add_argument("--records-per-launch", type=int, default=None,
+                   help="records one launch steps at most (fused_step.RECORDS_PER_LAUNCH; 1: a launch a record)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         fused_step.TILE = a.tile
     if a.num_warps:
         fused_step.NUM_WARPS = a.num_warps
+    if a.records_per_launch:
+        fused_step.RECORDS_PER_LAUNCH = a.records_per_launch
     dev = torch.device("cuda")
     cfg = OptimizerConfig(lr=1e-5, weight_decay=0.1)
     stepper = GpuStep(None, cfg, WeightWriter(None), compressed=True, scratch_bytes=a.scratch_gb * 2**30)
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
     res = {"bench": "fused_step", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "triton": _triton_version(), "records": a.records, "reps": a.reps, "block": a.block,
-           "tile": fused_step.TILE, "num_warps": fused_step.NUM_WARPS, "grad_scale": grad_scale is not None,
+           "tile": fused_step.TILE, "num_warps": fused_step.NUM_WARPS,
+           "records_per_launch": fused_step.RECORDS_PER_LAUNCH, "grad_scale": grad_scale is not None,
            "formats": formats}
     print("RESULT " + json.dumps(res), flush=True)
     if a.out:

@@ -1,4 +1,4 @@
-"""One fused GPU kernel per record for the AdamW step of compressed expert state.
+"""One fused GPU kernel for the AdamW step of compressed expert state, several records a launch.
 
 The unfused step of a compressed record decodes it into fp32 scratch, runs torch's fused AdamW there and encodes
 it back: dozens of small kernels a record (about 1.7 ms an expert of DeepSeek-MoE-16B on an H200, where the
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from moetrain.offload.quantize import _code
-from moetrain.offload.state_format import StateLayout, rounding_seed
+from moetrain.offload.state_format import MASTER_DTYPE, MOMENT_DTYPE, StateLayout, rounding_seed
 
 if TYPE_CHECKING:
     from moetrain.offload.store import ExpertRecord
@@ -73,6 +74,13 @@ NUM_WARPS = 8
 
 PARAMS_PER_LAUNCH = 3
 """Parameters one launch steps (an expert's gate, up and down projections)."""
+
+RECORDS_PER_LAUNCH = 16
+"""Records one launch steps at most (a knob like :data:`TILE`): each adds a row to the launch's metadata, where
+a launch of its own cost some 0.1 ms of host time a record."""
+
+META = 6
+"""int64 fields of a record's row of launch metadata: byte offset, three gradient offsets, has-gradient bits, seed."""
 
 
 def enabled() -> bool:
@@ -175,71 +183,108 @@ def launches(layout: StateLayout, tile: int) -> tuple[Launch, ...]:
     return tuple(out)
 
 
-def _launch_grads(grads: list[Optional[torch.Tensor]],
-                  fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], int]:
-    """(base, element offsets, has-gradient bits) of a launch's gradients ((n_i,) each, or None): the kernel reads
-    gradient i at ``base + offset_i``, the first at offset 0. Gradients of mixed dtypes are read as fp32 copies;
-    with none at all ``fallback`` stands in (never read)."""
-    present = [g for g in grads if g is not None]
-    if not present:
-        return fallback, (0, 0, 0), 0
-    if len({g.dtype for g in present}) > 1:
+def master_view(layout: StateLayout, flat: torch.Tensor) -> torch.Tensor:
+    """The master segment of a record's bytes ``flat`` as its (n,) fp32 | bf16 view (without the other views)."""
+    at, count, dtype = layout.offsets["master"]
+    raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+    return raw[at:at + count * dtype.itemsize].view(dtype)
+
+
+def _record_grads(rec: ExpertRecord) -> list[Optional[torch.Tensor]]:
+    """The record's parameters' gradients, (n_i,) each or None; of mixed dtypes, fp32 copies (one dtype a launch)."""
+    grads = [None if p.grad is None else p.grad.reshape(-1) for p in rec.params]  # contiguous: a view or a copy
+    if len({g.dtype for g in grads if g is not None}) > 1:
         grads = [g if g is None else g.float() for g in grads]
-        present = [g for g in grads if g is not None]
-    base, size = present[0], present[0].element_size()  # the first gradient when it exists: its offset is 0
-    offsets = []
-    for g in grads:
-        diff = 0 if g is None else g.data_ptr() - base.data_ptr()
-        assert diff % size == 0, "gradients must be aligned to their element size"
-        offsets.append(diff // size)
-    offsets += [0] * (PARAMS_PER_LAUNCH - len(offsets))
-    bits = sum(1 << i for i, g in enumerate(grads) if g is not None)
-    return base, (offsets[0], offsets[1], offsets[2]), bits
+    return grads
 
 
 def fused_step_(rec: ExpertRecord, flat: torch.Tensor, *, lr: float, weight_decay: float, cfg: OptimizerConfig,
                 step: int, grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One AdamW step of ``rec`` whose state is the record bytes ``flat`` (a device slot), in place; returns the
     stored master, (n,) fp32 or bf16 (``fp32_split``: its bf16 half), a view of ``flat`` (what the compute weights
-    become).
+    become). :func:`fused_step_many_` of one record.
 
     Gradients are the record's parameters' ``.grad`` (bf16 or fp32, shaped like the parameters; None reads as
     zero); ``grad_scale``: 0-d fp32 tensor on the device that divides them (``1 / clip_coef``), or None.
     ``step``: the record's AdamW step number after this update (bias corrections and the rounding seed).
     """
+    return fused_step_many_([(rec, flat)], steps=[step], lr=lr, weight_decay=weight_decay, cfg=cfg,
+                            grad_scale=grad_scale)[0]
+
+
+def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, steps: Sequence[int], lr: float,
+                     weight_decay: float, cfg: OptimizerConfig,
+                     grad_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """:func:`fused_step_` of each (record, its bytes) at its ``steps[i]``, in as few launches as the records allow:
+    records of one layout, one step number and one gradient dtype share a launch, :data:`RECORDS_PER_LAUNCH` at
+    most (the host's cost of a launch, a large part of the optimizer step's host time, is then shared). Returns
+    each record's stored master (a view of its bytes)."""
     kernels = importlib.import_module(KERNELS)  # imports triton; sys.modules' entry (the tests swap it)
-    layout = rec.layout
-    assert layout is not None and supports(layout), layout
-    views = layout.views(flat)
-    grads = [None if p.grad is None else p.grad.reshape(-1) for p in rec.params]  # contiguous: a view or a copy
-    table = code_table(flat.device)
-    elsewhere = flat.is_cuda and flat.device.index != torch.cuda.current_device()
-    with torch.cuda.device(flat.device) if elsewhere else nullcontext():  # Triton launches on the current device
-        _launch(kernels, rec, views, grads, grad_scale, table, lr=lr, weight_decay=weight_decay, cfg=cfg, step=step)
-    return views["master"]
+    grads = [_record_grads(rec) for rec, _ in pairs]
+    groups: dict[tuple, list[int]] = {}
+    for i, ((rec, flat), step) in enumerate(zip(pairs, steps, strict=True)):
+        assert rec.layout is not None and supports(rec.layout), rec.layout
+        dtype = next((g.dtype for g in grads[i] if g is not None), None)
+        groups.setdefault((rec.layout, int(step), dtype, flat.device), []).append(i)
+    for (_, step, _, device), members in groups.items():
+        table = code_table(device)
+        elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
+        with torch.cuda.device(device) if elsewhere else nullcontext():  # Triton launches on the current device
+            for at in range(0, len(members), RECORDS_PER_LAUNCH):
+                chunk = members[at:at + RECORDS_PER_LAUNCH]
+                _launch(kernels, [pairs[i] for i in chunk], [grads[i] for i in chunk], grad_scale, table,
+                        lr=lr, weight_decay=weight_decay, cfg=cfg, step=step)
+    return [master_view(rec.layout, flat) for rec, flat in pairs]
 
 
-def _launch(kernels, rec: ExpertRecord, views: dict[str, torch.Tensor], grads: list[Optional[torch.Tensor]],
-            grad_scale: Optional[torch.Tensor], table: torch.Tensor, *, lr: float, weight_decay: float,
-            cfg: OptimizerConfig, step: int) -> None:
-    """The record's kernel launches (see :func:`fused_step_`)."""
-    layout = rec.layout
+def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequence[list[Optional[torch.Tensor]]],
+               params: tuple[int, ...], base: Optional[torch.Tensor], step: int) -> list[list[int]]:
+    """The kernel's (records, META) metadata of one launch over parameters ``params`` of each record: the byte
+    offset of its bytes from the first record's, its gradients' element offsets from ``base`` (0 where absent),
+    its has-gradient bits and its rounding seed."""
+    first = pairs[0][1].data_ptr()
+    rows = []
+    for (rec, flat), gs in zip(pairs, grads, strict=True):
+        at = flat.data_ptr() - first
+        assert at % 4 == 0, "records must be aligned to 4 bytes"
+        offsets, bits = [0] * PARAMS_PER_LAUNCH, 0
+        for j, i in enumerate(params):
+            g = gs[i]
+            if g is None:
+                continue
+            diff = g.data_ptr() - base.data_ptr()
+            assert diff % g.element_size() == 0, "gradients must be aligned to their element size"
+            offsets[j], bits = diff // g.element_size(), bits | 1 << j
+        rows.append([at, *offsets, bits, rounding_seed(rec.layer, rec.expert, step)])
+    return rows
+
+
+def _launch(kernels, pairs: Sequence[tuple[ExpertRecord, torch.Tensor]],
+            grads: Sequence[list[Optional[torch.Tensor]]], grad_scale: Optional[torch.Tensor], table: torch.Tensor, *,
+            lr: float, weight_decay: float, cfg: OptimizerConfig, step: int) -> None:
+    """The kernel launches of records of one layout at one step (see :func:`fused_step_many_`): one a group of up
+    to three parameters, over every record."""
+    layout = pairs[0][0].layout
+    views = layout.views(pairs[0][1])  # the first record's segments; the others are found by their byte offsets
     int8 = layout.moments == "int8"
     beta1, beta2 = cfg.betas
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
     geo = geometry(layout, TILE)
     for launch in launches(layout, TILE):
-        base, goff, bits = _launch_grads([grads[i] for i in launch.params], views["master"])
-        kernels._adamw_record_kernel[launch.grid](
+        base = next((g[i] for g in grads for i in launch.params if g[i] is not None), None)
+        meta = torch.tensor(_meta_rows(pairs, grads, launch.params, base, step), dtype=torch.int64)
+        if table.is_cuda:  # one small copy, ordered before the kernel on this stream
+            meta = meta.pin_memory().to(table.device, non_blocking=True)
+        kernels._adamw_record_kernel[(*launch.grid, len(pairs))](
             views["master"], views.get("rest", views["master"]), views["exp_avg"], views["exp_avg_sq"],
             views["m_scale"] if int8 else views["exp_avg"], views["v_scale"] if int8 else views["exp_avg_sq"],
-            base, grad_scale if grad_scale is not None else table, table,
-            *launch.sizes, *launch.starts, *launch.block_starts, goff[1], goff[2], bits,
-            rounding_seed(rec.layer, rec.expert, step), lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
-            lr / bias_correction1, bias_correction2 ** 0.5, cfg.eps,
+            base if base is not None else views["master"], grad_scale if grad_scale is not None else table, table,
+            meta, *launch.sizes, *launch.starts, *launch.block_starts,
+            lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, bias_correction2 ** 0.5, cfg.eps,
             BLOCK=geo.block, BLOCK_P2=geo.block_p2, ROWS=geo.rows, HAS_SCALE=grad_scale is not None,
             MASTER_SR=layout.master == "bf16_sr", MASTER_SPLIT=layout.master == "fp32_split", INT8=int8,
-            BF16_MOMENTS=layout.moments == "bf16",
-            LERP_FROM_M=1 - beta1 < 0.5, num_warps=NUM_WARPS,
+            BF16_MOMENTS=layout.moments == "bf16", LERP_FROM_M=1 - beta1 < 0.5, META=META,
+            MASTER_ITEM=MASTER_DTYPE[layout.master].itemsize, MOMENT_ITEM=MOMENT_DTYPE[layout.moments].itemsize,
+            num_warps=NUM_WARPS,
             enable_fp_fusion=False)  # no implicit mul+add contraction: the explicit fmas are the only ones

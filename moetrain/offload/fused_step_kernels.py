@@ -6,7 +6,8 @@ A program owns ``ROWS`` consecutive quantization blocks (``BLOCK`` elements each
 ``(ROWS, BLOCK_P2)`` tile: it reads each element's gradient, master and moments once, steps them in registers and
 writes them back in the record's format, the new per-block absmax with them. Under bf16 or fp32 moments a "block"
 is just a tile row. Parameters are the grid's second axis (at most three a launch: an expert's gate, up and down
-projections), so that a record is one launch.
+projections) and records of one layout its third, found by their byte offsets from the first (a row of int64
+metadata each), so that a chunk of records is one launch.
 
 Only long-standing Triton features are used (``tl.fma``, ``tl.sqrt_rn``, ``tl.div_rn``, ``tl.randint``,
 ``tl.static_range``, bitcasts, the ``enable_fp_fusion`` launch option of Triton 2.2 and later), so that the Triton a
@@ -65,12 +66,12 @@ def _bf16_nearest(x):
 
 
 @triton.jit
-def _this_param(param, n0, n1, n2, e0, e1, e2, b0, b1, b2, g1, g2):
-    """(size, first element in the record, gradient offset, first block) of the launch's parameter ``param``
-    (0, 1 or 2), in one call: the interpreter pays for each."""
+def _this_param(param, n0, n1, n2, e0, e1, e2, b0, b1, b2):
+    """(size, first element in the record, first block) of the launch's parameter ``param`` (0, 1 or 2), in one
+    call: the interpreter pays for each."""
     first, second = param == 0, param == 1
     return (tl.where(first, n0, tl.where(second, n1, n2)), tl.where(first, e0, tl.where(second, e1, e2)),
-            tl.where(first, 0, tl.where(second, g1, g2)), tl.where(first, b0, tl.where(second, b1, b2)))
+            tl.where(first, b0, tl.where(second, b1, b2)))
 
 
 @triton.jit
@@ -86,32 +87,45 @@ def _quantize(x, mask, ok_row, q_ptr, scale_ptr, e, blocks, mids_ptr, STEPS: tl.
     tl.store(q_ptr + e, q.to(tl.uint8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["g1", "g2", "has_grad", "seed"])  # change between records: no recompiles
+@triton.jit
 def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scale_ptr, grad_ptr, grad_scale_ptr,
-                        table_ptr,
-                        n0, n1, n2, e0, e1, e2, b0, b1, b2, g1, g2, has_grad,
-                        seed, lr_wd, c1, beta2, c2, step_size, bc2_sqrt, eps,
+                        table_ptr, meta_ptr,
+                        n0, n1, n2, e0, e1, e2, b0, b1, b2,
+                        lr_wd, c1, beta2, c2, step_size, bc2_sqrt, eps,
                         BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
                         MASTER_SR: tl.constexpr, MASTER_SPLIT: tl.constexpr, INT8: tl.constexpr,
-                        BF16_MOMENTS: tl.constexpr,
-                        LERP_FROM_M: tl.constexpr):
-    """One AdamW step of up to three parameters of a record, in place in its bytes.
+                        BF16_MOMENTS: tl.constexpr, LERP_FROM_M: tl.constexpr, META: tl.constexpr,
+                        MASTER_ITEM: tl.constexpr, MOMENT_ITEM: tl.constexpr):
+    """One AdamW step of up to three parameters of each of several records of one layout, in place in their bytes.
 
-    Pointers: the record's segments (``master`` fp32 | bf16, ``rest`` int16 under ``MASTER_SPLIT``, else any,
-    ``exp_avg``/``exp_avg_sq`` fp32 | bf16 | uint8 codes,
-    their (blocks,) fp32 scales under int8, else any), the first parameter's gradient (bf16 | fp32; the others at
-    element offsets ``g1``/``g2`` from it), the fp32 ``grad_scale`` scalar (read if ``HAS_SCALE``) and the
-    (1024,) codebook table (signed code | its midpoints | unsigned code | its midpoints, 256 apart).
-    ``n*``: parameter sizes (0: no such parameter); ``e*``: first elements in the record; ``b*``: first blocks in
-    the scale segments; ``has_grad``: bit i set when parameter i has a gradient (else it reads as zero).
-    Scalars: ``lr_wd = lr * weight_decay``, ``c1 = 1 - beta1``, ``c2 = 1 - beta2``, ``step_size = lr / (1 -
-    beta1^t)``, ``bc2_sqrt = sqrt(1 - beta2^t)``; ``seed``: the stochastic rounding's Philox key.
-    ``LERP_FROM_M``: ``c1 < 0.5`` (torch's lerp switches formula there).
+    The grid's third axis is the record. Pointers: the first record's segments (``master`` fp32 | bf16, ``rest``
+    int16 under ``MASTER_SPLIT``, else any, ``exp_avg``/``exp_avg_sq`` fp32 | bf16 | uint8 codes, their (blocks,)
+    fp32 scales under int8, else any), a gradient (bf16 | fp32) the others are counted from, the fp32
+    ``grad_scale`` scalar (read if ``HAS_SCALE``), the (1024,) codebook table (signed code | its midpoints |
+    unsigned code | its midpoints, 256 apart) and ``meta``, (records, META) int64: per record the byte offset of
+    its bytes from the first record's, its three parameters' gradients as element offsets from ``grad_ptr``, its
+    has-gradient bits (bit i set when parameter i has a gradient, else it reads as zero) and its stochastic
+    rounding's Philox key. ``n*``: parameter sizes (0: no such parameter); ``e*``: first elements in the record;
+    ``b*``: first blocks in the scale segments. Scalars (the same step of every record): ``lr_wd = lr *
+    weight_decay``, ``c1 = 1 - beta1``, ``c2 = 1 - beta2``, ``step_size = lr / (1 - beta1^t)``, ``bc2_sqrt =
+    sqrt(1 - beta2^t)``. ``LERP_FROM_M``: ``c1 < 0.5`` (torch's lerp switches formula there). ``MASTER_ITEM`` /
+    ``MOMENT_ITEM``: bytes of a master / moment element.
     """
     param = tl.program_id(1)
-    n, first, goff, first_block = _this_param(param, n0, n1, n2, e0, e1, e2, b0, b1, b2, g1, g2)
+    n, first, first_block = _this_param(param, n0, n1, n2, e0, e1, e2, b0, b1, b2)
     if tl.program_id(0) * (ROWS * BLOCK) >= n:
         return  # a shorter parameter than the launch's longest
+    row = meta_ptr + tl.program_id(2) * META
+    at = tl.load(row)  # this record's bytes, from the first record's: every segment moves by as many bytes
+    goff = tl.load(row + 1 + param)
+    has_grad = tl.load(row + 4)
+    seed = tl.load(row + 5)
+    master_ptr += at // MASTER_ITEM
+    rest_ptr += at // 2
+    m_ptr += at // MOMENT_ITEM
+    v_ptr += at // MOMENT_ITEM
+    m_scale_ptr += at // 4
+    v_scale_ptr += at // 4
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # the parameter's blocks
     cols = tl.arange(0, BLOCK_P2)
     idx = rows[:, None] * BLOCK + cols[None, :]  # element in the parameter

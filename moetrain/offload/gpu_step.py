@@ -4,8 +4,8 @@ For each chunk of half the slots (the other half fills meanwhile)::
 
     acquire(chunk)          hits, or H2D on the swapper's in_stream; compute waits on per-slot events
     prefetch(next chunk)    ← overlaps the fused step below
-    compressed, CUDA        one Triton kernel a record (moetrain.offload.fused_step): decode, AdamW and encode
-                            in registers, in place in the slot; then the new compute weights
+    compressed, CUDA        one Triton kernel launch for the chunk's records (moetrain.offload.fused_step): decode,
+                            AdamW and encode in registers, in place in the slots; then the new compute weights
     otherwise:
       decode (compressed)   fp32 scratch, groups of at most a quarter of gpu_budget_gb
       _fused_adamw_         gradients scaled in-kernel by 1 / clip coefficient
@@ -26,7 +26,7 @@ import torch
 
 from moetrain.offload.adam import adamw
 from moetrain.offload.compute_weights import WeightWriter
-from moetrain.offload.fused_step import fused_step_, fused_step_available
+from moetrain.offload.fused_step import fused_step_available, fused_step_many_
 from moetrain.offload.state_format import rounding_seed
 from moetrain.offload.store import ExpertRecord
 from moetrain.offload.swapper import Swapper
@@ -79,29 +79,28 @@ class GpuStep:
 
     def step_fused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
                    grad_scale: Optional[torch.Tensor]) -> list[tuple[ExpertRecord, torch.Tensor]]:
-        """Step each (record, its slot) with one fused kernel in place, then write its compute weights: the stored
-        master itself (fp32, or the bf16 that stochastic rounding stored), as :meth:`store_stepped` writes them.
+        """Step the (record, its slot) pairs with the fused kernel in place, several records a launch
+        (:func:`~moetrain.offload.fused_step.fused_step_many_`), then write their compute weights: the stored master
+        itself (fp32, or the bf16 that stochastic rounding or the split stored), as :meth:`store_stepped` does.
 
-        Returns the pairs left for the unfused path: all of them when the kernel's first call fails (a Triton
-        that cannot compile it), which turns the fused path off for the run with one warning. Compilation fails
-        before the launch, so nothing of the record was written; later failures propagate."""
-        stepped: list[tuple[ExpertRecord, torch.Tensor]] = []  # (record, its new compute weights), written at once
+        Returns the pairs left for the unfused path: all of them when the kernel's first call fails (a Triton that
+        cannot compile it), which turns the fused path off for the run with one warning. Compilation fails before
+        the first launch, so nothing was written; later failures propagate."""
+        if not pairs:
+            return []
         try:
-            for i, (rec, flat) in enumerate(pairs):
-                try:
-                    master = fused_step_(rec, flat, lr=lr, weight_decay=self.cfg.weight_decay, cfg=self.cfg,
-                                         step=rec.step + 1, grad_scale=grad_scale)
-                except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
-                    if self.fused_state is not None:
-                        raise
-                    self.fused_state = "off"
-                    warnings.warn(f"the fused expert step failed to run ({type(err).__name__}: {err}); stepping "
-                                  "the compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
-                    return pairs[i:]
-                self.fused_state = "ok"
-                stepped.append((rec, rec.codec.compute_weights(flat, master)))
-        finally:
-            self.writer.write_many(stepped)
+            masters = fused_step_many_(pairs, steps=[rec.step + 1 for rec, _ in pairs], lr=lr,
+                                       weight_decay=self.cfg.weight_decay, cfg=self.cfg, grad_scale=grad_scale)
+        except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
+            if self.fused_state is not None:
+                raise
+            self.fused_state = "off"
+            warnings.warn(f"the fused expert step failed to run ({type(err).__name__}: {err}); stepping the "
+                          "compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
+            return pairs
+        self.fused_state = "ok"
+        self.writer.write_many([(rec, rec.codec.compute_weights(flat, master))
+                                for (rec, flat), master in zip(pairs, masters, strict=True)])
         return []
 
     def step_unfused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,

@@ -182,6 +182,29 @@ def test_deepseek_record_against_unfused(master, moments):
         assert torch.equal(rec2.layout.views(flat2)["master"], got["master"])  # the same seed draws the same bits
 
 
+@pytest.mark.parametrize("master,moments", [("bf16_sr", "int8"), ("fp32_split", "int8")])
+def test_records_of_one_launch_equal_one_launch_each(master, moments):
+    """Five DeepSeek-MoE-16B records in slots of one pool (as the swapper lays them out), one launch for all, get
+    the bytes each gets from a launch of its own: offsets, gradients, seeds."""
+    alone = [deepseek_record(master, moments, seed=s) for s in range(5)]
+    for e, (rec, _) in enumerate(alone):
+        rec.expert = e
+    slot = alone[0][1].numel() + 1024  # floats a slot: the record and some padding
+    pool = torch.zeros(len(alone) * slot, device=DEVICE)
+    together = []
+    for i, (rec, flat) in enumerate(alone):
+        dst = pool[i * slot:i * slot + flat.numel()]
+        dst.copy_(flat)
+        together.append((rec, dst))
+    scale = torch.tensor(1.3, device=DEVICE)
+    for rec, flat in alone:
+        fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=5, grad_scale=scale)
+    fused_step.fused_step_many_(together, steps=[5] * len(together), lr=CFG.lr, weight_decay=CFG.weight_decay,
+                                cfg=CFG, grad_scale=scale)
+    for (_, a), (_, b) in zip(alone, together, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 @pytest.mark.parametrize("moments", ["int8", "bf16"])
 def test_split_master_steps_as_fp32(moments):
     """``fp32_split`` is the fp32 master in two halves: the compiled kernel's step of a DeepSeek-MoE-16B record in

@@ -213,6 +213,43 @@ def test_fused_step_equals_unfused(kernels, master, moments, case):
         assert not torch.equal(got["master"], want["master"])  # Philox bits, not the torch.Generator's
 
 
+@pytest.mark.parametrize("master,moments", [("bf16_sr", "int8"), ("fp32_split", "bf16"), ("fp32", "int8")])
+def test_many_records_in_one_launch_equal_one_launch_each(kernels, master, moments, monkeypatch):
+    """Records stepped together (launches of up to RECORDS_PER_LAUNCH, grouped by step number) get the bytes each
+    gets alone: their own offsets, gradients (one missing), seeds and bias corrections."""
+    def records():
+        out = [make_record((256, 200, 96), master, moments, 64, seed=s, expert=s,
+                           missing=(1,) if s == 2 else ()) for s in range(5)]
+        return out, [3, 3, 4, 3, 3]  # record 2 is a step ahead: a launch of its own
+
+    alone, steps = records()
+    for (rec, flat), step in zip(alone, steps, strict=True):
+        fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=step,
+                               grad_scale=torch.tensor(1.7))
+    monkeypatch.setattr(fused_step, "RECORDS_PER_LAUNCH", 3)  # the four records at step 3: launches of 3 and 1
+    launched = []
+    kernel = kernels._adamw_record_kernel
+    monkeypatch.setattr(kernels, "_adamw_record_kernel", _Counting(kernel, launched))
+    together, _ = records()
+    masters = fused_step.fused_step_many_(together, steps=steps, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG,
+                                          grad_scale=torch.tensor(1.7))
+    assert [grid[2] for grid in launched] == [3, 1, 1]
+    for (rec, a), (_, b), master in zip(alone, together, masters, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+        assert master.data_ptr() == b.data_ptr() and master.numel() == rec.layout.numel
+
+
+class _Counting:
+    """A kernel whose launches' grids are recorded."""
+
+    def __init__(self, kernel, grids: list) -> None:
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("moments", ["int8", "bf16"])
 def test_split_master_steps_as_fp32(kernels, moments):
     """``fp32_split`` is the fp32 master stored in two halves: the kernel's step of it is bit for bit its step of
@@ -328,7 +365,7 @@ def test_gpu_step_fused_against_unfused(kernels, monkeypatch, master, steps):
 
 def test_a_kernel_that_cannot_compile_falls_back_to_the_unfused_path(monkeypatch):
     """A Triton too old for the kernel fails at its first call, before anything is written: the step warns once and
-    takes the unfused path for that record and every later one, with the unfused path's result bit for bit."""
+    takes the unfused path for those records and every later one, with the unfused path's result bit for bit."""
     from moetrain.offload import build_optimizer, gpu_step
     from moetrain.offload.config import OffloadConfig
 
@@ -340,7 +377,7 @@ def test_a_kernel_that_cannot_compile_falls_back_to_the_unfused_path(monkeypatch
             raise RuntimeError("triton: cannot compile")
 
         monkeypatch.setattr(gpu_step, "fused_step_available", lambda layout, device: broken)
-        monkeypatch.setattr(gpu_step, "fused_step_", failing)
+        monkeypatch.setattr(gpu_step, "fused_step_many_", failing)
         torch.manual_seed(0)
         model = tiny_model(num_experts=4, layers=1)
         opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master="fp32", moments="int8", quant_block=24,
