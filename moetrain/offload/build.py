@@ -113,7 +113,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
             pool = ThreadPoolExecutor(1, thread_name_prefix="moetrain-cpu-adam")
         cpu = CpuShare(stepper, HostState(store), weight_decay=cfg.weight_decay, pool=pool)
     if rates is None:  # auto's cost model weighs the store's own format: its bytes on the link, its codec on the host
-        # (a bf16_sr master stays in the compute weights: moetrain.offload.weight_masters)
+        # (a bf16_sr master, or a fp32_split master's bf16 half, stays in the compute weights: weight_masters)
         rates = (measure(device, cpu_adam, dtype, codec=sample.codec,
                          state_bytes=(sample.layout.nbytes - (paged_from(sample) * 4 if in_weights else 0))
                          / sample.numel)

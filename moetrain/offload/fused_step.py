@@ -183,13 +183,6 @@ def launches(layout: StateLayout, tile: int) -> tuple[Launch, ...]:
     return tuple(out)
 
 
-def master_view(layout: StateLayout, flat: torch.Tensor) -> torch.Tensor:
-    """The master segment of a record's bytes ``flat`` as its (n,) fp32 | bf16 view (without the other views)."""
-    at, count, dtype = layout.offsets["master"]
-    raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-    return raw[at:at + count * dtype.itemsize].view(dtype)
-
-
 def _record_grads(rec: ExpertRecord) -> list[Optional[torch.Tensor]]:
     """The record's parameters' gradients, (n_i,) each or None; of mixed dtypes, fp32 copies (one dtype a launch)."""
     grads = [None if p.grad is None else p.grad.reshape(-1) for p in rec.params]  # contiguous: a view or a copy
@@ -234,7 +227,7 @@ def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, step
                 chunk = members[at:at + RECORDS_PER_LAUNCH]
                 _launch(kernels, [pairs[i] for i in chunk], [grads[i] for i in chunk], grad_scale, table,
                         lr=lr, weight_decay=weight_decay, cfg=cfg, step=step)
-    return [master_view(rec.layout, flat) for rec, flat in pairs]
+    return [rec.layout.view(flat, "master") for rec, flat in pairs]
 
 
 def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequence[list[Optional[torch.Tensor]]],

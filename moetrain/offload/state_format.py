@@ -127,9 +127,13 @@ class StateLayout:
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed (count,) views of a record's bytes (``flat``: any dtype, at least :attr:`nbytes` bytes)."""
+        return {name: self.view(flat, name) for name in self.offsets}
+
+    def view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """The typed (count,) view of segment ``name`` of a record's bytes, without the others (hot paths)."""
+        at, count, dtype = self.offsets[name]
         raw = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-        return {name: raw[at:at + count * dtype.itemsize].view(dtype)
-                for name, (at, count, dtype) in self.offsets.items()}
+        return raw[at:at + count * dtype.itemsize].view(dtype)
 
 
 class StateCodec:
@@ -296,7 +300,7 @@ class StateCodec:
         if self.layout.master in ("bf16_sr", "fp32_split"):
             if master.dtype == torch.bfloat16:
                 return master  # the fused step hands back the stored bf16 itself (a view of flat): no new views
-            return self.layout.views(flat)["master"]  # the stored bf16 itself (no fp32 copy on the hot path)
+            return self.layout.view(flat, "master")  # the stored bf16 itself (no fp32 copy on the hot path)
         return master if self.layout.master == "fp32" else self.decode_master(flat)
 
     def record_generator(self, device: torch.device, seed: int) -> torch.Generator | None:

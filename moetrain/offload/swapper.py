@@ -107,8 +107,8 @@ class Swapper:
         store: the expert records and their host/NVMe tiers.
         device: the compute device (``cpu`` stands in for a GPU in tests).
         num_slots: slots of ``store.max_padded`` floats each.
-        masters_from_weights: the records' master is the compute weights (``bf16_sr``, resident weights): host-tier
-            records page their moments only (:mod:`moetrain.offload.weight_masters`).
+        masters_from_weights: the compute weights hold the records' master segment (``bf16_sr`` or ``fp32_split``,
+            resident weights): host-tier records page what follows it only (:mod:`moetrain.offload.weight_masters`).
     """
 
     def __init__(self, store: ExpertStore, device: torch.device, num_slots: int, *,
@@ -334,11 +334,11 @@ class Swapper:
         for rec in recs:
             if rec.key in self.hot:
                 self.slots[self.slot_of[rec.key]].dirty = True
-        self._write_back([r for r in recs if r.key not in self.hot], moments_only=True)
+        self._write_back([r for r in recs if r.key not in self.hot], skip_masters=True)
 
-    def _write_back(self, recs: list[ExpertRecord], moments_only: bool = False) -> None:
+    def _write_back(self, recs: list[ExpertRecord], skip_masters: bool = False) -> None:
         """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far;
-        ``moments_only``: host-tier records leave their master in the compute weights (stale on the host)."""
+        ``skip_masters``: host-tier records leave their master segment in the compute weights (stale on the host)."""
         if not recs:
             return
         with self._out_after_compute():
@@ -348,7 +348,7 @@ class Swapper:
                 slot = self.slots[s]
                 slot.dirty = False
                 src = slot.view(rec.padded)
-                start = self._paged_start(rec) if moments_only else 0
+                start = self._paged_start(rec) if skip_masters else 0
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec)[start:].copy_(src[start:], non_blocking=True)
                     self.written_from[rec.key] = s

@@ -55,7 +55,7 @@ def paged_from(rec: ExpertRecord) -> int:
 
 def _master_views(rec: ExpertRecord, flat: torch.Tensor) -> list[torch.Tensor]:
     """The master segment of ``flat`` (the record's (padded,) state) split and shaped like its parameters."""
-    return rec.split(rec.layout.views(flat)["master"])
+    return rec.split(rec.layout.view(flat, "master"))
 
 
 def copy_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
