@@ -31,7 +31,7 @@ import yaml
 from moetrain import cuda_alloc
 from moetrain.config import ModelConfig
 from moetrain.models.random_init import build_random
-from moetrain.training.step_profiler import kernel_breakdown
+from moetrain.training.step_profiler import idle_gaps, kernel_breakdown
 from moetrain.training.telemetry import peak_flops, training_flops_per_token
 
 
@@ -98,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for _ in range(2):
                 micro_batch()
             torch.cuda.synchronize()
-        res["profile_2_micro_batches"] = kernel_breakdown(prof)
+        res["profile_2_micro_batches"] = kernel_breakdown(prof) | {"idle": idle_gaps(prof.events())}
         top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         print(top, flush=True)
     print("RESULT " + json.dumps(res), flush=True)

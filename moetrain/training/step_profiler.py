@@ -15,7 +15,10 @@ millions of events; its micro-batches are alike, so two of them say what each co
 * ``optimizer_step_s``: the wall time of the optimizer step (its ``moetrain.optimizer_step`` range; 0 unless
   ``profile.optimizer: true``);
 * ``cpu_ops``: the host operators with the most self time (Python-side overhead shows as many small ones);
-* ``kernels``: the GPU kernels with the most time.
+* ``kernels``: the GPU kernels with the most time;
+* ``idle``: the GPU's idle gaps of at least 50 us (count, total, longest) and ``by_host_op``: the host operators
+  whose own time overlaps those gaps the most: what the host was doing while the GPU waited for work (a host
+  sync, a slow Python path, a blocking copy).
 
 It runs on the CPU as well (no GPU part then). The trace itself (Chrome format) is kept with ``profile.trace:
 true``; it can be large.
@@ -23,22 +26,26 @@ true``; it can be large.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.autograd.profiler_util import FunctionEvent
 
 OPTIMIZER_RANGE = "moetrain.optimizer_step"
 """The ``torch.profiler.record_function`` range the training module wraps its optimizer step in."""
 
 KERNEL_FAMILIES = (  # first match wins: (family, substrings of a kernel's name, lower case)
-    ("grouped_gemm", ("grouped", "group_gemm", "gmm")),
+    # attention first: cuDNN's flash kernels are named ``..._sdpa_sm90_flash_..._wgmma_...``, and "wgmma" holds "gmm"
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("grouped_gemm", ("grouped", "group_gemm", "gmm")),
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "sgemm", "hgemm")),
     ("loss_softmax", ("softmax", "cross_entropy", "nll", "logsumexp")),
     ("copy", ("memcpy", "memset", "copy")),
@@ -89,6 +96,34 @@ def kernel_breakdown(prof: torch.profiler.profile) -> dict[str, float]:
     return out
 
 
+def idle_gaps(events: Sequence[FunctionEvent], *, min_us: float = 50.0, top: int = 12) -> dict[str, Any]:
+    """The GPU's idle gaps of at least ``min_us`` between the kernels of a trace's ``events`` (``prof.events()``),
+    and the host operators whose self time overlaps them most (seconds of gap per operator name; an operator's time
+    in its children is the children's)."""
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = union(kernels)
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] - busy[i][1] >= min_us]
+    out: dict[str, Any] = {"gaps": len(gaps), "total_s": round(length(gaps) / 1e6, 6),
+                           "longest_s": round(max((e - s for s, e in gaps), default=0.0) / 1e6, 6)}
+    if not gaps:
+        return out | {"by_host_op": []}
+    starts, ends = [s for s, _ in gaps], [e for _, e in gaps]
+    overlap: dict[int, float] = {}
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    for ev in cpu:  # each event's overlap with the gaps: the gaps it touches are a run found by bisection
+        s, e = ev.time_range.start, ev.time_range.end
+        lo, hi = bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)
+        overlap[id(ev)] = sum(max(0.0, min(e, ends[i]) - max(s, starts[i])) for i in range(lo, hi))
+    by_name: dict[str, float] = defaultdict(float)
+    for ev in cpu:
+        own = overlap[id(ev)] - sum(overlap.get(id(c), 0.0) for c in ev.cpu_children)
+        if own > 0:
+            by_name[ev.name] += own
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return out | {"by_host_op": [{"name": n[:120], "s": round(v / 1e6, 6)} for n, v in ranked]}
+
+
 def summarize(prof: torch.profiler.profile, *, top: int = 15) -> dict[str, Any]:
     """The ``profile_step_N.json`` summary of a trace (see the module docstring)."""
     events = prof.key_averages()
@@ -103,6 +138,7 @@ def summarize(prof: torch.profiler.profile, *, top: int = 15) -> dict[str, Any]:
                     for e in cpu_ops],
         "kernels": [{"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 4)}
                     for e in kernels],
+        "idle": idle_gaps(prof.events()),
     }
 
 

@@ -311,13 +311,13 @@ def test_engine_fused_on_and_off(monkeypatch, master, steps):
     ``MOETRAIN_FUSED_STEP=0``: fp32 masters agree to a code step of a moment now and then (lr 1e-2 times ~1%),
     bf16_sr masters after one step are the same values or bf16 neighbours (different rounding bits)."""
     calls = []
-    real = gpu_step.fused_step_
+    real = gpu_step.fused_step_many_
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gpu_step, "fused_step_", counting)
+    monkeypatch.setattr(gpu_step, "fused_step_many_", counting)
     masters = {}
     data = batches(steps=steps, tokens=16)
     for fused in (True, False):

@@ -44,3 +44,33 @@ def test_kernel_breakdown_of_a_trace_without_gpu_kernels_is_empty():
 def test_profiler_settings_are_checked(kwargs):
     with pytest.raises(ValueError):
         StepProfiler(**kwargs)
+
+
+def _event(name, start, end, *, gpu=False, children=()):
+    """A real profiler event (the class ``prof.events()`` yields) over [start, end) microseconds."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    ev = FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end,
+                       device_type=DeviceType.CUDA if gpu else DeviceType.CPU)
+    for child in children:
+        ev.append_cpu_child(child)
+    return ev
+
+
+def test_idle_gaps_name_the_host_operator_the_gpu_waited_on():
+    """Kernels busy 0-100 and 400-500 and 520-600 us: one gap of 300 us (the 20 us one is under the threshold). The
+    host spent 50-350 in ``step`` whose child ``aten::item`` (a sync) ran 100-330: the gap is item's 230 us and
+    step's own 20 (the parts of 330-400 outside any operator count for none)."""
+    from moetrain.training.step_profiler import idle_gaps
+
+    item = _event("aten::item", 100, 330)
+    events = [_event("k1", 0, 100, gpu=True), _event("k2", 400, 500, gpu=True), _event("k3", 520, 600, gpu=True),
+              _event("step", 50, 350, children=[item]), item, _event("aten::mm", 360, 370),
+              _event("aten::add", 505, 515)]
+    out = idle_gaps(events)
+    assert out["gaps"] == 1 and out["total_s"] == pytest.approx(300e-6) and out["longest_s"] == pytest.approx(300e-6)
+    owners = {o["name"]: o["s"] for o in out["by_host_op"]}
+    assert owners == pytest.approx({"aten::item": 230e-6, "step": 20e-6, "aten::mm": 10e-6})
+    assert [o["name"] for o in out["by_host_op"]][0] == "aten::item"
+    assert idle_gaps(events[:1]) == {"gaps": 0, "total_s": 0.0, "longest_s": 0.0, "by_host_op": []}
