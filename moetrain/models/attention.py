@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
+from moetrain.models.varlen import DocumentSpans, varlen_applies, varlen_causal_attention
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +103,16 @@ def build_attention_mask(
     return mask | (diag & ~mask.any(-1, keepdim=True))
 
 
+def dense_mask(spans: DocumentSpans) -> torch.Tensor:
+    """The (B, 1, L, L) bool mask equivalent to packed documents' ``spans``, built by the first layer that needs it
+    (one that cannot run the variable-length kernel) and kept on the spans for the forward's other layers."""
+    if spans.dense is None:
+        b, seq = spans.document_ids.shape
+        spans.dense = build_attention_mask(b, seq, seq, device=spans.document_ids.device,
+                                           document_ids=spans.document_ids)
+    return spans.dense
+
+
 class KVCache:
     """Per-layer key/value tensors of shape (B, nkv, S, hd), grown by concatenation."""
 
@@ -147,10 +158,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor | DocumentSpans],
         cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        """x: (B, L, H) -> (B, L, H)."""
+        """x: (B, L, H) -> (B, L, H); ``mask``: (B, 1, L, S) bool, None (causal) or packed documents' spans."""
         b, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -162,6 +173,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(mask, DocumentSpans):  # packed documents: variable-length flash attention where it runs
+            if cache is None and varlen_applies(q, self.head_dim):
+                out = varlen_causal_attention(q, k, v, spans=mask)
+                return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim))
+            mask = dense_mask(mask)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         if self.num_kv_heads != self.num_heads:

@@ -24,6 +24,7 @@ from moetrain.models.moe import MoEBlock
 from moetrain.models.rope import rotary_for
 from moetrain.models.router import Routing, TopKRouter
 from moetrain.models.seam import ExpertWeights, RoutingSink
+from moetrain.models.varlen import document_spans, spans_wanted
 
 IGNORE_INDEX = -100
 INIT_STD = 0.02
@@ -287,9 +288,12 @@ class MoEForCausalLM(nn.Module):
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask.bool()
-        mask = build_attention_mask(b, seq, past + seq, device=input_ids.device, key_valid=key_valid,
-                                    document_ids=document_ids,
-                                    sliding_window=self.config.sliding_window)
+        if (document_ids is not None and key_valid is None and past == 0 and cache is None
+                and self.config.sliding_window is None and spans_wanted(input_ids.device)):
+            mask = document_spans(document_ids)  # packed documents: variable-length flash attention (varlen.py)
+        else:
+            mask = build_attention_mask(b, seq, past + seq, device=input_ids.device, key_valid=key_valid,
+                                        document_ids=document_ids, sliding_window=self.config.sliding_window)
         valid = None if key_valid is None else key_valid[:, past:]  # (B, L) real query tokens
         layer_aux: list[torch.Tensor] = []
         routings: dict[int, Routing] = {}

@@ -32,8 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
-from moetrain.models.attention import KVCache, RMSNorm, apply_rotary
+from moetrain.models.attention import KVCache, RMSNorm, apply_rotary, dense_mask
 from moetrain.models.rope import mla_softmax_scale
+from moetrain.models.varlen import DocumentSpans
 
 LATENT_NORM_EPS = 1e-6
 """DeepSeek's and transformers' latent norms use RMSNorm's default eps, not config.rms_norm_eps."""
@@ -80,10 +81,12 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor | DocumentSpans],
         cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
         """x: (B, L, H); cos, sin: (B, 1, L, dr); mask: (B, 1, L, S) bool or None (causal). Returns (B, L, H)."""
+        if isinstance(mask, DocumentSpans):  # packed documents: the dense mask (the flash path here is left to come)
+            mask = dense_mask(mask)
         b, seq, _ = x.shape
         nh = self.num_heads
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))

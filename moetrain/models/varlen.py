@@ -1,0 +1,101 @@
+"""Packed documents through variable-length flash attention instead of a dense (B, 1, L, L) mask.
+
+A training row packs several documents, and attention stays inside each one. With a dense boolean mask, SDPA
+runs a masked kernel over every (query, key) pair of the row: on the DeepSeek-MoE-16B recipe (4 x 2048 tokens)
+cuDNN's masked kernels took 88 ms of two micro-batches' GPU time, several times plain causal attention, and the
+masked pairs are most of the work. Flash attention's variable-length form takes the row's documents as separate
+sequences (``cu_seqlens``: where each starts in the flattened batch) and runs causal attention inside each: the
+same arithmetic the mask describes, on the pairs that count only.
+
+:func:`document_spans` turns ``document_ids`` (B, L) into :class:`DocumentSpans` once a forward (one small host
+read); the attention layers take them where they took the mask, and fall back to the dense mask
+(:func:`moetrain.models.attention.dense_mask`, built once a forward) where the variable-length kernel does not
+apply: fp32, a head size flash attention does not take, MLA (its value width differs from its query's). Off CUDA
+the decoder builds the dense mask itself, as before.
+``MOETRAIN_VARLEN_ATTN=0`` turns it off (benchmarks and tests compare the two).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+ENV = "MOETRAIN_VARLEN_ATTN"
+
+
+def _varlen_fn():
+    """torch's ``varlen_attn`` (torch >= 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@dataclass
+class DocumentSpans:
+    """The documents of a packed batch, as flash attention's variable-length form takes them.
+
+    Attributes:
+        document_ids: (B, L) the packed-document id of each position (attention stays inside a document).
+        cu_seqlens: (N + 1,) int32 on the batch's device: where each of the N documents starts in the flattened
+            (B * L) batch, then B * L. A document never crosses a row: a row's first position starts one.
+        max_len: the longest document, in tokens.
+    """
+
+    document_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    dense: Optional[torch.Tensor] = field(default=None, repr=False)
+    """The equivalent dense (B, 1, L, L) bool mask, once a layer that cannot take the spans built it
+    (:func:`moetrain.models.attention.dense_mask`)."""
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """:class:`DocumentSpans` of ``document_ids`` (B, L): a document starts at each row's first position and
+    wherever the id changes along a row. One host read (the number of documents sets the output's shape)."""
+    b, seq = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    at = torch.nonzero(starts.reshape(-1)).flatten().cpu()  # (N,) first flat position of each document
+    cu = torch.cat([at, torch.tensor([b * seq])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return DocumentSpans(document_ids, cu.to(document_ids.device, non_blocking=True), max_len)
+
+
+def spans_wanted(device: torch.device) -> bool:
+    """Whether a forward on ``device`` should pass its packed documents as :class:`DocumentSpans` (CUDA, torch has
+    ``varlen_attn``, the environment allows it); elsewhere the dense mask is built as before."""
+    return device.type == "cuda" and os.environ.get(ENV, "1") != "0" and _varlen_fn() is not None
+
+
+def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
+    """Whether :func:`varlen_causal_attention` runs for queries ``q``: CUDA, bf16 or fp16, a head size flash
+    attention takes (a multiple of 8, at most 256), torch has ``varlen_attn`` and the environment allows it."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256
+            and spans_wanted(q.device))
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spans: DocumentSpans,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention inside each document of ``spans``: q (B, nh, L, hd), k and v (B, nkv, L, hd) -> (B, nh, L,
+    hd), as SDPA with ``spans.mask`` computes it. Key/value heads are repeated for grouped queries."""
+    fn = _varlen_fn()
+    b, nh, seq, hd = q.shape
+    if k.shape[1] != nh:
+        rep = nh // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (B, n, L, hd) -> (B * L, n, hd), contiguous
+        return t.transpose(1, 2).reshape(b * seq, t.shape[1], t.shape[-1])
+
+    params = inspect.signature(fn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if scale is not None:  # callers pass one only where varlen_applies said the signature takes it
+        causal["scale"] = scale
+    out = fn(flat(q), flat(k), flat(v), spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len, **causal)
+    return out.view(b, seq, nh, v.shape[-1]).transpose(1, 2)

@@ -1,0 +1,82 @@
+"""Packed documents through variable-length flash attention (``moetrain.models.varlen``) against the dense mask
+SDPA took before: one attention layer's output and gradients, and a whole model's loss and gradients, in bf16.
+
+Run on the GPU machine: ``python -m pytest -q tests/gpu/test_varlen_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetrain.config import ModelConfig
+from moetrain.models.attention import Attention, dense_mask
+from moetrain.models.decoder import MoEForCausalLM
+from moetrain.models.varlen import ENV, _varlen_fn, document_spans, varlen_applies
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def packed_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """(B, L) document ids: documents of 1 to 600 tokens packed along each row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths, total = [], 0
+        while total < seq:
+            n = min(int(torch.randint(1, 600, (1,), generator=g)), seq - total)
+            lengths.append(n)
+            total += n
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+    return torch.stack(rows).cuda()
+
+
+def config(heads: int = 16, kv_heads: int | None = None) -> ModelConfig:
+    return ModelConfig(family="deepseek_moe", vocab_size=512, hidden_size=2048, intermediate_size=512,
+                       num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=128)
+
+
+def test_this_torch_has_the_flash_path():
+    assert _varlen_fn() is not None, "torch.nn.attention.varlen.varlen_attn is missing: packed rows use the dense mask"
+
+
+@pytest.mark.parametrize("kv_heads", [None, 4])
+def test_attention_layer_equals_the_dense_mask(kv_heads):
+    torch.manual_seed(0)
+    attn = Attention(config(kv_heads=kv_heads), 0).cuda().to(torch.bfloat16)
+    model = MoEForCausalLM(config(kv_heads=kv_heads))
+    docs = packed_ids(4, 2048)
+    spans = document_spans(docs)
+    x = torch.randn(4, 2048, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(2048, device="cuda")[None].expand(4, -1)
+    cos, sin = model.model.rotary.cuda()(pos, torch.bfloat16)
+    assert varlen_applies(x, attn.head_dim)
+    dout = torch.randn(4, 2048, 2048, device="cuda", dtype=torch.bfloat16)
+    outs, grads = [], []
+    for mask in (spans, dense_mask(spans)):
+        out = attn(x, cos, sin, mask)
+        gx, gq = torch.autograd.grad(out, (x, attn.q_proj.weight), dout)
+        outs.append(out.float())
+        grads.append((gx.float(), gq.float()))
+    assert (outs[0] - outs[1]).abs().max() <= 2e-2 * outs[1].abs().max()
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_model_loss_and_gradients_equal_with_and_without(monkeypatch):
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config()).cuda()
+    ids = torch.randint(0, 512, (2, 2048), device="cuda")
+    docs = packed_ids(2, 2048, seed=1)
+    losses, grads = [], []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(ENV, flag)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, document_ids=docs).loss
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(model.model.layers[1].self_attn.k_proj.weight.grad.clone())
+    assert abs(losses[0] - losses[1]) <= 2e-3 * abs(losses[1])
+    assert (grads[0] - grads[1]).abs().max() <= 3e-2 * grads[1].abs().max()
