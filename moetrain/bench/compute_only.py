@@ -8,7 +8,10 @@ gradients accumulate in bf16; nothing is paged and nothing is stepped. What the 
 beyond this is the optimizer's and the paging's.
 
 ``--micro-batches K`` times K micro-batches after two warm-up ones and scales to the recipe's
-accumulation (each micro-batch costs the same: same shapes, random tokens). ``--profile`` traces two more
+accumulation. The micro-batches are the rows ``moetrain fit`` trains on in ``moetrain.bench.recipe_run``: the
+shipped tiny corpus packed by the recipe's data settings, documents and all (``--data``/``--tokenizer`` for
+another file), so attention does the same work in both; ``--random-tokens`` takes random tokens, one causal
+document a row, instead (the baseline of runs before r20). ``--profile`` traces two more
 micro-batches with ``torch.profiler`` and splits the GPU time by kernel family (GEMMs, grouped GEMMs,
 attention, the loss, elementwise and the rest) and the time the GPU sat idle inside the span (launch-
 and host-bound gaps).
@@ -22,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -29,10 +33,31 @@ import torch
 import yaml
 
 from moetrain import cuda_alloc
+from moetrain.bench.recipe_run import TINY_CORPUS
 from moetrain.config import ModelConfig
+from moetrain.models.random_hf import DEFAULT_TOKENIZER
 from moetrain.models.random_init import build_random
 from moetrain.training.step_profiler import idle_gaps, kernel_breakdown
 from moetrain.training.telemetry import peak_flops, training_flops_per_token
+
+
+def micro_batches(a: argparse.Namespace, *, micro: int, seq: int, vocab: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches of ``micro`` rows of ``seq`` tokens on the GPU, endlessly: the packed rows of ``a.data`` in
+    the training order ``moetrain fit`` takes (input_ids, labels, document_ids, position_ids), or random tokens."""
+    dev = torch.device("cuda")
+    if a.random_tokens:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        while True:
+            ids = torch.randint(0, vocab, (micro, seq), device=dev, generator=gen)
+            yield {"input_ids": ids, "labels": ids}
+    from moetrain.training.data import TextDataModule
+
+    data = TextDataModule(a.data, a.tokenizer, seq_len=seq, micro_batch_size=micro)
+    data.prepare()
+    data.setup("fit")
+    while True:
+        for batch in data.train_dataloader():
+            yield {k: v.to(dev, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -44,6 +69,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--checkpoint-layers", default=None, choices=["true", "false"],
                    help="activation checkpointing (default: the recipe's)")
     p.add_argument("--profile", action="store_true", help="trace two more micro-batches: GPU time by kernel family")
+    p.add_argument("--data", default=str(TINY_CORPUS), help="JSONL the rows are packed from (default: the tiny corpus)")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
+                   help="tokenizer directory for --data (default: the random directory's)")
+    p.add_argument("--random-tokens", action="store_true", help="random tokens, one causal document a row")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -62,11 +91,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model.set_activation_checkpointing(ckpt)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
-    gen = torch.Generator(device=dev).manual_seed(0)
+    batches = iter(micro_batches(a, micro=micro, seq=seq, vocab=cfg.vocab_size))
 
     def micro_batch() -> None:
-        ids = torch.randint(0, cfg.vocab_size, (micro, seq), device=dev, generator=gen)
-        out = model(ids, labels=ids, return_logits=False)
+        batch = next(batches)
+        out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch.get("document_ids"),
+                    position_ids=batch.get("position_ids"), return_logits=False)
         (out.loss / accum).backward()
 
     for _ in range(2):
@@ -87,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     res = {"bench": "compute_only", "recipe": a.recipe, "device": torch.cuda.get_device_name(0),
            "params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
            "micro": micro, "seq": seq, "accum": accum, "activation_checkpointing": ckpt,
+           "data": "random tokens" if a.random_tokens else Path(a.data).name,
            "build_s": round(build_s, 1), "micro_batch_s": round(per_micro, 4), "step_s": round(step_s, 3),
            "tokens_per_s": round(tokens / step_s, 1), "mfu": None if mfu is None else round(mfu, 4),
            "gpu_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
