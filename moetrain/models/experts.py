@@ -24,11 +24,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from moetrain.models.combine_kernel import combine_rows
 from moetrain.models.expert_grads import accumulate_expert_grads, empty_groups_read_zero, grad_anchor, trained_experts
 from moetrain.models.router import Routing
 from moetrain.models.seam import ExpertWeights
+from moetrain.models.swiglu_kernel import silu_mul, silu_mul_backward, swiglu_act
 
 
 class SwiGLU(nn.Module):
@@ -41,7 +42,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu_act(self.gate_proj(x), self.up_proj(x)))
 
 
 @dataclass
@@ -98,21 +99,6 @@ class _SortRows(torch.autograd.Function):
         return rows.view(-1, ctx.k, rows.shape[-1]).sum(1), None, None, None
 
 
-class _UnsortRows(torch.autograd.Function):
-    """y (N, H) in expert order -> token-major (N, H); backward is the opposite gather (a permutation: no
-    ``index_add_`` atomics either way)."""
-
-    @staticmethod
-    def forward(ctx, y, inverse, order):
-        ctx.save_for_backward(order)
-        return y.index_select(0, inverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
-
-
 def sort_rows(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """x (T, H) -> (N, H): each token's row once per expert it routes to, grouped by expert."""
     return _SortRows.apply(x, d.token_of, d.inverse, d.token_weight.shape[1])
@@ -120,10 +106,9 @@ def sort_rows(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
 
 def combine(y: torch.Tensor, d: Dispatch, dtype: torch.dtype) -> torch.Tensor:
     """(T, H) in ``dtype``: each token's sum over its k experts of weight * output, from ``y`` (N, H) in expert
-    order. The k terms are gathered next to each other and summed in ``dtype`` (deterministic, no atomics)."""
-    tokens, k = d.token_weight.shape
-    rows = _UnsortRows.apply(y, d.inverse, d.order).view(tokens, k, y.shape[-1])  # (T, k, H)
-    return (rows * d.token_weight.unsqueeze(-1).to(y.dtype)).sum(1, dtype=dtype)
+    order. On CUDA one Triton kernel each way (fp32 sums in a fixed order, no atomics; see
+    :mod:`moetrain.models.combine_kernel`); elsewhere the unfused gather, multiply and sum."""
+    return combine_rows(y, d.inverse, d.token_weight, out_dtype=dtype)
 
 
 def grouped_mm_available(x: torch.Tensor, hidden: int, width: int) -> bool:
@@ -156,7 +141,7 @@ def grouped_swiglu_forward(x: torch.Tensor, offsets: torch.Tensor, *, wg: torch.
     ``wg``/``wu`` (E, I, H), ``wd`` (E, H, I) in ``x``'s dtype."""
     g = torch._grouped_mm(x, wg.transpose(1, 2), offs=offsets)  # (N, I)
     u = torch._grouped_mm(x, wu.transpose(1, 2), offs=offsets)  # (N, I)
-    y = torch._grouped_mm(F.silu(g) * u, wd.transpose(1, 2), offs=offsets)  # (N, H)
+    y = torch._grouped_mm(silu_mul(g, u), wd.transpose(1, 2), offs=offsets)  # (N, H); one fused pass for h
     return y, g, u
 
 
@@ -172,10 +157,10 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Te
     g, u, has_rows = saved
     wg, wu, wd = weights
     dy = dy.to(x.dtype).contiguous()
-    silu = F.silu(g)
     dh = torch._grouped_mm(dy, wd, offs=offsets)  # (N, I) = dy_e @ w_down_e
-    dg = torch.ops.aten.silu_backward(dh * u, g)  # one kernel for dh * u * silu'(g), computed in fp32
-    du = dh * silu
+    # one pass over dh, g, u for dg = dh * u * silu'(g), du = dh * silu(g) and h = silu(g) * u (the down
+    # projection's input, not saved from forward; not written for a frozen layer): fp32 math, one rounding each
+    dg, du, h = silu_mul_backward(dh, g, u, with_h=bool(trained))
     dx = torch._grouped_mm(dg, wg, offs=offsets) + torch._grouped_mm(du, wu, offs=offsets)  # (N, H)
     if not trained:  # a frozen layer: the input gradient only
         return dx
@@ -183,7 +168,7 @@ def grouped_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Te
     # here write zeros for empty groups (probed once per device), else a masking pass makes them.
     d_w = [torch._grouped_mm(dg.t(), x, offs=offsets),  # (E, I, H)
            torch._grouped_mm(du.t(), x, offs=offsets),  # (E, I, H)
-           torch._grouped_mm(dy.t(), silu * u, offs=offsets)]  # (E, H, I)
+           torch._grouped_mm(dy.t(), h, offs=offsets)]  # (E, H, I)
     if not empty_groups_read_zero(x.device):
         d_w = [torch.where(has_rows[:, None, None], d, 0) for d in d_w]
     if len(trained) < wg.shape[0]:  # some experts are frozen: keep only the trained ones' gradient memory

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moetrain.models.expert_grads import grad_anchor, trained_experts
 from moetrain.models.experts import grouped_swiglu_backward, grouped_swiglu_forward
+from moetrain.models.swiglu_kernel import silu_mul, silu_mul_backward
 
 
 def run_paged(pager, layer: int, x_sorted: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
@@ -84,10 +84,9 @@ class PagedLoopSwiGLU(torch.autograd.Function):
                 xe = x[start:start + n]
                 g = xe.mm(w1.to(x.dtype).t())
                 u = xe.mm(w2.to(x.dtype).t())
-                a = F.silu(g)
-                h = a * u
+                h = silu_mul(g, u)  # the resident loop's activation (the fused kernel on CUDA bf16): equal bits
                 pieces.append(h.mm(w3.to(x.dtype).t()))
-                saved += [g, u, a, h]
+                saved += [g, u, h]
             start += n
         pager.release(layer)
         _prefetch_next(pager, layer, +1, recomputing)
@@ -113,12 +112,11 @@ class PagedLoopSwiGLU(torch.autograd.Function):
             if not n:
                 grads += [None, None, None]
                 continue
-            g, u, a, h = saved[:4]
-            saved = saved[4:]
+            g, u, h = saved[:3]
+            saved = saved[3:]
             xe, dye = x[start:start + n], dy[start:start + n]
             dh = dye.mm(w3.to(x.dtype))
-            da, du = dh * u, dh * a
-            dg = torch.ops.aten.silu_backward(da, g)
+            dg, du, _ = silu_mul_backward(dh, g, u, with_h=False)
             dx[start:start + n] = dg.mm(w1.to(x.dtype)) + du.mm(w2.to(x.dtype))
             if trains[e]:
                 grads += [dg.t().mm(xe).to(pd), du.t().mm(xe).to(pd), dye.t().mm(h).to(pd)]
