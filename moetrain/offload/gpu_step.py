@@ -1,6 +1,6 @@
 """The GPU step path: routed experts' state paged into device slots, stepped by the fused AdamW kernel there.
 
-For each chunk of a third of the slots (one is stepped, one fills, one empties)::
+For each chunk of half the slots (the other half fills meanwhile)::
 
     acquire(chunk)          hits, or H2D on the swapper's in_stream; compute waits on per-slot events
     prefetch(next chunk)    ← overlaps the fused step below
@@ -52,11 +52,8 @@ class GpuStep:
         self.fused_state: Optional[str] = None  # None: not tried yet; "ok"; "off": its first call failed
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
-        """Consecutive groups of a third of the slots: one third is stepped while the next fills and the one before
-        pages out. With halves, the next chunk's page-in waited for the previous chunk's page-out into the same
-        slots, so the link ran one direction at a time: 0.74 s for 45 GB a step (r20), about 60 GB/s of the 100
-        it moves both ways at once. A third keeps a whole chunk's time between a slot's page-out and its reuse."""
-        size = max(1, self.swapper.num_slots // 3)
+        """Consecutive groups of half the slots: half compute while the other half fills."""
+        size = max(1, self.swapper.num_slots // 2)
         return [recs[i:i + size] for i in range(0, len(recs), size)]
 
     def step(self, recs: list[ExpertRecord], lr: float, clip_coef: Optional[torch.Tensor] = None,

@@ -184,9 +184,8 @@ class Swapper:
 
     # ------------------------------------------------------------------ slot choice
     def _victims(self, protect: set[int]) -> list[int]:
-        """The slots a page-in may take, in the order it takes them: empty slots, then evictable ones whose page-out
-        has landed, then those whose page-out is still in flight (a page-in into one waits for it), each by the
-        routing frequency of their record (lowest first; ties by slot index). One scan serves a whole call of
+        """The slots a page-in may take, in the order it takes them: empty slots, then evictable ones by the routing
+        frequency of their record (lowest first; ties by slot index). One scan serves a whole call of
         :meth:`_page_in`: its own choices change nothing else of the order (they join ``protect``)."""
         empty, used = [], []
         for s, slot in enumerate(self.slots):
@@ -195,9 +194,8 @@ class Swapper:
             if slot.key is None:
                 empty.append(s)
             elif slot.key not in self.hot and not slot.dirty:  # the hot cache stays; a dirty slot is written first
-                leaving = slot.out_event is not None and not slot.out_event.query()
-                used.append((leaving, self.store.records[slot.key].frequency, s))
-        return empty + [s for *_, s in sorted(used)]
+                used.append((self.store.records[slot.key].frequency, s))
+        return empty + [s for _, s in sorted(used)]
 
     def _assign(self, rec: ExpertRecord, s: int) -> None:
         old = self.slots[s].key
