@@ -23,6 +23,7 @@ from moetrain.offload.plan.assumptions import (
     BF16_STREAM_GAIN,
     DEFAULT_COMPUTE_TFLOPS,
     DEFAULT_NVME_GBPS,
+    FUSED_KERNEL_GAIN,
     GPU_RESERVE,
     HOST_BOUND_SHARE,
     HOST_RESERVE,
@@ -68,8 +69,8 @@ from moetrain.offload.plan.step_time import StepTraffic, compute_seconds, step_t
 from moetrain.offload.plan.trained import DENSE_GROUPS, dense_group_params, frozen_dense_groups
 
 __all__ = [
-    "BF16_STREAM_GAIN", "CHECKPOINT_DEFAULTS", "DEFAULT_COMPUTE_TFLOPS", "HOST_BOUND_SHARE", "LARGE_MICRO_GAIN",
-    "sustained_tflops",
+    "BF16_STREAM_GAIN", "CHECKPOINT_DEFAULTS", "DEFAULT_COMPUTE_TFLOPS", "FUSED_KERNEL_GAIN", "HOST_BOUND_SHARE",
+    "LARGE_MICRO_GAIN", "sustained_tflops",
     "DEFAULT_NVME_GBPS", "DEFAULT_SHARD_MB", "DENSE_GROUPS",
     "GPU_RESERVE", "HELP", "HF_SHARD_BYTES", "HOST_RESERVE", "LOAD_BYTES_PER_PARAM", "LOSS_CHUNK_TOKENS",
     "MACHINE_FLAGS", "MASTERS", "MOMENTS", "SAVE_SHARDS_IN_FLIGHT", "USAGE", "FitChoice", "GiB", "Machine", "Plan",
