@@ -3,6 +3,9 @@ family (saved as sharded checkpoints by ``save_hf``)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,27 @@ def save_hf(tmp_path):
         return out
 
     return _save
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+"""This session is the child one of :func:`run_interpreted`: Triton kernels run interpreted on CPU tensors."""
+
+
+@pytest.fixture
+def run_interpreted():
+    """``run(test_file, *, select=None, timeout=600)``: the test file's kernel tests in a child pytest that turns
+    Triton's interpreter on before triton is imported (``-k select`` where given); fails with the child's output
+    unless it passes. In the child session itself, or without triton, the test skips."""
+    if INTERPRETING:
+        pytest.skip("this is the child session")
+    pytest.importorskip("triton")
+
+    def run(test_file: str, *, select: str | None = None, timeout: int = 600) -> None:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-k", select] if select else []),
+               test_file]
+        child = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO, capture_output=True,
+                               text=True, timeout=timeout)
+        assert child.returncode == 0, child.stdout[-20000:] + child.stderr[-5000:]
+        assert " passed" in child.stdout, child.stdout[-2000:]
+
+    return run

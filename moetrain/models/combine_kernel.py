@@ -28,12 +28,12 @@ included, so CPU results do not move; the fused path differs from it by that bf1
 from __future__ import annotations
 
 import importlib
-import os
 from contextlib import nullcontext
-from functools import lru_cache
 from typing import Optional
 
 import torch
+
+from moetrain.models.kernel_switch import switched_on, triton_importable
 
 KERNELS = "moetrain.models.combine_kernel_triton"
 """The kernels' module (it imports triton at the top)."""
@@ -59,16 +59,7 @@ BWD_NUM_WARPS = 4
 
 def enabled() -> bool:
     """False when ``MOETRAIN_FUSED_COMBINE=0`` forces the eager combine (read at every call: tests switch it)."""
-    return os.environ.get(ENV, "1").strip() != "0"
-
-
-@lru_cache(maxsize=1)
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return switched_on(ENV)
 
 
 def fused_available(y: torch.Tensor) -> bool:

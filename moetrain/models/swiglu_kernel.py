@@ -31,12 +31,13 @@ how the CPU tests run the kernels.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from moetrain.models.kernel_switch import switched_on
 
 try:
     import triton
@@ -59,7 +60,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 def enabled() -> bool:
     """False when ``MOETRAIN_FUSED_SWIGLU=0`` forces the eager formulas."""
-    return os.environ.get(ENV, "1").strip() != "0"
+    return switched_on(ENV)
 
 
 def triton_importable() -> bool:

@@ -41,7 +41,6 @@ switch it).
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from moetrain.models.kernel_switch import switched_on, triton_importable
 from moetrain.offload.quantize import _code
 from moetrain.offload.state_format import MASTER_DTYPE, MOMENT_DTYPE, StateLayout, rounding_seed
 
@@ -85,16 +85,7 @@ META = 6
 
 def enabled() -> bool:
     """False when ``MOETRAIN_FUSED_STEP=0`` forces the unfused step."""
-    return os.environ.get(ENV, "1").strip() != "0"
-
-
-@lru_cache(maxsize=1)
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return switched_on(ENV)
 
 
 def supports(layout: StateLayout) -> bool:

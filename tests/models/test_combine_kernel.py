@@ -12,14 +12,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from moetrain.models import combine_kernel
+from moetrain.models import combine_kernel, kernel_switch
 from moetrain.models.combine_kernel import combine_rows
 from moetrain.models.experts import combine, dispatch
 from moetrain.models.router import Routing
@@ -37,17 +35,9 @@ def kernels():
     return importlib.import_module(combine_kernel.KERNELS)
 
 
-def test_kernels_under_the_interpreter():
+def test_kernels_under_the_interpreter(run_interpreted):
     """This module's kernel tests, in a child pytest that turns the interpreter on before importing triton."""
-    if INTERPRETING:
-        pytest.skip("this is the child session")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
-                            __file__], env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                           text=True, timeout=300)
-    assert child.returncode == 0, child.stdout[-20000:] + child.stderr[-5000:]
-    assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]
+    run_interpreted(__file__, select="interpreted", timeout=300)
 
 
 def _routing(tokens: int, experts: int, k: int, seed: int, weight_dtype=torch.float32) -> Routing:
@@ -106,9 +96,11 @@ def test_availability(monkeypatch):
     assert combine_kernel.enabled()
 
 
-def test_module_imports_without_triton(monkeypatch):
+def test_module_imports_without_triton(monkeypatch, request):
     """A fresh copy of the module loads with triton unimportable, and reports the kernels unavailable."""
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    kernel_switch.triton_importable.cache_clear()  # asked again: the answer is cached per process
+    request.addfinalizer(kernel_switch.triton_importable.cache_clear)
     spec = importlib.util.spec_from_file_location("combine_kernel_copy", combine_kernel.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

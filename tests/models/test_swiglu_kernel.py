@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,16 +46,9 @@ def interpreted():
     assert swiglu_kernel.triton_importable()
 
 
-def test_kernels_under_the_interpreter():
+def test_kernels_under_the_interpreter(run_interpreted):
     """This module's kernel tests, in a child pytest that turns the interpreter on before importing triton."""
-    if INTERPRETING:
-        pytest.skip("this is the child session")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
-                            __file__], env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                           text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-20000:] + child.stderr[-5000:]
+    run_interpreted(__file__, select="interpreted")
 
 
 def operands(shape, dtype, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +26,7 @@ import torch
 from offload_harness import OPTIM, batches, tiny_model, train
 from test_quantize import wide_range
 
+from moetrain.models import kernel_switch
 from moetrain.offload import fused_step
 from moetrain.offload.adam import reference_adamw
 from moetrain.offload.state_format import StateCodec, StateLayout, rounding_seed
@@ -50,15 +49,9 @@ def kernels():
     return importlib.import_module(fused_step.KERNELS)
 
 
-def test_kernels_under_the_interpreter():
+def test_kernels_under_the_interpreter(run_interpreted):
     """This module's kernel tests, in a child pytest that turns the interpreter on before importing triton."""
-    if INTERPRETING:
-        pytest.skip("this is the child session")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                           cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-20000:] + child.stderr[-5000:]
+    run_interpreted(__file__)
 
 
 def make_record(sizes: tuple[int, ...], master: str, moments: str, block: int, *, grad_dtype=torch.bfloat16,
@@ -127,9 +120,11 @@ def assert_bf16_neighbours(stored: torch.Tensor, exact: torch.Tensor, before: to
     assert ok.all(), f"{int((~ok).sum())} values are not bf16 neighbours of the update"
 
 
-def test_module_imports_without_triton(monkeypatch):
+def test_module_imports_without_triton(monkeypatch, request):
     """A fresh copy of the module loads with triton unimportable, and reports the fused step unavailable."""
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    kernel_switch.triton_importable.cache_clear()  # asked again: the answer is cached per process
+    request.addfinalizer(kernel_switch.triton_importable.cache_clear)
     spec = importlib.util.spec_from_file_location("fused_step_copy", fused_step.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "fused_step_copy", module)  # dataclasses look their module up there
