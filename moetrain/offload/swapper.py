@@ -81,6 +81,7 @@ class Slot:
     in_event: Optional[torch.cuda.Event] = None
     out_event: Optional[torch.cuda.Event] = None
     staging: Optional[torch.Tensor] = None
+    written: int = 0  # the write-back batch that last paged the slot out (Swapper.batches)
 
     def view(self, numel: int) -> torch.Tensor:
         """The first ``numel`` floats of the slot."""
@@ -129,11 +130,11 @@ class Swapper:
         self.slots: list[Slot] = [self._new_slot(row, hot=False) for row in self.pool]
         self.slot_of: dict[tuple[int, int], int] = {}
         self.pending_writes: list[tuple[Optional[torch.cuda.Event], int, ExpertRecord]] = []
-        # slot whose page-out last wrote a CPU-tier record: its next page-in (maybe into another slot)
-        # must wait for that write to land in host memory
+        # slot whose page-out last wrote a CPU-tier record: its next page-in (any slot) waits for that write to land
         self.written_from: dict[tuple[int, int], int] = {}
         self.inflight_writes: set[tuple[tuple[int, int], int]] = set()  # (record, slot) written, not waited for
         self.stats = TransferStats()
+        self.batches = 0  # write-back batches so far: a page-in takes the latest one's slots last (still leaving)
 
     def _new_slot(self, data: torch.Tensor, hot: bool) -> Slot:
         staging = aligned_empty(self.slot_numel, self.store.pin) if self.has_nvme else None
@@ -185,8 +186,9 @@ class Swapper:
     # ------------------------------------------------------------------ slot choice
     def _victims(self, protect: set[int]) -> list[int]:
         """The slots a page-in may take, in the order it takes them: empty slots, then evictable ones by the routing
-        frequency of their record (lowest first; ties by slot index). One scan serves a whole call of
-        :meth:`_page_in`: its own choices change nothing else of the order (they join ``protect``)."""
+        frequency of their record (lowest first; ties by slot index), those of the latest write-back batch last (a
+        page-in into one waits for its page-out). One scan serves a whole call of :meth:`_page_in`: its own choices
+        change nothing else of the order (they join ``protect``)."""
         empty, used = [], []
         for s, slot in enumerate(self.slots):
             if s in protect or slot.reserved or slot.state in (SlotState.IN_USE, SlotState.READING):
@@ -194,8 +196,8 @@ class Swapper:
             if slot.key is None:
                 empty.append(s)
             elif slot.key not in self.hot and not slot.dirty:  # the hot cache stays; a dirty slot is written first
-                used.append((self.store.records[slot.key].frequency, s))
-        return empty + [s for _, s in sorted(used)]
+                used.append((slot.written == self.batches, self.store.records[slot.key].frequency, s))
+        return empty + [s for *_, s in sorted(used)]
 
     def _assign(self, rec: ExpertRecord, s: int) -> None:
         old = self.slots[s].key
@@ -341,12 +343,13 @@ class Swapper:
         ``skip_masters``: host-tier records leave their master segment in the compute weights (stale on the host)."""
         if not recs:
             return
+        self.batches += 1
         with self._out_after_compute():
             self.mark_transfer(self.out_stream)
             for rec in recs:
                 s = self.slot_of[rec.key]
                 slot = self.slots[s]
-                slot.dirty = False
+                slot.dirty, slot.written = False, self.batches
                 src = slot.view(rec.padded)
                 start = self._paged_start(rec) if skip_masters else 0
                 if rec.tier is Tier.CPU:

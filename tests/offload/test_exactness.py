@@ -170,3 +170,21 @@ def test_cpu_share_in_a_thread_agrees(max_grad_norm):
     assert sum(t["offload/experts_stepped_cpu"] for t in seen) > 0
     assert sum(t["offload/experts_stepped_gpu"] for t in seen) > 0
     assert max_diff(model, ref) <= 1e-5
+
+
+def test_chunks_of_a_third_step_the_same_bits(monkeypatch):
+    """``MOETRAIN_STEP_CHUNKS=3`` cuts the slots into thirds instead of halves: the same records are stepped by the
+    same arithmetic, only grouped and paged in another order, so the weights come out bit for bit the same."""
+    from moetrain.offload.gpu_step import CHUNKS_ENV
+
+    base, data = tiny_model(), batches(steps=4)
+    weights = {}
+    for parts in ("2", "3"):
+        monkeypatch.setenv(CHUNKS_ENV, parts)
+        model = clone(base)
+        opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", step_on="gpu", gpu_slots=6))
+        train(model, opt, data, total=4)
+        opt.finalize()
+        opt.close()
+        weights[parts] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["2"], weights["3"], strict=True))

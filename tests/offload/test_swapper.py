@@ -42,6 +42,19 @@ def test_eviction_by_routing_frequency():
     assert swapper.stats.hits == 1 and swapper.stats.misses == 3
 
 
+def test_the_latest_write_back_is_evicted_last():
+    """A page-in into a slot whose page-out is still leaving waits for it: the slots of the latest write-back batch
+    go last, whatever their records' routing frequency."""
+    store, swapper = _store_and_swapper(2)
+    older, latest, new = store.records[(0, 0)], store.records[(0, 1)], store.records[(1, 0)]
+    older.frequency, latest.frequency = 5.0, 1.0
+    for rec in (older, latest):  # two write-back batches, ``latest``'s last
+        swapper.acquire([rec])
+        swapper.release([rec])
+    swapper.acquire([new])
+    assert latest.key in swapper.slot_of and older.key not in swapper.slot_of
+
+
 def test_prefetch_reserves_and_acquire_hits():
     store, swapper = _store_and_swapper(2)
     a, b, c = store.records[(0, 0)], store.records[(0, 1)], store.records[(0, 2)]
