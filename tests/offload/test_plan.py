@@ -308,14 +308,15 @@ def test_deepseek_moe_16b_on_an_h100_machine():
     options = {(c.tier, c.master, c.moments, c.layerwise_grads): c for c in fit_options(config, machine)
                if not c.paged_weights}
     assert not any(c.plan.fits()["gpu"] for c in options.values() if not c.layerwise_grads)
-    assert options["cpu", "fp32", "fp32", True].plan.fits()["host"] is False
+    assert options["cpu", "fp32_split", "fp32", True].plan.fits()["host"] is False
     assert options["cpu", "bf16_sr", "int8", True].plan.fits_all()
-    staging = options["cpu+nvme", "fp32", "fp32", True].plan
+    staging = options["cpu+nvme", "fp32_split", "fp32", True].plan
     assert staging.fits_all() and staging.nvme_bytes <= staging.disk_bytes <= machine.disk
     # the overflow's host budget leaves room for everything else at the host's higher peak (load or training)
     assert max(staging.host_bytes, staging.host_load_bytes) <= machine.host
     choice = best_fit(config, machine)
-    assert (choice.tier, choice.master, choice.moments, choice.layerwise_grads) == ("cpu+nvme", "fp32", "fp32", True)
+    assert (choice.tier, choice.master, choice.moments, choice.layerwise_grads) == ("cpu+nvme", "fp32_split", "fp32",
+                                                                                    True)
 
 
 def test_largest_preset_on_an_h100_machine():

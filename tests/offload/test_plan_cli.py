@@ -41,14 +41,14 @@ def test_plan_largest_for_another_machine(capsys):
     assert main(["--largest", "--gpu-gb=80", "--host-gb", "125", "--disk-gb=64"]) == 0
     out = capsys.readouterr().out
     assert "GPU 80 GiB, host 125 GiB, disk 64 GiB" in out
-    assert re.search(r"^Largest: olmoe-1b-7b, expert state in host memory, master fp32, moments int8", out, re.M)
+    assert re.search(r"^Largest: olmoe-1b-7b, expert state in host memory, master fp32_split, moments int8", out, re.M)
     assert re.search(r"^\s+deepseek-moe-16b\s+16\.38 B\s+does not fit \(the most compact placement overflows disk "
                      r"with resident weights; disk with paged weights\)", out, re.M)
     assert re.search(r"^\s+gpu\s+total\s+[\d.]+ GiB of\s+80\.00 GiB: fits", out, re.M)
     assert re.search(r"^\s+disk\s+total\s+[\d.]+ GiB of\s+64\.00 GiB: fits", out, re.M)
     assert main(["--largest", "--gpu-gb=80", "--host-gb", "125", "--disk-gb=4096", "--tokens=4096"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^\s+deepseek-moe-16b\s+16\.38 B\s+fits: expert state in host memory \+ NVMe, master fp32, "
+    assert re.search(r"^\s+deepseek-moe-16b\s+16\.38 B\s+fits: expert state in host memory \+ NVMe, master fp32_split, "
                      r"moments fp32", out, re.M)
 
 

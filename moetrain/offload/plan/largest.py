@@ -19,8 +19,10 @@ from moetrain.offload.plan.disk import search_storage
 from moetrain.offload.plan.memory import make_plan
 from moetrain.offload.plan.report import Plan
 
-MASTERS = ("fp32", "bf16_kahan", "bf16_sr")
-"""Master-weight formats, most exact first (a bf16 master without compensation loses small updates)."""
+MASTERS = ("fp32_split", "bf16_kahan", "bf16_sr")
+"""Master-weight formats, most exact first (a bf16 master without compensation loses small updates). The exact
+master is ``fp32_split``: the bytes of ``fp32``, but with resident compute weights its bf16 half stays on the GPU and
+a third less crosses the link (with paged weights it pages whole, as ``fp32``)."""
 MOMENTS = ("fp32", "bf16", "int8")
 """Moment formats, most exact first."""
 
