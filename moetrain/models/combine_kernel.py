@@ -28,12 +28,11 @@ included, so CPU results do not move; the fused path differs from it by that bf1
 from __future__ import annotations
 
 import importlib
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 
-from moetrain.models.kernel_switch import switched_on, triton_importable
+from moetrain.models.kernel_switch import launch_device, switched_on, triton_importable
 
 KERNELS = "moetrain.models.combine_kernel_triton"
 """The kernels' module (it imports triton at the top)."""
@@ -71,11 +70,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it ``t``'s for the launch."""
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
 def _fused_forward(y: torch.Tensor, inverse: torch.Tensor, weight: torch.Tensor,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """(T, H) ``out_dtype``: the forward kernel over contiguous ``y`` (N, H), ``inverse`` (N,), ``weight`` (T, k)."""
@@ -84,7 +78,7 @@ def _fused_forward(y: torch.Tensor, inverse: torch.Tensor, weight: torch.Tensor,
     hidden = y.shape[1]
     out = torch.empty(tokens, hidden, dtype=out_dtype, device=y.device)
     if tokens and hidden:
-        with _device(y):
+        with launch_device(y.device):
             kernels._combine_fwd_kernel[(tokens,)](y, inverse, weight, out, hidden, K=k,
                                                    BLOCK=min(_pow2(hidden), MAX_BLOCK), num_warps=NUM_WARPS)
     return out
@@ -102,7 +96,7 @@ def _fused_backward(dout: torch.Tensor, y: Optional[torch.Tensor], inverse: torc
     if tokens and hidden:
         k_p2 = _pow2(k)
         block = max(1, min(_pow2(hidden), BWD_TILE // k_p2, MAX_BLOCK))
-        with _device(dout):
+        with launch_device(dout.device):
             kernels._combine_bwd_kernel[(tokens,)](
                 dout, y if y is not None else dout, inverse, weight, dy if dy is not None else dout,
                 dweight if dweight is not None else weight, hidden, K=k, K_P2=k_p2, BLOCK=block, Y_GRAD=y_grad,

@@ -288,7 +288,7 @@ class MoEForCausalLM(nn.Module):
         key_valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_valid = attention_mask.bool()
-        if (document_ids is not None and key_valid is None and past == 0 and cache is None
+        if (document_ids is not None and key_valid is None and cache is None
                 and self.config.sliding_window is None and spans_wanted(input_ids.device)):
             mask = document_spans(document_ids)  # packed documents: variable-length flash attention (varlen.py)
         else:

@@ -31,13 +31,12 @@ how the CPU tests run the kernels.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from moetrain.models.kernel_switch import switched_on
+from moetrain.models.kernel_switch import launch_device, switched_on
 
 try:
     import triton
@@ -104,12 +103,6 @@ if triton is not None:
             tl.store(h_ptr + offs, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: switch to ``t``'s for the launch when it is another."""
-    elsewhere = t.is_cuda and t.device.index != torch.cuda.current_device()
-    return torch.cuda.device(t.device) if elsewhere else nullcontext()
-
-
 def silu_mul_kernel(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """h (N, I) = silu(g) * u by the Triton kernel, whatever the device (the CPU under ``TRITON_INTERPRET=1``);
     ``g``, ``u`` (N, I) contiguous, one dtype. :func:`silu_mul` chooses between this and the eager formula."""
@@ -117,7 +110,7 @@ def silu_mul_kernel(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(g)
     n = g.numel()
     if n:
-        with _on_device(g):
+        with launch_device(g.device):
             _silu_mul_fwd[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return h
 
@@ -132,7 +125,7 @@ def silu_mul_backward_kernel(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
     h = torch.empty_like(g) if with_h else None
     n = g.numel()
     if n:
-        with _on_device(g):
+        with launch_device(g.device):
             _silu_mul_bwd[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, h if with_h else dg, n, BLOCK=BLOCK,
                                                     STORE_H=with_h, num_warps=NUM_WARPS)
     return dg, du, h

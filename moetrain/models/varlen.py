@@ -18,15 +18,18 @@ the decoder builds the dense mask itself, as before.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import lru_cache
+from typing import Any, Optional
 
 import torch
+
+from moetrain.models.kernel_switch import switched_on
 
 ENV = "MOETRAIN_VARLEN_ATTN"
 
 
+@lru_cache(maxsize=1)
 def _varlen_fn():
     """torch's ``varlen_attn`` (torch >= 2.10), or None."""
     try:
@@ -34,6 +37,13 @@ def _varlen_fn():
     except ImportError:
         return None
     return varlen_attn
+
+
+@lru_cache(maxsize=1)
+def _causal() -> dict[str, Any]:
+    """The keyword that makes ``varlen_attn`` causal in this torch: ``window_size`` (2.10 on) or ``is_causal``."""
+    return {"window_size": (-1, 0)} if "window_size" in inspect.signature(_varlen_fn()).parameters \
+        else {"is_causal": True}
 
 
 @dataclass
@@ -70,7 +80,7 @@ def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
 def spans_wanted(device: torch.device) -> bool:
     """Whether a forward on ``device`` should pass its packed documents as :class:`DocumentSpans` (CUDA, torch has
     ``varlen_attn``, the environment allows it); elsewhere the dense mask is built as before."""
-    return device.type == "cuda" and os.environ.get(ENV, "1") != "0" and _varlen_fn() is not None
+    return device.type == "cuda" and switched_on(ENV) and _varlen_fn() is not None
 
 
 def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
@@ -80,11 +90,9 @@ def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
             and spans_wanted(q.device))
 
 
-def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spans: DocumentSpans,
-                            scale: Optional[float] = None) -> torch.Tensor:
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spans: DocumentSpans) -> torch.Tensor:
     """Causal attention inside each document of ``spans``: q (B, nh, L, hd), k and v (B, nkv, L, hd) -> (B, nh, L,
-    hd), as SDPA with ``spans.mask`` computes it. Key/value heads are repeated for grouped queries."""
-    fn = _varlen_fn()
+    hd), as SDPA with the dense mask of the spans computes it. Key/value heads are repeated for grouped queries."""
     b, nh, seq, hd = q.shape
     if k.shape[1] != nh:
         rep = nh // k.shape[1]
@@ -93,9 +101,6 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     def flat(t: torch.Tensor) -> torch.Tensor:  # (B, n, L, hd) -> (B * L, n, hd), contiguous
         return t.transpose(1, 2).reshape(b * seq, t.shape[1], t.shape[-1])
 
-    params = inspect.signature(fn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if scale is not None:  # callers pass one only where varlen_applies said the signature takes it
-        causal["scale"] = scale
-    out = fn(flat(q), flat(k), flat(v), spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len, **causal)
+    out = _varlen_fn()(flat(q), flat(k), flat(v), spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
+                       **_causal())
     return out.view(b, seq, nh, v.shape[-1]).transpose(1, 2)

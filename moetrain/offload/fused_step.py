@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from moetrain.models.kernel_switch import switched_on, triton_importable
+from moetrain.models.kernel_switch import launch_device, switched_on, triton_importable
 from moetrain.offload.quantize import _code
 from moetrain.offload.state_format import MASTER_DTYPE, MOMENT_DTYPE, StateLayout, rounding_seed
 
@@ -212,8 +211,7 @@ def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, step
         groups.setdefault((rec.layout, int(step), dtype, flat.device), []).append(i)
     for (_, step, _, device), members in groups.items():
         table = code_table(device)
-        elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
-        with torch.cuda.device(device) if elsewhere else nullcontext():  # Triton launches on the current device
+        with launch_device(device):
             for at in range(0, len(members), RECORDS_PER_LAUNCH):
                 chunk = members[at:at + RECORDS_PER_LAUNCH]
                 _launch(kernels, [pairs[i] for i in chunk], [grads[i] for i in chunk], grad_scale, table,
