@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from moetrain.offload import schedule
 from moetrain.offload.adam import CpuAdam
+from moetrain.offload.adam import cpu_adam as make_cpu_adam
 from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.composite import CompositeOptimizer
 from moetrain.offload.compute_weights import WeightWriter, cast_experts, compute_dtype
@@ -102,7 +103,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     sample = next(iter(store), None)  # None: every routed expert is frozen (the engine then steps nothing)
     gpu = GpuStep(swapper, cfg, writer, compressed=sample is not None and sample.layout.compressed,
                   scratch_bytes=offload.gpu_budget_gb * 2**30 / 4)
-    cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
+    cpu_adam = make_cpu_adam(cfg) if offload.step_on != "gpu" else None
     cpu = None
     if cpu_adam is not None:
         stepper = cpu_stepper_for(store, cpu_adam, device, dtype=dtype, swapper=swapper, writer=writer,
@@ -118,7 +119,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
                          state_bytes=(sample.layout.nbytes - (paged_from(sample) * 4 if in_weights else 0))
                          / sample.numel)
                  if offload.step_on == "auto" and sample is not None else Rates())
-    lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer
+    lookahead = Lookahead(model, device)  # always measured (telemetry): one small matmul a layer, first micro-batch
     telemetry = StepTelemetry(store, swapper, rates, pager=pager, lookahead=lookahead,
                               cpu_streams=cpu.stepper.transfer_streams() if cpu is not None else ())
     engine = ExpertEngine(cfg=cfg, offload=offload, store=store, swapper=swapper, gpu=gpu, cpu=cpu,

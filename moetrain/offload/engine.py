@@ -57,6 +57,7 @@ class ExpertEngine:
         self.clip_coef: Optional[torch.Tensor] = None  # device scalars of this step's global-norm clipping
         self.grad_scale: Optional[torch.Tensor] = None
         self.early_lr: Optional[float] = None  # set by begin_micro_batch: step layers under backward
+        self.micro_index = 0  # the micro-batch begin_micro_batch announced (0 when nobody announces them)
         self.early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self.stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._counts_host: Optional[torch.Tensor] = None
@@ -75,7 +76,9 @@ class ExpertEngine:
         self.add_routed_counts(layer, counts)
         if self.offload.prefetch:
             self.trace.record(layer, counts)
-        if self.lookahead is not None:
+        if self.lookahead is not None and self.micro_index == 0:
+            # telemetry only (prefetch follows the trace): the first micro-batch of a step is its sample, so the
+            # other micro-batches' forwards launch none of its dozen small kernels a layer
             self.lookahead.observe(layer, counts, hidden)
 
     def add_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
@@ -85,6 +88,7 @@ class ExpertEngine:
     # ------------------------------------------------------------------ schedule
     def begin_micro_batch(self, index: int, count: int, lr: Optional[float] = None) -> None:
         """Micro-batch ``index`` of ``count`` is about to run forward; ``lr``: the coming step's learning rate."""
+        self.micro_index = index
         if index == 0:
             self.auto.step_started()
         under = lr is not None and schedule.steps_under_backward(self.cfg, micro_batch=index, micro_batches=count)
@@ -107,6 +111,8 @@ class ExpertEngine:
 
     def _prefetch_layer(self, layer: int) -> None:
         """Page in the state of ``layer``'s experts routed so far, the share the step will run on the GPU."""
+        if not self.swapper.can_prefetch():
+            return  # every slot is reserved or busy (the usual case after the first micro-batch): no host work
         seen = self.trace.poll(layer) if self.offload.prefetch else None
         if seen is not None:
             recs = [r for r in self.store.layer_records(layer) if seen[r.expert]]

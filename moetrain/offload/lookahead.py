@@ -10,7 +10,8 @@
 With compute weights resident, what must move before a step is the state of the experts that were
 actually used, which the trace gives exactly; so prefetch is driven by the trace, and the look-ahead
 is measured (its precision and recall are what paging compute weights per expert would rely on). It is always on
-(one small matmul a layer, first training forwards only): no recipe key turns it off.
+(one small matmul a layer, in the first micro-batch of each optimizer step: that forward is its sample, so the
+others launch none of its kernels): no recipe key turns it off.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch.nn as nn
 class Lookahead:
     """Predicted-vs-actual accounting for the next MoE layer's experts (device counters).
 
-    Driven by the engine's routing sink (:meth:`observe`, first training forwards only): no hook of its own
-    on the model.
+    Driven by the engine's routing sink (:meth:`observe`, the first micro-batch's forward of each step): no hook of
+    its own on the model.
     """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:

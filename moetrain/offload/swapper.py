@@ -29,76 +29,18 @@ regular pool's slots come first in ``Swapper.slots``, then the hot-expert cache'
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from moetrain.offload.nvme import aligned_empty
+from moetrain.offload.slots import Slot, SlotState, TransferStats
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
 from moetrain.offload.weight_masters import copy_masters, paged_from
-
-
-class SlotState(enum.Enum):
-    """Life of a device slot."""
-
-    EMPTY = "empty"
-    READING = "reading"  # NVMe read into the slot's staging buffer in flight; H2D not yet issued
-    READY = "ready"  # page-in issued (arrival marked by the slot's in-event) or data already there
-    IN_USE = "in_use"  # being stepped
-
-
-@dataclass
-class Slot:
-    """One device slot: room for one record's flat ``[master | exp_avg | exp_avg_sq]`` and what it holds.
-
-    Attributes:
-        data: (slot_numel,) fp32 on the device.
-        hot: the slot belongs to the hot-expert cache (added by :meth:`Swapper.grow_hot_cache`).
-        key: (layer, expert) of the record held, None when empty.
-        state: see :class:`SlotState`.
-        reserved: prefetched for a coming step and not used yet: not evictable.
-        dirty: holds a stepped state not yet written back (hot records only).
-        master_pending: paged in without its master segment, which :meth:`Swapper.acquire` fills from the
-            compute weights (``masters_from_weights``).
-        in_event: recorded on the page-in stream after the last copy into the slot (CUDA).
-        out_event: recorded on the page-out stream after the last copy out of the slot (CUDA).
-        staging: pinned, aligned host buffer of the slot's NVMe reads and writes (None without NVMe records).
-    """
-
-    data: torch.Tensor
-    hot: bool = False
-    key: Optional[tuple[int, int]] = None
-    state: SlotState = SlotState.EMPTY
-    reserved: bool = False
-    dirty: bool = False
-    master_pending: bool = False
-    in_event: Optional[torch.cuda.Event] = None
-    out_event: Optional[torch.cuda.Event] = None
-    staging: Optional[torch.Tensor] = None
-    written: int = 0  # the write-back batch that last paged the slot out (Swapper.batches)
-
-    def view(self, numel: int) -> torch.Tensor:
-        """The first ``numel`` floats of the slot."""
-        return self.data[:numel]
-
-
-@dataclass
-class TransferStats:
-    """Counters of one optimizer step (reset by :meth:`Swapper.reset_stats`)."""
-
-    h2d_bytes: int = 0
-    d2h_bytes: int = 0
-    hits: int = 0
-    misses: int = 0
-    prefetched: int = 0
-    stall_s: float = 0.0  # host time blocked on NVMe reads or on a slot becoming free
-    window_start: Optional[torch.cuda.Event] = None  # timing event before the step's first transfer (CUDA)
 
 
 class Swapper:
@@ -135,6 +77,7 @@ class Swapper:
         self.inflight_writes: set[tuple[tuple[int, int], int]] = set()  # (record, slot) written, not waited for
         self.stats = TransferStats()
         self.batches = 0  # write-back batches so far: a page-in takes the latest one's slots last (still leaving)
+        self.changes, self.full_at = 0, -1  # changes that may free a slot; the count when a prefetch found none
 
     def _new_slot(self, data: torch.Tensor, hot: bool) -> Slot:
         staging = aligned_empty(self.slot_numel, self.store.pin) if self.has_nvme else None
@@ -153,6 +96,7 @@ class Swapper:
     # ------------------------------------------------------------------ hot-expert cache
     def grow_hot_cache(self, capacity: int) -> None:
         """Add ``capacity`` slots that keep the hottest records' state resident between steps (once)."""
+        self._changed()
         if capacity <= 0 or self.hot_pool is not None:
             return
         self.hot_pool = torch.zeros(capacity, self.slot_numel, dtype=torch.float32, device=self.device)
@@ -162,6 +106,7 @@ class Swapper:
     def revise_hot(self) -> None:
         """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency (end of a
         step). Records that cool down are written back now and become ordinary cache entries."""
+        self._changed()
         if not self.hot_capacity:
             return
         ranked = sorted((r for r in self.store if r.frequency > 0), key=lambda r: -r.frequency)
@@ -267,6 +212,7 @@ class Swapper:
 
     def _finish_disk_reads(self) -> None:
         """Wait for outstanding NVMe reads and push their staging buffers to the device."""
+        self._changed()
         reading = [s for s, slot in enumerate(self.slots) if slot.state is SlotState.READING]
         if not reading:
             return
@@ -285,9 +231,20 @@ class Swapper:
         protect = {self.slot_of[r.key] for r in recs if r.key in self.slot_of}
         for s in protect:
             self.slots[s].reserved = True
-        placed = self._page_in(missing, protect, reserve=True)
+        placed = self._page_in(missing, protect, reserve=True) if self.can_prefetch() else []
+        if len(placed) < len(missing):
+            self.full_at = self.changes  # no slot is left to a prefetch until one is released, unreserved, ...
         self.stats.prefetched += len(placed)
         return len(placed)
+
+    def can_prefetch(self) -> bool:
+        """False while a prefetch would find no slot: one found none and nothing has changed since that may free
+        one (every change counts, see :meth:`_changed`). Backward asks this each layer of each micro-batch, and the
+        scan of every slot it saves (hot cache included) was host time in the middle of backward."""
+        return self.full_at != self.changes
+
+    def _changed(self) -> None:
+        self.changes += 1
 
     def acquire(self, recs: list[ExpertRecord]) -> list[torch.Tensor]:
         """Make ``recs`` (at most ``num_slots``) present; the current stream waits for their arrival.
@@ -329,6 +286,7 @@ class Swapper:
         """Done stepping ``recs``: write their slots back (lazily, on ``out_stream``) and keep them cached.
         Records of the hot set are not written back: their slot stays the current copy (dirty) until
         they cool down or :meth:`flush` is called."""
+        self._changed()
         for rec in recs:
             self.slots[self.slot_of[rec.key]].state = SlotState.READY
         if not dirty:
@@ -341,6 +299,7 @@ class Swapper:
     def _write_back(self, recs: list[ExpertRecord], skip_masters: bool = False) -> None:
         """Page ``recs``' slots out to their tier on ``out_stream`` after the compute stream's work so far;
         ``skip_masters``: host-tier records leave their master segment in the compute weights (stale on the host)."""
+        self._changed()
         if not recs:
             return
         self.batches += 1
@@ -420,6 +379,7 @@ class Swapper:
 
     def unreserve(self) -> None:
         """Drop every prefetch reservation (end of step: unused prefetches become ordinary cache entries)."""
+        self._changed()
         for slot in self.slots:
             slot.reserved = False
 
@@ -441,6 +401,7 @@ class Swapper:
 
     def invalidate(self, rec: ExpertRecord) -> None:
         """Forget a cached copy (the tier was written directly, e.g. by a state load or the CPU path)."""
+        self._changed()
         s = self.slot_of.pop(rec.key, None)
         if s is not None:
             slot = self.slots[s]

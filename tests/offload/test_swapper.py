@@ -7,8 +7,9 @@ from offload_harness import OPTIM, tiny_model
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.slots import SlotState
 from moetrain.offload.store import ExpertStore
-from moetrain.offload.swapper import SlotState, Swapper
+from moetrain.offload.swapper import Swapper
 
 
 def _store_and_swapper(slots: int):
@@ -122,4 +123,37 @@ def test_telemetry_bytes_follow_the_paging():
         assert t["offload/h2d_bytes"] == (st.misses + st.prefetched) * record
         assert t["offload/cache_hit_rate"] == st.hits / (st.hits + st.misses)
         assert stepped == sum(t[f"offload/active_experts/layer{i}"] for i in (0, 1))
+    opt.close()
+
+
+def test_a_full_pool_skips_prefetch_scans_until_a_slot_may_free():
+    """Once a prefetch finds no slot, later ones return at once (backward asks every layer of every micro-batch)
+    until a release, an unreserve or an invalidation may have freed one; acquire never depends on it."""
+    store, swapper = _store_and_swapper(2)
+    a, b, c, d = (store.records[(0, e)] for e in range(4))
+    assert swapper.prefetch([a, b, c]) == 2 and not swapper.can_prefetch()
+    scans = []
+    original = swapper._victims
+    swapper._victims = lambda protect: scans.append(1) or original(protect)
+    assert swapper.prefetch([c, d]) == 0 and scans == []
+    swapper.acquire([a, b])
+    swapper.release([a, b])
+    assert swapper.can_prefetch()
+    swapper.unreserve()
+    assert swapper.prefetch([c]) == 1 and scans == [1] and c.key in swapper.slot_of
+    swapper.acquire([d])  # a needed record takes a slot whatever the prefetch state
+    assert d.key in swapper.slot_of
+
+
+def test_lookahead_samples_the_first_micro_batch_of_a_step():
+    """The look-ahead's kernels run in a step's first micro-batch only; its figures are that forward's."""
+    model = tiny_model(num_experts=16, layers=3)
+    opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", gpu_slots=4))
+    ids = torch.randint(0, 64, (2, 8))
+    totals = opt.engine.lookahead.totals
+    for index in range(2):
+        opt.begin_micro_batch(index, 2, 1e-3)
+        before = totals.clone()
+        model(ids, labels=ids).loss.backward()
+        assert (totals != before).any() == (index == 0)
     opt.close()
