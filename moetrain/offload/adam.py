@@ -14,7 +14,6 @@ moments, ``eps`` added after the square root).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -88,32 +87,6 @@ def step_tensors(steps: list[int], device: torch.device) -> list[torch.Tensor]:
     if device.type == "cuda":
         host = host.pin_memory()
     return list(host.to(device, non_blocking=True).unbind())
-
-
-CPU_ADAM_ENV = "MOETRAIN_CPU_ADAM"
-"""``torch``: the CPU share steps with torch's fused AdamW kernel on host tensors (:class:`TorchCpuAdam`) instead of
-DeepSpeed's (:class:`CpuAdam`, the default)."""
-
-
-def cpu_adam(cfg: OptimizerConfig):
-    """The CPU share's AdamW: :class:`CpuAdam` (DeepSpeed), or :class:`TorchCpuAdam` if ``MOETRAIN_CPU_ADAM=torch``."""
-    return TorchCpuAdam(cfg) if os.environ.get(CPU_ADAM_ENV, "deepspeed") == "torch" else CpuAdam(cfg)
-
-
-class TorchCpuAdam:
-    """torch's fused AdamW kernel (``torch._fused_adamw_``) on fp32 host tensors, in place: the formula of the CUDA
-    reference (``DenseAdamW``, ``fused=True``) in vectorised CPU code, as fast as DeepSpeed's op on a 2-core machine
-    (8.1 against 8.5 ms for 16 M parameters). Same interface as :class:`CpuAdam`; no op to build."""
-
-    def __init__(self, cfg: OptimizerConfig) -> None:
-        self.cfg = cfg
-
-    def step(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-             *, step: int, lr: float, weight_decay: float) -> None:
-        """One AdamW update of the flat fp32 host tensors (``step`` is the step number after it)."""
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr,
-                            beta1=self.cfg.betas[0], beta2=self.cfg.betas[1], weight_decay=weight_decay,
-                            eps=self.cfg.eps, amsgrad=False, maximize=False)
 
 
 class CpuAdam:

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from moetrain.offload import schedule
 from moetrain.offload.adam import CpuAdam
-from moetrain.offload.adam import cpu_adam as make_cpu_adam
 from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.composite import CompositeOptimizer
 from moetrain.offload.compute_weights import WeightWriter, cast_experts, compute_dtype
@@ -103,7 +102,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     sample = next(iter(store), None)  # None: every routed expert is frozen (the engine then steps nothing)
     gpu = GpuStep(swapper, cfg, writer, compressed=sample is not None and sample.layout.compressed,
                   scratch_bytes=offload.gpu_budget_gb * 2**30 / 4)
-    cpu_adam = make_cpu_adam(cfg) if offload.step_on != "gpu" else None
+    cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
     cpu = None
     if cpu_adam is not None:
         stepper = cpu_stepper_for(store, cpu_adam, device, dtype=dtype, swapper=swapper, writer=writer,

@@ -188,37 +188,3 @@ def test_chunks_of_a_third_step_the_same_bits(monkeypatch):
         opt.close()
         weights[parts] = [p.detach().clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(weights["2"], weights["3"], strict=True))
-
-
-def test_torch_cpu_adam_is_torchs_fused_kernel(monkeypatch):
-    """``MOETRAIN_CPU_ADAM=torch``: the CPU share runs torch's fused AdamW kernel on host tensors, bit for bit what
-    ``torch.optim.AdamW(fused=True)`` computes on the CPU (the same kernel), step numbers and lr schedule included."""
-    from moetrain.offload.adam import TorchCpuAdam, cpu_adam
-
-    monkeypatch.setenv("MOETRAIN_CPU_ADAM", "torch")
-    adam = cpu_adam(OPTIM)
-    assert isinstance(adam, TorchCpuAdam)
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(4099, generator=gen) * 0.02  # not a multiple of a vector width: the tail is stepped too
-    ref = torch.nn.Parameter(start.clone())
-    opt = torch.optim.AdamW([ref], lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, weight_decay=OPTIM.weight_decay,
-                            fused=True)
-    param, exp_avg, exp_avg_sq = start.clone(), torch.zeros(4099), torch.zeros(4099)
-    for step in range(1, 6):
-        lr = OPTIM.lr * step / 5
-        grad = torch.randn(4099, generator=gen) * 1e-3
-        opt.param_groups[0]["lr"] = lr
-        ref.grad = grad.clone()
-        opt.step()
-        adam.step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, weight_decay=OPTIM.weight_decay)
-        assert torch.equal(param, ref.detach())
-        assert torch.equal(exp_avg, opt.state[ref]["exp_avg"]) and torch.equal(exp_avg_sq, opt.state[ref]["exp_avg_sq"])
-
-
-def test_step_on_cpu_with_torchs_cpu_adam(setup, monkeypatch):
-    monkeypatch.setenv("MOETRAIN_CPU_ADAM", "torch")
-    base, data, ref, _ = setup
-    model, seen = run(base, data, tier="cpu", step_on="cpu")
-    assert all(t["offload/experts_stepped_gpu"] == 0 for t in seen) and sum(t["offload/experts_stepped_cpu"]
-                                                                            for t in seen) > 0
-    assert max_diff(model, ref) <= 1e-5
