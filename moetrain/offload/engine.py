@@ -61,6 +61,7 @@ class ExpertEngine:
         self.early_sq: Optional[torch.Tensor] = None  # squared norm of expert grads stepped (and freed) early
         self.stepped: dict[int, tuple[int, int]] = {}  # layer -> (experts stepped on GPU, on CPU) this step
         self._counts_host: Optional[torch.Tensor] = None
+        self.counts_beyond_trace = False  # add_routed_counts brought counts the routing trace has not seen
         self.auto = AutoSplit(offload.step_on, self.device)  # step_on auto: the split, or all on the GPU if faster
 
     # ------------------------------------------------------------------ routing sink (the model calls it)
@@ -73,7 +74,7 @@ class ExpertEngine:
                               self.lr_history)
         if not torch.is_grad_enabled():
             return  # evaluation: nothing will be stepped
-        self.add_routed_counts(layer, counts)
+        self.counts[layer] += counts
         if self.offload.prefetch:
             self.trace.record(layer, counts)
         if self.lookahead is not None and self.micro_index == 0:
@@ -82,8 +83,10 @@ class ExpertEngine:
             self.lookahead.observe(layer, counts, hidden)
 
     def add_routed_counts(self, layer: int, counts: torch.Tensor) -> None:
-        """(E,) more routed tokens of ``layer`` this step: the experts the sum calls active are stepped."""
+        """(E,) more routed tokens of ``layer`` this step from outside the routing sink (the multi-rank wrapper
+        adds the other ranks'): the experts the sum calls active are stepped."""
         self.counts[layer] += counts
+        self.counts_beyond_trace = True
 
     # ------------------------------------------------------------------ schedule
     def begin_micro_batch(self, index: int, count: int, lr: Optional[float] = None) -> None:
@@ -157,12 +160,23 @@ class ExpertEngine:
         self.stepped[layer] = (len(gpu_recs), len(cpu_recs))
 
     def begin_step(self, lr: float) -> None:
-        """The optimizer step begins: its clock starts and the host reads the union of counts (the one sync)."""
+        """The optimizer step begins: its clock starts and the host learns the step's routing counts.
+
+        From the routing trace's host copies when it saw them all: those were queued in each forward and have long
+        landed, so the host does not wait for the end of backward here and can queue the step's paging and kernels
+        while the GPU finishes backward (its host time, a third of a second at full size, then overlaps). Otherwise
+        (no trace, or another rank's counts added) one read of the device sums: a sync with backward's end."""
         self.telemetry.start(self.device)
         if self.stepped and lr != self.early_lr:
             raise ValueError(f"step(lr={lr}) after layers were stepped during backward with lr={self.early_lr}: "
                              "pass begin_micro_batch the learning rate the step takes")
-        self._counts_host = torch.stack([self.counts[layer] for layer in self.store.layers]).cpu()
+        if self.offload.prefetch and not self.counts_beyond_trace:
+            traced = [self.trace.host_counts(layer) for layer in self.store.layers]
+            self._counts_host = torch.stack([
+                torch.zeros_like(self.counts[layer], device="cpu") if t is None else t.to(torch.int64)
+                for layer, t in zip(self.store.layers, traced, strict=True)])
+        else:
+            self._counts_host = torch.stack([self.counts[layer] for layer in self.store.layers]).cpu()
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -187,6 +201,7 @@ class ExpertEngine:
             self._auto_hot_cache()
         for c in self.counts.values():
             c.zero_()
+        self.counts_beyond_trace = False
         self.trace.reset()
         self.clip_coef = self.grad_scale = None  # a step without clipping must not reuse this one's
         self.telemetry.record(counts, on_gpu=on_gpu, on_cpu=on_cpu, early_layers=early_layers)
