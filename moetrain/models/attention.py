@@ -173,18 +173,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        spans = None
         if isinstance(mask, DocumentSpans):  # packed documents: variable-length flash attention where it runs
             if cache is None and varlen_applies(q, self.head_dim):
-                out = varlen_causal_attention(q, k, v, spans=mask)
-                return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim))
-            mask = dense_mask(mask)
+                spans, mask = mask, None
+            else:
+                mask = dense_mask(mask)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if mask is None:
+        if spans is not None:
+            out = varlen_causal_attention(q, k, v, spans=spans)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

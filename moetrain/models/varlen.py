@@ -91,12 +91,9 @@ def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spans: DocumentSpans) -> torch.Tensor:
-    """Causal attention inside each document of ``spans``: q (B, nh, L, hd), k and v (B, nkv, L, hd) -> (B, nh, L,
-    hd), as SDPA with the dense mask of the spans computes it. Key/value heads are repeated for grouped queries."""
+    """Causal attention inside each document of ``spans``: q, k and v (B, nh, L, hd) -> (B, nh, L, hd), as SDPA with
+    the dense mask of the spans computes it (grouped queries' key/value heads already repeated by the caller)."""
     b, nh, seq, hd = q.shape
-    if k.shape[1] != nh:
-        rep = nh // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
     def flat(t: torch.Tensor) -> torch.Tensor:  # (B, n, L, hd) -> (B * L, n, hd), contiguous
         return t.transpose(1, 2).reshape(b * seq, t.shape[1], t.shape[-1])
