@@ -213,6 +213,7 @@ POSITIONAL_ALLOWED = {
     ("moetrain/offload/adam.py", "reference_adamw"): 4,
     ("moetrain/offload/adam.py", "adamw"): 4,
     ("moetrain/offload/adam.py", "step"): 4,
+    ("moetrain/offload/adam_cuda_order.py", "step"): 4,
 }
 
 

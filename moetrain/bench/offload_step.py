@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tier", default="none", choices=["none", "cpu", "nvme"])
     p.add_argument("--step-on", default="gpu", choices=["gpu", "cpu", "auto"])
+    p.add_argument("--cpu-adam", default="exact", choices=["exact", "deepspeed"], help="the CPU share's AdamW")
     p.add_argument("--nvme-path", default=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--full-depth", action="store_true",
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.set_expert_impl(a.impl)
     model.set_activation_checkpointing(a.checkpoint_layers)
     opt_cfg = OptimizerConfig(lr=1e-5, weight_decay=0.0, warmup_steps=0, max_grad_norm=a.max_grad_norm)
-    off_cfg = resolve(settings_from_flat(tier=a.tier, step_on=a.step_on, nvme_path=a.nvme_path, master=a.master,
-                                         moments=a.moments, hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
+    off_cfg = resolve(settings_from_flat(tier=a.tier, step_on=a.step_on, cpu_adam=a.cpu_adam, nvme_path=a.nvme_path,
+                                         master=a.master, moments=a.moments,
+                                         hot_cache_gb=None if a.hot_cache_gb < 0 else a.hot_cache_gb,
                                          gpu_budget_gb=a.gpu_budget_gb, resident_weights=a.resident_weights))
     opt = build_optimizer(model, opt_cfg, off_cfg)
     torch.cuda.synchronize()
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(0),
         "tier": a.tier,
         "step_on": a.step_on,
+        "cpu_adam": a.cpu_adam,
         "max_grad_norm": a.max_grad_norm,
         "layers": a.layers,
         "params_B": round(model.num_parameters() / 1e9, 3),

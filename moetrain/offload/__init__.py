@@ -19,7 +19,8 @@ Modules, one job each:
 * ``gpu_step`` / ``cpu_step``: the two step paths; ``catch_up``: idle experts' missed steps; ``telemetry``: the
   step's figures; ``state_io`` / ``host_state``: named tensors out and in, records' host state;
   ``compute_weights``: the compute dtype and where new weights go.
-* ``adam``: the AdamW arithmetic (fused on CUDA, torch's loop on the CPU, DeepSpeed CPU Adam).
+* ``adam``: the AdamW arithmetic (fused on CUDA, torch's loop on the CPU, DeepSpeed CPU Adam); ``adam_cuda_order``:
+  the CPU share's AdamW in the fused CUDA kernel's operations (compiled C, ``csrc/``).
 * ``fused_step`` / ``fused_step_kernels``: one Triton kernel a record for the GPU step of compressed state (decode,
   AdamW and encode in registers; ``MOETRAIN_FUSED_STEP=0`` turns it off).
 * ``rates``: link and CPU-Adam rates measured at start-up; the GPU/CPU split of ``step_on: auto``.

@@ -1,4 +1,4 @@
-"""The AdamW arithmetic of the expert optimizer: the device step and the DeepSpeed CPU step.
+"""The AdamW arithmetic of the expert optimizer: the device step and DeepSpeed's CPU step (``cpu_adam: deepspeed``).
 
 All follow ``torch.optim.AdamW`` (decoupled weight decay ``p *= 1 - lr * wd``, bias-corrected
 moments, ``eps`` added after the square root).
@@ -90,7 +90,9 @@ def step_tensors(steps: list[int], device: torch.device) -> list[torch.Tensor]:
 
 
 class CpuAdam:
-    """DeepSpeed's vectorised CPU AdamW (``cpu_adam`` op), stepping fp32 tensors in host memory in place.
+    """DeepSpeed's vectorised CPU AdamW (``cpu_adam`` op), stepping fp32 tensors in host memory in place: the CPU
+    share's kernel with ``model.offload.schedule.cpu_adam: deepspeed`` (the default is
+    :mod:`moetrain.offload.adam_cuda_order`, the bits of torch's fused CUDA AdamW).
 
     The op is JIT-built on first use (a few minutes on 2 cores; cached per environment, see
     :mod:`moetrain.offload.ops`).

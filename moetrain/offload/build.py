@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from moetrain.offload import schedule
 from moetrain.offload.adam import CpuAdam
+from moetrain.offload.adam_cuda_order import CudaOrderCpuAdam
 from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.composite import CompositeOptimizer
 from moetrain.offload.compute_weights import WeightWriter, cast_experts, compute_dtype
@@ -37,8 +38,14 @@ from moetrain.optim import OptimizerConfig, decays, param_groups
 CPU_CHUNK_NUMEL = 1 << 25  # parameters per CPU-path chunk: 64 MiB of bf16 per pinned buffer, 4 of them
 
 
-def cpu_stepper_for(store: ExpertStore, cpu_adam: CpuAdam, device: torch.device, *, dtype: torch.dtype,
-                    swapper: Swapper, writer: WeightWriter, chunk_numel: int = CPU_CHUNK_NUMEL,
+def cpu_adam_for(kind: str, cfg: OptimizerConfig, device: torch.device) -> CudaOrderCpuAdam | CpuAdam:
+    """The CPU share's AdamW, ``model.offload.schedule.cpu_adam``: ``exact`` (torch's fused CUDA kernel's operations
+    and, on CUDA, the device's bias corrections) or ``deepspeed``."""
+    return CpuAdam(cfg) if kind == "deepspeed" else CudaOrderCpuAdam(cfg, device=device)
+
+
+def cpu_stepper_for(store: ExpertStore, cpu_adam: CudaOrderCpuAdam | CpuAdam, device: torch.device, *,
+                    dtype: torch.dtype, swapper: Swapper, writer: WeightWriter, chunk_numel: int = CPU_CHUNK_NUMEL,
                     stepper_cls: type[CpuStepper] = CpuStepper) -> CpuStepper:
     """The CPU step path's pipeline for ``store``: chunks of ``chunk_numel`` parameters (at least the largest
     record, at most every record), paging-window marks on the swapper's telemetry, and new weights written to
@@ -102,7 +109,7 @@ def build_offload_optimizer(model: nn.Module, cfg: OptimizerConfig, offload: Off
     sample = next(iter(store), None)  # None: every routed expert is frozen (the engine then steps nothing)
     gpu = GpuStep(swapper, cfg, writer, compressed=sample is not None and sample.layout.compressed,
                   scratch_bytes=offload.gpu_budget_gb * 2**30 / 4)
-    cpu_adam = CpuAdam(cfg) if offload.step_on != "gpu" else None
+    cpu_adam = cpu_adam_for(offload.cpu_adam, cfg, device) if offload.step_on != "gpu" else None
     cpu = None
     if cpu_adam is not None:
         stepper = cpu_stepper_for(store, cpu_adam, device, dtype=dtype, swapper=swapper, writer=writer,

@@ -7,7 +7,7 @@ A recipe writes :class:`OffloadSettings`, four groups of typed keys::
         placement: {tier, gpu_budget_gb, cpu_budget_gb, gpu_slots, hot_cache_gb, resident_weights}
         nvme:      {path, backend, block_size, queue_depth, threads}
         state:     {master, moments, quant_block, compute_dtype}
-        schedule:  {step_on, idle_experts, prefetch}
+        schedule:  {step_on, cpu_adam, idle_experts, prefetch}
 
 :func:`resolve` checks every rule between the keys, once, and returns the flat :class:`OffloadPlan` that the engine,
 the planner, the pre-flight checks and the checkpoint code read (``plan.tier``, ``plan.nvme_path``, ...). The
@@ -95,18 +95,16 @@ class ScheduleSettings:
     """Where and when offloaded experts are stepped (``model.offload.schedule``)."""
 
     step_on: Literal["gpu", "cpu", "auto"] = "gpu"
-    """``gpu`` (state paged in, fused AdamW), ``cpu`` (DeepSpeedCPUAdam in host memory, gradients down and weights
-    up) or ``auto`` (both at once, split by a cost model fed with rates measured at start-up; the run's second
-    step is timed with that split and its third with every expert on the GPU, and the faster schedule is kept:
-    ``offload/auto_on_gpu``)."""
+    """``gpu`` (state paged in, fused AdamW), ``cpu`` (``cpu_adam`` in host memory) or ``auto`` (both, split by
+    measured rates; a timed step with every expert on the GPU keeps the faster: ``offload/auto_on_gpu``)."""
+    cpu_adam: Literal["exact", "deepspeed"] = "exact"
+    """CPU share's AdamW: exact (torch's fused CUDA AdamW's bits) or deepspeed (DeepSpeed's, an ulp off a step)."""
     idle_experts: Literal["skip", "dense"] = "skip"
-    """``skip``: an expert that got no tokens is untouched (torch AdamW with grad None). ``dense``: the
-    zero-gradient steps a dense AdamW would have applied are caught up exactly when the expert is next routed, or
-    at checkpoint time."""
+    """``skip``: an expert that got no tokens is untouched (as AdamW with grad None). ``dense``: the zero-gradient
+    steps a dense AdamW would have made are caught up when it is next routed, or at checkpoint time."""
     prefetch: bool = True
-    """Page state in ahead of need: the forward's routing trace drives backward-time page-ins. The look-ahead
-    (the next layer's router applied to this layer's input) is measured always, whatever this key says: one small
-    matmul a layer, reported as offload/lookahead_precision and recall."""
+    """Page state in ahead of need: the forward's routing trace drives backward-time page-ins. The look-ahead (next
+    layer's router on this layer's input) is measured always: offload/lookahead_precision and recall."""
 
 
 @dataclass
@@ -214,6 +212,7 @@ class OffloadPlan:
     cpu_budget_gb: Optional[float] = None
     resident_weights: str = "yes"
     step_on: str = "gpu"
+    cpu_adam: str = "exact"
     compute_dtype: str = "auto"
     master: str = "fp32"
     moments: str = "fp32"

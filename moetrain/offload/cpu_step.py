@@ -1,4 +1,4 @@
-"""The CPU step path: experts stepped by DeepSpeed CPU Adam in host memory, pipelined in chunks.
+"""The CPU step path: experts stepped by the CPU share's AdamW in host memory, pipelined in chunks.
 
 For each chunk of records (about ``chunk_numel`` parameters)::
 
@@ -30,7 +30,8 @@ class CpuStepper:
     """Pooled pinned buffers, two copy streams and the chunk pipeline of the CPU step path.
 
     Args:
-        cpu_adam: a :class:`~moetrain.offload.adam.CpuAdam`.
+        cpu_adam: a :class:`~moetrain.offload.adam_cuda_order.CudaOrderCpuAdam` (or DeepSpeed's
+            :class:`~moetrain.offload.adam.CpuAdam`, ``cpu_adam: deepspeed``).
         device: the compute device (its parameters and gradients live there).
         dtype: the experts' compute dtype (that of their ``.grad`` and weights).
         chunk_numel: parameters per chunk (raised to the largest record so that one always fits).

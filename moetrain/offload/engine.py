@@ -7,7 +7,7 @@ The engine only wires parts (each built and tested on its own; :mod:`moetrain.of
                     (the rule: :func:`moetrain.offload.schedule.steps_under_backward`)
     split           GPU share / CPU share of a layer's active experts (rates.split_records)
     GPU step        gpu_step.GpuStep: slots, fused AdamW, new weights
-    CPU step        cpu_step.CpuShare: DeepSpeed CPU Adam on host state, in a thread beside the GPU share
+    CPU step        cpu_step.CpuShare: AdamW on host state (adam_cuda_order), in a thread beside the GPU share
     catch-up        catch_up.CatchUp: idle_experts=dense's replay of missed zero-gradient steps
     telemetry       telemetry.StepTelemetry: the step's figures
     state I/O       state_io.ExpertStateIO: named tensors out (checkpoints) and in (loads)

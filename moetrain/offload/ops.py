@@ -1,10 +1,5 @@
-"""Loading DeepSpeed's JIT-built ops (``cpu_adam``, ``async_io``) with a build cache per Python environment.
-
-torch caches JIT extensions in ``~/.cache/torch_extensions/py<ver>_<cuda>/<op>``; two virtual
-environments with the same Python share that folder but compile with their own include paths, so
-each one's load rebuilds the op the other just built (minutes on a small machine). Unless
-``TORCH_EXTENSIONS_DIR`` is set, the ops are cached in a subfolder of that default keyed by the
-environment (``sys.prefix``), so every environment builds once and keeps its build.
+"""Loading DeepSpeed's JIT-built ops (``cpu_adam``, ``async_io``) with a build cache per Python environment
+(:mod:`moetrain.offload.build_cache`).
 
 The first build in an environment takes minutes, and DeepSpeed says nothing useful while it runs: a load
 that has to compile says so on stderr first (which op, about how long, how to do it ahead of time) and
@@ -14,7 +9,6 @@ ahead of time, for example right after the install.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -22,6 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from moetrain.offload.adam_cuda_order import build as build_cpu_share_adamw
+from moetrain.offload.build_cache import use_environment_build_cache
 
 BUILD_MINUTES = {"cpu_adam": 2, "async_io": 4}
 """About how long a first build takes on a small machine (2 cores): what the announcement promises."""
@@ -38,15 +35,6 @@ def sanitize_cuda_arch_list() -> None:
     value = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if value:
         os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
-
-
-def use_environment_build_cache() -> None:
-    """Point ``TORCH_EXTENSIONS_DIR`` at this environment's cache folder unless the user chose one."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return
-    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(base / f"env-{tag}")
 
 
 def build_pending(name: str) -> bool:
@@ -98,7 +86,10 @@ def load_async_io(announce: Callable[[str], None] = _stderr):
 def build_all() -> int:
     """Build (or find in the cache) every op the engine may load, so that the first training step does not
     wait minutes for a compiler: ``moetrain build-ops`` or ``python -m moetrain.offload.ops``. ``async_io`` is
-    skipped, with a note, when libaio is missing (the NVMe tier then uses its threaded fallback)."""
+    skipped, with a note, when libaio is missing (the NVMe tier then uses its threaded fallback). The CPU share's
+    own AdamW (:mod:`moetrain.offload.adam_cuda_order`, a second with the C compiler) is built too."""
+    build_cpu_share_adamw()
+    print("adamw_cuda_order: built")
     load_cpu_adam()
     print("cpu_adam: built")
     try:

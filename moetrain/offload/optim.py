@@ -21,7 +21,7 @@ One optimizer step, in order (GPU; on the CPU the streams collapse into one and 
                   _fused_adamw_ over the chunk; new weights -> model params (bf16 cast on GPU)
                   release(chunk): D2H on out_stream after an event  ← runs under the next chunk,
                                                                        and under the next forward
-              step_on cpu/auto: the CPU share is stepped by DeepSpeed CPU Adam in host memory
+              step_on cpu/auto: the CPU share is stepped in host memory by the fused CUDA AdamW's operations
               (gradients down, weights up, pipelined: :mod:`moetrain.offload.cpu_step`), in a thread
               beside the GPU share; the compute stream waits for its uploads before the next forward.
 

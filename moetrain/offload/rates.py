@@ -3,14 +3,15 @@
 GPU path: an expert's stored state goes up and comes back down (``state_bytes`` a parameter each way: 12
 for fp32 state, 4.03 for bf16_sr masters with int8 moments; a cached slot skips the way up, which the
 model ignores). CPU path: its gradient goes down (grad bytes/param, 2 in bf16), the host upcasts it,
-decodes the stored state (compressed formats: dequantize, widen), DeepSpeed's CPU Adam steps it, the
+decodes the stored state (compressed formats: dequantize, widen), the CPU share's AdamW steps it, the
 state is encoded back (quantize, round) and the new weights are cast (the rate measured here covers all of
 that, with the store's own format), and the weights go up (weight bytes/param). The two paths run at once
 and share the link, so the step ends at max(link time of all bytes, CPU time); the split puts each expert
 where that maximum grows least. Compressed state makes the GPU path cheaper (fewer bytes) and the CPU path
 dearer (the codec runs on the host), so auto sends more experts to the GPU.
 Defaults (used when nothing can be measured, e.g. no GPU) are the figures measured on the H200
-machines: 55 GB/s each way, 93 GB/s both at once (101 on some cards), DeepSpeed CPU Adam 3.98 G params/s on 16 cores.
+machines: 55 GB/s each way, 93 GB/s both at once (101 on some cards), DeepSpeed CPU Adam 3.98 G params/s on 16 cores
+(the exact kernel, ``cpu_adam: exact``, measured 3.1 and 4.3 in runs r26 and r27, DeepSpeed's 4.2 and 4.4 beside it).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def measure_link(device: torch.device, nbytes: int = 64 << 20) -> tuple[float, f
 
 def measure_cpu_adam(cpu_adam, numel: int = 1 << 24, dtype: torch.dtype = torch.bfloat16, *, codec=None) -> float:
     """G params/s of the CPU path's host work per parameter: upcast a ``dtype`` gradient, decode the state,
-    one step of ``cpu_adam`` (a :class:`~moetrain.offload.adam.CpuAdam`), encode the state back and cast the
-    new weight to ``dtype``, as :class:`~moetrain.offload.cpu_step.CpuStepper` does for a record.
+    one step of ``cpu_adam`` (:mod:`~moetrain.offload.adam_cuda_order` or DeepSpeed's), encode the state back and
+    cast the new weight to ``dtype``, as :class:`~moetrain.offload.cpu_step.CpuStepper` does for a record.
 
     ``codec``: a record's :class:`~moetrain.offload.state_format.StateCodec` (the store's format; its
     layout's size is what is timed, repeated to about ``numel`` parameters); None times fp32 state in place

@@ -67,7 +67,7 @@ def test_a_frozen_router_layer_is_stepped_under_backward(name, groups, early):
     ("grouped", dict(tier="cpu", gpu_slots=3), "grouped"),
 ])
 def test_a_frozen_router_layer_is_stepped_under_backward_on_every_path(monkeypatch, name, offload, impl):
-    """``step_on: cpu`` (DeepSpeed's CPU Adam, which rounds unlike torch's AdamW) and the grouped expert GEMM
+    """``step_on: cpu`` (the CPU share's AdamW, which rounds unlike torch's CPU loop) and the grouped expert GEMM
     (whose weight gradients go to stacked per-layer buffers; it sums in another order than the reference's loop):
     stepped under backward, the result equals the same engine stepping every layer in step()."""
     base, data = tiny_model(), batches(steps=4, tokens=16)

@@ -76,7 +76,7 @@ def test_hot_experts_stepped_on_the_cpu_path_are_written_back_first(setup):
     model, opt, seen = run(base, data, tier="cpu", gpu_slots=4, step_on="cpu", hot_cache_gb=8 * RECORD_BYTES / 2**30)
     opt.finalize()
     assert sum(t["offload/experts_stepped_gpu"] for t in seen) > 0  # hot experts stepped where they are
-    # DeepSpeed's CPU Adam rounds differently from torch's loop: the cache must not add to that difference
+    # the CPU share's AdamW (the CUDA kernel's order) rounds unlike torch's CPU loop: the cache must not add to that
     assert max_diff(model, ref) <= 1.5 * max_diff(cold, ref) + 1e-6 <= 1e-4
     opt.close()
     opt_cold.close()

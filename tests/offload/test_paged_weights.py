@@ -71,7 +71,7 @@ def test_paged_weights_equal_torch_adamw(setup, tmp_path, tier, slots):
 def test_paged_weights_with_cpu_steps_and_dense_idle_experts(setup):
     base, data, ref, dense_ref = setup
     values, compute, _, _ = paged_run(base, data, tier="cpu", step_on="cpu")
-    resident = clone(base)  # DeepSpeed's CPU Adam with resident weights: the same arithmetic, so equal
+    resident = clone(base)  # the CPU share's AdamW with resident weights: the same arithmetic, so equal
     opt = build_optimizer(resident, OPTIM, OffloadConfig(tier="cpu", step_on="cpu"))
     train(resident, opt, data, total=STEPS)
     opt.finalize()
