@@ -18,6 +18,7 @@ one paragraph and exits with status 2. In order:
    swap files that dead processes left in ``model.offload.nvme.path`` are deleted (and reported); the
    folder exists, is writable and has room for the swap; host memory holds what the plan pins there
    (and, without a GPU, the model, its gradients and optimizer state); ``gpu_budget_gb`` holds one expert.
+   A CPU share's AdamW (``model.offload.schedule.cpu_adam: exact``) is compiled here (a C compiler is needed).
 
 :func:`prepare_data` then reads, tokenizes and packs the data with the data module's own code (a split too small for
 one row of ``data.seq_len``, or a malformed record, fails here, not after the model build); the CLI hands the
@@ -95,6 +96,7 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
     _build("model.optimizer", lambda: OptimizerConfig(**(model.get("optimizer") or {})))
     # the section resolved as the training module resolves it: every rule of the section checked once, in resolve
     offload = _build("model.offload", lambda: resolve(OffloadSettings.from_dict(model.get("offload"))))
+    _check_cpu_adam(offload, subcommand)
     model_config = _check_model(model)
     if tokenizer.vocab_size > model_config.vocab_size:
         # the training module checks the same in setup(), after the build, for library use
@@ -108,6 +110,20 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
 
         cuda = trainer.get("accelerator") not in ("cpu",) and torch.cuda.is_available()
     check_resources(sections, subcommand, model_config, offload=offload, cuda=cuda)
+
+
+def _check_cpu_adam(offload: Any, subcommand: str) -> None:
+    """A run with a CPU share (``step_on`` cpu or auto) and ``cpu_adam: exact`` compiles that AdamW now (about a
+    second the first time, cached after), so a missing C compiler is found before the build, not after it."""
+    if subcommand != "fit" or offload.tier == "none" or offload.step_on == "gpu" or offload.cpu_adam != "exact":
+        return
+    from moetrain.offload.adam_cuda_order import BuildError, build
+
+    try:
+        build()
+    except BuildError as err:
+        raise ConfigError(f"model.offload.schedule.cpu_adam=exact (step_on {offload.step_on}): {err} Or set "
+                          "model.offload.schedule.step_on=gpu, which steps every expert on the GPU.") from None
 
 
 def _check_sections(sections: dict[str, Any]) -> None:

@@ -155,6 +155,16 @@ def test_micro_batch_too_large_for_host_memory_without_a_gpu(repo_cwd, built_mod
     assert "without a GPU" in message and "data.micro_batch_size" in message
 
 
+def test_a_missing_c_compiler_for_the_cpu_share_is_named_before_the_build(repo_cwd, built_models, capsys, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    message = fail_before_build(capsys, built_models, tmp_path / "run", "--model.offload.placement.tier=cpu",
+                                "--model.offload.schedule.step_on=auto")
+    assert "model.offload.schedule.cpu_adam=exact" in message and "no-such-cc" in message
+    assert "step_on=gpu" in message
+
+
 def test_init_from_without_a_config(repo_cwd, built_models, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
