@@ -36,6 +36,7 @@ from moetrain.offload.state_io import ExpertStateIO
 from moetrain.offload.store import ExpertStore
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.telemetry import StepTelemetry
+from moetrain.offload.weight_masters import step_reads_weights
 from moetrain.optim import OptimizerConfig
 
 
@@ -197,6 +198,8 @@ class ExpertEngine:
         self.swapper.revise_hot()
         self.swapper.drain_writes()
         self.step_index += 1
+        if self.step_index == 1:
+            self._master_in_step()
         if self.step_index == 1 and self.offload.hot_cache_gb is None:
             self._auto_hot_cache()
         for c in self.counts.values():
@@ -207,6 +210,15 @@ class ExpertEngine:
         self.telemetry.record(counts, on_gpu=on_gpu, on_cpu=on_cpu, early_layers=early_layers)
         self.telemetry.figures.update(self.auto.figures())
         self.swapper.reset_stats()  # the next step's counters include the page-ins its backward starts
+
+    def _master_in_step(self) -> None:
+        """After the first step: the fused kernel reads the master from the compute weights from now on where it
+        can (:func:`~moetrain.offload.weight_masters.step_reads_weights`), before the hot cache is sized."""
+        if step_reads_weights(list(self.store), masters_in_weights=self.swapper.masters_from_weights,
+                              fused=self.gpu.fused_state == "ok", has_nvme=self.swapper.has_nvme,
+                              catch_up=self.catch_up.enabled):
+            self.swapper.use_weight_masters()
+            self.gpu.weight_masters = True
 
     def _auto_hot_cache(self) -> None:
         """``hot_cache_gb: null``: after the first step, size the hot cache from the device memory that
@@ -229,7 +241,7 @@ class ExpertEngine:
 
             spare = psutil.virtual_memory().available / 4
         self.swapper.grow_hot_cache(schedule.hot_capacity(
-            nbytes=max(0.0, spare), record_bytes=self.store.max_padded * 4, num_records=len(self.store.records),
+            nbytes=max(0.0, spare), record_bytes=self.swapper.hot_slot_bytes(), num_records=len(self.store.records),
             num_slots=self.swapper.num_slots))
 
     def zero_grad(self) -> None:

@@ -78,8 +78,9 @@ RECORDS_PER_LAUNCH = 16
 """Records one launch steps at most (a knob like :data:`TILE`): each adds a row to the launch's metadata, where
 a launch of its own cost some 0.1 ms of host time a record."""
 
-META = 6
-"""int64 fields of a record's row of launch metadata: byte offset, three gradient offsets, has-gradient bits, seed."""
+META = 9
+"""int64 fields of a record's row of launch metadata: byte offset, three gradient offsets, has-gradient bits, seed,
+three compute-weight offsets (``weight_masters``; else 0)."""
 
 
 def enabled() -> bool:
@@ -196,12 +197,17 @@ def fused_step_(rec: ExpertRecord, flat: torch.Tensor, *, lr: float, weight_deca
 
 
 def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, steps: Sequence[int], lr: float,
-                     weight_decay: float, cfg: OptimizerConfig,
-                     grad_scale: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                     weight_decay: float, cfg: OptimizerConfig, grad_scale: Optional[torch.Tensor] = None,
+                     weight_masters: bool = False) -> list[torch.Tensor]:
     """:func:`fused_step_` of each (record, its bytes) at its ``steps[i]``, in as few launches as the records allow:
     records of one layout, one step number and one gradient dtype share a launch, :data:`RECORDS_PER_LAUNCH` at
     most (the host's cost of a launch, a large part of the optimizer step's host time, is then shared). Returns
-    each record's stored master (a view of its bytes)."""
+    each record's stored master (a view of its bytes).
+
+    ``weight_masters``: the records' bf16 master is their compute weights (``rec.params``, bf16 and contiguous;
+    ``bf16_sr`` or ``fp32_split``): the kernel reads and writes it there, the bytes' master segment is neither read
+    nor written (it may not even exist, see :meth:`~moetrain.offload.swapper.Swapper.grow_hot_cache`), and the
+    compute weights need no write after the step. Returns nothing then."""
     kernels = importlib.import_module(KERNELS)  # imports triton; sys.modules' entry (the tests swap it)
     grads = [_record_grads(rec) for rec, _ in pairs]
     groups: dict[tuple, list[int]] = {}
@@ -215,15 +221,24 @@ def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, step
             for at in range(0, len(members), RECORDS_PER_LAUNCH):
                 chunk = members[at:at + RECORDS_PER_LAUNCH]
                 _launch(kernels, [pairs[i] for i in chunk], [grads[i] for i in chunk], grad_scale, table,
-                        lr=lr, weight_decay=weight_decay, cfg=cfg, step=step)
-    return [rec.layout.view(flat, "master") for rec, flat in pairs]
+                        lr=lr, weight_decay=weight_decay, cfg=cfg, step=step, weight_masters=weight_masters)
+    return [] if weight_masters else [rec.layout.view(flat, "master") for rec, flat in pairs]
+
+
+def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
+    """Elements from ``base``'s first to ``t``'s (one dtype)."""
+    diff = t.data_ptr() - base.data_ptr()
+    assert diff % t.element_size() == 0, "tensors must be aligned to their element size"
+    return diff // t.element_size()
 
 
 def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequence[list[Optional[torch.Tensor]]],
-               params: tuple[int, ...], base: Optional[torch.Tensor], step: int) -> list[list[int]]:
+               params: tuple[int, ...], base: Optional[torch.Tensor], step: int,
+               weights: Optional[torch.Tensor] = None) -> list[list[int]]:
     """The kernel's (records, META) metadata of one launch over parameters ``params`` of each record: the byte
     offset of its bytes from the first record's, its gradients' element offsets from ``base`` (0 where absent),
-    its has-gradient bits and its rounding seed."""
+    its has-gradient bits, its rounding seed and its compute weights' element offsets from ``weights`` (when
+    given)."""
     first = pairs[0][1].data_ptr()
     rows = []
     for (rec, flat), gs in zip(pairs, grads, strict=True):
@@ -234,16 +249,20 @@ def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequen
             g = gs[i]
             if g is None:
                 continue
-            diff = g.data_ptr() - base.data_ptr()
-            assert diff % g.element_size() == 0, "gradients must be aligned to their element size"
-            offsets[j], bits = diff // g.element_size(), bits | 1 << j
-        rows.append([at, *offsets, bits, rounding_seed(rec.layer, rec.expert, step)])
+            offsets[j], bits = _offset(g, base), bits | 1 << j
+        at_weights = [0] * PARAMS_PER_LAUNCH
+        if weights is not None:
+            for j, i in enumerate(params):
+                p = rec.params[i].data
+                assert p.dtype == weights.dtype and p.is_contiguous(), "weight masters: contiguous bf16 weights"
+                at_weights[j] = _offset(p, weights)
+        rows.append([at, *offsets, bits, rounding_seed(rec.layer, rec.expert, step), *at_weights])
     return rows
 
 
 def _launch(kernels, pairs: Sequence[tuple[ExpertRecord, torch.Tensor]],
             grads: Sequence[list[Optional[torch.Tensor]]], grad_scale: Optional[torch.Tensor], table: torch.Tensor, *,
-            lr: float, weight_decay: float, cfg: OptimizerConfig, step: int) -> None:
+            lr: float, weight_decay: float, cfg: OptimizerConfig, step: int, weight_masters: bool = False) -> None:
     """The kernel launches of records of one layout at one step (see :func:`fused_step_many_`): one a group of up
     to three parameters, over every record."""
     layout = pairs[0][0].layout
@@ -253,13 +272,15 @@ def _launch(kernels, pairs: Sequence[tuple[ExpertRecord, torch.Tensor]],
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
     geo = geometry(layout, TILE)
+    weights = pairs[0][0].params[0].data if weight_masters else None  # the others are counted from it
     for launch in launches(layout, TILE):
         base = next((g[i] for g in grads for i in launch.params if g[i] is not None), None)
-        meta = torch.tensor(_meta_rows(pairs, grads, launch.params, base, step), dtype=torch.int64)
+        meta = torch.tensor(_meta_rows(pairs, grads, launch.params, base, step, weights), dtype=torch.int64)
         if table.is_cuda:  # one small copy, ordered before the kernel on this stream
             meta = meta.pin_memory().to(table.device, non_blocking=True)
         kernels._adamw_record_kernel[(*launch.grid, len(pairs))](
-            views["master"], views.get("rest", views["master"]), views["exp_avg"], views["exp_avg_sq"],
+            weights if weight_masters else views["master"], views.get("rest", views["master"]), views["exp_avg"],
+            views["exp_avg_sq"],
             views["m_scale"] if int8 else views["exp_avg"], views["v_scale"] if int8 else views["exp_avg_sq"],
             base if base is not None else views["master"], grad_scale if grad_scale is not None else table, table,
             meta, *launch.sizes, *launch.starts, *launch.block_starts,
@@ -268,5 +289,5 @@ def _launch(kernels, pairs: Sequence[tuple[ExpertRecord, torch.Tensor]],
             MASTER_SR=layout.master == "bf16_sr", MASTER_SPLIT=layout.master == "fp32_split", INT8=int8,
             BF16_MOMENTS=layout.moments == "bf16", LERP_FROM_M=1 - beta1 < 0.5, META=META,
             MASTER_ITEM=MASTER_DTYPE[layout.master].itemsize, MOMENT_ITEM=MOMENT_DTYPE[layout.moments].itemsize,
-            num_warps=NUM_WARPS,
+            WEIGHT_MASTER=weight_masters, num_warps=NUM_WARPS,
             enable_fp_fusion=False)  # no implicit mul+add contraction: the explicit fmas are the only ones

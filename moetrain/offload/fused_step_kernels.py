@@ -95,7 +95,7 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
                         BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, ROWS: tl.constexpr, HAS_SCALE: tl.constexpr,
                         MASTER_SR: tl.constexpr, MASTER_SPLIT: tl.constexpr, INT8: tl.constexpr,
                         BF16_MOMENTS: tl.constexpr, LERP_FROM_M: tl.constexpr, META: tl.constexpr,
-                        MASTER_ITEM: tl.constexpr, MOMENT_ITEM: tl.constexpr):
+                        MASTER_ITEM: tl.constexpr, MOMENT_ITEM: tl.constexpr, WEIGHT_MASTER: tl.constexpr):
     """One AdamW step of up to three parameters of each of several records of one layout, in place in their bytes.
 
     The grid's third axis is the record. Pointers: the first record's segments (``master`` fp32 | bf16, ``rest``
@@ -104,8 +104,11 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
     ``grad_scale`` scalar (read if ``HAS_SCALE``), the (1024,) codebook table (signed code | its midpoints |
     unsigned code | its midpoints, 256 apart) and ``meta``, (records, META) int64: per record the byte offset of
     its bytes from the first record's, its three parameters' gradients as element offsets from ``grad_ptr``, its
-    has-gradient bits (bit i set when parameter i has a gradient, else it reads as zero) and its stochastic
-    rounding's Philox key. ``n*``: parameter sizes (0: no such parameter); ``e*``: first elements in the record;
+    has-gradient bits (bit i set when parameter i has a gradient, else it reads as zero), its stochastic
+    rounding's Philox key and, under ``WEIGHT_MASTER``, its three parameters' compute weights as element offsets from
+    ``master_ptr``: the bf16 master (``bf16_sr``, or ``fp32_split``'s bf16 half) is then read from and written to
+    the compute weights themselves, and the record's own master segment is never touched.
+    ``n*``: parameter sizes (0: no such parameter); ``e*``: first elements in the record;
     ``b*``: first blocks in the scale segments. Scalars (the same step of every record): ``lr_wd = lr *
     weight_decay``, ``c1 = 1 - beta1``, ``c2 = 1 - beta2``, ``step_size = lr / (1 - beta1^t)``, ``bc2_sqrt =
     sqrt(1 - beta2^t)``. ``LERP_FROM_M``: ``c1 < 0.5`` (torch's lerp switches formula there). ``MASTER_ITEM`` /
@@ -120,7 +123,6 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
     goff = tl.load(row + 1 + param)
     has_grad = tl.load(row + 4)
     seed = tl.load(row + 5)
-    master_ptr += at // MASTER_ITEM
     rest_ptr += at // 2
     m_ptr += at // MOMENT_ITEM
     v_ptr += at // MOMENT_ITEM
@@ -131,17 +133,21 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
     idx = rows[:, None] * BLOCK + cols[None, :]  # element in the parameter
     mask = (cols[None, :] < BLOCK) & (idx < n)
     e = first + idx  # element in the record: offset of the segments and of the random bits
+    if WEIGHT_MASTER:  # the parameter's compute weights, elements from master_ptr
+        w_at = master_ptr + tl.load(row + 6 + param) + idx
+    else:
+        w_at = master_ptr + at // MASTER_ITEM + e
     n_grad = n * ((has_grad >> param) & 1)  # 0 when the parameter has no gradient: read as zeros
     g = tl.load(grad_ptr + goff + idx, mask=mask & (idx < n_grad), other=0.0).to(tl.float32)
     if HAS_SCALE:
         scale = tl.zeros((ROWS, BLOCK_P2), tl.float32) + tl.load(grad_scale_ptr)  # 1 / the clip coefficient
         g = tl.div_rn(g, scale)
     if MASTER_SPLIT:  # the exact fp32: bits(bf16 half) * 2^16 + rest (split_fp32's layout)
-        hi = tl.load(master_ptr + e, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        hi = tl.load(w_at, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
         lo = tl.load(rest_ptr + e, mask=mask, other=0).to(tl.int32)
         w = ((hi << 16) + lo).to(tl.float32, bitcast=True)
     else:
-        w = tl.load(master_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_at, mask=mask, other=0.0).to(tl.float32)
     if INT8:
         blocks = first_block + rows
         ok_row = (rows * BLOCK) < n
@@ -173,7 +179,7 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
         # keyed by the record and step and counted by the element
         noise = (tl.randint(seed, e) & 0xFFFF).to(tl.int32)
         bits = (w.to(tl.int32, bitcast=True) + noise) & -65536
-        tl.store(master_ptr + e, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        tl.store(w_at, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
     elif MASTER_SPLIT:  # split_fp32: the magnitude's bits rounded up from half way, the rest in [-2^15, 2^15)
         bits = w.to(tl.int32, bitcast=True)
         mag = bits & 0x7FFFFFFF
@@ -182,10 +188,10 @@ def _adamw_record_kernel(master_ptr, rest_ptr, m_ptr, v_ptr, m_scale_ptr, v_scal
         nan = w != w
         hi = tl.where(nan, 0x7FC0, hi)
         rest = tl.where(nan, 0, rest)
-        tl.store(master_ptr + e, hi.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(w_at, hi.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
         tl.store(rest_ptr + e, rest.to(tl.int16), mask=mask)
     else:
-        tl.store(master_ptr + e, w, mask=mask)
+        tl.store(w_at, w, mask=mask)
     if INT8:
         _quantize(m, mask, ok_row, m_ptr, m_scale_ptr, e, blocks, table_ptr + 256, 6, 64.0, 127, 253)
         _quantize(v, mask, ok_row, v_ptr, v_scale_ptr, e, blocks, table_ptr + 768, 7, 128.0, 0, 254)

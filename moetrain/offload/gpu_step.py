@@ -54,6 +54,7 @@ class GpuStep:
         self.swapper, self.cfg, self.writer = swapper, cfg, writer
         self.compressed, self.scratch_bytes = compressed, scratch_bytes
         self.fused_state: Optional[str] = None  # None: not tried yet; "ok"; "off": its first call failed
+        self.weight_masters = False  # the kernel reads and writes the master in the compute weights (Swapper's)
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
         """Consecutive groups of half the slots: half compute while the other half fills. ``MOETRAIN_STEP_CHUNKS=3``
@@ -99,7 +100,8 @@ class GpuStep:
             return []
         try:
             masters = fused_step_many_(pairs, steps=[rec.step + 1 for rec, _ in pairs], lr=lr,
-                                       weight_decay=self.cfg.weight_decay, cfg=self.cfg, grad_scale=grad_scale)
+                                       weight_decay=self.cfg.weight_decay, cfg=self.cfg, grad_scale=grad_scale,
+                                       weight_masters=self.weight_masters)
         except Exception as err:  # noqa: BLE001  (Triton's compile errors have no common base class)
             if self.fused_state is not None:
                 raise
@@ -108,14 +110,17 @@ class GpuStep:
                           "compressed state with the unfused path instead", RuntimeWarning, stacklevel=2)
             return pairs
         self.fused_state = "ok"
-        self.writer.write_many([(rec, rec.codec.compute_weights(flat, master))
-                                for (rec, flat), master in zip(pairs, masters, strict=True)])
+        if not self.weight_masters:  # else the kernel wrote the new master into the weights themselves
+            self.writer.write_many([(rec, rec.codec.compute_weights(flat, master))
+                                    for (rec, flat), master in zip(pairs, masters, strict=True)])
         return []
 
     def step_unfused(self, pairs: list[tuple[ExpertRecord, torch.Tensor]], lr: float, *,
                      clip_coef: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor]) -> None:
         """Step (record, its slot) pairs with torch's fused AdamW over fp32 state: in place under the fp32
         format, else decoded into fp32 scratch and encoded back."""
+        if pairs and self.weight_masters:  # the slots' master segments are not kept then
+            raise RuntimeError("the unfused expert step cannot run once the masters are read from the weights")
         for group in self._scratch_groups(pairs):
             ps, gs, ms, vs, steps, decoded = [], [], [], [], [], []
             for rec, flat in group:

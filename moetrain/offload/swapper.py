@@ -59,6 +59,7 @@ class Swapper:
         self.store = store
         self.masters_from_weights = masters_from_weights
         self.stale_masters: dict[tuple[int, int], ExpertRecord] = {}  # host master older than the weights
+        self.weight_masters = False  # the step reads the master from the weights: slots' master segments are unused
         self.device = device
         self.num_slots = num_slots
         self.slot_numel = store.max_padded
@@ -95,13 +96,41 @@ class Swapper:
 
     # ------------------------------------------------------------------ hot-expert cache
     def grow_hot_cache(self, capacity: int) -> None:
-        """Add ``capacity`` slots that keep the hottest records' state resident between steps (once)."""
+        """Add ``capacity`` slots that keep the hottest records' state resident between steps (once).
+
+        Under :meth:`use_weight_masters` the slots are compact: each holds what follows the master segment only
+        (``slot_numel - skip`` floats, :meth:`hot_slot_bytes`), and its full-size view begins ``skip`` floats
+        earlier, over the previous slot's tail (the first slot's over ``skip`` floats of padding). Nothing reads
+        or writes a slot's first ``skip`` floats then: page-ins and page-outs start after the master and the step
+        reads the master from the weights."""
         self._changed()
         if capacity <= 0 or self.hot_pool is not None:
             return
-        self.hot_pool = torch.zeros(capacity, self.slot_numel, dtype=torch.float32, device=self.device)
+        skip = self.master_floats() if self.weight_masters else 0
+        stride = self.slot_numel - skip
+        self.hot_pool = torch.zeros(skip + capacity * stride, dtype=torch.float32, device=self.device)
         self.hot_capacity = capacity
-        self.slots += [self._new_slot(row, hot=True) for row in self.hot_pool]
+        self.slots += [self._new_slot(self.hot_pool[k * stride:k * stride + self.slot_numel], hot=True)
+                       for k in range(capacity)]
+
+    def master_floats(self) -> int:
+        """Floats of master segment that every record's page-in and page-out skip (masters from the weights)."""
+        return min((paged_from(r) for r in self.store), default=0) if self.masters_from_weights else 0
+
+    def hot_slot_bytes(self) -> int:
+        """Device bytes a hot-cache slot takes when grown now."""
+        return (self.slot_numel - (self.master_floats() if self.weight_masters else 0)) * 4
+
+    def use_weight_masters(self) -> None:
+        """From now on the step reads and writes the records' master in the compute weights
+        (:func:`~moetrain.offload.fused_step.fused_step_many_`'s ``weight_masters``): page-ins leave the slot's
+        master segment unfilled and page-outs never copy it (the host master is stale until a flush or settle
+        writes the weights there), so hot-cache slots grown after this hold no master (:meth:`grow_hot_cache`).
+        Needs masters from the weights and no NVMe records (they move whole)."""
+        assert self.masters_from_weights and not self.has_nvme
+        self.weight_masters = True
+        for slot in self.slots:
+            slot.master_pending = False
 
     def revise_hot(self) -> None:
         """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency (end of a
@@ -202,7 +231,7 @@ class Swapper:
                 if slot.in_event is not None:
                     slot.in_event.record(self.in_stream)
                 slot.state = SlotState.READY
-                slot.master_pending = start > 0
+                slot.master_pending = start > 0 and not self.weight_masters
                 self.stats.h2d_bytes += (rec.padded - start) * 4
 
     def _paged_start(self, rec: ExpertRecord) -> int:
@@ -310,7 +339,7 @@ class Swapper:
                 slot = self.slots[s]
                 slot.dirty, slot.written = False, self.batches
                 src = slot.view(rec.padded)
-                start = self._paged_start(rec) if skip_masters else 0
+                start = self._paged_start(rec) if skip_masters or self.weight_masters else 0
                 if rec.tier is Tier.CPU:
                     self.store.host_view(rec)[start:].copy_(src[start:], non_blocking=True)
                     self.written_from[rec.key] = s

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 ENV = "MOETRAIN_MASTER_FROM_WEIGHTS"
 """``MOETRAIN_MASTER_FROM_WEIGHTS=0`` pages whole records (benchmarks compare the two)."""
 
+IN_STEP_ENV = "MOETRAIN_MASTER_IN_STEP"
+"""``MOETRAIN_MASTER_IN_STEP=0`` keeps filling the slots' master segments after the first step (see
+:func:`step_reads_weights`; benchmarks compare the two)."""
+
 
 def masters_from_weights(master: str, resident_weights: str) -> bool:
     """Whether a store of ``master`` records whose compute weights are ``resident_weights`` keeps its master segment
@@ -66,3 +70,20 @@ def copy_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor], *,
     src = [p.detach() for rec in recs for p in rec.params]
     if dst:
         torch._foreach_copy_(dst, src, non_blocking=non_blocking)  # across devices: one copy_ a tensor
+
+
+def step_reads_weights(recs: Sequence[ExpertRecord], *, masters_in_weights: bool, fused: bool, has_nvme: bool,
+                       catch_up: bool) -> bool:
+    """Whether, from the second step on, the fused kernel may read and write the master in the compute weights
+    (``weight_masters``) instead of the slots: then no page-in fills a slot's master from the weights, no step
+    writes the weights from the slot, and hot-cache slots hold no master (twice the slots for ``bf16_sr`` with int8
+    moments in the same memory). Needs the master in the weights (:func:`masters_from_weights`), the fused kernel
+    running (``fused``: its first call passed) for every record's format, contiguous bf16 weights, no NVMe records
+    (they move whole) and no catch-up (``idle_experts: dense`` steps decoded slot state); ``MOETRAIN_MASTER_IN_STEP=0``
+    turns it off."""
+    from moetrain.offload.fused_step import supports
+
+    return (masters_in_weights and fused and not has_nvme and not catch_up and os.environ.get(IN_STEP_ENV, "1") != "0"
+            and all(supports(r.layout) for r in recs)
+            and all(p.dtype == torch.bfloat16 and p.is_contiguous() for r in recs for p in r.params))
+

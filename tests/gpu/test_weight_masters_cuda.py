@@ -63,3 +63,38 @@ def test_moments_only_paging_equals_whole_records(monkeypatch, step_on, impl, ma
     for k in tensors:
         assert torch.equal(tensors[k], whole_tensors[k]), k
     assert 0 < moved < (0.7 if master == "bf16_sr" else 0.8) * whole_moved  # fp32_split: the master's low half too
+
+
+@pytest.mark.parametrize("master", ["bf16_sr", "fp32_split"])
+def test_master_in_step_with_a_compact_hot_cache_equals_slot_masters(monkeypatch, master):
+    """From the second step the fused kernel reads and writes the master in the compute weights, and the hot cache
+    (sized after step 1, every record that has no slot) holds no master: the same bits as the slots keeping their
+    masters (``MOETRAIN_MASTER_IN_STEP=0``), in less device memory a hot slot."""
+    base, data = tiny_model(num_experts=16), batches(steps=STEPS, tokens=16)
+    runs = {}
+    for in_step in ("0", "1"):
+        monkeypatch.setenv("MOETRAIN_MASTER_IN_STEP", in_step)
+        model = clone(base).cuda()
+        opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master=master, moments="int8", quant_block=16,
+                                                          gpu_slots=3, hot_cache_gb=None))
+        for i in range(STEPS):
+            for ids in data[2 * i:2 * i + 2]:
+                ids = ids.cuda()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(ids, labels=ids)
+                (out.loss / 2).backward()
+            opt.clip_grad_norm_(OPTIM.max_grad_norm)
+            opt.step(lr_at(OPTIM, i, STEPS))
+            opt.zero_grad()
+        swapper = opt.engine.swapper
+        shape = (swapper.weight_masters, swapper.hot_capacity, swapper.hot_slot_bytes())
+        exported = dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())
+        torch.cuda.synchronize()
+        runs[in_step] = (model, exported, shape)
+        opt.close()
+    (slots, slot_tensors, (off, hot, slot_bytes)), (model, tensors, (on, compact_hot, compact_bytes)) = runs.values()
+    assert not off and on and hot > 0 and compact_hot == hot and compact_bytes < slot_bytes
+    for (name, a), b in zip(model.named_parameters(), slots.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for k in tensors:
+        assert torch.equal(tensors[k], slot_tensors[k]), k

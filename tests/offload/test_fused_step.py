@@ -234,6 +234,33 @@ def test_many_records_in_one_launch_equal_one_launch_each(kernels, master, momen
         assert master.data_ptr() == b.data_ptr() and master.numel() == rec.layout.numel
 
 
+@pytest.mark.parametrize("master,moments", [("bf16_sr", "int8"), ("fp32_split", "int8"), ("fp32_split", "bf16")])
+def test_weight_masters_step_the_compute_weights_as_the_bytes_master(kernels, master, moments):
+    """``weight_masters``: the kernel reads and writes the bf16 master in the parameters themselves (tensors of
+    their own, anywhere in memory) and gives them the bits the record's master segment gets without it, the other
+    segments the same bytes; the record's master segment is neither read (NaN there changes nothing) nor written."""
+    steps = [3, 3, 4]
+    plain = [make_record((256, 200, 96), master, moments, 64, seed=s, expert=s) for s in range(3)]
+    held = [make_record((256, 200, 96), master, moments, 64, seed=s, expert=s) for s in range(3)]
+    for rec, flat in held:
+        at = 0
+        for p, size in zip(rec.params, rec.layout.sizes, strict=True):
+            p.data = rec.layout.view(flat, "master")[at:at + size].clone()  # bf16: the weights hold the master
+            at += size
+        rec.layout.view(flat, "master").view(torch.int16).fill_(-1)  # NaN: must be neither read nor written
+    fused_step.fused_step_many_(plain, steps=steps, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG)
+    out = fused_step.fused_step_many_(held, steps=steps, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG,
+                                      weight_masters=True)
+    assert out == []
+    for (rec, a), (held_rec, b) in zip(plain, held, strict=True):
+        weights = torch.cat([p.data for p in held_rec.params])
+        assert torch.equal(weights.view(torch.int16), rec.layout.view(a, "master").view(torch.int16))
+        assert bool((rec.layout.view(b, "master").view(torch.int16) == -1).all())
+        for name in rec.layout.views(a):
+            if name != "master":
+                assert torch.equal(rec.layout.view(a, name), rec.layout.view(b, name)), name
+
+
 class _Counting:
     """A kernel whose launches' grids are recorded."""
 
@@ -356,6 +383,40 @@ def test_gpu_step_fused_against_unfused(kernels, monkeypatch, master, steps):
             assert (a - b).abs().max() <= 2e-4, name
         else:
             assert ((a - b).abs() <= 2.0**-7 * torch.maximum(a.abs(), b.abs())).all(), name  # one bf16 spacing
+
+
+@pytest.mark.parametrize("master", ["bf16_sr", "fp32_split"])
+def test_master_in_step_trains_the_same_bits(kernels, monkeypatch, master):
+    """From the second step on, the fused kernel reads and writes the master in the compute weights, and the hot
+    cache sized after step 1 holds no master (compact slots over each other's unused master segments): the
+    weights, the exported masters and moments equal, bit for bit, those of the same run with
+    ``MOETRAIN_MASTER_IN_STEP=0`` (the engine's GPU path on the CPU, the interpreter standing in for CUDA)."""
+    from moetrain.offload import build_optimizer, gpu_step
+    from moetrain.offload.config import OffloadConfig
+
+    monkeypatch.setattr(gpu_step, "fused_step_available", lambda layout, device: fused_step.supports(layout))
+
+    def run(in_step: str):
+        monkeypatch.setenv("MOETRAIN_MASTER_IN_STEP", in_step)
+        model = tiny_model(num_experts=8, layers=2)
+        opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master=master, moments="int8", quant_block=24,
+                                                          gpu_slots=4, hot_cache_gb=None, compute_dtype="bf16"))
+        train(model, opt, batches(steps=4), total=4, autocast=torch.bfloat16)  # bf16 expert weights
+        swapper = opt.engine.swapper
+        state = dict(opt.engine.state_io.named_master_tensors()) | dict(opt.engine.state_io.named_optimizer_tensors())
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        shape = (swapper.weight_masters, swapper.hot_capacity, swapper.hot_slot_bytes())
+        opt.close()
+        return weights, state, shape
+
+    slots_weights, slots_state, (on, hot, slot_bytes) = run("0")
+    assert not on and hot > 0
+    weights, state, (on, compact_hot, compact_bytes) = run("1")
+    assert on and compact_hot == hot and compact_bytes < slot_bytes  # every record fits either way here
+    for name, w in weights.items():
+        assert torch.equal(w, slots_weights[name]), name
+    for name, t in state.items():
+        assert torch.equal(t, slots_state[name]), name
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_the_unfused_path(monkeypatch):
