@@ -16,6 +16,14 @@ The host master is stale between a page-out and the next flush (a checkpoint, a 
 settle (before the CPU share steps a record in host memory); the weights are the master meanwhile. Records in
 the NVMe swap move whole, as their writes go to disk from the staging buffer.
 
+From the second step on (:func:`step_reads_weights`), the fused kernel reads and writes the master in the weights
+themselves: the D2D fill and the weights' write after the step go, no slot's master segment is used, and the hot
+cache sized after step 1 is grown without one (:meth:`~moetrain.offload.swapper.Swapper.grow_hot_cache`)::
+
+    page-in    H2D  record[paged_from:]  → slot[paged_from:]           (the slot's master segment stays unused)
+    step       the kernel: master from the weights, moments from the slot; new master into the weights
+    page-out   D2H  slot[paged_from:]   → record[paged_from:]          (every page-out, hot cache's included)
+
 Shapes: a record of ``n`` parameters in ``padded`` floats; ``paged_from`` floats of master segment (``2 n``
 bytes, aligned to 64).
 """

@@ -398,10 +398,10 @@ def test_master_in_step_trains_the_same_bits(kernels, monkeypatch, master):
 
     def run(in_step: str):
         monkeypatch.setenv("MOETRAIN_MASTER_IN_STEP", in_step)
-        model = tiny_model(num_experts=8, layers=2)
+        model = tiny_model(num_experts=8, layers=1)
         opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master=master, moments="int8", quant_block=24,
-                                                          gpu_slots=4, hot_cache_gb=None, compute_dtype="bf16"))
-        train(model, opt, batches(steps=4), total=4, autocast=torch.bfloat16)  # bf16 expert weights
+                                                          gpu_slots=3, hot_cache_gb=None, compute_dtype="bf16"))
+        train(model, opt, batches(steps=6), total=3, autocast=torch.bfloat16)  # 3 steps; bf16 expert weights
         swapper = opt.engine.swapper
         state = dict(opt.engine.state_io.named_master_tensors()) | dict(opt.engine.state_io.named_optimizer_tensors())
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
