@@ -26,12 +26,15 @@ from moetrain.optim import lr_at  # noqa: E402
 STEPS = 12
 
 
-def _run(base, data, monkeypatch, *, on: bool, step_on: str, impl: str, master: str):
+def _run(base, data, monkeypatch, *, on: bool, step_on: str, impl: str, master: str, hot_cache_gb=0.0,
+         slots: dict | None = None):
+    """Train a copy of ``base``; ``slots`` (when given) takes the swapper's (master in the step, hot slots, bytes a
+    hot slot)."""
     monkeypatch.setenv(ENV, "1" if on else "0")
     model = clone(base).cuda()
     model.set_expert_impl(impl)
     opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master=master, moments="int8", quant_block=16,
-                                                      gpu_slots=3, step_on=step_on))
+                                                      gpu_slots=3, step_on=step_on, hot_cache_gb=hot_cache_gb))
     moved = 0
     for i in range(STEPS):
         for ids in data[2 * i:2 * i + 2]:
@@ -45,6 +48,9 @@ def _run(base, data, monkeypatch, *, on: bool, step_on: str, impl: str, master: 
         moved += opt.telemetry()["offload/h2d_bytes"]
     exported = dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())  # flushes first
     torch.cuda.synchronize()
+    if slots is not None:
+        swapper = opt.engine.swapper
+        slots.update(in_step=swapper.weight_masters, hot=swapper.hot_capacity, bytes=swapper.hot_slot_bytes())
     opt.close()
     return model, exported, moved
 
@@ -74,27 +80,14 @@ def test_master_in_step_with_a_compact_hot_cache_equals_slot_masters(monkeypatch
     runs = {}
     for in_step in ("0", "1"):
         monkeypatch.setenv("MOETRAIN_MASTER_IN_STEP", in_step)
-        model = clone(base).cuda()
-        opt = build_optimizer(model, OPTIM, OffloadConfig(tier="cpu", master=master, moments="int8", quant_block=16,
-                                                          gpu_slots=3, hot_cache_gb=None))
-        for i in range(STEPS):
-            for ids in data[2 * i:2 * i + 2]:
-                ids = ids.cuda()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = model(ids, labels=ids)
-                (out.loss / 2).backward()
-            opt.clip_grad_norm_(OPTIM.max_grad_norm)
-            opt.step(lr_at(OPTIM, i, STEPS))
-            opt.zero_grad()
-        swapper = opt.engine.swapper
-        shape = (swapper.weight_masters, swapper.hot_capacity, swapper.hot_slot_bytes())
-        exported = dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())
-        torch.cuda.synchronize()
-        runs[in_step] = (model, exported, shape)
-        opt.close()
-    (slots, slot_tensors, (off, hot, slot_bytes)), (model, tensors, (on, compact_hot, compact_bytes)) = runs.values()
-    assert not off and on and hot > 0 and compact_hot == hot and compact_bytes < slot_bytes
-    for (name, a), b in zip(model.named_parameters(), slots.parameters(), strict=True):
+        slots: dict = {}
+        model, tensors, _ = _run(base, data, monkeypatch, on=True, step_on="gpu", impl="auto", master=master,
+                                 hot_cache_gb=None, slots=slots)
+        runs[in_step] = (model, tensors, slots)
+    (kept, kept_tensors, off), (model, tensors, on) = runs.values()
+    assert not off["in_step"] and on["in_step"] and off["hot"] > 0 and on["hot"] == off["hot"]
+    assert on["bytes"] < off["bytes"]
+    for (name, a), b in zip(model.named_parameters(), kept.parameters(), strict=True):
         assert torch.equal(a, b), name
     for k in tensors:
-        assert torch.equal(tensors[k], slot_tensors[k]), k
+        assert torch.equal(tensors[k], kept_tensors[k]), k
