@@ -122,6 +122,26 @@ def test_hot_cache_auto_takes_what_is_left_and_a_number_is_checked():
         assert unknown.hot_cache_experts == 0 and "capacity unknown here" in unknown.format()
 
 
+
+def test_an_auto_hot_cache_holds_no_master_where_the_step_reads_it_from_the_weights():
+    """bf16_sr with resident weights and idle_experts skip: the engine's hot cache, sized after step 1, holds each
+    record less its master segment (moetrain.offload.weight_masters.step_reads_weights); with the catch-up of
+    idle_experts dense it keeps whole records."""
+    model = tiny_model(num_experts=16)
+    _, _, per_expert = count_parameters(model.config)
+    plans = {}
+    for idle in ("skip", "dense"):
+        off = OffloadConfig(tier="cpu", hot_cache_gb=None, master="bf16_sr", moments="int8", quant_block=16,
+                            idle_experts=idle)
+        room = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=0, master="bf16_sr", moments="int8",
+                                                     quant_block=16), tokens_per_step=8).gpu_bytes
+        plans[idle] = make_plan(model.config, off, tokens_per_step=8, gpu_capacity=room + 6 * align_up(4 * per_expert))
+    skip, dense = plans["skip"], plans["dense"]
+    assert dense.hot_record_bytes == dense.record_bytes
+    assert skip.hot_record_bytes == skip.record_bytes - align_up(2 * per_expert, 64)
+    assert skip.hot_cache_experts > dense.hot_cache_experts > 0
+    assert skip.moved_bytes < dense.moved_bytes
+
 def test_layerwise_gradients_only_with_accumulation_1_no_clipping_and_the_gpu_path():
     recipe = {"model": {"preset": "tiny-deepseek-moe", "accumulate_grad_batches": 1,
                         "optimizer": {"max_grad_norm": 0.0},

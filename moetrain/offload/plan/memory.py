@@ -7,7 +7,8 @@ matrices (2 B, frozen or not: they are still computed with); routed experts keep
 the same size for every expert, or only one MoE layer's when layers are stepped and their gradients freed under
 backward (:func:`~moetrain.offload.schedule.layerwise_grads`); the device slots of state being stepped
 (``gpu_budget_gb``, :func:`~moetrain.offload.schedule.num_state_slots`); the hot-expert state cache
-(``hot_cache_gb``, null: what is left); an estimate of the activations of one micro-batch (:mod:`.activations`);
+(``hot_cache_gb``, null: what is left, in slots without the master segment where the step reads the master from
+the compute weights); an estimate of the activations of one micro-batch (:mod:`.activations`);
 and a reserve for the CUDA context and allocator slack. The routed experts' master weights
 and moments take ``state_bytes_per_param`` bytes (12 in fp32; 4.03 for bf16 masters with int8 moments) in host
 memory up to ``cpu_budget_gb``, and on NVMe past it.
@@ -168,6 +169,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         rows.append(("gpu", "frozen dense weights (fp32; no grads, no moments)", 4 * frozen_dense))
     rows.append(("gpu", "dense matrices: bf16 autocast copies", 2 * dense))
     hot, host, nvme, layerwise = 0, 0, 0, False
+    hot_record = record
     if off.tier == "none":
         if trained_params < expert:  # frozen experts: the fp32 weight only
             rows.append(("gpu", "experts: weights (fp32), grads and moments of the trained ones",
@@ -210,8 +212,13 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             spare = int(off.hot_cache_gb * GiB)
         # up to every expert, where the engine (schedule.hot_capacity) stops at the records without a slot: the
         # two differ only when the slots and the cache together could hold more than every expert
-        hot = min(trained, spare // record)
-        rows.append(("gpu", f"hot-expert state cache ({hot} x {record / 2**20:.1f} MiB)", hot * record))
+        if (off.hot_cache_gb is None and not nvme and off.idle_experts == "skip" and weight_bytes == 2
+                and masters_from_weights(off.master, off.resident_weights)):
+            # the step reads the master from the weights after step 1, so the cache sized then holds none
+            # (moetrain.offload.weight_masters.step_reads_weights)
+            hot_record = record - align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64)
+        hot = min(trained, spare // hot_record)
+        rows.append(("gpu", f"hot-expert state cache ({hot} x {hot_record / 2**20:.1f} MiB)", hot * hot_record))
         rows.append(("host", "expert state (pinned)", host))
         if paged_weights:
             rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
@@ -286,7 +293,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 nvme_gbps=nvme_gbps, nvme_s=traffic.nvme_bytes / (nvme_gbps * 1e9),
                 gpu_load_bytes=load_peak_bytes(dense, expert, weight_bytes, streamed=streamed,
                                                paged_buffer_bytes=weight_buffers if paged_weights else None),
-                master=off.master, moments=off.moments, state_bpp=bpp, record_bytes=record, hot_cache_experts=hot,
+                master=off.master, moments=off.moments, state_bpp=bpp, record_bytes=record,
+                hot_record_bytes=hot_record, hot_cache_experts=hot,
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=traffic.paged_experts, layerwise_grads=layerwise,
                 streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights,
                 host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,

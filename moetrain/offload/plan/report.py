@@ -28,6 +28,8 @@ class Plan:
         expert_params / dense_params: parameter counts; active_experts: expected per step, all layers.
         master / moments / state_bpp: the experts' state format and its bytes per parameter.
         record_bytes: one expert's state record as the store lays it (aligned).
+        hot_record_bytes: a hot-cache slot: the record, less its master segment where the step reads the master
+            from the compute weights.
         hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized from what is left.
         paged_experts: expected active experts per step whose state is paged (not in the hot cache).
         layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
@@ -62,6 +64,7 @@ class Plan:
     moments: str = "fp32"
     state_bpp: float = 12.0
     record_bytes: int = 0
+    hot_record_bytes: int = 0
     hot_cache_experts: int = 0
     hot_cache_auto: bool = False
     paged_experts: float = 0.0
@@ -190,7 +193,7 @@ class Plan:
             if self.hot_cache_auto and self.gpu_capacity is None:
                 how = "auto: GPU capacity unknown here, sized at start-up"
             lines.append(f"  hot-expert state cache ({how}): {cache} of {self.total_experts} experts, "
-                         f"{cache * self.record_bytes / GiB:.2f} GiB")
+                         f"{cache * self.hot_record_bytes / GiB:.2f} GiB")
         lines += ["", f"  active experts per step (expected): {self.active_experts:.0f} of {self.total_experts}"
                   + (f", {self.paged_experts:.0f} paged" if self.hot_cache_experts else ""),
                   f"  link: {self.moved_bytes / GiB:.3f} GiB per step at {self.link_gbps:.0f} GB/s -> "
