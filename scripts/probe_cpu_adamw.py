@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from moetrain.offload.adam import CpuAdam
+from moetrain.offload.adam import CpuAdam, fused_adamw, step_tensors
 from moetrain.offload.adam_cuda_order import CudaOrderCpuAdam
 from moetrain.optim import OptimizerConfig
 
@@ -41,9 +41,8 @@ def agreement(name: str, adam, n: int = 1 << 22) -> None:
     for step in range(1, 11):
         g = torch.randn(n, generator=gen)
         adam.step(host[0], g, host[1], host[2], step=step, lr=CFG.lr, weight_decay=CFG.weight_decay)
-        torch._fused_adamw_([dev[0]], [g.cuda()], [dev[1]], [dev[2]], [], [torch.tensor(float(step), device="cuda")],
-                            lr=CFG.lr, beta1=CFG.betas[0], beta2=CFG.betas[1], weight_decay=CFG.weight_decay,
-                            eps=CFG.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+        fused_adamw([dev[0]], [g.cuda()], [dev[1]], [dev[2]], steps=step_tensors([step], dev[0].device), lr=CFG.lr,
+                    weight_decay=CFG.weight_decay, cfg=CFG)
         p = dev[0].cpu()
         print("AGREE " + json.dumps({"kernel": name, "step": step, "param_differ": int((host[0] != p).sum()),
                                      "param_max": float((host[0] - p).abs().max()),

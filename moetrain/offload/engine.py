@@ -218,7 +218,6 @@ class ExpertEngine:
                               fused=self.gpu.fused_state == "ok", has_nvme=self.swapper.has_nvme,
                               catch_up=self.catch_up.enabled):
             self.swapper.use_weight_masters()
-            self.gpu.weight_masters = True
 
     def _auto_hot_cache(self) -> None:
         """``hot_cache_gb: null``: after the first step, size the hot cache from the device memory that

@@ -54,7 +54,11 @@ class GpuStep:
         self.swapper, self.cfg, self.writer = swapper, cfg, writer
         self.compressed, self.scratch_bytes = compressed, scratch_bytes
         self.fused_state: Optional[str] = None  # None: not tried yet; "ok"; "off": its first call failed
-        self.weight_masters = False  # the kernel reads and writes the master in the compute weights (Swapper's)
+
+    @property
+    def weight_masters(self) -> bool:
+        """The kernel reads and writes the master in the compute weights (:meth:`Swapper.use_weight_masters`)."""
+        return self.swapper.weight_masters
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
         """Consecutive groups of half the slots: half compute while the other half fills. ``MOETRAIN_STEP_CHUNKS=3``

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moetrain.offload.adam import fused_adamw, step_tensors
 from moetrain.offload.adam_cuda_order import (
     DEVICE_TABLE_STEPS,
     CudaOrderCpuAdam,
@@ -24,9 +25,7 @@ BETAS = [(0.9, 0.95), (0.9, 0.999)]  # the recipes' and torch's default
 
 def _cuda_step(p, g, m, v, *, step: int, lr: float, wd: float, cfg: OptimizerConfig) -> None:
     """The reference's kernel (what ``torch.optim.AdamW(fused=True)`` calls) on CUDA tensors, in place."""
-    steps = [torch.tensor(float(step), device=p.device)]
-    torch._fused_adamw_([p], [g], [m], [v], [], steps, lr=lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                        weight_decay=wd, eps=cfg.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+    fused_adamw([p], [g], [m], [v], steps=step_tensors([step], p.device), lr=lr, weight_decay=wd, cfg=cfg)
 
 
 def _host_powf_misses(betas: tuple[float, float], last: int = 100_000) -> list[int]:
