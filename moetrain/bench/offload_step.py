@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="global-norm clipping (0: none, as in the peers' runs; with clipping the expert step "
                         "waits for the end of backward)")
     p.add_argument("--profile", action="store_true",
-                   help="after the timed steps, trace one more step: copy directions and compute overlap")
+                   help="after the timed steps, trace one more step: copy directions and compute overlap (with --out, "
+                        "its Chrome trace too, host operators included)")
     p.add_argument("--cprofile", action="store_true",
                    help="profile the host side of the last step's optimizer step (cProfile): where its time goes")
     p.add_argument("--out", default=None)
@@ -136,12 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     if a.profile:
         from moetrain.bench.stream_overlap import profile_step
 
-        overlap = profile_step(one_step)
+        trace = Path(a.out) / f"trace_{a.master}_{a.moments}_L{cfg.num_hidden_layers}.json.gz" if a.out else None
+        if trace is not None:
+            trace.parent.mkdir(parents=True, exist_ok=True)
+        overlap = profile_step(one_step, trace=trace)
         traced = opt.telemetry()
         for k in ("h2d", "d2h"):  # the link rate while each direction was busy
             busy, moved = overlap[f"{k}_busy_s"], traced.get(f"offload/{k}_bytes", 0.0)
             overlap[f"{k}_gbps_while_busy"] = moved / busy / 1e9 if busy else 0.0
-        overlap = {k: round(v, 4) for k, v in overlap.items()}
+        overlap = {k: (round(v, 4) if isinstance(v, float) else {kk: round(vv, 4) for kk, vv in v.items()})
+                   for k, v in overlap.items()}
+        overlap["step_s"] = round(traced.get("offload/step_s", 0.0), 4)
+        overlap["step_host_s"] = round(traced.get("offload/step_host_s", 0.0), 4)
         print("overlap of the traced step: " + json.dumps(overlap), flush=True)
     if host_profile is not None:
         host_profile.disable()

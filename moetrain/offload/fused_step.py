@@ -65,10 +65,17 @@ ENV = "MOETRAIN_FUSED_STEP"
 MAX_BLOCK = 4096
 """Largest int8 quantization block the kernel takes (a block is one row of a program's tile)."""
 
-TILE = 2048
-"""Elements a program steps (rows of whole quantization blocks under int8)."""
+TILE = 256
+"""Elements a program steps on the GPU (rows of whole quantization blocks under int8: one 256-element block). The
+kernel is bound by its arithmetic, not by memory, and large tiles cost it registers: on an H200 (run r33,
+``scripts/probe_fused_kernel.py``) a DeepSeek-MoE-16B expert under ``bf16_sr`` + int8 took 0.274 ms with 2048
+elements and 8 warps a program, 0.116 ms with 256 and 2 (``fp32_split`` + int8: 0.252 and 0.103 ms)."""
 
-NUM_WARPS = 8
+INTERPRETER_TILE = 2048
+"""Elements a program steps in Triton's CPU interpreter (the CPU tests): it runs a program's tile as numpy arrays,
+so fewer, larger programs run faster there. The bits do not depend on the tile."""
+
+NUM_WARPS = 2
 """Warps a program (a GPU tuning knob, like :data:`TILE`; the benchmark can set both)."""
 
 PARAMS_PER_LAUNCH = 3
@@ -271,9 +278,10 @@ def _launch(kernels, pairs: Sequence[tuple[ExpertRecord, torch.Tensor]],
     beta1, beta2 = cfg.betas
     bias_correction1 = 1 - beta1 ** float(step)
     bias_correction2 = 1 - beta2 ** float(step)
-    geo = geometry(layout, TILE)
+    tile = TILE if table.is_cuda else INTERPRETER_TILE
+    geo = geometry(layout, tile)
     weights = pairs[0][0].params[0].data if weight_masters else None  # the others are counted from it
-    for launch in launches(layout, TILE):
+    for launch in launches(layout, tile):
         base = next((g[i] for g in grads for i in launch.params if g[i] is not None), None)
         meta = torch.tensor(_meta_rows(pairs, grads, launch.params, base, step, weights), dtype=torch.int64)
         if table.is_cuda:  # one small copy, ordered before the kernel on this stream

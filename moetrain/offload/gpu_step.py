@@ -1,6 +1,6 @@
 """The GPU step path: routed experts' state paged into device slots, stepped by the fused AdamW kernel there.
 
-For each chunk of half the slots (the other half fills meanwhile)::
+For each chunk of a third of the slots (the next third fills meanwhile, the last one empties)::
 
     acquire(chunk)          hits, or H2D on the swapper's in_stream; compute waits on per-slot events
     prefetch(next chunk)    ← overlaps the fused step below
@@ -24,6 +24,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.profiler import record_function
 
 from moetrain.offload.adam import adamw
 from moetrain.offload.compute_weights import WeightWriter
@@ -34,7 +35,10 @@ from moetrain.offload.swapper import Swapper
 from moetrain.optim import OptimizerConfig
 
 CHUNKS_ENV = "MOETRAIN_STEP_CHUNKS"
-"""Into how many chunks the slots are cut (2; 3 measured slower, see :meth:`GpuStep.chunks`)."""
+"""Into how many chunks the slots are cut (default 3, see :meth:`GpuStep.chunks`)."""
+
+CHUNK_RANGE = "moetrain.expert_chunk"
+"""The ``record_function`` range of one chunk's acquire, step and release (host time in a trace)."""
 
 
 class GpuStep:
@@ -61,13 +65,15 @@ class GpuStep:
         return self.swapper.weight_masters
 
     def chunks(self, recs: list[ExpertRecord]) -> list[list[ExpertRecord]]:
-        """Consecutive groups of half the slots: half compute while the other half fills. ``MOETRAIN_STEP_CHUNKS=3``
-        takes thirds instead (one stepped, one filling, one emptying), so that a page-in need not wait for the
-        page-out of the chunk just released. Measured twice on DeepSeek-MoE-16B, it cut the step's GPU time but not
-        the step: r21 (an event query per slot choosing the slots) 0.74 -> 0.65 s and a 7.25 s step; r22 (the
-        latest write-back batch's slots last, :meth:`Swapper._victims`) 0.66-0.71 -> 0.59-0.64 s and 8.97 s against
-        7.26 s with halves. Halves stay the default; the option stays for measurement."""
-        size = max(1, self.swapper.num_slots // int(os.environ.get(CHUNKS_ENV, "2")))
+        """Consecutive groups of a third of the slots: one stepped, one filling, one emptying, so that a page-in need
+        not wait for the page-out of the chunk just released (``MOETRAIN_STEP_CHUNKS=2`` takes halves: one stepped
+        while the other fills, its page-ins behind the page-outs of the same slots). Measured on DeepSeek-MoE-16B
+        (``bf16_sr`` + int8): in r21 and r22 thirds cut the step after backward (0.66-0.71 -> 0.59-0.64 s) but the
+        fused kernel then took half of it and the host more, and the fit did not improve (8.97 s against 7.26 s).
+        With the kernel 2.4 times faster (r33), the 28-layer harness's traced step showed halves leaving each
+        direction of the link idle 40% of the time behind those waits; thirds took it from 0.73 to 0.55 s (r34),
+        and the fit's step after backward from 0.47-0.53 to 0.37-0.47 s (r35): the default since."""
+        size = max(1, self.swapper.num_slots // int(os.environ.get(CHUNKS_ENV, "3")))
         return [recs[i:i + size] for i in range(0, len(recs), size)]
 
     def step(self, recs: list[ExpertRecord], lr: float, clip_coef: Optional[torch.Tensor] = None,
@@ -76,15 +82,16 @@ class GpuStep:
         the caller. ``clip_coef``/``grad_scale``: device scalars of global-norm clipping, applied in-kernel."""
         chunks = self.chunks(recs)
         for c, chunk in enumerate(chunks):
-            flats = self.swapper.acquire(chunk)
-            if c + 1 < len(chunks):
-                self.swapper.prefetch(chunks[c + 1])
-            fused, rest = [], []
-            for pair in zip(chunk, flats, strict=True):
-                (fused if self.fuses(*pair) else rest).append(pair)
-            rest += self.step_fused(fused, lr, grad_scale=grad_scale)
-            self.step_unfused(rest, lr, clip_coef=clip_coef, grad_scale=grad_scale)
-            self.swapper.release(chunk)
+            with record_function(CHUNK_RANGE):  # a traced step's host rows show each chunk's acquire, step, release
+                flats = self.swapper.acquire(chunk)
+                if c + 1 < len(chunks):
+                    self.swapper.prefetch(chunks[c + 1])
+                fused, rest = [], []
+                for pair in zip(chunk, flats, strict=True):
+                    (fused if self.fuses(*pair) else rest).append(pair)
+                rest += self.step_fused(fused, lr, grad_scale=grad_scale)
+                self.step_unfused(rest, lr, clip_coef=clip_coef, grad_scale=grad_scale)
+                self.swapper.release(chunk)
 
     def fuses(self, rec: ExpertRecord, flat: torch.Tensor) -> bool:
         """``rec`` in ``flat`` is stepped by the fused kernel (compressed, on CUDA, a format it takes)."""

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from moetrain.offload.nvme import aligned_empty
-from moetrain.offload.slots import Slot, SlotState, TransferStats
+from moetrain.offload.slots import Slot, SlotState, TransferStats, pick_hot
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
 from moetrain.offload.weight_masters import copy_masters, paged_from
@@ -133,13 +133,13 @@ class Swapper:
             slot.master_pending = False
 
     def revise_hot(self) -> None:
-        """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency (end of a
-        step). Records that cool down are written back now and become ordinary cache entries."""
+        """Re-pick the hot set: the ``hot_capacity`` records with the highest routing frequency, the hot ones with a
+        margin (:func:`~moetrain.offload.slots.pick_hot`; end of a step). Records that cool down are written back
+        now and become ordinary cache entries."""
         self._changed()
         if not self.hot_capacity:
             return
-        ranked = sorted((r for r in self.store if r.frequency > 0), key=lambda r: -r.frequency)
-        new = {r.key for r in ranked[: self.hot_capacity]}
+        new = pick_hot({r.key: r.frequency for r in self.store}, self.hot, self.hot_capacity)
         cooled = [self.store.records[k] for k in self.hot - new if k in self.slot_of]
         self.hot = new
         self._write_back([r for r in cooled if self.slots[self.slot_of[r.key]].dirty])

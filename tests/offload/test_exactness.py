@@ -173,8 +173,8 @@ def test_cpu_share_in_a_thread_agrees(max_grad_norm):
 
 
 def test_chunks_of_a_third_step_the_same_bits(monkeypatch):
-    """``MOETRAIN_STEP_CHUNKS=3`` cuts the slots into thirds instead of halves: the same records are stepped by the
-    same arithmetic, only grouped and paged in another order, so the weights come out bit for bit the same."""
+    """``MOETRAIN_STEP_CHUNKS`` cuts the slots into thirds (the default) or halves: the same records are stepped by
+    the same arithmetic, only grouped and paged in another order, so the weights come out bit for bit the same."""
     from moetrain.offload.gpu_step import CHUNKS_ENV
 
     base, data = tiny_model(), batches(steps=4)

@@ -307,7 +307,7 @@ def test_stochastic_rounding_bits_depend_on_record_step_and_element_only(kernels
     rec, start = make_record(sizes, "bf16_sr", "int8", 64)
     runs = {}
     for name, step, tile in (("a", 3, 2048), ("again", 3, 2048), ("small tiles", 3, 256), ("next step", 4, 2048)):
-        monkeypatch.setattr(fused_step, "TILE", tile)
+        monkeypatch.setattr(fused_step, "INTERPRETER_TILE", tile)
         flat = start.clone()
         fused_step.fused_step_(rec, flat, lr=CFG.lr, weight_decay=CFG.weight_decay, cfg=CFG, step=step,
                                grad_scale=None)

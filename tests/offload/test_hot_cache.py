@@ -13,6 +13,7 @@ from offload_harness import OPTIM, batches, clone, max_diff, tiny_model, train
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.nvme import align_up
+from moetrain.offload.slots import HOT_STAY, pick_hot
 from moetrain.optim import DenseAdamW
 
 RECORD_BYTES = align_up(3 * (3 * 32 * 16) * 4)  # one tiny expert: 3 matrices of 32 x 16, fp32 master + 2 moments
@@ -80,3 +81,15 @@ def test_hot_experts_stepped_on_the_cpu_path_are_written_back_first(setup):
     assert max_diff(model, ref) <= 1.5 * max_diff(cold, ref) + 1e-6 <= 1e-4
     opt.close()
     opt_cold.close()
+
+
+def test_hot_records_stay_until_another_is_clearly_more_frequent():
+    freq = {(0, e): 100.0 + e for e in range(6)}  # (0, 4) and (0, 5) most frequent
+    assert pick_hot(freq, set(), 2) == {(0, 4), (0, 5)}
+    hot = {(0, 0), (0, 1)}
+    assert pick_hot(freq, hot, 2) == hot  # jitter of a few percent moves nothing (no write-back)
+    freq[(0, 5)] = 101.0 * HOT_STAY + 1  # now clearly above (0, 1) and (0, 0): takes the coldest hot one's place
+    assert pick_hot(freq, hot, 2) == {(0, 1), (0, 5)}
+    freq[(0, 1)] = 0.0  # not routed lately: never hot, whatever its place; (0, 0) keeps its margin over (0, 4)
+    assert pick_hot(freq, hot, 2) == {(0, 0), (0, 5)}
+    assert pick_hot(freq, hot, 10) == {k for k, f in freq.items() if f > 0}
