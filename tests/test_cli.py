@@ -75,6 +75,14 @@ def test_metrics_lines_hold_the_contract_fields(tiny_run):
         assert abs(r["loss"] - r["ce_loss"] - r["aux_loss"]) < 1e-4 and r["aux_loss"] > 0
         assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
     assert [r["tokens"] for r in records] == [r["step"] * 8 * 128 for r in records]  # micro-batch 8 x seq 128
+    # where each step's time went (moetrain.training.step_timing): from the end of step 1 to the end of the last one
+    # the parts follow each other, so they add up to the time between those two lines (up to the callbacks' time
+    # between a step's end and its line, which a checkpoint save can lengthen)
+    parts = ("time/between_steps_s", "time/forward_backward_s", "time/optimizer_s")
+    assert all(r[k] > 0 for r in records[1:] for k in parts)
+    assert "time/between_steps_s" not in records[0] and records[0]["time/forward_backward_s"] > 0
+    total = sum(r[k] for r in records[1:] for k in parts)
+    assert total == pytest.approx(records[-1]["elapsed_s"] - records[0]["elapsed_s"], rel=0.1, abs=0.3)
     assert max(r["lr"] for r in records) == pytest.approx(0.003)
 
 

@@ -1,18 +1,15 @@
 """The LightningModule that trains an MoE language model with manual optimization.
 
-Why manual optimization: the optimizer (plain AdamW, or the offload engine that pages expert state
-in and out) must decide itself when and how each parameter group is stepped, and it needs the
-global gradient norm and the learning rate from us, not a ``torch.optim`` scheduler.
+Why manual optimization: the optimizer (plain AdamW, or the offload engine that pages expert state in and out) must
+decide itself when and how each parameter group is stepped, and it needs the global gradient norm and the learning
+rate from us, not a ``torch.optim`` scheduler. Gradient accumulation happens here, not in the Trainer: each
+``training_step`` is one micro-batch; its loss is divided by ``accumulate_grad_batches`` before backward, and the last
+micro-batch of a group clips, steps and zeroes the optimizer (:mod:`moetrain.training.step_timing` times the parts).
 
-Gradient accumulation happens here, not in the Trainer: each ``training_step`` is one micro-batch;
-its loss is divided by ``accumulate_grad_batches`` before backward, and the last micro-batch of a
-group clips, steps and zeroes the optimizer.
-
-Counting steps: Lightning's ``trainer.global_step`` counts ``step()`` calls of the optimizers it
-knows about. The module hands Lightning an :class:`OptimizerStepAdapter` that wraps the real
-:class:`~moetrain.optim.TrainOptimizer`, so every accumulated optimizer step is one
-``global_step`` and ``--trainer.max_steps=20`` means 20 optimizer steps (not micro-batches); the
-Trainer's own ``accumulate_grad_batches`` must stay 1.
+Counting steps: Lightning's ``trainer.global_step`` counts ``step()`` calls of the optimizers it knows about. The
+module hands Lightning an :class:`OptimizerStepAdapter` that wraps the real :class:`~moetrain.optim.TrainOptimizer`,
+so every accumulated optimizer step is one ``global_step`` and ``--trainer.max_steps=20`` means 20 optimizer steps
+(not micro-batches); the Trainer's own ``accumulate_grad_batches`` must stay 1.
 """
 
 from __future__ import annotations
@@ -41,6 +38,7 @@ from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
 from moetrain.training.optimizer_state import load_optimizer
 from moetrain.training.step_adapter import OptimizerStepAdapter, StepStats
 from moetrain.training.step_profiler import OPTIMIZER_RANGE
+from moetrain.training.step_timing import StepTimer
 
 ANNOUNCE_MIN_PARAMS = 1_000_000_000  # models from this many parameters on print what is built, and how long (stderr)
 
@@ -147,6 +145,7 @@ class MoETrainingModule(L.LightningModule):
         # optimizer, scales the loss, reads and writes checkpoints across ranks
         self.parallel: Optional[Any] = None
         self._micro = 0
+        self.step_timer = StepTimer()  # the time/... figures of each metrics line
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens = 0
         self.tokens_seen = 0  # input tokens trained on since step 0, all ranks (checkpoints save it, logs read it)
@@ -284,13 +283,10 @@ class MoETrainingModule(L.LightningModule):
             self._prebuilt_store.finish_staged()
 
     def resume_from(self, ckpt_dir: str | Path) -> None:
-        """Continue training from a checkpoint: weights now, optimizer state and step count when training starts.
-
-        The whole checkpoint is checked first (nothing is loaded from a damaged one). Then the model
-        weights load now; the optimizer state in ``configure_optimizers``; the step, the data position
-        inside the epoch, RNG and callback states in ``on_train_start`` (see
-        :mod:`moetrain.training.trainer_state`), so that the run continues exactly as if uninterrupted.
-        """
+        """Continue training from a checkpoint, checked whole first (nothing is loaded from a damaged one): the model
+        weights now; the optimizer state in ``configure_optimizers``; the step, the data position inside the epoch,
+        RNG and callback states in ``on_train_start`` (:mod:`moetrain.training.trainer_state`), so that the run
+        continues exactly as if uninterrupted."""
         verify_checkpoint(ckpt_dir)
         self.load_weights_from(ckpt_dir)
         self._resume_dir = Path(ckpt_dir)
@@ -319,6 +315,8 @@ class MoETrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.train_optimizer is not None
+        if self._micro == 0:
+            self.step_timer.mark("start", self.device)
         # the offload engine steps a layer's experts once the last micro-batch passed it (others ignore it)
         self.train_optimizer.begin_micro_batch(self._micro, self.accumulate_grad_batches,
                                                lr_at(self.optim_cfg, self.trainer.global_step, self.total_steps))
@@ -350,10 +348,12 @@ class MoETrainingModule(L.LightningModule):
         opt = self.optimizers()
         step = self.trainer.global_step  # steps completed before this one
         lr = lr_at(self.optim_cfg, step, self.total_steps)
+        self.step_timer.mark("optimizer", self.device)
         with torch.profiler.record_function(OPTIMIZER_RANGE):  # profile.step's summary times this range
             grad_norm = self.train_optimizer.clip_grad_norm_(self.optim_cfg.max_grad_norm)
             opt.step(lr=lr)
             opt.zero_grad()
+        self.step_timer.mark("end", self.device)
         if self.balancer.active:
             self.balancer.step()  # after the step, from the load of the whole step, as DeepSeek-V3 does
         n = self._micro
@@ -421,7 +421,8 @@ class MoETrainingModule(L.LightningModule):
 
     def step_metrics(self) -> dict[str, float]:
         """Extra numbers for the step's metrics line (read from the device only when a line is written)."""
-        return {f"balance/{k}": v for k, v in self.balancer.stats().items()} if self.balancer.active else {}
+        balance = {f"balance/{k}": v for k, v in self.balancer.stats().items()} if self.balancer.active else {}
+        return balance | self.step_timer.figures()
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
