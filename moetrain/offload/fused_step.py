@@ -182,8 +182,11 @@ def launches(layout: StateLayout, tile: int) -> tuple[Launch, ...]:
 
 
 def _record_grads(rec: ExpertRecord) -> list[Optional[torch.Tensor]]:
-    """The record's parameters' gradients, (n_i,) each or None; of mixed dtypes, fp32 copies (one dtype a launch)."""
-    grads = [None if p.grad is None else p.grad.reshape(-1) for p in rec.params]  # contiguous: a view or a copy
+    """The record's parameters' gradients, contiguous (the kernel reads them flat from their first element) or None;
+    of mixed dtypes, fp32 copies (one dtype a launch). Not reshaped: the kernel needs their addresses only, and a
+    view of each, three a record and 5 000 a step, was a tenth of the step's host time."""
+    grads = [None if p.grad is None else p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+             for p in rec.params]
     if len({g.dtype for g in grads if g is not None}) > 1:
         grads = [g if g is None else g.float() for g in grads]
     return grads
@@ -232,11 +235,11 @@ def fused_step_many_(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], *, step
     return [] if weight_masters else [rec.layout.view(flat, "master") for rec, flat in pairs]
 
 
-def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
-    """Elements from ``base``'s first to ``t``'s (one dtype)."""
-    diff = t.data_ptr() - base.data_ptr()
-    assert diff % t.element_size() == 0, "tensors must be aligned to their element size"
-    return diff // t.element_size()
+def _offset(t: torch.Tensor, base_ptr: int, item: int) -> int:
+    """Elements of ``item`` bytes from address ``base_ptr`` to ``t``'s first (one dtype)."""
+    diff = t.data_ptr() - base_ptr
+    assert diff % item == 0, "tensors must be aligned to their element size"
+    return diff // item
 
 
 def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequence[list[Optional[torch.Tensor]]],
@@ -247,6 +250,8 @@ def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequen
     its has-gradient bits, its rounding seed and its compute weights' element offsets from ``weights`` (when
     given)."""
     first = pairs[0][1].data_ptr()
+    g_base, g_item = (base.data_ptr(), base.element_size()) if base is not None else (0, 1)
+    w_base, w_item = (weights.data_ptr(), weights.element_size()) if weights is not None else (0, 1)
     rows = []
     for (rec, flat), gs in zip(pairs, grads, strict=True):
         at = flat.data_ptr() - first
@@ -256,13 +261,13 @@ def _meta_rows(pairs: Sequence[tuple[ExpertRecord, torch.Tensor]], grads: Sequen
             g = gs[i]
             if g is None:
                 continue
-            offsets[j], bits = _offset(g, base), bits | 1 << j
+            offsets[j], bits = _offset(g, g_base, g_item), bits | 1 << j
         at_weights = [0] * PARAMS_PER_LAUNCH
         if weights is not None:
             for j, i in enumerate(params):
-                p = rec.params[i].data
+                p = rec.params[i]  # the Parameter itself: its .data would be a new tensor each call
                 assert p.dtype == weights.dtype and p.is_contiguous(), "weight masters: contiguous bf16 weights"
-                at_weights[j] = _offset(p, weights)
+                at_weights[j] = _offset(p, w_base, w_item)
         rows.append([at, *offsets, bits, rounding_seed(rec.layer, rec.expert, step), *at_weights])
     return rows
 

@@ -7,7 +7,7 @@ cache's) and mutates them; nothing else does.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -51,10 +51,14 @@ class Slot:
     out_event: Optional[torch.cuda.Event] = None
     staging: Optional[torch.Tensor] = None
     written: int = 0  # the write-back batch that last paged the slot out (Swapper.batches)
+    views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # view()'s, by length
 
     def view(self, numel: int) -> torch.Tensor:
-        """The first ``numel`` floats of the slot."""
-        return self.data[:numel]
+        """The first ``numel`` floats of the slot (one view a length, made once: a step asks for thousands)."""
+        out = self.views.get(numel)
+        if out is None:
+            out = self.views[numel] = self.data[:numel]
+        return out
 
 
 @dataclass

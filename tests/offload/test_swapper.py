@@ -157,3 +157,44 @@ def test_lookahead_samples_the_first_micro_batch_of_a_step():
         model(ids, labels=ids).loss.backward()
         assert (totals != before).any() == (index == 0)
     opt.close()
+
+
+def _victims_by_scanning_every_slot(swapper: Swapper, protect: set[int]) -> list[int]:
+    """The slot order a page-in takes, computed the plain way: every slot visited (the reference of the skip list)."""
+    empty, used = [], []
+    for s, slot in enumerate(swapper.slots):
+        if s in protect or slot.reserved or slot.state in (SlotState.IN_USE, SlotState.READING):
+            continue
+        if slot.key is None:
+            empty.append(s)
+        elif slot.key not in swapper.hot and not slot.dirty:
+            used.append((slot.written == swapper.batches, swapper.store.records[slot.key].frequency, s))
+    return empty + [s for *_, s in sorted(used)]
+
+
+def test_victim_order_skips_hot_slots_as_a_scan_of_every_slot_would():
+    store, swapper = _store_and_swapper(3)
+    swapper.grow_hot_cache(3)
+    recs = list(store)
+    for step in range(6):  # routing that moves the hot set: records turn hot, cool, are paged in and invalidated
+        for i, rec in enumerate(recs):
+            rec.frequency = float((i * 7 + step * 3) % 11)
+        swapper.revise_hot()
+        assert swapper._victims(set()) == _victims_by_scanning_every_slot(swapper, set())
+        for at in range(0, len(recs), 3):
+            chunk = recs[at:at + 3]
+            swapper.acquire(chunk)
+            assert swapper._victims({0}) == _victims_by_scanning_every_slot(swapper, {0})
+            swapper.release(chunk)
+        swapper.settle([recs[step % len(recs)]])  # written back, then forgotten (as before a CPU-path step)
+        assert swapper._victims(set()) == _victims_by_scanning_every_slot(swapper, set())
+        swapper.flush()  # hot slots written back (a checkpoint): clean, and still not to be taken
+        assert swapper._victims(set()) == _victims_by_scanning_every_slot(swapper, set())
+    swapper.flush()
+
+
+def test_a_slot_view_of_a_length_is_made_once():
+    _, swapper = _store_and_swapper(1)
+    slot = swapper.slots[0]
+    assert slot.view(10) is slot.view(10) and slot.view(10).data_ptr() == slot.data.data_ptr()
+    assert slot.view(12).numel() == 12
