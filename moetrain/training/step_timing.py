@@ -20,6 +20,8 @@ from typing import Optional, Union
 
 import torch
 
+from moetrain.offload.streams import recorded
+
 Mark = Union[torch.cuda.Event, float]
 
 
@@ -38,12 +40,8 @@ class StepTimer:
         if name == "start":
             self._previous_end = self._step.get("end")
             self._step = {}
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(device))
-            self._step[name] = event
-        else:
-            self._step[name] = time.perf_counter()
+        event = recorded(device, timing=True)  # None on the CPU
+        self._step[name] = event if event is not None else time.perf_counter()
 
     def figures(self) -> dict[str, float]:
         """Seconds of the last marked step's parts (see the module docstring); empty until a step has every mark or
