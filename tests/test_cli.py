@@ -83,6 +83,10 @@ def test_metrics_lines_hold_the_contract_fields(tiny_run):
     assert "time/between_steps_s" not in records[0] and records[0]["time/forward_backward_s"] > 0
     total = sum(r[k] for r in records[1:] for k in parts)
     assert total == pytest.approx(records[-1]["elapsed_s"] - records[0]["elapsed_s"], rel=0.1, abs=0.3)
+    # each micro-batch is marked too: the median and slowest sit inside the forward and backward they divide
+    for r in records:
+        assert 0 < r["time/micro_batch_median_s"] <= r["time/micro_batch_max_s"] <= r["time/forward_backward_s"]
+        assert r["time/micro_batch_max_index"] == 0 and r["host/gc_s"] >= 0  # recipes/tiny.yaml: one a step
     assert max(r["lr"] for r in records) == pytest.approx(0.003)
 
 

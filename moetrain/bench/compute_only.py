@@ -8,7 +8,9 @@ gradients accumulate in bf16; nothing is paged and nothing is stepped. What the 
 beyond this is the optimizer's and the paging's.
 
 ``--micro-batches K`` times K micro-batches after two warm-up ones and scales to the recipe's
-accumulation. The micro-batches are the rows ``moetrain fit`` trains on in ``moetrain.bench.recipe_run``: the
+accumulation: K back to back, as a fit runs them (each timed by events on the GPU's clock: ``micro_batch_s`` is their
+median), after K more timed one at a time, the host waiting for each (``micro_batch_synced_s``, the figure before
+r39). The micro-batches are the rows ``moetrain fit`` trains on in ``moetrain.bench.recipe_run``: the
 shipped tiny corpus packed by the recipe's data settings, documents and all (``--data``/``--tokenizer`` for
 another file), so attention does the same work in both; ``--random-tokens`` takes random tokens, one causal
 document a row, instead (the baseline of runs before r20). ``--profile`` traces two more
@@ -37,7 +39,8 @@ from moetrain.bench.recipe_run import TINY_CORPUS
 from moetrain.config import ModelConfig
 from moetrain.models.random_hf import DEFAULT_TOKENIZER
 from moetrain.models.random_init import build_random
-from moetrain.training.step_profiler import idle_gaps, kernel_breakdown
+from moetrain.models.varlen import batch_spans
+from moetrain.training.step_profiler import summarize
 from moetrain.training.telemetry import peak_flops, training_flops_per_token
 
 
@@ -57,7 +60,7 @@ def micro_batches(a: argparse.Namespace, *, micro: int, seq: int, vocab: int) ->
     data.setup("fit")
     while True:
         for batch in data.train_dataloader():
-            yield {k: v.to(dev, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            yield {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -96,19 +99,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def micro_batch() -> None:
         batch = next(batches)
         out = model(batch["input_ids"], labels=batch["labels"], document_ids=batch.get("document_ids"),
-                    position_ids=batch.get("position_ids"), return_logits=False)
+                    position_ids=batch.get("position_ids"), return_logits=False, spans=batch_spans(batch))
         (out.loss / accum).backward()
 
     for _ in range(2):
         micro_batch()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    synced = []  # each micro-batch alone: the host waits for it (the figure of runs before r39)
     for _ in range(a.micro_batches):
         t = time.perf_counter()
         micro_batch()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        synced.append(time.perf_counter() - t)
+    # back to back, as a fit's micro-batches run: each one's time from events on the GPU's clock, no host wait
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.micro_batches + 1)]
+    marks[0].record()
+    for i in range(a.micro_batches):
+        micro_batch()
+        marks[i + 1].record()
+    torch.cuda.synchronize()
+    times = [a_.elapsed_time(b_) / 1e3 for a_, b_ in zip(marks, marks[1:], strict=False)]
     per_micro = statistics.median(times)
     step_s = per_micro * accum
     tokens = micro * seq * accum
@@ -118,7 +129,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
            "params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
            "micro": micro, "seq": seq, "accum": accum, "activation_checkpointing": ckpt,
            "data": "random tokens" if a.random_tokens else Path(a.data).name,
-           "build_s": round(build_s, 1), "micro_batch_s": round(per_micro, 4), "step_s": round(step_s, 3),
+           "build_s": round(build_s, 1), "micro_batch_s": round(per_micro, 4),
+           "micro_batch_times_s": [round(t, 4) for t in times],
+           "micro_batch_synced_s": round(statistics.median(synced), 4), "step_s": round(step_s, 3),
            "tokens_per_s": round(tokens / step_s, 1), "mfu": None if mfu is None else round(mfu, 4),
            "gpu_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     if a.profile:
@@ -129,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             for _ in range(2):
                 micro_batch()
             torch.cuda.synchronize()
-        res["profile_2_micro_batches"] = kernel_breakdown(prof) | {"idle": idle_gaps(prof.events())}
+        res["profile_2_micro_batches"] = {"micro_batches": 2, **summarize(prof, top=25)}
         top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         print(top, flush=True)
     print("RESULT " + json.dumps(res), flush=True)

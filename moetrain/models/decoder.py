@@ -24,7 +24,7 @@ from moetrain.models.moe import MoEBlock
 from moetrain.models.rope import rotary_for
 from moetrain.models.router import Routing, TopKRouter
 from moetrain.models.seam import ExpertWeights, RoutingSink
-from moetrain.models.varlen import document_spans, spans_wanted
+from moetrain.models.varlen import DocumentSpans, document_spans, spans_wanted
 
 IGNORE_INDEX = -100
 INIT_STD = 0.02
@@ -263,6 +263,7 @@ class MoEForCausalLM(nn.Module):
         document_ids: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         return_logits: bool = True,
+        spans: Optional[DocumentSpans] = None,
     ) -> MoEOutput:
         """Run the model.
 
@@ -275,6 +276,8 @@ class MoEForCausalLM(nn.Module):
             cache: a :class:`KVCache` for incremental decoding.
             return_logits: with ``False`` (and labels) the loss is computed in chunks of tokens, each chunk's
                 logits recomputed in backward, and ``logits`` is None: the training path.
+            spans: ``document_ids``' spans computed in host memory (:func:`moetrain.models.varlen.batch_spans`), so
+                the forward reads nothing back from the device; None: computed here (one device read).
         """
         b, seq = input_ids.shape
         past = cache.length() if cache is not None else 0
@@ -290,7 +293,8 @@ class MoEForCausalLM(nn.Module):
             key_valid = attention_mask.bool()
         if (document_ids is not None and key_valid is None and cache is None
                 and self.config.sliding_window is None and spans_wanted(input_ids.device)):
-            mask = document_spans(document_ids)  # packed documents: variable-length flash attention (varlen.py)
+            # packed documents: variable-length flash attention (varlen.py)
+            mask = spans if spans is not None else document_spans(document_ids)
         else:
             mask = build_attention_mask(b, seq, past + seq, device=input_ids.device, key_valid=key_valid,
                                         document_ids=document_ids, sliding_window=self.config.sliding_window)

@@ -8,10 +8,10 @@ sequences (``cu_seqlens``: where each starts in the flattened batch) and runs ca
 same arithmetic the mask describes, on the pairs that count only.
 
 :func:`document_spans` turns ``document_ids`` (B, L) into :class:`DocumentSpans` once a forward (one small host
-read); the attention layers take them where they took the mask, and fall back to the dense mask
-(:func:`moetrain.models.attention.dense_mask`, built once a forward) where the variable-length kernel does not
-apply: fp32, a head size flash attention does not take, MLA (its value width differs from its query's). Off CUDA
-the decoder builds the dense mask itself, as before.
+read; a training batch brings them computed in host memory instead: :func:`with_spans`); the attention layers take
+them where they took the mask, and fall back to the dense mask (:func:`moetrain.models.attention.dense_mask`, built
+once a forward) where the variable-length kernel does not apply: fp32, a head size flash attention does not take,
+MLA (its value width differs from its query's). Off CUDA the decoder builds the dense mask itself, as before.
 ``MOETRAIN_VARLEN_ATTN=0`` turns it off (benchmarks and tests compare the two).
 """
 
@@ -65,16 +65,44 @@ class DocumentSpans:
     (:func:`moetrain.models.attention.dense_mask`)."""
 
 
-def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
-    """:class:`DocumentSpans` of ``document_ids`` (B, L): a document starts at each row's first position and
-    wherever the id changes along a row. One host read (the number of documents sets the output's shape)."""
+def cu_seqlens(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(``cu_seqlens`` (N + 1,) int32 in host memory, the longest document) of ``document_ids`` (B, L): a document
+    starts at each row's first position and wherever the id changes along a row. From device ids this is one host
+    read (the number of documents sets the output's shape); from host ids, none."""
     b, seq = document_ids.shape
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     at = torch.nonzero(starts.reshape(-1)).flatten().cpu()  # (N,) first flat position of each document
     cu = torch.cat([at, torch.tensor([b * seq])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def document_spans(document_ids: torch.Tensor) -> DocumentSpans:
+    """:class:`DocumentSpans` of ``document_ids`` (B, L) (see :func:`cu_seqlens`)."""
+    cu, max_len = cu_seqlens(document_ids)
     return DocumentSpans(document_ids, cu.to(document_ids.device, non_blocking=True), max_len)
+
+
+SPAN_KEYS = ("cu_seqlens", "max_document_len")
+"""The keys a collated batch carries its documents' spans under (:func:`with_spans`), computed in host memory so
+that the forward reads nothing back from the device: that read waits for every kernel queued before it, the
+previous micro-batch's backward included, and the GPU then idles while the host queues the next forward."""
+
+
+def with_spans(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` (collated, in host memory) with its packed documents' spans added under :data:`SPAN_KEYS`; as it
+    was if it has no ``document_ids``."""
+    if batch.get("document_ids") is None:
+        return batch
+    cu, max_len = cu_seqlens(batch["document_ids"])
+    return batch | {"cu_seqlens": cu, "max_document_len": max_len}
+
+
+def batch_spans(batch: dict[str, Any]) -> Optional[DocumentSpans]:
+    """The :class:`DocumentSpans` a batch carries (:func:`with_spans`, then moved to its device), or None."""
+    if batch.get("document_ids") is None or SPAN_KEYS[0] not in batch:
+        return None
+    return DocumentSpans(batch["document_ids"], batch["cu_seqlens"], int(batch["max_document_len"]))
 
 
 def spans_wanted(device: torch.device) -> bool:

@@ -29,9 +29,10 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from moetrain.models.decoder import IGNORE_INDEX
+from moetrain.models.varlen import with_spans
 from moetrain.training.chat import ChatTemplate
 from moetrain.training.records import DataError, DataReport, Document, encode_file, iter_lines
 from moetrain.training.sampler import ResumableSampler
@@ -384,9 +385,17 @@ class TextDataModule(L.LightningDataModule):
         assert self.train_set is not None, "setup('fit') first"
         sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle)
         return DataLoader(self.train_set, batch_size=self.micro_batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=collate_rows, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []  # type: ignore[return-value]  # Lightning skips validation on an empty list
-        return DataLoader(self.val_set, batch_size=self.micro_batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.micro_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_rows, pin_memory=torch.cuda.is_available())
+
+
+def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict:
+    """A micro-batch of rows: (B, L) tensors, and the packed documents' spans computed here in host memory
+    (:func:`moetrain.models.varlen.with_spans`), so the forward on the GPU never waits to read them back. In pinned
+    memory on a CUDA machine (the loaders' ``pin_memory``), the copy to the GPU does not wait for its queue either."""
+    return with_spans(default_collate(rows))

@@ -29,6 +29,7 @@ from moetrain.models.decoder import RESIDUAL_DTYPES, MoEForCausalLM
 from moetrain.models.hf import from_pretrained, resolve_checkpoint
 from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
 from moetrain.models.train_selection import TrainSelection, apply_train_selection, resolve_train_selection
+from moetrain.models.varlen import batch_spans
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadPlan, OffloadSettings, resolve
 from moetrain.offload.staged_init import restore_masters
@@ -310,13 +311,12 @@ class MoETrainingModule(L.LightningModule):
         return self.model(
             batch["input_ids"], labels=batch.get("labels"), position_ids=batch.get("position_ids"),
             document_ids=batch.get("document_ids"), attention_mask=batch.get("attention_mask"),
-            return_logits=False,  # only the loss is needed: chunked, without (B, L, V) fp32 logits
+            return_logits=False, spans=batch_spans(batch),  # the loss alone: chunked, no (B, L, V) fp32 logits
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert self.train_optimizer is not None
-        if self._micro == 0:
-            self.step_timer.mark("start", self.device)
+        self.step_timer.mark_micro(self._micro, self.device)  # the first micro-batch's mark is the step's start
         # the offload engine steps a layer's experts once the last micro-batch passed it (others ignore it)
         self.train_optimizer.begin_micro_batch(self._micro, self.accumulate_grad_batches,
                                                lr_at(self.optim_cfg, self.trainer.global_step, self.total_steps))

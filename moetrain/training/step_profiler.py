@@ -15,7 +15,7 @@ millions of events; its micro-batches are alike, so two of them say what each co
 * ``optimizer_step_s``: the wall time of the optimizer step (its ``moetrain.optimizer_step`` range; 0 unless
   ``profile.optimizer: true``);
 * ``cpu_ops``: the host operators with the most self time (Python-side overhead shows as many small ones);
-* ``kernels``: the GPU kernels with the most time;
+* ``kernels``: the GPU kernels by time (up to 250 names: every kernel of a micro-batch, to compare traces);
 * ``idle``: the GPU's idle gaps of at least 50 us (count, total, longest) and ``by_host_op``: the host operators
   whose own time overlaps those gaps the most: what the host was doing while the GPU waited for work (a host
   sync, a slow Python path, a blocking copy).
@@ -124,19 +124,21 @@ def idle_gaps(events: Sequence[FunctionEvent], *, min_us: float = 50.0, top: int
     return out | {"by_host_op": [{"name": n[:120], "s": round(v / 1e6, 6)} for n, v in ranked]}
 
 
-def summarize(prof: torch.profiler.profile, *, top: int = 15) -> dict[str, Any]:
-    """The ``profile_step_N.json`` summary of a trace (see the module docstring)."""
+def summarize(prof: torch.profiler.profile, *, top: int = 15, top_kernels: int = 250) -> dict[str, Any]:
+    """The ``profile_step_N.json`` summary of a trace (see the module docstring): ``top`` host operators and
+    ``top_kernels`` GPU kernels (enough to hold every kernel name of a micro-batch, so two summaries can be compared
+    kernel by kernel: ``python -m moetrain.bench.compare_profiles``)."""
     events = prof.key_averages()
     cpu_ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: -e.self_device_time_total)[:top]
+                     key=lambda e: -e.self_device_time_total)[:top_kernels]
     opt = [e for e in prof.events() if e.name == OPTIMIZER_RANGE and e.device_type == torch.autograd.DeviceType.CPU]
     return {
         "gpu": kernel_breakdown(prof),
         "optimizer_step_s": round(sum(e.time_range.elapsed_us() for e in opt) / 1e6, 4),
         "cpu_ops": [{"name": e.key, "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 4)}
                     for e in cpu_ops],
-        "kernels": [{"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 4)}
+        "kernels": [{"name": e.key[:160], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 6)}
                     for e in kernels],
         "idle": idle_gaps(prof.events()),
     }

@@ -11,10 +11,21 @@ CPU the marks are the host's clock (the work is done when it returns)::
     time/forward_backward_s   start -> optimizer       (compare: moetrain.bench.compute_only's step)
     time/optimizer_s          optimizer -> end          clipping, the dense AdamW, the experts' step
     time/between_steps_s      the previous end -> start the GPU waiting for the host between two steps
+
+Each micro-batch's start is marked too (:meth:`StepTimer.mark_micro`), so a slow forward and backward says whether one
+micro-batch was slow (a pause of the host: a garbage collection, a lock) or all of them were::
+
+    time/micro_batch_median_s       the median micro-batch, on the GPU's clock
+    time/micro_batch_max_s          the slowest one, and its index in the step (time/micro_batch_max_index)
+    time/micro_batch_host_max_s     the longest the host spent issuing one (its clock; a sync inside waits)
+    host/gc_s, host/gc_collections  Python's garbage collections since the previous metrics line
+    host/gc_gen2_s                  the share of them that were full (generation 2) collections
 """
 
 from __future__ import annotations
 
+import gc
+import statistics
 import time
 from typing import Optional, Union
 
@@ -33,6 +44,20 @@ class StepTimer:
     def __init__(self) -> None:
         self._step: dict[str, Mark] = {}
         self._previous_end: Optional[Mark] = None
+        self._micro: list[Mark] = []  # the current step's micro-batch starts (the first is its ``start``)
+        self._micro_host: list[float] = []  # the same on the host's clock
+        self._gc_read = _GC.snapshot()
+        _GC.install()
+
+    def mark_micro(self, index: int, device: torch.device) -> None:
+        """Micro-batch ``index`` of the current step begins (0 also marks the step's ``start``)."""
+        if index == 0:
+            self.mark("start", device)
+            self._micro, self._micro_host = [self._step["start"]], [time.perf_counter()]
+            return
+        event = recorded(device, timing=True)
+        self._micro.append(event if event is not None else time.perf_counter())
+        self._micro_host.append(time.perf_counter())
 
     def mark(self, name: str, device: torch.device) -> None:
         """Mark ``name`` (one of :data:`MARKS`) of the current step on ``device``'s current stream."""
@@ -42,6 +67,8 @@ class StepTimer:
             self._step = {}
         event = recorded(device, timing=True)  # None on the CPU
         self._step[name] = event if event is not None else time.perf_counter()
+        if name == "optimizer":
+            self._micro_host.append(time.perf_counter())
 
     def figures(self) -> dict[str, float]:
         """Seconds of the last marked step's parts (see the module docstring); empty until a step has every mark or
@@ -52,7 +79,50 @@ class StepTimer:
                "time/optimizer_s": _seconds(self._step["optimizer"], self._step["end"])}
         if self._previous_end is not None:
             out["time/between_steps_s"] = _seconds(self._previous_end, self._step["start"])
-        return out
+        ends = self._micro[1:] + [self._step["optimizer"]]
+        if self._micro and self._micro[0] is self._step["start"]:
+            each = [_seconds(a, b) for a, b in zip(self._micro, ends, strict=True)]
+            host = [b - a for a, b in zip(self._micro_host, self._micro_host[1:], strict=False)]
+            slowest = max(range(len(each)), key=each.__getitem__)
+            out.update({"time/micro_batch_median_s": statistics.median(each), "time/micro_batch_max_s": each[slowest],
+                        "time/micro_batch_max_index": float(slowest),
+                        "time/micro_batch_host_max_s": max(host, default=0.0)})
+        now = _GC.snapshot()
+        seconds, count, full = (b - a for a, b in zip(self._gc_read, now, strict=True))
+        self._gc_read = now
+        return out | {"host/gc_s": seconds, "host/gc_collections": float(count), "host/gc_gen2_s": full}
+
+
+class _GcClock:
+    """Python's garbage collections, timed: one ``gc.callbacks`` entry for the process, read as running totals
+    (seconds, collections, seconds of full collections)."""
+
+    def __init__(self) -> None:
+        self.seconds = self.full = 0.0
+        self.count = 0
+        self._began = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self._callback)
+            self._installed = True
+
+    def snapshot(self) -> tuple[float, int, float]:
+        return self.seconds, self.count, self.full
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        spent = time.perf_counter() - self._began
+        self.seconds += spent
+        self.count += 1
+        if info.get("generation") == 2:
+            self.full += spent
+
+
+_GC = _GcClock()
 
 
 def _done(mark: Mark) -> bool:

@@ -80,3 +80,28 @@ def test_model_loss_and_gradients_equal_with_and_without(monkeypatch):
         grads.append(model.model.layers[1].self_attn.k_proj.weight.grad.clone())
     assert abs(losses[0] - losses[1]) <= 2e-3 * abs(losses[1])
     assert (grads[0] - grads[1]).abs().max() <= 3e-2 * grads[1].abs().max()
+
+
+def test_a_batch_with_its_spans_runs_forward_without_a_device_read():
+    """A training batch brings its documents' spans from host memory (``collate_rows``, pinned): the forward then
+    reads nothing back from the device (``set_sync_debug_mode`` raises on any synchronizing call), and its loss is
+    the loss the forward computes from the device ids."""
+    from moetrain.models.varlen import batch_spans
+    from moetrain.training.data import collate_rows
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config()).cuda()
+    docs = packed_ids(2, 2048, seed=1).cpu()
+    rows = [{"input_ids": torch.randint(0, 512, (2048,)), "document_ids": d} for d in docs]
+    batch = {k: v.pin_memory().cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v
+             for k, v in collate_rows(rows).items()}
+    ids = batch["input_ids"]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = model(ids, labels=ids, document_ids=batch["document_ids"]).loss
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = model(ids, labels=ids, document_ids=batch["document_ids"], spans=batch_spans(batch)).loss
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(loss, reference)

@@ -41,3 +41,19 @@ def test_off_cuda_the_layers_take_the_dense_mask():
     cos, sin = model.model.rotary(pos, x.dtype)
     spans = document_spans(DOCS)
     assert torch.equal(attn(x, cos, sin, spans), attn(x, cos, sin, dense_mask(spans)))
+
+
+def test_a_collated_batch_carries_the_spans_of_its_documents():
+    """The data loaders' collation computes the spans in host memory (no device read in the forward); they are the
+    spans the forward would compute, and a batch without documents is left as it was."""
+    from moetrain.models.varlen import batch_spans, with_spans
+    from moetrain.training.data import collate_rows
+
+    rows = [{"input_ids": torch.arange(7), "document_ids": row} for row in DOCS]
+    batch = collate_rows(rows)
+    assert batch["input_ids"].shape == (2, 7) and batch["max_document_len"] == 7
+    spans = batch_spans(batch)
+    assert spans.document_ids is batch["document_ids"] and spans.max_len == document_spans(DOCS).max_len
+    assert torch.equal(spans.cu_seqlens, document_spans(DOCS).cu_seqlens)
+    plain = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}
+    assert with_spans(plain) is plain and batch_spans(plain) is None

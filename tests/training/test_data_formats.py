@@ -127,7 +127,9 @@ def test_data_module_chat_rows_and_report(packing, capsys):
     assert train.format == "chat" and train.documents + val.documents == 1200 and val.documents == 60
     assert f"data (train): {train.summary()}" in capsys.readouterr().err
     batch = next(iter(dm.train_dataloader()))
-    keys = {"input_ids", "labels", "position_ids"} | ({"document_ids"} if packing else {"attention_mask"})
+    # packed rows bring their documents' spans, computed in host memory (moetrain.models.varlen.with_spans)
+    keys = {"input_ids", "labels", "position_ids"} | (
+        {"document_ids", "cu_seqlens", "max_document_len"} if packing else {"attention_mask"})
     assert set(batch) == keys and batch["input_ids"].shape == (4, 64)
     trained = (batch["labels"] != IGNORE_INDEX).sum().item()
     assert 0 < trained < batch["input_ids"].numel()
