@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
+from moetrain.models.rmsnorm_kernel import rms_norm
 from moetrain.models.varlen import DocumentSpans, varlen_applies, varlen_causal_attention
 
 
@@ -27,17 +28,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        # x * rsqrt(mean(x^2) + eps) in fp32, as the Hugging Face families write it out; F.rms_norm is the same
-        # arithmetic (bit for bit on the CPU) in one fused kernel each way on CUDA instead of five forward and
-        # about eight backward: at 57 norms a micro-batch of DeepSeek-MoE-16B, a tenth of a host-bound step's launches
-        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        weight = self.weight
-        if weight.dtype != dtype and torch.is_autocast_enabled(x.device.type):
-            # a bf16 residual stream under autocast over fp32 weights (MoEForCausalLM.set_residual_dtype): the
-            # output stays bf16, as in a bf16 model, instead of an fp32 tensor every consumer casts back
-            weight = weight.to(dtype)
-        return weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight (cast to x's dtype under autocast: a bf16
+        # residual stream keeps bf16 outputs, MoEForCausalLM.set_residual_dtype). On CUDA in bf16 one Triton kernel
+        # each way (moetrain.models.rmsnorm_kernel); elsewhere F.rms_norm on an fp32 copy, the same arithmetic as the
+        # Hugging Face families' written-out norm (bit for bit on the CPU)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
