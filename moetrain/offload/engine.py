@@ -29,6 +29,7 @@ from moetrain.offload.catch_up import CatchUp
 from moetrain.offload.config import OffloadPlan
 from moetrain.offload.cpu_step import CpuShare
 from moetrain.offload.gpu_step import GpuStep
+from moetrain.offload.hot_cache_margin import HOT_CACHE_MARGIN_BYTES, HOT_CACHE_MARGIN_SHARE
 from moetrain.offload.lookahead import Lookahead
 from moetrain.offload.rates import Rates, split_records
 from moetrain.offload.routing_trace import RoutingTrace
@@ -234,7 +235,7 @@ class ExpertEngine:
             reserved = torch.cuda.memory_reserved(self.device)
             spare = min(allowed - torch.cuda.max_memory_reserved(self.device),
                         free + reserved - torch.cuda.max_memory_reserved(self.device))
-            spare -= 0.10 * allowed + 2**30
+            spare -= HOT_CACHE_MARGIN_SHARE * allowed + HOT_CACHE_MARGIN_BYTES  # the planner's margin too
         else:
             import psutil
 

@@ -1,5 +1,6 @@
-"""The planner's byte counts against the real model and store, per state format; the hot-cache sizing; the
-activation estimate against what autograd saves; the fit verdicts, the step floor and the largest preset."""
+"""The planner's byte counts against the real model and store, per state format; the activation estimate against
+what autograd saves; the fit verdicts, the step floor and the largest preset. The hot-cache sizing:
+test_plan_hot_cache.py."""
 
 from __future__ import annotations
 
@@ -98,49 +99,6 @@ def test_compressed_state_bytes_per_tier_and_on_the_link(master, moments):
     assert expert * 12 / (host_only.state_bpp * expert) == pytest.approx(12 * per_expert / state_bytes(
         per_expert, master, moments))
 
-
-def test_hot_cache_auto_takes_what_is_left_and_a_number_is_checked():
-    model = tiny_model(num_experts=16)
-    _, _, per_expert = count_parameters(model.config)
-    record = align_up(12 * per_expert)
-    off = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=0), tokens_per_step=8)
-    left = 5 * record + record // 2  # room for 5 records and a half
-    auto = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8,
-                     gpu_capacity=off.gpu_bytes + left)
-    assert auto.hot_cache_experts == 5 and auto.gpu_bytes == off.gpu_bytes + 5 * record
-    assert auto.fits()["gpu"] is True and "5 of 32 experts" in auto.format()
-    # the cached experts are not paged: uniform routing leaves 27/32 of the active ones to move
-    assert auto.moved_bytes == pytest.approx(off.moved_bytes * (32 - 5) / 32)
-    fixed = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=3 * record / GiB), tokens_per_step=8,
-                      gpu_capacity=off.gpu_bytes + 2 * record)
-    assert fixed.hot_cache_experts == 3 and fixed.fits()["gpu"] is False  # 3 records do not fit in room for 2
-    everything = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8,
-                           gpu_capacity=1 << 40)
-    assert everything.hot_cache_experts == 32 and everything.moved_bytes == 0
-    unknown = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=None), tokens_per_step=8)
-    if unknown.gpu_capacity is None:
-        assert unknown.hot_cache_experts == 0 and "capacity unknown here" in unknown.format()
-
-
-
-def test_an_auto_hot_cache_holds_no_master_where_the_step_reads_it_from_the_weights():
-    """bf16_sr with resident weights and idle_experts skip: the engine's hot cache, sized after step 1, holds each
-    record less its master segment (moetrain.offload.weight_masters.step_reads_weights); with the catch-up of
-    idle_experts dense it keeps whole records."""
-    model = tiny_model(num_experts=16)
-    _, _, per_expert = count_parameters(model.config)
-    plans = {}
-    for idle in ("skip", "dense"):
-        off = OffloadConfig(tier="cpu", hot_cache_gb=None, master="bf16_sr", moments="int8", quant_block=16,
-                            idle_experts=idle)
-        room = make_plan(model.config, OffloadConfig(tier="cpu", hot_cache_gb=0, master="bf16_sr", moments="int8",
-                                                     quant_block=16), tokens_per_step=8).gpu_bytes
-        plans[idle] = make_plan(model.config, off, tokens_per_step=8, gpu_capacity=room + 6 * align_up(4 * per_expert))
-    skip, dense = plans["skip"], plans["dense"]
-    assert dense.hot_record_bytes == dense.record_bytes
-    assert skip.hot_record_bytes == skip.record_bytes - align_up(2 * per_expert, 64)
-    assert skip.hot_cache_experts > dense.hot_cache_experts > 0
-    assert skip.moved_bytes < dense.moved_bytes
 
 def test_layerwise_gradients_only_with_accumulation_1_no_clipping_and_the_gpu_path():
     recipe = {"model": {"preset": "tiny-deepseek-moe", "accumulate_grad_batches": 1,

@@ -57,6 +57,7 @@ from moetrain.offload.plan.largest import (
     presets,
 )
 from moetrain.offload.plan.memory import (
+    auto_hot_cache_bytes,
     count_parameters,
     load_peak_bytes,
     machine_capacity,
@@ -74,8 +75,8 @@ __all__ = [
     "DEFAULT_NVME_GBPS", "DEFAULT_SHARD_MB", "DENSE_GROUPS",
     "GPU_RESERVE", "HELP", "HF_SHARD_BYTES", "HOST_RESERVE", "LOAD_BYTES_PER_PARAM", "LOSS_CHUNK_TOKENS",
     "MACHINE_FLAGS", "MASTERS", "MOMENTS", "SAVE_SHARDS_IN_FLIGHT", "USAGE", "FitChoice", "GiB", "Machine", "Plan",
-    "StepTraffic", "Storage", "activation_bytes", "best_fit", "checkpoint_bytes", "checkpoints_on_disk",
-    "compute_seconds", "count_parameters", "dense_group_params", "fit_options", "format_largest",
+    "StepTraffic", "Storage", "activation_bytes", "auto_hot_cache_bytes", "best_fit", "checkpoint_bytes",
+    "checkpoints_on_disk", "compute_seconds", "count_parameters", "dense_group_params", "fit_options", "format_largest",
     "frozen_dense_groups", "largest_line", "largest_preset", "layer_activation_bytes", "load_peak_bytes",
     "machine_capacity", "main", "make_plan", "plan_from_recipe", "plan_overflows", "presets",
     "random_init_in_host_memory", "recipe_model", "recipe_storage", "recipe_training", "search_storage",

@@ -7,11 +7,11 @@ matrices (2 B, frozen or not: they are still computed with); routed experts keep
 the same size for every expert, or only one MoE layer's when layers are stepped and their gradients freed under
 backward (:func:`~moetrain.offload.schedule.layerwise_grads`); the device slots of state being stepped
 (``gpu_budget_gb``, :func:`~moetrain.offload.schedule.num_state_slots`); the hot-expert state cache
-(``hot_cache_gb``, null: what is left, in slots without the master segment where the step reads the master from
-the compute weights); an estimate of the activations of one micro-batch (:mod:`.activations`);
-and a reserve for the CUDA context and allocator slack. The routed experts' master weights
-and moments take ``state_bytes_per_param`` bytes (12 in fp32; 4.03 for bf16 masters with int8 moments) in host
-memory up to ``cpu_budget_gb``, and on NVMe past it.
+(``hot_cache_gb``; null: sized as the engine sizes it after step 1, from what the GPU has left less a margin,
+:func:`auto_hot_cache_bytes`, in slots without the master segment where the step reads the master from the compute
+weights); an estimate of the activations of one micro-batch (:mod:`.activations`); and a reserve for the CUDA
+context and allocator slack. The routed experts' master weights and moments take ``state_bytes_per_param`` bytes
+(12 in fp32; 4.03 for bf16 masters with int8 moments) in host memory up to ``cpu_budget_gb``, and on NVMe past it.
 
 The load peak must fit too, and it depends on how the model starts: with ``init_from`` and an offload tier the
 experts' fp32 masters stream from the checkpoint straight into the store while their compute weights are built in
@@ -35,6 +35,7 @@ import torch
 
 from moetrain.config import ModelConfig
 from moetrain.offload.config import OffloadPlan
+from moetrain.offload.hot_cache_margin import HOT_CACHE_MARGIN_BYTES, HOT_CACHE_MARGIN_SHARE
 from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
@@ -163,8 +164,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     state = record * trained
     micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
     rows: list[tuple[str, str, int]] = []
-    if trained_dense:
-        rows.append(("gpu", "dense weights, grads, AdamW moments (fp32)", 16 * trained_dense))
+    dense_moments = 8 * trained_dense  # AdamW's two fp32 moments of each trained dense parameter
+    if trained_dense:  # 4 B weight + 4 B grad + the moments
+        rows.append(("gpu", "dense weights, grads, AdamW moments (fp32)", 8 * trained_dense + dense_moments))
     if frozen_dense:
         rows.append(("gpu", "frozen dense weights (fp32; no grads, no moments)", 4 * frozen_dense))
     rows.append(("gpu", "dense matrices: bf16 autocast copies", 2 * dense))
@@ -204,10 +206,10 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
               activation_bytes(model_config, micro, activation_checkpointing, residual_bytes=residual_bytes)),
              ("gpu", "CUDA context, allocator slack (reserve)", GPU_RESERVE)]
     if off.tier != "none":
-        # the cache comes last: with hot_cache_gb null it takes what the GPU has left
+        # the cache comes last: with hot_cache_gb null it takes what the GPU has left, by the engine's rule
         used = sum(n for tier, _, n in rows if tier == "gpu")
         if off.hot_cache_gb is None:
-            spare = 0 if gpu_capacity is None else max(0, gpu_capacity - used)
+            spare = 0 if gpu_capacity is None else auto_hot_cache_bytes(gpu_capacity, used, dense_moments)
         else:
             spare = int(off.hot_cache_gb * GiB)
         # up to every expert, where the engine (schedule.hot_capacity) stops at the records without a slot: the
@@ -301,6 +303,17 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 swap_separate=storage.swap_separate, swap_free=storage.swap_free,
                 trained_experts=trained if trained_experts is not None or selection_source else None,
                 selection_source=selection_source, frozen_groups=frozen_groups, frozen_dense_params=frozen_dense)
+
+
+def auto_hot_cache_bytes(gpu_capacity: int, used: int, dense_moments: int) -> int:
+    """Bytes of an automatic hot cache (``hot_cache_gb: null``) on a GPU of ``gpu_capacity`` bytes, by the rule of
+    :meth:`~moetrain.offload.engine.ExpertEngine._auto_hot_cache`: after step 1, the device's memory less step 1's
+    peak, less a margin of :data:`~moetrain.offload.hot_cache_margin.HOT_CACHE_MARGIN_SHARE` of the device plus
+    :data:`~moetrain.offload.hot_cache_margin.HOT_CACHE_MARGIN_BYTES`. Step 1's peak is the planned GPU rows
+    before the cache (``used``) but the dense AdamW moments (``dense_moments``, counted in ``used``): torch creates
+    them in the first ``optimizer.step()``, after that peak, and the margin takes them."""
+    margin = HOT_CACHE_MARGIN_SHARE * gpu_capacity + HOT_CACHE_MARGIN_BYTES
+    return max(0, math.floor(gpu_capacity - (used - dense_moments) - margin))
 
 
 def load_peak_bytes(dense: int, expert: int, weight_bytes: int, *, streamed: bool,

@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from moetrain.offload.hot_cache_margin import HOT_CACHE_MARGIN_BYTES, HOT_CACHE_MARGIN_SHARE
 from moetrain.offload.plan.assumptions import GiB
 from moetrain.offload.state_format import state_bytes_per_param
+
+AUTO_MARGIN = f"{HOT_CACHE_MARGIN_SHARE:.0%} + {HOT_CACHE_MARGIN_BYTES / GiB:g} GiB"
+"""The automatic hot cache's margin as the plan prints it (the engine's, :mod:`moetrain.offload.hot_cache_margin`)."""
 
 
 @dataclass
@@ -30,7 +34,8 @@ class Plan:
         record_bytes: one expert's state record as the store lays it (aligned).
         hot_record_bytes: a hot-cache slot: the record, less its master segment where the step reads the master
             from the compute weights.
-        hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized from what is left.
+        hot_cache_experts: experts whose state the GPU cache holds; hot_cache_auto: sized as the engine sizes it,
+            from what the GPU has left after step 1 less a margin (:func:`.memory.auto_hot_cache_bytes`).
         paged_experts: expected active experts per step whose state is paged (not in the hot cache).
         layerwise_grads: only one MoE layer's expert gradients are live (stepped and freed under backward).
         paged_weights: the experts' compute weights live in host memory (``resident_weights: no``).
@@ -189,7 +194,7 @@ class Plan:
         lines += [f"  disk  {note}" for note in self.disk_notes]
         if self.tier != "none":
             cache = self.hot_cache_experts
-            how = "auto: what the GPU has left" if self.hot_cache_auto else "hot_cache_gb"
+            how = f"auto: what the GPU has left less {AUTO_MARGIN}" if self.hot_cache_auto else "hot_cache_gb"
             if self.hot_cache_auto and self.gpu_capacity is None:
                 how = "auto: GPU capacity unknown here, sized at start-up"
             lines.append(f"  hot-expert state cache ({how}): {cache} of {self.total_experts} experts, "
