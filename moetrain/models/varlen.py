@@ -94,15 +94,15 @@ def with_spans(batch: dict[str, Any]) -> dict[str, Any]:
     was if it has no ``document_ids``."""
     if batch.get("document_ids") is None:
         return batch
-    cu, max_len = cu_seqlens(batch["document_ids"])
-    return batch | {"cu_seqlens": cu, "max_document_len": max_len}
+    return batch | dict(zip(SPAN_KEYS, cu_seqlens(batch["document_ids"]), strict=True))
 
 
 def batch_spans(batch: dict[str, Any]) -> Optional[DocumentSpans]:
     """The :class:`DocumentSpans` a batch carries (:func:`with_spans`, then moved to its device), or None."""
-    if batch.get("document_ids") is None or SPAN_KEYS[0] not in batch:
+    if batch.get("document_ids") is None or any(k not in batch for k in SPAN_KEYS):
         return None
-    return DocumentSpans(batch["document_ids"], batch["cu_seqlens"], int(batch["max_document_len"]))
+    cu, max_len = (batch[k] for k in SPAN_KEYS)
+    return DocumentSpans(batch["document_ids"], cu, int(max_len))
 
 
 def spans_wanted(device: torch.device) -> bool:

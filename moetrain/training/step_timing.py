@@ -44,8 +44,9 @@ class StepTimer:
     def __init__(self) -> None:
         self._step: dict[str, Mark] = {}
         self._previous_end: Optional[Mark] = None
-        self._micro: list[Mark] = []  # the current step's micro-batch starts (the first is its ``start``)
-        self._micro_host: list[float] = []  # the same on the host's clock
+        # the current step's micro-batch starts, each with the host's clock then (the first is the step's ``start``)
+        self._micro: list[tuple[Mark, float]] = []
+        self._optimizer_host = 0.0  # the host's clock at the ``optimizer`` mark: the last micro-batch's end
         self._gc_read = _GC.snapshot()
         _GC.install()
 
@@ -53,11 +54,9 @@ class StepTimer:
         """Micro-batch ``index`` of the current step begins (0 also marks the step's ``start``)."""
         if index == 0:
             self.mark("start", device)
-            self._micro, self._micro_host = [self._step["start"]], [time.perf_counter()]
-            return
-        event = recorded(device, timing=True)
-        self._micro.append(event if event is not None else time.perf_counter())
-        self._micro_host.append(time.perf_counter())
+            self._micro = [(self._step["start"], time.perf_counter())]
+        else:
+            self._micro.append((_now(device), time.perf_counter()))
 
     def mark(self, name: str, device: torch.device) -> None:
         """Mark ``name`` (one of :data:`MARKS`) of the current step on ``device``'s current stream."""
@@ -65,10 +64,9 @@ class StepTimer:
         if name == "start":
             self._previous_end = self._step.get("end")
             self._step = {}
-        event = recorded(device, timing=True)  # None on the CPU
-        self._step[name] = event if event is not None else time.perf_counter()
+        self._step[name] = _now(device)
         if name == "optimizer":
-            self._micro_host.append(time.perf_counter())
+            self._optimizer_host = time.perf_counter()
 
     def figures(self) -> dict[str, float]:
         """Seconds of the last marked step's parts (see the module docstring); empty until a step has every mark or
@@ -79,14 +77,14 @@ class StepTimer:
                "time/optimizer_s": _seconds(self._step["optimizer"], self._step["end"])}
         if self._previous_end is not None:
             out["time/between_steps_s"] = _seconds(self._previous_end, self._step["start"])
-        ends = self._micro[1:] + [self._step["optimizer"]]
-        if self._micro and self._micro[0] is self._step["start"]:
-            each = [_seconds(a, b) for a, b in zip(self._micro, ends, strict=True)]
-            host = [b - a for a, b in zip(self._micro_host, self._micro_host[1:], strict=False)]
+        if self._micro and self._micro[0][0] is self._step["start"]:  # the micro-batches of this step were marked
+            marks = [m for m, _ in self._micro] + [self._step["optimizer"]]
+            host = [h for _, h in self._micro] + [self._optimizer_host]
+            each = [_seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
             slowest = max(range(len(each)), key=each.__getitem__)
             out.update({"time/micro_batch_median_s": statistics.median(each), "time/micro_batch_max_s": each[slowest],
                         "time/micro_batch_max_index": float(slowest),
-                        "time/micro_batch_host_max_s": max(host, default=0.0)})
+                        "time/micro_batch_host_max_s": max(b - a for a, b in zip(host, host[1:], strict=False))})
         now = _GC.snapshot()
         seconds, count, full = (b - a for a, b in zip(self._gc_read, now, strict=True))
         self._gc_read = now
@@ -123,6 +121,12 @@ class _GcClock:
 
 
 _GC = _GcClock()
+
+
+def _now(device: torch.device) -> Mark:
+    """A mark of now: an event recorded on ``device``'s current stream, the host's clock on the CPU."""
+    event = recorded(device, timing=True)  # None on the CPU
+    return event if event is not None else time.perf_counter()
 
 
 def _done(mark: Mark) -> bool:
