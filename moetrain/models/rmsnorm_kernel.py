@@ -52,10 +52,6 @@ MAX_D = 16384
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def triton_importable() -> bool:
-    return triton is not None
-
-
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernels take ``x`` (..., D) with ``weight`` (D,): triton imports, the switch is on, ``x`` is a contiguous
     CUDA tensor of a kernel dtype with rows of at most :data:`MAX_D`, the weight on its device, and the output keeps

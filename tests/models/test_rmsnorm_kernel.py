@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from moetrain.models import rmsnorm_kernel
 from moetrain.models.attention import RMSNorm
+from moetrain.models.kernel_switch import triton_importable
 from moetrain.models.rmsnorm_kernel import rms_norm_eager
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,7 +35,7 @@ def interpreted():
     if not INTERPRETING:
         pytest.skip("runs in the child session under TRITON_INTERPRET=1 (test_kernels_under_the_interpreter)")
     pytest.importorskip("triton")
-    assert rmsnorm_kernel.triton_importable()
+    assert triton_importable()
 
 
 def test_kernels_under_the_interpreter(run_interpreted):
