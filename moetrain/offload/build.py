@@ -25,13 +25,14 @@ from moetrain.offload.engine import ExpertEngine
 from moetrain.offload.gpu_step import GpuStep
 from moetrain.offload.host_state import HostState
 from moetrain.offload.lookahead import Lookahead
+from moetrain.offload.master_segment import masters_from_weights
 from moetrain.offload.rates import Rates, measure
 from moetrain.offload.routing_trace import RoutingTrace
 from moetrain.offload.state_io import ExpertStateIO
 from moetrain.offload.store import ExpertStore
 from moetrain.offload.swapper import Swapper
 from moetrain.offload.telemetry import StepTelemetry
-from moetrain.offload.weight_masters import masters_from_weights, paged_from
+from moetrain.offload.weight_masters import paged_from
 from moetrain.offload.weight_pager import ExpertWeightPager
 from moetrain.optim import OptimizerConfig, decays, param_groups
 

@@ -25,11 +25,16 @@ class HostState:
         self.io = None  # this reader's own swap-file channel, opened on first use
 
     def read(self, rec: ExpertRecord) -> torch.Tensor:
-        """The record's flat state in host memory (a view of the slab, or of the staging buffer)."""
-        if rec.tier is Tier.CPU:
+        """The record's flat state in host memory: a view of the slab, or the staging buffer holding an NVMe record
+        or a host record whose master is in the compute weights only (assembled by
+        :meth:`~moetrain.offload.store.ExpertStore.whole_state`)."""
+        if rec.tier is Tier.CPU and not rec.host_skip:
             return self.store.host_view(rec)
         if self.staging is None:
             self.staging = aligned_empty(self.store.max_padded, self.store.pin)
+        if rec.tier is Tier.CPU:
+            return self.store.whole_state(rec, out=self.staging)
+        if self.io is None:
             self.io = self.store.swap.channel()
         buf = self.staging[:rec.padded]
         self.io.submit_read(buf, rec.offset)
@@ -37,7 +42,11 @@ class HostState:
         return buf
 
     def write(self, rec: ExpertRecord, flat: torch.Tensor) -> None:
-        """``flat`` (from :meth:`read`, changed in place) back to the record's tier (nothing to do for the slab)."""
+        """``flat`` (from :meth:`read`, changed in place) back to the record's tier: nothing to do for a slab view;
+        an NVMe record is written whole; a host record without its master gets what follows the master back (its
+        master reaches the weights through the caller, as a state load's does)."""
         if rec.tier is Tier.NVME:
             self.io.submit_write(flat, rec.offset)
             self.io.wait_writes()
+        elif rec.host_skip:
+            self.store.host_tail(rec, rec.host_skip).copy_(flat[rec.host_skip:])

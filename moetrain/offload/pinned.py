@@ -23,9 +23,15 @@ back to cudaHostAlloc.
 from __future__ import annotations
 
 import mmap
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
+
+PIN_THREADS = 8
+"""Threads that allocate the pinned slab pieces."""
 
 
 class RegisteredSlab:
@@ -59,6 +65,32 @@ class RegisteredSlab:
 def register_supported() -> bool:
     """Whether :class:`RegisteredSlab` can pin here: a CUDA device and Linux's ``MADV_DONTFORK``."""
     return torch.cuda.is_available() and hasattr(mmap, "MADV_DONTFORK")
+
+
+def pin_pieces(piece_bytes: list[int], *, pin: bool) -> tuple[list[torch.Tensor], list[RegisteredSlab]]:
+    """(float32 tensors of ``piece_bytes`` each, the :class:`RegisteredSlab` behind them): with ``pin``, registered
+    pieces from a thread pool where :func:`register_supported`, else (or when a registration fails) cudaHostAlloc'd
+    ones, also from the pool; plain host memory without ``pin``. Unregister the slabs when done with them."""
+    if not pin or not piece_bytes:
+        return [torch.empty(n // 4, dtype=torch.float32) for n in piece_bytes], []
+    threads = min(max(1, min(PIN_THREADS, os.cpu_count() or 1)), len(piece_bytes))
+    if register_supported():
+        with ThreadPoolExecutor(threads) as pool:
+            futures = [pool.submit(RegisteredSlab, n) for n in piece_bytes]
+        pieces, errors = [], []
+        for future in futures:
+            try:
+                pieces.append(future.result())
+            except (RuntimeError, OSError, ValueError) as err:
+                errors.append(err)
+        if not errors:
+            return [piece.tensor for piece in pieces], pieces
+        print(f"expert store: cudaHostRegister failed ({errors[0]}); pinning by cudaHostAlloc instead",
+              file=sys.stderr, flush=True)
+        for piece in pieces:
+            piece.unregister()
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True), piece_bytes)), []
 
 
 def dontfork_flag(ptr: int) -> Optional[bool]:

@@ -1,42 +1,37 @@
 """Expert records and the tiers that hold them.
 
-Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimizer state is one flat
-buffer (float32 elements, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes) laid out by its
-:class:`~moetrain.offload.state_format.StateLayout`: by default fp32 ``[master | exp_avg | exp_avg_sq]``
-(3 * n floats, n = the expert's parameter count), or a compressed layout (bf16 master, bf16 or 8-bit
-moments: ``model.offload.state.master`` / ``moments``), so that paging a record in or out is a single large
-transfer (one ``copy_`` or one aio request), never 9 small ones. Inside each part the expert's
-parameters follow in a fixed order (gate_proj, up_proj, down_proj), so a part splits into views
-shaped like the parameters without copying.
+Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimizer state is one flat buffer (float32
+elements, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes) laid out by its
+:class:`~moetrain.offload.state_format.StateLayout`: fp32 ``[master | exp_avg | exp_avg_sq]`` (3 n floats, n = the
+expert's parameter count) or a compressed layout (``model.offload.state.master`` / ``moments``), so that paging a
+record is one large transfer (one ``copy_`` or one aio request). Inside each part the expert's parameters follow in
+a fixed order (gate_proj, up_proj, down_proj): a part splits into views shaped like the parameters without copying.
 
 Tiers:
 
-* ``Tier.CPU``: a slice of a host slab (``torch.empty(..., pin_memory=True)`` when CUDA exists; plain
-  memory on a CPU-only machine, where nothing can be pinned). Records are placed in layer order until
-  ``cpu_budget_gb`` is used up. The slab is cut into pieces of a power-of-two capacity (1 GiB or more) that
-  records fill without straddling two: PyTorch's pinned allocator rounds every allocation up to a power of
-  two, so one slab of 56 GiB would pin 64, and pieces pin in parallel.
-* ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every
-  record under ``tier: nvme``).
+* ``Tier.CPU``: a slice of a host slab, records in layer order until ``cpu_budget_gb`` is used up. The slab is cut
+  into pieces of a power-of-two capacity (1 GiB or more) that records fill without straddling two: the pinned
+  allocator rounds every allocation up to a power of two, and pieces pin in parallel. Where the compute weights
+  are the only master (:func:`~moetrain.offload.weight_masters.host_drops_masters`: ``bf16_sr`` or ``fp32_split``,
+  resident weights, ``step_on: gpu``) a host record holds what follows its master segment only (``host_skip``).
+* ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every record under
+  ``tier: nvme``), always whole.
 
-The compute weights stay the model's own expert parameters (resident on the device); the store holds
-master weights and moments. Only experts whose parameters require a gradient get a record: a frozen expert
-(``model.train``, :mod:`moetrain.models.train_selection`) has no master, no moments, no place in a tier, and is
-never paged or stepped; the store only remembers where its weights are (``frozen``), so that
+The compute weights stay the model's own expert parameters; the store holds master weights and moments. Only
+experts whose parameters require a gradient get a record: a frozen expert (:mod:`moetrain.models.train_selection`)
+has no state and is never paged or stepped; the store only remembers where its weights are (``frozen``), so that
 checkpoints and loads still see the whole model (:mod:`moetrain.offload.frozen`). The device-side slots are owned
 by :class:`~moetrain.offload.swapper.Swapper`.
 
 Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
 
-    pin the slab        power-of-two pieces (the cudaHostAlloc fallback rounds each allocation up to one),
-                        each its own anonymous mapping marked MADV_DONTFORK and page-locked by
-                        cudaHostRegister from a thread pool (6-11 GiB/s on an H200 host, against
-                        cudaHostAlloc's 1.6-1.9): a forked DataLoader worker copies none of it
-                        (:mod:`moetrain.offload.pinned`); cudaHostAlloc where registering is unavailable
-    encode              records are encoded where the weights are: on the GPU, a chunk of consecutive
-                        records (<= 256 MiB) at a time into one device buffer (master rounded, zero moments)
-    copy out            one device-to-host copy per chunk into its piece of the slab (or into a pinned
-                        staging buffer that becomes one NVMe write); on a CPU the records encode in place
+    pin the slab   power-of-two pieces, each an anonymous mapping marked MADV_DONTFORK (a forked DataLoader worker
+                   copies none of it) and page-locked by cudaHostRegister from a thread pool: 6-11 GiB/s on an H200
+                   host against cudaHostAlloc's 1.6-1.9 (:mod:`moetrain.offload.pinned`, which falls back to it)
+    encode         where the weights are: on the GPU, a chunk of consecutive records (<= 256 MiB) at a time into one
+                   device buffer (master rounded, zero moments)
+    copy out       one device-to-host copy per chunk into its piece of the slab (or into a pinned staging buffer
+                   that becomes one NVMe write); on a CPU records encode in place
 
 with a progress line on stderr for stores of 1 GiB or more (:mod:`moetrain.offload.fill_progress`).
 """
@@ -44,11 +39,9 @@ with a progress line on stderr for stores of 1 GiB or more (:mod:`moetrain.offlo
 from __future__ import annotations
 
 import enum
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -58,8 +51,9 @@ import torch.nn as nn
 from moetrain.offload.config import OffloadPlan
 from moetrain.offload.fill_progress import FillProgress
 from moetrain.offload.frozen import FrozenExpert, trains
+from moetrain.offload.master_segment import copy_masters, host_drops_masters, master_floats
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
-from moetrain.offload.pinned import RegisteredSlab, register_supported
+from moetrain.offload.pinned import pin_pieces
 from moetrain.offload.state_format import StateCodec, StateLayout
 
 STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
@@ -74,9 +68,6 @@ buffer, pinned allocation included: a power of two)."""
 
 PROGRESS_MIN_BYTES = 1 << 30
 """Stores of this much state or more report their filling on stderr (``progress=None``)."""
-
-PIN_THREADS = 8
-"""Threads that allocate the pinned slab pieces."""
 
 
 class Tier(enum.Enum):
@@ -101,6 +92,9 @@ class ExpertRecord:
         step: AdamW steps applied to this expert (torch's per-parameter ``state["step"]``).
         synced_to: optimizer steps reflected in the state (``idle_experts: dense`` catches up to the current one).
         frequency: decayed count of tokens routed to it (the cache's eviction key).
+        host_skip: leading floats of the flat state the slab does not hold (0, or the master segment, which the
+            compute weights alone hold: :func:`~moetrain.offload.master_segment.host_drops_masters`); ``offset``
+            then points at the first float it does hold; ``host_floats``: what it holds.
     """
 
     layer: int
@@ -119,6 +113,11 @@ class ExpertRecord:
     shapes: list[torch.Size] = field(default_factory=list)
     layout: Optional[StateLayout] = None
     codec: Optional[StateCodec] = None
+    host_skip: int = 0
+
+    @property
+    def host_floats(self) -> int:
+        return self.padded - self.host_skip
 
     @property
     def key(self) -> tuple[int, int]:
@@ -191,6 +190,7 @@ class ExpertStore:
                                    shapes=[p.shape for p in params], layout=layout, codec=StateCodec(layout))
                 self.records[rec.key] = rec
         self.num_experts = {block.layer_idx: len(block.experts) for block in model.moe_blocks()}
+        self.drops_masters = host_drops_masters(cfg.master, cfg.resident_weights, cfg.step_on)
         self.pager = None  # the experts' paged compute weights, when staged init built them (resident_weights: no)
         self.by_name = {name: (rec, i) for rec in self.records.values() for i, name in enumerate(rec.names)}
         self.frozen_by_name = {name: (fx, i) for fx in self.frozen.values() for i, name in enumerate(fx.names)}
@@ -215,21 +215,26 @@ class ExpertStore:
 
     def _place(self) -> None:
         """Records in layer order fill the CPU budget, the rest go to NVMe (all of them under tier nvme); host
-        records fill slab pieces in order, a record that does not fit the current piece starting the next."""
+        records fill slab pieces in order, a record that does not fit the current piece starting the next. Where
+        the compute weights are the only master (:func:`~moetrain.offload.weight_masters.host_drops_masters`) a
+        host record takes what follows its master segment only."""
         budget = None if self.cfg.cpu_budget_gb is None else int(self.cfg.cpu_budget_gb * 2**30)
         capacity = self.piece_capacity()
         cpu_used = nvme_used = 0
         self.piece_bytes: list[int] = []
         for rec in self.records.values():
-            fits = self.cfg.tier == "cpu" and (budget is None or cpu_used + rec.state_bytes <= budget)
+            skip = master_floats(rec.layout) if self.drops_masters else 0
+            host_bytes = (rec.padded - skip) * 4
+            fits = self.cfg.tier == "cpu" and (budget is None or cpu_used + host_bytes <= budget)
             if fits:
-                if not self.piece_bytes or self.piece_bytes[-1] + rec.state_bytes > capacity:
+                if not self.piece_bytes or self.piece_bytes[-1] + host_bytes > capacity:
                     self.piece_bytes.append(0)
-                rec.tier, rec.piece, rec.offset = Tier.CPU, len(self.piece_bytes) - 1, self.piece_bytes[-1] // 4
-                self.piece_bytes[-1] += rec.state_bytes
-                cpu_used += rec.state_bytes
+                rec.tier, rec.piece, rec.offset, rec.host_skip = Tier.CPU, len(self.piece_bytes) - 1, \
+                    self.piece_bytes[-1] // 4, skip
+                self.piece_bytes[-1] += host_bytes
+                cpu_used += host_bytes
             else:
-                rec.tier, rec.offset = Tier.NVME, nvme_used
+                rec.tier, rec.offset, rec.host_skip = Tier.NVME, nvme_used, 0
                 nvme_used += rec.state_bytes
         self.cpu_bytes, self.nvme_bytes = cpu_used, nvme_used
 
@@ -239,33 +244,8 @@ class ExpertStore:
             print(f"expert store: pinning {self.cpu_bytes / 2**30:.2f} GiB of host memory "
                   f"({len(self.piece_bytes)} pieces)", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        self.slabs: list[torch.Tensor] = []
-        self.registered: list[RegisteredSlab] = []  # pieces pinned by cudaHostRegister (unlocked by close())
-        if self.pin and self.piece_bytes:
-            threads = min(max(1, min(PIN_THREADS, os.cpu_count() or 1)), len(self.piece_bytes))
-            if register_supported():
-                with ThreadPoolExecutor(threads) as pool:
-                    futures = [pool.submit(RegisteredSlab, n) for n in self.piece_bytes]
-                pieces, errors = [], []
-                for future in futures:
-                    try:
-                        pieces.append(future.result())
-                    except (RuntimeError, OSError, ValueError) as err:
-                        errors.append(err)
-                if errors:  # fall back to cudaHostAlloc for every piece
-                    print(f"expert store: cudaHostRegister failed ({errors[0]}); pinning by cudaHostAlloc instead",
-                          file=sys.stderr, flush=True)
-                    for piece in pieces:
-                        piece.unregister()
-                else:
-                    self.registered = pieces
-                    self.slabs = [piece.tensor for piece in pieces]
-            if not self.slabs:
-                with ThreadPoolExecutor(threads) as pool:
-                    self.slabs = list(pool.map(lambda n: torch.empty(n // 4, dtype=torch.float32, pin_memory=True),
-                                               self.piece_bytes))
-        else:
-            self.slabs = [torch.empty(n // 4, dtype=torch.float32) for n in self.piece_bytes]
+        # pieces pinned by cudaHostRegister are unlocked by close()
+        self.slabs, self.registered = pin_pieces(self.piece_bytes, pin=self.pin)
         self.pin_seconds = time.perf_counter() - start if self.pin else 0.0
         c = self.cfg
         self.swap: Optional[SwapFile] = open_swap(c.nvme_path, self.nvme_bytes, backend=c.nvme_backend,
@@ -285,15 +265,15 @@ class ExpertStore:
         return progress
 
     def _runs(self, chunk: int) -> Iterator[list[tuple[ExpertRecord, int]]]:
-        """Consecutive records of one tier whose storage is contiguous (one slab piece, or adjacent in the swap
-        file), at most ``chunk`` floats together (or one record): ``[(record, float offset in the run)]``."""
+        """Consecutive records of one tier stored contiguously (one slab piece, or adjacent in the swap file), at most
+        ``chunk`` floats of whole records (or one record): ``[(record, its float offset in the run)]``."""
         run: list[tuple[ExpertRecord, int]] = []
         size = 0
         for rec in self.records.values():
             if run:
                 last = run[-1][0]
                 adjacent = (rec.tier is last.tier and size + rec.padded <= chunk
-                            and (rec.piece == last.piece and rec.offset == last.offset + last.padded
+                            and (rec.piece == last.piece and rec.offset == last.offset + last.host_floats
                                  if rec.tier is Tier.CPU else rec.offset == last.offset + last.state_bytes))
                 if not adjacent:
                     yield run
@@ -305,17 +285,18 @@ class ExpertStore:
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """master = the model's weights in fp32 (rounded to nearest if it is bf16), moments = 0, encoded where the
-        weights are: in place on a CPU; on a GPU a chunk of records at a time in one device buffer, then one
-        copy into the slab (or into a staging buffer that one NVMe write takes). Under a compressed master the
-        compute weights become the stored master (so compute uses it from the first step on)."""
+        """master = the weights in fp32 (rounded to nearest if bf16), moments = 0, encoded where the weights are: a
+        chunk of records at a time in one buffer, then one copy into the slab (or a staging buffer that one NVMe
+        write takes). A compressed master becomes the compute weights (used from the first step on)."""
         if not self.records:
             return
         device = next(iter(self.records.values())).params[0].device
         on_host = device.type == "cpu"
         total = sum(rec.padded for rec in self.records.values())
         chunk = max(min((FILL_CHUNK_BYTES - ALIGN) // 4, total), self.max_padded)  # + aligned_empty's pad: 2^k bytes
-        work = None if on_host else torch.empty(chunk, dtype=torch.float32, device=device)
+        # a host record without its master is shorter than what encodes it: on a CPU it encodes in a work buffer too
+        in_place = on_host and not any(rec.host_skip for rec in self.records.values())
+        work = None if in_place else torch.empty(chunk, dtype=torch.float32, device=device)
         staging: list[torch.Tensor] = []  # two host buffers for NVMe runs: one is written while the other fills
         nvme_runs = 0
         progress = self._start_progress("filling")
@@ -324,7 +305,7 @@ class ExpertStore:
                 first = run[0][0]
                 n = sum(rec.padded for rec, _ in run)
                 if first.tier is Tier.CPU:
-                    dest = self.slabs[first.piece][first.offset:first.offset + n]
+                    dest = self.slabs[first.piece][first.offset:first.offset + sum(r.host_floats for r, _ in run)]
                 else:
                     turn, nvme_runs = nvme_runs % 2, nvme_runs + 1
                     if len(staging) == turn:
@@ -335,6 +316,8 @@ class ExpertStore:
                     flat = buf[at:at + rec.padded]
                     rec.codec.encode_initial(flat, [p.detach() for p in rec.params])
                     self._use_stored_master(rec, flat)
+                if any(rec.host_skip for rec, _ in run):  # the masters stay in the weights: the rest, packed
+                    buf = torch.cat([buf[at + rec.host_skip:at + rec.padded] for rec, at in run])
                 if buf is not dest:
                     dest.copy_(buf)  # one device-to-host copy; it ends before the buffer is encoded into again
                 if first.tier is Tier.NVME:
@@ -363,12 +346,9 @@ class ExpertStore:
     # ------------------------------------------------------------------ masters streamed in
     @torch.no_grad()
     def write_master(self, name: str, weight: torch.Tensor) -> None:
-        """Store one expert parameter's master weight (any dtype/device) straight into its record.
-
-        A record's moments and padding are zeroed when its first part arrives. Host-tier records are
-        written in place; an NVMe record is assembled in a staging buffer and written once its last
-        part arrived (so a record costs one write, and only records being assembled use host memory).
-        """
+        """Store one expert parameter's master weight (any dtype/device) straight into its record. A record's moments
+        and padding are zeroed when its first part arrives. Host-tier records are written in place; an NVMe record
+        (or a host record without its master) is assembled in a buffer and written once its last part arrived."""
         if name in self.frozen_by_name:  # a frozen expert: its compute weight only
             fx, idx = self.frozen_by_name[name]
             fx.write(idx, weight, self.pager)
@@ -377,8 +357,9 @@ class ExpertStore:
         if self._progress is None and self.report:
             self._progress = self._start_progress("loading masters into")
         buf, done = self._staged.get(rec.key, (None, set()))
-        if buf is None:
-            buf = self.host_view(rec) if rec.tier is Tier.CPU else aligned_empty(rec.padded, self.pin)
+        if buf is None:  # a host record is written in place, unless its master goes to the weights only
+            in_place = rec.tier is Tier.CPU and not rec.host_skip
+            buf = self.host_view(rec) if in_place else aligned_empty(rec.padded, self.pin and rec.tier is Tier.NVME)
             rec.codec.clear_state(buf)
         elems, _ = rec.codec.param_slices()[idx]
         rec.codec.encode_master_part(buf, elems, weight)
@@ -394,6 +375,8 @@ class ExpertStore:
         if rec.tier is Tier.NVME:
             self.swap.submit_write(buf, rec.offset)
             self.swap.wait_writes()
+        elif rec.host_skip:
+            self.host_tail(rec, rec.host_skip).copy_(buf[rec.host_skip:])
         if self._progress is not None:
             self._progress.update(1, rec.state_bytes)
 
@@ -409,7 +392,7 @@ class ExpertStore:
     @torch.no_grad()
     def master_weights(self, rec: ExpertRecord) -> list[torch.Tensor]:
         """The record's master weights as fp32 tensors shaped like its parameters (host copies)."""
-        flat = self.host_view(rec) if rec.tier is Tier.CPU else self._read_record(rec)
+        flat = self._read_record(rec) if rec.tier is Tier.NVME else self.whole_state(rec)
         return [w.clone() for w in rec.split(rec.codec.decode_master(flat))]
 
     def _read_record(self, rec: ExpertRecord) -> torch.Tensor:
@@ -420,9 +403,28 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ access
     def host_view(self, rec: ExpertRecord) -> torch.Tensor:
-        """The (padded,) host slab slice of a CPU-tier record."""
-        assert rec.tier is Tier.CPU
+        """The (padded,) host slab slice of a CPU-tier record that holds its whole state (``host_skip`` 0)."""
+        assert rec.tier is Tier.CPU and not rec.host_skip, f"{rec.prefix}: its master is in the weights only"
         return self.slabs[rec.piece][rec.offset:rec.offset + rec.padded]
+
+    @torch.no_grad()
+    def whole_state(self, rec: ExpertRecord, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A host-tier record's whole (padded,) flat state in host memory: its slab slice, or for a record without
+        its master (``host_skip``) ``out`` (a new buffer when None) holding the compute weights in the master
+        segment and the slab's rest after it (writing into that changes nothing stored)."""
+        if not rec.host_skip:
+            return self.host_view(rec)
+        flat = aligned_empty(rec.padded, False) if out is None else out[:rec.padded]
+        flat[:rec.host_skip].zero_()  # the master segment's alignment padding
+        copy_masters([rec], [flat])  # from the device, after the work queued on the current stream
+        flat[rec.host_skip:].copy_(self.host_tail(rec, rec.host_skip))
+        return flat
+
+    def host_tail(self, rec: ExpertRecord, start: int) -> torch.Tensor:
+        """Floats ``start:padded`` of a CPU-tier record's flat state, in the slab (``start`` >= ``host_skip``)."""
+        assert rec.tier is Tier.CPU and start >= rec.host_skip, f"{rec.prefix}: {start} < host_skip {rec.host_skip}"
+        at = rec.offset + start - rec.host_skip
+        return self.slabs[rec.piece][at:at + rec.padded - start]
 
     def layer_records(self, layer: int) -> list[ExpertRecord]:
         return [self.records[(layer, e)] for e in range(self.num_experts[layer]) if (layer, e) in self.records]

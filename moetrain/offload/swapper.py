@@ -13,8 +13,7 @@ runs in CI)::
     page-out                                                   ─ D2H Ln ─ D2H Ln-1 ─ ... (its out_event)
     NVMe         aio reads into the slot's staging ahead of H2D;  aio writes from it after D2H
 
-Each slot is a :class:`Slot` record (what it holds, its state, its events and staging buffer); the regular pool's slots
-come first in ``Swapper.slots``, then the hot-expert cache's (``Slot.hot``).
+Each slot is a :class:`Slot` (its record, state, events, staging buffer); the regular pool's come first in ``slots``.
 
 * page-in: ``copy_(non_blocking=True)`` from pinned host memory on ``in_stream``, one event per slot; the compute
   stream waits on that event only (``wait_event``: no host sync) right before the expert's fused step.
@@ -34,11 +33,12 @@ from typing import Optional
 
 import torch
 
+from moetrain.offload.master_segment import copy_masters
 from moetrain.offload.nvme import aligned_empty
 from moetrain.offload.slots import Slot, SlotState, TransferStats, pick_hot
 from moetrain.offload.store import ExpertRecord, ExpertStore, Tier
 from moetrain.offload.streams import event, on, side_stream
-from moetrain.offload.weight_masters import copy_masters, paged_from
+from moetrain.offload.weight_masters import paged_from
 
 
 class Swapper:
@@ -218,11 +218,12 @@ class Swapper:
                 slot.in_event.synchronize()  # the staging buffer's last H2D has left (copy engine only)
             self.store.swap.submit_read(slot.staging[:rec.padded], rec.offset)
             slot.state = SlotState.READING
-        self._h2d([(rec, s, self.store.host_view(rec)) for rec, s in placed if rec.tier is Tier.CPU])
+        self._h2d([(rec, s, None) for rec, s in placed if rec.tier is Tier.CPU])
         return [r for r, _ in placed]
 
-    def _h2d(self, copies: list[tuple[ExpertRecord, int, torch.Tensor]]) -> None:
-        """Queue (record, slot, host source) page-ins on ``in_stream`` (one stream switch for all of them)."""
+    def _h2d(self, copies: list[tuple[ExpertRecord, int, Optional[torch.Tensor]]]) -> None:
+        """Queue (record, slot, host source) page-ins on ``in_stream`` (one stream switch for all of them); a
+        source of None: the record's host slab."""
         if not copies:
             return
         with on(self.in_stream):
@@ -235,7 +236,8 @@ class Swapper:
                         self.in_stream.wait_event(self.slots[source].out_event)  # the record's write-back landed
                     self.mark_transfer(self.in_stream)
                 start = self._paged_start(rec)
-                slot.view(rec.padded)[start:].copy_(src[start:], non_blocking=True)
+                tail = self.store.host_tail(rec, start) if src is None else src[start:]
+                slot.view(rec.padded)[start:].copy_(tail, non_blocking=True)
                 if slot.in_event is not None:
                     slot.in_event.record(self.in_stream)
                 slot.state = SlotState.READY
@@ -243,8 +245,7 @@ class Swapper:
                 self.stats.h2d_bytes += (rec.padded - start) * 4
 
     def _paged_start(self, rec: ExpertRecord) -> int:
-        """Where a host-tier record's page-in and page-out begin: after its master when the compute weights hold
-        it, else at 0 (the whole record)."""
+        """Where a host-tier record's page-in and page-out begin: after its master when the weights hold it, else 0."""
         return paged_from(rec) if self.masters_from_weights and rec.tier is Tier.CPU else 0
 
     def _finish_disk_reads(self) -> None:
@@ -347,15 +348,15 @@ class Swapper:
                 slot = self.slots[s]
                 slot.dirty, slot.written = False, self.batches
                 src = slot.view(rec.padded)
-                start = self._paged_start(rec) if skip_masters or self.weight_masters else 0
+                start = self._paged_start(rec) if skip_masters or self.weight_masters or rec.host_skip else 0
                 if rec.tier is Tier.CPU:
-                    self.store.host_view(rec)[start:].copy_(src[start:], non_blocking=True)
+                    self.store.host_tail(rec, start).copy_(src[start:], non_blocking=True)
                     self.written_from[rec.key] = s
                 else:
                     slot.staging[:rec.padded].copy_(src, non_blocking=True)
                 if slot.out_event is not None:
                     slot.out_event.record(self.out_stream)
-                if start:
+                if start and not rec.host_skip:  # (a record without a host master has none to be stale)
                     self.stale_masters[rec.key] = rec
                 else:
                     self.stale_masters.pop(rec.key, None)

@@ -36,48 +36,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moetrain.offload.state_format import WEIGHT_HELD_BYTES
+from moetrain.offload.master_segment import master_floats
 
 if TYPE_CHECKING:
     from moetrain.offload.store import ExpertRecord
-
-ENV = "MOETRAIN_MASTER_FROM_WEIGHTS"
-"""``MOETRAIN_MASTER_FROM_WEIGHTS=0`` pages whole records (benchmarks compare the two)."""
 
 IN_STEP_ENV = "MOETRAIN_MASTER_IN_STEP"
 """``MOETRAIN_MASTER_IN_STEP=0`` keeps filling the slots' master segments after the first step (see
 :func:`step_reads_weights`; benchmarks compare the two)."""
 
 
-def masters_from_weights(master: str, resident_weights: str) -> bool:
-    """Whether a store of ``master`` records whose compute weights are ``resident_weights`` keeps its master segment
-    in the weights: ``bf16_sr`` or ``fp32_split`` (the weights are that stored bf16 itself) and resident weights
-    (the parameters hold them), unless the environment turns it off."""
-    return master in WEIGHT_HELD_BYTES and resident_weights != "no" and os.environ.get(ENV, "1") != "0"
-
-
 def paged_from(rec: ExpertRecord) -> int:
     """Float offset in ``rec``'s flat state where what follows the master segment begins (``rest`` or the first
     moment)."""
-    after = rec.layout.segments[1][0]
-    at, _, _ = rec.layout.offsets[after]
-    assert at % 4 == 0, "segments are 64-byte aligned"
-    return at // 4
-
-
-def _master_views(rec: ExpertRecord, flat: torch.Tensor) -> list[torch.Tensor]:
-    """The master segment of ``flat`` (the record's (padded,) state) split and shaped like its parameters."""
-    return rec.split(rec.layout.view(flat, "master"))
-
-
-def copy_masters(recs: Sequence[ExpertRecord], flats: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
-    """Copy each record's compute weights into the master segment of its state ``flats``, on the current stream: a
-    device slot (the page-in's fill) or the host record (a flush; ``non_blocking`` for pinned host memory). bf16 to
-    bf16 on CUDA, and exact from fp32 weights too (they hold bf16 values)."""
-    dst = [v for rec, flat in zip(recs, flats, strict=True) for v in _master_views(rec, flat)]
-    src = [p.detach() for rec in recs for p in rec.params]
-    if dst:
-        torch._foreach_copy_(dst, src, non_blocking=non_blocking)  # across devices: one copy_ a tensor
+    return master_floats(rec.layout)
 
 
 def step_reads_weights(recs: Sequence[ExpertRecord], *, masters_in_weights: bool, fused: bool, has_nvme: bool,
@@ -85,7 +57,8 @@ def step_reads_weights(recs: Sequence[ExpertRecord], *, masters_in_weights: bool
     """Whether, from the second step on, the fused kernel may read and write the master in the compute weights
     (``weight_masters``) instead of the slots: then no page-in fills a slot's master from the weights, no step
     writes the weights from the slot, and hot-cache slots hold no master (twice the slots for ``bf16_sr`` with int8
-    moments in the same memory). Needs the master in the weights (:func:`masters_from_weights`), the fused kernel
+    moments in the same memory). Needs the master in the weights
+    (:func:`~moetrain.offload.master_segment.masters_from_weights`), the fused kernel
     running (``fused``: its first call passed) for every record's format, contiguous bf16 weights, no NVMe records
     (they move whole) and no catch-up (``idle_experts: dense`` steps decoded slot state); ``MOETRAIN_MASTER_IN_STEP=0``
     turns it off."""

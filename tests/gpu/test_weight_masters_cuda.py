@@ -20,7 +20,7 @@ from offload_harness import OPTIM, batches, clone, tiny_model  # noqa: E402
 
 from moetrain.offload import build_optimizer  # noqa: E402
 from moetrain.offload.config import OffloadConfig  # noqa: E402
-from moetrain.offload.weight_masters import ENV  # noqa: E402
+from moetrain.offload.master_segment import ENV, HOST_ENV  # noqa: E402
 from moetrain.optim import lr_at  # noqa: E402
 
 STEPS = 12
@@ -89,5 +89,26 @@ def test_master_in_step_with_a_compact_hot_cache_equals_slot_masters(monkeypatch
     assert on["bytes"] < off["bytes"]
     for (name, a), b in zip(model.named_parameters(), kept.parameters(), strict=True):
         assert torch.equal(a, b), name
+    for k in tensors:
+        assert torch.equal(tensors[k], kept_tensors[k]), k
+
+
+@pytest.mark.parametrize("master", ["bf16_sr", "fp32_split"])
+def test_host_records_without_masters_equal_host_masters_kept(monkeypatch, master):
+    """With ``step_on: gpu`` the pinned host records hold no master (``host_drops_masters``): the page-ins, the
+    fused step reading the master in the weights, the hot cache's write-backs and the export (masters read from the
+    weights) give the same bits as host records that keep a stale master (``MOETRAIN_HOST_MASTERS=1``)."""
+    base, data = tiny_model(num_experts=16), batches(steps=STEPS, tokens=16)
+    runs = {}
+    for keep in ("1", "0"):
+        monkeypatch.setenv(HOST_ENV, keep)
+        slots: dict = {}
+        runs[keep] = _run(base, data, monkeypatch, on=True, step_on="gpu", impl="auto", master=master,
+                          hot_cache_gb=None, slots=slots) + (slots,)
+    (kept, kept_tensors, _, kept_slots), (model, tensors, _, slots) = runs.values()
+    assert slots["in_step"] and kept_slots["in_step"] and slots["hot"] > 0
+    for (name, a), b in zip(model.named_parameters(), kept.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert tensors.keys() == kept_tensors.keys()
     for k in tensors:
         assert torch.equal(tensors[k], kept_tensors[k]), k

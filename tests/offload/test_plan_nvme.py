@@ -67,9 +67,11 @@ def test_the_floor_is_the_slowest_of_compute_link_and_nvme():
 
 
 def test_plan_prints_the_nvme_line_at_the_rate_asked(capsys, monkeypatch):
-    """The Qwen3-30B-A3B recipe overflows 13 GiB of state to the swap; ``--nvme_gbps`` sets the rate of its line."""
+    """The Qwen3-30B-A3B recipe with a 30 GiB host budget overflows 25 GiB of state to the swap; ``--nvme_gbps`` sets
+    the rate of its line."""
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
-    args = ["plan", "--config", "recipes/qwen3-30b-a3b.yaml", "--gpu-gb=139", "--host-gb=125", "--disk-gb=512"]
+    args = ["plan", "--config", "recipes/qwen3-30b-a3b.yaml", "--gpu-gb=139", "--host-gb=125", "--disk-gb=512",
+            "--model.offload.placement.cpu_budget_gb=30", "--model.offload.nvme.path=swap/qwen3-30b-a3b"]
     assert main(args) == 0
     default = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("nvme:")]
     assert main([*args, "--nvme_gbps=12"]) == 0

@@ -14,6 +14,7 @@ from offload_harness import tiny_model
 import moetrain.offload.store as store_module
 from moetrain.offload.config import OffloadConfig
 from moetrain.offload.fill_progress import FillProgress
+from moetrain.offload.master_segment import HOST_ENV
 from moetrain.offload.nvme import ALIGN
 from moetrain.offload.state_format import StateCodec, StateLayout
 from moetrain.offload.store import ExpertStore, Tier
@@ -46,8 +47,10 @@ def _reference(model, cfg: OffloadConfig) -> tuple[dict, dict]:
 
 
 def _record_bytes(store: ExpertStore, rec) -> torch.Tensor:
-    flat = store.host_view(rec) if rec.tier is Tier.CPU else store._read_record(rec)
-    return flat.view(torch.uint8)
+    """The record's whole state: a host record without its master (the weights hold it) is assembled."""
+    if rec.tier is Tier.NVME:
+        return store._read_record(rec).view(torch.uint8)
+    return (store.whole_state(rec) if rec.host_skip else store.host_view(rec)).view(torch.uint8)
 
 
 def _check_equals_reference(store: ExpertStore, model, records: dict, weights: dict) -> None:
@@ -81,6 +84,7 @@ def test_fill_across_pieces_chunks_and_nvme(tmp_path, monkeypatch, master, momen
     monkeypatch.setattr(store_module, "PIECE_MIN_BYTES", 4 * record)
     monkeypatch.setattr(store_module, "PIECE_MIN_RECORDS", 1)
     monkeypatch.setattr(store_module, "FILL_CHUNK_BYTES", 3 * record + ALIGN)
+    monkeypatch.setenv(HOST_ENV, "1")  # whole records in host memory (test_host_drops_masters: without masters)
     cfg = OffloadConfig(tier="cpu", master=master, moments=moments, nvme_path=str(tmp_path),
                         cpu_budget_gb=9 * record / 2**30)
     records, weights = _reference(model, cfg)

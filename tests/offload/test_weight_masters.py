@@ -15,10 +15,11 @@ from offload_harness import OPTIM, batches, clone, tiny_model, train
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
+from moetrain.offload.master_segment import ENV, HOST_ENV
 from moetrain.offload.optim import build_offload_optimizer
 from moetrain.offload.rates import Rates
 from moetrain.offload.store import Tier
-from moetrain.offload.weight_masters import ENV, paged_from
+from moetrain.offload.weight_masters import paged_from
 
 STEPS = 8
 
@@ -91,6 +92,7 @@ def test_moments_only_cross_the_link_and_nothing_changes(base, monkeypatch, mast
 
 
 def test_host_master_is_stale_until_a_flush_writes_the_weights(base, monkeypatch, master):
+    monkeypatch.setenv(HOST_ENV, "1")  # keep host masters (test_host_drops_masters: without them)
     model, opt, _ = _train(base, monkeypatch, on=True, master=master, gpu_slots=3)
     swapper, store = opt.engine.swapper, opt.engine.store
 

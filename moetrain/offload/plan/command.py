@@ -121,7 +121,8 @@ def main(argv: list[str]) -> int:
             nvme_path = OffloadSettings.from_dict((recipe.get("model") or {}).get("offload")).nvme.path
             here = replace(here, disk=shutil.disk_usage(nvme_path if nvme_path and os.path.isdir(nvme_path)
                                                         else ".").free)
-        micro = tokens or recipe_training(recipe)["micro_batch_tokens"]
+        training = recipe_training(recipe)
+        micro = tokens or training["micro_batch_tokens"]
         model_config, note = recipe_model(recipe)
         parallel = plan_expert_parallel(model_config, world_sizes, state_bytes=plan.state_bpp,
                                         state_label=f"master {plan.master}, moments {plan.moments}")
@@ -132,7 +133,8 @@ def main(argv: list[str]) -> int:
         print(note)
     print(plan.format())
     print()
-    print(largest_line(here, micro, plan_expert_share(plan)))
+    print(largest_line(here, micro, plan_expert_share(plan),
+                       activation_checkpointing=training["activation_checkpointing"]))
     print()
     print(parallel)
     return 0

@@ -67,7 +67,7 @@ class FitChoice:
 
 def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens: int = 4096, *,
                 gpu_budget_gb: float = 1.0, streamed_load: bool = True,
-                expert_share: Optional[float] = None) -> list[FitChoice]:
+                expert_share: Optional[float] = None, activation_checkpointing: bool = False) -> list[FitChoice]:
     """Every placement the search weighs, in order of preference, each with its plan.
 
     Preference: compute weights resident on the GPU before paged from host memory (slower: they cross the
@@ -81,6 +81,7 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32). The disk
     holds what such a run needs (:func:`.search_storage`): the downloaded model, the
     swap and one checkpoint. ``expert_share``: the share of the routed experts that train (None: all of them).
+    ``activation_checkpointing``: the layers are recomputed in backward (the activations a recipe plans with it).
     """
     out = []
     trained = trained_experts(model_config, expert_share)
@@ -94,7 +95,8 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
                 plan_of = partial(make_plan, model_config, tokens_per_step=micro_batch_tokens,
                                   gpu_capacity=machine.gpu, host_capacity=machine.host, disk_free=machine.disk,
                                   micro_batch_tokens=micro_batch_tokens, layerwise_grads=layerwise,
-                                  streamed_load=streamed_load, storage=storage, trained_experts=trained)
+                                  streamed_load=streamed_load, storage=storage, trained_experts=trained,
+                                  activation_checkpointing=activation_checkpointing)
                 choices = [("cpu", plan_of(base))]
                 if machine.host is not None:
                     # every expert's state on NVMe: what the host holds besides the state, at its higher peak
@@ -122,9 +124,10 @@ def plan_expert_share(plan: Plan) -> Optional[float]:
 
 
 def best_fit(model_config: ModelConfig, machine: Machine, *, micro_batch_tokens: int = 4096,
-             expert_share: Optional[float] = None) -> Optional[FitChoice]:
+             expert_share: Optional[float] = None, activation_checkpointing: bool = False) -> Optional[FitChoice]:
     """The first placement of :func:`fit_options` under which every tier fits, or None."""
-    options = fit_options(model_config, machine, micro_batch_tokens, expert_share=expert_share)
+    options = fit_options(model_config, machine, micro_batch_tokens, expert_share=expert_share,
+                          activation_checkpointing=activation_checkpointing)
     return next((c for c in options if c.plan.fits_all()), None)
 
 
@@ -134,33 +137,37 @@ def presets() -> list[ModelConfig]:
     return sorted(configs, key=lambda c: -c.param_counts()["total"])
 
 
-def largest_preset(machine: Machine, micro_batch_tokens: int = 4096, expert_share: Optional[float] = None
-                   ) -> list[tuple[ModelConfig, Optional[FitChoice]]]:
+def largest_preset(machine: Machine, micro_batch_tokens: int = 4096, expert_share: Optional[float] = None, *,
+                   activation_checkpointing: bool = False) -> list[tuple[ModelConfig, Optional[FitChoice]]]:
     """Each preset, largest first, with the placement under which it fits one GPU of ``machine`` (or None).
     The first entry with a placement is the answer."""
-    return [(config, best_fit(config, machine, micro_batch_tokens=micro_batch_tokens,
-                              expert_share=expert_share)) for config in presets()]
+    return [(config, best_fit(config, machine, micro_batch_tokens=micro_batch_tokens, expert_share=expert_share,
+                              activation_checkpointing=activation_checkpointing)) for config in presets()]
 
 
 def _largest_answer(results: list[tuple[ModelConfig, Optional[FitChoice]]]) -> Optional[tuple[ModelConfig, FitChoice]]:
     return next(((c, f) for c, f in results if f is not None), None)
 
 
-def largest_line(machine: Machine, micro_batch_tokens: int, expert_share: Optional[float] = None) -> str:
+def largest_line(machine: Machine, micro_batch_tokens: int, expert_share: Optional[float] = None, *,
+                 activation_checkpointing: bool = False) -> str:
     """One line for the plan printout: the largest preset one GPU of ``machine`` fully fine-tunes, or, with
     ``expert_share`` (a recipe training a selection of routed experts), fine-tunes training that share of its
-    routed experts."""
+    routed experts; with the recipe's ``activation_checkpointing``."""
     what = ("fully fine-tunes" if expert_share is None else
             f"fine-tunes training {100 * expert_share:.0f}% of its routed experts, as this recipe does")
     if machine.gpu is None:
         return (f"largest preset one GPU here {what}: GPU capacity unknown here (no CUDA); "
                 "ask with --gpu-gb=N --host-gb=N --disk-gb=N")
-    answer = _largest_answer(largest_preset(machine, micro_batch_tokens, expert_share))
+    answer = _largest_answer(largest_preset(machine, micro_batch_tokens, expert_share,
+                                            activation_checkpointing=activation_checkpointing))
     if answer is None:
         return f"largest preset one GPU {what} ({machine.describe()}): none"
     config, choice = answer
+    recomputed = ", layers recomputed" if activation_checkpointing else ""
     return (f"largest preset one GPU {what} ({machine.describe()}, {micro_batch_tokens} tokens a "
-            f"micro-batch): {config.name} ({config.param_counts()['total'] / 1e9:.1f} B), {choice.describe()}")
+            f"micro-batch{recomputed}): {config.name} ({config.param_counts()['total'] / 1e9:.1f} B), "
+            f"{choice.describe()}")
 
 
 def format_largest(machine: Machine, micro_batch_tokens: int) -> str:

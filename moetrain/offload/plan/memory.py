@@ -36,6 +36,7 @@ import torch
 from moetrain.config import ModelConfig
 from moetrain.offload.config import OffloadPlan
 from moetrain.offload.hot_cache_margin import HOT_CACHE_MARGIN_BYTES, HOT_CACHE_MARGIN_SHARE
+from moetrain.offload.master_segment import host_drops_masters, masters_from_weights
 from moetrain.offload.nvme import align_up
 from moetrain.offload.plan.activations import activation_bytes
 from moetrain.offload.plan.assumptions import (
@@ -54,7 +55,6 @@ from moetrain.offload.plan.trained import dense_group_params
 from moetrain.offload.rates import DEFAULT_DUPLEX_GBPS
 from moetrain.offload.schedule import num_state_slots
 from moetrain.offload.state_format import WEIGHT_HELD_BYTES, state_bytes_per_param
-from moetrain.offload.weight_masters import masters_from_weights
 
 
 def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
@@ -195,10 +195,14 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             whose = "one layer's trained gradients" if layerwise else "gradients of the trained experts"
         rows += [("gpu", f"experts: {whose} ({weight_bytes} B/param)", round(weight_bytes * grads)),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
+        # a host record without the master the weights hold (as the store places it: moetrain.offload.store)
+        host_record = record - (align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64)
+                                if host_drops_masters(off.master, off.resident_weights, off.step_on) else 0)
+        in_host = 0
         if off.tier == "cpu":
             budget = None if off.cpu_budget_gb is None else int(off.cpu_budget_gb * GiB)
-            host = state if budget is None else min(state, budget // record * record)
-        nvme = state - host
+            in_host = trained if budget is None else min(trained, budget // host_record)
+        host, nvme = in_host * host_record, (trained - in_host) * record
         staging = slots * record if nvme else 0
     recomputed = ", layers recomputed" if activation_checkpointing else ""
     stream = ", bf16" if residual_bytes == 2 else ""  # model.residual_dtype
@@ -221,7 +225,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             hot_record = record - align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64)
         hot = min(trained, spare // hot_record)
         rows.append(("gpu", f"hot-expert state cache ({hot} x {hot_record / 2**20:.1f} MiB)", hot * hot_record))
-        rows.append(("host", "expert state (pinned)", host))
+        masters = ", masters in the GPU's weights" if host and host_record < record else ""
+        rows.append(("host", f"expert state (pinned{masters})", host))
         if paged_weights:
             rows.append(("host", f"experts: compute weights (pinned, {weight_bytes} B/param)", weight_bytes * expert))
             host += weight_bytes * expert
@@ -275,7 +280,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         disk_free = shutil.disk_usage(off.nvme_path).free
     link_bpp = bpp  # a paged record's bytes each way; the weights may hold the host tier's master (or its bf16 half)
     if off.tier != "none" and state and masters_from_weights(off.master, off.resident_weights):
-        link_bpp -= WEIGHT_HELD_BYTES[off.master] * (state - nvme) / state
+        link_bpp -= WEIGHT_HELD_BYTES[off.master] * in_host / trained
     traffic = step_traffic(model_config, tokens_per_step=tokens_per_step, micro_batch_tokens=micro,
                            per_expert=per_expert, state_bpp=link_bpp, hot_experts=hot, offloaded=off.tier != "none",
                            paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction,
