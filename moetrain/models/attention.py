@@ -2,6 +2,10 @@
 (per head for qwen3_moe, over the full projection for olmoe), qkv bias (qwen2_moe), a sliding
 window (mixtral), padding and packed-document masks, and an optional KV cache for generation.
 
+On CUDA in bf16 the rotary is one fused pass each way over the projections' own (B, L, n, hd) layout
+(:mod:`moetrain.models.rope_kernel`), and packed documents reach variable-length flash attention in that layout,
+key/value heads unrepeated (:mod:`moetrain.models.varlen`); every other path computes as it always has.
+
 Shapes: ``B`` batch, ``L`` query length, ``S`` key length, ``nh`` query heads, ``nkv`` kv heads,
 ``hd`` head dim.
 """
@@ -16,6 +20,8 @@ import torch.nn.functional as F
 
 from moetrain.config import ModelConfig
 from moetrain.models.rmsnorm_kernel import rms_norm
+from moetrain.models.rope_kernel import apply_rotary, rotary_eager  # apply_rotary: multi-head latent attention's too
+from moetrain.models.rope_kernel import kernel_applies as rotary_kernel_applies
 from moetrain.models.varlen import DocumentSpans, varlen_applies, varlen_causal_attention
 
 
@@ -55,15 +61,6 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def build_attention_mask(
@@ -156,35 +153,46 @@ class Attention(nn.Module):
         mask: Optional[torch.Tensor | DocumentSpans],
         cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        """x: (B, L, H) -> (B, L, H); ``mask``: (B, 1, L, S) bool, None (causal) or packed documents' spans."""
+        """x: (B, L, H) -> (B, L, H); cos, sin: (B, 1, L, hd); ``mask``: (B, 1, L, S) bool, None (causal) or packed
+        documents' spans."""
         b, seq, _ = x.shape
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, seq, self.num_heads, self.head_dim)
-        k = k.view(b, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(b, seq, self.num_kv_heads, self.head_dim)
+        q, k, v = q.view(b, seq, nh, hd), k.view(b, seq, nkv, hd), v.view(b, seq, nkv, hd)  # (B, L, n, hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        spans = None
-        if isinstance(mask, DocumentSpans):  # packed documents: variable-length flash attention where it runs
-            if cache is None and varlen_applies(q, self.head_dim):
-                spans, mask = mask, None
-            else:
-                mask = dense_mask(mask)
+        # packed documents go to variable-length flash attention where it runs (the rotated q's dtype is the one
+        # q and cos have in common: the same dtype keeps varlen_applies' answer for it)
+        varlen = (isinstance(mask, DocumentSpans) and cache is None and cos.dtype == q.dtype
+                  and varlen_applies(q, hd))
+        cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, L, 1, hd) views
+        if varlen or rotary_kernel_applies(q, cos_t, sin_t):
+            # the rotary in the projections' own layout, (B, L, n, hd) contiguous: the fused kernel takes it
+            # (moetrain.models.rope_kernel), and the variable-length attention takes it as it is, no transpose
+            q, k = apply_rotary(q, cos_t, sin_t), apply_rotary(k, cos_t, sin_t)
+            if varlen:  # tokens-major (B * L, n, hd) views, key/value heads not repeated (varlen_causal_attention)
+                out = varlen_causal_attention(q.reshape(b * seq, nh, hd), k.reshape(b * seq, nkv, hd),
+                                              v.reshape(b * seq, nkv, hd), spans=mask)  # (B * L, nh, hd)
+                return self.o_proj(out.reshape(b, seq, nh * hd))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
+        else:
+            # the eager formula after the transpose, as before: the same values in either layout, and the gradients
+            # reaching q_norm and k_norm keep their layout, so those weights' gradient sums keep their order (the
+            # CPU's numbers are bit for bit those of before)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, L, hd)
+            q, k = rotary_eager(q, cos, sin), rotary_eager(k, cos, sin)
+        if isinstance(mask, DocumentSpans):
+            mask = dense_mask(mask)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if spans is not None:
-            out = varlen_causal_attention(q, k, v, spans=spans)
-        elif mask is None:
+        if nkv != nh:
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim)  # (B, L, nh*hd)
+        out = out.transpose(1, 2).reshape(b, seq, nh * hd)  # (B, L, nh*hd)
         return self.o_proj(out)

@@ -12,12 +12,15 @@ read; a training batch brings them computed in host memory instead: :func:`with_
 them where they took the mask, and fall back to the dense mask (:func:`moetrain.models.attention.dense_mask`, built
 once a forward) where the variable-length kernel does not apply: fp32, a head size flash attention does not take,
 MLA (its value width differs from its query's). Off CUDA the decoder builds the dense mask itself, as before.
+Queries, keys and values go in tokens-major, (B * L, n, hd), the projections' own layout, with grouped queries'
+key/value heads not repeated where torch's ``varlen_attn`` takes them so (``enable_gqa``, flash attention).
 ``MOETRAIN_VARLEN_ATTN=0`` turns it off (benchmarks and tests compare the two).
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional
@@ -118,14 +121,38 @@ def varlen_applies(q: torch.Tensor, head_dim: int) -> bool:
             and spans_wanted(q.device))
 
 
+@lru_cache(maxsize=8)
+def _kv_heads_unrepeated(device_index: int) -> bool:
+    """Whether ``varlen_attn`` takes fewer key/value heads than query heads on CUDA device ``device_index``: it has
+    ``enable_gqa`` (torch 2.13 does), and its backend there is flash attention, which reads each key/value head for
+    its group of query heads. torch 2.13's cuDNN backend raises on ``enable_gqa``; torch chooses it by
+    ``torch.nn.attention.varlen._should_use_cudnn`` (False for every device in 2.13). Where that could say True, or
+    where torch no longer has it to ask, the key/value heads are repeated as before, so cuDNN never sees GQA."""
+    fn = _varlen_fn()
+    if fn is None or "enable_gqa" not in inspect.signature(fn).parameters:
+        return False
+    should_use_cudnn = getattr(sys.modules.get(fn.__module__), "_should_use_cudnn", None)
+    try:
+        return should_use_cudnn is not None and not should_use_cudnn(device_index)
+    except Exception:  # a private helper of torch's: a new signature means its choice is unknown, so repeat
+        return False
+
+
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, spans: DocumentSpans) -> torch.Tensor:
-    """Causal attention inside each document of ``spans``: q, k and v (B, nh, L, hd) -> (B, nh, L, hd), as SDPA with
-    the dense mask of the spans computes it (grouped queries' key/value heads already repeated by the caller)."""
-    b, nh, seq, hd = q.shape
+    """Causal attention inside each document of ``spans``, as SDPA with the dense mask of the spans computes it.
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # (B, n, L, hd) -> (B * L, n, hd), contiguous
-        return t.transpose(1, 2).reshape(b * seq, t.shape[1], t.shape[-1])
-
-    out = _varlen_fn()(flat(q), flat(k), flat(v), spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len,
-                       **_causal())
-    return out.view(b, seq, nh, v.shape[-1]).transpose(1, 2)
+    q (B * L, nh, hd), k and v (B * L, nkv, hd), tokens-major (the (B, L, n, hd) projections reshaped, no copy) with
+    ``nh`` a multiple of ``nkv`` -> (B * L, nh, hd). Grouped queries' key/value heads go to flash attention as they
+    are (query head ``j`` reads key/value head ``j // (nh / nkv)``, as ``repeat_interleave`` along the heads lays
+    them out): no repeated copies forward (flash attention's backward still sums each group's key/value gradients,
+    as ``repeat_interleave``'s backward did). Where this torch cannot take them so (:func:`_kv_heads_unrepeated`),
+    they are repeated here.
+    """
+    extra: dict[str, Any] = {}
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and _kv_heads_unrepeated(q.device.index):
+        extra["enable_gqa"] = True
+    elif rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return _varlen_fn()(q, k, v, spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len, **_causal(),
+                        **extra)

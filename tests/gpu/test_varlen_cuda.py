@@ -1,10 +1,13 @@
 """Packed documents through variable-length flash attention (``moetrain.models.varlen``) against the dense mask
-SDPA took before: one attention layer's output and gradients, and a whole model's loss and gradients, in bf16.
+SDPA took before: one attention layer's output and gradients, and a whole model's loss and gradients, in bf16; and
+grouped queries' key/value heads passed unrepeated against repeated ones with the dense mask.
 
 Run on the GPU machine: ``python -m pytest -q tests/gpu/test_varlen_cuda.py``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -105,3 +108,43 @@ def test_a_batch_with_its_spans_runs_forward_without_a_device_read():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(loss, reference)
+
+
+def test_this_torch_takes_grouped_key_value_heads_unrepeated():
+    """torch's ``varlen_attn`` with ``enable_gqa`` (2.13 has it) and flash attention as its backend here: packed
+    documents' key/value heads then go in unrepeated (``varlen._kv_heads_unrepeated``)."""
+    from moetrain.models.varlen import _kv_heads_unrepeated
+
+    if "enable_gqa" not in inspect.signature(_varlen_fn()).parameters:
+        pytest.skip(f"torch {torch.__version__}: varlen_attn has no enable_gqa, key/value heads are repeated")
+    assert _kv_heads_unrepeated(torch.cuda.current_device())
+
+
+def test_grouped_key_value_heads_unrepeated_equal_the_dense_mask():
+    """Qwen3's heads (32 query, 4 key/value of 128) over packed documents, tokens-major as attention passes them:
+    ``varlen_causal_attention`` with the key/value heads as they are against ``repeat_interleave`` and SDPA with the
+    dense mask, bf16, forward and backward (q, k and v's gradients) to bf16's precision."""
+    from moetrain.models.attention import dense_mask
+    from moetrain.models.varlen import varlen_causal_attention
+
+    torch.manual_seed(0)
+    b, seq, nh, nkv, hd = 2, 4096, 32, 4, 128
+    spans = document_spans(packed_ids(b, seq, seed=2))
+    q = torch.randn(b * seq, nh, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b * seq, nkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b * seq, nkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(b * seq, nh, hd, device="cuda", dtype=torch.bfloat16)
+    out = varlen_causal_attention(q, k, v, spans=spans)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    def heads_major(t: torch.Tensor) -> torch.Tensor:  # (B * L, n, hd) -> (B, n, L, hd)
+        return t.view(b, seq, t.shape[1], hd).transpose(1, 2)
+
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        heads_major(q), heads_major(k).repeat_interleave(nh // nkv, dim=1),
+        heads_major(v).repeat_interleave(nh // nkv, dim=1), attn_mask=dense_mask(spans))
+    ref = ref.transpose(1, 2).reshape(b * seq, nh, hd)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    assert out.shape == ref.shape and (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
