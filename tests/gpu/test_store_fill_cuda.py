@@ -27,7 +27,8 @@ from moetrain.offload.store import ExpertStore, Tier  # noqa: E402
 
 
 def _bytes(store: ExpertStore, rec) -> torch.Tensor:
-    flat = store.host_view(rec) if rec.tier is Tier.CPU else store._read_record(rec)
+    """The record's whole state (a host record without its master takes it from the weights: host_drops_masters)."""
+    flat = store.whole_state(rec) if rec.tier is Tier.CPU else store._read_record(rec)
     return flat.view(torch.uint8)
 
 
