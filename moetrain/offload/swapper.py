@@ -124,9 +124,8 @@ class Swapper:
     def use_weight_masters(self) -> None:
         """From now on the step reads and writes the records' master in the compute weights
         (:func:`~moetrain.offload.fused_step.fused_step_many_`'s ``weight_masters``): page-ins leave the slot's
-        master segment unfilled and page-outs never copy it (the host master is stale until a flush or settle
-        writes the weights there), so hot-cache slots grown after this hold no master (:meth:`grow_hot_cache`).
-        Needs masters from the weights and no NVMe records (they move whole)."""
+        master segment unfilled and page-outs never copy it (a host master is stale until a flush or settle writes
+        the weights there), so hot-cache slots grown later hold none. Needs masters in the weights, no NVMe records."""
         assert self.masters_from_weights and not self.has_nvme
         self.weight_masters = True
         for slot in self.slots:

@@ -34,18 +34,28 @@ FUSED_KERNEL_GAIN = 1.17
 variable-length attention: the DeepSeek-MoE-16B recipe with a ``bf16_sr`` master at 16 micro-batches of 4 x 2048
 tokens spent 7.44 s of its step outside the optimizer step before them (benchmarks/README.md, run r15) and 6.33 s
 with them (run r20), on an H200. Measured at 8 192 tokens a micro-batch only; applied at every size."""
+ATTENTION_KERNEL_GAIN = 1.24
+"""How much faster again since the sync-free forward, the fused RMSNorm and rotary kernels and the tokens-major
+attention, for models whose attention takes them (not multi-head latent attention: MLA's rotary slices and value
+width take the eager rotary and the dense mask). Run r45 on an H200: the DeepSeek-MoE-16B recipe as written, 6.56 s a
+step with 5.63 s of forward and backward at 8 192 tokens a micro-batch (395 TFLOP/s); Qwen3-30B-A3B as written, 2.50
+s at 32 768 under activation checkpointing (352 TFLOP/s, the recomputed forward counted). 1.24 puts the plan 10% over
+the first and 2% under the second; Qwen1.5-MoE-A2.7B at 4 096 tokens (run r46) 16% under. DeepSeek-V2-Lite (MLA) ran
+12.45 s (r46), as in r6 (12.1 s): none of these kernels reaches it."""
 
 
-def sustained_tflops(micro_batch_tokens: int) -> float:
+def sustained_tflops(micro_batch_tokens: int, *, latent_attention: bool = False) -> float:
     """TFLOP/s the step's forward and backward sustain at ``micro_batch_tokens`` tokens a micro-batch:
     :data:`DEFAULT_COMPUTE_TFLOPS` at 4 096 tokens, :data:`HOST_BOUND_SHARE` of it at 2 048 and below,
-    :data:`LARGE_MICRO_GAIN` times it at 8 192 and above, linear between; all times :data:`FUSED_KERNEL_GAIN`."""
+    :data:`LARGE_MICRO_GAIN` times it at 8 192 and above, linear between; all times :data:`FUSED_KERNEL_GAIN`, and
+    :data:`ATTENTION_KERNEL_GAIN` but for multi-head ``latent_attention``."""
     t = micro_batch_tokens
     if t <= 4096:
         share = HOST_BOUND_SHARE + (1.0 - HOST_BOUND_SHARE) * max(0.0, (t - 2048) / 2048)
     else:
         share = 1.0 + (LARGE_MICRO_GAIN - 1.0) * min(1.0, (t - 4096) / 4096)
-    return DEFAULT_COMPUTE_TFLOPS * share * FUSED_KERNEL_GAIN
+    attention = 1.0 if latent_attention else ATTENTION_KERNEL_GAIN
+    return DEFAULT_COMPUTE_TFLOPS * share * FUSED_KERNEL_GAIN * attention
 
 
 DEFAULT_NVME_GBPS = 3.0

@@ -288,10 +288,12 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     streamed = streamed_load and off.tier != "none"
     tflops = compute_tflops if compute_tflops is not None else (
-        sustained_tflops(micro) * (BF16_STREAM_GAIN if residual_bytes == 2 else 1.0))
+        sustained_tflops(micro, latent_attention=model_config.is_mla) * (BF16_STREAM_GAIN if residual_bytes == 2
+                                                                         else 1.0))
     compute_s = compute_seconds(model_config, dense_params=dense, per_expert=per_expert,
                                 tokens_per_step=tokens_per_step, compute_tflops=tflops,
-                                trained_fraction=fraction, frozen_dense_params=frozen_dense)
+                                trained_fraction=fraction, frozen_dense_params=frozen_dense,
+                                recomputed=activation_checkpointing)
     return Plan(tier=off.tier, gpu_bytes=gpu, host_bytes=host, nvme_bytes=nvme, gpu_capacity=gpu_capacity,
                 host_capacity=host_capacity, disk_free=disk_free, expert_params=expert, dense_params=dense,
                 active_experts=traffic.active_experts, total_experts=total_experts,

@@ -74,12 +74,17 @@ def step_traffic(config: ModelConfig, *, tokens_per_step: int, micro_batch_token
 
 
 def compute_seconds(config: ModelConfig, *, dense_params: int, per_expert: int, tokens_per_step: int,
-                    compute_tflops: float, trained_fraction: float = 1.0, frozen_dense_params: int = 0) -> float:
+                    compute_tflops: float, trained_fraction: float = 1.0, frozen_dense_params: int = 0,
+                    recomputed: bool = False) -> float:
     """Seconds of ``6 * active params * tokens`` FLOPs (forward 2, backward 4: input and weight gradient, 2 each)
     at ``compute_tflops``. A frozen parameter's backward is its input gradient only (2): routed experts count
     ``4 + 2 * trained_fraction``, and ``frozen_dense_params`` (dense groups ``model.train`` freezes) drop their
     weight-gradient 2. (A frozen layer whose input needs no gradient either, before anything trains, skips its
-    backward entirely; the estimate still counts its input gradient.)"""
-    routed = len(config.moe_layers) * config.num_experts_per_tok * per_expert * (4.0 + 2.0 * trained_fraction) / 6.0
+    backward entirely; the estimate still counts its input gradient.) ``recomputed``: activation checkpointing runs
+    every layer's forward again in backward, 2 more a parameter (the embedding and LM head are not recomputed,
+    a few percent of the dense part; counted anyway)."""
+    active_routed = len(config.moe_layers) * config.num_experts_per_tok * per_expert
+    routed = active_routed * (4.0 + 2.0 * trained_fraction) / 6.0
     dense = dense_params - 2.0 * frozen_dense_params / 6.0
-    return 6.0 * (dense + routed) * tokens_per_step / (compute_tflops * 1e12)
+    again = 2.0 * (dense_params + active_routed) if recomputed else 0.0
+    return (6.0 * (dense + routed) + again) * tokens_per_step / (compute_tflops * 1e12)
