@@ -69,6 +69,10 @@ VARIANTS = {
     "cpu-step-in-backward": ("cpu", {"optimizer": {"max_grad_norm": 0.0}}),
     # idle experts catch up in the forward, which then writes the store: the wait comes before the batch
     "cpu-idle-dense": ("cpu", {"offload": {"schedule": {"idle_experts": "dense"}}}),
+    # the masters only in the weights (host_drops_masters): the writer thread reads them there, and a backward that
+    # steps layers writes them there, so it waits for the writer too
+    "cpu-masters-in-weights": ("cpu", {"offload": {"state": {"master": "bf16_sr", "moments": "int8"}},
+                                       "optimizer": {"max_grad_norm": 0.0}}),
 }
 
 
