@@ -156,6 +156,18 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 """This session is the child one of :func:`run_interpreted`: Triton kernels run interpreted on CPU tensors."""
 
 
+@pytest.fixture(scope="module")
+def interpreted():
+    """A kernel test module's interpreted tests run in the child session of :func:`run_interpreted` only (Triton
+    kernels on CPU tensors); elsewhere they skip."""
+    if not INTERPRETING:
+        pytest.skip("runs in the child session under TRITON_INTERPRET=1 (test_kernels_under_the_interpreter)")
+    pytest.importorskip("triton")
+    from moetrain.models.kernel_switch import triton_importable
+
+    assert triton_importable()
+
+
 @pytest.fixture
 def run_interpreted():
     """``run(test_file, *, select=None, timeout=600)``: the test file's kernel tests in a child pytest that turns

@@ -14,28 +14,15 @@ in a child pytest (:func:`test_kernels_under_the_interpreter`), as ``tests/model
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moetrain.models import rmsnorm_kernel
 from moetrain.models.attention import RMSNorm
-from moetrain.models.kernel_switch import triton_importable
 from moetrain.models.rmsnorm_kernel import rms_norm_eager
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 EPS = 1e-6
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """In the child session only: the kernels run interpreted on CPU tensors."""
-    if not INTERPRETING:
-        pytest.skip("runs in the child session under TRITON_INTERPRET=1 (test_kernels_under_the_interpreter)")
-    pytest.importorskip("triton")
-    assert triton_importable()
 
 
 def test_kernels_under_the_interpreter(run_interpreted):

@@ -19,19 +19,9 @@ import torch
 from moetrain.config import ModelConfig
 from moetrain.models import rope_kernel
 from moetrain.models.attention import Attention, RotaryEmbedding, apply_rotary
-from moetrain.models.kernel_switch import triton_importable
 from moetrain.models.rope_kernel import kernel_takes, rotary_eager
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """In the child session only: the kernels run interpreted on CPU tensors."""
-    if not INTERPRETING:
-        pytest.skip("runs in the child session under TRITON_INTERPRET=1 (test_kernels_under_the_interpreter)")
-    pytest.importorskip("triton")
-    assert triton_importable()
 
 
 def test_kernels_under_the_interpreter(run_interpreted):

@@ -17,7 +17,6 @@ session runs the kernel tests of this module in a child pytest with ``TRITON_INT
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 import pytest
@@ -32,18 +31,8 @@ from moetrain.models.swiglu_kernel import SiluMul, silu_mul, silu_mul_backward, 
 # the interpreter's numpy exp overflows to inf for g <= -89 on purpose (operands): s = 0, as on the GPU
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 MANTISSA = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significand bits, the implicit one too
 SHAPE = (37, 100)  # 3700 elements: one full program of swiglu_kernel.BLOCK (2048) and a partial one
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """In the child session only (see the module's docstring): the kernels run interpreted on CPU tensors."""
-    if not INTERPRETING:
-        pytest.skip("runs in the child session under TRITON_INTERPRET=1 (test_kernels_under_the_interpreter)")
-    pytest.importorskip("triton")
-    assert swiglu_kernel.triton_importable()
 
 
 def test_kernels_under_the_interpreter(run_interpreted):

@@ -80,3 +80,19 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 def clone(model: MoEForCausalLM) -> MoEForCausalLM:
     return copy.deepcopy(model)
+
+
+def exported(opt) -> dict[str, torch.Tensor]:
+    """Every expert's exported master and moments (the checkpoint streams; the engine flushes first)."""
+    return dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())
+
+
+def assert_same_training(a: tuple, b: tuple) -> None:
+    """Two (model, optimizer) runs hold the same bits: every parameter, every exported master and moment."""
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    ta, tb = exported(opt_a), exported(opt_b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_harness import OPTIM, batches, clone, tiny_model, train
+from offload_harness import OPTIM, assert_same_training, batches, clone, tiny_model, train
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
@@ -43,20 +43,6 @@ def _train(base, monkeypatch, *, keep: bool, cfg: OffloadConfig, steps: int = ST
     opt = build_optimizer(model, OPTIM, cfg)
     train(model, opt, data[:steps * 2], total=STEPS)  # batches() gives two micro-batches a step
     return model, opt
-
-
-def _exported(opt) -> dict[str, torch.Tensor]:
-    return dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())
-
-
-def _assert_same(a, b) -> None:
-    (model_a, opt_a), (model_b, opt_b) = a, b
-    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
-        assert torch.equal(pa, pb), name
-    ta, tb = _exported(opt_a), _exported(opt_b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
 
 
 def test_only_the_gpu_step_path_with_resident_weights_drops_them():
@@ -97,7 +83,7 @@ def test_training_saving_and_resuming_give_the_same_bits(base, monkeypatch, mast
     dropped = _train(base, monkeypatch, keep=False, cfg=hot)
     assert dropped[1].engine.swapper.hot_capacity > 0 and dropped[1].engine.swapper.hot
     assert dropped[1].engine.store.drops_masters and not dropped[1].engine.swapper.stale_masters
-    _assert_same(dropped, kept)
+    assert_same_training(dropped, kept)
     # resume: a checkpoint of half the steps loaded into a fresh engine (masters into the weights, the rest into
     # the slab), then the other half
     half_model, half = _train(base, monkeypatch, keep=False, cfg=_cfg(master), steps=STEPS // 2)
@@ -112,7 +98,7 @@ def test_training_saving_and_resuming_give_the_same_bits(base, monkeypatch, mast
     opt.load_state_dict(state)
     _, data = base
     train(resumed, opt, data[STEPS // 2 * 2:STEPS * 2], total=STEPS, start=STEPS // 2)
-    _assert_same((resumed, opt), kept)
+    assert_same_training((resumed, opt), kept)
     for o in (kept[1], dropped[1], opt):
         o.close()
 
@@ -129,6 +115,6 @@ def test_records_past_the_host_budget_stay_whole_on_nvme(base, monkeypatch, tmp_
     assert len([r for r in kept[1].engine.store if r.tier is Tier.CPU]) == 9 < len(on_host)  # more records fit
     assert all(r.host_skip for r in on_host) and all(not r.host_skip for r in store if r.tier is Tier.NVME)
     assert any(r.tier is Tier.NVME for r in store)
-    _assert_same(dropped, kept)
+    assert_same_training(dropped, kept)
     for o in (kept[1], dropped[1]):
         o.close()

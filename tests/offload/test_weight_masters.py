@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from offload_harness import OPTIM, batches, clone, tiny_model, train
+from offload_harness import OPTIM, assert_same_training, batches, clone, tiny_model, train
 
 from moetrain.offload import build_optimizer
 from moetrain.offload.config import OffloadConfig
@@ -62,20 +62,6 @@ def _train(base, monkeypatch, on: bool, master: str, **offload):
     return model, opt, moved
 
 
-def _exported(opt) -> dict[str, torch.Tensor]:
-    return dict(opt.named_master_tensors()) | dict(opt.named_optimizer_tensors())
-
-
-def _assert_same(a, b) -> None:
-    (model_a, opt_a), (model_b, opt_b) = a, b
-    for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
-        assert torch.equal(pa, pb), name
-    ta, tb = _exported(opt_a), _exported(opt_b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-
-
 def test_moments_only_cross_the_link_and_nothing_changes(base, monkeypatch, master):
     whole_model, whole, whole_moved = _train(base, monkeypatch, on=False, master=master, gpu_slots=3)
     model, opt, moved = _train(base, monkeypatch, on=True, master=master, gpu_slots=3)
@@ -86,7 +72,7 @@ def test_moments_only_cross_the_link_and_nothing_changes(base, monkeypatch, mast
     assert whole_moved[0] > 0 and moved[0] == pytest.approx(share * whole_moved[0], rel=1e-9)
     # page-outs: the same share (the flush's masters come at export, after these counts)
     assert moved[1] == pytest.approx(share * whole_moved[1], rel=1e-9)
-    _assert_same((model, opt), (whole_model, whole))
+    assert_same_training((model, opt), (whole_model, whole))
     for o in (opt, whole):
         o.close()
 
@@ -118,7 +104,7 @@ def test_cpu_share_reads_a_current_master(base, monkeypatch, master):
     seen = runs[1][1].telemetry_steps
     assert sum(t["offload/experts_stepped_cpu"] for t in seen) > 0
     assert sum(t["offload/experts_stepped_gpu"] for t in seen) > 0
-    _assert_same(runs[1][:2], runs[0][:2])
+    assert_same_training(runs[1][:2], runs[0][:2])
     for _, o, _ in runs:
         o.close()
 
@@ -139,6 +125,6 @@ def test_a_resumed_run_continues_the_same(base, monkeypatch, master):
     opt.close()
     train(resumed, opt2, data[STEPS // 2 * 2:], total=STEPS, start=STEPS // 2)
     whole_model, whole, _ = _train(base, monkeypatch, on=False, master=master, gpu_slots=3)
-    _assert_same((resumed, opt2), (whole_model, whole))
+    assert_same_training((resumed, opt2), (whole_model, whole))
     for o in (opt2, whole):
         o.close()
