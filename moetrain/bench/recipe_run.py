@@ -30,6 +30,11 @@ random directory) and prints its RESULT line too, and one more (``recipe_run_com
 
     python -m moetrain.bench.recipe_run --recipe recipes/deepseek-moe-16b.yaml --steps 3 --out DIR
     python -m moetrain.bench.recipe_run --recipe recipes/deepseek-moe-16b-esft.yaml --compare-full --steps 3
+
+``--random-init`` is for a machine whose disk cannot hold the model directory (Mixtral-8x7B's 87 GiB on a 64 GiB
+disk): no directory is written, the fit builds the recipe's preset by random initialisation
+(``--model.init_from=null``, one more override, recorded) and the tokenizer is the shipped one. Everything after
+the load (the store, the steps, the memory in training, the plan's step) is the recipe's; the load path is not.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from typing import Any, Optional
 
 import yaml
 
+from moetrain.models.random_hf import DEFAULT_TOKENIZER
 from moetrain.offload.config import OffloadSettings
 from moetrain.training.telemetry import proc_gib
 
@@ -353,14 +359,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--top-p", type=float, default=0.2, help="select-experts --top_p (ESFT recipes)")
     p.add_argument("--compare-full", action="store_true",
                    help="an ESFT recipe, then the same recipe with --model.train=all (full fine-tuning)")
+    p.add_argument("--random-init", action="store_true",
+                   help="no model directory: random initialisation (--model.init_from=null), the shipped tokenizer")
     p.add_argument("--out", default="bench-out")
     args, overrides = p.parse_known_args(argv)
+    if args.random_init:
+        overrides = [*overrides, "--model.init_from=null"]
 
     recipe_path = Path(args.recipe)
     recipe = apply_overrides(yaml.safe_load(recipe_path.read_text()), overrides)
     name = recipe_path.stem
     preset = recipe["model"]["preset"]
-    model_dir = Path(args.model_dir or f"/tmp/moetrain-models/{preset}")
+    model_dir = DEFAULT_TOKENIZER if args.random_init else Path(args.model_dir or f"/tmp/moetrain-models/{preset}")
     workdir = Path(args.workdir or f"/tmp/moetrain-front/{name}")
     workdir.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.out)

@@ -50,3 +50,18 @@ def test_esft_recipe_against_full_fine_tuning_on_the_cpu(tmp_path, capsys):
     assert [r.get("variant", r["bench"]) for r in printed] == ["tiny-esft", "tiny-esft-full", "recipe_run_compare"]
     assert printed[-1]["step_s"]["esft"] == esft["step_s"]
     assert printed[-1]["selected_experts"] == esft["selected_experts"]
+
+
+def test_random_init_writes_no_model_directory(tmp_path):
+    """``--random-init``: the recipe's init_from is replaced by a random initialisation (one override, recorded), no
+    model directory is written, and the tokenizer link points at the shipped tokenizer."""
+    from moetrain.bench.recipe_run import main
+    from moetrain.models.random_hf import DEFAULT_TOKENIZER
+
+    work = tmp_path / "work"
+    out = main(["--recipe", "recipes/tiny-task.yaml", "--random-init", "--steps", "2", "--workdir", str(work),
+                "--out", str(tmp_path / "out"), "--timeout", "240", "--data.format=auto"])
+    assert out["rc"] == 0 and out["steps_logged"] == 2, out.get("log_tail")
+    assert out["overrides"][-1] == "--model.init_from=null" and "make_model_dir_s" not in out
+    assert not (work / "runs" / "tiny-base").exists()  # the recipe's init_from: never linked
+    assert (work / "data" / "tiny" / "tokenizer").resolve() == DEFAULT_TOKENIZER.resolve()
