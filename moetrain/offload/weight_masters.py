@@ -14,7 +14,11 @@ moments, 4 of 6 for ``fp32_split``) and fills the slot's master segment from the
 
 The host master is stale between a page-out and the next flush (a checkpoint, a state load, the end of fit) or
 settle (before the CPU share steps a record in host memory); the weights are the master meanwhile. Records in
-the NVMe swap move whole, as their writes go to disk from the staging buffer.
+the NVMe swap move whole, as their writes go to disk from the staging buffer. Where no CPU share exists
+(``step_on: gpu``) a host record has no master segment at all
+(:func:`~moetrain.offload.master_segment.host_drops_masters`): nothing is stale, no flush writes one, and
+whatever reads a record's whole state takes the master from the weights
+(:meth:`~moetrain.offload.store.ExpertStore.whole_state`).
 
 From the second step on (:func:`step_reads_weights`), the fused kernel reads and writes the master in the weights
 themselves: the D2D fill and the weights' write after the step go, no slot's master segment is used, and the hot
