@@ -1,10 +1,10 @@
 """Whether a hand-written Triton kernel may run (triton imports here, and its environment switch is not ``0``), and
 the device context its launch runs in.
 
-Each fused path (the expert step, the SwiGLU activation, the MoE combine, RMSNorm) has an eager twin that stays for
-the CPU, machines without triton and comparisons; ``MOETRAIN_FUSED_STEP``, ``MOETRAIN_FUSED_SWIGLU``,
-``MOETRAIN_FUSED_COMBINE`` and ``MOETRAIN_FUSED_RMSNORM`` set to ``0`` force the twin (read at every call: tests and
-benchmarks switch them).
+Each fused path (the expert step, the SwiGLU activation, the MoE combine, RMSNorm, the rotary embedding) has an
+eager twin that stays for the CPU, machines without triton and comparisons; ``MOETRAIN_FUSED_STEP``,
+``MOETRAIN_FUSED_SWIGLU``, ``MOETRAIN_FUSED_COMBINE``, ``MOETRAIN_FUSED_RMSNORM`` and ``MOETRAIN_FUSED_ROPE`` set to
+``0`` force the twin (read at every call: tests and benchmarks switch them).
 """
 
 from __future__ import annotations

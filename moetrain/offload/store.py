@@ -12,7 +12,7 @@ Tiers:
 * ``Tier.CPU``: a slice of a host slab, records in layer order until ``cpu_budget_gb`` is used up. The slab is cut
   into pieces of a power-of-two capacity (1 GiB or more) that records fill without straddling two: the pinned
   allocator rounds every allocation up to a power of two, and pieces pin in parallel. Where the compute weights
-  are the only master (:func:`~moetrain.offload.weight_masters.host_drops_masters`: ``bf16_sr`` or ``fp32_split``,
+  are the only master (:func:`~moetrain.offload.master_segment.host_drops_masters`: ``bf16_sr`` or ``fp32_split``,
   resident weights, ``step_on: gpu``) a host record holds what follows its master segment only (``host_skip``).
 * ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every record under
   ``tier: nvme``), always whole.
@@ -216,7 +216,7 @@ class ExpertStore:
     def _place(self) -> None:
         """Records in layer order fill the CPU budget, the rest go to NVMe (all of them under tier nvme); host
         records fill slab pieces in order, a record that does not fit the current piece starting the next. Where
-        the compute weights are the only master (:func:`~moetrain.offload.weight_masters.host_drops_masters`) a
+        the compute weights are the only master (:func:`~moetrain.offload.master_segment.host_drops_masters`) a
         host record takes what follows its master segment only."""
         budget = None if self.cfg.cpu_budget_gb is None else int(self.cfg.cpu_budget_gb * 2**30)
         capacity = self.piece_capacity()

@@ -161,6 +161,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     bpp = state_bytes_per_param(off.master, off.moments, off.quant_block)
     # one expert's state record as the store lays it: its formatted bytes, padded to the I/O alignment
     record = align_up(math.ceil(bpp * per_expert))
+    # its master segment where the compute weights can hold it (moetrain.offload.master_segment.master_floats)
+    held_master = align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64) if off.master in WEIGHT_HELD_BYTES else 0
     state = record * trained
     micro = micro_batch_tokens if micro_batch_tokens is not None else tokens_per_step
     rows: list[tuple[str, str, int]] = []
@@ -196,8 +198,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
         rows += [("gpu", f"experts: {whose} ({weight_bytes} B/param)", round(weight_bytes * grads)),
                  ("gpu", f"expert state slots ({slots} x {record / 2**20:.1f} MiB)", slots * record)]
         # a host record without the master the weights hold (as the store places it: moetrain.offload.store)
-        host_record = record - (align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64)
-                                if host_drops_masters(off.master, off.resident_weights, off.step_on) else 0)
+        host_record = record - (held_master if host_drops_masters(off.master, off.resident_weights, off.step_on)
+                                else 0)
         in_host = 0
         if off.tier == "cpu":
             budget = None if off.cpu_budget_gb is None else int(off.cpu_budget_gb * GiB)
@@ -222,7 +224,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 and masters_from_weights(off.master, off.resident_weights)):
             # the step reads the master from the weights after step 1, so the cache sized then holds none
             # (moetrain.offload.weight_masters.step_reads_weights)
-            hot_record = record - align_up(WEIGHT_HELD_BYTES[off.master] * per_expert, 64)
+            hot_record = record - held_master
         hot = min(trained, spare // hot_record)
         rows.append(("gpu", f"hot-expert state cache ({hot} x {hot_record / 2**20:.1f} MiB)", hot * hot_record))
         masters = ", masters in the GPU's weights" if host and host_record < record else ""
