@@ -80,7 +80,7 @@ def check_config(config: Any, subcommand: str, cuda: Optional[bool] = None) -> N
         config: the sections (``trainer``, ``model``, ``data``, ``checkpoint``, ``metrics``, ``progress``,
             ``parallel``, ``ckpt_path``) after parsing.
         subcommand: ``fit`` or ``validate`` (only ``fit`` builds an optimizer, and so the offload store, unless
-            ``init_from`` streams the experts' masters into their tier).
+            ``init_from``, or a large random initialisation, streams the experts' masters into their tier).
         cuda: whether the run computes on a GPU (None: ``trainer.accelerator`` and what this machine has).
 
     Raises:
@@ -215,31 +215,40 @@ def _check_resume(ckpt_path: Optional[str], run_dir: Optional[str], subcommand: 
 # ---------------------------------------------------------------------------------------------- resources
 def check_resources(sections: dict[str, Any], subcommand: str, model_config: ModelConfig, *, offload: Any,
                     cuda: bool) -> None:
-    """Swap folder, disk and host memory for the run, from the memory planner.
+    """Swap folder, disk, host memory and the GPU's load peak for the run, from the memory planner.
 
     Stale swap files in ``nvme_path`` are deleted first (their space then counts as free). The swap's folder
     and free space are checked when the plan puts expert state on NVMe. Host memory is checked against what the
     plan puts there besides its reserve for the process (:data:`~moetrain.offload.plan.HOST_RESERVE`): the
     pinned expert state and staging buffers, and, on a machine without a GPU, the model, its gradients and
-    optimizer state too; the memory available now (``MemAvailable``, and the container's limit) must hold it.
+    optimizer state too; the memory available now (``MemAvailable``, and the container's limit) must hold it. A
+    ``fit`` on a GPU is refused when the plan's GPU peak at load (weights only) is past the card's memory.
 
     Raises:
         NvmeError, ConfigError: naming ``model.offload.*`` (or the model's size) and what to do.
     """
     from moetrain.offload import nvme
     from moetrain.offload.plan import GPU_RESERVE, HOST_RESERVE, make_plan, recipe_training
+    from moetrain.offload.plan.memory import random_init_in_host_memory
     from moetrain.offload.schedule import num_state_slots
 
     if offload.nvme_path and Path(offload.nvme_path).is_dir():
         nvme.remove_stale_swap_files(offload.nvme_path)
-    builds_store = offload.tier != "none" and (subcommand == "fit" or bool(sections["model"].get("init_from")))
-    if not builds_store and (cuda or subcommand != "fit"):
+    # the build fills a store for init_from, and for a large random initialisation (model_build.random_model)
+    streams = bool(sections["model"].get("init_from")) or \
+        not random_init_in_host_memory(model_config.param_counts()["total"])
+    builds_store = offload.tier != "none" and (subcommand == "fit" or streams)
+    if not builds_store and subcommand != "fit":
         return
     if os.environ.get("LOCAL_RANK", "0") != "0":
         # the other ranks of a run start after the first one passed these checks; planning here would also make
         # each of them open a CUDA context on the first GPU (the planner asks it for its capacity)
         return
     plan = make_plan(model_config, offload, **recipe_training(sections))
+    if cuda and subcommand == "fit":
+        _check_gpu_load(plan)
+        if not builds_store:  # no tier on a GPU machine: host memory holds no model state to check
+            return
     if builds_store:
         # a budget that holds no expert is refused here, before the build, by the rule the engine sizes its slots by
         num_state_slots(offload, record_bytes=plan.record_bytes, num_records=plan.total_experts)
@@ -268,6 +277,20 @@ def check_resources(sections: dict[str, Any], subcommand: str, model_config: Mod
         "expert state goes to model.offload.nvme.path, store it compressed (model.offload.state.master=bf16_sr or "
         "bf16_kahan, model.offload.state.moments=bf16 or int8), or use model.offload.placement.tier=nvme; "
         "`moetrain plan --config RECIPE` shows the plan")
+
+
+def _check_gpu_load(plan: Any) -> None:
+    """Refuse a model whose build alone overflows the GPU: the load peak counts weights only (no activations, no
+    estimate), so past the card's memory the build fails for certain, after minutes."""
+    if plan.gpu_capacity is None or plan.gpu_load_bytes <= plan.gpu_capacity:
+        return
+    line = plan.load_lines()["gpu"].strip()
+    fix = ("set model.offload.placement.resident_weights=no (the experts' compute weights then stay in host memory, "
+           "paged onto the GPU)") if plan.streamed_load else (
+        "set model.offload.placement.tier=cpu (the routed experts' masters then go to host memory as they are "
+        "loaded or drawn, and only their bf16 compute weights are on the GPU)")
+    raise ConfigError(f"the model does not fit the GPU while it is built ({plan.gpu_capacity / GiB:.2f} GiB): "
+                      f"{line}. To fit, {fix}; `moetrain plan --config RECIPE` shows the plan")
 
 
 def _read_int(path: Path) -> Optional[int]:

@@ -149,6 +149,35 @@ def test_pinned_state_check_names_the_offload_settings(repo_cwd, tmp_path):
     assert "model.offload.state.moments=bf16 or int8" in str(err.value)
 
 
+@pytest.mark.parametrize("tier, fix", [("none", "model.offload.placement.tier=cpu"),
+                                       ("cpu", "model.offload.placement.resident_weights=no")])
+def test_a_model_whose_build_overflows_the_gpu_is_refused(repo_cwd, tmp_path, monkeypatch, tier, fix):
+    """On an 80 GiB card Mixtral-8x7B's build alone does not fit: in fp32 without a tier (174 GiB), or as fp32 dense
+    + bf16 experts with one (90 GiB; a random init streams its masters into the store as init_from does). The fit
+    is refused before the build with the plan's load line and the setting that makes it fit; a 139 GiB card holds
+    the second."""
+    from moetrain.cli import parse_config
+    from moetrain.config import ConfigError
+    from moetrain.offload.plan import memory
+
+    def fit(gpu_gib: int) -> None:
+        monkeypatch.setattr(memory, "machine_capacity", lambda: (gpu_gib * 2**30, 2**50))
+        config = parse_config(["fit", "--config", "recipes/tiny.yaml", "--model.preset=mixtral-8x7b",
+                               "--model.config=null", f"--model.offload.placement.tier={tier}",
+                               f"--trainer.default_root_dir={tmp_path / 'run'}"])
+        check_config(config, "fit", cuda=True)
+
+    with pytest.raises(ConfigError, match="does not fit the GPU while it is built") as err:
+        fit(80)
+    assert "gpu   peak at load" in str(err.value) and fix in str(err.value)
+    assert ("the whole model in fp32" if tier == "none" else "random init streams") in str(err.value)
+    if tier == "cpu":
+        try:
+            fit(139)
+        except ConfigError as other:  # this machine's host memory may not hold the pinned state: not the GPU's line
+            assert "while it is built" not in str(other)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the activations live in GPU memory")
 def test_micro_batch_too_large_for_host_memory_without_a_gpu(repo_cwd, built_models, capsys, tmp_path):
     message = fail_before_build(capsys, built_models, tmp_path / "run", "--data.micro_batch_size=4000000")

@@ -40,8 +40,8 @@ from moetrain.models.rope import rotary_for
 SEEDED_INIT_MIN_PARAMS = 100_000_000
 """Random initialisation from this many parameters on is seeded per chunk on the compute device (this module:
 the GPU, or every CPU thread); smaller models draw from torch's global generator on one core, as they always
-have (the same weights for a seed as every earlier run), in under 2 s. The training module's ``random_model``
-and the memory planner both follow it."""
+have (the same weights for a seed as every earlier run), in under 2 s. The training run's ``random_model``
+(:mod:`moetrain.training.model_build`) and the memory planner both follow it."""
 CHUNK = 1 << 24
 """Elements per independently seeded chunk: about 0.1 s of one CPU core's ``normal_`` (64 MiB in fp32), so a
 16 B model splits into about a thousand pieces for the threads to share, while the seeding stays negligible."""
@@ -125,16 +125,23 @@ def _submit(pool: Optional[ThreadPoolExecutor], tensor: torch.Tensor, kind: str,
 
 @torch.no_grad()
 def init_random_(model: MoEForCausalLM, seed: int, *, threads: Optional[int] = None,
-                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+                 on_bytes: Optional[Callable[[int], None]] = None,
+                 expert_sink: Optional[Callable[[str, torch.Tensor], None]] = None) -> None:
     """Give every state-dict tensor of the materialised ``model`` its seeded initial value, in place.
 
     A tied ``lm_head.weight`` is the embedding's tensor and is filled once, as the embedding. ``threads``:
     CPU threads for host tensors (default: torch's intra-op thread count). ``on_bytes(n)`` is called as chunks
     finish (a progress bar); on a GPU the fills are only queued, and this returns once they ran.
+
+    ``expert_sink(name, value)``: every routed expert parameter is drawn in fp32 on the device of the model's
+    first tensor (the values an fp32 model built there has), one tensor at a time, copied (rounded) into the
+    parameter, whatever its dtype and device, and handed to the sink: an offload store takes its master there
+    (:func:`moetrain.offload.staged_init.random_into_tiers`), so the fp32 experts never exist all at once.
     """
     kinds = model.init_kinds()
     tensors = model.state_dict(keep_vars=True)
     device = next(iter(tensors.values())).device
+    experts = model.expert_parameter_names() if expert_sink is not None else set()
     pool = _pool(device, threads)
     seen: set[int] = set()
     try:
@@ -144,6 +151,15 @@ def init_random_(model: MoEForCausalLM, seed: int, *, threads: Optional[int] = N
             if id(tensor) in seen:  # tied weights: one tensor under two names
                 continue
             seen.add(id(tensor))
+            if name in experts:
+                value = torch.empty(tensor.shape, dtype=torch.float32, device=device)
+                for job in _submit(pool, value, kind, seed, name):
+                    job.result()
+                tensor.copy_(value)
+                expert_sink(name, value)
+                if on_bytes is not None:
+                    on_bytes(tensor.numel() * tensor.element_size())
+                continue
             jobs += _submit(pool, tensor, kind, seed, name)
         for job in jobs:
             nbytes = job.result()
@@ -204,20 +220,29 @@ def build_random(config: ModelConfig, seed: int, *, device: str | torch.device =
     Built on the meta device and allocated on ``device`` directly: no host copy when ``device`` is a GPU.
     ``announce``: print what is built and how long it took to stderr (with a bar in bytes on a terminal).
     """
-    from moetrain.progress import shown
-
     device = torch.device(device)
-    start = time.perf_counter()
-    counts = config.param_counts()
-    where = f"{device.type}" if device.type == "cpu" else str(device)
-    if announce:
-        print(f"building {config.name}: {config.num_hidden_layers} layers, {counts['total'] / 1e9:.1f} B parameters, "
-              f"random init on {where}" + (f" ({_threads(threads)} threads)" if device.type == "cpu" else ""),
-              file=sys.stderr, flush=True)
     model = meta_model(config).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor; tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.register_buffer("inv_freq", rotary_for(config).inv_freq.to(device), persistent=False)
+    fill_random_(model, seed, threads=threads, announce=announce)
+    return model.train()
+
+
+def fill_random_(model: MoEForCausalLM, seed: int, *, threads: Optional[int] = None, announce: bool = False,
+                 expert_sink: Optional[Callable[[str, torch.Tensor], None]] = None) -> None:
+    """:func:`init_random_` on a materialised ``model`` (``expert_sink`` as there), announced as :func:`build_random`
+    announces it when ``announce``: what is built, a bar in bytes on a terminal, how long it took."""
+    from moetrain.progress import shown
+
+    config = model.config
+    device = next(iter(model.state_dict().values())).device
+    start = time.perf_counter()
+    where = f"{device.type}" if device.type == "cpu" else str(device)
+    if announce:
+        print(f"building {config.name}: {config.num_hidden_layers} layers, "
+              f"{config.param_counts()['total'] / 1e9:.1f} B parameters, random init on {where}"
+              + (f" ({_threads(threads)} threads)" if device.type == "cpu" else ""), file=sys.stderr, flush=True)
     bar = None
     if announce and shown():
         from tqdm.auto import tqdm
@@ -226,10 +251,10 @@ def build_random(config: ModelConfig, seed: int, *, device: str | torch.device =
         bar = tqdm(total=total, desc=f"init {config.name}", unit="B", unit_scale=True, unit_divisor=1024,
                    file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        init_random_(model, seed, threads=threads, on_bytes=None if bar is None else bar.update)
+        init_random_(model, seed, threads=threads, on_bytes=None if bar is None else bar.update,
+                     expert_sink=expert_sink)
     finally:
         if bar is not None:
             bar.close()
     if announce:
         print(f"built {config.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    return model.train()

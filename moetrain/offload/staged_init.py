@@ -12,6 +12,9 @@ With ``resident_weights: no`` the experts' compute weights are loaded into host 
 to an :class:`~moetrain.offload.weight_pager.ExpertWeightPager` (``store.pager``): no expert weight is
 ever allocated on the GPU, which is the point of paging them.
 
+:func:`random_into_tiers` does the same for a seeded random initialisation (no checkpoint): each expert tensor is
+drawn in fp32 on the device, one at a time, and goes the same two ways.
+
 The optimizer is then built on the same store (:func:`moetrain.offload.build_optimizer` ``store=``).
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from moetrain.config import ModelConfig
 from moetrain.models.decoder import MoEForCausalLM
 from moetrain.offload.config import OffloadPlan
 from moetrain.offload.store import ExpertStore
@@ -39,10 +43,37 @@ def load_into_tiers(path: str | Path, offload: OffloadPlan, device: torch.device
     Raises:
         ConfigError / ShardError: as :func:`moetrain.from_pretrained` (names the file and tensor).
     """
-    from moetrain.models.hf import empty_model, load_config, load_weights
+    from moetrain.models.hf import load_config, load_weights
+
+    return _staged(load_config(path), offload, device, lambda model, sink: load_weights(model, path, expert_sink=sink),
+                   progress=progress, train=train)
+
+
+def random_into_tiers(config: ModelConfig, seed: int, offload: OffloadPlan, *, device: torch.device,
+                      progress: Optional[bool] = None, train: Any = None,
+                      announce: bool = False) -> tuple[MoEForCausalLM, ExpertStore]:
+    """(model in train mode on ``device``, its expert store with every master written): the seeded random
+    initialisation :func:`~moetrain.models.random_init.build_random` gives on ``device``, with the experts' masters
+    streamed into their tier as :func:`load_into_tiers` streams a checkpoint's. The device holds the fp32 dense part,
+    the experts' compute weights and one expert tensor in fp32 at a time: Mixtral-8x7B builds in 90 GiB of an H200
+    where its fp32 model (174 GiB) does not fit. ``progress``, ``train``: as :func:`load_into_tiers`; ``announce``:
+    as ``build_random``'s.
+    """
+    from moetrain.models.random_init import fill_random_
+
+    def fill(model: MoEForCausalLM, sink: Any) -> None:
+        fill_random_(model, seed, announce=announce, expert_sink=sink)
+
+    return _staged(config, offload, device, fill, progress=progress, train=train)
+
+
+def _staged(config: ModelConfig, offload: OffloadPlan, device: torch.device, fill: Any, *,
+            progress: Optional[bool], train: Any) -> tuple[MoEForCausalLM, ExpertStore]:
+    """The empty model (fp32 dense part, experts in their compute dtype, on the device or, paged, in host memory)
+    and its store; ``fill(model, sink)`` gives the model its values and ``sink(name, value)`` every expert master."""
+    from moetrain.models.hf import empty_model
     from moetrain.offload.compute_weights import compute_dtype
 
-    config = load_config(path)
     paged = offload.resident_weights == "no"
     dtype = compute_dtype(offload, device)
     model = empty_model(config, dtype=torch.float32, device=device, expert_dtype=dtype,
@@ -54,7 +85,7 @@ def load_into_tiers(path: str | Path, offload: OffloadPlan, device: torch.device
             hook.remove()
     store = ExpertStore(model, offload, pin=device.type == "cuda", initialise=False, progress=progress)
     try:
-        load_weights(model, path, expert_sink=store.write_master)
+        fill(model, store.write_master)
         store.finish_staged()
         if paged:
             from moetrain.offload.weight_pager import ExpertWeightPager

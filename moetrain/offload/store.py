@@ -3,9 +3,9 @@
 Every routed expert of every MoE layer is one :class:`ExpertRecord`. Its optimizer state is one flat buffer (float32
 elements, padded to :data:`~moetrain.offload.nvme.ALIGN` bytes) laid out by its
 :class:`~moetrain.offload.state_format.StateLayout`: fp32 ``[master | exp_avg | exp_avg_sq]`` (3 n floats, n = the
-expert's parameter count) or a compressed layout (``model.offload.state.master`` / ``moments``), so that paging a
-record is one large transfer (one ``copy_`` or one aio request). Inside each part the expert's parameters follow in
-a fixed order (gate_proj, up_proj, down_proj): a part splits into views shaped like the parameters without copying.
+expert's parameter count) or a compressed layout (``model.offload.state.master`` / ``moments``), so that paging a record
+is one large transfer (one ``copy_`` or one aio request). Inside each part the expert's parameters follow in a fixed
+order (gate_proj, up_proj, down_proj): a part splits into views shaped like the parameters without copying.
 
 Tiers:
 
@@ -17,11 +17,11 @@ Tiers:
 * ``Tier.NVME``: an aligned slice of one preallocated swap file (records past the CPU budget, or every record under
   ``tier: nvme``), always whole.
 
-The compute weights stay the model's own expert parameters; the store holds master weights and moments. Only
-experts whose parameters require a gradient get a record: a frozen expert (:mod:`moetrain.models.train_selection`)
-has no state and is never paged or stepped; the store only remembers where its weights are (``frozen``), so that
-checkpoints and loads still see the whole model (:mod:`moetrain.offload.frozen`). The device-side slots are owned
-by :class:`~moetrain.offload.swapper.Swapper`.
+The compute weights stay the model's own expert parameters; the store holds master weights and moments. Only experts
+whose parameters require a gradient get a record: a frozen expert (:mod:`moetrain.models.train_selection`) has no state
+and is never paged or stepped; the store only remembers where its weights are (``frozen``), so that checkpoints and
+loads still see the whole model (:mod:`moetrain.offload.frozen`). The device-side slots are owned by
+:class:`~moetrain.offload.swapper.Swapper`.
 
 Filling the store at start-up (DeepSeek-MoE-16B: 1,728 records, 56 GiB under ``bf16_sr``/``int8``)::
 
@@ -38,11 +38,9 @@ with a progress line on stderr for stores of 1 GiB or more (:mod:`moetrain.offlo
 
 from __future__ import annotations
 
-import enum
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -54,6 +52,7 @@ from moetrain.offload.frozen import FrozenExpert, trains
 from moetrain.offload.master_segment import copy_masters, host_drops_masters, master_floats
 from moetrain.offload.nvme import ALIGN, SwapFile, align_up, aligned_empty, open_swap
 from moetrain.offload.pinned import pin_pieces
+from moetrain.offload.record import ExpertRecord, Tier
 from moetrain.offload.state_format import StateCodec, StateLayout
 
 STATE_PARTS = ("master", "exp_avg", "exp_avg_sq")
@@ -68,81 +67,6 @@ buffer, pinned allocation included: a power of two)."""
 
 PROGRESS_MIN_BYTES = 1 << 30
 """Stores of this much state or more report their filling on stderr (``progress=None``)."""
-
-
-class Tier(enum.Enum):
-    """Where a record's master weights and moments live between steps."""
-
-    CPU = "cpu"
-    NVME = "nvme"
-
-
-@dataclass
-class ExpertRecord:
-    """One routed expert's optimizer state.
-
-    Attributes:
-        layer: decoder layer index; expert: expert index in the layer.
-        prefix: parameter name prefix, e.g. ``model.layers.1.mlp.experts.3``.
-        params: the model's compute-weight parameters, in layout order.
-        names: their full names (``prefix + ".gate_proj.weight"``, ...).
-        numel: n, parameters of the expert; ``padded``: floats of the flat state buffer (>= 3n).
-        tier: where the state lives; ``piece``: the host-slab piece of a CPU-tier record; ``offset``: float
-            offset in that piece, or byte offset in the swap file.
-        step: AdamW steps applied to this expert (torch's per-parameter ``state["step"]``).
-        synced_to: optimizer steps reflected in the state (``idle_experts: dense`` catches up to the current one).
-        frequency: decayed count of tokens routed to it (the cache's eviction key).
-        host_skip: leading floats of the flat state the slab does not hold (0, or the master segment, which the
-            compute weights alone hold: :func:`~moetrain.offload.master_segment.host_drops_masters`); ``offset``
-            then points at the first float it does hold; ``host_floats``: what it holds.
-    """
-
-    layer: int
-    expert: int
-    prefix: str
-    params: list[nn.Parameter]
-    names: list[str]
-    numel: int
-    padded: int
-    tier: Tier = Tier.CPU
-    offset: int = 0
-    piece: int = 0
-    step: int = 0
-    synced_to: int = 0
-    frequency: float = 0.0
-    shapes: list[torch.Size] = field(default_factory=list)
-    layout: Optional[StateLayout] = None
-    codec: Optional[StateCodec] = None
-    host_skip: int = 0
-
-    @property
-    def host_floats(self) -> int:
-        return self.padded - self.host_skip
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.layer, self.expert)
-
-    @property
-    def state_bytes(self) -> int:
-        return self.padded * 4
-
-    def parts(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(master, exp_avg, exp_avg_sq), each (n,) fp32: views of the flat state buffer under the fp32
-        layout, decoded copies under a compressed one (write them back with ``codec.encode``)."""
-        if self.codec is None:
-            n = self.numel
-            return flat[:n], flat[n:2 * n], flat[2 * n:3 * n]
-        return self.codec.decode(flat)
-
-    def split(self, part: torch.Tensor) -> list[torch.Tensor]:
-        """Views of an (n,) part shaped like the expert's parameters."""
-        out, start = [], 0
-        for shape in self.shapes:
-            size = shape.numel()
-            out.append(part[start:start + size].view(shape))
-            start += size
-        return out
 
 
 class ExpertStore:
@@ -358,8 +282,12 @@ class ExpertStore:
             self._progress = self._start_progress("loading masters into")
         buf, done = self._staged.get(rec.key, (None, set()))
         if buf is None:  # a host record is written in place, unless its master goes to the weights only
-            in_place = rec.tier is Tier.CPU and not rec.host_skip
-            buf = self.host_view(rec) if in_place else aligned_empty(rec.padded, self.pin and rec.tier is Tier.NVME)
+            if weight.device.type != "cpu":  # a random initialisation drawn on the GPU: assembled there, copied once
+                buf = torch.empty(rec.padded, dtype=torch.float32, device=weight.device)
+            elif rec.tier is Tier.CPU and not rec.host_skip:
+                buf = self.host_view(rec)
+            else:
+                buf = aligned_empty(rec.padded, self.pin and rec.tier is Tier.NVME)
             rec.codec.clear_state(buf)
         elems, _ = rec.codec.param_slices()[idx]
         rec.codec.encode_master_part(buf, elems, weight)
@@ -373,9 +301,9 @@ class ExpertStore:
         else:  # compute from the stored (rounded) master, as _initialise does
             self._use_stored_master(rec, buf)
         if rec.tier is Tier.NVME:
-            self.swap.submit_write(buf, rec.offset)
+            self.swap.submit_write(buf if buf.is_cpu else aligned_empty(rec.padded, self.pin).copy_(buf), rec.offset)
             self.swap.wait_writes()
-        elif rec.host_skip:
+        elif rec.host_skip or not buf.is_cpu:
             self.host_tail(rec, rec.host_skip).copy_(buf[rec.host_skip:])
         if self._progress is not None:
             self._progress.update(1, rec.state_bytes)

@@ -15,7 +15,6 @@ so every accumulated optimizer step is one ``global_step`` and ``--trainer.max_s
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -26,8 +25,6 @@ from moetrain.config import ConfigError, ModelConfig
 from moetrain.inference.config import InferenceConfig
 from moetrain.models.balance import BiasBalancer
 from moetrain.models.decoder import RESIDUAL_DTYPES, MoEForCausalLM
-from moetrain.models.hf import from_pretrained, resolve_checkpoint
-from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS, build_random
 from moetrain.models.train_selection import TrainSelection, apply_train_selection, resolve_train_selection
 from moetrain.models.varlen import batch_spans
 from moetrain.offload import build_optimizer
@@ -36,36 +33,11 @@ from moetrain.offload.staged_init import restore_masters
 from moetrain.optim import OptimizerConfig, TrainOptimizer, lr_at
 from moetrain.training import trainer_state
 from moetrain.training.checkpoint import load_weights_into, verify_checkpoint
+from moetrain.training.model_build import build_model
 from moetrain.training.optimizer_state import load_optimizer
 from moetrain.training.step_adapter import OptimizerStepAdapter, StepStats
 from moetrain.training.step_profiler import OPTIMIZER_RANGE
 from moetrain.training.step_timing import StepTimer
-
-ANNOUNCE_MIN_PARAMS = 1_000_000_000  # models from this many parameters on print what is built, and how long (stderr)
-
-
-def build_device() -> torch.device:
-    """Where a model is built: this process's GPU when there is one (``LOCAL_RANK``: each rank of a multi-GPU
-    run fills its own GPU rather than every rank the first), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    local = os.environ.get("LOCAL_RANK")
-    return torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
-
-
-def random_model(config: ModelConfig) -> MoEForCausalLM:
-    """A randomly initialised fp32 model of ``config``, its seed drawn from torch's global generator (so
-    ``seed_everything`` fixes it, and every rank draws the same).
-
-    Small models (under :data:`SEEDED_INIT_MIN_PARAMS`) are built on the CPU as ``MoEForCausalLM(config)``
-    builds them. Larger ones skip that one-core pass (about 13 ns a parameter: 3.5 minutes for 16 B) and the
-    host copy: built on the meta device, allocated on :func:`build_device`, filled there chunk by seeded chunk.
-    """
-    total = config.param_counts()["total"]
-    if total < SEEDED_INIT_MIN_PARAMS:
-        return MoEForCausalLM(config)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    return build_random(config, seed, device=build_device(), announce=total >= ANNOUNCE_MIN_PARAMS)
 
 
 def _world_size() -> int:
@@ -128,7 +100,7 @@ class MoETrainingModule(L.LightningModule):
         self.inference_cfg = dataclasses.replace(inference)
         self.accumulate_grad_batches = accumulate_grad_batches
         self.log_every_n_steps = log_every_n_steps
-        self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier by init_from
+        self._prebuilt_store: Optional[Any] = None  # experts' masters streamed into their tier at the build
         train = resolve_train_selection(train, offload_tier=self.offload_cfg.tier)  # before a build of minutes
         self.model = self._build_model(preset, config, init_from, train)
         self.train_summary = apply_train_selection(self.model, train)
@@ -156,29 +128,9 @@ class MoETrainingModule(L.LightningModule):
 
     def _build_model(self, preset: str, overrides: Optional[dict[str, Any]], init_from: Optional[str],
                      train: Optional[TrainSelection] = None) -> MoEForCausalLM:
-        if self.inference_cfg.paged:  # validate: the routed experts straight into host memory, never on the GPU
-            from moetrain.inference.validation import build_paged_model
-
-            return build_paged_model(preset, overrides=overrides, init_from=init_from, config=self.inference_cfg,
-                                     device=build_device(), offload_tier=self.offload_cfg.tier)
-        if init_from is None:
-            return random_model(ModelConfig.from_preset(preset, **(overrides or {})))
-        if overrides:
-            raise ConfigError("model.config overrides cannot be combined with model.init_from (the checkpoint fixes "
-                              "the shape); remove model.config")
-        if (Path(init_from) / "checkpoints").is_dir():  # a run directory: fine-tune its newest checkpoint
-            init_from = str(resolve_checkpoint(init_from, init_from))
-
-        # straight onto the GPU when there is one: host memory then holds about one shard at a time, not the model
-        device = build_device()
-        if self.offload_cfg.tier != "none":
-            # the experts' masters go straight into pinned memory or NVMe, their compute weights onto the device
-            from moetrain.offload.staged_init import load_into_tiers
-
-            # frozen experts (model.train) get no record in the store: it is laid out after the selection
-            model, self._prebuilt_store = load_into_tiers(init_from, self.offload_cfg, device, train=train)
-            return model
-        return from_pretrained(init_from, device=device).train()
+        model, self._prebuilt_store = build_model(preset, overrides, init_from, train=train, offload=self.offload_cfg,
+                                                  inference=self.inference_cfg)
+        return model
 
     @property
     def model_config(self) -> ModelConfig:

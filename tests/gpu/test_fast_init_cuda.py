@@ -8,7 +8,7 @@ import torch
 from moetrain.config import ModelConfig
 from moetrain.models.decoder import INIT_STD
 from moetrain.models.random_init import build_random, random_tensors
-from moetrain.training import module as module_mod
+from moetrain.training import model_build as module_mod
 from moetrain.training.module import MoETrainingModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -34,3 +34,34 @@ def test_large_random_init_is_built_on_the_gpu(monkeypatch):
     assert streamed.keys() == built.keys()
     for name, tensor in streamed.items():
         assert torch.equal(tensor, built[name].cpu()), name
+
+
+@pytest.mark.parametrize("master", ["bf16_sr", "fp32_split", "fp32"])
+def test_a_random_init_streamed_into_tiers_on_the_gpu_equals_the_fp32_build(master):
+    """``random_into_tiers`` on the GPU (every expert tensor drawn there in fp32, its record assembled there and
+    copied into pinned memory once; bf16 compute weights): the bits of ``build_random`` on the GPU with the store
+    built from it, masters and compute weights alike."""
+    from moetrain.offload import build_optimizer
+    from moetrain.offload.config import OffloadConfig
+    from moetrain.offload.staged_init import random_into_tiers
+    from moetrain.optim import OptimizerConfig
+
+    overrides = dict(vocab_size=4096, hidden_size=256, num_experts=16, moe_intermediate_size=128)
+    config = ModelConfig.from_preset("tiny-qwen3-moe", **overrides)
+    cfg = OffloadConfig(tier="cpu", master=master, moments="int8", step_on="gpu")
+    cuda = torch.device("cuda")
+    reference = build_random(config, 23, device=cuda)
+    staged, store = random_into_tiers(config, 23, cfg, device=cuda)
+    assert store.pin and all(bool(rec.host_skip) == (master != "fp32") for rec in store)
+    ref_opt = build_optimizer(reference, OptimizerConfig(), cfg)
+    opt = build_optimizer(staged, OptimizerConfig(), cfg, store=store)
+    ref_masters, masters = dict(ref_opt.named_master_tensors()), dict(opt.named_master_tensors())
+    assert masters.keys() == ref_masters.keys() and masters
+    for name, tensor in masters.items():
+        assert torch.equal(tensor, ref_masters[name]), name
+    ref = dict(reference.named_parameters())
+    for name, p in staged.named_parameters():
+        assert p.device.type == "cuda" and p.dtype == ref[name].dtype and torch.equal(p, ref[name]), name
+    assert {p.dtype for b in staged.moe_blocks() for p in b.experts.parameters()} == {torch.bfloat16}
+    ref_opt.close()
+    opt.close()

@@ -186,3 +186,77 @@ def test_weights_stream_into_paged_tiers_again(hf_dir, tiny_hf, save_hf, randomi
                                                                  moetrain.from_pretrained(hf_dir).model.layers[0]
                                                                  .mlp.experts[0].parameters()]))
     store.close()
+
+
+@pytest.mark.parametrize("tier,master,compute", [("cpu", "fp32", "auto"), ("nvme", "fp32_split", "auto"),
+                                                 ("cpu", "bf16_sr", "auto"), ("cpu", "fp32", "bf16")])
+def test_a_random_init_streamed_into_tiers_equals_building_then_storing(tmp_path, tier, master, compute):
+    """``random_into_tiers``: every expert tensor drawn in fp32 one at a time, its master into the store, its compute
+    weight into the model, is the model ``build_random`` gives with the store built from it: the same bits in
+    parameters and masters, and the same training after (fp32 compute weights: the CPU has no bf16 matmul with fp32
+    activations). ``bf16_sr`` with ``step_on: gpu``: host records without their masters (the weights hold them)."""
+    from moetrain.config import ModelConfig
+    from moetrain.models.random_init import build_random
+    from moetrain.offload.staged_init import random_into_tiers
+
+    config = ModelConfig.from_preset("tiny-qwen3-moe", num_hidden_layers=2)
+    cfg = OffloadConfig(tier=tier, nvme_path=str(tmp_path) if tier == "nvme" else None, master=master,
+                        compute_dtype=compute, step_on="gpu", gpu_slots=3)
+    full = build_random(config, 17)
+    staged, store = random_into_tiers(config, 17, cfg, device=torch.device("cpu"))
+    assert store.swap is not None if tier == "nvme" else store.cpu_bytes > 0
+    assert all(rec.host_skip for rec in store) == (master == "bf16_sr")
+    ref_opt = build_optimizer(full, OPTIM, cfg)  # the store built from the fp32 model's expert parameters
+    opt = build_optimizer(staged, OPTIM, cfg, store=store)
+    ref_masters, masters = dict(ref_opt.named_master_tensors()), dict(opt.named_master_tensors())
+    assert masters.keys() == ref_masters.keys() and masters
+    assert all(torch.equal(masters[k], ref_masters[k]) for k in masters)
+    expected = {n: p.dtype for n, p in full.named_parameters()}
+    assert {n: p.dtype for n, p in staged.named_parameters()} == expected  # bf16 experts where the store cast them
+    assert max_diff(staged, full) == 0.0
+    if compute == "bf16":
+        assert {p.dtype for b in staged.moe_blocks() for p in b.experts.parameters()} == {torch.bfloat16}
+        ref_opt.close()
+        opt.close()
+        return
+    data = _data(config.vocab_size)
+    train(full, ref_opt, data, total=4)
+    train(staged, opt, data, total=4)
+    ref_opt.finalize()
+    opt.finalize()
+    assert max_diff(staged, full) == 0.0
+    ref_opt.close()
+    opt.close()
+
+
+def test_a_large_random_init_with_a_tier_streams_into_the_store(monkeypatch, capsys):
+    """The training module above ``SEEDED_INIT_MIN_PARAMS`` (lowered here) with an offload tier builds through
+    ``random_into_tiers``: the store its build filled goes to the optimizer, the weights are ``build_random``'s for
+    the seed drawn from the global generator, and the build is announced."""
+    from moetrain.config import ModelConfig
+    from moetrain.models.random_init import build_random
+    from moetrain.offload.config import OffloadSettings
+    from moetrain.training import model_build
+    from moetrain.training.module import MoETrainingModule
+
+    monkeypatch.setattr(model_build, "SEEDED_INIT_MIN_PARAMS", 1)
+    monkeypatch.setattr(model_build, "ANNOUNCE_MIN_PARAMS", 1)
+    overrides = {"num_hidden_layers": 2}
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    torch.manual_seed(5)
+    settings = OffloadSettings()
+    settings.placement.tier = "cpu"
+    module = MoETrainingModule(preset="tiny-qwen3-moe", config=overrides, offload=settings)
+    store = module._prebuilt_store
+    assert store is not None and len(list(store)) == sum(len(b.experts) for b in module.model.moe_blocks())
+    reference = build_random(ModelConfig.from_preset("tiny-qwen3-moe", **overrides), seed)
+    assert max_diff(module.model, reference) == 0.0
+    ref = dict(reference.named_parameters())
+    for rec in store:
+        for name, master in zip(rec.names, store.master_weights(rec), strict=True):
+            assert torch.equal(master, ref[name].detach()), name
+    err = capsys.readouterr().err
+    assert "building tiny-qwen3-moe: 2 layers" in err and "built tiny-qwen3-moe in" in err
+    module.release_offload()  # the store no optimizer took is closed
+    assert module._prebuilt_store is None

@@ -12,7 +12,7 @@ from moetrain.config import ModelConfig
 from moetrain.models.attention import RMSNorm
 from moetrain.models.decoder import INIT_STD, MoEForCausalLM
 from moetrain.models.random_init import CHUNK, build_random, meta_model, random_tensors
-from moetrain.training import module as module_mod
+from moetrain.training import model_build as module_mod
 from moetrain.training.module import MoETrainingModule
 
 TINY = dict(vocab_size=768)

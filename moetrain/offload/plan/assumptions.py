@@ -26,7 +26,11 @@ BF16_STREAM_GAIN = 1.08
 with the fp32 stream of fp32 weights under bf16 autocast: the DeepSeek-MoE-16B recipe with a ``bf16_sr`` master
 at 16 micro-batches of 4 x 2048 tokens spent 8.04 s of its step outside the optimizer step with the fp32 stream
 (benchmarks/README.md, run r12) and 7.40 s with the bf16 one (run r13), the same code otherwise: the stream's
-casts and fp32 elementwise work are gone."""
+casts and fp32 elementwise work are gone. Since the fused norms (which take a bf16 stream only) the gain depends on
+the shape: forward and backward of the OLMoE-1B-7B recipe 4.08 s with fp32, 2.67 s with bf16 (1.53x; runs r47, r50);
+Qwen1.5-MoE-A2.7B about 8.9 s and 8.2 s (1.08x), DeepSeek-V2-Lite 10.9 s and 9.9 s (1.10x; runs r46, r50). The rate
+it multiplies was calibrated on bf16 streams (:data:`ATTENTION_KERNEL_GAIN`), so an fp32 stream is planned up to a
+third too fast; every shipped recipe of a real model runs a bf16 stream."""
 
 
 FUSED_KERNEL_GAIN = 1.17
@@ -66,10 +70,11 @@ two on one drive (a record read for its step, the stepped record written back), 
 the data sheet once the drive's write cache is full, so a conservative 3 GB/s for both together is taken.
 ``moetrain plan --nvme_gbps`` plans another drive (a RAID of several adds their rates)."""
 LOAD_BYTES_PER_PARAM = 4
-"""Bytes per parameter built in fp32 at load: the dense part always; the routed experts too under random
-initialisation or ``init_from`` without an offload tier (the store takes their masters and casts their compute
-weights only afterwards). With ``init_from`` and a tier the experts are built at their compute-weight bytes
-instead and their masters stream into the tier (training/module.py ``_build_model``, offload/staged_init.py)."""
+"""Bytes per parameter built in fp32 at load: the dense part always; the routed experts too without an offload tier,
+and under a small random initialisation (built in fp32 on the CPU; the store takes their masters and casts their
+compute weights only afterwards). With ``init_from``, or a large random initialisation, and a tier the experts are
+built at their compute-weight bytes instead and their masters stream into the tier (training/model_build.py,
+offload/staged_init.py)."""
 GPU_RESERVE = 2 * GiB
 """CUDA context, cuBLAS workspaces and the caching allocator's fragmentation: not in any tensor counted here."""
 HOST_RESERVE = 8 * GiB

@@ -78,7 +78,8 @@ def fit_options(model_config: ModelConfig, machine: Machine, micro_batch_tokens:
     buffers, paged weights, a shard being read or saved). ``gpu_budget_gb``: device slots for state being
     stepped (1 GiB, as the DeepSeek-MoE-16B recipe: about ten experts' fp32 state). ``streamed_load``: a
     fine-tune starts from a checkpoint (``init_from``) whose experts' masters stream into the tier, so the
-    load peak is fp32 dense + bf16 experts (False: random initialisation, the whole model in fp32). The disk
+    load peak is fp32 dense + bf16 experts (False: a random initialisation, no download; a large one streams its
+    experts' masters as well, a small one builds the fp32 model first). The disk
     holds what such a run needs (:func:`.search_storage`): the downloaded model, the
     swap and one checkpoint. ``expert_share``: the share of the routed experts that train (None: all of them).
     ``activation_checkpointing``: the layers are recomputed in backward (the activations a recipe plans with it).

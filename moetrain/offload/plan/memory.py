@@ -15,13 +15,14 @@ context and allocator slack. The routed experts' master weights and moments take
 
 The load peak must fit too, and it depends on how the model starts: with ``init_from`` and an offload tier the
 experts' fp32 masters stream from the checkpoint straight into the store while their compute weights are built in
-``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32 (4 B/param) and the experts
-at their compute-weight bytes; random initialisation, or ``init_from`` without a tier, puts the whole model on the
-GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a random initialisation of a small model
-(:func:`random_init_in_host_memory`) builds the fp32 model in host memory first, next to the pinned expert state (a
-larger one is built on the GPU, with no host copy); ``init_from`` reads the checkpoint one shard at a time
-(:mod:`.disk`). While training, a checkpoint save holds about two shards in host memory (``max_shard_mb``), and
-``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
+``compute_dtype`` (``offload/staged_init.py``), so the GPU holds the dense part in fp32 (4 B/param) and the experts at
+their compute-weight bytes, and so does a large random initialisation under a tier (drawn on the GPU one expert tensor
+at a time, :func:`~moetrain.offload.staged_init.random_into_tiers`); a small random initialisation, or ``init_from``
+without a tier, puts the whole model on the GPU in fp32 (4 B/param) first. Host memory has a load peak as well: a
+random initialisation of a small model (:func:`random_init_in_host_memory`) builds the fp32 model in host memory
+first, next to the pinned expert state (a larger one is built on the GPU, with no host copy); ``init_from`` reads the
+checkpoint one shard at a time (:mod:`.disk`). While training, a checkpoint save holds about two shards in host memory
+(``max_shard_mb``), and ``checkpoint.async`` a host copy of the dense weights and AdamW moments too.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def count_parameters(model_config: ModelConfig) -> tuple[int, int, int]:
 def random_init_in_host_memory(params: int) -> bool:
     """Whether a random initialisation of a model of ``params`` parameters is built in host memory before it
     moves to the GPU: models under ``SEEDED_INIT_MIN_PARAMS`` are (``MoEForCausalLM(config)`` on the CPU), larger
-    ones are filled on the GPU directly (training/module.py ``random_model``)."""
+    ones are filled on the GPU directly (training/model_build.py ``random_model``)."""
     from moetrain.models.random_init import SEEDED_INIT_MIN_PARAMS
 
     return params < SEEDED_INIT_MIN_PARAMS
@@ -122,7 +123,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
             counted.
         streamed_load: the model starts from ``init_from`` and the experts' masters stream into the tier, so the
             load peak is fp32 dense + ``weight_bytes`` per expert parameter (ignored with tier ``none``: that
-            loads the whole model in fp32).
+            loads the whole model in fp32). A random initialisation of ``SEEDED_INIT_MIN_PARAMS`` or more
+            (``from_checkpoint`` False) under a tier streams as well.
         activation_checkpointing: decoder layers recomputed in backward (``model.activation_checkpointing``).
         residual_bytes: 4 for an fp32 residual stream under autocast, 2 for bf16 (``model.residual_dtype``).
         from_checkpoint: the model starts from ``init_from`` (with any tier); None: as ``streamed_load``. False
@@ -252,8 +254,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                           f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)" + (pinned and "," + pinned))
     else:
         host_load = host
-        host_load_what = "random init builds the fp32 model on the GPU (no host copy)" + (
-            ": host memory holds the pinned expert state" if pinned else "")
+        host_load_what = ("random init draws the experts one tensor at a time on the GPU (no host copy): host memory "
+                          "holds the pinned expert state") if pinned else \
+            "random init builds the fp32 model on the GPU (no host copy)"
     one = checkpoint_bytes(dense, expert, offload=off, trained_expert=trained_params, trained_dense=trained_dense)
     if storage.checkpoints:
         rows.append(("host", f"checkpoint save: {SAVE_SHARDS_IN_FLIGHT} shards in flight "
@@ -288,7 +291,9 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                            paged_weights=paged_weights, weight_bytes=weight_bytes, trained_fraction=fraction,
                            swap_per_record=nvme / trained if trained else 0.0)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
-    streamed = streamed_load and off.tier != "none"
+    # a large random initialisation under a tier streams its experts' masters into the store as init_from does
+    random_streams = not from_checkpoint and not random_init_in_host_memory(dense + expert)
+    streamed = off.tier != "none" and (streamed_load or random_streams)
     tflops = compute_tflops if compute_tflops is not None else (
         sustained_tflops(micro, latent_attention=model_config.is_mla) * (BF16_STREAM_GAIN if residual_bytes == 2
                                                                          else 1.0))
@@ -307,7 +312,8 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                 master=off.master, moments=off.moments, state_bpp=bpp, record_bytes=record,
                 hot_record_bytes=hot_record, hot_cache_experts=hot,
                 hot_cache_auto=off.hot_cache_gb is None, paged_experts=traffic.paged_experts, layerwise_grads=layerwise,
-                streamed_load=streamed, weight_bytes=weight_bytes, paged_weights=paged_weights,
+                streamed_load=streamed, load_source="init_from" if from_checkpoint else "random init",
+                weight_bytes=weight_bytes, paged_weights=paged_weights,
                 host_load_bytes=host_load, host_load_what=host_load_what, disk_bytes=disk, disk_notes=disk_notes,
                 swap_separate=storage.swap_separate, swap_free=storage.swap_free,
                 trained_experts=trained if trained_experts is not None or selection_source else None,

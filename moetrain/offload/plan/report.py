@@ -22,7 +22,8 @@ class Plan:
         gpu_bytes / host_bytes / nvme_bytes: planned use of each tier while training (host: with a checkpoint
             save in flight; nvme: the swap, part of ``disk_bytes`` unless ``swap_separate``).
         gpu_load_bytes: the GPU peak while loading: fp32 dense + the experts at their compute-weight bytes when
-            streamed (``streamed_load``: init_from with a tier), else the whole model in fp32.
+            streamed (``streamed_load``: init_from, or a large random init, with a tier; ``load_source`` says
+            which), else the whole model in fp32.
         host_load_bytes / host_load_what: the host peak while loading (the fp32 model of a random init, or one
             shard of ``init_from``, next to the pinned state), and how it comes about.
         disk_bytes: the run's disk: the ``init_from`` directory, the swap (unless ``swap_separate``) and the
@@ -76,6 +77,7 @@ class Plan:
     layerwise_grads: bool = False
     overlapped: bool = True
     streamed_load: bool = False
+    load_source: str = "init_from"
     weight_bytes: int = 2
     paged_weights: bool = False
     host_load_bytes: int = 0
@@ -95,10 +97,10 @@ class Plan:
     def load_what(self) -> str:
         """How the load peak comes about, in words."""
         if self.streamed_load and self.paged_weights:
-            return ("init_from streams the experts' masters into the tier and their weights into host memory: "
-                    "fp32 dense + two layers of experts")
+            return (f"{self.load_source} streams the experts' masters into the tier and their weights into host "
+                    "memory: fp32 dense + two layers of experts")
         if self.streamed_load:
-            return (f"init_from streams the experts' masters into the tier: fp32 dense + "
+            return (f"{self.load_source} streams the experts' masters into the tier: fp32 dense + "
                     f"{self.weight_bytes} B/param experts")
         return "the whole model in fp32 (random init, or init_from without an offload tier)"
 

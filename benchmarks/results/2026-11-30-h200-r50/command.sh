@@ -1,0 +1,37 @@
+# GPU run r50 (tree: r48's + residual_dtype bf16 in the OLMoE-1B-7B, Qwen1.5-MoE-A2.7B and DeepSeek-V2-Lite
+# recipes, as the DeepSeek-MoE-16B and Qwen3-30B-A3B ones have it): the three recipes as written, 4 steps each,
+# OLMoE on the 80 GB card its header names (the H200 capped to 79 GiB); the planner's step against them
+set -u
+T0=$SECONDS
+mkdir -p /tmp/head && tar -xf .dev/head.tar -C /tmp/head && cp -r .dev /tmp/head/.dev && cd /tmp/head
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .dev/*.whl .dev/wandb/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MAX_JOBS=8 TORCH_EXTENSIONS_DIR=/tmp/ops WANDB_MODE=offline
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/env.txt; date -u >> $OUT/env.txt
+log() { echo "=== $1 ($((SECONDS - T0)) s)" >> $OUT/bench.log; }
+summ() {
+python3 - "$1" "$2" <<'PY'
+import json, sys, glob
+for line in open(sys.argv[1]):
+    if line.startswith("RESULT "):
+        d = json.loads(line[7:])
+        print("SUMMARY", json.dumps({k: d.get(k) for k in ("step_s", "mfu", "plan_step_s", "host_peak_gib", "plan_host_gib", "gpu_peak_used_gib", "plan_gpu_gib", "startup_s", "rc")}))
+for path in glob.glob(sys.argv[2] + "/**/metrics.jsonl", recursive=True):
+    for line in open(path):
+        r = json.loads(line)
+        print("TIME", r["step"], {k: round(v, 3) for k, v in r.items() if k in ("time/forward_backward_s", "time/optimizer_s", "mfu", "offload/step_s", "time/micro_batch_median_s", "offload/experts_stepped_cpu", "offload/step_host_s")})
+PY
+}
+log "fit olmoe-1b-7b as written, GPU capped to 79 GiB, 4 steps"
+timeout 200 python3 -m moetrain.bench.recipe_run --recipe recipes/olmoe-1b-7b.yaml --gpu-gib 79 --steps 4 --timeout 190 --workdir /tmp/front-olmoe-1b-7b --out /tmp/json > $OUT/fit_olmoe-1b-7b.log 2>&1
+pkill -f "moetrain.cli fit" ; sleep 1
+summ $OUT/fit_olmoe-1b-7b.log /tmp/front-olmoe-1b-7b >> $OUT/bench.log
+rm -rf /tmp/front-olmoe-1b-7b /tmp/moetrain-models
+for r in qwen2-moe-a2.7b deepseek-v2-lite; do
+log "fit $r as written, 4 steps"
+timeout 200 python3 -m moetrain.bench.recipe_run --recipe recipes/$r.yaml --steps 4 --timeout 190 --workdir /tmp/front-$r --out /tmp/json > $OUT/fit_$r.log 2>&1
+pkill -f "moetrain.cli fit" ; sleep 1
+summ $OUT/fit_$r.log /tmp/front-$r >> $OUT/bench.log
+rm -rf /tmp/front-$r /tmp/moetrain-models
+done
+log done
+cat $OUT/bench.log
