@@ -243,12 +243,13 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
     # loading: a small random initialisation builds the fp32 model in host memory next to the pinned state (the
     # store takes the experts' masters from it), a large one on the GPU; init_from reads one shard at a time
     from_checkpoint = streamed_load if from_checkpoint is None else from_checkpoint
+    small_model = random_init_in_host_memory(dense + expert)  # a random init of it is built in fp32 on the CPU
     pinned = " next to the pinned expert state" if off.tier != "none" else ""
     if from_checkpoint:
         host_load = host + storage.load_shard_bytes
         host_load_what = (f"init_from is read one shard at a time ({storage.load_shard_bytes / GiB:.2f} GiB)"
                           + (pinned or " onto the GPU"))
-    elif random_init_in_host_memory(dense + expert):
+    elif small_model:
         host_load = host + LOAD_BYTES_PER_PARAM * (dense + expert)
         host_load_what = ("random init builds the fp32 model in host memory first "
                           f"({LOAD_BYTES_PER_PARAM * (dense + expert) / GiB:.2f} GiB)" + (pinned and "," + pinned))
@@ -292,8 +293,7 @@ def make_plan(model_config: ModelConfig, offload_config: OffloadPlan, tokens_per
                            swap_per_record=nvme / trained if trained else 0.0)
     link = link_gbps if link_gbps is not None else DEFAULT_DUPLEX_GBPS
     # a large random initialisation under a tier streams its experts' masters into the store as init_from does
-    random_streams = not from_checkpoint and not random_init_in_host_memory(dense + expert)
-    streamed = off.tier != "none" and (streamed_load or random_streams)
+    streamed = off.tier != "none" and (streamed_load or not (from_checkpoint or small_model))
     tflops = compute_tflops if compute_tflops is not None else (
         sustained_tflops(micro, latent_attention=model_config.is_mla) * (BF16_STREAM_GAIN if residual_bytes == 2
                                                                          else 1.0))
